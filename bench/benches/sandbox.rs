@@ -1,0 +1,110 @@
+//! Sandbox benchmarks (issue #2). Each figure is a ratio against a baseline
+//! measured in the same process, side by side:
+//!
+//! 1. per-task isolation: fresh instance per task (pooling + InstancePre) vs
+//!    calling one already-instantiated component, on a trivial task and as a
+//!    share of an embed task;
+//! 2. the embed job through guest → wasi-nn → tract vs the same tokenizer and
+//!    model called natively through tract;
+//! 3. cold start from the compiled-component cache vs compiling.
+//!
+//! Run: `cargo xtask bench` (or `cargo bench -p tidepool-bench` after
+//! `cargo xtask setup`). Prints a Markdown table for BENCHMARKS.md.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tidepool_bench::{measure, us};
+use tidepool_host::backend::tract::TractModel;
+use tidepool_host::{SandboxConfig, TaskSpec};
+use tidepool_tests::{fortunes, guest, model_path, run, sandbox, test_config};
+use tract_onnx::prelude::*;
+
+fn main() {
+    let params = BTreeMap::new();
+    let mut rows: Vec<(String, String, String, String)> = Vec::new();
+
+    // 1. Instantiation per task vs a reused instance, trivial job (empty output).
+    let sb = sandbox(SandboxConfig { timeout: Duration::from_secs(600), ..test_config() });
+    let trivial = sb.load(&guest("big-output")).expect("load");
+    let n = 2000;
+    let fresh = measure(200, n, || {
+        let out = run(&sb, &trivial, "t", b"0").expect("run");
+        assert!(out.result.expect("ok").is_empty());
+    });
+    let task = TaskSpec { id: "t", params: &params, input: b"0" };
+    let reused_total = measure(1, 5, || {
+        sb.call_reused_instance(&trivial, task, n).expect("reused");
+    });
+    let reused_per_call = reused_total.median() / n as u32;
+    let added = fresh.median().saturating_sub(reused_per_call);
+
+    // Embed task for scale: one short text.
+    let embed = sb.load(&guest("embed")).expect("load embed");
+    let one = br#"{"texts":["A visit to a strange place will bring fresh work."]}"#;
+    let embed_task = measure(5, 200, || {
+        run(&sb, &embed, "e", one).expect("run").result.expect("ok");
+    });
+    rows.push((
+        "per-task fresh instance (trivial job)".into(),
+        us(fresh.median()),
+        format!("reused instance: {}", us(reused_per_call)),
+        format!("+{} per task = {:.2}% of a 1-text embed task ({})", us(added), 100.0 * added.as_secs_f64() / embed_task.median().as_secs_f64(), us(embed_task.median())),
+    ));
+
+    // 2. Embed through the sandbox vs native tract, same texts, same tokenizer.
+    let texts = fortunes(16).expect("corpus");
+    let input = serde_json::to_vec(&serde_json::json!({ "texts": texts })).expect("json");
+    let sandboxed = measure(3, 40, || {
+        run(&sb, &embed, "b", &input).expect("run").result.expect("ok");
+    });
+    let vocab = std::fs::read_to_string(model_path("minilm-vocab")).expect("vocab");
+    let tok = tidepool_guest::text::WordPiece::from_vocab_txt(&vocab).expect("vocab");
+    let model = TractModel::load(&model_path("minilm-l3")).expect("model");
+    let native = measure(3, 40, || {
+        let mut out = Vec::new();
+        for t in &texts {
+            let ids: Vec<i64> = tok.encode(t, 128).into_iter().map(i64::from).collect();
+            let n = ids.len();
+            let ids = Tensor::from_shape(&[1, n], &ids).expect("ids");
+            let mask = Tensor::from_shape(&[1, n], &vec![1i64; n]).expect("mask");
+            let r = model.run(tvec!(ids.into_tvalue(), mask.into_tvalue())).expect("run");
+            let v = r[0].as_slice::<f32>().expect("f32");
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            out.push(v.iter().map(|x| x / norm).collect::<Vec<f32>>());
+        }
+        std::hint::black_box(out);
+    });
+    rows.push((
+        "embed 16 fortunes: sandbox → wasi-nn → tract".into(),
+        format!("{:.2} ms", sandboxed.median().as_secs_f64() * 1e3),
+        format!("native tract: {:.2} ms", native.median().as_secs_f64() * 1e3),
+        format!("{:.3}x", sandboxed.median().as_secs_f64() / native.median().as_secs_f64()),
+    ));
+
+    // 3. Cold start: compile vs load from the disk cache (fresh sandbox each time).
+    let dir = std::env::temp_dir().join(format!("tidepool-bench-cache-{}", std::process::id()));
+    let cfg = SandboxConfig { cache_dir: Some(dir.clone()), ..test_config() };
+    let bytes = guest("embed");
+    let compile = measure(1, 5, || {
+        sb.compile_uncached(&bytes).expect("compile");
+    });
+    let warm = sandbox(cfg.clone());
+    warm.load(&bytes).expect("fill cache");
+    let cached = measure(3, 30, || {
+        let j = warm.load(&bytes).expect("load");
+        assert!(j.from_cache());
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    rows.push((
+        "cold start of embed.wasm".into(),
+        format!("from cache: {:.2} ms", cached.median().as_secs_f64() * 1e3),
+        format!("compile: {:.1} ms", compile.median().as_secs_f64() * 1e3),
+        format!("{:.0}x faster", compile.median().as_secs_f64() / cached.median().as_secs_f64()),
+    ));
+
+    println!("| what | measured | baseline (same run) | ratio |");
+    println!("|---|---|---|---|");
+    for (a, b, c, d) in rows {
+        println!("| {a} | {b} | {c} | {d} |");
+    }
+}

@@ -1,0 +1,45 @@
+//! Small measuring helpers shared by the benchmarks: run a closure many
+//! times, report the median and spread. Benchmarks compare against a
+//! baseline measured in the same process, the same way, side by side.
+
+use std::time::{Duration, Instant};
+
+/// Timings of one measured operation.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    /// Sorted samples.
+    pub samples: Vec<Duration>,
+}
+
+impl Stats {
+    /// The median sample.
+    pub fn median(&self) -> Duration {
+        self.samples[self.samples.len() / 2]
+    }
+    /// The 10th and 90th percentiles.
+    pub fn p10_p90(&self) -> (Duration, Duration) {
+        let n = self.samples.len();
+        (self.samples[n / 10], self.samples[(n * 9) / 10])
+    }
+}
+
+/// Run `f` `warmup` times unmeasured, then `n` times measured.
+pub fn measure(warmup: usize, n: usize, mut f: impl FnMut()) -> Stats {
+    for _ in 0..warmup {
+        f();
+    }
+    let mut samples: Vec<Duration> = (0..n.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect();
+    samples.sort();
+    Stats { samples }
+}
+
+/// Microseconds with one decimal.
+pub fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}

@@ -1,0 +1,50 @@
+//! `tidepool`: the command line for job authors, node owners and pool owners.
+//!
+//! Each verb lives in its own file under `cmd/` and is a few lines calling a
+//! library function. Human output by default, `--json` for scripts.
+//! Errors print as one line, `tidepool: error: ...`, with a non-zero exit.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "tidepool", version, about = "A WebAssembly-sandboxed runtime for batch AI inference on edge machines")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one task of a job component locally, in the same sandbox nodes use.
+    Run(cmd::run::Args),
+    /// Fetch, verify and list model files.
+    #[command(subcommand)]
+    Models(cmd::models::Command),
+    /// Embed a corpus of real texts and show the most similar pairs.
+    Demo(cmd::demo::Args),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TIDEPOOL_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => cmd::run::main(a),
+        Command::Models(c) => cmd::models::main(c),
+        Command::Demo(a) => cmd::demo::main(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            // One line, whatever the layers below put in their messages.
+            let msg = format!("{e:#}").split_whitespace().collect::<Vec<_>>().join(" ");
+            eprintln!("tidepool: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! The on-disk cache of compiled components.
+//!
+//! Key: the component's sha256 and a hash of everything in the engine that
+//! affects compiled code (wasmtime version, target, Cranelift and tunables
+//! settings), so a changed engine never loads stale code. Files are written
+//! to a temporary name and renamed, so a crash never leaves a half file under
+//! a real key. A file that fails to deserialise is treated as a miss and
+//! replaced.
+//!
+//! Trust: loading a compiled artifact runs native code produced by Cranelift;
+//! the cache directory must be writable only by the node's user (it lives
+//! under the node's own home). It is a cache of our own output, never of
+//! bytes received from elsewhere.
+
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use tidepool_proto::Digest;
+use wasmtime::component::Component;
+use wasmtime::Engine;
+
+/// A directory of `<component digest>-<engine hash>.cwasm` files.
+#[derive(Debug)]
+pub struct ComponentCache {
+    /// Where files live (created on first write).
+    dir: PathBuf,
+    /// The engine that compiles and loads them.
+    engine: Engine,
+    /// Hex hash of the engine's compilation settings.
+    engine_key: String,
+}
+
+impl ComponentCache {
+    /// A cache in `dir` for components compiled by `engine`.
+    pub fn new(dir: PathBuf, engine: &Engine) -> Self {
+        // DefaultHasher::new() uses fixed keys: stable for a given build, which is all a cache key needs.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut h);
+        Self { dir, engine: engine.clone(), engine_key: format!("{:016x}", h.finish()) }
+    }
+
+    fn path(&self, digest: &Digest) -> PathBuf {
+        self.dir.join(format!("{}-{}.cwasm", digest.hex(), self.engine_key))
+    }
+
+    /// The compiled component, if cached and loadable.
+    pub fn get(&self, digest: &Digest) -> Option<Component> {
+        let path = self.path(digest);
+        if !path.exists() {
+            return None;
+        }
+        #[allow(unsafe_code)]
+        // SAFETY: the file was produced by `Component::serialize` of this same
+        // engine configuration (the key includes its hash) and written by this
+        // process into the node's private cache directory (see module docs).
+        let loaded = unsafe { Component::deserialize_file(&self.engine, &path) };
+        match loaded {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "unusable cache entry; recompiling");
+                let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    /// Store a compiled component.
+    pub fn put(&self, digest: &Digest, component: &Component) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let bytes = component.serialize()?;
+        let path = self.path(digest);
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+}

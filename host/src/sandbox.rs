@@ -1,0 +1,562 @@
+//! The sandbox: a wasmtime engine configured for untrusted jobs that must be
+//! re-executable, and the per-task runner.
+//!
+//! One [`Sandbox`] lives as long as the node (or the `tidepool run` call). It
+//! owns the engine (Cranelift, NaN canonicalisation, deterministic relaxed
+//! SIMD, no threads, epoch interruption, optional fuel, pooling allocator),
+//! the linker (WASI p2 without files, sockets or environment; wasi-nn over the
+//! host's model registry; Tidepool's `host` interface), the on-disk cache of
+//! compiled components, and a thread that advances the epoch.
+//!
+//! [`Sandbox::load`] turns component bytes into a [`JobComponent`] (compiled
+//! once, type-checked against the `tidepool:job` world, pre-instantiated);
+//! [`Sandbox::run`] runs one task in a fresh store and instance and returns
+//! the output with its receipt, or a [`TaskError`] that says which limit ended
+//! it. A failed task never affects the next one.
+//!
+//! It never decides what to run or where results go: that is the node agent's
+//! and the pool's business.
+
+use crate::backend::{RefuseGuestBytes, TaskBudget};
+use crate::cache::ComponentCache;
+use crate::determinism::{SeededRng, VirtualMonotonicClock, VirtualWallClock};
+use crate::registry::ModelRegistry;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tidepool_proto::{Digest, ModelUse, Receipt};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_nn::wit::{GraphEncoding, WasiNnCtx, WasiNnView};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "tidepool:job/job-core",
+    });
+}
+
+pub use bindings::tidepool::job::types::ErrorCode as JobErrorCode;
+use bindings::tidepool::job::host::Level;
+
+/// How often the epoch advances; deadlines are rounded up to this.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Limits and modes for every task this sandbox runs.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// Largest linear memory a task may grow to, bytes.
+    pub max_memory_bytes: usize,
+    /// Wall-clock bound per task (epoch deadline in wasm, budget checks in
+    /// backends before every inference step).
+    pub timeout: Duration,
+    /// Largest output a task may return, bytes.
+    pub max_output_bytes: usize,
+    /// Wasm stack limit, bytes.
+    pub max_stack_bytes: usize,
+    /// Fuel per task, if fuel metering is on (deterministic accounting; costs ~10-30% speed).
+    pub fuel: Option<u64>,
+    /// Virtual clocks and seeded randomness (what nodes use).
+    pub deterministic: bool,
+    /// How many tasks may run at once (sizes the instance pool).
+    pub max_concurrent: u32,
+    /// Where compiled components are cached (`None`: no disk cache).
+    pub cache_dir: Option<PathBuf>,
+    /// Bytes of stdout+stderr kept per task (the rest is dropped).
+    pub max_stdio_bytes: usize,
+    /// Log lines a task may write through `host.log`.
+    pub max_log_lines: u32,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            max_memory_bytes: 512 << 20,
+            timeout: Duration::from_secs(60),
+            max_output_bytes: 16 << 20,
+            max_stack_bytes: 1 << 20,
+            fuel: None,
+            deterministic: true,
+            max_concurrent: 4,
+            cache_dir: Some(crate::models::home_dir().join("compiled")),
+            max_stdio_bytes: 64 << 10,
+            max_log_lines: 1000,
+        }
+    }
+}
+
+/// Why a component cannot be used as a job.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The bytes are not a WebAssembly component (a core module, or garbage).
+    #[error("not a WebAssembly component: {0}")]
+    NotAComponent(String),
+    /// A component, but not of the `tidepool:job/job` world.
+    #[error("component is not a tidepool:job job: {0}")]
+    WrongWorld(String),
+    /// The engine or the cache failed.
+    #[error("cannot prepare component: {0:#}")]
+    Engine(anyhow::Error),
+}
+
+/// Why a task ended without a result from the job.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    /// The wall-clock bound passed.
+    #[error("task exceeded its time limit of {limit:?}")]
+    Deadline {
+        /// The limit.
+        limit: Duration,
+    },
+    /// Linear memory would have grown past the limit.
+    #[error("task exceeded its memory limit of {limit} bytes")]
+    Memory {
+        /// The limit.
+        limit: usize,
+    },
+    /// Fuel ran out.
+    #[error("task ran out of fuel ({limit} units)")]
+    Fuel {
+        /// The fuel it had.
+        limit: u64,
+    },
+    /// The output is larger than allowed.
+    #[error("task output of {size} bytes exceeds the limit of {limit} bytes")]
+    OutputTooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The guest trapped (a panic, `unreachable`, out-of-bounds access...).
+    #[error("task trapped: {0}")]
+    Trap(String),
+    /// The sandbox itself failed (instantiation, resources).
+    #[error("sandbox error: {0:#}")]
+    Host(anyhow::Error),
+}
+
+/// A job error, as the guest returned it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct JobFailure {
+    /// `invalid-input`, `model` or `internal`.
+    pub code: String,
+    /// The job's message.
+    pub message: String,
+}
+
+/// What one task produced.
+#[derive(Debug, Clone)]
+pub struct TaskOutput {
+    /// The output bytes, or the job's own error.
+    pub result: Result<Vec<u8>, JobFailure>,
+    /// The receipt (digests, metering, models).
+    pub receipt: Receipt,
+    /// What the task wrote to stdout/stderr (bounded; for diagnosis only).
+    pub stdio: Vec<u8>,
+}
+
+/// A task to run.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskSpec<'a> {
+    /// Its id (seeds randomness in deterministic mode).
+    pub id: &'a str,
+    /// The job's parameters (sorted by key when handed to the guest).
+    pub params: &'a BTreeMap<String, String>,
+    /// The input bytes.
+    pub input: &'a [u8],
+}
+
+/// A component ready to run tasks: compiled, checked and pre-instantiated.
+#[derive(Clone)]
+pub struct JobComponent {
+    /// Digest of the component's bytes (in every receipt).
+    digest: Digest,
+    /// Imports resolved and exports type-checked once, reused by every task.
+    pre: bindings::JobCorePre<TaskState>,
+    /// Whether the compiled code came from the disk cache.
+    from_cache: bool,
+}
+
+impl std::fmt::Debug for JobComponent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobComponent").field("digest", &self.digest).finish()
+    }
+}
+
+impl JobComponent {
+    /// Digest of the component's bytes.
+    pub fn digest(&self) -> Digest {
+        self.digest
+    }
+
+    /// Whether the compiled code came from the disk cache (no compilation).
+    pub fn from_cache(&self) -> bool {
+        self.from_cache
+    }
+}
+
+/// Per-task host state (lives exactly as long as the task's store).
+struct TaskState {
+    /// WASI p2 context: no dirs, no env, no sockets; virtual time and seeded
+    /// random in deterministic mode.
+    wasi: WasiCtx,
+    /// Resources handed to the guest (streams, tensors, graphs).
+    table: ResourceTable,
+    /// wasi-nn: the task's view of the host's models.
+    nn: WasiNnCtx,
+    /// Memory limit and whether the guest hit it.
+    limiter: TaskLimiter,
+    /// The task's id, for `host.task-id` and log attribution.
+    task_id: String,
+    /// The task's parameters, sorted.
+    params: Vec<(String, String)>,
+    /// Log lines left before further lines are dropped.
+    log_budget: u32,
+}
+
+impl WasiView for TaskState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl bindings::tidepool::job::types::Host for TaskState {}
+
+impl bindings::tidepool::job::host::Host for TaskState {
+    fn log(&mut self, level: Level, message: String) {
+        if self.log_budget == 0 {
+            return;
+        }
+        self.log_budget -= 1;
+        let mut message = message;
+        if message.len() > 4096 {
+            let mut cut = 4096;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
+        let task = self.task_id.as_str();
+        match level {
+            Level::Trace => tracing::trace!(target: "tidepool::job", task, "{message}"),
+            Level::Debug => tracing::debug!(target: "tidepool::job", task, "{message}"),
+            Level::Info => tracing::info!(target: "tidepool::job", task, "{message}"),
+            Level::Warn => tracing::warn!(target: "tidepool::job", task, "{message}"),
+            Level::Error => tracing::error!(target: "tidepool::job", task, "{message}"),
+        }
+        if self.log_budget == 0 {
+            tracing::warn!(target: "tidepool::job", task, "log limit reached; further lines from this task are dropped");
+        }
+    }
+    fn task_id(&mut self) -> String {
+        self.task_id.clone()
+    }
+    fn params(&mut self) -> Vec<(String, String)> {
+        self.params.clone()
+    }
+}
+
+/// Memory limit that remembers whether it refused a growth.
+struct TaskLimiter {
+    /// Bytes a memory may grow to.
+    max_memory: usize,
+    /// Set when a growth past the limit was refused.
+    hit: bool,
+}
+
+impl wasmtime::ResourceLimiter for TaskLimiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.max_memory {
+            self.hit = true;
+            // Trap at once rather than let the guest's allocator limp on.
+            wasmtime::bail!("memory limit of {} bytes reached (wanted {desired})", self.max_memory);
+        }
+        Ok(true)
+    }
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// The sandbox (see the module docs).
+pub struct Sandbox {
+    /// The engine every component is compiled for.
+    engine: Engine,
+    /// Host functions, shared by all components.
+    linker: Linker<TaskState>,
+    /// The host's verified, loaded models.
+    models: ModelRegistry,
+    /// Limits and modes.
+    config: SandboxConfig,
+    /// Compiled components on disk.
+    cache: Option<ComponentCache>,
+    /// Tells the epoch thread to stop when the sandbox is dropped.
+    stop_ticker: Arc<AtomicBool>,
+    /// Runtime identification for receipts.
+    runtime: String,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox").field("config", &self.config).finish()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The engine configuration every node uses for jobs. Exposed so that
+/// benchmarks and tests measure exactly what nodes run.
+pub fn engine_config(config: &SandboxConfig) -> Config {
+    let mut c = Config::new();
+    c.strategy(wasmtime::Strategy::Cranelift);
+    c.cranelift_opt_level(wasmtime::OptLevel::Speed);
+    c.cranelift_nan_canonicalization(true);
+    c.relaxed_simd_deterministic(true);
+    // No wasm threads: the `threads` cargo feature of wasmtime is not built,
+    // so shared memories and atomics-based waiting fail validation.
+    c.wasm_component_model(true);
+    c.epoch_interruption(true);
+    c.consume_fuel(config.fuel.is_some());
+    c.max_wasm_stack(config.max_stack_bytes);
+    c.memory_init_cow(true);
+    let slots = config.max_concurrent.max(1);
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(slots)
+        .total_core_instances(slots * 16)
+        .max_core_instances_per_component(16)
+        .total_memories(slots * 2)
+        .max_memories_per_component(2)
+        .max_memories_per_module(1)
+        .total_tables(slots * 8)
+        .max_tables_per_component(8)
+        .total_stacks(slots)
+        .max_memory_size(config.max_memory_bytes)
+        .max_unused_warm_slots(slots);
+    c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    c
+}
+
+impl Sandbox {
+    /// Build a sandbox over these models.
+    pub fn new(config: SandboxConfig, models: ModelRegistry) -> anyhow::Result<Self> {
+        let engine = Engine::new(&engine_config(&config))?;
+        let mut linker: Linker<TaskState> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        wasmtime_wasi_nn::wit::add_to_linker(&mut linker, |s: &mut TaskState| WasiNnView::new(&mut s.table, &mut s.nn))?;
+        bindings::JobCore::add_to_linker::<_, HasSelf<TaskState>>(&mut linker, |s| s)?;
+        let cache = config.cache_dir.as_ref().map(|d| ComponentCache::new(d.clone(), &engine));
+        let stop_ticker = Arc::new(AtomicBool::new(false));
+        {
+            let engine = engine.weak();
+            let stop = stop_ticker.clone();
+            std::thread::Builder::new().name("tidepool-epoch".into()).spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    match engine.upgrade() {
+                        Some(e) => e.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })?;
+        }
+        let runtime = format!("tidepool {}, wasmtime 48.0.8", env!("CARGO_PKG_VERSION"));
+        Ok(Self { engine, linker, models, config, cache, stop_ticker, runtime })
+    }
+
+    /// The engine (for benchmarks and tools that need to compile the same way).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The sandbox's limits.
+    pub fn config(&self) -> &SandboxConfig {
+        &self.config
+    }
+
+    /// The host's models.
+    pub fn models(&self) -> &ModelRegistry {
+        &self.models
+    }
+
+    /// Compile (or fetch from the cache), type-check and pre-instantiate.
+    pub fn load(&self, bytes: &[u8]) -> Result<JobComponent, LoadError> {
+        let digest = Digest::of(bytes);
+        let component = match self.cache.as_ref().and_then(|c| c.get(&digest)) {
+            Some(c) => c,
+            None => {
+                check_is_component(bytes)?;
+                let c = Component::new(&self.engine, bytes).map_err(|e| LoadError::NotAComponent(format!("{e:#}")))?;
+                let pre = self.prepare(&c)?;
+                if let Some(cache) = &self.cache {
+                    if let Err(e) = cache.put(&digest, &c) {
+                        tracing::warn!(error = %e, "cannot write compiled component to the cache");
+                    }
+                }
+                return Ok(JobComponent { digest, pre, from_cache: false });
+            }
+        };
+        Ok(JobComponent { digest, pre: self.prepare(&component)?, from_cache: true })
+    }
+
+    /// Compile without the cache (for the cold-start benchmark).
+    pub fn compile_uncached(&self, bytes: &[u8]) -> Result<JobComponent, LoadError> {
+        check_is_component(bytes)?;
+        let c = Component::new(&self.engine, bytes).map_err(|e| LoadError::NotAComponent(format!("{e:#}")))?;
+        Ok(JobComponent { digest: Digest::of(bytes), pre: self.prepare(&c)?, from_cache: false })
+    }
+
+    fn prepare(&self, c: &Component) -> Result<bindings::JobCorePre<TaskState>, LoadError> {
+        let pre = self.linker.instantiate_pre(c).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+        bindings::JobCorePre::new(pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))
+    }
+
+    fn new_store(&self, task: &TaskSpec<'_>, budget: TaskBudget) -> (Store<TaskState>, MemoryOutputPipe, Arc<Mutex<Vec<String>>>) {
+        let stdio = MemoryOutputPipe::new(self.config.max_stdio_bytes);
+        let mut b = WasiCtxBuilder::new();
+        b.stdout(stdio.clone()).stderr(stdio.clone()).allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
+        if self.config.deterministic {
+            let mut seed = SeededRng::new(task.id, "wasi:random/insecure-seed");
+            b.secure_random(SeededRng::new(task.id, "wasi:random/random"))
+                .insecure_random(SeededRng::new(task.id, "wasi:random/insecure"))
+                .insecure_random_seed(seed.next_u128())
+                .wall_clock(VirtualWallClock::default())
+                .monotonic_clock(VirtualMonotonicClock::default());
+        }
+        let (registry, used) = self.models.for_task(budget);
+        let refusals = [GraphEncoding::Onnx, GraphEncoding::Ggml, GraphEncoding::Openvino, GraphEncoding::Pytorch, GraphEncoding::Tensorflow, GraphEncoding::Tensorflowlite, GraphEncoding::Autodetect]
+            .into_iter()
+            .map(|e| wasmtime_wasi_nn::Backend::from(RefuseGuestBytes(e)));
+        let state = TaskState {
+            wasi: b.build(),
+            table: ResourceTable::new(),
+            nn: WasiNnCtx::new(refusals, registry.into()),
+            limiter: TaskLimiter { max_memory: self.config.max_memory_bytes, hit: false },
+            task_id: task.id.to_owned(),
+            params: task.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            log_budget: self.config.max_log_lines,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        (store, stdio, used)
+    }
+
+    /// Run one task in a fresh instance.
+    pub fn run(&self, job: &JobComponent, task: TaskSpec<'_>) -> Result<TaskOutput, TaskError> {
+        let start = Instant::now();
+        let budget = TaskBudget { deadline: start + self.config.timeout };
+        let (mut store, stdio, used) = self.new_store(&task, budget);
+        let ticks = self.config.timeout.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64 + 1;
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+        if let Some(fuel) = self.config.fuel {
+            store.set_fuel(fuel).map_err(|e| TaskError::Host(e.into()))?;
+        }
+        let outcome = job.pre.instantiate(&mut store).and_then(|inst| inst.call_run(&mut store, task.input));
+        let wall = start.elapsed();
+        let fuel_used = self.config.fuel.map(|f| f - store.get_fuel().unwrap_or(0));
+        if wall >= self.config.timeout {
+            // Over time, whatever the guest returned (a backend refuses work
+            // past the deadline, and the guest may have reported that as an error).
+            return Err(TaskError::Deadline { limit: self.config.timeout });
+        }
+        let result = match outcome {
+            Ok(Ok(out)) => {
+                if out.len() > self.config.max_output_bytes {
+                    return Err(TaskError::OutputTooLarge { size: out.len(), limit: self.config.max_output_bytes });
+                }
+                Ok(out)
+            }
+            Ok(Err(e)) => Err(JobFailure { code: e.code.name().to_owned(), message: e.message }),
+            Err(e) => return Err(self.classify(e, &store, wall)),
+        };
+        let (bytes_for_digest, ok) = match &result {
+            Ok(out) => (out.clone(), true),
+            Err(f) => (serde_json::to_vec(f).map_err(|e| TaskError::Host(e.into()))?, false),
+        };
+        let models = used
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(|n| self.models.get(n))
+            .map(|m| {
+                let sha = Digest::parse(&m.sha256).unwrap_or(Digest([0; 32]));
+                (m.name.clone(), ModelUse { sha256: sha, engine: m.engine.clone() })
+            })
+            .collect();
+        let receipt = Receipt {
+            task_id: task.id.to_owned(),
+            component: job.digest,
+            input: Digest::of(task.input),
+            output: Digest::of(&bytes_for_digest),
+            ok,
+            output_len: bytes_for_digest.len() as u64,
+            wall_time_us: wall.as_micros() as u64,
+            fuel: fuel_used,
+            deterministic: self.config.deterministic,
+            models,
+            runtime: self.runtime.clone(),
+        };
+        Ok(TaskOutput { result, receipt, stdio: stdio.contents().to_vec() })
+    }
+
+    /// Benchmark baseline: instantiate once, then call `run` `calls` times on
+    /// that same instance (what a runtime without per-task isolation does).
+    /// Returns the outputs; never used for real tasks.
+    #[doc(hidden)]
+    pub fn call_reused_instance(&self, job: &JobComponent, task: TaskSpec<'_>, calls: usize) -> anyhow::Result<Vec<Vec<u8>>> {
+        let budget = TaskBudget { deadline: Instant::now() + self.config.timeout };
+        let (mut store, _stdio, _used) = self.new_store(&task, budget);
+        store.set_epoch_deadline(u64::MAX / 2);
+        let inst = job.pre.instantiate(&mut store)?;
+        (0..calls)
+            .map(|_| inst.call_run(&mut store, task.input)?.map_err(|e| anyhow::anyhow!("job error: {}", e.message)))
+            .collect()
+    }
+
+    fn classify(&self, e: wasmtime::Error, store: &Store<TaskState>, wall: Duration) -> TaskError {
+        if store.data().limiter.hit {
+            return TaskError::Memory { limit: self.config.max_memory_bytes };
+        }
+        match e.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => TaskError::Deadline { limit: self.config.timeout },
+            Some(Trap::OutOfFuel) => TaskError::Fuel { limit: self.config.fuel.unwrap_or(0) },
+            _ if wall >= self.config.timeout => TaskError::Deadline { limit: self.config.timeout },
+            _ => TaskError::Trap(format!("{e:?}")),
+        }
+    }
+}
+
+/// Refuse core modules and garbage with a message that says which.
+fn check_is_component(bytes: &[u8]) -> Result<(), LoadError> {
+    if bytes.len() < 8 || &bytes[0..4] != b"\0asm" {
+        return Err(LoadError::NotAComponent("the file does not start with the WebAssembly magic bytes".into()));
+    }
+    // Bytes 4..8: version + layer. Core modules are layer 0; components are layer 1.
+    if bytes[6] == 0 && bytes[7] == 0 {
+        return Err(LoadError::NotAComponent(
+            "this is a core WebAssembly module; build the job as a component (`cargo xtask build-jobs` does)".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl JobErrorCode {
+    /// The WIT name of the code.
+    pub fn name(&self) -> &'static str {
+        match self {
+            JobErrorCode::InvalidInput => "invalid-input",
+            JobErrorCode::Model => "model",
+            JobErrorCode::Internal => "internal",
+        }
+    }
+}

