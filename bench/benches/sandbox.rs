@@ -20,19 +20,30 @@ use tidepool_tests::{fortunes, guest, model_path, run, sandbox, test_config};
 use tract_onnx::prelude::*;
 
 fn main() {
+    // `cargo bench` passes --bench; `cargo test --all-targets` does not: then
+    // run every measurement once as a smoke test, so the benchmark cannot rot.
+    let full = std::env::args().any(|a| a == "--bench");
+    let it = |n: usize| if full { n } else { 1 };
     let params = BTreeMap::new();
     let mut rows: Vec<(String, String, String, String)> = Vec::new();
 
     // 1. Instantiation per task vs a reused instance, trivial job (empty output).
-    let sb = sandbox(SandboxConfig { timeout: Duration::from_secs(600), ..test_config() });
+    let sb = sandbox(SandboxConfig {
+        timeout: Duration::from_secs(600),
+        ..test_config()
+    });
     let trivial = sb.load(&guest("big-output")).expect("load");
-    let n = 2000;
-    let fresh = measure(200, n, || {
+    let n = it(2000);
+    let fresh = measure(it(200), n, || {
         let out = run(&sb, &trivial, "t", b"0").expect("run");
         assert!(out.result.expect("ok").is_empty());
     });
-    let task = TaskSpec { id: "t", params: &params, input: b"0" };
-    let reused_total = measure(1, 5, || {
+    let task = TaskSpec {
+        id: "t",
+        params: &params,
+        input: b"0",
+    };
+    let reused_total = measure(1, it(5), || {
         sb.call_reused_instance(&trivial, task, n).expect("reused");
     });
     let reused_per_call = reused_total.median() / n as u32;
@@ -41,34 +52,54 @@ fn main() {
     // Embed task for scale: one short text.
     let embed = sb.load(&guest("embed")).expect("load embed");
     let one = br#"{"texts":["A visit to a strange place will bring fresh work."]}"#;
-    let embed_task = measure(5, 200, || {
+    let embed_task = measure(it(5), it(200), || {
         run(&sb, &embed, "e", one).expect("run").result.expect("ok");
     });
     rows.push((
         "per-task fresh instance (trivial job)".into(),
         us(fresh.median()),
         format!("reused instance: {}", us(reused_per_call)),
-        format!("+{} per task = {:.2}% of a 1-text embed task ({})", us(added), 100.0 * added.as_secs_f64() / embed_task.median().as_secs_f64(), us(embed_task.median())),
+        format!(
+            "+{} per task = {:.2}% of a 1-text embed task ({})",
+            us(added),
+            100.0 * added.as_secs_f64() / embed_task.median().as_secs_f64(),
+            us(embed_task.median())
+        ),
     ));
 
     // 2. Embed through the sandbox vs native tract, same texts, same tokenizer.
     let texts = fortunes(16).expect("corpus");
     let input = serde_json::to_vec(&serde_json::json!({ "texts": texts })).expect("json");
-    let sandboxed = measure(3, 40, || {
-        run(&sb, &embed, "b", &input).expect("run").result.expect("ok");
+    let sandboxed = measure(it(3), it(40), || {
+        run(&sb, &embed, "b", &input)
+            .expect("run")
+            .result
+            .expect("ok");
     });
     let vocab = std::fs::read_to_string(model_path("minilm-vocab")).expect("vocab");
     let tok = tidepool_guest::text::WordPiece::from_vocab_txt(&vocab).expect("vocab");
     let model = TractModel::load(&model_path("minilm-l3")).expect("model");
-    let native = measure(3, 40, || {
+    let pooled = model
+        .output_names()
+        .iter()
+        .position(|n| n == "461")
+        .expect("pooled output 461");
+    let native = measure(it(3), it(40), || {
         let mut out = Vec::new();
         for t in &texts {
             let ids: Vec<i64> = tok.encode(t, 128).into_iter().map(i64::from).collect();
             let n = ids.len();
             let ids = Tensor::from_shape(&[1, n], &ids).expect("ids");
             let mask = Tensor::from_shape(&[1, n], &vec![1i64; n]).expect("mask");
-            let r = model.run(tvec!(ids.into_tvalue(), mask.into_tvalue())).expect("run");
-            let v = r[0].as_slice::<f32>().expect("f32");
+            let r = model
+                .run(tvec!(ids.into_tvalue(), mask.into_tvalue()))
+                .expect("run");
+            let v: Vec<f32> = r[pooled]
+                .to_plain_array_view::<f32>()
+                .expect("f32")
+                .iter()
+                .copied()
+                .collect();
             let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
             out.push(v.iter().map(|x| x / norm).collect::<Vec<f32>>());
         }
@@ -77,20 +108,29 @@ fn main() {
     rows.push((
         "embed 16 fortunes: sandbox → wasi-nn → tract".into(),
         format!("{:.2} ms", sandboxed.median().as_secs_f64() * 1e3),
-        format!("native tract: {:.2} ms", native.median().as_secs_f64() * 1e3),
-        format!("{:.3}x", sandboxed.median().as_secs_f64() / native.median().as_secs_f64()),
+        format!(
+            "native tract: {:.2} ms",
+            native.median().as_secs_f64() * 1e3
+        ),
+        format!(
+            "{:.3}x",
+            sandboxed.median().as_secs_f64() / native.median().as_secs_f64()
+        ),
     ));
 
     // 3. Cold start: compile vs load from the disk cache (fresh sandbox each time).
     let dir = std::env::temp_dir().join(format!("tidepool-bench-cache-{}", std::process::id()));
-    let cfg = SandboxConfig { cache_dir: Some(dir.clone()), ..test_config() };
+    let cfg = SandboxConfig {
+        cache_dir: Some(dir.clone()),
+        ..test_config()
+    };
     let bytes = guest("embed");
-    let compile = measure(1, 5, || {
+    let compile = measure(1, it(5), || {
         sb.compile_uncached(&bytes).expect("compile");
     });
     let warm = sandbox(cfg.clone());
     warm.load(&bytes).expect("fill cache");
-    let cached = measure(3, 30, || {
+    let cached = measure(it(3), it(30), || {
         let j = warm.load(&bytes).expect("load");
         assert!(j.from_cache());
     });
@@ -99,7 +139,10 @@ fn main() {
         "cold start of embed.wasm".into(),
         format!("from cache: {:.2} ms", cached.median().as_secs_f64() * 1e3),
         format!("compile: {:.1} ms", compile.median().as_secs_f64() * 1e3),
-        format!("{:.0}x faster", compile.median().as_secs_f64() / cached.median().as_secs_f64()),
+        format!(
+            "{:.0}x faster",
+            compile.median().as_secs_f64() / cached.median().as_secs_f64()
+        ),
     ));
 
     println!("| what | measured | baseline (same run) | ratio |");

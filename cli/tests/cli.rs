@@ -6,7 +6,10 @@ use std::process::{Command, Output};
 use tidepool_tests::{guest, jobs_dir, model_path};
 
 fn tidepool(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tidepool")).args(args).output().expect("run tidepool")
+    Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args(args)
+        .output()
+        .expect("run tidepool")
 }
 
 fn stderr(o: &Output) -> String {
@@ -17,7 +20,11 @@ fn stderr(o: &Output) -> String {
 fn assert_one_line_error(o: &Output, needles: &[&str]) {
     let err = stderr(o);
     assert_eq!(o.status.code(), Some(1), "stderr: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "expected one line, got: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "expected one line, got: {err}"
+    );
     assert!(err.starts_with("tidepool: error: "), "{err}");
     for n in needles {
         assert!(err.contains(n), "missing {n:?} in: {err}");
@@ -31,7 +38,11 @@ fn embed_wasm() -> String {
 
 fn write_input(dir: &Path, texts: &[&str]) -> String {
     let p = dir.join("input.json");
-    std::fs::write(&p, serde_json::to_vec(&serde_json::json!({ "texts": texts })).expect("json")).expect("write");
+    std::fs::write(
+        &p,
+        serde_json::to_vec(&serde_json::json!({ "texts": texts })).expect("json"),
+    )
+    .expect("write");
     p.display().to_string()
 }
 
@@ -39,17 +50,29 @@ fn write_input(dir: &Path, texts: &[&str]) -> String {
 fn runs_the_embed_job_and_prints_a_receipt() {
     let dir = tempfile::tempdir().expect("tempdir");
     let input = write_input(dir.path(), &["hello world", "the quick brown fox"]);
-    let o = tidepool(&["run", &embed_wasm(), "--model", "minilm-l3", "--input", &input, "--json"]);
+    let o = tidepool(&[
+        "run",
+        &embed_wasm(),
+        "--model",
+        "minilm-l3",
+        "--input",
+        &input,
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let doc: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
-    let output: serde_json::Value = serde_json::from_str(doc["output"].as_str().expect("output")).expect("embedding json");
+    let output: serde_json::Value =
+        serde_json::from_str(doc["output"].as_str().expect("output")).expect("embedding json");
     assert_eq!(output["dim"], 384);
     assert_eq!(output["vectors"].as_array().expect("vectors").len(), 2);
     let r = &doc["receipt"];
     assert_eq!(r["ok"], true);
     assert!(r["output"].as_str().expect("digest").len() == 64);
     assert!(r["wall_time_us"].as_u64().expect("wall") > 0);
-    assert_eq!(r["models"]["minilm-l3"]["engine"], "tract-onnx 0.23.9 (cpu)");
+    assert_eq!(
+        r["models"]["minilm-l3"]["engine"],
+        "tract-onnx 0.23.9 (cpu)"
+    );
 }
 
 #[test]
@@ -58,27 +81,64 @@ fn two_fresh_processes_give_identical_output_bytes() {
     let texts = tidepool_tests::fortunes(6).expect("corpus");
     let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
     let input = write_input(dir.path(), &texts);
-    let a = tidepool(&["run", &embed_wasm(), "--model", "minilm-l3", "--input", &input]);
-    let b = tidepool(&["run", &embed_wasm(), "--model", "minilm-l3", "--input", &input]);
-    assert!(a.status.success() && b.status.success(), "{} {}", stderr(&a), stderr(&b));
+    let a = tidepool(&[
+        "run",
+        &embed_wasm(),
+        "--model",
+        "minilm-l3",
+        "--input",
+        &input,
+    ]);
+    let b = tidepool(&[
+        "run",
+        &embed_wasm(),
+        "--model",
+        "minilm-l3",
+        "--input",
+        &input,
+    ]);
+    assert!(
+        a.status.success() && b.status.success(),
+        "{} {}",
+        stderr(&a),
+        stderr(&b)
+    );
     assert!(a.stdout.len() > 1000);
     assert_eq!(a.stdout, b.stdout);
 }
 
 #[test]
 fn missing_model_file_is_one_clear_error() {
-    let o = tidepool(&["run", &embed_wasm(), "--model", "minilm-l3=/nonexistent/minilm.onnx"]);
+    let o = tidepool(&[
+        "run",
+        &embed_wasm(),
+        "--model",
+        "minilm-l3=/nonexistent/minilm.onnx",
+    ]);
     assert_one_line_error(&o, &["/nonexistent/minilm.onnx", "missing"]);
 }
 
 #[test]
 fn wrong_model_digest_is_one_clear_error() {
     let vocab = model_path("minilm-vocab").display().to_string();
-    let o = tidepool(&["run", &embed_wasm(), "--model", &format!("minilm-l3={vocab}")]);
+    let o = tidepool(&[
+        "run",
+        &embed_wasm(),
+        "--model",
+        &format!("minilm-l3={vocab}"),
+    ]);
     assert_one_line_error(&o, &["minilm-vocab.txt", "expected b388816f"]);
     let model = model_path("minilm-l3").display().to_string();
-    let o = tidepool(&["run", &embed_wasm(), "--model", &format!("mine={model}@{}", "0".repeat(64))]);
-    assert_one_line_error(&o, &["minilm-l3.onnx", &format!("expected {}", "0".repeat(64))]);
+    let o = tidepool(&[
+        "run",
+        &embed_wasm(),
+        "--model",
+        &format!("mine={model}@{}", "0".repeat(64)),
+    ]);
+    assert_one_line_error(
+        &o,
+        &["minilm-l3.onnx", &format!("expected {}", "0".repeat(64))],
+    );
 }
 
 #[test]
@@ -87,7 +147,10 @@ fn garbage_and_core_modules_are_not_components() {
     let garbage = dir.path().join("garbage.wasm");
     std::fs::write(&garbage, b"this is not wasm at all").expect("write");
     let o = tidepool(&["run", garbage.to_str().expect("utf8")]);
-    assert_one_line_error(&o, &["garbage.wasm", "not a WebAssembly component", "magic"]);
+    assert_one_line_error(
+        &o,
+        &["garbage.wasm", "not a WebAssembly component", "magic"],
+    );
     let core = dir.path().join("core.wasm");
     std::fs::write(&core, b"\0asm\x01\0\0\0").expect("write");
     let o = tidepool(&["run", core.to_str().expect("utf8")]);
@@ -117,7 +180,14 @@ fn task_failures_and_job_errors_have_their_own_exit_codes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, b"{").expect("write");
-    let o = tidepool(&["run", &embed_wasm(), "--model", "minilm-l3", "--input", bad.to_str().expect("utf8")]);
+    let o = tidepool(&[
+        "run",
+        &embed_wasm(),
+        "--model",
+        "minilm-l3",
+        "--input",
+        bad.to_str().expect("utf8"),
+    ]);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(stderr(&o).contains("invalid-input"), "{}", stderr(&o));
 }

@@ -46,15 +46,24 @@ pub struct JobError {
 impl JobError {
     /// The input is not acceptable (re-running it gives the same error).
     pub fn invalid_input(message: impl Into<String>) -> Self {
-        Self { code: ErrorCode::InvalidInput, message: message.into() }
+        Self {
+            code: ErrorCode::InvalidInput,
+            message: message.into(),
+        }
     }
     /// A model could not be loaded or inference failed.
     pub fn model(message: impl Into<String>) -> Self {
-        Self { code: ErrorCode::Model, message: message.into() }
+        Self {
+            code: ErrorCode::Model,
+            message: message.into(),
+        }
     }
     /// A bug or impossible state inside the job.
     pub fn internal(message: impl Into<String>) -> Self {
-        Self { code: ErrorCode::Internal, message: message.into() }
+        Self {
+            code: ErrorCode::Internal,
+            message: message.into(),
+        }
     }
 }
 
@@ -72,7 +81,10 @@ impl From<nn::NnError> for JobError {
 
 impl From<JobError> for bindings::tidepool::job::types::JobError {
     fn from(e: JobError) -> Self {
-        Self { code: e.code, message: e.message }
+        Self {
+            code: e.code,
+            message: e.message,
+        }
     }
 }
 

@@ -21,16 +21,28 @@ pub struct NnError {
 
 impl NnError {
     fn from_wasi(op: impl Into<String>, e: errors::Error) -> Self {
-        Self { op: op.into(), code: e.code(), message: e.data() }
+        Self {
+            op: op.into(),
+            code: e.code(),
+            message: e.data(),
+        }
     }
     fn local(op: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { op: op.into(), code: errors::ErrorCode::InvalidArgument, message: message.into() }
+        Self {
+            op: op.into(),
+            code: errors::ErrorCode::InvalidArgument,
+            message: message.into(),
+        }
     }
 }
 
 impl std::fmt::Display for NnError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "wasi-nn {} failed ({:?}): {}", self.op, self.code, self.message)
+        write!(
+            f,
+            "wasi-nn {} failed ({:?}): {}",
+            self.op, self.code, self.message
+        )
     }
 }
 impl std::error::Error for NnError {}
@@ -47,8 +59,12 @@ pub struct Graph {
 impl Graph {
     /// Load the model the manifest declares under `name`.
     pub fn load(name: &str) -> Result<Self, NnError> {
-        let inner = graph::load_by_name(name).map_err(|e| NnError::from_wasi(format!("load-by-name {name:?}"), e))?;
-        Ok(Self { name: name.to_owned(), inner })
+        let inner = graph::load_by_name(name)
+            .map_err(|e| NnError::from_wasi(format!("load-by-name {name:?}"), e))?;
+        Ok(Self {
+            name: name.to_owned(),
+            inner,
+        })
     }
 
     /// The name the graph was loaded by.
@@ -58,10 +74,9 @@ impl Graph {
 
     /// A fresh execution context (one per concurrent inference).
     pub fn context(&self) -> Result<Context, NnError> {
-        let inner = self
-            .inner
-            .init_execution_context()
-            .map_err(|e| NnError::from_wasi(format!("init-execution-context for {:?}", self.name), e))?;
+        let inner = self.inner.init_execution_context().map_err(|e| {
+            NnError::from_wasi(format!("init-execution-context for {:?}", self.name), e)
+        })?;
         Ok(Context { inner })
     }
 }
@@ -81,7 +96,12 @@ macro_rules! input_ctor {
         pub fn $fn(name: &str, dims: &[u32], data: &[$t]) -> Result<Self, NnError> {
             Self::check(name, dims, data.len())?;
             let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-            Ok(Self { name: name.to_owned(), dims: dims.to_vec(), ty: $tt, data: bytes })
+            Ok(Self {
+                name: name.to_owned(),
+                dims: dims.to_vec(),
+                ty: $tt,
+                data: bytes,
+            })
         }
     };
 }
@@ -105,7 +125,12 @@ impl Input {
     /// A named `u8` tensor (also the way text travels through wasi-nn).
     pub fn u8(name: &str, dims: &[u32], data: &[u8]) -> Result<Self, NnError> {
         Self::check(name, dims, data.len())?;
-        Ok(Self { name: name.to_owned(), dims: dims.to_vec(), ty: TensorType::U8, data: data.to_vec() })
+        Ok(Self {
+            name: name.to_owned(),
+            dims: dims.to_vec(),
+            ty: TensorType::U8,
+            data: data.to_vec(),
+        })
     }
 }
 
@@ -116,47 +141,67 @@ pub struct Context {
 }
 
 impl Context {
-    /// Run the graph on named inputs and return all its named outputs.
+    /// Run the graph on named inputs and return its named outputs (their
+    /// data is copied into the job only when read).
     pub fn compute(&mut self, inputs: Vec<Input>) -> Result<Outputs, NnError> {
         let tensors: Vec<(String, tensor::Tensor)> = inputs
             .into_iter()
             .map(|i| (i.name, tensor::Tensor::new(&i.dims, i.ty, &i.data)))
             .collect();
-        let outs = self.inner.compute(tensors).map_err(|e| NnError::from_wasi("compute", e))?;
+        let outs = self
+            .inner
+            .compute(tensors)
+            .map_err(|e| NnError::from_wasi("compute", e))?;
         Ok(Outputs {
             tensors: outs
                 .into_iter()
-                .map(|(name, t)| Output { name, dims: t.dimensions(), ty: t.ty(), data: t.data() })
+                .map(|(name, tensor)| Output { name, tensor })
                 .collect(),
         })
     }
 }
 
-/// One output tensor, as raw little-endian bytes with its shape and type.
-#[derive(Debug, Clone)]
+/// One output tensor, held by the host until read.
+#[derive(Debug)]
 pub struct Output {
     /// The graph's name for this output.
     pub name: String,
-    /// Its shape.
-    pub dims: Vec<u32>,
-    /// Its element type.
-    pub ty: TensorType,
-    /// Its elements, little-endian.
-    pub data: Vec<u8>,
+    /// The host-side tensor.
+    tensor: tensor::Tensor,
 }
 
 impl Output {
+    /// Its shape.
+    pub fn dims(&self) -> Vec<u32> {
+        self.tensor.dimensions()
+    }
+    /// Its element type.
+    pub fn ty(&self) -> TensorType {
+        self.tensor.ty()
+    }
+    /// Its elements as little-endian bytes (copied from the host).
+    pub fn bytes(&self) -> Vec<u8> {
+        self.tensor.data()
+    }
     /// The elements as `f32`; an error if the tensor is of another type.
     pub fn to_f32(&self) -> Result<Vec<f32>, NnError> {
-        if self.ty != TensorType::Fp32 {
-            return Err(NnError::local(format!("read output {:?}", self.name), format!("it is {:?}, not FP32", self.ty)));
+        let ty = self.ty();
+        if ty != TensorType::Fp32 {
+            return Err(NnError::local(
+                format!("read output {:?}", self.name),
+                format!("it is {ty:?}, not FP32"),
+            ));
         }
-        Ok(self.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        Ok(self
+            .bytes()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
     }
 }
 
 /// All outputs of one `compute`, looked up by name or position.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Outputs {
     tensors: Vec<Output>,
 }
@@ -166,14 +211,20 @@ impl Outputs {
     pub fn get(&self, name: &str) -> Result<&Output, NnError> {
         self.tensors.iter().find(|t| t.name == name).ok_or_else(|| {
             let have: Vec<&str> = self.tensors.iter().map(|t| t.name.as_str()).collect();
-            NnError::local(format!("read output {name:?}"), format!("the graph returned only {have:?}"))
+            NnError::local(
+                format!("read output {name:?}"),
+                format!("the graph returned only {have:?}"),
+            )
         })
     }
     /// The `i`th output in the graph's order.
     pub fn at(&self, i: usize) -> Result<&Output, NnError> {
-        self.tensors
-            .get(i)
-            .ok_or_else(|| NnError::local(format!("read output #{i}"), format!("the graph returned {} outputs", self.tensors.len())))
+        self.tensors.get(i).ok_or_else(|| {
+            NnError::local(
+                format!("read output #{i}"),
+                format!("the graph returned {} outputs", self.tensors.len()),
+            )
+        })
     }
     /// How many outputs there are.
     pub fn len(&self) -> usize {

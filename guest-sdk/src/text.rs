@@ -44,14 +44,20 @@ impl<'v> WordPiece<'v> {
     /// Use a table already sorted by token (as generated at build time).
     pub fn from_sorted(sorted: &'v [(&'v str, u32)]) -> Result<Self, VocabError> {
         if sorted.windows(2).any(|w| w[0].0 >= w[1].0) {
-            return Err(VocabError("vocabulary table is not sorted by token or has duplicates".into()));
+            return Err(VocabError(
+                "vocabulary table is not sorted by token or has duplicates".into(),
+            ));
         }
         Self::with_table(std::borrow::Cow::Borrowed(sorted))
     }
 
     /// Parse a `vocab.txt` (one token per line, id = line number).
     pub fn from_vocab_txt(text: &'v str) -> Result<Self, VocabError> {
-        let mut table: Vec<(&str, u32)> = text.lines().enumerate().map(|(i, t)| (t, i as u32)).collect();
+        let mut table: Vec<(&str, u32)> = text
+            .lines()
+            .enumerate()
+            .map(|(i, t)| (t, i as u32))
+            .collect();
         table.sort_unstable();
         table.dedup_by(|a, b| a.0 == b.0);
         Self::with_table(std::borrow::Cow::Owned(table))
@@ -65,12 +71,20 @@ impl<'v> WordPiece<'v> {
                 .map_err(|_| VocabError(format!("vocabulary has no {t} token")))
         };
         let (cls, sep, unk) = (find("[CLS]")?, find("[SEP]")?, find("[UNK]")?);
-        Ok(Self { sorted, cls, sep, unk })
+        Ok(Self {
+            sorted,
+            cls,
+            sep,
+            unk,
+        })
     }
 
     /// The id of `token`, if the vocabulary has it.
     pub fn id(&self, token: &str) -> Option<u32> {
-        self.sorted.binary_search_by(|(k, _)| (*k).cmp(token)).ok().map(|i| self.sorted[i].1)
+        self.sorted
+            .binary_search_by(|(k, _)| (*k).cmp(token))
+            .ok()
+            .map(|i| self.sorted[i].1)
     }
 
     /// `[CLS] tokens… [SEP]`, truncated so the whole is at most `max_len` ids.
@@ -111,7 +125,10 @@ impl<'v> WordPiece<'v> {
                     break;
                 }
                 // Step back one character (not one byte).
-                end = word[..end].char_indices().next_back().map_or(start, |(i, _)| i);
+                end = word[..end]
+                    .char_indices()
+                    .next_back()
+                    .map_or(start, |(i, _)| i);
             }
             match found {
                 Some(id) => {
@@ -199,7 +216,8 @@ fn is_cjk(c: char) -> bool {
 mod tests {
     use super::*;
 
-    const VOCAB: &str = "[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\nworld\n,\n!\nun\n##want\n##ed\nrun\n##ning\ncafe\n";
+    const VOCAB: &str =
+        "[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\nworld\n,\n!\nun\n##want\n##ed\nrun\n##ning\ncafe\n";
 
     #[test]
     fn splits_words_punctuation_and_pieces() {

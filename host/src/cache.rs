@@ -35,24 +35,30 @@ impl ComponentCache {
         // DefaultHasher::new() uses fixed keys: stable for a given build, which is all a cache key needs.
         let mut h = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut h);
-        Self { dir, engine: engine.clone(), engine_key: format!("{:016x}", h.finish()) }
+        Self {
+            dir,
+            engine: engine.clone(),
+            engine_key: format!("{:016x}", h.finish()),
+        }
     }
 
     fn path(&self, digest: &Digest) -> PathBuf {
-        self.dir.join(format!("{}-{}.cwasm", digest.hex(), self.engine_key))
+        self.dir
+            .join(format!("{}-{}.cwasm", digest.hex(), self.engine_key))
     }
 
     /// The compiled component, if cached and loadable.
     pub fn get(&self, digest: &Digest) -> Option<Component> {
         let path = self.path(digest);
-        if !path.exists() {
-            return None;
-        }
+        // Read into memory rather than mmap: a file truncated by someone else
+        // while mapped would kill the process with SIGBUS.
+        let bytes = std::fs::read(&path).ok()?;
         #[allow(unsafe_code)]
-        // SAFETY: the file was produced by `Component::serialize` of this same
+        // SAFETY: the bytes were produced by `Component::serialize` of this same
         // engine configuration (the key includes its hash) and written by this
-        // process into the node's private cache directory (see module docs).
-        let loaded = unsafe { Component::deserialize_file(&self.engine, &path) };
+        // process into the node's private cache directory (see module docs);
+        // wasmtime checks the header and engine compatibility before use.
+        let loaded = unsafe { Component::deserialize(&self.engine, &bytes) };
         match loaded {
             Ok(c) => Some(c),
             Err(e) => {

@@ -27,7 +27,9 @@ impl HostWallClock for VirtualWallClock {
         Duration::from_nanos(CLOCK_STEP_NS)
     }
     fn now(&self) -> Duration {
-        let n = self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = self
+            .reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Duration::from_nanos(n.saturating_mul(CLOCK_STEP_NS))
     }
 }
@@ -44,7 +46,9 @@ impl HostMonotonicClock for VirtualMonotonicClock {
         CLOCK_STEP_NS
     }
     fn now(&self) -> u64 {
-        self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed).saturating_mul(CLOCK_STEP_NS)
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .saturating_mul(CLOCK_STEP_NS)
     }
 }
 
@@ -68,7 +72,12 @@ impl SeededRng {
         h.update(label.as_bytes());
         h.update([0u8]);
         h.update(task_id.as_bytes());
-        Self { key: h.finalize().into(), counter: 0, buf: [0; 32], used: 32 }
+        Self {
+            key: h.finalize().into(),
+            counter: 0,
+            buf: [0; 32],
+            used: 32,
+        }
     }
 
     fn refill(&mut self) {
@@ -126,7 +135,11 @@ mod tests {
 
     #[test]
     fn same_task_same_stream_other_task_other_stream() {
-        let (mut a, mut b, mut c) = (SeededRng::new("t1", "x"), SeededRng::new("t1", "x"), SeededRng::new("t2", "x"));
+        let (mut a, mut b, mut c) = (
+            SeededRng::new("t1", "x"),
+            SeededRng::new("t1", "x"),
+            SeededRng::new("t2", "x"),
+        );
         let (mut x, mut y, mut z) = ([0u8; 100], [0u8; 100], [0u8; 100]);
         a.fill(&mut x[..7]);
         a.fill(&mut x[7..]);

@@ -15,7 +15,9 @@ pub mod sandbox;
 
 pub use backend::tract::TractEngine;
 pub use registry::{ModelRegistry, RegistryBuilder, RegistryError};
-pub use sandbox::{JobComponent, JobFailure, LoadError, Sandbox, SandboxConfig, TaskError, TaskOutput, TaskSpec};
+pub use sandbox::{
+    JobComponent, JobFailure, LoadError, Sandbox, SandboxConfig, TaskError, TaskOutput, TaskSpec,
+};
 
 use std::sync::Arc;
 

@@ -1,8 +1,8 @@
 //! Running one task locally, exactly as a node would: what `tidepool run`
 //! and the tests call.
 
-use crate::registry::{ModelRegistry, RegistryBuilder, RegistryError};
 use crate::models::{self, ModelError};
+use crate::registry::{ModelRegistry, RegistryBuilder, RegistryError};
 use std::path::{Path, PathBuf};
 
 /// A `--model` argument: `NAME` (from the models directory),
@@ -30,26 +30,39 @@ pub struct ModelArgError {
 impl std::str::FromStr for ModelArg {
     type Err = ModelArgError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = |why: &str| ModelArgError { arg: s.to_owned(), why: why.to_owned() };
+        let bad = |why: &str| ModelArgError {
+            arg: s.to_owned(),
+            why: why.to_owned(),
+        };
         let (name, rest) = match s.split_once('=') {
             Some((n, r)) => (n, Some(r)),
             None => (s, None),
         };
         if !crate::registry::valid_name(name) {
-            return Err(bad("the name must be lowercase letters, digits, '.', '_' or '-'"));
+            return Err(bad(
+                "the name must be lowercase letters, digits, '.', '_' or '-'",
+            ));
         }
         let (path, sha256) = match rest {
             None => (None, None),
             Some(r) => match r.rsplit_once('@') {
-                Some((p, h)) if h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()) => (Some(PathBuf::from(p)), Some(h.to_ascii_lowercase())),
-                Some((_, h)) if h.len() == 64 || h.starts_with("sha256") => return Err(bad("the digest after '@' must be 64 hex characters")),
+                Some((p, h)) if h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()) => {
+                    (Some(PathBuf::from(p)), Some(h.to_ascii_lowercase()))
+                }
+                Some((_, h)) if h.len() == 64 || h.starts_with("sha256") => {
+                    return Err(bad("the digest after '@' must be 64 hex characters"))
+                }
                 _ => (Some(PathBuf::from(r)), None),
             },
         };
         if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
             return Err(bad("empty path"));
         }
-        Ok(Self { name: name.to_owned(), path, sha256 })
+        Ok(Self {
+            name: name.to_owned(),
+            path,
+            sha256,
+        })
     }
 }
 
@@ -82,25 +95,50 @@ pub enum LocalModelError {
 
 /// Verify and load the models named by `args` (catalogue files are looked
 /// up in `models_dir`).
-pub fn registry_from_args(args: &[ModelArg], models_dir: &Path) -> Result<ModelRegistry, LocalModelError> {
+pub fn registry_from_args(
+    args: &[ModelArg],
+    models_dir: &Path,
+) -> Result<ModelRegistry, LocalModelError> {
     let mut b = RegistryBuilder::new(crate::default_engines());
     for a in args {
         let entry = models::catalog_entry(&a.name).ok();
         let path = match (&a.path, entry) {
             (Some(p), _) => p.clone(),
             (None, Some(e)) => models::path_in(models_dir, e),
-            (None, None) => return Err(models::catalog_entry(&a.name).map(|_| ()).map_err(LocalModelError::Model).err().unwrap_or_else(|| LocalModelError::NoDigest { name: a.name.clone(), path: PathBuf::new() })),
+            (None, None) => {
+                return Err(models::catalog_entry(&a.name)
+                    .map(|_| ())
+                    .map_err(LocalModelError::Model)
+                    .err()
+                    .unwrap_or_else(|| LocalModelError::NoDigest {
+                        name: a.name.clone(),
+                        path: PathBuf::new(),
+                    }))
+            }
         };
         let sha = match (&a.sha256, entry) {
             (Some(h), _) => h.clone(),
             (None, Some(e)) => e.sha256.to_owned(),
-            (None, None) => return Err(LocalModelError::NoDigest { name: a.name.clone(), path }),
+            (None, None) => {
+                return Err(LocalModelError::NoDigest {
+                    name: a.name.clone(),
+                    path,
+                })
+            }
         };
-        let encoding = match (entry.and_then(|e| e.encoding), path.extension().and_then(|x| x.to_str())) {
+        let encoding = match (
+            entry.and_then(|e| e.encoding),
+            path.extension().and_then(|x| x.to_str()),
+        ) {
             (Some(enc), _) => enc,
             (None, Some("onnx")) => "onnx",
             (None, Some("gguf")) => "ggml",
-            _ => return Err(LocalModelError::UnknownEncoding { name: a.name.clone(), path }),
+            _ => {
+                return Err(LocalModelError::UnknownEncoding {
+                    name: a.name.clone(),
+                    path,
+                })
+            }
         };
         b.add(&a.name, encoding, &path, &sha)?;
     }
@@ -114,18 +152,38 @@ mod tests {
     #[test]
     fn parses_the_three_forms() {
         let h = "ab".repeat(32);
-        assert_eq!("m".parse::<ModelArg>().expect("name"), ModelArg { name: "m".into(), path: None, sha256: None });
         assert_eq!(
-            "m=/x/y.onnx".parse::<ModelArg>().expect("path"),
-            ModelArg { name: "m".into(), path: Some("/x/y.onnx".into()), sha256: None }
+            "m".parse::<ModelArg>().expect("name"),
+            ModelArg {
+                name: "m".into(),
+                path: None,
+                sha256: None
+            }
         );
         assert_eq!(
-            format!("m=/x/y@z.onnx@{h}").parse::<ModelArg>().expect("digest"),
-            ModelArg { name: "m".into(), path: Some("/x/y@z.onnx".into()), sha256: Some(h.clone()) }
+            "m=/x/y.onnx".parse::<ModelArg>().expect("path"),
+            ModelArg {
+                name: "m".into(),
+                path: Some("/x/y.onnx".into()),
+                sha256: None
+            }
+        );
+        assert_eq!(
+            format!("m=/x/y@z.onnx@{h}")
+                .parse::<ModelArg>()
+                .expect("digest"),
+            ModelArg {
+                name: "m".into(),
+                path: Some("/x/y@z.onnx".into()),
+                sha256: Some(h.clone())
+            }
         );
         assert!("../m=/x".parse::<ModelArg>().is_err());
         assert!("m=".parse::<ModelArg>().is_err());
-        assert!(format!("m=/x@{}", &h[..63]).parse::<ModelArg>().is_ok(), "a short suffix is part of the path");
+        assert!(
+            format!("m=/x@{}", &h[..63]).parse::<ModelArg>().is_ok(),
+            "a short suffix is part of the path"
+        );
         assert!(format!("m=/x@{}g", &h[..63]).parse::<ModelArg>().is_err());
     }
 
@@ -134,7 +192,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("x.onnx");
         std::fs::write(&p, b"x").expect("write");
-        let err = registry_from_args(&[ModelArg { name: "mine".into(), path: Some(p), sha256: None }], dir.path()).expect_err("no digest");
+        let err = registry_from_args(
+            &[ModelArg {
+                name: "mine".into(),
+                path: Some(p),
+                sha256: None,
+            }],
+            dir.path(),
+        )
+        .expect_err("no digest");
         assert!(err.to_string().contains("mine=PATH@SHA256"), "{err}");
     }
 }

@@ -67,7 +67,11 @@ pub struct RegisteredModel {
 
 impl std::fmt::Debug for RegisteredModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RegisteredModel").field("name", &self.name).field("sha256", &self.sha256).field("engine", &self.engine).finish()
+        f.debug_struct("RegisteredModel")
+            .field("name", &self.name)
+            .field("sha256", &self.sha256)
+            .field("engine", &self.engine)
+            .finish()
     }
 }
 
@@ -83,7 +87,9 @@ pub fn valid_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit())
         && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
         && !name.contains("..")
 }
 
@@ -99,23 +105,41 @@ pub struct RegistryBuilder {
 impl RegistryBuilder {
     /// Start with these engines (one per encoding).
     pub fn new(engines: Vec<Arc<dyn NnEngine>>) -> Self {
-        Self { engines, models: BTreeMap::new() }
+        Self {
+            engines,
+            models: BTreeMap::new(),
+        }
     }
 
     /// Verify `path` against `sha256`, load it with the engine for `encoding`
     /// and register it under `name`.
-    pub fn add(&mut self, name: &str, encoding: &str, path: &Path, sha256: &str) -> Result<&mut Self, RegistryError> {
+    pub fn add(
+        &mut self,
+        name: &str,
+        encoding: &str,
+        path: &Path,
+        sha256: &str,
+    ) -> Result<&mut Self, RegistryError> {
         if !valid_name(name) {
             return Err(RegistryError::BadName(name.to_owned()));
         }
         if self.models.contains_key(name) {
             return Err(RegistryError::Duplicate(name.to_owned()));
         }
-        let engine = self.engines.iter().find(|e| e.encoding().to_string() == encoding).ok_or_else(|| RegistryError::NoEngine {
-            name: name.to_owned(),
-            encoding: encoding.to_owned(),
-            available: self.engines.iter().map(|e| e.encoding().to_string()).collect::<Vec<_>>().join(", "),
-        })?;
+        let engine = self
+            .engines
+            .iter()
+            .find(|e| e.encoding().to_string() == encoding)
+            .ok_or_else(|| RegistryError::NoEngine {
+                name: name.to_owned(),
+                encoding: encoding.to_owned(),
+                available: self
+                    .engines
+                    .iter()
+                    .map(|e| e.encoding().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
         models::verify_file(path, sha256)?;
         let graph = engine.load(path).map_err(|source| RegistryError::Load {
             name: name.to_owned(),
@@ -125,7 +149,13 @@ impl RegistryBuilder {
         })?;
         self.models.insert(
             name.to_owned(),
-            RegisteredModel { name: name.to_owned(), sha256: sha256.to_ascii_lowercase(), encoding: encoding.to_owned(), engine: engine.describe(), graph },
+            RegisteredModel {
+                name: name.to_owned(),
+                sha256: sha256.to_ascii_lowercase(),
+                encoding: encoding.to_owned(),
+                engine: engine.describe(),
+                graph,
+            },
         );
         Ok(self)
     }
@@ -136,14 +166,21 @@ impl RegistryBuilder {
         let encoding = entry.encoding.ok_or_else(|| RegistryError::NoEngine {
             name: name.to_owned(),
             encoding: "(none: a support file, not a model)".into(),
-            available: self.engines.iter().map(|e| e.encoding().to_string()).collect::<Vec<_>>().join(", "),
+            available: self
+                .engines
+                .iter()
+                .map(|e| e.encoding().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
         })?;
         self.add(name, encoding, &models::path_in(dir, entry), entry.sha256)
     }
 
     /// Finish.
     pub fn build(self) -> ModelRegistry {
-        ModelRegistry { models: Arc::new(self.models) }
+        ModelRegistry {
+            models: Arc::new(self.models),
+        }
     }
 }
 
@@ -165,9 +202,23 @@ impl ModelRegistry {
         let graphs = self
             .models
             .iter()
-            .map(|(n, m)| (n.clone(), Graph::from(TaskGraph { model: m.graph.clone(), budget })))
+            .map(|(n, m)| {
+                (
+                    n.clone(),
+                    Graph::from(TaskGraph {
+                        model: m.graph.clone(),
+                        budget,
+                    }),
+                )
+            })
             .collect();
-        (TaskRegistry { graphs, used: used.clone() }, used)
+        (
+            TaskRegistry {
+                graphs,
+                used: used.clone(),
+            },
+            used,
+        )
     }
 }
 
@@ -181,7 +232,9 @@ pub struct TaskRegistry {
 
 impl std::fmt::Debug for TaskRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TaskRegistry").field("names", &self.graphs.keys().collect::<Vec<_>>()).finish_non_exhaustive()
+        f.debug_struct("TaskRegistry")
+            .field("names", &self.graphs.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
     }
 }
 
@@ -227,7 +280,18 @@ mod tests {
         for ok in ["minilm-l3", "gemma3.270m", "a", "x_1"] {
             assert!(valid_name(ok), "{ok}");
         }
-        for bad in ["", "../etc/passwd", "/abs", "a/b", "Upper", "..", "a..b", "-x", "a b", "a\0"] {
+        for bad in [
+            "",
+            "../etc/passwd",
+            "/abs",
+            "a/b",
+            "Upper",
+            "..",
+            "a..b",
+            "-x",
+            "a b",
+            "a\0",
+        ] {
             assert!(!valid_name(bad), "{bad:?}");
         }
     }

@@ -40,8 +40,8 @@ mod bindings {
     });
 }
 
-pub use bindings::tidepool::job::types::ErrorCode as JobErrorCode;
 use bindings::tidepool::job::host::Level;
+pub use bindings::tidepool::job::types::ErrorCode as JobErrorCode;
 
 /// How often the epoch advances; deadlines are rounded up to this.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -184,7 +184,9 @@ pub struct JobComponent {
 
 impl std::fmt::Debug for JobComponent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JobComponent").field("digest", &self.digest).finish()
+        f.debug_struct("JobComponent")
+            .field("digest", &self.digest)
+            .finish()
     }
 }
 
@@ -221,7 +223,10 @@ struct TaskState {
 
 impl WasiView for TaskState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -271,15 +276,28 @@ struct TaskLimiter {
 }
 
 impl wasmtime::ResourceLimiter for TaskLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.max_memory {
             self.hit = true;
             // Trap at once rather than let the guest's allocator limp on.
-            wasmtime::bail!("memory limit of {} bytes reached (wanted {desired})", self.max_memory);
+            wasmtime::bail!(
+                "memory limit of {} bytes reached (wanted {desired})",
+                self.max_memory
+            );
         }
         Ok(true)
     }
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= 100_000)
     }
 }
@@ -304,7 +322,9 @@ pub struct Sandbox {
 
 impl std::fmt::Debug for Sandbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sandbox").field("config", &self.config).finish()
+        f.debug_struct("Sandbox")
+            .field("config", &self.config)
+            .finish()
     }
 }
 
@@ -352,25 +372,40 @@ impl Sandbox {
         let engine = Engine::new(&engine_config(&config))?;
         let mut linker: Linker<TaskState> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
-        wasmtime_wasi_nn::wit::add_to_linker(&mut linker, |s: &mut TaskState| WasiNnView::new(&mut s.table, &mut s.nn))?;
+        wasmtime_wasi_nn::wit::add_to_linker(&mut linker, |s: &mut TaskState| {
+            WasiNnView::new(&mut s.table, &mut s.nn)
+        })?;
         bindings::JobCore::add_to_linker::<_, HasSelf<TaskState>>(&mut linker, |s| s)?;
-        let cache = config.cache_dir.as_ref().map(|d| ComponentCache::new(d.clone(), &engine));
+        let cache = config
+            .cache_dir
+            .as_ref()
+            .map(|d| ComponentCache::new(d.clone(), &engine));
         let stop_ticker = Arc::new(AtomicBool::new(false));
         {
             let engine = engine.weak();
             let stop = stop_ticker.clone();
-            std::thread::Builder::new().name("tidepool-epoch".into()).spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    match engine.upgrade() {
-                        Some(e) => e.increment_epoch(),
-                        None => break,
+            std::thread::Builder::new()
+                .name("tidepool-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        match engine.upgrade() {
+                            Some(e) => e.increment_epoch(),
+                            None => break,
+                        }
                     }
-                }
-            })?;
+                })?;
         }
         let runtime = format!("tidepool {}, wasmtime 48.0.8", env!("CARGO_PKG_VERSION"));
-        Ok(Self { engine, linker, models, config, cache, stop_ticker, runtime })
+        Ok(Self {
+            engine,
+            linker,
+            models,
+            config,
+            cache,
+            stop_ticker,
+            runtime,
+        })
     }
 
     /// The engine (for benchmarks and tools that need to compile the same way).
@@ -395,35 +430,60 @@ impl Sandbox {
             Some(c) => c,
             None => {
                 check_is_component(bytes)?;
-                let c = Component::new(&self.engine, bytes).map_err(|e| LoadError::NotAComponent(format!("{e:#}")))?;
+                let c = Component::new(&self.engine, bytes)
+                    .map_err(|e| LoadError::NotAComponent(format!("{e:#}")))?;
                 let pre = self.prepare(&c)?;
                 if let Some(cache) = &self.cache {
                     if let Err(e) = cache.put(&digest, &c) {
                         tracing::warn!(error = %e, "cannot write compiled component to the cache");
                     }
                 }
-                return Ok(JobComponent { digest, pre, from_cache: false });
+                return Ok(JobComponent {
+                    digest,
+                    pre,
+                    from_cache: false,
+                });
             }
         };
-        Ok(JobComponent { digest, pre: self.prepare(&component)?, from_cache: true })
+        Ok(JobComponent {
+            digest,
+            pre: self.prepare(&component)?,
+            from_cache: true,
+        })
     }
 
     /// Compile without the cache (for the cold-start benchmark).
     pub fn compile_uncached(&self, bytes: &[u8]) -> Result<JobComponent, LoadError> {
         check_is_component(bytes)?;
-        let c = Component::new(&self.engine, bytes).map_err(|e| LoadError::NotAComponent(format!("{e:#}")))?;
-        Ok(JobComponent { digest: Digest::of(bytes), pre: self.prepare(&c)?, from_cache: false })
+        let c = Component::new(&self.engine, bytes)
+            .map_err(|e| LoadError::NotAComponent(format!("{e:#}")))?;
+        Ok(JobComponent {
+            digest: Digest::of(bytes),
+            pre: self.prepare(&c)?,
+            from_cache: false,
+        })
     }
 
     fn prepare(&self, c: &Component) -> Result<bindings::JobCorePre<TaskState>, LoadError> {
-        let pre = self.linker.instantiate_pre(c).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+        let pre = self
+            .linker
+            .instantiate_pre(c)
+            .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
         bindings::JobCorePre::new(pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))
     }
 
-    fn new_store(&self, task: &TaskSpec<'_>, budget: TaskBudget) -> (Store<TaskState>, MemoryOutputPipe, Arc<Mutex<Vec<String>>>) {
+    fn new_store(
+        &self,
+        task: &TaskSpec<'_>,
+        budget: TaskBudget,
+    ) -> (Store<TaskState>, MemoryOutputPipe, Arc<Mutex<Vec<String>>>) {
         let stdio = MemoryOutputPipe::new(self.config.max_stdio_bytes);
         let mut b = WasiCtxBuilder::new();
-        b.stdout(stdio.clone()).stderr(stdio.clone()).allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
+        b.stdout(stdio.clone())
+            .stderr(stdio.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
         if self.config.deterministic {
             let mut seed = SeededRng::new(task.id, "wasi:random/insecure-seed");
             b.secure_random(SeededRng::new(task.id, "wasi:random/random"))
@@ -433,16 +493,31 @@ impl Sandbox {
                 .monotonic_clock(VirtualMonotonicClock::default());
         }
         let (registry, used) = self.models.for_task(budget);
-        let refusals = [GraphEncoding::Onnx, GraphEncoding::Ggml, GraphEncoding::Openvino, GraphEncoding::Pytorch, GraphEncoding::Tensorflow, GraphEncoding::Tensorflowlite, GraphEncoding::Autodetect]
-            .into_iter()
-            .map(|e| wasmtime_wasi_nn::Backend::from(RefuseGuestBytes(e)));
+        let refusals = [
+            GraphEncoding::Onnx,
+            GraphEncoding::Ggml,
+            GraphEncoding::Openvino,
+            GraphEncoding::Pytorch,
+            GraphEncoding::Tensorflow,
+            GraphEncoding::Tensorflowlite,
+            GraphEncoding::Autodetect,
+        ]
+        .into_iter()
+        .map(|e| wasmtime_wasi_nn::Backend::from(RefuseGuestBytes(e)));
         let state = TaskState {
             wasi: b.build(),
             table: ResourceTable::new(),
             nn: WasiNnCtx::new(refusals, registry.into()),
-            limiter: TaskLimiter { max_memory: self.config.max_memory_bytes, hit: false },
+            limiter: TaskLimiter {
+                max_memory: self.config.max_memory_bytes,
+                hit: false,
+            },
             task_id: task.id.to_owned(),
-            params: task.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            params: task
+                .params
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             log_budget: self.config.max_log_lines,
         };
         let mut store = Store::new(&self.engine, state);
@@ -453,35 +528,58 @@ impl Sandbox {
     /// Run one task in a fresh instance.
     pub fn run(&self, job: &JobComponent, task: TaskSpec<'_>) -> Result<TaskOutput, TaskError> {
         let start = Instant::now();
-        let budget = TaskBudget { deadline: start + self.config.timeout };
+        let budget = TaskBudget {
+            deadline: start + self.config.timeout,
+        };
         let (mut store, stdio, used) = self.new_store(&task, budget);
-        let ticks = self.config.timeout.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64 + 1;
+        let ticks = self
+            .config
+            .timeout
+            .as_nanos()
+            .div_ceil(EPOCH_TICK.as_nanos()) as u64
+            + 1;
         store.set_epoch_deadline(ticks);
         store.epoch_deadline_trap();
         if let Some(fuel) = self.config.fuel {
-            store.set_fuel(fuel).map_err(|e| TaskError::Host(e.into()))?;
+            store
+                .set_fuel(fuel)
+                .map_err(|e| TaskError::Host(e.into()))?;
         }
-        let outcome = job.pre.instantiate(&mut store).and_then(|inst| inst.call_run(&mut store, task.input));
+        let outcome = job
+            .pre
+            .instantiate(&mut store)
+            .and_then(|inst| inst.call_run(&mut store, task.input));
         let wall = start.elapsed();
         let fuel_used = self.config.fuel.map(|f| f - store.get_fuel().unwrap_or(0));
         if wall >= self.config.timeout {
             // Over time, whatever the guest returned (a backend refuses work
             // past the deadline, and the guest may have reported that as an error).
-            return Err(TaskError::Deadline { limit: self.config.timeout });
+            return Err(TaskError::Deadline {
+                limit: self.config.timeout,
+            });
         }
         let result = match outcome {
             Ok(Ok(out)) => {
                 if out.len() > self.config.max_output_bytes {
-                    return Err(TaskError::OutputTooLarge { size: out.len(), limit: self.config.max_output_bytes });
+                    return Err(TaskError::OutputTooLarge {
+                        size: out.len(),
+                        limit: self.config.max_output_bytes,
+                    });
                 }
                 Ok(out)
             }
-            Ok(Err(e)) => Err(JobFailure { code: e.code.name().to_owned(), message: e.message }),
+            Ok(Err(e)) => Err(JobFailure {
+                code: e.code.name().to_owned(),
+                message: e.message,
+            }),
             Err(e) => return Err(self.classify(e, &store, wall)),
         };
         let (bytes_for_digest, ok) = match &result {
             Ok(out) => (out.clone(), true),
-            Err(f) => (serde_json::to_vec(f).map_err(|e| TaskError::Host(e.into()))?, false),
+            Err(f) => (
+                serde_json::to_vec(f).map_err(|e| TaskError::Host(e.into()))?,
+                false,
+            ),
         };
         let models = used
             .lock()
@@ -490,7 +588,13 @@ impl Sandbox {
             .filter_map(|n| self.models.get(n))
             .map(|m| {
                 let sha = Digest::parse(&m.sha256).unwrap_or(Digest([0; 32]));
-                (m.name.clone(), ModelUse { sha256: sha, engine: m.engine.clone() })
+                (
+                    m.name.clone(),
+                    ModelUse {
+                        sha256: sha,
+                        engine: m.engine.clone(),
+                    },
+                )
             })
             .collect();
         let receipt = Receipt {
@@ -506,31 +610,53 @@ impl Sandbox {
             models,
             runtime: self.runtime.clone(),
         };
-        Ok(TaskOutput { result, receipt, stdio: stdio.contents().to_vec() })
+        Ok(TaskOutput {
+            result,
+            receipt,
+            stdio: stdio.contents().to_vec(),
+        })
     }
 
     /// Benchmark baseline: instantiate once, then call `run` `calls` times on
     /// that same instance (what a runtime without per-task isolation does).
     /// Returns the outputs; never used for real tasks.
     #[doc(hidden)]
-    pub fn call_reused_instance(&self, job: &JobComponent, task: TaskSpec<'_>, calls: usize) -> anyhow::Result<Vec<Vec<u8>>> {
-        let budget = TaskBudget { deadline: Instant::now() + self.config.timeout };
+    pub fn call_reused_instance(
+        &self,
+        job: &JobComponent,
+        task: TaskSpec<'_>,
+        calls: usize,
+    ) -> anyhow::Result<Vec<Vec<u8>>> {
+        let budget = TaskBudget {
+            deadline: Instant::now() + self.config.timeout,
+        };
         let (mut store, _stdio, _used) = self.new_store(&task, budget);
         store.set_epoch_deadline(u64::MAX / 2);
         let inst = job.pre.instantiate(&mut store)?;
         (0..calls)
-            .map(|_| inst.call_run(&mut store, task.input)?.map_err(|e| anyhow::anyhow!("job error: {}", e.message)))
+            .map(|_| {
+                inst.call_run(&mut store, task.input)?
+                    .map_err(|e| anyhow::anyhow!("job error: {}", e.message))
+            })
             .collect()
     }
 
     fn classify(&self, e: wasmtime::Error, store: &Store<TaskState>, wall: Duration) -> TaskError {
         if store.data().limiter.hit {
-            return TaskError::Memory { limit: self.config.max_memory_bytes };
+            return TaskError::Memory {
+                limit: self.config.max_memory_bytes,
+            };
         }
         match e.downcast_ref::<Trap>() {
-            Some(Trap::Interrupt) => TaskError::Deadline { limit: self.config.timeout },
-            Some(Trap::OutOfFuel) => TaskError::Fuel { limit: self.config.fuel.unwrap_or(0) },
-            _ if wall >= self.config.timeout => TaskError::Deadline { limit: self.config.timeout },
+            Some(Trap::Interrupt) => TaskError::Deadline {
+                limit: self.config.timeout,
+            },
+            Some(Trap::OutOfFuel) => TaskError::Fuel {
+                limit: self.config.fuel.unwrap_or(0),
+            },
+            _ if wall >= self.config.timeout => TaskError::Deadline {
+                limit: self.config.timeout,
+            },
             _ => TaskError::Trap(format!("{e:?}")),
         }
     }
@@ -539,7 +665,9 @@ impl Sandbox {
 /// Refuse core modules and garbage with a message that says which.
 fn check_is_component(bytes: &[u8]) -> Result<(), LoadError> {
     if bytes.len() < 8 || &bytes[0..4] != b"\0asm" {
-        return Err(LoadError::NotAComponent("the file does not start with the WebAssembly magic bytes".into()));
+        return Err(LoadError::NotAComponent(
+            "the file does not start with the WebAssembly magic bytes".into(),
+        ));
     }
     // Bytes 4..8: version + layer. Core modules are layer 0; components are layer 1.
     if bytes[6] == 0 && bytes[7] == 0 {

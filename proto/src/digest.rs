@@ -67,7 +67,10 @@ mod tests {
     #[test]
     fn known_vector_and_round_trip() {
         let d = Digest::of(b"abc");
-        assert_eq!(d.hex(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            d.hex(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         assert_eq!(Digest::parse(&d.to_string()).expect("parse"), d);
         assert!(Digest::parse("sha256:xyz").is_err());
     }

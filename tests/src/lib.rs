@@ -12,37 +12,67 @@ use tidepool_host::{ModelRegistry, Sandbox, SandboxConfig, TaskError, TaskOutput
 
 /// Every guest program `cargo xtask build-jobs` builds. `guest()` refuses any
 /// other name, and `every_guest_is_known` checks this list against `jobs/`.
-pub const GUESTS: &[&str] = &["embed", "spin", "membomb", "big-output", "nn-probe", "trap-mid-inference", "other-world"];
+pub const GUESTS: &[&str] = &[
+    "embed",
+    "env-probe",
+    "spin",
+    "membomb",
+    "big-output",
+    "nn-probe",
+    "trap-mid-inference",
+    "other-world",
+];
 
 /// The repository root.
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_default()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
 }
 
 /// Where built components are: `$TIDEPOOL_JOBS_DIR` or `<root>/target/jobs`.
 pub fn jobs_dir() -> PathBuf {
-    std::env::var_os("TIDEPOOL_JOBS_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target/jobs"))
+    std::env::var_os("TIDEPOOL_JOBS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/jobs"))
 }
 
 /// The bytes of a built guest component.
 pub fn guest(name: &str) -> Vec<u8> {
-    assert!(GUESTS.contains(&name), "unknown guest fixture {name:?}; known: {GUESTS:?}");
+    assert!(
+        GUESTS.contains(&name),
+        "unknown guest fixture {name:?}; known: {GUESTS:?}"
+    );
     let p = jobs_dir().join(format!("{name}.wasm"));
-    std::fs::read(&p).unwrap_or_else(|e| panic!("guest {} not built ({e}): run `cargo xtask build-jobs`", p.display()))
+    std::fs::read(&p).unwrap_or_else(|e| {
+        panic!(
+            "guest {} not built ({e}): run `cargo xtask build-jobs`",
+            p.display()
+        )
+    })
 }
 
 /// A model file path from the verified models directory (fetched by xtask).
 pub fn model_path(name: &str) -> PathBuf {
     let e = tidepool_host::models::catalog_entry(name).expect("catalogue entry");
     let p = tidepool_host::models::path_in(&tidepool_host::models::models_dir(), e);
-    tidepool_host::models::verify_file(&p, e.sha256).unwrap_or_else(|err| panic!("{err} (run `cargo xtask fetch-models`)"));
+    tidepool_host::models::verify_file(&p, e.sha256)
+        .unwrap_or_else(|err| panic!("{err} (run `cargo xtask fetch-models`)"));
     p
 }
 
 /// The real embedding model, verified and loaded.
 pub fn minilm_registry() -> ModelRegistry {
-    registry_from_args(&[ModelArg { name: "minilm-l3".into(), path: None, sha256: None }], &tidepool_host::models::models_dir())
-        .expect("minilm-l3 must be fetched: run `cargo xtask fetch-models`")
+    registry_from_args(
+        &[ModelArg {
+            name: "minilm-l3".into(),
+            path: None,
+            sha256: None,
+        }],
+        &tidepool_host::models::models_dir(),
+    )
+    .expect("minilm-l3 must be fetched: run `cargo xtask fetch-models`")
 }
 
 /// A sandbox with test-sized limits and no disk cache.
@@ -61,15 +91,33 @@ pub fn test_config() -> SandboxConfig {
 }
 
 /// Run one task with no parameters.
-pub fn run(sb: &Sandbox, job: &tidepool_host::JobComponent, id: &str, input: &[u8]) -> Result<TaskOutput, TaskError> {
-    sb.run(job, TaskSpec { id, params: &BTreeMap::new(), input })
+pub fn run(
+    sb: &Sandbox,
+    job: &tidepool_host::JobComponent,
+    id: &str,
+    input: &[u8],
+) -> Result<TaskOutput, TaskError> {
+    sb.run(
+        job,
+        TaskSpec {
+            id,
+            params: &BTreeMap::new(),
+            input,
+        },
+    )
 }
 
 /// Real short texts nobody here wrote: Debian's fortunes-min corpus.
 pub fn fortunes(n: usize) -> Result<Vec<String>> {
     let path = "/usr/share/games/fortunes/fortunes";
-    let text = std::fs::read_to_string(path).with_context(|| format!("{path} (installed by `cargo xtask setup`)"))?;
-    Ok(text.split("\n%\n").map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).take(n).collect())
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{path} (installed by `cargo xtask setup`)"))?;
+    Ok(text
+        .split("\n%\n")
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .take(n)
+        .collect())
 }
 
 /// Embedding output of the embed job.

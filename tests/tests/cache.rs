@@ -7,13 +7,19 @@ use tidepool_tests::*;
 #[test]
 fn second_sandbox_loads_from_cache_and_corrupt_entries_are_recompiled() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = SandboxConfig { cache_dir: Some(dir.path().to_owned()), ..test_config() };
+    let config = SandboxConfig {
+        cache_dir: Some(dir.path().to_owned()),
+        ..test_config()
+    };
     let input = br#"{"texts":["cached components run the same"]}"#;
 
     let sb1 = sandbox(config.clone());
     let j1 = sb1.load(&guest("embed")).expect("compile");
     assert!(!j1.from_cache(), "first load compiles");
-    let entries: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").filter_map(|e| e.ok()).collect();
+    let entries: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .collect();
     assert_eq!(entries.len(), 1, "one cache file");
     let out1 = run(&sb1, &j1, "c", input).expect("run");
 
@@ -21,7 +27,10 @@ fn second_sandbox_loads_from_cache_and_corrupt_entries_are_recompiled() {
     let j2 = sb2.load(&guest("embed")).expect("from cache");
     assert!(j2.from_cache(), "second sandbox loads from the cache");
     let out2 = run(&sb2, &j2, "c", input).expect("run");
-    assert_eq!(out1.result.as_ref().expect("ok"), out2.result.as_ref().expect("ok"));
+    assert_eq!(
+        out1.result.as_ref().expect("ok"),
+        out2.result.as_ref().expect("ok")
+    );
 
     std::fs::write(entries[0].path(), b"garbage").expect("corrupt");
     let sb3 = sandbox(config);
@@ -36,7 +45,10 @@ fn second_sandbox_loads_from_cache_and_corrupt_entries_are_recompiled() {
 fn every_guest_is_known() {
     let mut found = Vec::new();
     for dir in [root().join("jobs"), root().join("jobs/fixtures")] {
-        for e in std::fs::read_dir(&dir).expect("jobs dir").filter_map(|e| e.ok()) {
+        for e in std::fs::read_dir(&dir)
+            .expect("jobs dir")
+            .filter_map(|e| e.ok())
+        {
             if e.path().join("Cargo.toml").exists() {
                 found.push(e.file_name().to_string_lossy().into_owned());
             }
@@ -45,5 +57,8 @@ fn every_guest_is_known() {
     found.sort();
     let mut known: Vec<String> = GUESTS.iter().map(|s| s.to_string()).collect();
     known.sort();
-    assert_eq!(found, known, "jobs/ and tidepool_tests::GUESTS must list the same guests");
+    assert_eq!(
+        found, known,
+        "jobs/ and tidepool_tests::GUESTS must list the same guests"
+    );
 }

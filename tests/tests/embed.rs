@@ -7,17 +7,28 @@ use tract_onnx::prelude::*;
 
 /// Native reference: tokenizers (padding off, truncation at 128) → tract → L2-normalise.
 fn native_embeddings(texts: &[String]) -> Vec<Vec<f32>> {
-    let mut tok = tokenizers::Tokenizer::from_file(model_path("minilm-tokenizer")).expect("tokenizer.json");
+    let mut tok =
+        tokenizers::Tokenizer::from_file(model_path("minilm-tokenizer")).expect("tokenizer.json");
     tok.with_padding(None);
-    tok.with_truncation(Some(tokenizers::TruncationParams { max_length: 128, ..Default::default() })).expect("truncation");
-    let model = tract_onnx::onnx()
+    tok.with_truncation(Some(tokenizers::TruncationParams {
+        max_length: 128,
+        ..Default::default()
+    }))
+    .expect("truncation");
+    let typed = tract_onnx::onnx()
         .with_ignore_value_info(true)
         .model_for_path(model_path("minilm-l3"))
         .expect("onnx")
         .into_optimized()
-        .expect("optimise")
-        .into_runnable()
-        .expect("runnable");
+        .expect("optimise");
+    // The graph's pooled sentence vector is the output named "461".
+    let pooled = typed
+        .output_outlets()
+        .expect("outputs")
+        .iter()
+        .position(|o| typed.outlet_label(*o) == Some("461") || typed.node(o.node).name == "461")
+        .expect("output 461");
+    let model = typed.into_runnable().expect("runnable");
     texts
         .iter()
         .map(|t| {
@@ -26,15 +37,26 @@ fn native_embeddings(texts: &[String]) -> Vec<Vec<f32>> {
             let n = ids.len();
             let ids = Tensor::from_shape(&[1, n], &ids).expect("ids");
             let mask = Tensor::from_shape(&[1, n], &vec![1i64; n]).expect("mask");
-            let out = model.run(tvec!(ids.into_tvalue(), mask.into_tvalue())).expect("run");
-            let v: Vec<f32> = out[0].as_slice::<f32>().expect("f32").to_vec();
+            let out = model
+                .run(tvec!(ids.into_tvalue(), mask.into_tvalue()))
+                .expect("run");
+            let v: Vec<f32> = out[pooled]
+                .to_plain_array_view::<f32>()
+                .expect("f32")
+                .iter()
+                .copied()
+                .collect();
             let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
             v.iter().map(|x| x / norm).collect()
         })
         .collect()
 }
 
-fn embed(sb: &tidepool_host::Sandbox, job: &tidepool_host::JobComponent, texts: &[String]) -> Embeddings {
+fn embed(
+    sb: &tidepool_host::Sandbox,
+    job: &tidepool_host::JobComponent,
+    texts: &[String],
+) -> Embeddings {
     let input = serde_json::to_vec(&serde_json::json!({ "texts": texts })).expect("json");
     let out = run(sb, job, "embed-test", &input).expect("task runs");
     let bytes = out.result.expect("job succeeds");
@@ -56,7 +78,11 @@ fn embed_job_matches_native_tract_on_real_text() {
         let norm = g.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-4, "text {i}: norm {norm}");
         let c = cosine(g, w);
-        assert!(c >= 0.9999, "text {i} {:?}: cosine with native path {c}", texts[i]);
+        assert!(
+            c >= 0.9999,
+            "text {i} {:?}: cosine with native path {c}",
+            texts[i]
+        );
     }
 }
 
@@ -90,19 +116,38 @@ fn same_input_gives_identical_bytes_and_receipts_agree() {
     let job2 = sb2.load(&guest("embed")).expect("load 2");
     let c = run(&sb2, &job2, "t", &input).expect("run c");
     let (a, b, c) = (a, b, c);
-    assert_eq!(a.result.as_ref().expect("ok"), b.result.as_ref().expect("ok"));
-    assert_eq!(a.result.as_ref().expect("ok"), c.result.as_ref().expect("ok"));
+    assert_eq!(
+        a.result.as_ref().expect("ok"),
+        b.result.as_ref().expect("ok")
+    );
+    assert_eq!(
+        a.result.as_ref().expect("ok"),
+        c.result.as_ref().expect("ok")
+    );
     assert_eq!(a.receipt.output, c.receipt.output);
     assert_eq!(a.receipt.input, tidepool_proto::Digest::of(&input));
-    assert!(a.receipt.models.contains_key("minilm-l3"), "receipt names the model: {:?}", a.receipt.models);
-    assert_eq!(a.receipt.models["minilm-l3"].sha256.hex(), tidepool_host::models::catalog_entry("minilm-l3").expect("entry").sha256);
+    assert!(
+        a.receipt.models.contains_key("minilm-l3"),
+        "receipt names the model: {:?}",
+        a.receipt.models
+    );
+    assert_eq!(
+        a.receipt.models["minilm-l3"].sha256.hex(),
+        tidepool_host::models::catalog_entry("minilm-l3")
+            .expect("entry")
+            .sha256
+    );
 }
 
 #[test]
 fn bad_input_is_a_job_error_not_a_trap() {
     let sb = sandbox(test_config());
     let job = sb.load(&guest("embed")).expect("load");
-    for bad in [&b"not json"[..], br#"{"texts": "not a list"}"#, br#"{"txts": []}"#] {
+    for bad in [
+        &b"not json"[..],
+        br#"{"texts": "not a list"}"#,
+        br#"{"txts": []}"#,
+    ] {
         let out = run(&sb, &job, "bad", bad).expect("task completes");
         let err = out.result.expect_err("job refuses");
         assert_eq!(err.code, "invalid-input", "{err:?}");
@@ -116,21 +161,45 @@ fn bad_input_is_a_job_error_not_a_trap() {
 fn guest_tokenizer_matches_hugging_face_on_the_corpus() {
     let vocab = std::fs::read_to_string(model_path("minilm-vocab")).expect("vocab");
     let ours = tidepool_guest::text::WordPiece::from_vocab_txt(&vocab).expect("wordpiece");
-    let mut theirs = tokenizers::Tokenizer::from_file(model_path("minilm-tokenizer")).expect("tokenizer.json");
+    let mut theirs =
+        tokenizers::Tokenizer::from_file(model_path("minilm-tokenizer")).expect("tokenizer.json");
     theirs.with_padding(None);
-    theirs.with_truncation(Some(tokenizers::TruncationParams { max_length: 128, ..Default::default() })).expect("truncation");
+    theirs
+        .with_truncation(Some(tokenizers::TruncationParams {
+            max_length: 128,
+            ..Default::default()
+        }))
+        .expect("truncation");
     let mut texts = fortunes(10_000).expect("corpus");
-    for extra in ["/usr/share/games/fortunes/literature", "/usr/share/games/fortunes/riddles"] {
+    for extra in [
+        "/usr/share/games/fortunes/literature",
+        "/usr/share/games/fortunes/riddles",
+    ] {
         let t = std::fs::read_to_string(extra).expect("corpus file");
         texts.extend(t.split("\n%\n").map(|s| s.trim().to_owned()));
     }
     texts.extend(
-        ["Crème brûlée, Übermensch, ½ off!", "日本語のテキスト and 中文", "tab\tand\u{200b}zero-width", "a".repeat(150).as_str(), "don't stop-believing...", ""]
-            .map(String::from),
+        [
+            "Crème brûlée, Übermensch, ½ off!",
+            "日本語のテキスト and 中文",
+            "tab\tand\u{200b}zero-width",
+            "a".repeat(150).as_str(),
+            "don't stop-believing...",
+            "",
+        ]
+        .map(String::from),
     );
-    assert!(texts.len() > 700, "need a real corpus, have {}", texts.len());
+    assert!(
+        texts.len() > 700,
+        "need a real corpus, have {}",
+        texts.len()
+    );
     for t in &texts {
-        let want: Vec<u32> = theirs.encode(t.as_str(), true).expect("encode").get_ids().to_vec();
+        let want: Vec<u32> = theirs
+            .encode(t.as_str(), true)
+            .expect("encode")
+            .get_ids()
+            .to_vec();
         let got = ours.encode(t, 128);
         assert_eq!(got, want, "text {t:?}");
     }

@@ -15,7 +15,10 @@ use std::process::Command;
 const GUEST_PACKAGES: &[(&str, &str)] = &[
     ("rustc-web", "/usr/bin/rustc"),
     ("cargo-web", "/usr/bin/cargo"),
-    ("rust-web-src", "/usr/lib/rustlib/src/rust/library/std/Cargo.toml"),
+    (
+        "rust-web-src",
+        "/usr/lib/rustlib/src/rust/library/std/Cargo.toml",
+    ),
     ("lld", "/usr/bin/wasm-ld"),
     ("wasi-libc", "/usr/lib/wasm32-wasi/libc.a"),
     // Not the toolchain: the demo's corpus of real short texts.
@@ -27,7 +30,10 @@ const MODELS: &[&str] = &["minilm-l3", "minilm-vocab", "minilm-tokenizer"];
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (cmd, rest) = args.split_first().map(|(c, r)| (c.as_str(), r)).unwrap_or(("help", &[]));
+    let (cmd, rest) = args
+        .split_first()
+        .map(|(c, r)| (c.as_str(), r))
+        .unwrap_or(("help", &[]));
     match cmd {
         "setup" => setup(),
         "install-toolchain" => install_toolchain(),
@@ -39,7 +45,7 @@ fn main() -> Result<()> {
         }
         "demo" => {
             setup()?;
-            cargo(&["run", "--quiet", "-p", "tidepool-cli", "--", "demo"], rest)
+            demo(rest)
         }
         "bench" => {
             setup()?;
@@ -67,7 +73,10 @@ fn main() -> Result<()> {
 
 fn root() -> PathBuf {
     // xtask lives one level below the workspace root.
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 fn say(msg: &str) {
@@ -92,6 +101,23 @@ fn test(rest: &[String]) -> Result<()> {
     cargo(&args, &extra)
 }
 
+/// Build exactly what `test` builds (same targets, so the same feature
+/// unification and the same compiled dependencies), then run the binary.
+fn demo(rest: &[String]) -> Result<()> {
+    say("building tidepool (the first build compiles wasmtime and tract: ~20 min on 2 cores)");
+    cargo(&["build", "--quiet", "--workspace", "--all-targets"], &[])?;
+    let status = Command::new(root().join("target/debug/tidepool"))
+        .arg("demo")
+        .args(rest)
+        .env("TIDEPOOL_JOBS_DIR", root().join("target/jobs"))
+        .status()
+        .context("cannot run target/debug/tidepool")?;
+    if !status.success() {
+        bail!("tidepool demo failed ({status})");
+    }
+    Ok(())
+}
+
 fn cargo(args: &[&str], extra: &[String]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
@@ -108,12 +134,23 @@ fn cargo(args: &[&str], extra: &[String]) -> Result<()> {
 }
 
 fn install_toolchain() -> Result<()> {
-    let missing: Vec<&str> = GUEST_PACKAGES.iter().filter(|(_, f)| !Path::new(f).exists()).map(|(p, _)| *p).collect();
+    let missing: Vec<&str> = GUEST_PACKAGES
+        .iter()
+        .filter(|(_, f)| !Path::new(f).exists())
+        .map(|(p, _)| *p)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
-    say(&format!("installing the guest toolchain from Debian: {}", missing.join(" ")));
-    let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false);
+    say(&format!(
+        "installing the guest toolchain from Debian: {}",
+        missing.join(" ")
+    ));
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false);
     let prefix: Vec<&str> = if is_root { vec![] } else { vec!["sudo", "-n"] };
     let run = |args: &[&str]| -> Result<()> {
         let mut all = prefix.clone();
@@ -124,7 +161,11 @@ fn install_toolchain() -> Result<()> {
             .status()
             .with_context(|| format!("cannot run {}", all.join(" ")))?;
         if !status.success() {
-            bail!("`{}` failed ({status}); install the packages by hand: apt-get install -y {}", all.join(" "), missing.join(" "));
+            bail!(
+                "`{}` failed ({status}); install the packages by hand: apt-get install -y {}",
+                all.join(" "),
+                missing.join(" ")
+            );
         }
         Ok(())
     };
@@ -142,7 +183,8 @@ fn install_toolchain() -> Result<()> {
 
 fn fetch_models() -> Result<Vec<PathBuf>> {
     let dir = tidepool_models::models_dir();
-    let paths = tidepool_models::ensure(&dir, MODELS, &mut |m| say(m)).context("fetching models")?;
+    let paths =
+        tidepool_models::ensure(&dir, MODELS, &mut |m| say(m)).context("fetching models")?;
     Ok(paths)
 }
 
@@ -151,16 +193,28 @@ fn fetch_models() -> Result<Vec<PathBuf>> {
 /// component with the WASI preview-1 reactor adapter.
 fn build_jobs() -> Result<()> {
     let root = root();
-    let vocab = tidepool_models::path_in(&tidepool_models::models_dir(), tidepool_models::catalog_entry("minilm-vocab")?);
-    tidepool_models::verify_file(&vocab, tidepool_models::catalog_entry("minilm-vocab")?.sha256)
-        .context("the embed job needs the verified vocabulary (run `cargo xtask fetch-models`)")?;
+    let vocab = tidepool_models::path_in(
+        &tidepool_models::models_dir(),
+        tidepool_models::catalog_entry("minilm-vocab")?,
+    );
+    tidepool_models::verify_file(
+        &vocab,
+        tidepool_models::catalog_entry("minilm-vocab")?.sha256,
+    )
+    .context("the embed job needs the verified vocabulary (run `cargo xtask fetch-models`)")?;
     let target_dir = root.join("target/guest");
     say("building guest jobs (first build compiles std for wasm: ~1 min)");
     let mut cmd = Command::new("/usr/bin/cargo");
     // Nothing from the host toolchain's environment may leak into the guest build.
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy().into_owned();
-        if k.starts_with("CARGO_") || k.starts_with("RUSTUP") || k == "RUSTC" || k == "RUSTC_WRAPPER" || k == "RUSTFLAGS" || k == "RUSTDOCFLAGS" {
+        if k.starts_with("CARGO_")
+            || k.starts_with("RUSTUP")
+            || k == "RUSTC"
+            || k == "RUSTC_WRAPPER"
+            || k == "RUSTFLAGS"
+            || k == "RUSTDOCFLAGS"
+        {
             if k != "CARGO_HOME" {
                 cmd.env_remove(&k);
             }
@@ -170,11 +224,24 @@ fn build_jobs() -> Result<()> {
         .current_dir(root.join("jobs"))
         .env("RUSTC", "/usr/bin/rustc")
         .env("RUSTC_BOOTSTRAP", "1")
-        .env("RUSTFLAGS", "-C linker=/usr/bin/wasm-ld -C link-self-contained=no -L /usr/lib/wasm32-wasi")
+        .env(
+            "RUSTFLAGS",
+            "-C linker=/usr/bin/wasm-ld -C link-self-contained=no -L /usr/lib/wasm32-wasi",
+        )
         .env("TIDEPOOL_VOCAB", &vocab)
-        .args(["build", "--quiet", "--release", "-Zbuild-std=std,panic_abort", "--target", "wasm32-wasip1", "--target-dir"])
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "-Zbuild-std=std,panic_abort",
+            "--target",
+            "wasm32-wasip1",
+            "--target-dir",
+        ])
         .arg(&target_dir);
-    let status = cmd.status().context("cannot run /usr/bin/cargo (Debian's cargo-web)")?;
+    let status = cmd
+        .status()
+        .context("cannot run /usr/bin/cargo (Debian's cargo-web)")?;
     if !status.success() {
         bail!("guest build failed ({status})");
     }
@@ -182,12 +249,17 @@ fn build_jobs() -> Result<()> {
     std::fs::create_dir_all(&out_dir)?;
     let mut built = Vec::new();
     for name in guest_crates(&root.join("jobs"))? {
-        let core = target_dir.join("wasm32-wasip1/release").join(format!("{}.wasm", name.replace('-', "_")));
-        let bytes = std::fs::read(&core).with_context(|| format!("guest build produced no {}", core.display()))?;
-        let component = componentize(&bytes).with_context(|| format!("turning {name} into a component"))?;
+        let core = target_dir
+            .join("wasm32-wasip1/release")
+            .join(format!("{}.wasm", name.replace('-', "_")));
+        let bytes = std::fs::read(&core)
+            .with_context(|| format!("guest build produced no {}", core.display()))?;
+        let component =
+            componentize(&bytes).with_context(|| format!("turning {name} into a component"))?;
         let dest = out_dir.join(format!("{name}.wasm"));
         if std::fs::read(&dest).ok().as_deref() != Some(&component[..]) {
-            std::fs::write(&dest, &component).with_context(|| format!("writing {}", dest.display()))?;
+            std::fs::write(&dest, &component)
+                .with_context(|| format!("writing {}", dest.display()))?;
         }
         built.push(name);
     }
@@ -199,7 +271,10 @@ fn build_jobs() -> Result<()> {
 fn guest_crates(jobs: &Path) -> Result<Vec<String>> {
     let mut names = Vec::new();
     for dir in [jobs.to_path_buf(), jobs.join("fixtures")] {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .collect();
         entries.sort();
         for path in entries {
             let manifest = path.join("Cargo.toml");
@@ -209,7 +284,10 @@ fn guest_crates(jobs: &Path) -> Result<Vec<String>> {
             let text = std::fs::read_to_string(&manifest)?;
             let name = text
                 .lines()
-                .find_map(|l| l.strip_prefix("name = \"").and_then(|r| r.strip_suffix('"')))
+                .find_map(|l| {
+                    l.strip_prefix("name = \"")
+                        .and_then(|r| r.strip_suffix('"'))
+                })
                 .with_context(|| format!("no package name in {}", manifest.display()))?;
             names.push(name.to_owned());
         }

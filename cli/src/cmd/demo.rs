@@ -37,15 +37,31 @@ struct Embeddings {
 }
 
 pub fn main(a: Args) -> anyhow::Result<ExitCode> {
-    let text = std::fs::read_to_string(&a.corpus).with_context(|| format!("cannot read corpus {}", a.corpus.display()))?;
+    let text = std::fs::read_to_string(&a.corpus)
+        .with_context(|| format!("cannot read corpus {}", a.corpus.display()))?;
     let items = split_corpus(&text, a.items);
     if items.is_empty() {
         bail!("corpus {} has no items", a.corpus.display());
     }
-    let jobs = a.jobs_dir.or_else(|| std::env::var_os("TIDEPOOL_JOBS_DIR").map(PathBuf::from)).unwrap_or_else(|| "target/jobs".into());
+    let jobs = a
+        .jobs_dir
+        .or_else(|| std::env::var_os("TIDEPOOL_JOBS_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| "target/jobs".into());
     let wasm = jobs.join("embed.wasm");
-    let bytes = std::fs::read(&wasm).with_context(|| format!("cannot read {} (build it with `cargo xtask build-jobs`)", wasm.display()))?;
-    let registry = registry_from_args(&[ModelArg { name: "minilm-l3".into(), path: None, sha256: None }], &tidepool_host::models::models_dir())?;
+    let bytes = std::fs::read(&wasm).with_context(|| {
+        format!(
+            "cannot read {} (build it with `cargo xtask build-jobs`)",
+            wasm.display()
+        )
+    })?;
+    let registry = registry_from_args(
+        &[ModelArg {
+            name: "minilm-l3".into(),
+            path: None,
+            sha256: None,
+        }],
+        &tidepool_host::models::models_dir(),
+    )?;
     let sandbox = Sandbox::new(SandboxConfig::default(), registry)?;
     let t0 = Instant::now();
     let job = sandbox.load(&bytes)?;
@@ -56,9 +72,19 @@ pub fn main(a: Args) -> anyhow::Result<ExitCode> {
     for (i, chunk) in items.chunks(a.batch.max(1)).enumerate() {
         let input = serde_json::to_vec(&serde_json::json!({ "texts": chunk }))?;
         let id = format!("demo-{i}");
-        let out = sandbox.run(&job, TaskSpec { id: &id, params: &params, input: &input })?;
-        let bytes = out.result.map_err(|f| anyhow::anyhow!("task {id}: job error ({}): {}", f.code, f.message))?;
-        let e: Embeddings = serde_json::from_slice(&bytes).with_context(|| format!("task {id}: output is not embeddings"))?;
+        let out = sandbox.run(
+            &job,
+            TaskSpec {
+                id: &id,
+                params: &params,
+                input: &input,
+            },
+        )?;
+        let bytes = out
+            .result
+            .map_err(|f| anyhow::anyhow!("task {id}: job error ({}): {}", f.code, f.message))?;
+        let e: Embeddings = serde_json::from_slice(&bytes)
+            .with_context(|| format!("task {id}: output is not embeddings"))?;
         vectors.extend(e.vectors);
         eprint!("\rembedded {}/{} items", vectors.len(), items.len());
     }
@@ -71,9 +97,17 @@ pub fn main(a: Args) -> anyhow::Result<ExitCode> {
         }
     }
     pairs.sort_by(|x, y| y.0.total_cmp(&x.0));
-    println!("Most similar pairs among {} texts from {}:\n", items.len(), a.corpus.display());
+    println!(
+        "Most similar pairs among {} texts from {}:\n",
+        items.len(),
+        a.corpus.display()
+    );
     for (s, i, j) in pairs.iter().take(a.top) {
-        println!("{s:.3}  {}\n       {}\n", one_line(&items[*i]), one_line(&items[*j]));
+        println!(
+            "{s:.3}  {}\n       {}\n",
+            one_line(&items[*i]),
+            one_line(&items[*j])
+        );
     }
     println!(
         "component load {:.1} ms (compiled once, then cached); {} tasks of up to {} texts in {:.2} s ({:.1} ms per text)",
@@ -93,7 +127,11 @@ fn split_corpus(text: &str, max: usize) -> Vec<String> {
     } else {
         text.lines().map(|s| s.trim().to_owned()).collect()
     };
-    items.into_iter().filter(|s| !s.is_empty()).take(max).collect()
+    items
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .take(max)
+        .collect()
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -22,7 +22,11 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
     let dir = models::models_dir();
     match c {
         Command::Fetch { names } => {
-            let names: Vec<&str> = if names.is_empty() { CATALOG.iter().map(|e| e.name).collect() } else { names.iter().map(String::as_str).collect() };
+            let names: Vec<&str> = if names.is_empty() {
+                CATALOG.iter().map(|e| e.name).collect()
+            } else {
+                names.iter().map(String::as_str).collect()
+            };
             let paths = models::ensure(&dir, &names, &mut |m| eprintln!("{m}"))?;
             for (n, p) in names.iter().zip(paths) {
                 println!("{n}\t{}", p.display());
@@ -46,7 +50,12 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
             } else {
                 println!("models directory: {}", dir.display());
                 for r in rows {
-                    println!("{:<18} {:<10} {}", r["name"].as_str().unwrap_or(""), r["state"].as_str().unwrap_or(""), r["about"].as_str().unwrap_or(""));
+                    println!(
+                        "{:<18} {:<10} {}",
+                        r["name"].as_str().unwrap_or(""),
+                        r["state"].as_str().unwrap_or(""),
+                        r["about"].as_str().unwrap_or("")
+                    );
                 }
             }
         }

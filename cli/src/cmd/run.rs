@@ -46,16 +46,21 @@ pub struct Args {
 }
 
 fn parse_param(s: &str) -> Result<(String, String), String> {
-    s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
 }
 
 pub fn main(a: Args) -> anyhow::Result<ExitCode> {
-    let bytes = std::fs::read(&a.component).with_context(|| format!("cannot read component {}", a.component.display()))?;
+    let bytes = std::fs::read(&a.component)
+        .with_context(|| format!("cannot read component {}", a.component.display()))?;
     let input = match a.input.as_deref() {
         None => Vec::new(),
         Some("-") => {
             let mut v = Vec::new();
-            std::io::stdin().read_to_end(&mut v).context("cannot read stdin")?;
+            std::io::stdin()
+                .read_to_end(&mut v)
+                .context("cannot read stdin")?;
             v
         }
         Some(f) => std::fs::read(f).with_context(|| format!("cannot read input {f}"))?,
@@ -70,9 +75,18 @@ pub fn main(a: Args) -> anyhow::Result<ExitCode> {
         ..SandboxConfig::default()
     };
     let sandbox = Sandbox::new(config, registry)?;
-    let job = sandbox.load(&bytes).with_context(|| format!("{}", a.component.display()))?;
+    let job = sandbox
+        .load(&bytes)
+        .with_context(|| format!("{}", a.component.display()))?;
     let params: BTreeMap<String, String> = a.params.into_iter().collect();
-    let out = match sandbox.run(&job, TaskSpec { id: &a.task_id, params: &params, input: &input }) {
+    let out = match sandbox.run(
+        &job,
+        TaskSpec {
+            id: &a.task_id,
+            params: &params,
+            input: &input,
+        },
+    ) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("tidepool: task failed: {e}");
@@ -103,5 +117,9 @@ pub fn main(a: Args) -> anyhow::Result<ExitCode> {
             Err(f) => eprintln!("job error ({}): {}", f.code, f.message),
         }
     }
-    Ok(if out.result.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(3) })
+    Ok(if out.result.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
 }

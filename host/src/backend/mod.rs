@@ -15,7 +15,9 @@ pub mod tract;
 
 use std::sync::Arc;
 use std::time::Instant;
-use wasmtime_wasi_nn::backend::{BackendError, BackendExecutionContext, BackendGraph, BackendInner};
+use wasmtime_wasi_nn::backend::{
+    BackendError, BackendExecutionContext, BackendGraph, BackendInner,
+};
 use wasmtime_wasi_nn::wit::{ExecutionTarget, GraphEncoding};
 use wasmtime_wasi_nn::{ExecutionContext, Graph};
 
@@ -30,7 +32,9 @@ impl TaskBudget {
     /// Fail with a clear message if the deadline has passed.
     pub fn check(&self, what: &str) -> Result<(), BackendError> {
         if Instant::now() >= self.deadline {
-            return Err(BackendError::BackendAccess(wasmtime::format_err!("task deadline exceeded before {what}")));
+            return Err(BackendError::BackendAccess(wasmtime::format_err!(
+                "task deadline exceeded before {what}"
+            )));
         }
         Ok(())
     }
@@ -49,7 +53,8 @@ pub trait NnEngine: Send + Sync + std::fmt::Debug {
 /// A model loaded by an engine, shared by all tasks on the host.
 pub trait ModelGraph: Send + Sync {
     /// A fresh execution context for one task.
-    fn context(&self, budget: TaskBudget) -> Result<Box<dyn BackendExecutionContext>, BackendError>;
+    fn context(&self, budget: TaskBudget)
+        -> Result<Box<dyn BackendExecutionContext>, BackendError>;
 }
 
 /// A task's handle on a shared model: the model plus the task's budget.
@@ -62,7 +67,9 @@ pub struct TaskGraph {
 
 impl std::fmt::Debug for TaskGraph {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TaskGraph").field("budget", &self.budget).finish_non_exhaustive()
+        f.debug_struct("TaskGraph")
+            .field("budget", &self.budget)
+            .finish_non_exhaustive()
     }
 }
 
@@ -93,7 +100,11 @@ impl BackendInner for RefuseGuestBytes {
     fn encoding(&self) -> GraphEncoding {
         self.0
     }
-    fn load(&mut self, _builders: &[&[u8]], _target: ExecutionTarget) -> Result<Graph, BackendError> {
+    fn load(
+        &mut self,
+        _builders: &[&[u8]],
+        _target: ExecutionTarget,
+    ) -> Result<Graph, BackendError> {
         Err(BackendError::BackendAccess(wasmtime::format_err!(
             "loading a model from guest-supplied bytes is not allowed; use load-by-name with a model the manifest declares"
         )))
@@ -105,7 +116,10 @@ impl BackendInner for RefuseGuestBytes {
 
 /// Run engine code, turning a panic into a backend error (a host panic must
 /// never take the node down because of a guest's tensors).
-pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, BackendError>) -> Result<T, BackendError> {
+pub(crate) fn guarded<T>(
+    what: &str,
+    f: impl FnOnce() -> Result<T, BackendError>,
+) -> Result<T, BackendError> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(p) => {
@@ -114,7 +128,9 @@ pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, BackendError>
                 .map(|s| s.to_string())
                 .or_else(|| p.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            Err(BackendError::BackendAccess(wasmtime::format_err!("{what} panicked in the engine: {msg}")))
+            Err(BackendError::BackendAccess(wasmtime::format_err!(
+                "{what} panicked in the engine: {msg}"
+            )))
         }
     }
 }

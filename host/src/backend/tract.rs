@@ -37,7 +37,10 @@ pub struct TractModel {
 
 impl std::fmt::Debug for TractModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TractModel").field("inputs", &self.inputs).field("outputs", &self.outputs).finish_non_exhaustive()
+        f.debug_struct("TractModel")
+            .field("inputs", &self.inputs)
+            .field("outputs", &self.outputs)
+            .finish_non_exhaustive()
     }
 }
 
@@ -49,15 +52,30 @@ impl TractModel {
             .with_ignore_value_info(true)
             .model_for_path(path)
             .with_context(|| format!("tract cannot parse ONNX model {}", path.display()))?;
-        let typed = model.into_optimized().with_context(|| format!("tract cannot optimise {}", path.display()))?;
-        let inputs = typed.input_outlets()?.iter().map(|o| typed.node(o.node).name.clone()).collect();
+        let typed = model
+            .into_optimized()
+            .with_context(|| format!("tract cannot optimise {}", path.display()))?;
+        let inputs = typed
+            .input_outlets()?
+            .iter()
+            .map(|o| typed.node(o.node).name.clone())
+            .collect();
         let outputs = typed
             .output_outlets()?
             .iter()
-            .map(|o| typed.outlet_label(*o).map(str::to_owned).unwrap_or_else(|| typed.node(o.node).name.clone()))
+            .map(|o| {
+                typed
+                    .outlet_label(*o)
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| typed.node(o.node).name.clone())
+            })
             .collect();
         let plan = typed.into_runnable()?;
-        Ok(Self { plan, inputs, outputs })
+        Ok(Self {
+            plan,
+            inputs,
+            outputs,
+        })
     }
 
     /// The model's input names.
@@ -77,8 +95,16 @@ impl TractModel {
 }
 
 impl ModelGraph for TractModel {
-    fn context(&self, budget: TaskBudget) -> Result<Box<dyn BackendExecutionContext>, BackendError> {
-        Ok(Box::new(TractContext { model: self.plan.clone(), inputs: self.inputs.clone(), outputs: self.outputs.clone(), budget }))
+    fn context(
+        &self,
+        budget: TaskBudget,
+    ) -> Result<Box<dyn BackendExecutionContext>, BackendError> {
+        Ok(Box::new(TractContext {
+            model: self.plan.clone(),
+            inputs: self.inputs.clone(),
+            outputs: self.outputs.clone(),
+            budget,
+        }))
     }
 }
 
@@ -101,12 +127,20 @@ fn err(msg: String) -> BackendError {
 /// Guest tensor → tract tensor (little-endian bytes, checked length).
 pub fn to_tract(name: &str, t: &wasmtime_wasi_nn::Tensor) -> Result<Tensor, BackendError> {
     let shape: Vec<usize> = t.dimensions.iter().map(|&d| d as usize).collect();
-    fn typed<T: Datum + Copy, const N: usize>(name: &str, shape: &[usize], data: &[u8], conv: fn([u8; N]) -> T) -> Result<Tensor, BackendError> {
+    fn typed<T: Datum + Copy, const N: usize>(
+        name: &str,
+        shape: &[usize],
+        data: &[u8],
+        conv: fn([u8; N]) -> T,
+    ) -> Result<Tensor, BackendError> {
         let n = shape.iter().try_fold(N, |acc, &d| acc.checked_mul(d));
         if n != Some(data.len()) {
             return Err(err(format!("input {name:?}: dimensions {shape:?} of {N}-byte elements do not match the {} bytes given", data.len())));
         }
-        let values: Vec<T> = data.chunks_exact(N).map(|c| conv(c.try_into().unwrap_or([0; N]))).collect();
+        let values: Vec<T> = data
+            .chunks_exact(N)
+            .map(|c| conv(c.try_into().unwrap_or([0; N])))
+            .collect();
         Tensor::from_shape(shape, &values).map_err(|e| err(format!("input {name:?}: {e}")))
     }
     match t.ty {
@@ -115,7 +149,9 @@ pub fn to_tract(name: &str, t: &wasmtime_wasi_nn::Tensor) -> Result<Tensor, Back
         TensorType::I32 => typed(name, &shape, &t.data, i32::from_le_bytes),
         TensorType::I64 => typed(name, &shape, &t.data, i64::from_le_bytes),
         TensorType::U8 => typed(name, &shape, &t.data, u8::from_le_bytes),
-        TensorType::Fp16 => typed(name, &shape, &t.data, |b: [u8; 2]| f16::from_bits(u16::from_le_bytes(b))),
+        TensorType::Fp16 => typed(name, &shape, &t.data, |b: [u8; 2]| {
+            f16::from_bits(u16::from_le_bytes(b))
+        }),
         TensorType::Bf16 => Err(BackendError::UnsupportedTensorType(format!("{name}: BF16"))),
     }
 }
@@ -129,28 +165,56 @@ pub fn from_tract(name: &str, t: &Tensor) -> Result<wasmtime_wasi_nn::Tensor, Ba
         DatumType::I64 => TensorType::I64,
         DatumType::U8 => TensorType::U8,
         DatumType::F16 => TensorType::Fp16,
-        other => return Err(BackendError::UnsupportedTensorType(format!("output {name}: {other:?}"))),
+        other => {
+            return Err(BackendError::UnsupportedTensorType(format!(
+                "output {name}: {other:?}"
+            )))
+        }
     };
-    let dimensions = t.shape().iter().map(|&d| u32::try_from(d).map_err(|_| err(format!("output {name}: dimension {d} too large")))).collect::<Result<_, _>>()?;
+    let dimensions = t
+        .shape()
+        .iter()
+        .map(|&d| {
+            u32::try_from(d).map_err(|_| err(format!("output {name}: dimension {d} too large")))
+        })
+        .collect::<Result<_, _>>()?;
     // Plain datum types only (checked above): their storage is their little-endian bytes on this host.
     let data = t.as_bytes().to_vec();
-    Ok(wasmtime_wasi_nn::Tensor { dimensions, ty, data })
+    Ok(wasmtime_wasi_nn::Tensor {
+        dimensions,
+        ty,
+        data,
+    })
 }
 
 impl BackendExecutionContext for TractContext {
-    fn set_input(&mut self, _id: Id, _tensor: &wasmtime_wasi_nn::Tensor) -> Result<(), BackendError> {
-        Err(err("set-input is the WITX API; pass named tensors to compute".into()))
+    fn set_input(
+        &mut self,
+        _id: Id,
+        _tensor: &wasmtime_wasi_nn::Tensor,
+    ) -> Result<(), BackendError> {
+        Err(err(
+            "set-input is the WITX API; pass named tensors to compute".into(),
+        ))
     }
     fn get_output(&mut self, _id: Id) -> Result<wasmtime_wasi_nn::Tensor, BackendError> {
-        Err(err("get-output is the WITX API; compute returns named tensors".into()))
+        Err(err(
+            "get-output is the WITX API; compute returns named tensors".into(),
+        ))
     }
-    fn compute(&mut self, inputs: Option<Vec<NamedTensor>>) -> Result<Option<Vec<NamedTensor>>, BackendError> {
+    fn compute(
+        &mut self,
+        inputs: Option<Vec<NamedTensor>>,
+    ) -> Result<Option<Vec<NamedTensor>>, BackendError> {
         self.budget.check("compute")?;
         let given = inputs.ok_or_else(|| err("compute needs named input tensors".into()))?;
         let mut ordered: Vec<Option<Tensor>> = vec![None; self.inputs.len()];
         for nt in &given {
             let Some(ix) = self.inputs.iter().position(|n| *n == nt.name) else {
-                return Err(err(format!("the model has no input {:?}; its inputs are {:?}", nt.name, self.inputs)));
+                return Err(err(format!(
+                    "the model has no input {:?}; its inputs are {:?}",
+                    nt.name, self.inputs
+                )));
             };
             if ordered[ix].is_some() {
                 return Err(err(format!("input {:?} given twice", nt.name)));
@@ -159,14 +223,26 @@ impl BackendExecutionContext for TractContext {
         }
         let mut values = TVec::new();
         for (ix, t) in ordered.into_iter().enumerate() {
-            let t = t.ok_or_else(|| err(format!("missing input {:?}; the model needs {:?}", self.inputs[ix], self.inputs)))?;
+            let t = t.ok_or_else(|| {
+                err(format!(
+                    "missing input {:?}; the model needs {:?}",
+                    self.inputs[ix], self.inputs
+                ))
+            })?;
             values.push(t.into_tvalue());
         }
         let model = self.model.clone();
-        let outs = guarded("compute", || model.run(values).map_err(|e| err(format!("inference failed: {e:#}"))))?;
+        let outs = guarded("compute", || {
+            model
+                .run(values)
+                .map_err(|e| err(format!("inference failed: {e:#}")))
+        })?;
         let mut named = Vec::with_capacity(outs.len());
         for (name, t) in self.outputs.iter().zip(outs.iter()) {
-            named.push(NamedTensor { name: name.clone(), tensor: from_tract(name, t)? });
+            named.push(NamedTensor {
+                name: name.clone(),
+                tensor: from_tract(name, t)?,
+            });
         }
         Ok(Some(named))
     }
