@@ -92,7 +92,7 @@ impl<'v> WordPiece<'v> {
         let mut ids = vec![self.cls];
         let budget = max_len.saturating_sub(2);
         for word in pre_tokenize(&normalize(text)) {
-            if ids.len() - 1 >= budget {
+            if ids.len() > budget {
                 break;
             }
             self.word_piece(&word, &mut ids);

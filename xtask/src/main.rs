@@ -208,16 +208,11 @@ fn build_jobs() -> Result<()> {
     // Nothing from the host toolchain's environment may leak into the guest build.
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy().into_owned();
-        if k.starts_with("CARGO_")
+        let leaks = k.starts_with("CARGO_")
             || k.starts_with("RUSTUP")
-            || k == "RUSTC"
-            || k == "RUSTC_WRAPPER"
-            || k == "RUSTFLAGS"
-            || k == "RUSTDOCFLAGS"
-        {
-            if k != "CARGO_HOME" {
-                cmd.env_remove(&k);
-            }
+            || ["RUSTC", "RUSTC_WRAPPER", "RUSTFLAGS", "RUSTDOCFLAGS"].contains(&k.as_str());
+        if leaks && k != "CARGO_HOME" {
+            cmd.env_remove(&k);
         }
     }
     cmd.env_remove("CARGO")
