@@ -98,7 +98,68 @@ fn test(rest: &[String]) -> Result<()> {
         args.push("--include-ignored");
     }
     let extra: Vec<String> = rest.iter().filter(|a| *a != "--quick").cloned().collect();
-    cargo(&args, &extra)
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut child = Command::new(cargo)
+        .current_dir(root())
+        .args(&args)
+        .args(&extra)
+        .env("TIDEPOOL_JOBS_DIR", root().join("target/jobs"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot run cargo test")?;
+    // Pass the output through and add up every binary's result line.
+    let mut totals = Totals::default();
+    if let Some(out) = child.stdout.take() {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            totals.add(&line);
+        }
+    }
+    let status = child.wait()?;
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    if totals.passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// Sums of libtest's `test result:` lines.
+#[derive(Debug, Default, PartialEq)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Totals {
+    /// Add one line if it is a `test result:` line.
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split([';', '.']) {
+            let mut words = part.split_whitespace();
+            if let (Some(n), Some(what)) = (
+                words.next().and_then(|n| n.parse::<u64>().ok()),
+                words.next(),
+            ) {
+                match what {
+                    "passed" => self.passed += n,
+                    "failed" => self.failed += n,
+                    "ignored" => self.ignored += n,
+                    _ => {}
+                }
+            }
+        }
+    }
 }
 
 /// Build exactly what `test` builds (same targets, so the same feature
@@ -299,4 +360,34 @@ fn componentize(core: &[u8]) -> Result<Vec<u8>> {
         )?
         .validate(true)
         .encode()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_add_up_libtest_result_lines() {
+        let mut t = Totals::default();
+        t.add("test result: ok. 7 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 3.50s");
+        t.add("test result: FAILED. 5 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 3.69s");
+        t.add("test foo ... ok");
+        assert_eq!(
+            t,
+            Totals {
+                passed: 12,
+                failed: 2,
+                ignored: 2
+            }
+        );
+    }
+
+    #[test]
+    fn guest_crates_are_every_member_of_jobs() {
+        let names = guest_crates(&root().join("jobs")).expect("list");
+        assert!(
+            names.contains(&"embed".to_owned()) && names.contains(&"spin".to_owned()),
+            "{names:?}"
+        );
+    }
 }
