@@ -16,8 +16,7 @@ use std::time::Duration;
 use tidepool_bench::{measure, us};
 use tidepool_host::backend::tract::TractModel;
 use tidepool_host::{SandboxConfig, TaskSpec};
-use tidepool_tests::{fortunes, guest, model_path, run, sandbox, test_config};
-use tract_onnx::prelude::*;
+use tidepool_tests::{fortunes, guest, model_path, native_embedding, run, sandbox, test_config};
 
 fn main() {
     // `cargo bench` passes --bench; `cargo test --all-targets` does not: then
@@ -87,21 +86,11 @@ fn main() {
     let native = measure(it(3), it(40), || {
         let mut out = Vec::new();
         for t in &texts {
-            let ids: Vec<i64> = tok.encode(t, 128).into_iter().map(i64::from).collect();
-            let n = ids.len();
-            let ids = Tensor::from_shape(&[1, n], &ids).expect("ids");
-            let mask = Tensor::from_shape(&[1, n], &vec![1i64; n]).expect("mask");
-            let r = model
-                .run(tvec!(ids.into_tvalue(), mask.into_tvalue()))
-                .expect("run");
-            let v: Vec<f32> = r[pooled]
-                .to_plain_array_view::<f32>()
-                .expect("f32")
-                .iter()
-                .copied()
-                .collect();
-            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-            out.push(v.iter().map(|x| x / norm).collect::<Vec<f32>>());
+            out.push(native_embedding(
+                |i| model.run(i),
+                pooled,
+                &tok.encode(t, 128),
+            ));
         }
         std::hint::black_box(out);
     });

@@ -31,6 +31,21 @@ fn assert_one_line_error(o: &Output, needles: &[&str]) {
     }
 }
 
+/// `tidepool run embed.wasm --model minilm-l3 --input INPUT EXTRA...`
+fn run_embed(input: &str, extra: &[&str]) -> Output {
+    let wasm = embed_wasm();
+    let mut args = vec![
+        "run",
+        wasm.as_str(),
+        "--model",
+        "minilm-l3",
+        "--input",
+        input,
+    ];
+    args.extend_from_slice(extra);
+    tidepool(&args)
+}
+
 fn embed_wasm() -> String {
     let _ = guest("embed");
     jobs_dir().join("embed.wasm").display().to_string()
@@ -50,15 +65,7 @@ fn write_input(dir: &Path, texts: &[&str]) -> String {
 fn runs_the_embed_job_and_prints_a_receipt() {
     let dir = tempfile::tempdir().expect("tempdir");
     let input = write_input(dir.path(), &["hello world", "the quick brown fox"]);
-    let o = tidepool(&[
-        "run",
-        &embed_wasm(),
-        "--model",
-        "minilm-l3",
-        "--input",
-        &input,
-        "--json",
-    ]);
+    let o = run_embed(&input, &["--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let doc: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     let output: serde_json::Value =
@@ -81,22 +88,8 @@ fn two_fresh_processes_give_identical_output_bytes() {
     let texts = tidepool_tests::fortunes(6).expect("corpus");
     let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
     let input = write_input(dir.path(), &texts);
-    let a = tidepool(&[
-        "run",
-        &embed_wasm(),
-        "--model",
-        "minilm-l3",
-        "--input",
-        &input,
-    ]);
-    let b = tidepool(&[
-        "run",
-        &embed_wasm(),
-        "--model",
-        "minilm-l3",
-        "--input",
-        &input,
-    ]);
+    let a = run_embed(&input, &[]);
+    let b = run_embed(&input, &[]);
     assert!(
         a.status.success() && b.status.success(),
         "{} {}",
@@ -180,14 +173,7 @@ fn task_failures_and_job_errors_have_their_own_exit_codes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, b"{").expect("write");
-    let o = tidepool(&[
-        "run",
-        &embed_wasm(),
-        "--model",
-        "minilm-l3",
-        "--input",
-        bad.to_str().expect("utf8"),
-    ]);
+    let o = run_embed(bad.to_str().expect("utf8"), &[]);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(stderr(&o).contains("invalid-input"), "{}", stderr(&o));
 }

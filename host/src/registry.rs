@@ -160,22 +160,6 @@ impl RegistryBuilder {
         Ok(self)
     }
 
-    /// Register a catalogue model from a models directory.
-    pub fn add_catalog(&mut self, dir: &Path, name: &str) -> Result<&mut Self, RegistryError> {
-        let entry = models::catalog_entry(name)?;
-        let encoding = entry.encoding.ok_or_else(|| RegistryError::NoEngine {
-            name: name.to_owned(),
-            encoding: "(none: a support file, not a model)".into(),
-            available: self
-                .engines
-                .iter()
-                .map(|e| e.encoding().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-        })?;
-        self.add(name, encoding, &models::path_in(dir, entry), entry.sha256)
-    }
-
     /// Finish.
     pub fn build(self) -> ModelRegistry {
         ModelRegistry {

@@ -136,3 +136,31 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
     dot / (na * nb)
 }
+
+/// The independent native path for one text: token ids → a tract model
+/// (run by `run`) → the output at index `pooled` → L2-normalised. Shared by
+/// the embed tests and the benchmark's baseline.
+pub fn native_embedding(
+    run: impl Fn(
+        tract_onnx::prelude::TVec<tract_onnx::prelude::TValue>,
+    ) -> tract_onnx::prelude::TractResult<
+        tract_onnx::prelude::TVec<tract_onnx::prelude::TValue>,
+    >,
+    pooled: usize,
+    ids: &[u32],
+) -> Vec<f32> {
+    use tract_onnx::prelude::*;
+    let ids: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+    let n = ids.len();
+    let ids = Tensor::from_shape(&[1, n], &ids).expect("ids");
+    let mask = Tensor::from_shape(&[1, n], &vec![1i64; n]).expect("mask");
+    let out = run(tvec!(ids.into_tvalue(), mask.into_tvalue())).expect("run");
+    let v: Vec<f32> = out[pooled]
+        .to_plain_array_view::<f32>()
+        .expect("f32")
+        .iter()
+        .copied()
+        .collect();
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.iter().map(|x| x / norm).collect()
+}

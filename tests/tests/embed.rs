@@ -33,21 +33,7 @@ fn native_embeddings(texts: &[String]) -> Vec<Vec<f32>> {
         .iter()
         .map(|t| {
             let enc = tok.encode(t.as_str(), true).expect("encode");
-            let ids: Vec<i64> = enc.get_ids().iter().map(|&i| i64::from(i)).collect();
-            let n = ids.len();
-            let ids = Tensor::from_shape(&[1, n], &ids).expect("ids");
-            let mask = Tensor::from_shape(&[1, n], &vec![1i64; n]).expect("mask");
-            let out = model
-                .run(tvec!(ids.into_tvalue(), mask.into_tvalue()))
-                .expect("run");
-            let v: Vec<f32> = out[pooled]
-                .to_plain_array_view::<f32>()
-                .expect("f32")
-                .iter()
-                .copied()
-                .collect();
-            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-            v.iter().map(|x| x / norm).collect()
+            native_embedding(|i| model.run(i), pooled, enc.get_ids())
         })
         .collect()
 }
