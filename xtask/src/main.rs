@@ -56,7 +56,7 @@ fn main() -> Result<()> {
                 "usage: cargo xtask <command>\n\n\
                  demo               set up, then run the demo\n\
                  test [--quick]     set up, then run all tests (--quick skips the slow end-to-end ones)\n\
-                 setup              install the guest toolchain, fetch models, build jobs\n\
+                 setup              install the guest toolchain, fetch models, build jobs and target/debug/tidepool\n\
                  install-toolchain  apt-get the Debian guest toolchain if missing\n\
                  fetch-models       download and verify model files into $TIDEPOOL_HOME/models\n\
                  build-jobs         build every crate in jobs/ into target/jobs/<name>.wasm\n\
@@ -86,7 +86,17 @@ fn say(msg: &str) {
 fn setup() -> Result<()> {
     install_toolchain()?;
     fetch_models()?;
-    build_jobs()
+    build_jobs()?;
+    build_host()
+}
+
+/// Build the host workspace with every target, so `demo`, `test` and the
+/// `target/debug/tidepool` binary share one set of compiled dependencies
+/// (a narrower `cargo build -p` would unify features differently and
+/// recompile wasmtime and tract).
+fn build_host() -> Result<()> {
+    say("building tidepool (the first build compiles wasmtime and tract: ~30 min on 2 cores)");
+    cargo(&["build", "--quiet", "--workspace", "--all-targets"], &[])
 }
 
 fn test(rest: &[String]) -> Result<()> {
@@ -162,11 +172,8 @@ impl Totals {
     }
 }
 
-/// Build exactly what `test` builds (same targets, so the same feature
-/// unification and the same compiled dependencies), then run the binary.
+/// Run the demo with the binary `setup` built.
 fn demo(rest: &[String]) -> Result<()> {
-    say("building tidepool (the first build compiles wasmtime and tract: ~20 min on 2 cores)");
-    cargo(&["build", "--quiet", "--workspace", "--all-targets"], &[])?;
     let status = Command::new(root().join("target/debug/tidepool"))
         .arg("demo")
         .args(rest)
