@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tidepool_bench::{measure, us};
+use tidepool_bench::{measure, measure_pair, us};
 use tidepool_host::backend::tract::TractModel;
 use tidepool_host::{SandboxConfig, TaskSpec};
 use tidepool_tests::{fortunes, guest, model_path, native_embedding, run, sandbox, test_config};
@@ -69,12 +69,6 @@ fn main() {
     // 2. Embed through the sandbox vs native tract, same texts, same tokenizer.
     let texts = fortunes(16).expect("corpus");
     let input = serde_json::to_vec(&serde_json::json!({ "texts": texts })).expect("json");
-    let sandboxed = measure(it(3), it(40), || {
-        run(&sb, &embed, "b", &input)
-            .expect("run")
-            .result
-            .expect("ok");
-    });
     let vocab = std::fs::read_to_string(model_path("minilm-vocab")).expect("vocab");
     let tok = tidepool_guest::text::WordPiece::from_vocab_txt(&vocab).expect("vocab");
     let model = TractModel::load(&model_path("minilm-l3")).expect("model");
@@ -83,17 +77,27 @@ fn main() {
         .iter()
         .position(|n| n == "461")
         .expect("pooled output 461");
-    let native = measure(it(3), it(40), || {
-        let mut out = Vec::new();
-        for t in &texts {
-            out.push(native_embedding(
-                |i| model.run(i),
-                pooled,
-                &tok.encode(t, 128),
-            ));
-        }
-        std::hint::black_box(out);
-    });
+    let (sandboxed, native) = measure_pair(
+        it(3),
+        it(40),
+        || {
+            run(&sb, &embed, "b", &input)
+                .expect("run")
+                .result
+                .expect("ok");
+        },
+        || {
+            let mut out = Vec::new();
+            for t in &texts {
+                out.push(native_embedding(
+                    |i| model.run(i),
+                    pooled,
+                    &tok.encode(t, 128),
+                ));
+            }
+            std::hint::black_box(out);
+        },
+    );
     rows.push((
         "embed 16 fortunes: sandbox → wasi-nn → tract".into(),
         format!("{:.2} ms", sandboxed.median().as_secs_f64() * 1e3),

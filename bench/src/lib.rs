@@ -39,6 +39,32 @@ pub fn measure(warmup: usize, n: usize, mut f: impl FnMut()) -> Stats {
     Stats { samples }
 }
 
+/// Measure two operations interleaved (a, b, a, b, ...), so drift in the
+/// machine's state (frequency, caches, other load) hits both alike.
+pub fn measure_pair(
+    warmup: usize,
+    n: usize,
+    mut a: impl FnMut(),
+    mut b: impl FnMut(),
+) -> (Stats, Stats) {
+    for _ in 0..warmup {
+        a();
+        b();
+    }
+    let (mut sa, mut sb) = (Vec::new(), Vec::new());
+    for _ in 0..n.max(1) {
+        let t = Instant::now();
+        a();
+        sa.push(t.elapsed());
+        let t = Instant::now();
+        b();
+        sb.push(t.elapsed());
+    }
+    sa.sort();
+    sb.sort();
+    (Stats { samples: sa }, Stats { samples: sb })
+}
+
 /// Microseconds with one decimal.
 pub fn us(d: Duration) -> String {
     format!("{:.1} µs", d.as_secs_f64() * 1e6)
