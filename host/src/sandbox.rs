@@ -574,12 +574,14 @@ impl Sandbox {
             }),
             Err(e) => return Err(self.classify(e, &store, wall)),
         };
-        let (bytes_for_digest, ok) = match &result {
-            Ok(out) => (out.clone(), true),
-            Err(f) => (
-                serde_json::to_vec(f).map_err(|e| TaskError::Host(e.into()))?,
-                false,
-            ),
+        // The receipt commits to the output, or to the job's error as JSON.
+        let error_json;
+        let (bytes_for_digest, ok): (&[u8], bool) = match &result {
+            Ok(out) => (out, true),
+            Err(f) => {
+                error_json = serde_json::to_vec(f).map_err(|e| TaskError::Host(e.into()))?;
+                (&error_json, false)
+            }
         };
         let models = used
             .lock()
@@ -601,7 +603,7 @@ impl Sandbox {
             task_id: task.id.to_owned(),
             component: job.digest,
             input: Digest::of(task.input),
-            output: Digest::of(&bytes_for_digest),
+            output: Digest::of(bytes_for_digest),
             ok,
             output_len: bytes_for_digest.len() as u64,
             wall_time_us: wall.as_micros() as u64,

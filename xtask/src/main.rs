@@ -238,7 +238,7 @@ fn install_toolchain() -> Result<()> {
         Ok(())
     };
     run(&["apt-get", "update", "-qq"])?;
-    let mut install = vec!["apt-get", "install", "-y", "-qq", "--no-install-recommends"];
+    let mut install = vec!["apt-get", "install", "-y", "-qq"];
     install.extend(missing.iter().copied());
     run(&install)?;
     for (pkg, file) in GUEST_PACKAGES {
