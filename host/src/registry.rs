@@ -33,6 +33,9 @@ pub enum RegistryError {
         /// What the host has.
         available: String,
     },
+    /// The expected digest is not a sha256.
+    #[error("{0}")]
+    BadDigest(String),
     /// The file is missing or does not match its digest.
     #[error(transparent)]
     File(#[from] ModelError),
@@ -55,8 +58,8 @@ pub enum RegistryError {
 pub struct RegisteredModel {
     /// The name jobs load it by.
     pub name: String,
-    /// Hex sha256 of the file (verified at registration).
-    pub sha256: String,
+    /// Digest of the file (verified at registration).
+    pub sha256: tidepool_proto::Digest,
     /// The wasi-nn encoding.
     pub encoding: String,
     /// The engine that runs it, with version.
@@ -141,6 +144,9 @@ impl RegistryBuilder {
                     .join(", "),
             })?;
         models::verify_file(path, sha256)?;
+        // verify_file accepted it, so it is 64 hex characters.
+        let digest = tidepool_proto::Digest::parse(sha256)
+            .map_err(|e| RegistryError::BadDigest(e.to_string()))?;
         let graph = engine.load(path).map_err(|source| RegistryError::Load {
             name: name.to_owned(),
             path: path.to_owned(),
@@ -151,7 +157,7 @@ impl RegistryBuilder {
             name.to_owned(),
             RegisteredModel {
                 name: name.to_owned(),
-                sha256: sha256.to_ascii_lowercase(),
+                sha256: digest,
                 encoding: encoding.to_owned(),
                 engine: engine.describe(),
                 graph,

@@ -589,11 +589,10 @@ impl Sandbox {
             .iter()
             .filter_map(|n| self.models.get(n))
             .map(|m| {
-                let sha = Digest::parse(&m.sha256).unwrap_or(Digest([0; 32]));
                 (
                     m.name.clone(),
                     ModelUse {
-                        sha256: sha,
+                        sha256: m.sha256,
                         engine: m.engine.clone(),
                     },
                 )
