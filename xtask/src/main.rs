@@ -289,7 +289,12 @@ fn build_jobs() -> Result<()> {
         .env("RUSTC_BOOTSTRAP", "1")
         .env(
             "RUSTFLAGS",
-            "-C linker=/usr/bin/wasm-ld -C link-self-contained=no -L /usr/lib/wasm32-wasi",
+            // Remap the checkout's path so a component's bytes (and so its
+            // digest) do not depend on where the repository was cloned.
+            format!(
+                "-C linker=/usr/bin/wasm-ld -C link-self-contained=no -L /usr/lib/wasm32-wasi --remap-path-prefix={}=/tidepool",
+                root.display()
+            ),
         )
         .env("TIDEPOOL_VOCAB", &vocab)
         .args([
