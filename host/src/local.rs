@@ -101,20 +101,11 @@ pub fn registry_from_args(
 ) -> Result<ModelRegistry, LocalModelError> {
     let mut b = RegistryBuilder::new(crate::default_engines());
     for a in args {
-        let entry = models::catalog_entry(&a.name).ok();
-        let path = match (&a.path, entry) {
-            (Some(p), _) => p.clone(),
-            (None, Some(e)) => models::path_in(models_dir, e),
-            (None, None) => {
-                return Err(models::catalog_entry(&a.name)
-                    .map(|_| ())
-                    .map_err(LocalModelError::Model)
-                    .err()
-                    .unwrap_or_else(|| LocalModelError::NoDigest {
-                        name: a.name.clone(),
-                        path: PathBuf::new(),
-                    }))
-            }
+        let (entry, path) = match (&a.path, models::catalog_entry(&a.name)) {
+            (Some(p), e) => (e.ok(), p.clone()),
+            (None, Ok(e)) => (Some(e), models::path_in(models_dir, e)),
+            // A bare NAME must be a catalogue model: the error says which names exist.
+            (None, Err(e)) => return Err(e.into()),
         };
         let sha = match (&a.sha256, entry) {
             (Some(h), _) => h.clone(),

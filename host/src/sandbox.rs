@@ -426,42 +426,45 @@ impl Sandbox {
     /// Compile (or fetch from the cache), type-check and pre-instantiate.
     pub fn load(&self, bytes: &[u8]) -> Result<JobComponent, LoadError> {
         let digest = Digest::of(bytes);
-        let component = match self.cache.as_ref().and_then(|c| c.get(&digest)) {
-            Some(c) => c,
-            None => {
-                check_is_component(bytes)?;
-                let c = Component::new(&self.engine, bytes)
-                    .map_err(|e| LoadError::NotAComponent(format!("{e:#}")))?;
-                let pre = self.prepare(&c)?;
-                if let Some(cache) = &self.cache {
-                    if let Err(e) = cache.put(&digest, &c) {
-                        tracing::warn!(error = %e, "cannot write compiled component to the cache");
-                    }
-                }
-                return Ok(JobComponent {
-                    digest,
-                    pre,
-                    from_cache: false,
-                });
+        if let Some(c) = self.cache.as_ref().and_then(|c| c.get(&digest)) {
+            return Ok(JobComponent {
+                digest,
+                pre: self.prepare(&c)?,
+                from_cache: true,
+            });
+        }
+        let (job, component) = self.compile(bytes, digest)?;
+        if let Some(cache) = &self.cache {
+            if let Err(e) = cache.put(&digest, &component) {
+                tracing::warn!(error = %e, "cannot write compiled component to the cache");
             }
-        };
-        Ok(JobComponent {
-            digest,
-            pre: self.prepare(&component)?,
-            from_cache: true,
-        })
+        }
+        Ok(job)
     }
 
     /// Compile without the cache (for the cold-start benchmark).
     pub fn compile_uncached(&self, bytes: &[u8]) -> Result<JobComponent, LoadError> {
+        self.compile(bytes, Digest::of(bytes)).map(|(job, _)| job)
+    }
+
+    /// Check, compile with Cranelift and type-check against the job world.
+    fn compile(
+        &self,
+        bytes: &[u8],
+        digest: Digest,
+    ) -> Result<(JobComponent, Component), LoadError> {
         check_is_component(bytes)?;
         let c = Component::new(&self.engine, bytes)
             .map_err(|e| LoadError::NotAComponent(format!("{e:#}")))?;
-        Ok(JobComponent {
-            digest: Digest::of(bytes),
-            pre: self.prepare(&c)?,
-            from_cache: false,
-        })
+        let pre = self.prepare(&c)?;
+        Ok((
+            JobComponent {
+                digest,
+                pre,
+                from_cache: false,
+            },
+            c,
+        ))
     }
 
     fn prepare(&self, c: &Component) -> Result<bindings::JobCorePre<TaskState>, LoadError> {
