@@ -582,7 +582,7 @@ impl Sandbox {
         let (bytes_for_digest, ok): (&[u8], bool) = match &result {
             Ok(out) => (out, true),
             Err(f) => {
-                error_json = serde_json::to_vec(f).map_err(|e| TaskError::Host(e.into()))?;
+                error_json = tidepool_proto::receipt::job_error_json(&f.code, &f.message);
                 (&error_json, false)
             }
         };

@@ -1,0 +1,14 @@
+//! The Tidepool pool: takes signed bundles and batches of inputs, keeps them
+//! in a durable store, hands tasks to nodes under leases, and accepts each
+//! result once, after checking the node's signed receipt.
+//!
+//! - [`store`]: the durable state behind a trait; SQLite by default.
+//! - [`coordinator`]: the scheduling state machine (sans-IO).
+//!
+//! This crate never runs guest code.
+
+pub mod coordinator;
+pub mod store;
+
+pub use coordinator::{Admission, Coordinator, PoolConfig, PoolEvent};
+pub use store::{Durability, SqliteStore, Store, StoreError};

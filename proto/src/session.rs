@@ -1,0 +1,535 @@
+//! Session logic as state machines without I/O, in the quinn-proto style:
+//! inputs arrive through `handle_*` methods with the current time, outputs
+//! leave through `poll_*` methods, and the caller owns sockets and timers.
+//!
+//! - [`NodeSession`]: a node's side of its connection to a pool: when to ask
+//!   for tasks, when to renew leases (the heartbeat), which results to send,
+//!   when the node has drained.
+//! - [`PoolConn`]: the pool's view of one connection: hello first, within a
+//!   deadline, with a supported version; then only the requests of that role.
+
+use crate::wire::{ErrorCode, LeaseId, Request, TaskGrant, TaskResult, PROTOCOL_VERSION};
+use std::collections::{BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+/// Most results sent in one `Results` request.
+pub const MAX_RESULTS_PER_REQUEST: usize = 256;
+
+/// What a node's session asks the node to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// Run this task.
+    Run(TaskGrant),
+    /// Stop this task: its lease is no longer ours (drop its result).
+    Cancel(LeaseId),
+}
+
+/// A node's side of its session with a pool. Lives as long as the node
+/// process; survives reconnects (results not yet acknowledged are resent).
+#[derive(Debug)]
+pub struct NodeSession {
+    /// Tasks the node runs at once.
+    slots: u32,
+    /// Once set, ask for no new tasks; finish and return the held ones.
+    draining: bool,
+    /// Leases granted whose result has not been handed over yet.
+    running: BTreeSet<LeaseId>,
+    /// Results waiting to be sent, oldest first.
+    finished: VecDeque<TaskResult>,
+    /// Results sent and not yet answered (resent if the request fails).
+    sending: Vec<TaskResult>,
+    /// Whether a `Lease` request is in flight.
+    lease_in_flight: bool,
+    /// When the next `Lease` request (for work or as a heartbeat) is due.
+    next_lease_at: Instant,
+    /// Heartbeat period the pool asked for.
+    heartbeat: Duration,
+    /// Whether a hello was answered on the current connection.
+    connected: bool,
+    /// Events for the node.
+    events: VecDeque<NodeEvent>,
+}
+
+impl NodeSession {
+    /// A session for a node with `slots` task slots.
+    pub fn new(slots: u32, now: Instant) -> Self {
+        Self {
+            slots: slots.max(1),
+            draining: false,
+            running: BTreeSet::new(),
+            finished: VecDeque::new(),
+            sending: Vec::new(),
+            lease_in_flight: false,
+            next_lease_at: now,
+            heartbeat: Duration::from_secs(5),
+            connected: false,
+            events: VecDeque::new(),
+        }
+    }
+
+    /// The pool answered the hello on a (new) connection.
+    pub fn handle_welcome(&mut self, now: Instant, heartbeat: Duration) {
+        self.connected = true;
+        self.heartbeat = heartbeat.max(Duration::from_millis(10));
+        self.lease_in_flight = false;
+        self.next_lease_at = now;
+    }
+
+    /// The connection was lost: requests in flight are given up; results
+    /// being sent go back to the queue to be resent on the next connection.
+    pub fn handle_disconnect(&mut self) {
+        self.connected = false;
+        self.lease_in_flight = false;
+        for r in self.sending.drain(..).rev() {
+            self.finished.push_front(r);
+        }
+    }
+
+    /// Stop taking tasks.
+    pub fn handle_drain(&mut self, now: Instant) {
+        self.draining = true;
+        self.next_lease_at = self.next_lease_at.min(now);
+    }
+
+    /// The next request to send, if any is due.
+    pub fn poll_request(&mut self, now: Instant) -> Option<Request> {
+        if !self.connected {
+            return None;
+        }
+        if self.sending.is_empty() && !self.finished.is_empty() {
+            let n = self.finished.len().min(MAX_RESULTS_PER_REQUEST);
+            self.sending = self.finished.drain(..n).collect();
+            return Some(Request::Results {
+                results: self.sending.clone(),
+            });
+        }
+        if !self.lease_in_flight && now >= self.next_lease_at {
+            self.lease_in_flight = true;
+            let want = if self.draining { 0 } else { self.free_slots() };
+            self.next_lease_at = now + self.heartbeat;
+            return Some(Request::Lease {
+                want,
+                running: self.running.iter().copied().collect(),
+            });
+        }
+        None
+    }
+
+    fn free_slots(&self) -> u32 {
+        // running holds at most `slots` leases plus whatever the pool over-granted.
+        self.slots
+            .saturating_sub(u32::try_from(self.running.len()).unwrap_or(u32::MAX))
+    }
+
+    /// The answer to a `Lease` request.
+    pub fn handle_leases(
+        &mut self,
+        now: Instant,
+        grants: Vec<TaskGrant>,
+        lost: Vec<LeaseId>,
+        retry: Duration,
+    ) {
+        self.lease_in_flight = false;
+        for l in lost {
+            if self.running.remove(&l) {
+                self.events.push_back(NodeEvent::Cancel(l));
+            }
+        }
+        let got = !grants.is_empty();
+        for g in grants {
+            if self.running.insert(g.lease) {
+                self.events.push_back(NodeEvent::Run(g));
+            }
+        }
+        self.next_lease_at = if self.draining {
+            now + self.heartbeat
+        } else if got && self.free_slots() > 0 {
+            // The pool may have more: ask again at once.
+            now
+        } else if !got {
+            now + retry.min(self.heartbeat)
+        } else {
+            now + self.heartbeat
+        };
+    }
+
+    /// A task finished on this node.
+    pub fn handle_task_done(&mut self, now: Instant, result: TaskResult) {
+        if !self.running.remove(&result.lease) {
+            // Cancelled meanwhile: the pool gave the task to someone else.
+            return;
+        }
+        self.finished.push_back(result);
+        if !self.draining {
+            self.next_lease_at = self.next_lease_at.min(now);
+        }
+    }
+
+    /// The pool answered a `Results` request: every result in it is settled
+    /// (accepted, duplicate, stale or refused), so none is resent.
+    pub fn handle_verdicts(&mut self) {
+        self.sending.clear();
+    }
+
+    /// A request failed without an answer (the stream reset); for results
+    /// this is the same as a disconnect: they are resent.
+    pub fn handle_request_failed(&mut self) {
+        self.handle_disconnect();
+        self.connected = true;
+    }
+
+    /// The next event for the node.
+    pub fn poll_event(&mut self) -> Option<NodeEvent> {
+        self.events.pop_front()
+    }
+
+    /// When the session next needs [`poll_request`](Self::poll_request).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        (self.connected && !self.lease_in_flight).then_some(self.next_lease_at)
+    }
+
+    /// Leases the node holds now.
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Draining and nothing left to finish or send.
+    pub fn is_drained(&self) -> bool {
+        self.draining
+            && self.running.is_empty()
+            && self.finished.is_empty()
+            && self.sending.is_empty()
+    }
+}
+
+/// The role a connection took with its hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A node that runs tasks.
+    Node,
+    /// A client that publishes, submits and reads status.
+    Client,
+}
+
+/// A refusal: the error to send back, and whether to close the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Error code.
+    pub code: ErrorCode,
+    /// What and why.
+    pub message: String,
+    /// Close the connection after answering.
+    pub close: bool,
+}
+
+/// The pool's view of one connection.
+#[derive(Debug)]
+pub struct PoolConn {
+    /// `None` until the hello; then the role.
+    role: Option<Role>,
+    /// Until when a hello may arrive.
+    hello_deadline: Instant,
+    /// Whether the connection is to be closed.
+    closed: bool,
+}
+
+impl PoolConn {
+    /// A new connection accepted at `now`; it must say hello within `hello_timeout`.
+    pub fn new(now: Instant, hello_timeout: Duration) -> Self {
+        Self {
+            role: None,
+            hello_deadline: now + hello_timeout,
+            closed: false,
+        }
+    }
+
+    /// Check a request against the connection's state. On `Ok`, the caller
+    /// serves it; on `Err`, it answers with the refusal.
+    pub fn handle_request(&mut self, now: Instant, req: &Request) -> Result<(), Refusal> {
+        let refuse = |code, message: String, close| Refusal {
+            code,
+            message,
+            close,
+        };
+        if self.closed {
+            return Err(refuse(
+                ErrorCode::Protocol,
+                "connection is closing".into(),
+                true,
+            ));
+        }
+        match (self.role, req) {
+            (None, Request::NodeHello { protocol, .. } | Request::ClientHello { protocol, .. }) => {
+                if now > self.hello_deadline {
+                    self.closed = true;
+                    return Err(refuse(
+                        ErrorCode::Protocol,
+                        "hello came too late".into(),
+                        true,
+                    ));
+                }
+                if *protocol != PROTOCOL_VERSION {
+                    self.closed = true;
+                    return Err(refuse(
+                        ErrorCode::Version,
+                        format!("protocol version {protocol} is not supported (this pool speaks {PROTOCOL_VERSION})"),
+                        true,
+                    ));
+                }
+                self.role = Some(if matches!(req, Request::NodeHello { .. }) {
+                    Role::Node
+                } else {
+                    Role::Client
+                });
+                Ok(())
+            }
+            (None, other) => {
+                self.closed = true;
+                Err(refuse(
+                    ErrorCode::Protocol,
+                    format!("{} before hello", request_name(other)),
+                    true,
+                ))
+            }
+            (Some(_), Request::NodeHello { .. } | Request::ClientHello { .. }) => Err(refuse(
+                ErrorCode::Protocol,
+                "second hello on one connection".into(),
+                false,
+            )),
+            (Some(role), other) => {
+                let allowed = match other {
+                    Request::Lease { .. } | Request::Results { .. } | Request::Draining => {
+                        role == Role::Node
+                    }
+                    Request::FetchManifest { .. } | Request::FetchBlob { .. } => true,
+                    _ => role == Role::Client,
+                };
+                if allowed {
+                    Ok(())
+                } else {
+                    Err(refuse(
+                        ErrorCode::Forbidden,
+                        format!(
+                            "{} is not allowed on a {role:?} connection",
+                            request_name(other)
+                        ),
+                        false,
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The role, once the hello was accepted.
+    pub fn role(&self) -> Option<Role> {
+        self.role
+    }
+
+    /// When the connection must be closed if no hello came.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.role.is_none().then_some(self.hello_deadline)
+    }
+
+    /// Time passed: whether the connection must now be closed (half-open
+    /// handshake).
+    pub fn handle_timeout(&mut self, now: Instant) -> bool {
+        if self.role.is_none() && now >= self.hello_deadline {
+            self.closed = true;
+        }
+        self.closed
+    }
+}
+
+/// A request's name for messages.
+pub fn request_name(r: &Request) -> &'static str {
+    match r {
+        Request::NodeHello { .. } => "NodeHello",
+        Request::ClientHello { .. } => "ClientHello",
+        Request::Lease { .. } => "Lease",
+        Request::Results { .. } => "Results",
+        Request::Draining => "Draining",
+        Request::FetchManifest { .. } => "FetchManifest",
+        Request::FetchBlob { .. } => "FetchBlob",
+        Request::Publish { .. } => "Publish",
+        Request::PutBlob { .. } => "PutBlob",
+        Request::Submit { .. } => "Submit",
+        Request::JobStatus { .. } => "JobStatus",
+        Request::JobResults { .. } => "JobResults",
+        Request::PoolStatus => "PoolStatus",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Bytes, Outcome};
+    use crate::Digest;
+
+    fn grant(task: u64) -> TaskGrant {
+        TaskGrant {
+            lease: LeaseId { task, attempt: 1 },
+            bundle: Digest::of(b"b"),
+            input: Bytes(vec![]),
+        }
+    }
+
+    fn done(task: u64) -> TaskResult {
+        TaskResult {
+            lease: LeaseId { task, attempt: 1 },
+            outcome: Outcome::Output(Bytes(vec![1])),
+            receipt: None,
+        }
+    }
+
+    #[test]
+    fn node_asks_for_free_slots_heartbeats_and_resends_after_disconnect() {
+        let t0 = Instant::now();
+        let hb = Duration::from_secs(5);
+        let mut s = NodeSession::new(2, t0);
+        assert_eq!(s.poll_request(t0), None, "nothing before the welcome");
+        s.handle_welcome(t0, hb);
+        assert_eq!(
+            s.poll_request(t0),
+            Some(Request::Lease {
+                want: 2,
+                running: vec![]
+            })
+        );
+        assert_eq!(s.poll_request(t0), None, "one lease request at a time");
+        s.handle_leases(
+            t0,
+            vec![grant(1), grant(2)],
+            vec![],
+            Duration::from_millis(100),
+        );
+        assert!(matches!(s.poll_event(), Some(NodeEvent::Run(_))));
+        assert!(matches!(s.poll_event(), Some(NodeEvent::Run(_))));
+        // Full: the next lease request is the heartbeat.
+        assert_eq!(s.poll_timeout(), Some(t0 + hb));
+        assert_eq!(s.poll_request(t0 + Duration::from_secs(1)), None);
+        let hb_req = s.poll_request(t0 + hb).expect("heartbeat");
+        assert_eq!(
+            hb_req,
+            Request::Lease {
+                want: 0,
+                running: vec![
+                    LeaseId {
+                        task: 1,
+                        attempt: 1
+                    },
+                    LeaseId {
+                        task: 2,
+                        attempt: 1
+                    }
+                ]
+            }
+        );
+        // Pool says task 2 is lost: cancel it.
+        s.handle_leases(
+            t0 + hb,
+            vec![],
+            vec![LeaseId {
+                task: 2,
+                attempt: 1,
+            }],
+            Duration::from_millis(100),
+        );
+        assert_eq!(
+            s.poll_event(),
+            Some(NodeEvent::Cancel(LeaseId {
+                task: 2,
+                attempt: 1
+            }))
+        );
+        // Task 1 finishes; its result goes out; connection drops before the answer.
+        let t1 = t0 + hb + Duration::from_millis(1);
+        s.handle_task_done(t1, done(1));
+        s.handle_task_done(t1, done(2)); // cancelled: dropped
+        assert!(
+            matches!(s.poll_request(t1), Some(Request::Results { results }) if results.len() == 1)
+        );
+        s.handle_disconnect();
+        assert_eq!(s.poll_request(t1), None);
+        s.handle_welcome(t1, hb);
+        assert!(
+            matches!(s.poll_request(t1), Some(Request::Results { results }) if results.len() == 1),
+            "resent"
+        );
+        s.handle_verdicts();
+        assert_eq!(
+            s.poll_request(t1),
+            Some(Request::Lease {
+                want: 2,
+                running: vec![]
+            })
+        );
+    }
+
+    #[test]
+    fn draining_asks_for_nothing_and_ends_when_all_is_returned() {
+        let t0 = Instant::now();
+        let mut s = NodeSession::new(1, t0);
+        s.handle_welcome(t0, Duration::from_secs(1));
+        let _ = s.poll_request(t0);
+        s.handle_leases(t0, vec![grant(7)], vec![], Duration::ZERO);
+        s.handle_drain(t0);
+        assert!(!s.is_drained());
+        s.handle_task_done(t0, done(7));
+        assert!(matches!(s.poll_request(t0), Some(Request::Results { .. })));
+        assert!(!s.is_drained());
+        s.handle_verdicts();
+        assert!(s.is_drained());
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(
+            s.poll_request(t1),
+            Some(Request::Lease {
+                want: 0,
+                running: vec![]
+            })
+        );
+    }
+
+    #[test]
+    fn pool_conn_requires_hello_first_in_time_with_the_right_version() {
+        let t0 = Instant::now();
+        let hello = |p| Request::NodeHello {
+            protocol: p,
+            agent: "t".into(),
+            caps: Default::default(),
+        };
+        let mut c = PoolConn::new(t0, Duration::from_secs(5));
+        let r = c
+            .handle_request(t0, &Request::PoolStatus)
+            .expect_err("before hello");
+        assert!(r.close && r.message.contains("before hello"));
+
+        let mut c = PoolConn::new(t0, Duration::from_secs(5));
+        let r = c.handle_request(t0, &hello(99)).expect_err("version");
+        assert_eq!(r.code, ErrorCode::Version);
+
+        let mut c = PoolConn::new(t0, Duration::from_secs(5));
+        assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(5)));
+        assert!(
+            c.handle_timeout(t0 + Duration::from_secs(6)),
+            "half-open handshake closed"
+        );
+
+        let mut c = PoolConn::new(t0, Duration::from_secs(5));
+        c.handle_request(t0, &hello(PROTOCOL_VERSION))
+            .expect("hello");
+        assert_eq!(c.role(), Some(Role::Node));
+        c.handle_request(
+            t0,
+            &Request::Lease {
+                want: 1,
+                running: vec![],
+            },
+        )
+        .expect("lease");
+        let r = c
+            .handle_request(t0, &Request::PoolStatus)
+            .expect_err("node cannot read pool status");
+        assert_eq!(r.code, ErrorCode::Forbidden);
+        assert!(!c.handle_timeout(t0 + Duration::from_secs(60)));
+    }
+}

@@ -1,0 +1,557 @@
+//! Wire messages between nodes, clients and a pool, and their framing.
+//!
+//! A frame is a 4-byte big-endian length followed by that many bytes of
+//! MessagePack (rmp-serde, named fields). Frames larger than
+//! [`MAX_FRAME_BYTES`] are refused before any allocation. Each QUIC stream
+//! carries one [`Request`] from the connecting side and one or more
+//! [`Response`]s from the pool (several only for blob chunks). The protocol
+//! version is exchanged in the hello, the first request of a connection.
+//!
+//! Byte buffers are encoded as MessagePack `bin`, not arrays of integers.
+
+use crate::manifest::{bytes_field, SignedManifest};
+use crate::receipt::SignedReceipt;
+use crate::{Digest, PublicKey};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest frame accepted or sent: a maximal task output (16 MiB) plus room
+/// for its receipt.
+pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024 + 64 * 1024;
+/// Size of a blob chunk in a fetch or an upload.
+pub const BLOB_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// A pool task id (unique within a pool, never reused).
+pub type TaskId = u64;
+/// A job id (unique within a pool).
+pub type JobId = u64;
+
+/// One attempt at one task: the fencing token. A result is accepted only for
+/// the current attempt of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct LeaseId {
+    /// The task.
+    pub task: TaskId,
+    /// Its attempt number, starting at 1.
+    pub attempt: u32,
+}
+
+impl std::fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "task {} attempt {}", self.task, self.attempt)
+    }
+}
+
+/// Bytes that serialise as MessagePack `bin`.
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Bytes(#[serde(with = "bytes_field")] pub Vec<u8>);
+
+impl std::fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bytes({} bytes)", self.0.len())
+    }
+}
+
+/// What a node can run, sent in its hello.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// wasi-nn encodings with a backend on this node.
+    pub encodings: Vec<String>,
+    /// Digests of model files already on the node's disk.
+    pub models: Vec<Digest>,
+    /// Memory the node gives to tasks, MiB (per task).
+    pub memory_mib: u32,
+    /// How many tasks it runs at once.
+    pub slots: u32,
+    /// GPU description (`NVIDIA L4, 24 GiB`), if any.
+    pub gpu: Option<String>,
+    /// Publishers whose bundles the node runs; empty means any the pool has.
+    pub publishers: Vec<PublicKey>,
+    /// Whether the node's owner fetches models from the pool (otherwise only
+    /// tasks whose models are in `models` are sent).
+    pub fetch_models: bool,
+}
+
+/// A request, the first frame on a stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// First request of a node's connection.
+    NodeHello {
+        /// Protocol version.
+        protocol: u32,
+        /// Software and version (`tidepool 0.1.0`).
+        agent: String,
+        /// What it can run.
+        caps: Capabilities,
+    },
+    /// First request of a client's connection (publishing, submitting, status).
+    ClientHello {
+        /// Protocol version.
+        protocol: u32,
+        /// Software and version.
+        agent: String,
+    },
+    /// A node asks for up to `want` tasks and renews the leases it holds
+    /// (the heartbeat).
+    Lease {
+        /// Free slots.
+        want: u32,
+        /// Leases the node is still working on.
+        running: Vec<LeaseId>,
+    },
+    /// A node returns finished tasks.
+    Results {
+        /// One per finished task.
+        results: Vec<TaskResult>,
+    },
+    /// A node stops taking tasks (it finishes and returns what it holds).
+    Draining,
+    /// Fetch a signed manifest by bundle digest.
+    FetchManifest {
+        /// Bundle digest.
+        bundle: Digest,
+    },
+    /// Fetch a blob from `offset`; the pool answers with chunks until the end.
+    FetchBlob {
+        /// Blob digest.
+        digest: Digest,
+        /// Where to resume.
+        offset: u64,
+    },
+    /// A client publishes a signed bundle; the pool answers with the blobs it lacks.
+    Publish {
+        /// The bundle.
+        manifest: SignedManifest,
+    },
+    /// A client uploads a chunk of a blob named by a published manifest.
+    PutBlob {
+        /// Blob digest.
+        digest: Digest,
+        /// Offset of this chunk.
+        offset: u64,
+        /// The chunk.
+        data: Bytes,
+    },
+    /// Submit a batch of inputs for a published bundle.
+    Submit {
+        /// Bundle digest.
+        bundle: Digest,
+        /// One input per task.
+        inputs: Vec<Bytes>,
+        /// The client's idempotency key: submitting the same key twice
+        /// returns the first job.
+        key: String,
+    },
+    /// A job's progress.
+    JobStatus {
+        /// The job.
+        job: JobId,
+    },
+    /// A job's results, in input order, from index `from`.
+    JobResults {
+        /// The job.
+        job: JobId,
+        /// First input index.
+        from: u32,
+        /// At most this many.
+        limit: u32,
+    },
+    /// The pool's nodes, queue and dead letters.
+    PoolStatus,
+}
+
+/// A task given to a node under a lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskGrant {
+    /// Task and attempt.
+    pub lease: LeaseId,
+    /// Bundle to run (fetch its manifest and blobs if unknown).
+    pub bundle: Digest,
+    /// The input bytes.
+    pub input: Bytes,
+}
+
+/// How a task ended on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The job returned bytes.
+    Output(Bytes),
+    /// The job returned an error (`code: message`): a result like any other.
+    JobError {
+        /// Error code (`invalid-input`, `model`, `internal`).
+        code: String,
+        /// Message.
+        message: String,
+    },
+    /// The sandbox stopped the task (deadline, memory, trap...) or the node
+    /// could not run it (bad bundle, missing model). Not a result: the pool
+    /// retries elsewhere and dead-letters after too many failures.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A finished task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskResult {
+    /// Task and attempt.
+    pub lease: LeaseId,
+    /// What happened.
+    pub outcome: Outcome,
+    /// The node's signed receipt (absent for `Failed`).
+    pub receipt: Option<SignedReceipt>,
+}
+
+/// The pool's verdict on one result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verdict {
+    /// Stored; will not be asked again.
+    Accepted,
+    /// Already accepted from this attempt (a resend after a lost ack).
+    Duplicate,
+    /// Not the current attempt, or the task is finished: discard it.
+    Stale,
+    /// Refused (bad receipt, signature, digest): the reason.
+    Refused(String),
+}
+
+/// Summary of one job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSummary {
+    /// Job id.
+    pub job: JobId,
+    /// Bundle it runs.
+    pub bundle: Digest,
+    /// Bundle name and version.
+    pub bundle_name: String,
+    /// Tasks in total.
+    pub tasks: u32,
+    /// Tasks with an accepted result.
+    pub done: u32,
+    /// Tasks given up after too many attempts.
+    pub dead: u32,
+    /// Tasks currently leased.
+    pub running: u32,
+}
+
+/// One task's result as a client sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    /// Index of the input in the submission.
+    pub index: u32,
+    /// Task id.
+    pub task: TaskId,
+    /// `queued`, `leased`, `done`, `dead`.
+    pub state: String,
+    /// The outcome, when done.
+    pub outcome: Option<Outcome>,
+    /// The node that produced it.
+    pub node: Option<PublicKey>,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// Why it was dead-lettered, one reason per failed attempt.
+    pub reasons: Vec<String>,
+}
+
+/// One node as the pool sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The node's key.
+    pub key: PublicKey,
+    /// Connected now.
+    pub connected: bool,
+    /// Share of time connected since first seen (0..=1).
+    pub uptime: f64,
+    /// Tasks leased to it now.
+    pub running: u32,
+    /// Its slots.
+    pub slots: u32,
+    /// Results accepted from it.
+    pub completed: u64,
+    /// Leases it let expire.
+    pub expired: u64,
+}
+
+/// The whole pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolSummary {
+    /// Nodes ever seen.
+    pub nodes: Vec<NodeStatus>,
+    /// Tasks waiting.
+    pub queued: u64,
+    /// Tasks leased.
+    pub leased: u64,
+    /// Tasks done.
+    pub done: u64,
+    /// Tasks dead-lettered.
+    pub dead: u64,
+    /// Jobs.
+    pub jobs: Vec<JobSummary>,
+}
+
+/// Error codes a pool returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The request is not valid in this state (e.g. no hello yet).
+    Protocol,
+    /// The protocol version is not supported.
+    Version,
+    /// The peer is not admitted (allowlist) or not allowed this request.
+    Forbidden,
+    /// Unknown job, bundle or blob.
+    NotFound,
+    /// A bundle, blob or input was refused.
+    Invalid,
+    /// The pool failed (storage error); retry later.
+    Internal,
+}
+
+/// A response frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// Answer to a hello.
+    Welcome {
+        /// Protocol version.
+        protocol: u32,
+        /// Software and version.
+        agent: String,
+        /// How long a lease lasts without renewal, ms.
+        lease_ttl_ms: u64,
+        /// How often a node should renew, ms.
+        heartbeat_ms: u64,
+    },
+    /// Answer to `Lease`.
+    Leases {
+        /// New tasks.
+        grants: Vec<TaskGrant>,
+        /// Leases the node named that are no longer its own: stop them.
+        lost: Vec<LeaseId>,
+        /// When no task was granted: wait this long before asking again, ms.
+        retry_ms: u64,
+    },
+    /// Answer to `Results`, one verdict per result in order.
+    Verdicts(Vec<(LeaseId, Verdict)>),
+    /// Answer to `FetchManifest`.
+    Manifest(SignedManifest),
+    /// Part of a blob; chunks follow until `offset + data.len() == total`.
+    BlobChunk {
+        /// Blob digest.
+        digest: Digest,
+        /// Offset of this chunk.
+        offset: u64,
+        /// Blob size.
+        total: u64,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// Answer to `Publish`: the blobs the pool still needs.
+    Published {
+        /// Bundle digest.
+        bundle: Digest,
+        /// Blobs to upload with `PutBlob`.
+        missing: Vec<Digest>,
+    },
+    /// Answer to `PutBlob`: bytes of the blob held so far (complete when equal
+    /// to its size, and verified).
+    BlobStored {
+        /// Blob digest.
+        digest: Digest,
+        /// Bytes held.
+        have: u64,
+    },
+    /// Answer to `Submit`.
+    Submitted {
+        /// The job.
+        job: JobId,
+        /// Its tasks.
+        tasks: u32,
+    },
+    /// Answer to `JobStatus`.
+    Job(JobSummary),
+    /// Answer to `JobResults`.
+    Records(Vec<TaskRecord>),
+    /// Answer to `PoolStatus`.
+    Pool(PoolSummary),
+    /// Plain success (`Draining`).
+    Ok,
+    /// The request failed.
+    Error {
+        /// Kind.
+        code: ErrorCode,
+        /// What and where.
+        message: String,
+    },
+}
+
+/// Framing errors; any of them closes the stream (and the connection when
+/// the peer sent it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The length prefix is over the limit.
+    #[error("frame of {len} bytes is over the limit of {max} bytes")]
+    Oversized {
+        /// Claimed length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The bytes are not a message of the expected type.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The stream ended inside a frame.
+    #[error("stream ended inside a frame ({have} of {want} bytes)")]
+    Truncated {
+        /// Bytes received.
+        have: usize,
+        /// Bytes announced.
+        want: usize,
+    },
+}
+
+/// Encode one message as a frame.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let mut out = vec![0u8; 4];
+    rmp_serde::encode::write_named(&mut out, msg)
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let len = out.len() - 4;
+    if len > MAX_FRAME_BYTES {
+        return Err(FrameError::Oversized {
+            len,
+            max: MAX_FRAME_BYTES,
+        });
+    }
+    // len <= MAX_FRAME_BYTES < u32::MAX.
+    out[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(out)
+}
+
+/// Decode the body of a frame (without its length prefix).
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    rmp_serde::from_slice(body).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+/// Splits a byte stream into frames. Holds at most one partial frame.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    /// Bytes received and not yet returned as frames.
+    buf: Vec<u8>,
+}
+
+impl FrameDecoder {
+    /// A decoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feed bytes as they arrive.
+    pub fn handle_bytes(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The length the next frame announces, if its prefix has arrived;
+    /// an oversized announcement is an error at once.
+    pub fn next_len(&self) -> Result<Option<usize>, FrameError> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len > MAX_FRAME_BYTES {
+            return Err(FrameError::Oversized {
+                len,
+                max: MAX_FRAME_BYTES,
+            });
+        }
+        Ok(Some(len))
+    }
+
+    /// The next complete frame, decoded.
+    pub fn poll_frame<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+        let Some(len) = self.next_len()? else {
+            return Ok(None);
+        };
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let msg = decode_body(&self.buf[4..4 + len]);
+        self.buf.drain(..4 + len);
+        msg.map(Some)
+    }
+
+    /// The stream ended: an error if a frame was cut off.
+    pub fn handle_end(&self) -> Result<(), FrameError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let want = self.next_len()?.map_or(4, |l| l + 4);
+        Err(FrameError::Truncated {
+            have: self.buf.len(),
+            want,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_in_pieces() {
+        let a = Request::Lease {
+            want: 3,
+            running: vec![LeaseId {
+                task: 9,
+                attempt: 2,
+            }],
+        };
+        let b = Request::PutBlob {
+            digest: Digest::of(b"x"),
+            offset: 5,
+            data: Bytes(vec![1, 2, 3]),
+        };
+        let mut bytes = encode(&a).expect("encode");
+        bytes.extend(encode(&b).expect("encode"));
+        let mut d = FrameDecoder::new();
+        let mut got = Vec::new();
+        for chunk in bytes.chunks(3) {
+            d.handle_bytes(chunk);
+            while let Some(m) = d.poll_frame::<Request>().expect("decode") {
+                got.push(m);
+            }
+        }
+        assert_eq!(got, vec![a, b]);
+        d.handle_end().expect("clean end");
+    }
+
+    #[test]
+    fn bytes_are_bin_not_arrays() {
+        let f = encode(&Bytes(vec![0xff; 1000])).expect("encode");
+        assert!(f.len() < 1010, "{} bytes", f.len());
+    }
+
+    #[test]
+    fn oversized_garbage_and_truncated_frames_are_errors() {
+        let mut d = FrameDecoder::new();
+        d.handle_bytes(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            d.poll_frame::<Request>(),
+            Err(FrameError::Oversized { .. })
+        ));
+
+        let mut d = FrameDecoder::new();
+        let mut junk = 5u32.to_be_bytes().to_vec();
+        junk.extend([0xc1, 0xc1, 0xc1, 0xc1, 0xc1]);
+        d.handle_bytes(&junk);
+        assert!(matches!(
+            d.poll_frame::<Request>(),
+            Err(FrameError::Malformed(_))
+        ));
+
+        let mut d = FrameDecoder::new();
+        d.handle_bytes(&encode(&Request::PoolStatus).expect("encode")[..3]);
+        assert!(d.poll_frame::<Request>().expect("partial").is_none());
+        assert!(matches!(d.handle_end(), Err(FrameError::Truncated { .. })));
+    }
+}
