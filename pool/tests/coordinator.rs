@@ -1,0 +1,329 @@
+//! The coordinator on a real SQLite file with simulated time and real
+//! signatures: leases, fencing, expiry, dead letters, restarts, receipts.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tidepool_pool::coordinator::{Admission, Coordinator, PoolConfig, PoolEvent};
+use tidepool_pool::store::{Durability, SqliteStore};
+use tidepool_proto::manifest::{AuthoredManifest, BlobRef, LockedManifest};
+use tidepool_proto::receipt::LeaseReceipt;
+use tidepool_proto::wire::{Bytes, Capabilities, LeaseId, Outcome, TaskGrant, TaskResult, Verdict};
+use tidepool_proto::{Digest, KeyRole, Receipt, SecretKey};
+
+const NOW_UNIX: u64 = 1_800_000_000;
+
+struct World {
+    publisher: SecretKey,
+    node_a: SecretKey,
+    node_b: SecretKey,
+    cfg: PoolConfig,
+}
+
+fn world() -> World {
+    let publisher = SecretKey::from_seed(KeyRole::Publisher, &[1; 32]);
+    let mut cfg = PoolConfig {
+        lease_ttl: Duration::from_secs(10),
+        max_attempts: 3,
+        ..PoolConfig::default()
+    };
+    cfg.publishers.insert(publisher.public());
+    World {
+        publisher,
+        node_a: SecretKey::from_seed(KeyRole::Node, &[2; 32]),
+        node_b: SecretKey::from_seed(KeyRole::Node, &[3; 32]),
+        cfg,
+    }
+}
+
+fn open(path: &Path, cfg: &PoolConfig) -> Coordinator<SqliteStore> {
+    let store = SqliteStore::open(path, Durability::Process).expect("open store");
+    Coordinator::new(store, cfg.clone(), &|_| true).expect("coordinator")
+}
+
+fn caps() -> Capabilities {
+    Capabilities { encodings: vec!["onnx".into()], slots: 4, fetch_models: true, ..Capabilities::default() }
+}
+
+/// Publish a bundle with one onnx model; returns its digest and component digest.
+fn publish(c: &mut Coordinator<SqliteStore>, w: &World) -> (Digest, Digest) {
+    let a = AuthoredManifest::parse(&format!(
+        "name = \"echo\"\nversion = \"1.0.0\"\ncomponent = \"echo.wasm\"\n[models.m]\nencoding = \"onnx\"\nsource = \"m.onnx\"\nsha256 = \"{}\"\n",
+        Digest::of(b"model").hex()
+    ))
+    .expect("manifest");
+    let component = BlobRef { sha256: Digest::of(b"component"), size: 9 };
+    let models = BTreeMap::from([("m".to_owned(), BlobRef { sha256: Digest::of(b"model"), size: 5 })]);
+    let locked = LockedManifest::lock(&a, component, &models, w.publisher.public(), NOW_UNIX).expect("lock");
+    let signed = locked.sign(&w.publisher).expect("sign");
+    let (digest, missing) = c.handle_publish(NOW_UNIX, signed, &|_| true).expect("publish");
+    assert!(missing.is_empty());
+    (digest, component.sha256)
+}
+
+/// What an honest node returns for a grant: the input reversed.
+fn honest(key: &SecretKey, g: &TaskGrant, component: Digest) -> TaskResult {
+    let output: Vec<u8> = g.input.0.iter().rev().copied().collect();
+    let receipt = Receipt {
+        task_id: g.lease.task.to_string(),
+        component,
+        input: Digest::of(&g.input.0),
+        output: Digest::of(&output),
+        ok: true,
+        output_len: output.len() as u64,
+        wall_time_us: 1,
+        fuel: None,
+        deterministic: true,
+        models: BTreeMap::new(),
+        runtime: "test".into(),
+    };
+    let signed = LeaseReceipt { lease: g.lease, bundle: g.bundle, receipt }.sign(key);
+    TaskResult { lease: g.lease, outcome: Outcome::Output(Bytes(output)), receipt: Some(signed) }
+}
+
+fn inputs(n: usize) -> Vec<Vec<u8>> {
+    (0..n).map(|i| format!("input {i}").into_bytes()).collect()
+}
+
+#[test]
+fn results_are_accepted_once_and_resends_are_duplicates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world();
+    let mut c = open(&dir.path().join("pool.db"), &w.cfg);
+    let (bundle, component) = publish(&mut c, &w);
+    let t0 = Instant::now();
+    let (job, n) = c.handle_submit(NOW_UNIX, &bundle, "k1", &inputs(3)).expect("submit");
+    assert_eq!(n, 3);
+    // Same idempotency key: same job, no new tasks.
+    assert_eq!(c.handle_submit(NOW_UNIX, &bundle, "k1", &inputs(3)).expect("resubmit"), (job, 3));
+    assert_eq!(c.queued(), 3);
+
+    c.handle_node_hello(t0, w.node_a.public(), caps()).expect("hello");
+    let (grants, lost) = c.handle_lease(t0, &w.node_a.public(), 10, &[]).expect("lease");
+    assert_eq!(grants.len(), 3, "capped by nothing but the queue (4 slots)");
+    assert!(lost.is_empty());
+    assert!(grants.iter().all(|g| g.lease.attempt == 1));
+
+    let results: Vec<_> = grants.iter().map(|g| honest(&w.node_a, g, component)).collect();
+    let v = c.handle_results(t0, &w.node_a.public(), results.clone()).expect("results");
+    assert!(v.iter().all(|(_, v)| *v == Verdict::Accepted), "{v:?}");
+    let v = c.handle_results(t0, &w.node_a.public(), results).expect("resend");
+    assert!(v.iter().all(|(_, v)| *v == Verdict::Duplicate), "{v:?}");
+
+    let s = c.job_status(job).expect("status");
+    assert_eq!((s.tasks, s.done, s.dead, s.running), (3, 3, 0, 0));
+    assert!(matches!(c.poll_event(), Some(PoolEvent::JobFinished { job: j }) if j == job));
+    let recs = c.job_results(job, 0, 100).expect("results");
+    assert_eq!(recs.len(), 3);
+    for (i, r) in recs.iter().enumerate() {
+        let want: Vec<u8> = inputs(3)[i].iter().rev().copied().collect();
+        assert_eq!(r.outcome, Some(Outcome::Output(Bytes(want))));
+        assert_eq!(r.node, Some(w.node_a.public()));
+    }
+}
+
+#[test]
+fn expired_lease_requeues_with_a_new_attempt_and_fences_the_old_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world();
+    let mut c = open(&dir.path().join("pool.db"), &w.cfg);
+    let (bundle, component) = publish(&mut c, &w);
+    let t0 = Instant::now();
+    c.handle_submit(NOW_UNIX, &bundle, "k", &inputs(1)).expect("submit");
+    c.handle_node_hello(t0, w.node_a.public(), caps()).expect("hello a");
+    c.handle_node_hello(t0, w.node_b.public(), caps()).expect("hello b");
+    let (ga, _) = c.handle_lease(t0, &w.node_a.public(), 1, &[]).expect("lease a");
+    assert_eq!(ga.len(), 1);
+
+    // A renews at 5 s; the lease now ends at 15 s.
+    let t5 = t0 + Duration::from_secs(5);
+    let (_, lost) = c.handle_lease(t5, &w.node_a.public(), 0, &[ga[0].lease]).expect("renew");
+    assert!(lost.is_empty());
+    assert_eq!(c.poll_timeout(), Some(t5 + w.cfg.lease_ttl));
+    c.handle_timeout(t0 + Duration::from_secs(12)).expect("not yet");
+    assert_eq!(c.leased(), 1);
+
+    // A goes silent; at 15 s the task is back in the queue.
+    let t15 = t5 + w.cfg.lease_ttl;
+    c.handle_timeout(t15).expect("expire");
+    assert_eq!((c.leased(), c.queued()), (0, 1));
+    match c.poll_event() {
+        Some(PoolEvent::Requeued { lease, node, at, last_renewed }) => {
+            assert_eq!(lease, ga[0].lease);
+            assert_eq!(node, w.node_a.public());
+            assert_eq!((at, last_renewed), (t15, t5));
+        }
+        other => panic!("expected a requeue, got {other:?}"),
+    }
+    let (gb, _) = c.handle_lease(t15, &w.node_b.public(), 1, &[]).expect("lease b");
+    assert_eq!(gb[0].lease, LeaseId { task: ga[0].lease.task, attempt: 2 });
+
+    // A wakes up: its renewal is refused and its late result is stale.
+    let (_, lost) = c.handle_lease(t15, &w.node_a.public(), 0, &[ga[0].lease]).expect("late renew");
+    assert_eq!(lost, vec![ga[0].lease]);
+    let v = c.handle_results(t15, &w.node_a.public(), vec![honest(&w.node_a, &ga[0], component)]).expect("late");
+    assert_eq!(v[0].1, Verdict::Stale);
+    let v = c.handle_results(t15, &w.node_b.public(), vec![honest(&w.node_b, &gb[0], component)]).expect("b");
+    assert_eq!(v[0].1, Verdict::Accepted);
+}
+
+#[test]
+fn failing_tasks_are_dead_lettered_with_every_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world();
+    let mut c = open(&dir.path().join("pool.db"), &w.cfg);
+    let (bundle, _) = publish(&mut c, &w);
+    let mut t = Instant::now();
+    let (job, _) = c.handle_submit(NOW_UNIX, &bundle, "k", &inputs(1)).expect("submit");
+    c.handle_node_hello(t, w.node_a.public(), caps()).expect("hello");
+    for attempt in 1..=3 {
+        let (g, _) = c.handle_lease(t, &w.node_a.public(), 1, &[]).expect("lease");
+        assert_eq!(g[0].lease.attempt, attempt);
+        if attempt == 2 {
+            t += w.cfg.lease_ttl;
+            c.handle_timeout(t).expect("expire");
+        } else {
+            let failed = TaskResult {
+                lease: g[0].lease,
+                outcome: Outcome::Failed { reason: format!("out of memory #{attempt}") },
+                receipt: None,
+            };
+            c.handle_results(t, &w.node_a.public(), vec![failed]).expect("failed");
+        }
+    }
+    assert_eq!(c.queued(), 0);
+    let (g, _) = c.handle_lease(t, &w.node_a.public(), 1, &[]).expect("nothing left");
+    assert!(g.is_empty());
+    let rec = &c.job_results(job, 0, 10).expect("records")[0];
+    assert_eq!(rec.state, "dead");
+    assert_eq!(rec.reasons.len(), 3, "{:?}", rec.reasons);
+    assert!(rec.reasons[0].contains("out of memory #1"));
+    assert!(rec.reasons[1].contains("lease expired"));
+    assert!(rec.reasons[2].contains("out of memory #3"));
+    assert_eq!(c.job_status(job).expect("status").dead, 1);
+}
+
+#[test]
+fn bad_receipts_are_refused_and_the_task_retried() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world();
+    let mut c = open(&dir.path().join("pool.db"), &w.cfg);
+    let (bundle, component) = publish(&mut c, &w);
+    let t = Instant::now();
+    c.handle_submit(NOW_UNIX, &bundle, "k", &inputs(4)).expect("submit");
+    c.handle_node_hello(t, w.node_a.public(), caps()).expect("hello");
+    let (g, _) = c.handle_lease(t, &w.node_a.public(), 4, &[]).expect("lease");
+    let mut bad = Vec::new();
+    // Output altered after signing.
+    let mut r = honest(&w.node_a, &g[0], component);
+    r.outcome = Outcome::Output(Bytes(b"forged".to_vec()));
+    bad.push(r);
+    // Signed by another key.
+    bad.push(honest(&w.node_b, &g[1], component));
+    // No receipt.
+    let mut r = honest(&w.node_a, &g[2], component);
+    r.receipt = None;
+    bad.push(r);
+    // Receipt of another task.
+    let mut r = honest(&w.node_a, &g[3], component);
+    r.receipt = honest(&w.node_a, &g[0], component).receipt;
+    bad.push(r);
+    let v = c.handle_results(t, &w.node_a.public(), bad).expect("results");
+    let reasons: Vec<String> = v
+        .iter()
+        .map(|(_, v)| match v {
+            Verdict::Refused(why) => why.clone(),
+            other => panic!("expected a refusal, got {other:?}"),
+        })
+        .collect();
+    assert!(reasons[0].contains("output digest"), "{}", reasons[0]);
+    assert!(reasons[1].contains("signed by"), "{}", reasons[1]);
+    assert!(reasons[2].contains("without a receipt"), "{}", reasons[2]);
+    assert!(reasons[3].contains("receipt is for"), "{}", reasons[3]);
+    assert_eq!(c.queued(), 4, "all four go back to the queue");
+}
+
+#[test]
+fn restart_keeps_submissions_and_results_and_refuses_old_attempts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("pool.db");
+    let w = world();
+    let t = Instant::now();
+    let (job, component, leased) = {
+        let mut c = open(&db, &w.cfg);
+        let (bundle, component) = publish(&mut c, &w);
+        let (job, _) = c.handle_submit(NOW_UNIX, &bundle, "k", &inputs(5)).expect("submit");
+        c.handle_node_hello(t, w.node_a.public(), caps()).expect("hello");
+        let (g, _) = c.handle_lease(t, &w.node_a.public(), 3, &[]).expect("lease");
+        let v = c.handle_results(t, &w.node_a.public(), vec![honest(&w.node_a, &g[0], component)]).expect("r");
+        assert_eq!(v[0].1, Verdict::Accepted);
+        (job, component, g)
+        // dropped without any shutdown: like a crash after the last commit
+    };
+    let mut c = open(&db, &w.cfg);
+    let s = c.job_status(job).expect("status");
+    assert_eq!((s.tasks, s.done), (5, 1));
+    assert_eq!(c.queued(), 4, "the two leased tasks are queued again with the two never leased");
+    c.handle_node_hello(t, w.node_a.public(), caps()).expect("hello");
+    let v = c.handle_results(t, &w.node_a.public(), vec![honest(&w.node_a, &leased[1], component)]).expect("late");
+    assert_eq!(v[0].1, Verdict::Stale, "a result of an attempt from before the restart");
+    let v = c.handle_results(t, &w.node_a.public(), vec![honest(&w.node_a, &leased[0], component)]).expect("dup");
+    assert_eq!(v[0].1, Verdict::Duplicate);
+    let (g, _) = c.handle_lease(t, &w.node_a.public(), 4, &[]).expect("lease");
+    let attempts: BTreeSet<u32> = g.iter().map(|g| g.lease.attempt).collect();
+    assert_eq!(attempts, BTreeSet::from([1, 2]), "re-leased tasks get attempt 2");
+    let v = c.handle_results(t, &w.node_a.public(), g.iter().map(|g| honest(&w.node_a, g, component)).collect());
+    assert!(v.expect("results").iter().all(|(_, v)| *v == Verdict::Accepted));
+    assert_eq!(c.job_status(job).expect("status").done, 5);
+}
+
+#[test]
+fn scheduling_matches_capabilities_and_admission() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut w = world();
+    w.cfg.admission = Admission::Allowlist(BTreeSet::from([w.node_a.public()]));
+    let mut c = open(&dir.path().join("pool.db"), &w.cfg);
+    let (bundle, _) = publish(&mut c, &w);
+    let t = Instant::now();
+    c.handle_submit(NOW_UNIX, &bundle, "k", &inputs(2)).expect("submit");
+    let refused = c.handle_node_hello(t, w.node_b.public(), caps()).expect_err("not on the allowlist");
+    assert!(refused.close && refused.message.contains("allowlist"), "{refused:?}");
+
+    let ggml_only = Capabilities { encodings: vec!["ggml".into()], ..caps() };
+    c.handle_node_hello(t, w.node_a.public(), ggml_only).expect("hello");
+    assert!(c.handle_lease(t, &w.node_a.public(), 2, &[]).expect("lease").0.is_empty(), "no onnx backend");
+
+    let small = Capabilities { memory_mib: 64, ..caps() };
+    c.handle_node_hello(t, w.node_a.public(), small).expect("hello");
+    assert!(c.handle_lease(t, &w.node_a.public(), 2, &[]).expect("lease").0.is_empty(), "512 MiB tasks");
+
+    let no_fetch = Capabilities { fetch_models: false, ..caps() };
+    c.handle_node_hello(t, w.node_a.public(), no_fetch).expect("hello");
+    assert!(c.handle_lease(t, &w.node_a.public(), 2, &[]).expect("lease").0.is_empty(), "model not on disk");
+
+    let one_slot = Capabilities { slots: 1, models: vec![Digest::of(b"model")], fetch_models: false, ..caps() };
+    c.handle_node_hello(t, w.node_a.public(), one_slot).expect("hello");
+    assert_eq!(c.handle_lease(t, &w.node_a.public(), 5, &[]).expect("lease").0.len(), 1, "one slot");
+}
+
+#[test]
+fn publishing_refuses_unknown_signers_and_submitting_needs_blobs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world();
+    let store = SqliteStore::open(&dir.path().join("pool.db"), Durability::Process).expect("store");
+    let mut c = Coordinator::new(store, w.cfg.clone(), &|_| false).expect("coordinator");
+    let stranger = SecretKey::from_seed(KeyRole::Publisher, &[9; 32]);
+    let a = AuthoredManifest::parse("name = \"x\"\nversion = \"1.0.0\"\ncomponent = \"x.wasm\"\n").expect("parse");
+    let blob = BlobRef { sha256: Digest::of(b"x"), size: 1 };
+    let m = LockedManifest::lock(&a, blob, &BTreeMap::new(), stranger.public(), NOW_UNIX).expect("lock");
+    let err = c.handle_publish(NOW_UNIX, m.sign(&stranger).expect("sign"), &|_| false).expect_err("stranger");
+    assert!(err.message.contains("not a trusted publisher"), "{}", err.message);
+
+    let m = LockedManifest::lock(&a, blob, &BTreeMap::new(), w.publisher.public(), NOW_UNIX).expect("lock");
+    let (digest, missing) = c.handle_publish(NOW_UNIX, m.sign(&w.publisher).expect("sign"), &|_| false).expect("ok");
+    assert_eq!(missing, vec![blob.sha256]);
+    let err = c.handle_submit(NOW_UNIX, &digest, "k", &inputs(1)).expect_err("blob missing");
+    assert!(err.message.contains("lacks 1 blob"), "{}", err.message);
+    c.handle_blob_stored(&blob.sha256);
+    c.handle_submit(NOW_UNIX, &digest, "k", &inputs(1)).expect("now it can run");
+}
