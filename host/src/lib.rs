@@ -9,6 +9,7 @@ pub mod backend;
 pub mod cache;
 pub mod determinism;
 pub mod local;
+pub mod node;
 pub use tidepool_models as models;
 pub mod registry;
 pub mod sandbox;

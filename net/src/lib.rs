@@ -1,1 +1,15 @@
-//! placeholder
+//! QUIC transport for Tidepool: endpoints whose TLS identities are pinned to
+//! Ed25519 keys, framed request/response streams, and the content-addressed
+//! blob directory that pools serve from and nodes cache into.
+//!
+//! This crate moves bytes and checks identities; it knows nothing about
+//! scheduling or jobs (those are in `tidepool-pool` and `tidepool-host`).
+
+pub mod blobs;
+pub mod endpoint;
+pub mod frames;
+pub mod tls;
+
+pub use blobs::{BlobDir, BlobError};
+pub use endpoint::{client, connect, peer_key, server, NetError};
+pub use frames::{call, read_frame, write_frame, StreamError};

@@ -4,10 +4,16 @@
 //!
 //! - [`store`]: the durable state behind a trait; SQLite by default.
 //! - [`coordinator`]: the scheduling state machine (sans-IO).
+//! - [`server`]: the QUIC shell around the coordinator (`pool serve`).
+//! - [`client`]: publish, submit and read status over QUIC.
+//! - [`bundle`]: bundle files: pack, sign, verify.
 //!
 //! This crate never runs guest code.
 
+pub mod bundle;
+pub mod client;
 pub mod coordinator;
+pub mod server;
 pub mod store;
 
 pub use coordinator::{Admission, Coordinator, PoolConfig, PoolEvent};

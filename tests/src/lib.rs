@@ -5,6 +5,8 @@
 //! failure that says so, never a skip.
 
 use anyhow::{Context, Result};
+
+pub mod cluster;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use tidepool_host::local::{registry_from_args, ModelArg};

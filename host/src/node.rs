@@ -1,0 +1,443 @@
+//! The node agent: connects to a pool over QUIC, takes tasks under leases,
+//! checks each bundle before running anything from it, runs tasks in the
+//! sandbox and returns results with signed receipts.
+//!
+//! The protocol decisions (when to ask for work, renew leases, resend
+//! results, finish draining) are made by [`NodeSession`], a state machine
+//! without I/O; this module is the tokio shell around it. Sandbox calls are
+//! synchronous and run on blocking threads.
+//!
+//! Before a bundle's first task, the node fetches its signed manifest and
+//! refuses it unless: the signer is a publisher the node owner trusts, the
+//! signature verifies over the exact bytes, it has not expired, its version
+//! is not lower than one seen before from that publisher (remembered in
+//! `versions.json` across restarts), and every blob fetched hashes to the
+//! digest in the manifest. Nothing from a refused bundle is compiled or
+//! instantiated.
+
+use crate::registry::RegistryBuilder;
+use crate::sandbox::{JobComponent, Sandbox, SandboxConfig, TaskSpec};
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tidepool_net::{call, read_frame, write_frame, BlobDir};
+use tidepool_proto::manifest::{check_blob, LockedManifest, SignedManifest, VersionBook};
+use tidepool_proto::receipt::LeaseReceipt;
+use tidepool_proto::session::{NodeEvent, NodeSession};
+use tidepool_proto::wire::{
+    Bytes, Capabilities, Outcome, Request, Response, TaskGrant, TaskResult, Verdict, PROTOCOL_VERSION,
+};
+use tidepool_proto::{Digest, PublicKey, SecretKey};
+use tokio::sync::{mpsc, Mutex};
+use tracing::{debug, info, warn};
+
+/// A node's configuration (the `[node]` file of `tidepool node run`).
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The pool's address.
+    pub pool: SocketAddr,
+    /// The pool's key (pinned).
+    pub pool_key: PublicKey,
+    /// This node's key.
+    pub key: SecretKey,
+    /// Where blobs, the compiled cache and `versions.json` live.
+    pub data_dir: PathBuf,
+    /// Tasks run at once.
+    pub slots: u32,
+    /// Memory per task, MiB (bundles asking for more are not sent here).
+    pub memory_mib: u32,
+    /// Publishers whose bundles this node runs.
+    pub publishers: BTreeSet<PublicKey>,
+    /// Whether to fetch models from the pool (otherwise only bundles whose
+    /// models are already in the blob directory run here).
+    pub fetch_models: bool,
+}
+
+/// What a node did, reported when it stops.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeReport {
+    /// Tasks run to a result (output or job error).
+    pub completed: u64,
+    /// Tasks that failed on this node (sandbox limits, refused bundles).
+    pub failed: u64,
+    /// Results the pool accepted.
+    pub accepted: u64,
+    /// Results the pool refused or found stale.
+    pub rejected: u64,
+    /// Connections made.
+    pub connections: u64,
+}
+
+/// Errors that stop a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Bad configuration.
+    #[error("node configuration: {0}")]
+    Config(String),
+    /// Local storage failed.
+    #[error(transparent)]
+    Blobs(#[from] tidepool_net::BlobError),
+    /// Network set-up failed.
+    #[error(transparent)]
+    Net(#[from] tidepool_net::NetError),
+}
+
+/// A bundle ready to run.
+struct Prepared {
+    /// Verified manifest.
+    manifest: LockedManifest,
+    /// Its digest.
+    digest: Digest,
+    /// The sandbox for its limits and models.
+    sandbox: Arc<Sandbox>,
+    /// The compiled component.
+    job: JobComponent,
+}
+
+/// State shared by the agent's tasks; lives as long as `run`.
+struct Ctx {
+    /// Node key (signs receipts).
+    key: SecretKey,
+    /// Trusted publishers.
+    publishers: BTreeSet<PublicKey>,
+    /// Node memory limit per task.
+    memory_mib: u32,
+    /// Slots (sizes each sandbox's instance pool).
+    slots: u32,
+    /// Blob cache.
+    blobs: BlobDir,
+    /// Compiled component cache.
+    compiled: PathBuf,
+    /// Highest versions seen, persisted at `versions_path`.
+    versions: std::sync::Mutex<VersionBook>,
+    /// Where `versions` is saved.
+    versions_path: PathBuf,
+    /// Prepared bundles by digest (and refusals, so a bad bundle is not
+    /// fetched again for every task).
+    prepared: Mutex<HashMap<Digest, Result<Arc<Prepared>, String>>>,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Ctx {
+    async fn prepare(self: &Arc<Self>, conn: &quinn::Connection, bundle: Digest) -> Result<Arc<Prepared>, String> {
+        let mut map = self.prepared.lock().await;
+        if let Some(p) = map.get(&bundle) {
+            return p.clone();
+        }
+        let result = self.prepare_uncached(conn, bundle).await;
+        match &result {
+            Ok(_) => info!(%bundle, "bundle verified and loaded"),
+            Err(why) => warn!(%bundle, "bundle refused: {why}"),
+        }
+        // Transport failures are retried on the next task; refusals are remembered.
+        if !matches!(&result, Err(why) if why.starts_with("fetch")) {
+            map.insert(bundle, result.clone());
+        }
+        result
+    }
+
+    async fn prepare_uncached(self: &Arc<Self>, conn: &quinn::Connection, bundle: Digest) -> Result<Arc<Prepared>, String> {
+        let signed: SignedManifest = match call(conn, &Request::FetchManifest { bundle }).await {
+            Ok(Response::Manifest(m)) => m,
+            Ok(other) => return Err(format!("fetch manifest: unexpected answer {other:?}")),
+            Err(e) => return Err(format!("fetch manifest: {e}")),
+        };
+        if signed.digest() != bundle {
+            return Err(format!("bundle refused: the pool sent a manifest with digest {} for {bundle}", signed.digest()));
+        }
+        let manifest = signed.verify(&self.publishers, unix_now()).map_err(|e| format!("bundle refused: {e}"))?;
+        {
+            let mut book = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+            if book.admit(&manifest).map_err(|e| format!("bundle refused: {e}"))? {
+                let json = serde_json::to_vec_pretty(&*book).expect("version book serialises");
+                let tmp = self.versions_path.with_extension("json.tmp");
+                std::fs::write(&tmp, json)
+                    .and_then(|()| std::fs::rename(&tmp, &self.versions_path))
+                    .map_err(|e| format!("cannot save {}: {e}", self.versions_path.display()))?;
+            }
+        }
+        let mut named = vec![("component".to_owned(), manifest.component)];
+        named.extend(manifest.models.iter().map(|(n, m)| (format!("model {n}"), m.blob)));
+        for (what, blob) in &named {
+            self.fetch_blob(conn, what, blob).await?;
+        }
+        let component = std::fs::read(self.blobs.path(&manifest.component.sha256)).map_err(|e| format!("read component: {e}"))?;
+        check_blob("component", &manifest.component, &component).map_err(|e| format!("bundle refused: {e}"))?;
+        let ctx = self.clone();
+        let m = manifest.clone();
+        tokio::task::spawn_blocking(move || ctx.load(m, bundle, &component))
+            .await
+            .map_err(|e| format!("loading bundle panicked: {e}"))?
+    }
+
+    async fn fetch_blob(&self, conn: &quinn::Connection, what: &str, blob: &tidepool_proto::manifest::BlobRef) -> Result<(), String> {
+        let d = blob.sha256;
+        while !self.blobs.has(&d) {
+            let offset = self.blobs.held(&d);
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("fetch {what}: {e}"))?;
+            write_frame(&mut send, &Request::FetchBlob { digest: d, offset }).await.map_err(|e| format!("fetch {what}: {e}"))?;
+            let _ = send.finish();
+            loop {
+                match read_frame::<Response>(&mut recv).await {
+                    Ok(Some(Response::BlobChunk { offset, total, data, .. })) => {
+                        if total != blob.size {
+                            return Err(format!("bundle refused: {what} is {total} bytes on the pool, the manifest says {}", blob.size));
+                        }
+                        match self.blobs.append(&d, blob.size, offset, &data.0) {
+                            Ok(true) => break,
+                            Ok(false) => {}
+                            Err(tidepool_net::BlobError::Mismatch { expected, actual }) => {
+                                return Err(format!(
+                                    "bundle refused: {what} does not match the signed manifest: expected {expected}, got {actual}"
+                                ))
+                            }
+                            Err(e) => return Err(format!("store {what}: {e}")),
+                        }
+                    }
+                    Ok(Some(Response::Error { message, .. })) => return Err(format!("fetch {what}: {message}")),
+                    Ok(Some(other)) => return Err(format!("fetch {what}: unexpected {other:?}")),
+                    // Stream ended or broke: loop resumes from what is held.
+                    Ok(None) => break,
+                    Err(e) => return Err(format!("fetch {what}: {e}")),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn load(&self, manifest: LockedManifest, digest: Digest, component: &[u8]) -> Result<Arc<Prepared>, String> {
+        let mut reg = RegistryBuilder::new(crate::default_engines());
+        for (name, m) in &manifest.models {
+            reg.add(name, &m.encoding, &self.blobs.path(&m.blob.sha256), &m.blob.sha256.hex())
+                .map_err(|e| format!("model {name}: {e}"))?;
+        }
+        let memory = manifest.limits.memory_mib.min(self.memory_mib.max(16));
+        let config = SandboxConfig {
+            max_memory_bytes: (memory as usize) << 20,
+            timeout: Duration::from_millis(manifest.limits.timeout_ms),
+            max_output_bytes: (manifest.limits.max_output_kib as usize) << 10,
+            fuel: manifest.limits.fuel,
+            deterministic: true,
+            max_concurrent: self.slots,
+            cache_dir: Some(self.compiled.clone()),
+            ..SandboxConfig::default()
+        };
+        let sandbox = Sandbox::new(config, reg.build()).map_err(|e| format!("sandbox: {e:#}"))?;
+        let job = sandbox.load(component).map_err(|e| format!("component: {e}"))?;
+        Ok(Arc::new(Prepared { manifest, digest, sandbox: Arc::new(sandbox), job }))
+    }
+
+    async fn run_task(self: Arc<Self>, conn: quinn::Connection, g: TaskGrant) -> TaskResult {
+        let failed = |reason: String| TaskResult { lease: g.lease, outcome: Outcome::Failed { reason }, receipt: None };
+        let p = match self.prepare(&conn, g.bundle).await {
+            Ok(p) => p,
+            Err(why) => return failed(why),
+        };
+        let lease = g.lease;
+        let input = g.input.0;
+        let p2 = p.clone();
+        let ran = tokio::task::spawn_blocking(move || {
+            let id = lease.task.to_string();
+            p2.sandbox.run(&p2.job, TaskSpec { id: &id, params: &p2.manifest.params, input: &input })
+        })
+        .await;
+        let out = match ran {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => return failed(e.to_string()),
+            Err(e) => return failed(format!("task panicked: {e}")),
+        };
+        let outcome = match out.result {
+            Ok(bytes) => Outcome::Output(Bytes(bytes)),
+            Err(f) => Outcome::JobError { code: f.code, message: f.message },
+        };
+        let receipt = LeaseReceipt { lease, bundle: p.digest, receipt: out.receipt }.sign(&self.key);
+        TaskResult { lease, outcome, receipt: Some(receipt) }
+    }
+}
+
+/// Which request a response answers.
+#[derive(Debug)]
+enum Pending {
+    Lease,
+    Results,
+}
+
+/// Run a node until `drain` resolves and every held task is finished and
+/// returned (or the pool is unreachable while draining).
+pub async fn run(cfg: NodeConfig, drain: impl std::future::Future<Output = ()>) -> Result<NodeReport, NodeError> {
+    if cfg.publishers.is_empty() {
+        return Err(NodeError::Config("no trusted publishers: this node would refuse every bundle".into()));
+    }
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| NodeError::Config(format!("cannot create {}: {e}", cfg.data_dir.display())))?;
+    let versions_path = cfg.data_dir.join("versions.json");
+    let versions: VersionBook = match std::fs::read(&versions_path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map_err(|e| NodeError::Config(format!("{}: {e}", versions_path.display())))?,
+        Err(_) => VersionBook::default(),
+    };
+    let blobs = BlobDir::open(cfg.data_dir.join("blobs"))?;
+    let ctx = Arc::new(Ctx {
+        key: cfg.key.clone(),
+        publishers: cfg.publishers.clone(),
+        memory_mib: cfg.memory_mib,
+        slots: cfg.slots,
+        blobs,
+        compiled: cfg.data_dir.join("compiled"),
+        versions: std::sync::Mutex::new(versions),
+        versions_path,
+        prepared: Mutex::new(HashMap::new()),
+    });
+    let endpoint = tidepool_net::client(&cfg.key, cfg.pool_key)?;
+    let mut session = NodeSession::new(cfg.slots, Instant::now());
+    let mut report = NodeReport::default();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<TaskResult>();
+    let (resp_tx, mut resp_rx) = mpsc::unbounded_channel::<(u64, Pending, Result<Response, String>)>();
+    let mut generation = 0u64;
+    let mut backoff = Duration::from_millis(100);
+    let mut drain = std::pin::pin!(drain);
+    let mut draining = false;
+    let caps = || Capabilities {
+        encodings: crate::default_engines().iter().map(|e| e.encoding().to_string()).collect(),
+        models: Vec::new(),
+        memory_mib: cfg.memory_mib,
+        slots: cfg.slots,
+        gpu: None,
+        publishers: cfg.publishers.iter().copied().collect(),
+        fetch_models: cfg.fetch_models,
+    };
+    'connect: loop {
+        if draining && session.is_drained() {
+            break;
+        }
+        let conn = match tidepool_net::connect(&endpoint, cfg.pool).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("{e}; retrying in {} ms", backoff.as_millis());
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = &mut drain, if !draining => { draining = true; session.handle_drain(Instant::now()); }
+                }
+                if draining && session.running() == 0 {
+                    // Nothing held; results not yet sent are lost to this node
+                    // but the pool re-runs their tasks when the leases expire.
+                    break;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        let hello = Request::NodeHello { protocol: PROTOCOL_VERSION, agent: concat!("tidepool ", env!("CARGO_PKG_VERSION")).into(), caps: caps() };
+        let heartbeat = match call::<_, Response>(&conn, &hello).await {
+            Ok(Response::Welcome { heartbeat_ms, .. }) => Duration::from_millis(heartbeat_ms),
+            Ok(Response::Error { message, .. }) => {
+                return Err(NodeError::Config(format!("the pool refused this node: {message}")));
+            }
+            Ok(other) => {
+                warn!("unexpected answer to hello: {other:?}");
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+            Err(e) => {
+                warn!("hello failed: {e}");
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        generation += 1;
+        report.connections += 1;
+        info!(pool = %cfg.pool, "connected");
+        session.handle_welcome(Instant::now(), heartbeat);
+        loop {
+            let now = Instant::now();
+            while let Some(req) = session.poll_request(now) {
+                let kind = if matches!(req, Request::Lease { .. }) { Pending::Lease } else { Pending::Results };
+                let (conn, tx, g) = (conn.clone(), resp_tx.clone(), generation);
+                tokio::spawn(async move {
+                    let r = call::<_, Response>(&conn, &req).await.map_err(|e| e.to_string());
+                    let _ = tx.send((g, kind, r));
+                });
+            }
+            while let Some(ev) = session.poll_event() {
+                match ev {
+                    NodeEvent::Run(g) => {
+                        debug!(lease = %g.lease, "running");
+                        let (ctx, conn, tx) = (ctx.clone(), conn.clone(), done_tx.clone());
+                        tokio::spawn(async move {
+                            let r = ctx.run_task(conn, g).await;
+                            let _ = tx.send(r);
+                        });
+                    }
+                    NodeEvent::Cancel(l) => info!(lease = %l, "lease lost; its result will be dropped"),
+                }
+            }
+            if draining && session.is_drained() {
+                let _ = call::<_, Response>(&conn, &Request::Draining).await;
+                conn.close(0u32.into(), b"drained");
+                break 'connect;
+            }
+            let wake = session.poll_timeout().unwrap_or(now + Duration::from_secs(1));
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake.into()) => {}
+                Some(r) = done_rx.recv() => {
+                    match r.outcome { Outcome::Failed { .. } => report.failed += 1, _ => report.completed += 1 }
+                    session.handle_task_done(Instant::now(), r);
+                }
+                Some((g, kind, r)) = resp_rx.recv() => {
+                    if g != generation { continue; }
+                    let now = Instant::now();
+                    match (kind, r) {
+                        (Pending::Lease, Ok(Response::Leases { grants, lost, retry_ms })) => {
+                            session.handle_leases(now, grants, lost, Duration::from_millis(retry_ms));
+                        }
+                        (Pending::Results, Ok(Response::Verdicts(v))) => {
+                            for (lease, verdict) in v {
+                                match verdict {
+                                    Verdict::Accepted | Verdict::Duplicate => report.accepted += 1,
+                                    Verdict::Stale => { report.rejected += 1; debug!(%lease, "stale result") }
+                                    Verdict::Refused(why) => { report.rejected += 1; warn!(%lease, "result refused: {why}") }
+                                }
+                            }
+                            session.handle_verdicts();
+                        }
+                        (Pending::Lease, Ok(other)) => {
+                            warn!("lease request answered with {other:?}");
+                            session.handle_leases(now, Vec::new(), Vec::new(), Duration::from_secs(1));
+                        }
+                        (Pending::Results, Ok(other)) => {
+                            warn!("results answered with {other:?}; resending later");
+                            session.handle_request_failed();
+                        }
+                        (_, Err(e)) => {
+                            warn!("request failed: {e}; reconnecting");
+                            session.handle_disconnect();
+                            conn.close(0u32.into(), b"reconnecting");
+                            continue 'connect;
+                        }
+                    }
+                }
+                _ = &mut drain, if !draining => {
+                    info!("draining: finishing held tasks");
+                    draining = true;
+                    session.handle_drain(Instant::now());
+                }
+                _ = conn.closed() => {
+                    warn!("connection to the pool lost; reconnecting");
+                    session.handle_disconnect();
+                    continue 'connect;
+                }
+            }
+        }
+    }
+    endpoint.wait_idle().await;
+    Ok(report)
+}

@@ -1,0 +1,161 @@
+//! A client of a pool over QUIC: publish bundles, submit batches, read
+//! status and results. Used by the `tidepool` CLI and by tests.
+
+use crate::bundle::BundleFile;
+use std::net::SocketAddr;
+use tidepool_net::{call, StreamError};
+use tidepool_proto::wire::{
+    Bytes, ErrorCode, JobId, JobSummary, PoolSummary, Request, Response, TaskRecord, BLOB_CHUNK_BYTES,
+    PROTOCOL_VERSION,
+};
+use tidepool_proto::{Digest, PublicKey, SecretKey};
+
+/// Errors talking to a pool.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Connecting failed.
+    #[error(transparent)]
+    Net(#[from] tidepool_net::NetError),
+    /// A request failed in transit.
+    #[error("pool connection: {0}")]
+    Stream(#[from] StreamError),
+    /// The pool refused the request.
+    #[error("pool refused: {message} ({code:?})")]
+    Refused {
+        /// Kind.
+        code: ErrorCode,
+        /// The pool's message.
+        message: String,
+    },
+    /// The pool answered with the wrong message.
+    #[error("pool answered {0} unexpectedly")]
+    Unexpected(String),
+    /// A local file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The bundle is not signed.
+    #[error("bundle is not signed")]
+    Unsigned,
+}
+
+/// A connection to a pool as a client. Lives for one CLI command or test.
+#[derive(Debug)]
+pub struct PoolClient {
+    /// The endpoint (kept so it outlives the connection).
+    endpoint: quinn::Endpoint,
+    /// The connection.
+    conn: quinn::Connection,
+}
+
+fn unexpected(r: &Response) -> ClientError {
+    let s = format!("{r:?}");
+    ClientError::Unexpected(s.chars().take(120).collect())
+}
+
+impl PoolClient {
+    /// Connect and say hello.
+    pub async fn connect(addr: SocketAddr, key: &SecretKey, pool: PublicKey) -> Result<Self, ClientError> {
+        let endpoint = tidepool_net::client(key, pool)?;
+        let conn = tidepool_net::connect(&endpoint, addr).await?;
+        let me = Self { endpoint, conn };
+        match me
+            .call(&Request::ClientHello { protocol: PROTOCOL_VERSION, agent: concat!("tidepool ", env!("CARGO_PKG_VERSION")).into() })
+            .await?
+        {
+            Response::Welcome { .. } => Ok(me),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn call(&self, req: &Request) -> Result<Response, ClientError> {
+        match call(&self.conn, req).await? {
+            Response::Error { code, message } => Err(ClientError::Refused { code, message }),
+            r => Ok(r),
+        }
+    }
+
+    /// Publish a signed bundle and upload the blobs the pool lacks.
+    /// Returns the bundle digest.
+    pub async fn publish(&self, bundle: &BundleFile, mut progress: impl FnMut(u64)) -> Result<Digest, ClientError> {
+        let signed = bundle.signed().ok_or(ClientError::Unsigned)?;
+        let (digest, missing) = match self.call(&Request::Publish { manifest: signed }).await? {
+            Response::Published { bundle, missing } => (bundle, missing),
+            other => return Err(unexpected(&other)),
+        };
+        for blob in missing {
+            let path = bundle.files.get(&blob).ok_or_else(|| ClientError::Io {
+                path: "<bundle>".into(),
+                source: std::io::Error::other(format!("no file for blob {blob} in the bundle")),
+            })?;
+            let data = std::fs::read(path).map_err(|source| ClientError::Io { path: path.clone(), source })?;
+            let mut offset = 0u64;
+            // Resume where the pool stopped (a previous interrupted upload).
+            if let Response::BlobStored { have, .. } =
+                self.call(&Request::PutBlob { digest: blob, offset: 0, data: Bytes(Vec::new()) }).await.unwrap_or(Response::Ok)
+            {
+                offset = have;
+            }
+            while (offset as usize) < data.len() {
+                let end = (offset as usize + BLOB_CHUNK_BYTES).min(data.len());
+                let chunk = Bytes(data[offset as usize..end].to_vec());
+                match self.call(&Request::PutBlob { digest: blob, offset, data: chunk }).await? {
+                    Response::BlobStored { have, .. } => {
+                        progress(have - offset);
+                        offset = have;
+                    }
+                    other => return Err(unexpected(&other)),
+                }
+            }
+        }
+        Ok(digest)
+    }
+
+    /// Submit a batch. `key` makes the submission idempotent.
+    pub async fn submit(&self, bundle: Digest, inputs: Vec<Vec<u8>>, key: String) -> Result<(JobId, u32), ClientError> {
+        let inputs = inputs.into_iter().map(Bytes).collect();
+        match self.call(&Request::Submit { bundle, inputs, key }).await? {
+            Response::Submitted { job, tasks } => Ok((job, tasks)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A job's progress.
+    pub async fn job_status(&self, job: JobId) -> Result<JobSummary, ClientError> {
+        match self.call(&Request::JobStatus { job }).await? {
+            Response::Job(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// All of a job's task records, in input order.
+    pub async fn job_results(&self, job: JobId) -> Result<Vec<TaskRecord>, ClientError> {
+        let mut out = Vec::new();
+        loop {
+            let from = u32::try_from(out.len()).unwrap_or(u32::MAX);
+            match self.call(&Request::JobResults { job, from, limit: 1000 }).await? {
+                Response::Records(v) if v.is_empty() => return Ok(out),
+                Response::Records(v) => out.extend(v),
+                other => return Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// Nodes, queue and jobs.
+    pub async fn pool_status(&self) -> Result<PoolSummary, ClientError> {
+        match self.call(&Request::PoolStatus).await? {
+            Response::Pool(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Close the connection politely.
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"done");
+        self.endpoint.wait_idle().await;
+    }
+}

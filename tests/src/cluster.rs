@@ -1,0 +1,166 @@
+//! A pool and nodes on loopback QUIC, in this process: real SQLite file,
+//! real keys, real bundles of real guests and models.
+
+use crate::{jobs_dir, model_path};
+use anyhow::{Context, Result};
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tidepool_host::node::{NodeConfig, NodeReport};
+use tidepool_pool::bundle::BundleFile;
+use tidepool_pool::client::PoolClient;
+use tidepool_pool::server::{serve, RunningPool, ServeConfig};
+use tidepool_pool::{Durability, PoolConfig};
+use tidepool_proto::{Digest, KeyRole, PublicKey, SecretKey};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Keys of a test network, fixed per seed so runs are repeatable.
+#[derive(Debug)]
+pub struct Keys {
+    /// Signs bundles; also the client that submits.
+    pub publisher: SecretKey,
+    /// The pool.
+    pub pool: SecretKey,
+}
+
+impl Keys {
+    /// Keys derived from `seed`.
+    pub fn new(seed: u8) -> Self {
+        Self {
+            publisher: SecretKey::from_seed(KeyRole::Publisher, &[seed; 32]),
+            pool: SecretKey::from_seed(KeyRole::Pool, &[seed.wrapping_add(1); 32]),
+        }
+    }
+
+    /// A node key.
+    pub fn node(&self, i: u8) -> SecretKey {
+        SecretKey::from_seed(KeyRole::Node, &[i.wrapping_add(100); 32])
+    }
+}
+
+/// Test pool policy: short leases so expiry is seen quickly.
+pub fn test_pool_config(keys: &Keys) -> PoolConfig {
+    let mut cfg = PoolConfig {
+        lease_ttl: Duration::from_secs(3),
+        heartbeat: Duration::from_millis(500),
+        retry: Duration::from_millis(50),
+        ..PoolConfig::default()
+    };
+    cfg.publishers.insert(keys.publisher.public());
+    cfg
+}
+
+/// Start a pool in `dir`.
+pub async fn start_pool(dir: &Path, keys: &Keys, cfg: PoolConfig, listen: SocketAddr) -> Result<RunningPool> {
+    Ok(serve(ServeConfig {
+        listen,
+        key: keys.pool.clone(),
+        data_dir: dir.to_owned(),
+        pool: cfg,
+        durability: Durability::Process,
+    })
+    .await?)
+}
+
+/// A node running in this process, stopped by [`TestNode::drain`] or killed
+/// by [`TestNode::kill`].
+#[derive(Debug)]
+pub struct TestNode {
+    /// The node's key.
+    pub key: PublicKey,
+    /// Resolving it starts draining.
+    drain: Option<oneshot::Sender<()>>,
+    /// The agent.
+    task: JoinHandle<Result<NodeReport, tidepool_host::node::NodeError>>,
+}
+
+impl TestNode {
+    /// Drain and wait for the report.
+    pub async fn drain(mut self) -> Result<NodeReport> {
+        if let Some(d) = self.drain.take() {
+            let _ = d.send(());
+        }
+        Ok(self.task.await??)
+    }
+
+    /// Stop at once, without telling the pool anything (like SIGKILL: held
+    /// leases are simply never renewed).
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+/// Node configuration for tests.
+pub fn node_config(dir: &Path, keys: &Keys, i: u8, pool: SocketAddr) -> NodeConfig {
+    NodeConfig {
+        pool,
+        pool_key: keys.pool.public(),
+        key: keys.node(i),
+        data_dir: dir.join(format!("node-{i}")),
+        slots: 2,
+        memory_mib: 512,
+        publishers: BTreeSet::from([keys.publisher.public()]),
+        fetch_models: true,
+    }
+}
+
+/// Start a node.
+pub fn start_node(cfg: NodeConfig) -> TestNode {
+    let (tx, rx) = oneshot::channel::<()>();
+    let key = cfg.key.public();
+    let task = tokio::spawn(tidepool_host::node::run(cfg, async move {
+        let _ = rx.await;
+    }));
+    TestNode { key, drain: Some(tx), task }
+}
+
+/// Write a `tidepool.toml` for the embed job into `dir` and pack it.
+pub fn embed_bundle(dir: &Path, keys: &Keys, version: &str) -> Result<(PathBuf, BundleFile)> {
+    std::fs::create_dir_all(dir)?;
+    let manifest = dir.join("tidepool.toml");
+    let entry = tidepool_host::models::catalog_entry("minilm-l3")?;
+    std::fs::write(
+        &manifest,
+        format!(
+            "name = \"embed\"\nversion = \"{version}\"\ncomponent = \"{}\"\n\n[models.minilm-l3]\nencoding = \"onnx\"\nsource = \"{}\"\nsha256 = \"{}\"\n\n[limits]\nmemory_mib = 256\ntimeout_ms = 20000\n",
+            jobs_dir().join("embed.wasm").display(),
+            model_path("minilm-l3").display(),
+            entry.sha256,
+        ),
+    )?;
+    let mut b = tidepool_pool::bundle::pack(&manifest, keys.publisher.public())?;
+    b.sign(&keys.publisher)?;
+    let path = dir.join(format!("embed-{version}.bundle"));
+    b.write(&path)?;
+    Ok((path, b))
+}
+
+/// Connect as the publisher and publish.
+pub async fn publish(addr: SocketAddr, keys: &Keys, bundle: &BundleFile) -> Result<(PoolClient, Digest)> {
+    let client = PoolClient::connect(addr, &keys.publisher, keys.pool.public()).await.context("client connect")?;
+    let digest = client.publish(bundle, |_| {}).await.context("publish")?;
+    Ok((client, digest))
+}
+
+/// One embed input per text.
+pub fn embed_inputs(texts: &[String]) -> Vec<Vec<u8>> {
+    texts
+        .iter()
+        .map(|t| serde_json::to_vec(&serde_json::json!({ "texts": [t] })).expect("json"))
+        .collect()
+}
+
+/// Poll a job until it has no open task or `timeout` passes.
+pub async fn wait_job(client: &PoolClient, job: u64, timeout: Duration) -> Result<tidepool_proto::wire::JobSummary> {
+    let start = std::time::Instant::now();
+    loop {
+        let s = client.job_status(job).await?;
+        if s.done + s.dead == s.tasks {
+            return Ok(s);
+        }
+        anyhow::ensure!(start.elapsed() < timeout, "job {job} not finished after {timeout:?}: {s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
