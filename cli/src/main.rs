@@ -29,6 +29,20 @@ enum Command {
     Models(cmd::models::Command),
     /// Embed a corpus of real texts and show the most similar pairs.
     Demo(cmd::demo::Args),
+    /// Write a new Ed25519 key (publisher, pool, node or client).
+    Keygen(cmd::keygen::Args),
+    /// Pack, sign, verify and publish job bundles.
+    #[command(subcommand)]
+    Bundle(cmd::bundle::Command),
+    /// Run a pool, or show its status.
+    #[command(subcommand)]
+    Pool(cmd::pool::Command),
+    /// Run a node.
+    #[command(subcommand)]
+    Node(cmd::node::Command),
+    /// Submit batches and read their results.
+    #[command(subcommand)]
+    Job(cmd::job::Command),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +58,11 @@ fn main() -> ExitCode {
         Command::Run(a) => cmd::run::main(a),
         Command::Models(c) => cmd::models::main(c),
         Command::Demo(a) => cmd::demo::main(a),
+        Command::Keygen(a) => cmd::keygen::main(a),
+        Command::Bundle(c) => cmd::bundle::main(c),
+        Command::Pool(c) => cmd::pool::main(c),
+        Command::Node(c) => cmd::node::main(c),
+        Command::Job(c) => cmd::job::main(c),
     };
     match result {
         Ok(code) => code,

@@ -441,3 +441,109 @@ pub async fn run(cfg: NodeConfig, drain: impl std::future::Future<Output = ()>) 
     endpoint.wait_idle().await;
     Ok(report)
 }
+
+/// The node's configuration file (`tidepool node run --config node.toml`).
+///
+/// Every field is optional except what identifies the pool; defaults:
+///
+/// ```toml
+/// pool = "127.0.0.1:7070"       # the pool's UDP address (required in practice)
+/// pool_key = "ed25519:..."      # the pool's public key (required)
+/// key = "node.key"              # this node's key (tidepool keygen --role node)
+/// data_dir = "node-data"        # blobs/, compiled/, versions.json
+/// slots = 2                     # tasks at once (default: available cores)
+/// memory_mib = 1024             # memory per task
+/// publishers = []               # publishers whose bundles run here (required)
+/// fetch_models = true           # fetch models from the pool
+/// ```
+///
+/// Relative paths are relative to the file.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFile {
+    /// Pool address.
+    pub pool: Option<SocketAddr>,
+    /// Pool key.
+    pub pool_key: Option<PublicKey>,
+    /// Key file.
+    #[serde(default = "node_default_key")]
+    pub key: PathBuf,
+    /// Data directory.
+    #[serde(default = "node_default_data")]
+    pub data_dir: PathBuf,
+    /// Slots.
+    pub slots: Option<u32>,
+    /// Memory per task, MiB.
+    #[serde(default = "node_default_memory")]
+    pub memory_mib: u32,
+    /// Trusted publishers.
+    #[serde(default)]
+    pub publishers: BTreeSet<PublicKey>,
+    /// Fetch models from the pool.
+    #[serde(default = "node_default_fetch")]
+    pub fetch_models: bool,
+}
+
+fn node_default_key() -> PathBuf {
+    "node.key".into()
+}
+fn node_default_data() -> PathBuf {
+    "node-data".into()
+}
+fn node_default_memory() -> u32 {
+    1024
+}
+fn node_default_fetch() -> bool {
+    true
+}
+
+impl Default for NodeFile {
+    fn default() -> Self {
+        Self {
+            pool: None,
+            pool_key: None,
+            key: node_default_key(),
+            data_dir: node_default_data(),
+            slots: None,
+            memory_mib: node_default_memory(),
+            publishers: BTreeSet::new(),
+            fetch_models: true,
+        }
+    }
+}
+
+impl NodeFile {
+    /// Read a node file; relative paths become relative to its directory.
+    pub fn read(path: &std::path::Path) -> Result<Self, NodeError> {
+        let text = std::fs::read_to_string(path).map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))?;
+        let mut f: NodeFile = toml::from_str(&text).map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(std::path::Path::new("."));
+        f.key = base.join(&f.key);
+        f.data_dir = base.join(&f.data_dir);
+        Ok(f)
+    }
+
+    /// The agent configuration, with the key already read.
+    pub fn into_config(self, key: SecretKey) -> Result<NodeConfig, NodeError> {
+        let pool = self.pool.ok_or_else(|| NodeError::Config("no pool address (`pool` / --pool)".into()))?;
+        let pool_key = self.pool_key.ok_or_else(|| NodeError::Config("no pool key (`pool_key` / --pool-key)".into()))?;
+        let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+        let slots = self.slots.unwrap_or(cores);
+        if slots == 0 || slots > 1024 {
+            return Err(NodeError::Config(format!("slots = {slots} is outside 1..=1024")));
+        }
+        if self.memory_mib < 16 {
+            return Err(NodeError::Config(format!("memory_mib = {} is below 16", self.memory_mib)));
+        }
+        Ok(NodeConfig {
+            pool,
+            pool_key,
+            key,
+            data_dir: self.data_dir,
+            slots,
+            memory_mib: self.memory_mib,
+            publishers: self.publishers,
+            fetch_models: self.fetch_models,
+        })
+    }
+}

@@ -12,6 +12,7 @@
 
 pub mod bundle;
 pub mod client;
+pub mod config;
 pub mod coordinator;
 pub mod server;
 pub mod store;

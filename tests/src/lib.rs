@@ -122,6 +122,36 @@ pub fn fortunes(n: usize) -> Result<Vec<String>> {
         .collect())
 }
 
+/// At least `n` distinct real texts: every item of the fortunes,
+/// literature and riddles files, then their single lines, in file order.
+pub fn corpus(n: usize) -> Result<Vec<String>> {
+    let dir = "/usr/share/games/fortunes";
+    let mut items = Vec::new();
+    for f in ["fortunes", "literature", "riddles"] {
+        let path = format!("{dir}/{f}");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{path} (installed by `cargo xtask setup`)"))?;
+        items.extend(text.split("\n%\n").map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()));
+    }
+    let mut seen: std::collections::BTreeSet<String> = items.iter().cloned().collect();
+    let lines: Vec<String> = items
+        .iter()
+        .flat_map(|i| i.lines().map(|l| l.trim().to_owned()).collect::<Vec<_>>())
+        .filter(|l| l.len() >= 12)
+        .collect();
+    for l in lines {
+        if items.len() >= n {
+            break;
+        }
+        if seen.insert(l.clone()) {
+            items.push(l);
+        }
+    }
+    anyhow::ensure!(items.len() >= n, "only {} distinct texts in {dir}", items.len());
+    items.truncate(n);
+    Ok(items)
+}
+
 /// Embedding output of the embed job.
 #[derive(Debug, serde::Deserialize)]
 pub struct Embeddings {

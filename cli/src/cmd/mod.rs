@@ -1,4 +1,10 @@
 //! One module per verb.
+pub mod bundle;
+pub mod common;
 pub mod demo;
+pub mod job;
+pub mod keygen;
 pub mod models;
+pub mod node;
+pub mod pool;
 pub mod run;

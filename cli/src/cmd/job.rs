@@ -1,0 +1,166 @@
+//! `tidepool job submit|status|results`.
+
+use super::common::{runtime, PoolArgs};
+use anyhow::Context;
+use base64::Engine as _;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tidepool_pool::bundle::BundleFile;
+use tidepool_proto::wire::Outcome;
+use tidepool_proto::Digest;
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Submit a batch: one task per line of a JSONL file; waits with a progress bar.
+    Submit {
+        /// The bundle: a signed bundle file, or its digest (sha256:...).
+        bundle: String,
+        /// Inputs, one JSON value per line.
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Idempotency key (default: digest of bundle and inputs): resubmitting returns the same job.
+        #[arg(long)]
+        submit_key: Option<String>,
+        /// Return after the pool has stored the job, without waiting.
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        pool: PoolArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A job's progress.
+    Status {
+        /// Job id.
+        job: u64,
+        #[command(flatten)]
+        pool: PoolArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A job's results as JSON lines, in input order.
+    Results {
+        /// Job id.
+        job: u64,
+        #[command(flatten)]
+        pool: PoolArgs,
+    },
+}
+
+fn bundle_digest(s: &str) -> anyhow::Result<Digest> {
+    if let Ok(d) = Digest::parse(s) {
+        return Ok(d);
+    }
+    let path = PathBuf::from(s);
+    let b = BundleFile::read(&path)?;
+    b.signed().map(|m| m.digest()).with_context(|| format!("{s}: bundle is not signed"))
+}
+
+pub fn main(c: Command) -> anyhow::Result<ExitCode> {
+    let rt = runtime()?;
+    match c {
+        Command::Submit { bundle, inputs, submit_key, no_wait, pool, json } => {
+            let digest = bundle_digest(&bundle)?;
+            let file = std::fs::File::open(&inputs).with_context(|| format!("cannot read {}", inputs.display()))?;
+            let mut lines = Vec::new();
+            for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+                let line = line.with_context(|| format!("{}: line {}", inputs.display(), i + 1))?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                serde_json::from_str::<serde_json::Value>(&line)
+                    .with_context(|| format!("{}: line {} is not JSON", inputs.display(), i + 1))?;
+                lines.push(line.into_bytes());
+            }
+            anyhow::ensure!(!lines.is_empty(), "{}: no inputs", inputs.display());
+            let key = submit_key.unwrap_or_else(|| {
+                let mut all = digest.0.to_vec();
+                for l in &lines {
+                    all.extend(Digest::of(l).0);
+                }
+                Digest::of(&all).hex()
+            });
+            rt.block_on(async {
+                let client = pool.connect().await?;
+                let (job, tasks) = client.submit(digest, lines, key).await?;
+                if !json {
+                    eprintln!("job {job}: {tasks} tasks stored by the pool");
+                }
+                let mut last = client.job_status(job).await?;
+                if !no_wait {
+                    let bar = indicatif::ProgressBar::new(u64::from(tasks));
+                    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tasks {msg} [{elapsed}]")?);
+                    loop {
+                        last = client.job_status(job).await?;
+                        bar.set_position(u64::from(last.done + last.dead));
+                        bar.set_message(format!("({} running, {} dead)", last.running, last.dead));
+                        if last.done + last.dead == last.tasks {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    bar.finish_and_clear();
+                }
+                if json {
+                    println!("{}", serde_json::to_string(&last)?);
+                } else {
+                    println!("{job}");
+                    if !no_wait {
+                        eprintln!("job {job}: {} done, {} dead-lettered", last.done, last.dead);
+                    }
+                }
+                client.close().await;
+                anyhow::Ok(())
+            })?;
+        }
+        Command::Status { job, pool, json } => {
+            let s = rt.block_on(async {
+                let c = pool.connect().await?;
+                let s = c.job_status(job).await?;
+                c.close().await;
+                anyhow::Ok(s)
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("job {}: {} — {}/{} done, {} running, {} dead-lettered", s.job, s.bundle_name, s.done, s.tasks, s.running, s.dead);
+            }
+        }
+        Command::Results { job, pool } => {
+            let records = rt.block_on(async {
+                let c = pool.connect().await?;
+                let r = c.job_results(job).await?;
+                c.close().await;
+                anyhow::Ok(r)
+            })?;
+            let mut out = std::io::stdout().lock();
+            for r in records {
+                let mut line = serde_json::json!({
+                    "index": r.index, "task": r.task, "state": r.state, "attempts": r.attempts,
+                    "node": r.node.map(|k| k.to_string()),
+                });
+                match r.outcome {
+                    Some(Outcome::Output(b)) => match serde_json::from_slice::<serde_json::Value>(&b.0) {
+                        Ok(v) => line["output"] = v,
+                        Err(_) => line["output_base64"] = base64::engine::general_purpose::STANDARD.encode(&b.0).into(),
+                    },
+                    Some(Outcome::JobError { code, message }) => line["error"] = serde_json::json!({ "code": code, "message": message }),
+                    Some(Outcome::Failed { reason }) => line["failed"] = reason.into(),
+                    None => {}
+                }
+                if !r.reasons.is_empty() {
+                    line["reasons"] = r.reasons.into();
+                }
+                // A closed pipe (`| head`) ends the listing quietly.
+                if writeln!(out, "{line}").is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

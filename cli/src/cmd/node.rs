@@ -1,0 +1,66 @@
+//! `tidepool node run`: run a node until SIGTERM, then drain.
+
+use super::common::{read_key, runtime, stop_signal};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tidepool_host::node::{run, NodeFile};
+use tidepool_proto::PublicKey;
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Connect to a pool and run its tasks (SIGTERM drains: finish, return, exit).
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// A node.toml (see the documented defaults in `tidepool_host::node::NodeFile`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The pool's address (overrides the file).
+    #[arg(long)]
+    pool: Option<SocketAddr>,
+    /// The pool's public key (overrides the file).
+    #[arg(long)]
+    pool_key: Option<PublicKey>,
+    /// This node's key file (overrides the file).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Data directory (overrides the file).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// A publisher whose bundles may run here (repeatable; adds to the file's).
+    #[arg(long = "publisher")]
+    publishers: Vec<PublicKey>,
+    /// Tasks at once (overrides the file).
+    #[arg(long)]
+    slots: Option<u32>,
+    /// Memory per task in MiB (overrides the file).
+    #[arg(long)]
+    memory_mib: Option<u32>,
+}
+
+pub fn main(c: Command) -> anyhow::Result<ExitCode> {
+    let Command::Run(a) = c;
+    let mut f = match &a.config {
+        Some(p) => NodeFile::read(p)?,
+        None => NodeFile::default(),
+    };
+    f.pool = a.pool.or(f.pool);
+    f.pool_key = a.pool_key.or(f.pool_key);
+    f.key = a.key.unwrap_or(f.key);
+    f.data_dir = a.data_dir.unwrap_or(f.data_dir);
+    f.publishers.extend(a.publishers);
+    f.slots = a.slots.or(f.slots);
+    f.memory_mib = a.memory_mib.unwrap_or(f.memory_mib);
+    let key = read_key(&f.key)?;
+    let cfg = f.into_config(key)?;
+    eprintln!("node {} → pool {} ({} slots)", cfg.key.public(), cfg.pool, cfg.slots);
+    let report = runtime()?.block_on(run(cfg, stop_signal()))?;
+    eprintln!(
+        "drained: {} completed, {} failed, {} accepted, {} rejected, {} connection(s)",
+        report.completed, report.failed, report.accepted, report.rejected, report.connections
+    );
+    Ok(ExitCode::SUCCESS)
+}

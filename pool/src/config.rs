@@ -1,0 +1,161 @@
+//! The pool's configuration file (`tidepool pool serve --config pool.toml`).
+//!
+//! Every field is optional; the defaults are those listed here:
+//!
+//! ```toml
+//! listen = "0.0.0.0:7070"          # UDP address for QUIC
+//! key = "pool.key"                 # the pool's key (tidepool keygen --role pool)
+//! data_dir = "pool-data"           # pool.db and blobs/ (relative to this file)
+//! publishers = []                  # keys whose bundles are accepted
+//! clients = []                     # keys that may submit besides publishers
+//! nodes = []                       # node allowlist; empty = any node (open)
+//! lease_ttl_secs = 15              # a lease ends unless renewed within this
+//! heartbeat_ms = 3000              # nodes renew this often
+//! max_attempts = 3                 # attempts before a task is dead-lettered
+//! durability = "process"           # or "power-loss" (fsync every commit)
+//! ```
+
+use crate::coordinator::{Admission, PoolConfig};
+use crate::store::Durability;
+use serde::Deserialize;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tidepool_proto::PublicKey;
+
+/// The file's contents.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolFile {
+    /// UDP address to listen on.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Key file.
+    #[serde(default = "default_key")]
+    pub key: PathBuf,
+    /// Data directory.
+    #[serde(default = "default_data")]
+    pub data_dir: PathBuf,
+    /// Trusted publishers.
+    #[serde(default)]
+    pub publishers: BTreeSet<PublicKey>,
+    /// Extra clients.
+    #[serde(default)]
+    pub clients: BTreeSet<PublicKey>,
+    /// Node allowlist (empty: open).
+    #[serde(default)]
+    pub nodes: BTreeSet<PublicKey>,
+    /// Lease length, seconds.
+    #[serde(default = "default_ttl")]
+    pub lease_ttl_secs: u64,
+    /// Heartbeat, ms.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_ms: u64,
+    /// Attempts before dead-lettering.
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// `process` or `power-loss`.
+    #[serde(default = "default_durability")]
+    pub durability: String,
+}
+
+fn default_listen() -> SocketAddr {
+    ([0, 0, 0, 0], 7070).into()
+}
+fn default_key() -> PathBuf {
+    "pool.key".into()
+}
+fn default_data() -> PathBuf {
+    "pool-data".into()
+}
+fn default_ttl() -> u64 {
+    15
+}
+fn default_heartbeat() -> u64 {
+    3000
+}
+fn default_attempts() -> u32 {
+    3
+}
+fn default_durability() -> String {
+    "process".into()
+}
+
+impl Default for PoolFile {
+    fn default() -> Self {
+        toml::from_str("").expect("an empty file takes every default")
+    }
+}
+
+/// Errors in a pool configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Unreadable file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Bad TOML or a bad field.
+    #[error("{path}: {why}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+impl PoolFile {
+    /// Read a file; relative paths in it are made relative to its directory.
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_owned(), source })?;
+        let mut f: PoolFile =
+            toml::from_str(&text).map_err(|e| ConfigError::Invalid { path: path.to_owned(), why: e.to_string() })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        f.key = base.join(&f.key);
+        f.data_dir = base.join(&f.data_dir);
+        f.validate().map_err(|why| ConfigError::Invalid { path: path.to_owned(), why })?;
+        Ok(f)
+    }
+
+    /// Check ranges.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.lease_ttl_secs == 0 || self.heartbeat_ms == 0 || self.heartbeat_ms >= self.lease_ttl_secs * 1000 {
+            return Err(format!(
+                "heartbeat_ms ({}) must be positive and shorter than lease_ttl_secs ({} s)",
+                self.heartbeat_ms, self.lease_ttl_secs
+            ));
+        }
+        if self.max_attempts == 0 {
+            return Err("max_attempts must be at least 1".into());
+        }
+        self.durability()?;
+        Ok(())
+    }
+
+    /// The durability setting.
+    pub fn durability(&self) -> Result<Durability, String> {
+        match self.durability.as_str() {
+            "process" => Ok(Durability::Process),
+            "power-loss" => Ok(Durability::PowerLoss),
+            other => Err(format!("durability {other:?} is not \"process\" or \"power-loss\"")),
+        }
+    }
+
+    /// The coordinator policy.
+    pub fn policy(&self) -> PoolConfig {
+        PoolConfig {
+            lease_ttl: Duration::from_secs(self.lease_ttl_secs),
+            heartbeat: Duration::from_millis(self.heartbeat_ms),
+            max_attempts: self.max_attempts,
+            admission: if self.nodes.is_empty() { Admission::Open } else { Admission::Allowlist(self.nodes.clone()) },
+            publishers: self.publishers.clone(),
+            clients: self.clients.clone(),
+            ..PoolConfig::default()
+        }
+    }
+}
