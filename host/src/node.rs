@@ -27,7 +27,8 @@ use tidepool_proto::manifest::{check_blob, LockedManifest, SignedManifest, Versi
 use tidepool_proto::receipt::LeaseReceipt;
 use tidepool_proto::session::{NodeEvent, NodeSession};
 use tidepool_proto::wire::{
-    Bytes, Capabilities, Outcome, Request, Response, TaskGrant, TaskResult, Verdict, PROTOCOL_VERSION,
+    Bytes, Capabilities, Outcome, Request, Response, TaskGrant, TaskResult, Verdict,
+    PROTOCOL_VERSION,
 };
 use tidepool_proto::{Digest, PublicKey, SecretKey};
 use tokio::sync::{mpsc, Mutex};
@@ -127,7 +128,11 @@ fn unix_now() -> u64 {
 }
 
 impl Ctx {
-    async fn prepare(self: &Arc<Self>, conn: &quinn::Connection, bundle: Digest) -> Result<Arc<Prepared>, String> {
+    async fn prepare(
+        self: &Arc<Self>,
+        conn: &quinn::Connection,
+        bundle: Digest,
+    ) -> Result<Arc<Prepared>, String> {
         let mut map = self.prepared.lock().await;
         if let Some(p) = map.get(&bundle) {
             return p.clone();
@@ -144,33 +149,49 @@ impl Ctx {
         result
     }
 
-    async fn prepare_uncached(self: &Arc<Self>, conn: &quinn::Connection, bundle: Digest) -> Result<Arc<Prepared>, String> {
+    async fn prepare_uncached(
+        self: &Arc<Self>,
+        conn: &quinn::Connection,
+        bundle: Digest,
+    ) -> Result<Arc<Prepared>, String> {
         let signed: SignedManifest = match call(conn, &Request::FetchManifest { bundle }).await {
             Ok(Response::Manifest(m)) => m,
             Ok(other) => return Err(format!("fetch manifest: unexpected answer {other:?}")),
             Err(e) => return Err(format!("fetch manifest: {e}")),
         };
-        if signed.digest() != bundle {
-            return Err(format!("bundle refused: the pool sent a manifest with digest {} for {bundle}", signed.digest()));
-        }
-        let manifest = signed.verify(&self.publishers, unix_now()).map_err(|e| format!("bundle refused: {e}"))?;
-        {
+        let manifest = {
             let mut book = self.versions.lock().unwrap_or_else(|p| p.into_inner());
-            if book.admit(&manifest).map_err(|e| format!("bundle refused: {e}"))? {
+            let (manifest, changed) = tidepool_proto::manifest::admit(
+                &bundle,
+                &signed,
+                &self.publishers,
+                &mut book,
+                unix_now(),
+            )
+            .map_err(|e| format!("bundle refused: {e}"))?;
+            if changed {
                 let json = serde_json::to_vec_pretty(&*book).expect("version book serialises");
                 let tmp = self.versions_path.with_extension("json.tmp");
                 std::fs::write(&tmp, json)
                     .and_then(|()| std::fs::rename(&tmp, &self.versions_path))
                     .map_err(|e| format!("cannot save {}: {e}", self.versions_path.display()))?;
             }
-        }
+            manifest
+        };
         let mut named = vec![("component".to_owned(), manifest.component)];
-        named.extend(manifest.models.iter().map(|(n, m)| (format!("model {n}"), m.blob)));
+        named.extend(
+            manifest
+                .models
+                .iter()
+                .map(|(n, m)| (format!("model {n}"), m.blob)),
+        );
         for (what, blob) in &named {
             self.fetch_blob(conn, what, blob).await?;
         }
-        let component = std::fs::read(self.blobs.path(&manifest.component.sha256)).map_err(|e| format!("read component: {e}"))?;
-        check_blob("component", &manifest.component, &component).map_err(|e| format!("bundle refused: {e}"))?;
+        let component = std::fs::read(self.blobs.path(&manifest.component.sha256))
+            .map_err(|e| format!("read component: {e}"))?;
+        check_blob("component", &manifest.component, &component)
+            .map_err(|e| format!("bundle refused: {e}"))?;
         let ctx = self.clone();
         let m = manifest.clone();
         tokio::task::spawn_blocking(move || ctx.load(m, bundle, &component))
@@ -178,16 +199,31 @@ impl Ctx {
             .map_err(|e| format!("loading bundle panicked: {e}"))?
     }
 
-    async fn fetch_blob(&self, conn: &quinn::Connection, what: &str, blob: &tidepool_proto::manifest::BlobRef) -> Result<(), String> {
+    async fn fetch_blob(
+        &self,
+        conn: &quinn::Connection,
+        what: &str,
+        blob: &tidepool_proto::manifest::BlobRef,
+    ) -> Result<(), String> {
         let d = blob.sha256;
         while !self.blobs.has(&d) {
             let offset = self.blobs.held(&d);
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("fetch {what}: {e}"))?;
-            write_frame(&mut send, &Request::FetchBlob { digest: d, offset }).await.map_err(|e| format!("fetch {what}: {e}"))?;
+            let (mut send, mut recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| format!("fetch {what}: {e}"))?;
+            write_frame(&mut send, &Request::FetchBlob { digest: d, offset })
+                .await
+                .map_err(|e| format!("fetch {what}: {e}"))?;
             let _ = send.finish();
             loop {
                 match read_frame::<Response>(&mut recv).await {
-                    Ok(Some(Response::BlobChunk { offset, total, data, .. })) => {
+                    Ok(Some(Response::BlobChunk {
+                        offset,
+                        total,
+                        data,
+                        ..
+                    })) => {
                         if total != blob.size {
                             return Err(format!("bundle refused: {what} is {total} bytes on the pool, the manifest says {}", blob.size));
                         }
@@ -202,7 +238,9 @@ impl Ctx {
                             Err(e) => return Err(format!("store {what}: {e}")),
                         }
                     }
-                    Ok(Some(Response::Error { message, .. })) => return Err(format!("fetch {what}: {message}")),
+                    Ok(Some(Response::Error { message, .. })) => {
+                        return Err(format!("fetch {what}: {message}"))
+                    }
                     Ok(Some(other)) => return Err(format!("fetch {what}: unexpected {other:?}")),
                     // Stream ended or broke: loop resumes from what is held.
                     Ok(None) => break,
@@ -213,11 +251,21 @@ impl Ctx {
         Ok(())
     }
 
-    fn load(&self, manifest: LockedManifest, digest: Digest, component: &[u8]) -> Result<Arc<Prepared>, String> {
+    fn load(
+        &self,
+        manifest: LockedManifest,
+        digest: Digest,
+        component: &[u8],
+    ) -> Result<Arc<Prepared>, String> {
         let mut reg = RegistryBuilder::new(crate::default_engines());
         for (name, m) in &manifest.models {
-            reg.add(name, &m.encoding, &self.blobs.path(&m.blob.sha256), &m.blob.sha256.hex())
-                .map_err(|e| format!("model {name}: {e}"))?;
+            reg.add(
+                name,
+                &m.encoding,
+                &self.blobs.path(&m.blob.sha256),
+                &m.blob.sha256.hex(),
+            )
+            .map_err(|e| format!("model {name}: {e}"))?;
         }
         let memory = manifest.limits.memory_mib.min(self.memory_mib.max(16));
         let config = SandboxConfig {
@@ -231,12 +279,23 @@ impl Ctx {
             ..SandboxConfig::default()
         };
         let sandbox = Sandbox::new(config, reg.build()).map_err(|e| format!("sandbox: {e:#}"))?;
-        let job = sandbox.load(component).map_err(|e| format!("component: {e}"))?;
-        Ok(Arc::new(Prepared { manifest, digest, sandbox: Arc::new(sandbox), job }))
+        let job = sandbox
+            .load(component)
+            .map_err(|e| format!("component: {e}"))?;
+        Ok(Arc::new(Prepared {
+            manifest,
+            digest,
+            sandbox: Arc::new(sandbox),
+            job,
+        }))
     }
 
     async fn run_task(self: Arc<Self>, conn: quinn::Connection, g: TaskGrant) -> TaskResult {
-        let failed = |reason: String| TaskResult { lease: g.lease, outcome: Outcome::Failed { reason }, receipt: None };
+        let failed = |reason: String| TaskResult {
+            lease: g.lease,
+            outcome: Outcome::Failed { reason },
+            receipt: None,
+        };
         let p = match self.prepare(&conn, g.bundle).await {
             Ok(p) => p,
             Err(why) => return failed(why),
@@ -246,7 +305,14 @@ impl Ctx {
         let p2 = p.clone();
         let ran = tokio::task::spawn_blocking(move || {
             let id = lease.task.to_string();
-            p2.sandbox.run(&p2.job, TaskSpec { id: &id, params: &p2.manifest.params, input: &input })
+            p2.sandbox.run(
+                &p2.job,
+                TaskSpec {
+                    id: &id,
+                    params: &p2.manifest.params,
+                    input: &input,
+                },
+            )
         })
         .await;
         let out = match ran {
@@ -256,10 +322,22 @@ impl Ctx {
         };
         let outcome = match out.result {
             Ok(bytes) => Outcome::Output(Bytes(bytes)),
-            Err(f) => Outcome::JobError { code: f.code, message: f.message },
+            Err(f) => Outcome::JobError {
+                code: f.code,
+                message: f.message,
+            },
         };
-        let receipt = LeaseReceipt { lease, bundle: p.digest, receipt: out.receipt }.sign(&self.key);
-        TaskResult { lease, outcome, receipt: Some(receipt) }
+        let receipt = LeaseReceipt {
+            lease,
+            bundle: p.digest,
+            receipt: out.receipt,
+        }
+        .sign(&self.key);
+        TaskResult {
+            lease,
+            outcome,
+            receipt: Some(receipt),
+        }
     }
 }
 
@@ -272,9 +350,14 @@ enum Pending {
 
 /// Run a node until `drain` resolves and every held task is finished and
 /// returned (or the pool is unreachable while draining).
-pub async fn run(cfg: NodeConfig, drain: impl std::future::Future<Output = ()>) -> Result<NodeReport, NodeError> {
+pub async fn run(
+    cfg: NodeConfig,
+    drain: impl std::future::Future<Output = ()>,
+) -> Result<NodeReport, NodeError> {
     if cfg.publishers.is_empty() {
-        return Err(NodeError::Config("no trusted publishers: this node would refuse every bundle".into()));
+        return Err(NodeError::Config(
+            "no trusted publishers: this node would refuse every bundle".into(),
+        ));
     }
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| NodeError::Config(format!("cannot create {}: {e}", cfg.data_dir.display())))?;
@@ -300,13 +383,17 @@ pub async fn run(cfg: NodeConfig, drain: impl std::future::Future<Output = ()>) 
     let mut session = NodeSession::new(cfg.slots, Instant::now());
     let mut report = NodeReport::default();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<TaskResult>();
-    let (resp_tx, mut resp_rx) = mpsc::unbounded_channel::<(u64, Pending, Result<Response, String>)>();
+    let (resp_tx, mut resp_rx) =
+        mpsc::unbounded_channel::<(u64, Pending, Result<Response, String>)>();
     let mut generation = 0u64;
     let mut backoff = Duration::from_millis(100);
     let mut drain = std::pin::pin!(drain);
     let mut draining = false;
     let caps = || Capabilities {
-        encodings: crate::default_engines().iter().map(|e| e.encoding().to_string()).collect(),
+        encodings: crate::default_engines()
+            .iter()
+            .map(|e| e.encoding().to_string())
+            .collect(),
         models: Vec::new(),
         memory_mib: cfg.memory_mib,
         slots: cfg.slots,
@@ -335,11 +422,17 @@ pub async fn run(cfg: NodeConfig, drain: impl std::future::Future<Output = ()>) 
                 continue;
             }
         };
-        let hello = Request::NodeHello { protocol: PROTOCOL_VERSION, agent: concat!("tidepool ", env!("CARGO_PKG_VERSION")).into(), caps: caps() };
+        let hello = Request::NodeHello {
+            protocol: PROTOCOL_VERSION,
+            agent: concat!("tidepool ", env!("CARGO_PKG_VERSION")).into(),
+            caps: caps(),
+        };
         let heartbeat = match call::<_, Response>(&conn, &hello).await {
             Ok(Response::Welcome { heartbeat_ms, .. }) => Duration::from_millis(heartbeat_ms),
             Ok(Response::Error { message, .. }) => {
-                return Err(NodeError::Config(format!("the pool refused this node: {message}")));
+                return Err(NodeError::Config(format!(
+                    "the pool refused this node: {message}"
+                )));
             }
             Ok(other) => {
                 warn!("unexpected answer to hello: {other:?}");
@@ -360,10 +453,16 @@ pub async fn run(cfg: NodeConfig, drain: impl std::future::Future<Output = ()>) 
         loop {
             let now = Instant::now();
             while let Some(req) = session.poll_request(now) {
-                let kind = if matches!(req, Request::Lease { .. }) { Pending::Lease } else { Pending::Results };
+                let kind = if matches!(req, Request::Lease { .. }) {
+                    Pending::Lease
+                } else {
+                    Pending::Results
+                };
                 let (conn, tx, g) = (conn.clone(), resp_tx.clone(), generation);
                 tokio::spawn(async move {
-                    let r = call::<_, Response>(&conn, &req).await.map_err(|e| e.to_string());
+                    let r = call::<_, Response>(&conn, &req)
+                        .await
+                        .map_err(|e| e.to_string());
                     let _ = tx.send((g, kind, r));
                 });
             }
@@ -377,7 +476,9 @@ pub async fn run(cfg: NodeConfig, drain: impl std::future::Future<Output = ()>) 
                             let _ = tx.send(r);
                         });
                     }
-                    NodeEvent::Cancel(l) => info!(lease = %l, "lease lost; its result will be dropped"),
+                    NodeEvent::Cancel(l) => {
+                        info!(lease = %l, "lease lost; its result will be dropped")
+                    }
                 }
             }
             if draining && session.is_drained() {
@@ -385,7 +486,9 @@ pub async fn run(cfg: NodeConfig, drain: impl std::future::Future<Output = ()>) 
                 conn.close(0u32.into(), b"drained");
                 break 'connect;
             }
-            let wake = session.poll_timeout().unwrap_or(now + Duration::from_secs(1));
+            let wake = session
+                .poll_timeout()
+                .unwrap_or(now + Duration::from_secs(1));
             tokio::select! {
                 _ = tokio::time::sleep_until(wake.into()) => {}
                 Some(r) = done_rx.recv() => {
@@ -515,8 +618,10 @@ impl Default for NodeFile {
 impl NodeFile {
     /// Read a node file; relative paths become relative to its directory.
     pub fn read(path: &std::path::Path) -> Result<Self, NodeError> {
-        let text = std::fs::read_to_string(path).map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))?;
-        let mut f: NodeFile = toml::from_str(&text).map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))?;
+        let mut f: NodeFile = toml::from_str(&text)
+            .map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(std::path::Path::new("."));
         f.key = base.join(&f.key);
         f.data_dir = base.join(&f.data_dir);
@@ -525,15 +630,26 @@ impl NodeFile {
 
     /// The agent configuration, with the key already read.
     pub fn into_config(self, key: SecretKey) -> Result<NodeConfig, NodeError> {
-        let pool = self.pool.ok_or_else(|| NodeError::Config("no pool address (`pool` / --pool)".into()))?;
-        let pool_key = self.pool_key.ok_or_else(|| NodeError::Config("no pool key (`pool_key` / --pool-key)".into()))?;
-        let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+        let pool = self
+            .pool
+            .ok_or_else(|| NodeError::Config("no pool address (`pool` / --pool)".into()))?;
+        let pool_key = self
+            .pool_key
+            .ok_or_else(|| NodeError::Config("no pool key (`pool_key` / --pool-key)".into()))?;
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
         let slots = self.slots.unwrap_or(cores);
         if slots == 0 || slots > 1024 {
-            return Err(NodeError::Config(format!("slots = {slots} is outside 1..=1024")));
+            return Err(NodeError::Config(format!(
+                "slots = {slots} is outside 1..=1024"
+            )));
         }
         if self.memory_mib < 16 {
-            return Err(NodeError::Config(format!("memory_mib = {} is below 16", self.memory_mib)));
+            return Err(NodeError::Config(format!(
+                "memory_mib = {} is below 16",
+                self.memory_mib
+            )));
         }
         Ok(NodeConfig {
             pool,

@@ -23,7 +23,9 @@ pub enum BlobError {
         source: std::io::Error,
     },
     /// A chunk does not start where the partial blob ends.
-    #[error("blob {digest}: chunk at offset {offset}, but {have} bytes are held (resume from there)")]
+    #[error(
+        "blob {digest}: chunk at offset {offset}, but {have} bytes are held (resume from there)"
+    )]
     Offset {
         /// Blob.
         digest: Digest,
@@ -60,7 +62,10 @@ pub struct BlobDir {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BlobError + '_ {
-    move |source| BlobError::Io { path: path.to_owned(), source }
+    move |source| BlobError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// SHA-256 of a file, streamed.
@@ -110,20 +115,38 @@ impl BlobDir {
 
     /// Append a chunk at `offset` of a blob of `size` bytes. Returns whether
     /// the blob is now complete (and verified).
-    pub fn append(&self, d: &Digest, size: u64, offset: u64, data: &[u8]) -> Result<bool, BlobError> {
+    pub fn append(
+        &self,
+        d: &Digest,
+        size: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<bool, BlobError> {
         if self.has(d) {
             return Ok(true);
         }
         let part = self.part(d);
         let have = self.held(d);
         if offset != have {
-            return Err(BlobError::Offset { digest: *d, offset, have });
+            return Err(BlobError::Offset {
+                digest: *d,
+                offset,
+                have,
+            });
         }
         let got = have + data.len() as u64;
         if got > size {
-            return Err(BlobError::TooLong { digest: *d, got, size });
+            return Err(BlobError::TooLong {
+                digest: *d,
+                got,
+                size,
+            });
         }
-        let mut f = OpenOptions::new().create(true).append(true).open(&part).map_err(io(&part))?;
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&part)
+            .map_err(io(&part))?;
         f.write_all(data).map_err(io(&part))?;
         if got < size {
             return Ok(false);
@@ -133,7 +156,10 @@ impl BlobDir {
         let actual = sha256_file(&part)?;
         if actual != *d {
             let _ = fs::remove_file(&part);
-            return Err(BlobError::Mismatch { expected: *d, actual });
+            return Err(BlobError::Mismatch {
+                expected: *d,
+                actual,
+            });
         }
         let dest = self.path(d);
         fs::rename(&part, &dest).map_err(io(&dest))?;
@@ -147,7 +173,10 @@ impl BlobDir {
         }
         let actual = sha256_file(src)?;
         if actual != *d {
-            return Err(BlobError::Mismatch { expected: *d, actual });
+            return Err(BlobError::Mismatch {
+                expected: *d,
+                actual,
+            });
         }
         let part = self.part(d);
         fs::copy(src, &part).map_err(io(&part))?;
@@ -161,9 +190,12 @@ impl BlobDir {
         let path = self.path(d);
         let mut f = File::open(&path).map_err(io(&path))?;
         let total = f.metadata().map_err(io(&path))?.len();
-        f.seek(SeekFrom::Start(offset.min(total))).map_err(io(&path))?;
+        f.seek(SeekFrom::Start(offset.min(total)))
+            .map_err(io(&path))?;
         let mut buf = Vec::with_capacity(max.min((total.saturating_sub(offset)) as usize));
-        f.take(max as u64).read_to_end(&mut buf).map_err(io(&path))?;
+        f.take(max as u64)
+            .read_to_end(&mut buf)
+            .map_err(io(&path))?;
         Ok((buf, total))
     }
 }
@@ -179,7 +211,10 @@ mod tests {
         let data = b"hello blob world".to_vec();
         let d = Digest::of(&data);
         assert!(!blobs.append(&d, 16, 0, &data[..5]).expect("first"));
-        assert!(matches!(blobs.append(&d, 16, 3, &data[3..]), Err(BlobError::Offset { have: 5, .. })));
+        assert!(matches!(
+            blobs.append(&d, 16, 3, &data[3..]),
+            Err(BlobError::Offset { have: 5, .. })
+        ));
         assert_eq!(blobs.held(&d), 5);
         assert!(blobs.append(&d, 16, 5, &data[5..]).expect("rest"));
         assert!(blobs.has(&d));
@@ -190,6 +225,9 @@ mod tests {
         assert!(matches!(err, BlobError::Mismatch { .. }));
         assert!(!blobs.has(&wrong));
         assert_eq!(blobs.held(&wrong), 0, "partial file removed");
-        assert!(matches!(blobs.append(&wrong, 4, 0, &data), Err(BlobError::TooLong { .. })));
+        assert!(matches!(
+            blobs.append(&wrong, 4, 0, &data),
+            Err(BlobError::TooLong { .. })
+        ));
     }
 }

@@ -36,7 +36,11 @@ fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     // A peer that vanishes (killed, asleep) is noticed within the idle
     // timeout; keep-alives hold a healthy but quiet connection open.
-    t.max_idle_timeout(Some(Duration::from_secs(20).try_into().expect("20 s is a valid idle timeout")));
+    t.max_idle_timeout(Some(
+        Duration::from_secs(20)
+            .try_into()
+            .expect("20 s is a valid idle timeout"),
+    ));
     t.keep_alive_interval(Some(Duration::from_secs(4)));
     t.max_concurrent_bidi_streams(256u32.into());
     t.max_concurrent_uni_streams(0u32.into());
@@ -79,22 +83,34 @@ pub fn client(key: &SecretKey, pool: PublicKey) -> Result<quinn::Endpoint, NetEr
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     cfg.transport_config(transport());
     let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
-    let mut ep = quinn::Endpoint::client(bind).map_err(|source| NetError::Bind { addr: bind, source })?;
+    let mut ep =
+        quinn::Endpoint::client(bind).map_err(|source| NetError::Bind { addr: bind, source })?;
     ep.set_default_client_config(cfg);
     Ok(ep)
 }
 
 /// Connect to a pool.
-pub async fn connect(ep: &quinn::Endpoint, addr: SocketAddr) -> Result<quinn::Connection, NetError> {
+pub async fn connect(
+    ep: &quinn::Endpoint,
+    addr: SocketAddr,
+) -> Result<quinn::Connection, NetError> {
     let connecting = ep
         .connect(addr, "tidepool")
-        .map_err(|e| NetError::Connect { addr, why: e.to_string() })?;
-    connecting.await.map_err(|e| NetError::Connect { addr, why: e.to_string() })
+        .map_err(|e| NetError::Connect {
+            addr,
+            why: e.to_string(),
+        })?;
+    connecting.await.map_err(|e| NetError::Connect {
+        addr,
+        why: e.to_string(),
+    })
 }
 
 /// The key a connected peer proved it holds.
 pub fn peer_key(conn: &quinn::Connection) -> Option<PublicKey> {
     let any = conn.peer_identity()?;
-    let certs = any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    let certs = any
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
     crate::tls::ed25519_key_of(certs.first()?)
 }

@@ -18,13 +18,16 @@ use tidepool_proto::{PublicKey, SecretKey};
 pub const ALPN: &[u8] = b"tidepool/1";
 
 /// A self-signed certificate for `key`, and the key in rustls's form.
-pub fn certificate(key: &SecretKey) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), rcgen::Error> {
+pub fn certificate(
+    key: &SecretKey,
+) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), rcgen::Error> {
     let pkcs8 = PrivatePkcs8KeyDer::from(key.pkcs8().to_vec());
     let pair = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, &rcgen::PKCS_ED25519)?;
     let mut params = rcgen::CertificateParams::new(vec!["tidepool".to_owned()])?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, format!("tidepool {}", key.public()));
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        format!("tidepool {}", key.public()),
+    );
     let cert = params.self_signed(&pair)?;
     Ok((cert.der().clone(), PrivateKeyDer::Pkcs8(pkcs8)))
 }
@@ -40,7 +43,9 @@ fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         if n == 0 || n > 4 || rest.len() < n {
             return None;
         }
-        let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
         (len, &rest[n..])
     };
     if rest.len() < len {
@@ -97,7 +102,11 @@ fn bad_cert() -> rustls::Error {
     rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
 }
 
-fn verify_handshake(message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+fn verify_handshake(
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
     if dss.scheme != SignatureScheme::ED25519 {
         return Err(rustls::Error::PeerMisbehaved(
             rustls::PeerMisbehaved::SignedHandshakeWithUnadvertisedSigScheme,
@@ -176,7 +185,9 @@ impl ClientCertVerifier for AnyEd25519Client {
         _intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        ed25519_key_of(end_entity).map(|_| ClientCertVerified::assertion()).ok_or_else(bad_cert)
+        ed25519_key_of(end_entity)
+            .map(|_| ClientCertVerified::assertion())
+            .ok_or_else(bad_cert)
     }
 
     fn verify_tls12_signature(

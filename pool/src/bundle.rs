@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use tidepool_net::blobs::sha256_file;
-use tidepool_proto::manifest::{AuthoredManifest, BlobRef, BundleError, LockedManifest, SignedManifest};
+use tidepool_proto::manifest::{
+    AuthoredManifest, BlobRef, BundleError, LockedManifest, SignedManifest,
+};
 use tidepool_proto::{Digest, PublicKey, SecretKey, Signature};
 
 /// Errors packing, signing or checking a bundle. Each names the file.
@@ -85,7 +87,10 @@ mod serde_bytes_compat {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BundleFileError + '_ {
-    move |source| BundleFileError::Io { path: path.to_owned(), source }
+    move |source| BundleFileError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 fn blob_of(path: &Path) -> Result<BlobRef, BundleFileError> {
@@ -109,8 +114,10 @@ fn now_unix() -> u64 {
 /// `catalog:NAME` for a model of the built-in catalogue (fetched already).
 pub fn pack(manifest_path: &Path, publisher: PublicKey) -> Result<BundleFile, BundleFileError> {
     let text = std::fs::read_to_string(manifest_path).map_err(io(manifest_path))?;
-    let authored = AuthoredManifest::parse(&text)
-        .map_err(|source| BundleFileError::Manifest { path: manifest_path.to_owned(), source })?;
+    let authored = AuthoredManifest::parse(&text).map_err(|source| BundleFileError::Manifest {
+        path: manifest_path.to_owned(),
+        source,
+    })?;
     let base = manifest_path.parent().unwrap_or(Path::new("."));
     let resolve = |p: &str| -> PathBuf {
         let p = base.join(p);
@@ -123,11 +130,12 @@ pub fn pack(manifest_path: &Path, publisher: PublicKey) -> Result<BundleFile, Bu
     for (name, m) in &authored.models {
         let path = match m.source.strip_prefix("catalog:") {
             Some(entry) => {
-                let e = tidepool_models::catalog_entry(entry).map_err(|e| BundleFileError::Source {
-                    path: manifest_path.to_owned(),
-                    model: name.clone(),
-                    why: e.to_string(),
-                })?;
+                let e =
+                    tidepool_models::catalog_entry(entry).map_err(|e| BundleFileError::Source {
+                        path: manifest_path.to_owned(),
+                        model: name.clone(),
+                        why: e.to_string(),
+                    })?;
                 tidepool_models::path_in(&tidepool_models::models_dir(), e)
             }
             None => resolve(&m.source),
@@ -136,7 +144,10 @@ pub fn pack(manifest_path: &Path, publisher: PublicKey) -> Result<BundleFile, Bu
             return Err(BundleFileError::Source {
                 path: manifest_path.to_owned(),
                 model: name.clone(),
-                why: format!("{} does not exist (for catalogue models run `tidepool models fetch`)", path.display()),
+                why: format!(
+                    "{} does not exist (for catalogue models run `tidepool models fetch`)",
+                    path.display()
+                ),
             });
         }
         let blob = blob_of(&path)?;
@@ -144,15 +155,25 @@ pub fn pack(manifest_path: &Path, publisher: PublicKey) -> Result<BundleFile, Bu
         models.insert(name.clone(), blob);
     }
     let locked = LockedManifest::lock(&authored, component, &models, publisher, now_unix())
-        .map_err(|source| BundleFileError::Manifest { path: manifest_path.to_owned(), source })?;
-    Ok(BundleFile { locked: locked.to_bytes(), signature: None, files })
+        .map_err(|source| BundleFileError::Manifest {
+            path: manifest_path.to_owned(),
+            source,
+        })?;
+    Ok(BundleFile {
+        locked: locked.to_bytes(),
+        signature: None,
+        files,
+    })
 }
 
 impl BundleFile {
     /// Read a bundle file.
     pub fn read(path: &Path) -> Result<Self, BundleFileError> {
         let bytes = std::fs::read(path).map_err(io(path))?;
-        rmp_serde::from_slice(&bytes).map_err(|e| BundleFileError::Format { path: path.to_owned(), why: e.to_string() })
+        rmp_serde::from_slice(&bytes).map_err(|e| BundleFileError::Format {
+            path: path.to_owned(),
+            why: e.to_string(),
+        })
     }
 
     /// Write it (atomically).
@@ -173,7 +194,10 @@ impl BundleFile {
         let m = self.manifest()?;
         // Re-serialising would be equal; signing the stored bytes is what counts.
         if m.publisher != key.public() {
-            return Err(BundleError::PublisherMismatch { signer: key.public(), publisher: m.publisher });
+            return Err(BundleError::PublisherMismatch {
+                signer: key.public(),
+                publisher: m.publisher,
+            });
         }
         let signature = key.sign(tidepool_proto::keys::MANIFEST_TAG, &self.locked);
         self.signature = Some((key.public(), signature));
@@ -182,27 +206,47 @@ impl BundleFile {
 
     /// The signed form, if signed.
     pub fn signed(&self) -> Option<SignedManifest> {
-        self.signature.map(|(signer, signature)| SignedManifest { manifest: self.locked.clone(), signer, signature })
+        self.signature.map(|(signer, signature)| SignedManifest {
+            manifest: self.locked.clone(),
+            signer,
+            signature,
+        })
     }
 
     /// Check signature, validity, and that every blob file still matches.
-    pub fn verify(&self, path: &Path, trusted: &BTreeSet<PublicKey>) -> Result<LockedManifest, BundleFileError> {
-        let signed = self.signed().ok_or_else(|| BundleFileError::Unsigned(path.to_owned()))?;
+    pub fn verify(
+        &self,
+        path: &Path,
+        trusted: &BTreeSet<PublicKey>,
+    ) -> Result<LockedManifest, BundleFileError> {
+        let signed = self
+            .signed()
+            .ok_or_else(|| BundleFileError::Unsigned(path.to_owned()))?;
         let m = signed
             .verify(trusted, now_unix())
-            .map_err(|source| BundleFileError::Bundle { path: path.to_owned(), source })?;
+            .map_err(|source| BundleFileError::Bundle {
+                path: path.to_owned(),
+                source,
+            })?;
         let mut named: Vec<(String, BlobRef)> = vec![("component".into(), m.component)];
         named.extend(m.models.iter().map(|(n, l)| (format!("model {n}"), l.blob)));
         for (what, blob) in named {
-            let file = self.files.get(&blob.sha256).ok_or_else(|| BundleFileError::Format {
-                path: path.to_owned(),
-                why: format!("no file recorded for {what}"),
-            })?;
+            let file = self
+                .files
+                .get(&blob.sha256)
+                .ok_or_else(|| BundleFileError::Format {
+                    path: path.to_owned(),
+                    why: format!("no file recorded for {what}"),
+                })?;
             let actual = blob_of(file)?;
             if actual.sha256 != blob.sha256 {
                 return Err(BundleFileError::Bundle {
                     path: path.to_owned(),
-                    source: BundleError::BlobMismatch { what: format!("{what} ({})", file.display()), expected: blob.sha256, actual: actual.sha256 },
+                    source: BundleError::BlobMismatch {
+                        what: format!("{what} ({})", file.display()),
+                        expected: blob.sha256,
+                        actual: actual.sha256,
+                    },
                 });
             }
         }

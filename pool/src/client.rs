@@ -5,8 +5,8 @@ use crate::bundle::BundleFile;
 use std::net::SocketAddr;
 use tidepool_net::{call, StreamError};
 use tidepool_proto::wire::{
-    Bytes, ErrorCode, JobId, JobSummary, PoolSummary, Request, Response, TaskRecord, BLOB_CHUNK_BYTES,
-    PROTOCOL_VERSION,
+    Bytes, ErrorCode, JobId, JobSummary, PoolSummary, Request, Response, TaskRecord,
+    BLOB_CHUNK_BYTES, PROTOCOL_VERSION,
 };
 use tidepool_proto::{Digest, PublicKey, SecretKey};
 
@@ -59,12 +59,19 @@ fn unexpected(r: &Response) -> ClientError {
 
 impl PoolClient {
     /// Connect and say hello.
-    pub async fn connect(addr: SocketAddr, key: &SecretKey, pool: PublicKey) -> Result<Self, ClientError> {
+    pub async fn connect(
+        addr: SocketAddr,
+        key: &SecretKey,
+        pool: PublicKey,
+    ) -> Result<Self, ClientError> {
         let endpoint = tidepool_net::client(key, pool)?;
         let conn = tidepool_net::connect(&endpoint, addr).await?;
         let me = Self { endpoint, conn };
         match me
-            .call(&Request::ClientHello { protocol: PROTOCOL_VERSION, agent: concat!("tidepool ", env!("CARGO_PKG_VERSION")).into() })
+            .call(&Request::ClientHello {
+                protocol: PROTOCOL_VERSION,
+                agent: concat!("tidepool ", env!("CARGO_PKG_VERSION")).into(),
+            })
             .await?
         {
             Response::Welcome { .. } => Ok(me),
@@ -81,7 +88,11 @@ impl PoolClient {
 
     /// Publish a signed bundle and upload the blobs the pool lacks.
     /// Returns the bundle digest.
-    pub async fn publish(&self, bundle: &BundleFile, mut progress: impl FnMut(u64)) -> Result<Digest, ClientError> {
+    pub async fn publish(
+        &self,
+        bundle: &BundleFile,
+        mut progress: impl FnMut(u64),
+    ) -> Result<Digest, ClientError> {
         let signed = bundle.signed().ok_or(ClientError::Unsigned)?;
         let (digest, missing) = match self.call(&Request::Publish { manifest: signed }).await? {
             Response::Published { bundle, missing } => (bundle, missing),
@@ -92,18 +103,34 @@ impl PoolClient {
                 path: "<bundle>".into(),
                 source: std::io::Error::other(format!("no file for blob {blob} in the bundle")),
             })?;
-            let data = std::fs::read(path).map_err(|source| ClientError::Io { path: path.clone(), source })?;
+            let data = std::fs::read(path).map_err(|source| ClientError::Io {
+                path: path.clone(),
+                source,
+            })?;
             let mut offset = 0u64;
             // Resume where the pool stopped (a previous interrupted upload).
-            if let Response::BlobStored { have, .. } =
-                self.call(&Request::PutBlob { digest: blob, offset: 0, data: Bytes(Vec::new()) }).await.unwrap_or(Response::Ok)
+            if let Response::BlobStored { have, .. } = self
+                .call(&Request::PutBlob {
+                    digest: blob,
+                    offset: 0,
+                    data: Bytes(Vec::new()),
+                })
+                .await
+                .unwrap_or(Response::Ok)
             {
                 offset = have;
             }
             while (offset as usize) < data.len() {
                 let end = (offset as usize + BLOB_CHUNK_BYTES).min(data.len());
                 let chunk = Bytes(data[offset as usize..end].to_vec());
-                match self.call(&Request::PutBlob { digest: blob, offset, data: chunk }).await? {
+                match self
+                    .call(&Request::PutBlob {
+                        digest: blob,
+                        offset,
+                        data: chunk,
+                    })
+                    .await?
+                {
                     Response::BlobStored { have, .. } => {
                         progress(have - offset);
                         offset = have;
@@ -116,9 +143,21 @@ impl PoolClient {
     }
 
     /// Submit a batch. `key` makes the submission idempotent.
-    pub async fn submit(&self, bundle: Digest, inputs: Vec<Vec<u8>>, key: String) -> Result<(JobId, u32), ClientError> {
+    pub async fn submit(
+        &self,
+        bundle: Digest,
+        inputs: Vec<Vec<u8>>,
+        key: String,
+    ) -> Result<(JobId, u32), ClientError> {
         let inputs = inputs.into_iter().map(Bytes).collect();
-        match self.call(&Request::Submit { bundle, inputs, key }).await? {
+        match self
+            .call(&Request::Submit {
+                bundle,
+                inputs,
+                key,
+            })
+            .await?
+        {
             Response::Submitted { job, tasks } => Ok((job, tasks)),
             other => Err(unexpected(&other)),
         }
@@ -137,7 +176,14 @@ impl PoolClient {
         let mut out = Vec::new();
         loop {
             let from = u32::try_from(out.len()).unwrap_or(u32::MAX);
-            match self.call(&Request::JobResults { job, from, limit: 1000 }).await? {
+            match self
+                .call(&Request::JobResults {
+                    job,
+                    from,
+                    limit: 1000,
+                })
+                .await?
+            {
                 Response::Records(v) if v.is_empty() => return Ok(out),
                 Response::Records(v) => out.extend(v),
                 other => return Err(unexpected(&other)),

@@ -112,19 +112,30 @@ pub enum ConfigError {
 impl PoolFile {
     /// Read a file; relative paths in it are made relative to its directory.
     pub fn read(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_owned(), source })?;
-        let mut f: PoolFile =
-            toml::from_str(&text).map_err(|e| ConfigError::Invalid { path: path.to_owned(), why: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut f: PoolFile = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+            path: path.to_owned(),
+            why: e.to_string(),
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         f.key = base.join(&f.key);
         f.data_dir = base.join(&f.data_dir);
-        f.validate().map_err(|why| ConfigError::Invalid { path: path.to_owned(), why })?;
+        f.validate().map_err(|why| ConfigError::Invalid {
+            path: path.to_owned(),
+            why,
+        })?;
         Ok(f)
     }
 
     /// Check ranges.
     pub fn validate(&self) -> Result<(), String> {
-        if self.lease_ttl_secs == 0 || self.heartbeat_ms == 0 || self.heartbeat_ms >= self.lease_ttl_secs * 1000 {
+        if self.lease_ttl_secs == 0
+            || self.heartbeat_ms == 0
+            || self.heartbeat_ms >= self.lease_ttl_secs * 1000
+        {
             return Err(format!(
                 "heartbeat_ms ({}) must be positive and shorter than lease_ttl_secs ({} s)",
                 self.heartbeat_ms, self.lease_ttl_secs
@@ -142,7 +153,9 @@ impl PoolFile {
         match self.durability.as_str() {
             "process" => Ok(Durability::Process),
             "power-loss" => Ok(Durability::PowerLoss),
-            other => Err(format!("durability {other:?} is not \"process\" or \"power-loss\"")),
+            other => Err(format!(
+                "durability {other:?} is not \"process\" or \"power-loss\""
+            )),
         }
     }
 
@@ -152,7 +165,11 @@ impl PoolFile {
             lease_ttl: Duration::from_secs(self.lease_ttl_secs),
             heartbeat: Duration::from_millis(self.heartbeat_ms),
             max_attempts: self.max_attempts,
-            admission: if self.nodes.is_empty() { Admission::Open } else { Admission::Allowlist(self.nodes.clone()) },
+            admission: if self.nodes.is_empty() {
+                Admission::Open
+            } else {
+                Admission::Allowlist(self.nodes.clone())
+            },
             publishers: self.publishers.clone(),
             clients: self.clients.clone(),
             ..PoolConfig::default()

@@ -55,11 +55,13 @@ pub struct PoolConfig {
     pub publishers: BTreeSet<PublicKey>,
     /// Keys that may submit jobs and read results, besides the publishers.
     pub clients: BTreeSet<PublicKey>,
+    /// How long a new connection may take to say hello before it is closed.
+    pub hello_timeout: Duration,
 }
 
 impl Default for PoolConfig {
     /// Lease 15 s renewed every 3 s, 3 attempts, retry 250 ms, 64 tasks per
-    /// grant, open admission, no publishers.
+    /// grant, open admission, no publishers, 10 s to say hello.
     fn default() -> Self {
         Self {
             lease_ttl: Duration::from_secs(15),
@@ -70,6 +72,7 @@ impl Default for PoolConfig {
             admission: Admission::Open,
             publishers: BTreeSet::new(),
             clients: BTreeSet::new(),
+            hello_timeout: Duration::from_secs(10),
         }
     }
 }

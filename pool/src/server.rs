@@ -18,14 +18,13 @@ use tidepool_net::{frames::StreamError, peer_key, read_frame, write_frame, BlobD
 use tidepool_proto::manifest::SignedManifest;
 use tidepool_proto::session::{request_name, PoolConn, Refusal, Role};
 use tidepool_proto::wire::{
-    Bytes, Capabilities, ErrorCode, JobId, LeaseId, Request, Response, TaskResult, BLOB_CHUNK_BYTES, PROTOCOL_VERSION,
+    Bytes, Capabilities, ErrorCode, JobId, LeaseId, Request, Response, TaskResult,
+    BLOB_CHUNK_BYTES, PROTOCOL_VERSION,
 };
 use tidepool_proto::{Digest, PublicKey, SecretKey};
 use tokio::sync::{broadcast, oneshot};
 use tracing::{debug, info, warn};
 
-/// How long a connection may stay without a hello.
-pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a stream may take to deliver its request frame.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -73,15 +72,29 @@ enum Cmd {
     NodeHello(PublicKey, Capabilities, Reply<()>),
     NodeGone(PublicKey),
     AdmitsClient(PublicKey, oneshot::Sender<bool>),
-    Lease(PublicKey, u32, Vec<LeaseId>, Reply<(Vec<tidepool_proto::wire::TaskGrant>, Vec<LeaseId>)>),
-    Results(PublicKey, Vec<TaskResult>, Reply<Vec<(LeaseId, tidepool_proto::wire::Verdict)>>),
+    Lease(
+        PublicKey,
+        u32,
+        Vec<LeaseId>,
+        Reply<(Vec<tidepool_proto::wire::TaskGrant>, Vec<LeaseId>)>,
+    ),
+    Results(
+        PublicKey,
+        Vec<TaskResult>,
+        Reply<Vec<(LeaseId, tidepool_proto::wire::Verdict)>>,
+    ),
     Manifest(Digest, oneshot::Sender<Option<SignedManifest>>),
     BlobSize(Digest, oneshot::Sender<Option<u64>>),
     BlobStored(Digest),
     Publish(SignedManifest, Reply<(Digest, Vec<Digest>)>),
     Submit(Digest, String, Vec<Vec<u8>>, Reply<(JobId, u32)>),
     JobStatus(JobId, Reply<tidepool_proto::wire::JobSummary>),
-    JobResults(JobId, u32, u32, Reply<Vec<tidepool_proto::wire::TaskRecord>>),
+    JobResults(
+        JobId,
+        u32,
+        u32,
+        Reply<Vec<tidepool_proto::wire::TaskRecord>>,
+    ),
     PoolStatus(Reply<tidepool_proto::wire::PoolSummary>),
     Stop,
 }
@@ -94,7 +107,12 @@ fn unix_now() -> u64 {
 }
 
 /// The coordinator thread: serve commands, expire leases on time.
-fn actor(mut c: Coordinator<SqliteStore>, blobs: BlobDir, rx: mpsc::Receiver<Cmd>, events: broadcast::Sender<PoolEvent>) {
+fn actor(
+    mut c: Coordinator<SqliteStore>,
+    blobs: BlobDir,
+    rx: mpsc::Receiver<Cmd>,
+    events: broadcast::Sender<PoolEvent>,
+) {
     loop {
         let now = Instant::now();
         if let Err(e) = c.handle_timeout(now) {
@@ -102,13 +120,19 @@ fn actor(mut c: Coordinator<SqliteStore>, blobs: BlobDir, rx: mpsc::Receiver<Cmd
         }
         while let Some(ev) = c.poll_event() {
             match &ev {
-                PoolEvent::Requeued { lease, node, .. } => info!(%lease, node = %node.short(), "lease expired; task queued again"),
-                PoolEvent::DeadLettered { task, reason } => warn!(task, reason, "task dead-lettered"),
+                PoolEvent::Requeued { lease, node, .. } => {
+                    info!(%lease, node = %node.short(), "lease expired; task queued again")
+                }
+                PoolEvent::DeadLettered { task, reason } => {
+                    warn!(task, reason, "task dead-lettered")
+                }
                 PoolEvent::JobFinished { job } => info!(job, "job finished"),
             }
             let _ = events.send(ev);
         }
-        let wait = c.poll_timeout().map_or(Duration::from_secs(3600), |t| t.saturating_duration_since(now));
+        let wait = c.poll_timeout().map_or(Duration::from_secs(3600), |t| {
+            t.saturating_duration_since(now)
+        });
         let cmd = match rx.recv_timeout(wait) {
             Ok(cmd) => cmd,
             Err(mpsc::RecvTimeoutError::Timeout) => continue,
@@ -120,13 +144,17 @@ fn actor(mut c: Coordinator<SqliteStore>, blobs: BlobDir, rx: mpsc::Receiver<Cmd
             Cmd::NodeHello(k, caps, r) => drop(r.send(c.handle_node_hello(now, k, caps))),
             Cmd::NodeGone(k) => c.handle_node_gone(now, &k),
             Cmd::AdmitsClient(k, r) => drop(r.send(c.admits_client(&k))),
-            Cmd::Lease(k, want, running, r) => drop(r.send(c.handle_lease(now, &k, want, &running))),
+            Cmd::Lease(k, want, running, r) => {
+                drop(r.send(c.handle_lease(now, &k, want, &running)))
+            }
             Cmd::Results(k, results, r) => drop(r.send(c.handle_results(now, &k, results))),
             Cmd::Manifest(d, r) => drop(r.send(c.manifest(&d).cloned())),
             Cmd::BlobSize(d, r) => drop(r.send(c.blob_size(&d))),
             Cmd::BlobStored(d) => c.handle_blob_stored(&d),
             Cmd::Publish(m, r) => drop(r.send(c.handle_publish(unix_now(), m, &|d| blobs.has(d)))),
-            Cmd::Submit(b, key, inputs, r) => drop(r.send(c.handle_submit(unix_now(), &b, &key, &inputs))),
+            Cmd::Submit(b, key, inputs, r) => {
+                drop(r.send(c.handle_submit(unix_now(), &b, &key, &inputs)))
+            }
             Cmd::JobStatus(j, r) => drop(r.send(c.job_status(j))),
             Cmd::JobResults(j, from, limit, r) => drop(r.send(c.job_results(j, from, limit))),
             Cmd::PoolStatus(r) => drop(r.send(c.pool_status(now))),
@@ -171,7 +199,10 @@ impl RunningPool {
 
 /// Start a pool: open the store, recover, listen. Returns once listening.
 pub async fn serve(cfg: ServeConfig) -> Result<RunningPool, ServeError> {
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| ServeError::Dir { path: cfg.data_dir.clone(), source })?;
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| ServeError::Dir {
+        path: cfg.data_dir.clone(),
+        source,
+    })?;
     crate::coordinator::set_unix_base(Instant::now(), unix_now());
     let blobs = BlobDir::open(cfg.data_dir.join("blobs"))?;
     let store = SqliteStore::open(&cfg.data_dir.join("pool.db"), cfg.durability)?;
@@ -184,15 +215,22 @@ pub async fn serve(cfg: ServeConfig) -> Result<RunningPool, ServeError> {
     let thread = std::thread::Builder::new()
         .name("tidepool-coordinator".into())
         .spawn(move || actor(coordinator, b, rx, ev))
-        .map_err(|source| ServeError::Dir { path: cfg.data_dir.clone(), source })?;
+        .map_err(|source| ServeError::Dir {
+            path: cfg.data_dir.clone(),
+            source,
+        })?;
     let endpoint = tidepool_net::server(cfg.listen, &cfg.key)?;
-    let addr = endpoint.local_addr().map_err(|source| ServeError::Dir { path: cfg.data_dir.clone(), source })?;
+    let addr = endpoint.local_addr().map_err(|source| ServeError::Dir {
+        path: cfg.data_dir.clone(),
+        source,
+    })?;
     let shared = Arc::new(Shared {
         tx: Mutex::new(tx.clone()),
         blobs,
         lease_ttl: cfg.pool.lease_ttl,
         heartbeat: cfg.pool.heartbeat,
         retry: cfg.pool.retry,
+        hello_timeout: cfg.pool.hello_timeout,
     });
     let ep = endpoint.clone();
     tokio::spawn(async move {
@@ -207,7 +245,14 @@ pub async fn serve(cfg: ServeConfig) -> Result<RunningPool, ServeError> {
         }
     });
     info!(%addr, key = %cfg.key.public(), "pool listening");
-    Ok(RunningPool { addr, key: cfg.key.public(), endpoint, tx, thread: Some(thread), events })
+    Ok(RunningPool {
+        addr,
+        key: cfg.key.public(),
+        endpoint,
+        tx,
+        thread: Some(thread),
+        events,
+    })
 }
 
 /// What connection tasks share.
@@ -221,6 +266,8 @@ struct Shared {
     lease_ttl: Duration,
     heartbeat: Duration,
     retry: Duration,
+    /// Time allowed for a hello.
+    hello_timeout: Duration,
 }
 
 impl Shared {
@@ -237,7 +284,10 @@ impl Shared {
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Response {
-    Response::Error { code, message: message.into() }
+    Response::Error {
+        code,
+        message: message.into(),
+    }
 }
 
 fn from_refusal(r: Refusal) -> Response {
@@ -251,14 +301,21 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
     };
     let remote = conn.remote_address();
     debug!(%remote, peer = %peer.short(), "connection");
-    let session = Arc::new(Mutex::new(PoolConn::new(Instant::now(), HELLO_TIMEOUT)));
+    let session = Arc::new(Mutex::new(PoolConn::new(
+        Instant::now(),
+        shared.hello_timeout,
+    )));
     // Half-open handshakes: no hello within the timeout closes the connection.
     {
         let conn = conn.clone();
         let session = session.clone();
+        let timeout = shared.hello_timeout;
         tokio::spawn(async move {
-            tokio::time::sleep(HELLO_TIMEOUT).await;
-            let close = session.lock().unwrap_or_else(|p| p.into_inner()).handle_timeout(Instant::now());
+            tokio::time::sleep(timeout).await;
+            let close = session
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .handle_timeout(Instant::now());
             if close {
                 conn.close(2u32.into(), b"no hello in time");
             }
@@ -299,76 +356,101 @@ async fn serve_stream(
         Ok(Ok(Some(r))) => r,
         Ok(Ok(None)) => return Ok(()),
         Ok(Err(StreamError::Frame(e))) => {
-            let _ = write_frame(&mut send, &error(ErrorCode::Protocol, e.to_string())).await;
-            let _ = send.finish();
+            answer_then_close(&mut send, &error(ErrorCode::Protocol, e.to_string())).await;
             return Err(e.to_string());
         }
         Ok(Err(e)) => return Err(e.to_string()),
     };
-    let checked = session.lock().unwrap_or_else(|p| p.into_inner()).handle_request(Instant::now(), &req);
+    let checked = session
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .handle_request(Instant::now(), &req);
     if let Err(r) = checked {
-        let close = r.close;
-        let msg = r.message.clone();
-        let _ = write_frame(&mut send, &from_refusal(r)).await;
-        let _ = send.finish();
-        return if close { Err(msg) } else { Ok(()) };
+        return refuse(&mut send, r).await;
     }
     let name = request_name(&req);
     let resp = match req {
-        Request::NodeHello { caps, .. } => match shared.ask(|r| Cmd::NodeHello(peer, caps, r)).await {
-            Some(Ok(())) => welcome(shared),
-            Some(Err(r)) => {
-                let close = r.close;
-                let msg = r.message.clone();
-                let _ = write_frame(&mut send, &from_refusal(r)).await;
-                let _ = send.finish();
-                return if close { Err(msg) } else { Ok(()) };
+        Request::NodeHello { caps, .. } => {
+            match shared.ask(|r| Cmd::NodeHello(peer, caps, r)).await {
+                Some(Ok(())) => welcome(shared),
+                Some(Err(r)) => return refuse(&mut send, r).await,
+                None => error(ErrorCode::Internal, "pool is stopping"),
             }
-            None => error(ErrorCode::Internal, "pool is stopping"),
-        },
+        }
         Request::ClientHello { .. } => {
             if shared.ask(|r| Cmd::AdmitsClient(peer, r)).await == Some(true) {
                 welcome(shared)
             } else {
-                let msg = format!("client {peer} may not use this pool (not a publisher or client key)");
-                let _ = write_frame(&mut send, &error(ErrorCode::Forbidden, msg.clone())).await;
-                let _ = send.finish();
-                return Err(msg);
+                let message =
+                    format!("client {peer} may not use this pool (not a publisher or client key)");
+                return refuse(
+                    &mut send,
+                    Refusal {
+                        code: ErrorCode::Forbidden,
+                        message,
+                        close: true,
+                    },
+                )
+                .await;
             }
         }
-        Request::Lease { want, running } => match shared.ask(|r| Cmd::Lease(peer, want, running, r)).await {
-            Some(Ok((grants, lost))) => {
-                let retry_ms = if grants.is_empty() { shared.retry.as_millis() as u64 } else { 0 };
-                Response::Leases { grants, lost, retry_ms }
+        Request::Lease { want, running } => {
+            match shared.ask(|r| Cmd::Lease(peer, want, running, r)).await {
+                Some(Ok((grants, lost))) => {
+                    let retry_ms = if grants.is_empty() {
+                        shared.retry.as_millis() as u64
+                    } else {
+                        0
+                    };
+                    Response::Leases {
+                        grants,
+                        lost,
+                        retry_ms,
+                    }
+                }
+                Some(Err(r)) => from_refusal(r),
+                None => error(ErrorCode::Internal, "pool is stopping"),
             }
-            Some(Err(r)) => from_refusal(r),
-            None => error(ErrorCode::Internal, "pool is stopping"),
-        },
-        Request::Results { results } => match shared.ask(|r| Cmd::Results(peer, results, r)).await {
-            Some(Ok(v)) => Response::Verdicts(v),
-            Some(Err(r)) => from_refusal(r),
-            None => error(ErrorCode::Internal, "pool is stopping"),
-        },
+        }
+        Request::Results { results } => {
+            match shared.ask(|r| Cmd::Results(peer, results, r)).await {
+                Some(Ok(v)) => Response::Verdicts(v),
+                Some(Err(r)) => from_refusal(r),
+                None => error(ErrorCode::Internal, "pool is stopping"),
+            }
+        }
         Request::Draining => Response::Ok,
-        Request::FetchManifest { bundle } => match shared.ask(|r| Cmd::Manifest(bundle, r)).await.flatten() {
-            Some(m) => Response::Manifest(m),
-            None => error(ErrorCode::NotFound, format!("no bundle {bundle}")),
-        },
+        Request::FetchManifest { bundle } => {
+            match shared.ask(|r| Cmd::Manifest(bundle, r)).await.flatten() {
+                Some(m) => Response::Manifest(m),
+                None => error(ErrorCode::NotFound, format!("no bundle {bundle}")),
+            }
+        }
         Request::FetchBlob { digest, offset } => {
             if !shared.blobs.has(&digest) {
-                error(ErrorCode::NotFound, format!("no blob {digest} on this pool"))
+                error(
+                    ErrorCode::NotFound,
+                    format!("no blob {digest} on this pool"),
+                )
             } else {
                 let mut offset = offset;
                 loop {
                     let (data, total) = match shared.blobs.read(&digest, offset, BLOB_CHUNK_BYTES) {
                         Ok(x) => x,
                         Err(e) => {
-                            let _ = write_frame(&mut send, &error(ErrorCode::Internal, e.to_string())).await;
+                            let _ =
+                                write_frame(&mut send, &error(ErrorCode::Internal, e.to_string()))
+                                    .await;
                             break;
                         }
                     };
                     let n = data.len() as u64;
-                    let chunk = Response::BlobChunk { digest, offset, total, data: Bytes(data) };
+                    let chunk = Response::BlobChunk {
+                        digest,
+                        offset,
+                        total,
+                        data: Bytes(data),
+                    };
                     if write_frame(&mut send, &chunk).await.is_err() {
                         return Ok(()); // the fetcher went away; it can resume
                     }
@@ -386,19 +468,33 @@ async fn serve_stream(
             Some(Err(r)) => from_refusal(r),
             None => error(ErrorCode::Internal, "pool is stopping"),
         },
-        Request::PutBlob { digest, offset, data } => match shared.ask(|r| Cmd::BlobSize(digest, r)).await.flatten() {
-            None => error(ErrorCode::NotFound, format!("blob {digest} is not named by any published bundle")),
+        Request::PutBlob {
+            digest,
+            offset,
+            data,
+        } => match shared.ask(|r| Cmd::BlobSize(digest, r)).await.flatten() {
+            None => error(
+                ErrorCode::NotFound,
+                format!("blob {digest} is not named by any published bundle"),
+            ),
             Some(size) => match shared.blobs.append(&digest, size, offset, &data.0) {
                 Ok(done) => {
                     if done {
                         shared.send(Cmd::BlobStored(digest));
                     }
-                    Response::BlobStored { digest, have: shared.blobs.held(&digest) }
+                    Response::BlobStored {
+                        digest,
+                        have: shared.blobs.held(&digest),
+                    }
                 }
                 Err(e) => error(ErrorCode::Invalid, e.to_string()),
             },
         },
-        Request::Submit { bundle, inputs, key } => {
+        Request::Submit {
+            bundle,
+            inputs,
+            key,
+        } => {
             let inputs = inputs.into_iter().map(|b| b.0).collect();
             match shared.ask(|r| Cmd::Submit(bundle, key, inputs, r)).await {
                 Some(Ok((job, tasks))) => Response::Submitted { job, tasks },
@@ -411,11 +507,13 @@ async fn serve_stream(
             Some(Err(r)) => from_refusal(r),
             None => error(ErrorCode::Internal, "pool is stopping"),
         },
-        Request::JobResults { job, from, limit } => match shared.ask(|r| Cmd::JobResults(job, from, limit, r)).await {
-            Some(Ok(v)) => Response::Records(v),
-            Some(Err(r)) => from_refusal(r),
-            None => error(ErrorCode::Internal, "pool is stopping"),
-        },
+        Request::JobResults { job, from, limit } => {
+            match shared.ask(|r| Cmd::JobResults(job, from, limit, r)).await {
+                Some(Ok(v)) => Response::Records(v),
+                Some(Err(r)) => from_refusal(r),
+                None => error(ErrorCode::Internal, "pool is stopping"),
+            }
+        }
         Request::PoolStatus => match shared.ask(Cmd::PoolStatus).await {
             Some(Ok(s)) => Response::Pool(s),
             Some(Err(r)) => from_refusal(r),
@@ -429,6 +527,26 @@ async fn serve_stream(
     let _ = write_frame(&mut send, &resp).await;
     let _ = send.finish();
     Ok(())
+}
+
+/// Send the answer and give the peer a moment to read it before the
+/// connection is closed (closing at once would discard it in flight).
+async fn answer_then_close(send: &mut quinn::SendStream, resp: &Response) {
+    let _ = write_frame(send, resp).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+}
+
+/// Answer with a refusal; `Err` (close the connection) if it says so.
+async fn refuse(send: &mut quinn::SendStream, r: Refusal) -> Result<(), String> {
+    if r.close {
+        answer_then_close(send, &from_refusal(r.clone())).await;
+        Err(r.message)
+    } else {
+        let _ = write_frame(send, &from_refusal(r)).await;
+        let _ = send.finish();
+        Ok(())
+    }
 }
 
 fn welcome(shared: &Shared) -> Response {

@@ -42,7 +42,12 @@ fn open(path: &Path, cfg: &PoolConfig) -> Coordinator<SqliteStore> {
 }
 
 fn caps() -> Capabilities {
-    Capabilities { encodings: vec!["onnx".into()], slots: 4, fetch_models: true, ..Capabilities::default() }
+    Capabilities {
+        encodings: vec!["onnx".into()],
+        slots: 4,
+        fetch_models: true,
+        ..Capabilities::default()
+    }
 }
 
 /// Publish a bundle with one onnx model; returns its digest and component digest.
@@ -52,11 +57,23 @@ fn publish(c: &mut Coordinator<SqliteStore>, w: &World) -> (Digest, Digest) {
         Digest::of(b"model").hex()
     ))
     .expect("manifest");
-    let component = BlobRef { sha256: Digest::of(b"component"), size: 9 };
-    let models = BTreeMap::from([("m".to_owned(), BlobRef { sha256: Digest::of(b"model"), size: 5 })]);
-    let locked = LockedManifest::lock(&a, component, &models, w.publisher.public(), NOW_UNIX).expect("lock");
+    let component = BlobRef {
+        sha256: Digest::of(b"component"),
+        size: 9,
+    };
+    let models = BTreeMap::from([(
+        "m".to_owned(),
+        BlobRef {
+            sha256: Digest::of(b"model"),
+            size: 5,
+        },
+    )]);
+    let locked =
+        LockedManifest::lock(&a, component, &models, w.publisher.public(), NOW_UNIX).expect("lock");
     let signed = locked.sign(&w.publisher).expect("sign");
-    let (digest, missing) = c.handle_publish(NOW_UNIX, signed, &|_| true).expect("publish");
+    let (digest, missing) = c
+        .handle_publish(NOW_UNIX, signed, &|_| true)
+        .expect("publish");
     assert!(missing.is_empty());
     (digest, component.sha256)
 }
@@ -77,8 +94,17 @@ fn honest(key: &SecretKey, g: &TaskGrant, component: Digest) -> TaskResult {
         models: BTreeMap::new(),
         runtime: "test".into(),
     };
-    let signed = LeaseReceipt { lease: g.lease, bundle: g.bundle, receipt }.sign(key);
-    TaskResult { lease: g.lease, outcome: Outcome::Output(Bytes(output)), receipt: Some(signed) }
+    let signed = LeaseReceipt {
+        lease: g.lease,
+        bundle: g.bundle,
+        receipt,
+    }
+    .sign(key);
+    TaskResult {
+        lease: g.lease,
+        outcome: Outcome::Output(Bytes(output)),
+        receipt: Some(signed),
+    }
 }
 
 fn inputs(n: usize) -> Vec<Vec<u8>> {
@@ -92,22 +118,38 @@ fn results_are_accepted_once_and_resends_are_duplicates() {
     let mut c = open(&dir.path().join("pool.db"), &w.cfg);
     let (bundle, component) = publish(&mut c, &w);
     let t0 = Instant::now();
-    let (job, n) = c.handle_submit(NOW_UNIX, &bundle, "k1", &inputs(3)).expect("submit");
+    let (job, n) = c
+        .handle_submit(NOW_UNIX, &bundle, "k1", &inputs(3))
+        .expect("submit");
     assert_eq!(n, 3);
     // Same idempotency key: same job, no new tasks.
-    assert_eq!(c.handle_submit(NOW_UNIX, &bundle, "k1", &inputs(3)).expect("resubmit"), (job, 3));
+    assert_eq!(
+        c.handle_submit(NOW_UNIX, &bundle, "k1", &inputs(3))
+            .expect("resubmit"),
+        (job, 3)
+    );
     assert_eq!(c.queued(), 3);
 
-    c.handle_node_hello(t0, w.node_a.public(), caps()).expect("hello");
-    let (grants, lost) = c.handle_lease(t0, &w.node_a.public(), 10, &[]).expect("lease");
+    c.handle_node_hello(t0, w.node_a.public(), caps())
+        .expect("hello");
+    let (grants, lost) = c
+        .handle_lease(t0, &w.node_a.public(), 10, &[])
+        .expect("lease");
     assert_eq!(grants.len(), 3, "capped by nothing but the queue (4 slots)");
     assert!(lost.is_empty());
     assert!(grants.iter().all(|g| g.lease.attempt == 1));
 
-    let results: Vec<_> = grants.iter().map(|g| honest(&w.node_a, g, component)).collect();
-    let v = c.handle_results(t0, &w.node_a.public(), results.clone()).expect("results");
+    let results: Vec<_> = grants
+        .iter()
+        .map(|g| honest(&w.node_a, g, component))
+        .collect();
+    let v = c
+        .handle_results(t0, &w.node_a.public(), results.clone())
+        .expect("results");
     assert!(v.iter().all(|(_, v)| *v == Verdict::Accepted), "{v:?}");
-    let v = c.handle_results(t0, &w.node_a.public(), results).expect("resend");
+    let v = c
+        .handle_results(t0, &w.node_a.public(), results)
+        .expect("resend");
     assert!(v.iter().all(|(_, v)| *v == Verdict::Duplicate), "{v:?}");
 
     let s = c.job_status(job).expect("status");
@@ -129,18 +171,26 @@ fn expired_lease_requeues_with_a_new_attempt_and_fences_the_old_one() {
     let mut c = open(&dir.path().join("pool.db"), &w.cfg);
     let (bundle, component) = publish(&mut c, &w);
     let t0 = Instant::now();
-    c.handle_submit(NOW_UNIX, &bundle, "k", &inputs(1)).expect("submit");
-    c.handle_node_hello(t0, w.node_a.public(), caps()).expect("hello a");
-    c.handle_node_hello(t0, w.node_b.public(), caps()).expect("hello b");
-    let (ga, _) = c.handle_lease(t0, &w.node_a.public(), 1, &[]).expect("lease a");
+    c.handle_submit(NOW_UNIX, &bundle, "k", &inputs(1))
+        .expect("submit");
+    c.handle_node_hello(t0, w.node_a.public(), caps())
+        .expect("hello a");
+    c.handle_node_hello(t0, w.node_b.public(), caps())
+        .expect("hello b");
+    let (ga, _) = c
+        .handle_lease(t0, &w.node_a.public(), 1, &[])
+        .expect("lease a");
     assert_eq!(ga.len(), 1);
 
     // A renews at 5 s; the lease now ends at 15 s.
     let t5 = t0 + Duration::from_secs(5);
-    let (_, lost) = c.handle_lease(t5, &w.node_a.public(), 0, &[ga[0].lease]).expect("renew");
+    let (_, lost) = c
+        .handle_lease(t5, &w.node_a.public(), 0, &[ga[0].lease])
+        .expect("renew");
     assert!(lost.is_empty());
     assert_eq!(c.poll_timeout(), Some(t5 + w.cfg.lease_ttl));
-    c.handle_timeout(t0 + Duration::from_secs(12)).expect("not yet");
+    c.handle_timeout(t0 + Duration::from_secs(12))
+        .expect("not yet");
     assert_eq!(c.leased(), 1);
 
     // A goes silent; at 15 s the task is back in the queue.
@@ -148,22 +198,49 @@ fn expired_lease_requeues_with_a_new_attempt_and_fences_the_old_one() {
     c.handle_timeout(t15).expect("expire");
     assert_eq!((c.leased(), c.queued()), (0, 1));
     match c.poll_event() {
-        Some(PoolEvent::Requeued { lease, node, at, last_renewed }) => {
+        Some(PoolEvent::Requeued {
+            lease,
+            node,
+            at,
+            last_renewed,
+        }) => {
             assert_eq!(lease, ga[0].lease);
             assert_eq!(node, w.node_a.public());
             assert_eq!((at, last_renewed), (t15, t5));
         }
         other => panic!("expected a requeue, got {other:?}"),
     }
-    let (gb, _) = c.handle_lease(t15, &w.node_b.public(), 1, &[]).expect("lease b");
-    assert_eq!(gb[0].lease, LeaseId { task: ga[0].lease.task, attempt: 2 });
+    let (gb, _) = c
+        .handle_lease(t15, &w.node_b.public(), 1, &[])
+        .expect("lease b");
+    assert_eq!(
+        gb[0].lease,
+        LeaseId {
+            task: ga[0].lease.task,
+            attempt: 2
+        }
+    );
 
     // A wakes up: its renewal is refused and its late result is stale.
-    let (_, lost) = c.handle_lease(t15, &w.node_a.public(), 0, &[ga[0].lease]).expect("late renew");
+    let (_, lost) = c
+        .handle_lease(t15, &w.node_a.public(), 0, &[ga[0].lease])
+        .expect("late renew");
     assert_eq!(lost, vec![ga[0].lease]);
-    let v = c.handle_results(t15, &w.node_a.public(), vec![honest(&w.node_a, &ga[0], component)]).expect("late");
+    let v = c
+        .handle_results(
+            t15,
+            &w.node_a.public(),
+            vec![honest(&w.node_a, &ga[0], component)],
+        )
+        .expect("late");
     assert_eq!(v[0].1, Verdict::Stale);
-    let v = c.handle_results(t15, &w.node_b.public(), vec![honest(&w.node_b, &gb[0], component)]).expect("b");
+    let v = c
+        .handle_results(
+            t15,
+            &w.node_b.public(),
+            vec![honest(&w.node_b, &gb[0], component)],
+        )
+        .expect("b");
     assert_eq!(v[0].1, Verdict::Accepted);
 }
 
@@ -174,10 +251,15 @@ fn failing_tasks_are_dead_lettered_with_every_reason() {
     let mut c = open(&dir.path().join("pool.db"), &w.cfg);
     let (bundle, _) = publish(&mut c, &w);
     let mut t = Instant::now();
-    let (job, _) = c.handle_submit(NOW_UNIX, &bundle, "k", &inputs(1)).expect("submit");
-    c.handle_node_hello(t, w.node_a.public(), caps()).expect("hello");
+    let (job, _) = c
+        .handle_submit(NOW_UNIX, &bundle, "k", &inputs(1))
+        .expect("submit");
+    c.handle_node_hello(t, w.node_a.public(), caps())
+        .expect("hello");
     for attempt in 1..=3 {
-        let (g, _) = c.handle_lease(t, &w.node_a.public(), 1, &[]).expect("lease");
+        let (g, _) = c
+            .handle_lease(t, &w.node_a.public(), 1, &[])
+            .expect("lease");
         assert_eq!(g[0].lease.attempt, attempt);
         if attempt == 2 {
             t += w.cfg.lease_ttl;
@@ -185,14 +267,19 @@ fn failing_tasks_are_dead_lettered_with_every_reason() {
         } else {
             let failed = TaskResult {
                 lease: g[0].lease,
-                outcome: Outcome::Failed { reason: format!("out of memory #{attempt}") },
+                outcome: Outcome::Failed {
+                    reason: format!("out of memory #{attempt}"),
+                },
                 receipt: None,
             };
-            c.handle_results(t, &w.node_a.public(), vec![failed]).expect("failed");
+            c.handle_results(t, &w.node_a.public(), vec![failed])
+                .expect("failed");
         }
     }
     assert_eq!(c.queued(), 0);
-    let (g, _) = c.handle_lease(t, &w.node_a.public(), 1, &[]).expect("nothing left");
+    let (g, _) = c
+        .handle_lease(t, &w.node_a.public(), 1, &[])
+        .expect("nothing left");
     assert!(g.is_empty());
     let rec = &c.job_results(job, 0, 10).expect("records")[0];
     assert_eq!(rec.state, "dead");
@@ -210,9 +297,13 @@ fn bad_receipts_are_refused_and_the_task_retried() {
     let mut c = open(&dir.path().join("pool.db"), &w.cfg);
     let (bundle, component) = publish(&mut c, &w);
     let t = Instant::now();
-    c.handle_submit(NOW_UNIX, &bundle, "k", &inputs(4)).expect("submit");
-    c.handle_node_hello(t, w.node_a.public(), caps()).expect("hello");
-    let (g, _) = c.handle_lease(t, &w.node_a.public(), 4, &[]).expect("lease");
+    c.handle_submit(NOW_UNIX, &bundle, "k", &inputs(4))
+        .expect("submit");
+    c.handle_node_hello(t, w.node_a.public(), caps())
+        .expect("hello");
+    let (g, _) = c
+        .handle_lease(t, &w.node_a.public(), 4, &[])
+        .expect("lease");
     let mut bad = Vec::new();
     // Output altered after signing.
     let mut r = honest(&w.node_a, &g[0], component);
@@ -228,7 +319,9 @@ fn bad_receipts_are_refused_and_the_task_retried() {
     let mut r = honest(&w.node_a, &g[3], component);
     r.receipt = honest(&w.node_a, &g[0], component).receipt;
     bad.push(r);
-    let v = c.handle_results(t, &w.node_a.public(), bad).expect("results");
+    let v = c
+        .handle_results(t, &w.node_a.public(), bad)
+        .expect("results");
     let reasons: Vec<String> = v
         .iter()
         .map(|(_, v)| match v {
@@ -252,10 +345,21 @@ fn restart_keeps_submissions_and_results_and_refuses_old_attempts() {
     let (job, component, leased) = {
         let mut c = open(&db, &w.cfg);
         let (bundle, component) = publish(&mut c, &w);
-        let (job, _) = c.handle_submit(NOW_UNIX, &bundle, "k", &inputs(5)).expect("submit");
-        c.handle_node_hello(t, w.node_a.public(), caps()).expect("hello");
-        let (g, _) = c.handle_lease(t, &w.node_a.public(), 3, &[]).expect("lease");
-        let v = c.handle_results(t, &w.node_a.public(), vec![honest(&w.node_a, &g[0], component)]).expect("r");
+        let (job, _) = c
+            .handle_submit(NOW_UNIX, &bundle, "k", &inputs(5))
+            .expect("submit");
+        c.handle_node_hello(t, w.node_a.public(), caps())
+            .expect("hello");
+        let (g, _) = c
+            .handle_lease(t, &w.node_a.public(), 3, &[])
+            .expect("lease");
+        let v = c
+            .handle_results(
+                t,
+                &w.node_a.public(),
+                vec![honest(&w.node_a, &g[0], component)],
+            )
+            .expect("r");
         assert_eq!(v[0].1, Verdict::Accepted);
         (job, component, g)
         // dropped without any shutdown: like a crash after the last commit
@@ -263,17 +367,51 @@ fn restart_keeps_submissions_and_results_and_refuses_old_attempts() {
     let mut c = open(&db, &w.cfg);
     let s = c.job_status(job).expect("status");
     assert_eq!((s.tasks, s.done), (5, 1));
-    assert_eq!(c.queued(), 4, "the two leased tasks are queued again with the two never leased");
-    c.handle_node_hello(t, w.node_a.public(), caps()).expect("hello");
-    let v = c.handle_results(t, &w.node_a.public(), vec![honest(&w.node_a, &leased[1], component)]).expect("late");
-    assert_eq!(v[0].1, Verdict::Stale, "a result of an attempt from before the restart");
-    let v = c.handle_results(t, &w.node_a.public(), vec![honest(&w.node_a, &leased[0], component)]).expect("dup");
+    assert_eq!(
+        c.queued(),
+        4,
+        "the two leased tasks are queued again with the two never leased"
+    );
+    c.handle_node_hello(t, w.node_a.public(), caps())
+        .expect("hello");
+    let v = c
+        .handle_results(
+            t,
+            &w.node_a.public(),
+            vec![honest(&w.node_a, &leased[1], component)],
+        )
+        .expect("late");
+    assert_eq!(
+        v[0].1,
+        Verdict::Stale,
+        "a result of an attempt from before the restart"
+    );
+    let v = c
+        .handle_results(
+            t,
+            &w.node_a.public(),
+            vec![honest(&w.node_a, &leased[0], component)],
+        )
+        .expect("dup");
     assert_eq!(v[0].1, Verdict::Duplicate);
-    let (g, _) = c.handle_lease(t, &w.node_a.public(), 4, &[]).expect("lease");
+    let (g, _) = c
+        .handle_lease(t, &w.node_a.public(), 4, &[])
+        .expect("lease");
     let attempts: BTreeSet<u32> = g.iter().map(|g| g.lease.attempt).collect();
-    assert_eq!(attempts, BTreeSet::from([1, 2]), "re-leased tasks get attempt 2");
-    let v = c.handle_results(t, &w.node_a.public(), g.iter().map(|g| honest(&w.node_a, g, component)).collect());
-    assert!(v.expect("results").iter().all(|(_, v)| *v == Verdict::Accepted));
+    assert_eq!(
+        attempts,
+        BTreeSet::from([1, 2]),
+        "re-leased tasks get attempt 2"
+    );
+    let v = c.handle_results(
+        t,
+        &w.node_a.public(),
+        g.iter().map(|g| honest(&w.node_a, g, component)).collect(),
+    );
+    assert!(v
+        .expect("results")
+        .iter()
+        .all(|(_, v)| *v == Verdict::Accepted));
     assert_eq!(c.job_status(job).expect("status").done, 5);
 }
 
@@ -285,25 +423,74 @@ fn scheduling_matches_capabilities_and_admission() {
     let mut c = open(&dir.path().join("pool.db"), &w.cfg);
     let (bundle, _) = publish(&mut c, &w);
     let t = Instant::now();
-    c.handle_submit(NOW_UNIX, &bundle, "k", &inputs(2)).expect("submit");
-    let refused = c.handle_node_hello(t, w.node_b.public(), caps()).expect_err("not on the allowlist");
-    assert!(refused.close && refused.message.contains("allowlist"), "{refused:?}");
+    c.handle_submit(NOW_UNIX, &bundle, "k", &inputs(2))
+        .expect("submit");
+    let refused = c
+        .handle_node_hello(t, w.node_b.public(), caps())
+        .expect_err("not on the allowlist");
+    assert!(
+        refused.close && refused.message.contains("allowlist"),
+        "{refused:?}"
+    );
 
-    let ggml_only = Capabilities { encodings: vec!["ggml".into()], ..caps() };
-    c.handle_node_hello(t, w.node_a.public(), ggml_only).expect("hello");
-    assert!(c.handle_lease(t, &w.node_a.public(), 2, &[]).expect("lease").0.is_empty(), "no onnx backend");
+    let ggml_only = Capabilities {
+        encodings: vec!["ggml".into()],
+        ..caps()
+    };
+    c.handle_node_hello(t, w.node_a.public(), ggml_only)
+        .expect("hello");
+    assert!(
+        c.handle_lease(t, &w.node_a.public(), 2, &[])
+            .expect("lease")
+            .0
+            .is_empty(),
+        "no onnx backend"
+    );
 
-    let small = Capabilities { memory_mib: 64, ..caps() };
-    c.handle_node_hello(t, w.node_a.public(), small).expect("hello");
-    assert!(c.handle_lease(t, &w.node_a.public(), 2, &[]).expect("lease").0.is_empty(), "512 MiB tasks");
+    let small = Capabilities {
+        memory_mib: 64,
+        ..caps()
+    };
+    c.handle_node_hello(t, w.node_a.public(), small)
+        .expect("hello");
+    assert!(
+        c.handle_lease(t, &w.node_a.public(), 2, &[])
+            .expect("lease")
+            .0
+            .is_empty(),
+        "512 MiB tasks"
+    );
 
-    let no_fetch = Capabilities { fetch_models: false, ..caps() };
-    c.handle_node_hello(t, w.node_a.public(), no_fetch).expect("hello");
-    assert!(c.handle_lease(t, &w.node_a.public(), 2, &[]).expect("lease").0.is_empty(), "model not on disk");
+    let no_fetch = Capabilities {
+        fetch_models: false,
+        ..caps()
+    };
+    c.handle_node_hello(t, w.node_a.public(), no_fetch)
+        .expect("hello");
+    assert!(
+        c.handle_lease(t, &w.node_a.public(), 2, &[])
+            .expect("lease")
+            .0
+            .is_empty(),
+        "model not on disk"
+    );
 
-    let one_slot = Capabilities { slots: 1, models: vec![Digest::of(b"model")], fetch_models: false, ..caps() };
-    c.handle_node_hello(t, w.node_a.public(), one_slot).expect("hello");
-    assert_eq!(c.handle_lease(t, &w.node_a.public(), 5, &[]).expect("lease").0.len(), 1, "one slot");
+    let one_slot = Capabilities {
+        slots: 1,
+        models: vec![Digest::of(b"model")],
+        fetch_models: false,
+        ..caps()
+    };
+    c.handle_node_hello(t, w.node_a.public(), one_slot)
+        .expect("hello");
+    assert_eq!(
+        c.handle_lease(t, &w.node_a.public(), 5, &[])
+            .expect("lease")
+            .0
+            .len(),
+        1,
+        "one slot"
+    );
 }
 
 #[test]
@@ -313,17 +500,34 @@ fn publishing_refuses_unknown_signers_and_submitting_needs_blobs() {
     let store = SqliteStore::open(&dir.path().join("pool.db"), Durability::Process).expect("store");
     let mut c = Coordinator::new(store, w.cfg.clone(), &|_| false).expect("coordinator");
     let stranger = SecretKey::from_seed(KeyRole::Publisher, &[9; 32]);
-    let a = AuthoredManifest::parse("name = \"x\"\nversion = \"1.0.0\"\ncomponent = \"x.wasm\"\n").expect("parse");
-    let blob = BlobRef { sha256: Digest::of(b"x"), size: 1 };
-    let m = LockedManifest::lock(&a, blob, &BTreeMap::new(), stranger.public(), NOW_UNIX).expect("lock");
-    let err = c.handle_publish(NOW_UNIX, m.sign(&stranger).expect("sign"), &|_| false).expect_err("stranger");
-    assert!(err.message.contains("not a trusted publisher"), "{}", err.message);
+    let a = AuthoredManifest::parse("name = \"x\"\nversion = \"1.0.0\"\ncomponent = \"x.wasm\"\n")
+        .expect("parse");
+    let blob = BlobRef {
+        sha256: Digest::of(b"x"),
+        size: 1,
+    };
+    let m = LockedManifest::lock(&a, blob, &BTreeMap::new(), stranger.public(), NOW_UNIX)
+        .expect("lock");
+    let err = c
+        .handle_publish(NOW_UNIX, m.sign(&stranger).expect("sign"), &|_| false)
+        .expect_err("stranger");
+    assert!(
+        err.message.contains("not a trusted publisher"),
+        "{}",
+        err.message
+    );
 
-    let m = LockedManifest::lock(&a, blob, &BTreeMap::new(), w.publisher.public(), NOW_UNIX).expect("lock");
-    let (digest, missing) = c.handle_publish(NOW_UNIX, m.sign(&w.publisher).expect("sign"), &|_| false).expect("ok");
+    let m = LockedManifest::lock(&a, blob, &BTreeMap::new(), w.publisher.public(), NOW_UNIX)
+        .expect("lock");
+    let (digest, missing) = c
+        .handle_publish(NOW_UNIX, m.sign(&w.publisher).expect("sign"), &|_| false)
+        .expect("ok");
     assert_eq!(missing, vec![blob.sha256]);
-    let err = c.handle_submit(NOW_UNIX, &digest, "k", &inputs(1)).expect_err("blob missing");
+    let err = c
+        .handle_submit(NOW_UNIX, &digest, "k", &inputs(1))
+        .expect_err("blob missing");
     assert!(err.message.contains("lacks 1 blob"), "{}", err.message);
     c.handle_blob_stored(&blob.sha256);
-    c.handle_submit(NOW_UNIX, &digest, "k", &inputs(1)).expect("now it can run");
+    c.handle_submit(NOW_UNIX, &digest, "k", &inputs(1))
+        .expect("now it can run");
 }

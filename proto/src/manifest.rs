@@ -603,6 +603,14 @@ pub enum BundleError {
         /// Highest version seen.
         highest: String,
     },
+    /// The manifest received is not the bundle that was asked for.
+    #[error("asked for bundle {asked} but received manifest {got}")]
+    WrongBundle {
+        /// Digest asked for.
+        asked: Digest,
+        /// Digest of what arrived.
+        got: Digest,
+    },
     /// A blob's bytes do not match the manifest.
     #[error("{what} does not match the signed manifest: expected {expected}, got {actual}")]
     BlobMismatch {
@@ -676,6 +684,27 @@ impl SignedManifest {
         }
         Ok(m)
     }
+}
+
+/// Everything a node checks on a manifest before fetching anything it names:
+/// that it is the bundle asked for, signed by a trusted publisher over these
+/// exact bytes, within its validity window, and not a rollback. On success
+/// the version book has recorded the version; the `bool` says whether it
+/// changed (and must be saved).
+pub fn admit(
+    asked: &Digest,
+    signed: &SignedManifest,
+    trusted: &BTreeSet<PublicKey>,
+    book: &mut VersionBook,
+    now: u64,
+) -> Result<(LockedManifest, bool), BundleError> {
+    let got = signed.digest();
+    if got != *asked {
+        return Err(BundleError::WrongBundle { asked: *asked, got });
+    }
+    let m = signed.verify(trusted, now)?;
+    let changed = book.admit(&m)?;
+    Ok((m, changed))
 }
 
 /// Check a blob's bytes against the digest the manifest gives for it.

@@ -53,7 +53,12 @@ pub fn test_pool_config(keys: &Keys) -> PoolConfig {
 }
 
 /// Start a pool in `dir`.
-pub async fn start_pool(dir: &Path, keys: &Keys, cfg: PoolConfig, listen: SocketAddr) -> Result<RunningPool> {
+pub async fn start_pool(
+    dir: &Path,
+    keys: &Keys,
+    cfg: PoolConfig,
+    listen: SocketAddr,
+) -> Result<RunningPool> {
     Ok(serve(ServeConfig {
         listen,
         key: keys.pool.clone(),
@@ -113,7 +118,11 @@ pub fn start_node(cfg: NodeConfig) -> TestNode {
     let task = tokio::spawn(tidepool_host::node::run(cfg, async move {
         let _ = rx.await;
     }));
-    TestNode { key, drain: Some(tx), task }
+    TestNode {
+        key,
+        drain: Some(tx),
+        task,
+    }
 }
 
 /// Write a `tidepool.toml` for the embed job into `dir` and pack it.
@@ -138,8 +147,14 @@ pub fn embed_bundle(dir: &Path, keys: &Keys, version: &str) -> Result<(PathBuf, 
 }
 
 /// Connect as the publisher and publish.
-pub async fn publish(addr: SocketAddr, keys: &Keys, bundle: &BundleFile) -> Result<(PoolClient, Digest)> {
-    let client = PoolClient::connect(addr, &keys.publisher, keys.pool.public()).await.context("client connect")?;
+pub async fn publish(
+    addr: SocketAddr,
+    keys: &Keys,
+    bundle: &BundleFile,
+) -> Result<(PoolClient, Digest)> {
+    let client = PoolClient::connect(addr, &keys.publisher, keys.pool.public())
+        .await
+        .context("client connect")?;
     let digest = client.publish(bundle, |_| {}).await.context("publish")?;
     Ok((client, digest))
 }
@@ -153,14 +168,21 @@ pub fn embed_inputs(texts: &[String]) -> Vec<Vec<u8>> {
 }
 
 /// Poll a job until it has no open task or `timeout` passes.
-pub async fn wait_job(client: &PoolClient, job: u64, timeout: Duration) -> Result<tidepool_proto::wire::JobSummary> {
+pub async fn wait_job(
+    client: &PoolClient,
+    job: u64,
+    timeout: Duration,
+) -> Result<tidepool_proto::wire::JobSummary> {
     let start = std::time::Instant::now();
     loop {
         let s = client.job_status(job).await?;
         if s.done + s.dead == s.tasks {
             return Ok(s);
         }
-        anyhow::ensure!(start.elapsed() < timeout, "job {job} not finished after {timeout:?}: {s:?}");
+        anyhow::ensure!(
+            start.elapsed() < timeout,
+            "job {job} not finished after {timeout:?}: {s:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

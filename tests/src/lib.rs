@@ -131,7 +131,11 @@ pub fn corpus(n: usize) -> Result<Vec<String>> {
         let path = format!("{dir}/{f}");
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("{path} (installed by `cargo xtask setup`)"))?;
-        items.extend(text.split("\n%\n").map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()));
+        items.extend(
+            text.split("\n%\n")
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty()),
+        );
     }
     let mut seen: std::collections::BTreeSet<String> = items.iter().cloned().collect();
     let lines: Vec<String> = items
@@ -147,7 +151,11 @@ pub fn corpus(n: usize) -> Result<Vec<String>> {
             items.push(l);
         }
     }
-    anyhow::ensure!(items.len() >= n, "only {} distinct texts in {dir}", items.len());
+    anyhow::ensure!(
+        items.len() >= n,
+        "only {} distinct texts in {dir}",
+        items.len()
+    );
     items.truncate(n);
     Ok(items)
 }

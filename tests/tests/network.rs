@@ -16,7 +16,12 @@ fn local_outputs(inputs: &[Vec<u8>]) -> Vec<Vec<u8>> {
     let job = sb.load(&guest("embed")).expect("load embed");
     inputs
         .iter()
-        .map(|i| run(&sb, &job, "local", i).expect("run").result.expect("embed ok"))
+        .map(|i| {
+            run(&sb, &job, "local", i)
+                .expect("run")
+                .result
+                .expect("embed ok")
+        })
         .collect()
 }
 
@@ -25,7 +30,10 @@ fn outputs(records: &[tidepool_proto::wire::TaskRecord]) -> Vec<Vec<u8>> {
         .iter()
         .map(|r| match &r.outcome {
             Some(Outcome::Output(b)) => b.0.clone(),
-            other => panic!("task {} has no output: {other:?} ({:?})", r.index, r.reasons),
+            other => panic!(
+                "task {} has no output: {other:?} ({:?})",
+                r.index, r.reasons
+            ),
         })
         .collect()
 }
@@ -37,14 +45,24 @@ fn outputs(records: &[tidepool_proto::wire::TaskRecord]) -> Vec<Vec<u8>> {
 async fn three_nodes_finish_a_thousand_embed_tasks_equal_to_local_runs() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let keys = Keys::new(1);
-    let pool = start_pool(&dir.path().join("pool"), &keys, test_pool_config(&keys), "127.0.0.1:0".parse()?).await?;
+    let pool = start_pool(
+        &dir.path().join("pool"),
+        &keys,
+        test_pool_config(&keys),
+        "127.0.0.1:0".parse()?,
+    )
+    .await?;
     let (_, bundle) = embed_bundle(&dir.path().join("author"), &keys, "1.0.0")?;
     let (client, digest) = publish(pool.addr, &keys, &bundle).await?;
     let texts = corpus(1000)?;
     let inputs = embed_inputs(&texts);
-    let (job, n) = client.submit(digest, inputs.clone(), "batch-1".into()).await?;
+    let (job, n) = client
+        .submit(digest, inputs.clone(), "batch-1".into())
+        .await?;
     assert_eq!(n as usize, inputs.len());
-    let nodes: Vec<_> = (0..3).map(|i| start_node(node_config(dir.path(), &keys, i, pool.addr))).collect();
+    let nodes: Vec<_> = (0..3)
+        .map(|i| start_node(node_config(dir.path(), &keys, i, pool.addr)))
+        .collect();
     let summary = wait_job(&client, job, Duration::from_secs(600)).await?;
     assert_eq!((summary.done, summary.dead), (n, 0), "{summary:?}");
     let records = client.job_results(job).await?;
@@ -81,7 +99,9 @@ async fn a_killed_node_leases_are_requeued_and_finished_by_the_others() -> Resul
     let (_, bundle) = embed_bundle(&dir.path().join("author"), &keys, "1.0.0")?;
     let (client, digest) = publish(pool.addr, &keys, &bundle).await?;
     let inputs = embed_inputs(&fortunes(60)?);
-    let (job, n) = client.submit(digest, inputs.clone(), "batch".into()).await?;
+    let (job, n) = client
+        .submit(digest, inputs.clone(), "batch".into())
+        .await?;
 
     let victim = start_node(node_config(dir.path(), &keys, 0, pool.addr));
     let victim_key = victim.key;
@@ -92,7 +112,10 @@ async fn a_killed_node_leases_are_requeued_and_finished_by_the_others() -> Resul
         if s.done >= 4 && s.running > 0 {
             break;
         }
-        anyhow::ensure!(start.elapsed() < Duration::from_secs(120), "victim never got going: {s:?}");
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(120),
+            "victim never got going: {s:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     victim.kill();
@@ -112,21 +135,166 @@ async fn a_killed_node_leases_are_requeued_and_finished_by_the_others() -> Resul
         if s.done + s.dead == s.tasks {
             break s;
         }
-        anyhow::ensure!(killed_at.elapsed() < Duration::from_secs(300), "not finished: {s:?}");
+        anyhow::ensure!(
+            killed_at.elapsed() < Duration::from_secs(300),
+            "not finished: {s:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!((summary.done, summary.dead), (n, 0));
     assert!(!requeued.is_empty(), "the victim held leases when killed");
     let worst = requeued.iter().max().copied().unwrap_or_default();
-    eprintln!("kill -> requeue: {} leases, {:?} .. {:?} (lease TTL {ttl:?})", requeued.len(), requeued.iter().min(), worst);
-    assert!(worst <= ttl + Duration::from_secs(2), "requeue took {worst:?}, TTL is {ttl:?}");
+    eprintln!(
+        "kill -> requeue: {} leases, {:?} .. {:?} (lease TTL {ttl:?})",
+        requeued.len(),
+        requeued.iter().min(),
+        worst
+    );
+    assert!(
+        worst <= ttl + Duration::from_secs(2),
+        "requeue took {worst:?}, TTL is {ttl:?}"
+    );
 
     let records = client.job_results(job).await?;
     let want = tokio::task::spawn_blocking(move || local_outputs(&inputs)).await?;
     assert_eq!(outputs(&records), want);
-    assert!(records.iter().any(|r| r.attempts >= 2), "some task ran a second attempt");
+    assert!(
+        records.iter().any(|r| r.attempts >= 2),
+        "some task ran a second attempt"
+    );
     survivor.drain().await?;
     client.close().await;
+    pool.shutdown().await;
+    Ok(())
+}
+
+async fn closed_reason(conn: &quinn::Connection) -> String {
+    match tokio::time::timeout(Duration::from_secs(5), conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+            String::from_utf8_lossy(&c.reason).into_owned()
+        }
+        Ok(other) => format!("{other}"),
+        Err(_) => "still open after 5 s".into(),
+    }
+}
+
+/// Garbage datagrams, garbage and oversized frames, requests before the
+/// hello, silent connections and a wrong pinned key: each such peer gets its
+/// connection closed (or never connects) and the pool goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_peers_are_closed_and_the_pool_keeps_serving() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys = Keys::new(3);
+    let mut cfg = test_pool_config(&keys);
+    cfg.hello_timeout = Duration::from_millis(500);
+    let pool = start_pool(dir.path(), &keys, cfg, "127.0.0.1:0".parse()?).await?;
+    let good =
+        tidepool_pool::client::PoolClient::connect(pool.addr, &keys.publisher, keys.pool.public())
+            .await?;
+
+    // Not QUIC at all.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    for i in 0..50u8 {
+        udp.send_to(&[i; 1200], pool.addr)?;
+    }
+
+    let stranger = tidepool_proto::SecretKey::from_seed(tidepool_proto::KeyRole::Client, &[77; 32]);
+    let ep = tidepool_net::client(&stranger, keys.pool.public())?;
+    let raw = |bytes: Vec<u8>| {
+        let ep = ep.clone();
+        let addr = pool.addr;
+        async move {
+            let conn = tidepool_net::connect(&ep, addr).await?;
+            let (mut send, mut recv) = conn.open_bi().await?;
+            send.write_all(&bytes).await?;
+            let _ = send.finish();
+            let answer: Option<tidepool_proto::wire::Response> =
+                tidepool_net::read_frame(&mut recv).await.ok().flatten();
+            anyhow::Ok((closed_reason(&conn).await, answer))
+        }
+    };
+    let mut garbage = 9u32.to_be_bytes().to_vec();
+    garbage.extend([0xc1; 9]);
+    let (reason, answer) = raw(garbage).await?;
+    assert!(reason.contains("malformed frame"), "{reason}");
+    assert!(
+        matches!(answer, Some(tidepool_proto::wire::Response::Error { .. })),
+        "{answer:?}"
+    );
+
+    let (reason, _) = raw(u32::MAX.to_be_bytes().to_vec()).await?;
+    assert!(reason.contains("over the limit"), "{reason}");
+
+    let (reason, _) = raw(tidepool_proto::wire::encode(
+        &tidepool_proto::wire::Request::PoolStatus,
+    )?)
+    .await?;
+    assert!(reason.contains("before hello"), "{reason}");
+
+    // Half-open: connected, never says anything.
+    let silent = tidepool_net::connect(&ep, pool.addr).await?;
+    let reason = closed_reason(&silent).await;
+    assert!(reason.contains("no hello"), "{reason}");
+
+    // A hello with a future protocol version.
+    let conn = tidepool_net::connect(&ep, pool.addr).await?;
+    let r: tidepool_proto::wire::Response = tidepool_net::call(
+        &conn,
+        &tidepool_proto::wire::Request::ClientHello {
+            protocol: 99,
+            agent: "future".into(),
+        },
+    )
+    .await?;
+    assert!(
+        format!("{r:?}").contains("protocol version 99 is not supported"),
+        "{r:?}"
+    );
+
+    // A client that pins another key never gets through the handshake.
+    let wrong = tidepool_net::client(&stranger, stranger.public())?;
+    let err = tidepool_net::connect(&wrong, pool.addr)
+        .await
+        .expect_err("wrong pool key");
+    assert!(err.to_string().contains("not the expected"), "{err}");
+
+    // A key the pool does not know may not act as a client.
+    let err = tidepool_pool::client::PoolClient::connect(pool.addr, &stranger, keys.pool.public())
+        .await
+        .expect_err("unknown client");
+    assert!(err.to_string().contains("may not use this pool"), "{err}");
+
+    // Meanwhile the good client was served all along.
+    let s = good.pool_status().await?;
+    assert_eq!(s.jobs.len(), 0);
+    good.close().await;
+    pool.shutdown().await;
+    Ok(())
+}
+
+/// In allowlist mode an unknown node is refused with a clear error; a
+/// listed node is admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowlist_refuses_unknown_nodes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys = Keys::new(4);
+    let mut cfg = test_pool_config(&keys);
+    cfg.admission = tidepool_pool::Admission::Allowlist([keys.node(0).public()].into());
+    let pool = start_pool(&dir.path().join("pool"), &keys, cfg, "127.0.0.1:0".parse()?).await?;
+    let err = tidepool_host::node::run(
+        node_config(dir.path(), &keys, 1, pool.addr),
+        std::future::pending(),
+    )
+    .await
+    .expect_err("not on the allowlist");
+    assert!(
+        err.to_string().contains("is not on this pool's allowlist"),
+        "{err}"
+    );
+    let admitted = start_node(node_config(dir.path(), &keys, 0, pool.addr));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let report = admitted.drain().await?;
+    assert_eq!(report.connections, 1);
     pool.shutdown().await;
     Ok(())
 }

@@ -55,7 +55,12 @@ pub enum Command {
 
 pub fn main(c: Command) -> anyhow::Result<ExitCode> {
     match c {
-        Command::Pack { manifest, key, sign, out } => {
+        Command::Pack {
+            manifest,
+            key,
+            sign,
+            out,
+        } => {
             let key = read_key(&key)?;
             let mut b = pack(&manifest, key.public())?;
             if sign {
@@ -63,19 +68,33 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
             }
             let m = b.manifest()?;
             let out = out.unwrap_or_else(|| {
-                manifest.parent().unwrap_or(std::path::Path::new(".")).join(format!("{}-{}.bundle", m.name, m.version))
+                manifest
+                    .parent()
+                    .unwrap_or(std::path::Path::new("."))
+                    .join(format!("{}-{}.bundle", m.name, m.version))
             });
             b.write(&out)?;
             println!("{}", out.display());
-            eprintln!("packed {} {} ({} model(s)){}", m.name, m.version, m.models.len(), if sign { ", signed" } else { "" });
+            eprintln!(
+                "packed {} {} ({} model(s)){}",
+                m.name,
+                m.version,
+                m.models.len(),
+                if sign { ", signed" } else { "" }
+            );
         }
         Command::Sign { bundle, key } => {
             let mut b = BundleFile::read(&bundle)?;
-            b.sign(&read_key(&key)?).with_context(|| bundle.display().to_string())?;
+            b.sign(&read_key(&key)?)
+                .with_context(|| bundle.display().to_string())?;
             b.write(&bundle)?;
             eprintln!("signed {}", bundle.display());
         }
-        Command::Verify { bundle, publishers, json } => {
+        Command::Verify {
+            bundle,
+            publishers,
+            json,
+        } => {
             let b = BundleFile::read(&bundle)?;
             let mut trusted: BTreeSet<PublicKey> = publishers.into_iter().collect();
             if trusted.is_empty() {
@@ -84,19 +103,32 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
             let m = b.verify(&bundle, &trusted)?;
             let digest = b.signed().map(|s| s.digest()).context("unsigned")?;
             if json {
-                println!("{}", serde_json::json!({ "bundle": digest.to_string(), "name": m.name, "version": m.version,
-                    "publisher": m.publisher.to_string(), "expires_at": m.expires_at, "component": m.component.sha256.to_string() }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "bundle": digest.to_string(), "name": m.name, "version": m.version,
+                    "publisher": m.publisher.to_string(), "expires_at": m.expires_at, "component": m.component.sha256.to_string() })
+                );
             } else {
-                println!("ok: {} {} {digest}, signed by {}, valid until {} (unix)", m.name, m.version, m.publisher, m.expires_at);
+                println!(
+                    "ok: {} {} {digest}, signed by {}, valid until {} (unix)",
+                    m.name, m.version, m.publisher, m.expires_at
+                );
             }
         }
         Command::Publish { bundle, pool } => {
             let b = BundleFile::read(&bundle)?;
-            let total: u64 = b.files.values().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+            let total: u64 = b
+                .files
+                .values()
+                .filter_map(|p| std::fs::metadata(p).ok())
+                .map(|m| m.len())
+                .sum();
             let digest = runtime()?.block_on(async {
                 let client = pool.connect().await?;
                 let bar = indicatif::ProgressBar::new(total).with_message("uploading");
-                bar.set_style(indicatif::ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes}")?);
+                bar.set_style(indicatif::ProgressStyle::with_template(
+                    "{msg} {bar:30} {bytes}/{total_bytes}",
+                )?);
                 let d = client.publish(&b, |n| bar.inc(n)).await?;
                 bar.finish_and_clear();
                 client.close().await;

@@ -8,7 +8,8 @@ use tidepool_proto::{PublicKey, SecretKey};
 
 /// Read a key file written by `tidepool keygen`.
 pub fn read_key(path: &Path) -> anyhow::Result<SecretKey> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read key file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read key file {}", path.display()))?;
     SecretKey::from_text(&text).with_context(|| format!("key file {}", path.display()))
 }
 
@@ -38,7 +39,10 @@ impl PoolArgs {
 
 /// A multi-threaded tokio runtime for network verbs.
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

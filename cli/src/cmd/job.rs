@@ -57,15 +57,25 @@ fn bundle_digest(s: &str) -> anyhow::Result<Digest> {
     }
     let path = PathBuf::from(s);
     let b = BundleFile::read(&path)?;
-    b.signed().map(|m| m.digest()).with_context(|| format!("{s}: bundle is not signed"))
+    b.signed()
+        .map(|m| m.digest())
+        .with_context(|| format!("{s}: bundle is not signed"))
 }
 
 pub fn main(c: Command) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     match c {
-        Command::Submit { bundle, inputs, submit_key, no_wait, pool, json } => {
+        Command::Submit {
+            bundle,
+            inputs,
+            submit_key,
+            no_wait,
+            pool,
+            json,
+        } => {
             let digest = bundle_digest(&bundle)?;
-            let file = std::fs::File::open(&inputs).with_context(|| format!("cannot read {}", inputs.display()))?;
+            let file = std::fs::File::open(&inputs)
+                .with_context(|| format!("cannot read {}", inputs.display()))?;
             let mut lines = Vec::new();
             for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
                 let line = line.with_context(|| format!("{}: line {}", inputs.display(), i + 1))?;
@@ -93,7 +103,9 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
                 let mut last = client.job_status(job).await?;
                 if !no_wait {
                     let bar = indicatif::ProgressBar::new(u64::from(tasks));
-                    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tasks {msg} [{elapsed}]")?);
+                    bar.set_style(indicatif::ProgressStyle::with_template(
+                        "{bar:40} {pos}/{len} tasks {msg} [{elapsed}]",
+                    )?);
                     loop {
                         last = client.job_status(job).await?;
                         bar.set_position(u64::from(last.done + last.dead));
@@ -127,7 +139,10 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                println!("job {}: {} — {}/{} done, {} running, {} dead-lettered", s.job, s.bundle_name, s.done, s.tasks, s.running, s.dead);
+                println!(
+                    "job {}: {} — {}/{} done, {} running, {} dead-lettered",
+                    s.job, s.bundle_name, s.done, s.tasks, s.running, s.dead
+                );
             }
         }
         Command::Results { job, pool } => {
@@ -144,11 +159,19 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
                     "node": r.node.map(|k| k.to_string()),
                 });
                 match r.outcome {
-                    Some(Outcome::Output(b)) => match serde_json::from_slice::<serde_json::Value>(&b.0) {
-                        Ok(v) => line["output"] = v,
-                        Err(_) => line["output_base64"] = base64::engine::general_purpose::STANDARD.encode(&b.0).into(),
-                    },
-                    Some(Outcome::JobError { code, message }) => line["error"] = serde_json::json!({ "code": code, "message": message }),
+                    Some(Outcome::Output(b)) => {
+                        match serde_json::from_slice::<serde_json::Value>(&b.0) {
+                            Ok(v) => line["output"] = v,
+                            Err(_) => {
+                                line["output_base64"] = base64::engine::general_purpose::STANDARD
+                                    .encode(&b.0)
+                                    .into()
+                            }
+                        }
+                    }
+                    Some(Outcome::JobError { code, message }) => {
+                        line["error"] = serde_json::json!({ "code": code, "message": message })
+                    }
                     Some(Outcome::Failed { reason }) => line["failed"] = reason.into(),
                     None => {}
                 }

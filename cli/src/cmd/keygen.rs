@@ -32,12 +32,18 @@ pub fn main(a: Args) -> anyhow::Result<std::process::ExitCode> {
     }
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts
-        .open(&a.out)
-        .with_context(|| format!("cannot create {} (use --force to overwrite)", a.out.display()))?;
+    let mut f = opts.open(&a.out).with_context(|| {
+        format!(
+            "cannot create {} (use --force to overwrite)",
+            a.out.display()
+        )
+    })?;
     f.write_all(key.to_text().as_bytes())?;
     if a.json {
-        println!("{}", serde_json::json!({ "role": a.role.as_str(), "public": key.public().to_string(), "file": a.out }));
+        println!(
+            "{}",
+            serde_json::json!({ "role": a.role.as_str(), "public": key.public().to_string(), "file": a.out })
+        );
     } else {
         println!("{}", key.public());
         eprintln!("{} key written to {}", a.role.as_str(), a.out.display());

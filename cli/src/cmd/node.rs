@@ -56,7 +56,12 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
     f.memory_mib = a.memory_mib.unwrap_or(f.memory_mib);
     let key = read_key(&f.key)?;
     let cfg = f.into_config(key)?;
-    eprintln!("node {} → pool {} ({} slots)", cfg.key.public(), cfg.pool, cfg.slots);
+    eprintln!(
+        "node {} → pool {} ({} slots)",
+        cfg.key.public(),
+        cfg.pool,
+        cfg.slots
+    );
     let report = runtime()?.block_on(run(cfg, stop_signal()))?;
     eprintln!(
         "drained: {} completed, {} failed, {} accepted, {} rejected, {} connection(s)",

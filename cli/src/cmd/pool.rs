@@ -97,8 +97,14 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                println!("queue: {} queued, {} running, {} done, {} dead-lettered", s.queued, s.leased, s.done, s.dead);
-                println!("{:<10} {:<9} {:>7} {:>8} {:>10} {:>8}", "node", "state", "uptime", "running", "completed", "expired");
+                println!(
+                    "queue: {} queued, {} running, {} done, {} dead-lettered",
+                    s.queued, s.leased, s.done, s.dead
+                );
+                println!(
+                    "{:<10} {:<9} {:>7} {:>8} {:>10} {:>8}",
+                    "node", "state", "uptime", "running", "completed", "expired"
+                );
                 for n in &s.nodes {
                     println!(
                         "{:<10} {:<9} {:>6.1}% {:>4}/{:<3} {:>10} {:>8}",
@@ -112,7 +118,10 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
                     );
                 }
                 for j in &s.jobs {
-                    println!("job {}: {} — {}/{} done, {} running, {} dead", j.job, j.bundle_name, j.done, j.tasks, j.running, j.dead);
+                    println!(
+                        "job {}: {} — {}/{} done, {} running, {} dead",
+                        j.job, j.bundle_name, j.done, j.tasks, j.running, j.dead
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)
