@@ -143,19 +143,13 @@ async fn worker(
                     }
                     for g in grants {
                         let output: Vec<u8> = g.input.0.iter().rev().copied().collect();
-                        let receipt = Receipt {
-                            task_id: g.lease.task.to_string(),
+                        let receipt = Receipt::plain(
+                            g.lease.task.to_string(),
                             component,
-                            input: Digest::of(&g.input.0),
-                            output: Digest::of(&output),
-                            ok: true,
-                            output_len: output.len() as u64,
-                            wall_time_us: 0,
-                            fuel: None,
-                            deterministic: true,
-                            models: BTreeMap::new(),
-                            runtime: "crash-test".into(),
-                        };
+                            &g.input.0,
+                            &output,
+                            "crash-test",
+                        );
                         let receipt = Some(
                             LeaseReceipt {
                                 lease: g.lease,

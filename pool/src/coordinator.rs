@@ -16,7 +16,7 @@
 //!   attempt recorded as failed, or to the dead letters after
 //!   `max_attempts` attempts.
 
-use crate::store::{Acceptance, PendingTask, Store, StoreError, StoredBundle};
+use crate::store::{Acceptance, JobCounts, PendingTask, Store, StoreError, StoredBundle};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use tidepool_proto::manifest::{LockedManifest, SignedManifest};
@@ -177,6 +177,33 @@ struct Node {
     leases: BTreeSet<TaskId>,
 }
 
+/// Where a task is, for the in-memory job counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TaskState {
+    Queued,
+    Leased,
+    Done,
+    Dead,
+}
+
+/// How much better another node's uptime must be for it to be preferred.
+pub const UPTIME_MARGIN: f64 = 0.1;
+
+impl Node {
+    /// Share of the time since first seen that the node was connected.
+    fn uptime(&self, now: Instant) -> f64 {
+        let up = self.connected_total
+            + self
+                .connected_since
+                .map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
+        let seen = now.saturating_duration_since(self.first_seen);
+        if seen.is_zero() {
+            return 1.0;
+        }
+        (up.as_secs_f64() / seen.as_secs_f64()).min(1.0)
+    }
+}
+
 /// The coordinator. Lives as long as the pool process; rebuilt from the
 /// store at start.
 #[derive(Debug)]
@@ -193,8 +220,9 @@ pub struct Coordinator<S: Store> {
     leases: HashMap<TaskId, Lease>,
     /// Lease expiry order: (expires, task).
     expiry: BTreeSet<(Instant, TaskId)>,
-    /// Open tasks per job (queued or leased), to notice a finished job.
-    open: HashMap<JobId, u64>,
+    /// Every job's bundle and task counts by state, kept in step with the
+    /// store (loaded once at start) so status queries cost no database work.
+    jobs: BTreeMap<JobId, (Digest, JobCounts)>,
     /// Nodes seen since start.
     nodes: HashMap<PublicKey, Node>,
     /// Events not yet polled.
@@ -228,7 +256,7 @@ impl<S: Store> Coordinator<S> {
             queues: BTreeMap::new(),
             leases: HashMap::new(),
             expiry: BTreeSet::new(),
-            open: HashMap::new(),
+            jobs: BTreeMap::new(),
             nodes: HashMap::new(),
             events: VecDeque::new(),
         };
@@ -258,6 +286,12 @@ impl<S: Store> Coordinator<S> {
                 },
             );
         }
+        me.jobs = me
+            .store
+            .jobs()?
+            .into_iter()
+            .map(|(j, b, c)| (j, (b, c)))
+            .collect();
         for PendingTask {
             task,
             job,
@@ -271,7 +305,6 @@ impl<S: Store> Coordinator<S> {
                 job,
                 attempts: attempt,
             });
-            *me.open.entry(job).or_default() += 1;
         }
         Ok(me)
     }
@@ -362,7 +395,20 @@ impl<S: Store> Coordinator<S> {
         };
         let held = u32::try_from(node.leases.len()).unwrap_or(u32::MAX);
         let room = node.caps.slots.max(1).saturating_sub(held);
-        let want = want.min(room).min(self.cfg.max_grant) as usize;
+        let mut want = want.min(room).min(self.cfg.max_grant) as usize;
+        // Prefer nodes with a better uptime record: while a connected node
+        // that stays up clearly more has free slots, a flakier node gets a
+        // quarter of what it asks for (at least one task).
+        let mine = node.uptime(now);
+        let better_has_room = self.nodes.iter().any(|(k, n)| {
+            k != key
+                && n.connections > 0
+                && n.leases.len() < n.caps.slots as usize
+                && n.uptime(now) > mine + UPTIME_MARGIN
+        });
+        if better_has_room {
+            want = want.div_ceil(4);
+        }
         if want == 0 {
             return Ok((Vec::new(), lost));
         }
@@ -424,6 +470,10 @@ impl<S: Store> Coordinator<S> {
                 input: tidepool_proto::wire::Bytes(input),
             });
         }
+        for g in &grants {
+            let job = self.leases[&g.lease.task].job;
+            self.count(job, TaskState::Queued, TaskState::Leased);
+        }
         Ok((grants, lost))
     }
 
@@ -443,8 +493,9 @@ impl<S: Store> Coordinator<S> {
                 task,
                 reason: reason.to_owned(),
             });
-            self.close_one(lease.job);
+            self.count(lease.job, TaskState::Leased, TaskState::Dead);
         } else {
+            self.count(lease.job, TaskState::Leased, TaskState::Queued);
             self.queues
                 .entry(lease.bundle)
                 .or_default()
@@ -458,13 +509,22 @@ impl<S: Store> Coordinator<S> {
         Ok(())
     }
 
-    fn close_one(&mut self, job: JobId) {
-        if let Some(n) = self.open.get_mut(&job) {
-            *n -= 1;
-            if *n == 0 {
-                self.open.remove(&job);
-                self.events.push_back(PoolEvent::JobFinished { job });
-            }
+    /// Keep a job's counts in step: one task moves from `from` to `to`.
+    fn count(&mut self, job: JobId, from: TaskState, to: TaskState) {
+        let Some((_, c)) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        for (state, delta) in [(from, -1i64), (to, 1)] {
+            let n = match state {
+                TaskState::Queued => &mut c.queued,
+                TaskState::Leased => &mut c.leased,
+                TaskState::Done => &mut c.done,
+                TaskState::Dead => &mut c.dead,
+            };
+            *n = (i64::from(*n) + delta).max(0) as u32;
+        }
+        if matches!(to, TaskState::Done | TaskState::Dead) && c.queued == 0 && c.leased == 0 {
+            self.events.push_back(PoolEvent::JobFinished { job });
         }
     }
 
@@ -539,7 +599,7 @@ impl<S: Store> Coordinator<S> {
                         if let Some(n) = self.nodes.get_mut(key) {
                             n.leases.remove(&a.task);
                         }
-                        self.close_one(lease.job);
+                        self.count(lease.job, TaskState::Leased, TaskState::Done);
                     }
                 }
             }
@@ -758,12 +818,23 @@ impl<S: Store> Coordinator<S> {
                     attempts: 0,
                 });
             }
-            *self.open.entry(job).or_default() += tasks.len() as u64;
+            let n = u32::try_from(tasks.len()).unwrap_or(u32::MAX);
+            self.jobs.insert(
+                job,
+                (
+                    *bundle,
+                    JobCounts {
+                        tasks: n,
+                        queued: n,
+                        ..JobCounts::default()
+                    },
+                ),
+            );
         }
         Ok((job, u32::try_from(tasks.len()).unwrap_or(u32::MAX)))
     }
 
-    fn summary(&self, job: JobId, bundle: Digest, c: crate::store::JobCounts) -> JobSummary {
+    fn summary(&self, job: JobId, bundle: Digest, c: JobCounts) -> JobSummary {
         let bundle_name = self
             .bundles
             .get(&bundle)
@@ -782,9 +853,9 @@ impl<S: Store> Coordinator<S> {
 
     /// A job's progress.
     pub fn job_status(&mut self, job: JobId) -> Result<JobSummary, Refusal> {
-        let (bundle, c) = self
-            .store
-            .job(job)?
+        let (bundle, c) = *self
+            .jobs
+            .get(&job)
             .ok_or_else(|| refusal(ErrorCode::NotFound, format!("no job {job}")))?;
         Ok(self.summary(job, bundle, c))
     }
@@ -796,7 +867,7 @@ impl<S: Store> Coordinator<S> {
         from: u32,
         limit: u32,
     ) -> Result<Vec<TaskRecord>, Refusal> {
-        if self.store.job(job)?.is_none() {
+        if !self.jobs.contains_key(&job) {
             return Err(refusal(ErrorCode::NotFound, format!("no job {job}")));
         }
         let rows = self.store.tasks(job, from, limit.min(10_000))?;
@@ -848,7 +919,7 @@ impl<S: Store> Coordinator<S> {
         }
         let mut jobs = Vec::new();
         let (mut queued, mut leased, mut done, mut dead) = (0, 0, 0, 0);
-        for (job, bundle, c) in self.store.jobs()? {
+        for (&job, &(bundle, c)) in &self.jobs {
             queued += u64::from(c.queued);
             leased += u64::from(c.leased);
             done += u64::from(c.done);

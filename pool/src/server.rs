@@ -178,6 +178,8 @@ pub struct RunningPool {
     thread: Option<std::thread::JoinHandle<()>>,
     /// Coordinator events, for status displays and tests.
     events: broadcast::Sender<PoolEvent>,
+    /// The accept loop (ends when the endpoint closes).
+    accept: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningPool {
@@ -192,6 +194,9 @@ impl RunningPool {
         let _ = self.tx.send(Cmd::Stop);
         if let Some(t) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        if let Some(a) = self.accept.take() {
+            let _ = a.await;
         }
         self.endpoint.wait_idle().await;
     }
@@ -233,7 +238,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<RunningPool, ServeError> {
         hello_timeout: cfg.pool.hello_timeout,
     });
     let ep = endpoint.clone();
-    tokio::spawn(async move {
+    let accept = tokio::spawn(async move {
         while let Some(incoming) = ep.accept().await {
             let shared = shared.clone();
             tokio::spawn(async move {
@@ -252,6 +257,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<RunningPool, ServeError> {
         tx,
         thread: Some(thread),
         events,
+        accept: Some(accept),
     })
 }
 
@@ -311,7 +317,12 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
         let session = session.clone();
         let timeout = shared.hello_timeout;
         tokio::spawn(async move {
-            tokio::time::sleep(timeout).await;
+            // Ends early when the connection does, so it never keeps a
+            // closed endpoint (and its socket) alive.
+            tokio::select! {
+                _ = tokio::time::sleep(timeout) => {}
+                _ = conn.closed() => return,
+            }
             let close = session
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

@@ -203,6 +203,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     done_at INTEGER
 );
 CREATE INDEX IF NOT EXISTS tasks_job ON tasks(job, idx);
+CREATE INDEX IF NOT EXISTS tasks_job_state ON tasks(job, state);
 CREATE INDEX IF NOT EXISTS tasks_open ON tasks(state) WHERE state < 2;
 CREATE TABLE IF NOT EXISTS nodes (
     key TEXT PRIMARY KEY,
@@ -251,6 +252,9 @@ impl SqliteStore {
             },
         )?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // 64 MiB of page cache: task rows are read back when leased.
+        conn.pragma_update(None, "cache_size", -65536)?;
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         Ok(Self { conn })

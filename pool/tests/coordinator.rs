@@ -81,19 +81,13 @@ fn publish(c: &mut Coordinator<SqliteStore>, w: &World) -> (Digest, Digest) {
 /// What an honest node returns for a grant: the input reversed.
 fn honest(key: &SecretKey, g: &TaskGrant, component: Digest) -> TaskResult {
     let output: Vec<u8> = g.input.0.iter().rev().copied().collect();
-    let receipt = Receipt {
-        task_id: g.lease.task.to_string(),
+    let receipt = Receipt::plain(
+        g.lease.task.to_string(),
         component,
-        input: Digest::of(&g.input.0),
-        output: Digest::of(&output),
-        ok: true,
-        output_len: output.len() as u64,
-        wall_time_us: 1,
-        fuel: None,
-        deterministic: true,
-        models: BTreeMap::new(),
-        runtime: "test".into(),
-    };
+        &g.input.0,
+        &output,
+        "test",
+    );
     let signed = LeaseReceipt {
         lease: g.lease,
         bundle: g.bundle,
@@ -530,4 +524,49 @@ fn publishing_refuses_unknown_signers_and_submitting_needs_blobs() {
     c.handle_blob_stored(&blob.sha256);
     c.handle_submit(NOW_UNIX, &digest, "k", &inputs(1))
         .expect("now it can run");
+}
+
+#[test]
+fn nodes_with_better_uptime_are_preferred() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world();
+    let mut c = open(&dir.path().join("pool.db"), &w.cfg);
+    let (bundle, _) = publish(&mut c, &w);
+    c.handle_submit(NOW_UNIX, &bundle, "k", &inputs(40))
+        .expect("submit");
+    let t0 = Instant::now();
+    let eight = Capabilities { slots: 8, ..caps() };
+    c.handle_node_hello(t0, w.node_a.public(), eight.clone())
+        .expect("a");
+    c.handle_node_hello(t0, w.node_b.public(), eight.clone())
+        .expect("b");
+    // B is away half the time.
+    c.handle_node_gone(t0 + Duration::from_secs(10), &w.node_b.public());
+    let t20 = t0 + Duration::from_secs(20);
+    c.handle_node_hello(t20, w.node_b.public(), eight)
+        .expect("b again");
+    let (gb, _) = c
+        .handle_lease(t20, &w.node_b.public(), 8, &[])
+        .expect("b lease");
+    assert_eq!(
+        gb.len(),
+        2,
+        "the flaky node gets a quarter while the steady one has room"
+    );
+    let (ga, _) = c
+        .handle_lease(t20, &w.node_a.public(), 8, &[])
+        .expect("a lease");
+    assert_eq!(ga.len(), 8);
+    // The steady node is full now: the flaky one gets what it asks for.
+    let (gb, _) = c
+        .handle_lease(t20, &w.node_b.public(), 6, &[])
+        .expect("b lease");
+    assert_eq!(gb.len(), 6);
+    let s = c.pool_status(t20).expect("status");
+    let b = s
+        .nodes
+        .iter()
+        .find(|n| n.key == w.node_b.public())
+        .expect("b");
+    assert!((b.uptime - 0.5).abs() < 0.01, "{}", b.uptime);
 }

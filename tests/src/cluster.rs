@@ -186,3 +186,19 @@ pub async fn wait_job(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Pack and sign the echo fixture (no models) as bundle `echo`.
+pub fn echo_bundle(dir: &Path, keys: &Keys) -> Result<BundleFile> {
+    std::fs::create_dir_all(dir)?;
+    let manifest = dir.join("tidepool.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "name = \"echo\"\nversion = \"1.0.0\"\ncomponent = \"{}\"\n\n[limits]\nmemory_mib = 64\ntimeout_ms = 5000\n",
+            jobs_dir().join("echo.wasm").display()
+        ),
+    )?;
+    let mut b = tidepool_pool::bundle::pack(&manifest, keys.publisher.public())?;
+    b.sign(&keys.publisher)?;
+    Ok(b)
+}

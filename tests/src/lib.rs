@@ -16,6 +16,7 @@ use tidepool_host::{ModelRegistry, Sandbox, SandboxConfig, TaskError, TaskOutput
 /// other name, and `every_guest_is_known` checks this list against `jobs/`.
 pub const GUESTS: &[&str] = &[
     "embed",
+    "echo",
     "env-probe",
     "spin",
     "membomb",

@@ -298,3 +298,89 @@ async fn allowlist_refuses_unknown_nodes() -> Result<()> {
     pool.shutdown().await;
     Ok(())
 }
+
+/// Arbitrary bytes (empty, binary, large) go through pool, node and guest
+/// and come back unchanged, in input order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_round_trips_arbitrary_bytes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys = Keys::new(5);
+    let pool = start_pool(
+        &dir.path().join("pool"),
+        &keys,
+        test_pool_config(&keys),
+        "127.0.0.1:0".parse()?,
+    )
+    .await?;
+    let bundle = echo_bundle(&dir.path().join("author"), &keys)?;
+    let (client, digest) = publish(pool.addr, &keys, &bundle).await?;
+    let mut inputs: Vec<Vec<u8>> = vec![
+        Vec::new(),
+        vec![0xff; 1000],
+        (0..=255u8).collect(),
+        vec![7; 3 << 20],
+    ];
+    inputs.extend((0..40u32).map(|i| i.to_le_bytes().repeat(i as usize)));
+    let node = start_node(node_config(dir.path(), &keys, 0, pool.addr));
+    let (job, _) = client.submit(digest, inputs.clone(), "echo".into()).await?;
+    wait_job(&client, job, Duration::from_secs(60)).await?;
+    assert_eq!(outputs(&client.job_results(job).await?), inputs);
+    node.drain().await?;
+    client.close().await;
+    pool.shutdown().await;
+    Ok(())
+}
+
+/// The pool stops and comes back on the same address and data directory:
+/// the node reconnects by itself and the batch finishes with the right results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_reconnect_after_a_pool_restart() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys = Keys::new(6);
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let pool_dir = dir.path().join("pool");
+    let pool = start_pool(&pool_dir, &keys, test_pool_config(&keys), addr).await?;
+    let (_, bundle) = embed_bundle(&dir.path().join("author"), &keys, "1.0.0")?;
+    let (client, digest) = publish(addr, &keys, &bundle).await?;
+    let inputs = embed_inputs(&fortunes(40)?);
+    let (job, _) = client
+        .submit(digest, inputs.clone(), "restart".into())
+        .await?;
+    let node = start_node(node_config(dir.path(), &keys, 0, addr));
+    loop {
+        if client.job_status(job).await?.done >= 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(client);
+    pool.shutdown().await;
+    // The old socket may take a moment to be released by the runtime.
+    let mut tries = 0;
+    let pool = loop {
+        match start_pool(&pool_dir, &keys, test_pool_config(&keys), addr).await {
+            Ok(p) => break p,
+            Err(e) if tries < 50 => {
+                tries += 1;
+                eprintln!("restart: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let client =
+        tidepool_pool::client::PoolClient::connect(addr, &keys.publisher, keys.pool.public())
+            .await?;
+    let s = wait_job(&client, job, Duration::from_secs(120)).await?;
+    assert_eq!((s.done, s.dead), (40, 0));
+    let want = tokio::task::spawn_blocking(move || local_outputs(&inputs)).await?;
+    assert_eq!(outputs(&client.job_results(job).await?), want);
+    let report = node.drain().await?;
+    assert!(report.connections >= 2, "{report:?}");
+    client.close().await;
+    pool.shutdown().await;
+    Ok(())
+}

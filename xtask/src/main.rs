@@ -49,7 +49,19 @@ fn main() -> Result<()> {
         }
         "bench" => {
             setup()?;
-            cargo(&["bench", "-p", "tidepool-bench"], rest)
+            let python = bench_setup()?;
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .current_dir(root())
+                .args(["bench", "-p", "tidepool-bench"])
+                .args(rest)
+                .env("TIDEPOOL_BENCH_PYTHON", python)
+                .status()
+                .context("cannot run cargo bench")?;
+            if !status.success() {
+                bail!("cargo bench failed ({status})");
+            }
+            Ok(())
         }
         _ => {
             eprintln!(
@@ -202,7 +214,12 @@ fn cargo(args: &[&str], extra: &[String]) -> Result<()> {
 }
 
 fn install_toolchain() -> Result<()> {
-    let missing: Vec<&str> = GUEST_PACKAGES
+    apt_install("the guest toolchain", GUEST_PACKAGES)
+}
+
+/// apt-get the packages whose marker file is missing (idempotent).
+fn apt_install(what: &str, packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(_, f)| !Path::new(f).exists())
         .map(|(p, _)| *p)
@@ -211,7 +228,7 @@ fn install_toolchain() -> Result<()> {
         return Ok(());
     }
     say(&format!(
-        "installing the guest toolchain from Debian: {}",
+        "installing {what} from Debian: {}",
         missing.join(" ")
     ));
     let is_root = Command::new("id")
@@ -241,12 +258,39 @@ fn install_toolchain() -> Result<()> {
     let mut install = vec!["apt-get", "install", "-y", "-qq"];
     install.extend(missing.iter().copied());
     run(&install)?;
-    for (pkg, file) in GUEST_PACKAGES {
+    for (pkg, file) in packages {
         if !Path::new(file).exists() {
             bail!("package {pkg} installed but {file} is still missing");
         }
     }
     Ok(())
+}
+
+/// The pool benchmark's baseline: Redis from Debian, Celery from PyPI in a
+/// venv under target/. Returns the venv's python.
+fn bench_setup() -> Result<PathBuf> {
+    apt_install(
+        "the benchmark baseline",
+        &[("redis-server", "/usr/bin/redis-server")],
+    )?;
+    let venv = root().join("target/bench-venv");
+    let python = venv.join("bin/python");
+    if !venv.join("bin/celery").exists() {
+        say("installing Celery (benchmark baseline) from PyPI into target/bench-venv");
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()?
+            .success()
+            && Command::new(&python)
+                .args(["-m", "pip", "install", "--quiet", "celery[redis]==5.6.*"])
+                .status()?
+                .success();
+        if !ok {
+            bail!("could not create target/bench-venv with celery[redis]");
+        }
+    }
+    Ok(python)
 }
 
 fn fetch_models() -> Result<Vec<PathBuf>> {

@@ -3,6 +3,7 @@
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tidepool_pool::client::PoolClient;
 use tidepool_proto::{PublicKey, SecretKey};
 
@@ -34,6 +35,23 @@ impl PoolArgs {
         PoolClient::connect(self.pool, &key, self.pool_key)
             .await
             .with_context(|| format!("pool at {}", self.pool))
+    }
+}
+
+impl PoolArgs {
+    /// Connect, run `f` with the client, close politely.
+    pub fn call<T, Fut>(&self, f: impl FnOnce(Arc<PoolClient>) -> Fut) -> anyhow::Result<T>
+    where
+        Fut: std::future::Future<Output = anyhow::Result<T>>,
+    {
+        runtime()?.block_on(async {
+            let client = Arc::new(self.connect().await?);
+            let out = f(client.clone()).await;
+            if let Ok(c) = Arc::try_unwrap(client) {
+                c.close().await;
+            }
+            out
+        })
     }
 }
 

@@ -63,7 +63,6 @@ fn bundle_digest(s: &str) -> anyhow::Result<Digest> {
 }
 
 pub fn main(c: Command) -> anyhow::Result<ExitCode> {
-    let rt = runtime()?;
     match c {
         Command::Submit {
             bundle,
@@ -94,7 +93,7 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
                 }
                 Digest::of(&all).hex()
             });
-            rt.block_on(async {
+            runtime()?.block_on(async {
                 let client = pool.connect().await?;
                 let (job, tasks) = client.submit(digest, lines, key).await?;
                 if !json {
@@ -130,12 +129,7 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
             })?;
         }
         Command::Status { job, pool, json } => {
-            let s = rt.block_on(async {
-                let c = pool.connect().await?;
-                let s = c.job_status(job).await?;
-                c.close().await;
-                anyhow::Ok(s)
-            })?;
+            let s = pool.call(|c| async move { Ok(c.job_status(job).await?) })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
@@ -146,12 +140,7 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Results { job, pool } => {
-            let records = rt.block_on(async {
-                let c = pool.connect().await?;
-                let r = c.job_results(job).await?;
-                c.close().await;
-                anyhow::Ok(r)
-            })?;
+            let records = pool.call(|c| async move { Ok(c.job_results(job).await?) })?;
             let mut out = std::io::stdout().lock();
             for r in records {
                 let mut line = serde_json::json!({

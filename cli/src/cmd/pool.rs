@@ -88,12 +88,7 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
     match c {
         Command::Serve(a) => serve_main(a),
         Command::Status { pool, json } => {
-            let s = runtime()?.block_on(async {
-                let c = pool.connect().await?;
-                let s = c.pool_status().await?;
-                c.close().await;
-                anyhow::Ok(s)
-            })?;
+            let s = pool.call(|c| async move { Ok(c.pool_status().await?) })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {

@@ -1,0 +1,171 @@
+//! Pool throughput (issue #3): tasks per second through a pool and four
+//! nodes on loopback QUIC, trivial job (echo), with real signatures, real
+//! SQLite commits and a fresh sandbox instance per task; beside it, the same
+//! trivial job through Celery + Redis on the same machine, run in the same
+//! benchmark invocation.
+//!
+//! Run: `cargo xtask bench` (installs redis-server and a Celery venv first).
+//! Without `--bench` (as in `cargo test --all-targets`) it runs a small smoke
+//! batch through the pool only.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tidepool_tests::cluster::*;
+
+/// Process CPU time (user + system) from /proc/self/stat.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses).
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 here; 100 ticks/s.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+async fn tidepool(n: usize, nodes: u8) -> anyhow::Result<(f64, f64)> {
+    let dir = tempfile::tempdir()?;
+    let keys = Keys::new(90);
+    let mut cfg = test_pool_config(&keys);
+    cfg.max_grant = 256;
+    cfg.lease_ttl = Duration::from_secs(30);
+    cfg.heartbeat = Duration::from_secs(5);
+    let pool = start_pool(&dir.path().join("pool"), &keys, cfg, "127.0.0.1:0".parse()?).await?;
+    let bundle = echo_bundle(&dir.path().join("author"), &keys)?;
+    let (client, digest) = publish(pool.addr, &keys, &bundle).await?;
+    let handles: Vec<_> = (0..nodes)
+        .map(|i| {
+            let mut c = node_config(dir.path(), &keys, i, pool.addr);
+            c.slots = 8;
+            start_node(c)
+        })
+        .collect();
+    // Warm-up: every node fetches and compiles the bundle.
+    let (job, _) = client
+        .submit(
+            digest,
+            (0..200).map(|i| format!("warm {i}").into_bytes()).collect(),
+            "warm".into(),
+        )
+        .await?;
+    wait_job(&client, job, Duration::from_secs(120)).await?;
+
+    let inputs: Vec<Vec<u8>> = (0..n).map(|i| format!("input {i}").into_bytes()).collect();
+    let cpu0 = cpu_time();
+    let start = Instant::now();
+    let mut jobs = Vec::new();
+    for (k, chunk) in inputs.chunks(5000).enumerate() {
+        jobs.push(
+            client
+                .submit(digest, chunk.to_vec(), format!("bench-{k}"))
+                .await?
+                .0,
+        );
+    }
+    for job in jobs {
+        loop {
+            let s = client.job_status(job).await?;
+            if s.done + s.dead == s.tasks {
+                anyhow::ensure!(s.dead == 0, "dead tasks: {s:?}");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let elapsed = start.elapsed();
+    let cpu = cpu_time().saturating_sub(cpu0);
+    for h in handles {
+        h.drain().await?;
+    }
+    client.close().await;
+    pool.shutdown().await;
+    Ok((
+        n as f64 / elapsed.as_secs_f64(),
+        cpu.as_secs_f64() * 1e6 / n as f64,
+    ))
+}
+
+/// Celery + Redis baseline: `None` when not set up.
+fn celery(n: usize, workers: u8) -> anyhow::Result<Option<f64>> {
+    let Some(python) = std::env::var_os("TIDEPOOL_BENCH_PYTHON") else {
+        eprintln!(
+            "celery baseline skipped: TIDEPOOL_BENCH_PYTHON not set (run `cargo xtask bench`)"
+        );
+        return Ok(None);
+    };
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("celery");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut redis = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let celery_bin = std::path::Path::new(&python).with_file_name("celery");
+    let mut worker = Command::new(celery_bin)
+        .current_dir(&here)
+        .env("BENCH_REDIS", &url)
+        .args([
+            "-A",
+            "tasks",
+            "worker",
+            "--loglevel=WARNING",
+            "--pool=prefork",
+        ])
+        .arg(format!("--concurrency={workers}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(3));
+    let out = Command::new(&python)
+        .current_dir(&here)
+        .env("BENCH_REDIS", &url)
+        .arg("client.py")
+        .arg(n.to_string())
+        .output()?;
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let _ = redis.kill();
+    let _ = redis.wait();
+    anyhow::ensure!(
+        out.status.success(),
+        "celery client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let secs: f64 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(f64::NAN);
+    Ok(Some(n as f64 / secs))
+}
+
+fn main() -> anyhow::Result<()> {
+    let full = std::env::args().any(|a| a == "--bench");
+    let n = if full { 20_000 } else { 300 };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (tp_rate, cpu_us) = rt.block_on(tidepool(n, 4))?;
+    let base = if full { celery(n, 4)? } else { None };
+    println!("| what | measured | baseline (same run) | ratio |");
+    println!("|---|---|---|---|");
+    match base {
+        Some(c) => println!(
+            "| {n} echo tasks, pool + 4 nodes on loopback QUIC | {tp_rate:.0} tasks/s, {cpu_us:.0} µs CPU/task | Celery + Redis, 4 prefork workers: {c:.0} tasks/s | {:.1}x |",
+            tp_rate / c
+        ),
+        None => println!("| {n} echo tasks, pool + 4 nodes on loopback QUIC | {tp_rate:.0} tasks/s, {cpu_us:.0} µs CPU/task | (not run) | |"),
+    }
+    Ok(())
+}

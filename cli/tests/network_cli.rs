@@ -1,0 +1,222 @@
+//! The network verbs as their users run them, all as real processes:
+//! keygen, bundle pack/sign/verify/publish, pool serve, node run (drained
+//! by SIGTERM), job submit/status/results, pool status; the results equal
+//! what `tidepool run` gives for the same input.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use tidepool_tests::{fortunes, jobs_dir};
+
+fn tidepool(dir: &Path, args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run tidepool");
+    assert!(
+        out.status.success(),
+        "tidepool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
+fn spawn(dir: &Path, args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .current_dir(dir)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tidepool")
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+#[test]
+fn publish_submit_and_read_results_with_the_cli() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let publisher = stdout(&tidepool(
+        dir,
+        &["keygen", "--role", "publisher", "-o", "publisher.key"],
+    ));
+    let pool_pub = stdout(&tidepool(
+        dir,
+        &["keygen", "--role", "pool", "-o", "pool.key"],
+    ));
+    tidepool(dir, &["keygen", "--role", "node", "-o", "node.key"]);
+    assert!(publisher.starts_with("ed25519:") && pool_pub.starts_with("ed25519:"));
+
+    let entry = tidepool_host::models::catalog_entry("minilm-l3").expect("catalogue");
+    std::fs::write(
+        dir.join("tidepool.toml"),
+        format!(
+            "name = \"embed\"\nversion = \"1.0.0\"\ncomponent = \"{}\"\n[models.minilm-l3]\nencoding = \"onnx\"\nsource = \"catalog:minilm-l3\"\nsha256 = \"{}\"\n",
+            jobs_dir().join("embed.wasm").display(),
+            entry.sha256
+        ),
+    )
+    .expect("manifest");
+    let bundle = stdout(&tidepool(
+        dir,
+        &["bundle", "pack", "--key", "publisher.key"],
+    ));
+    assert!(bundle.ends_with("embed-1.0.0.bundle"), "{bundle}");
+    tidepool(dir, &["bundle", "sign", &bundle, "--key", "publisher.key"]);
+    let verified = stdout(&tidepool(
+        dir,
+        &[
+            "bundle",
+            "verify",
+            &bundle,
+            "--publisher",
+            &publisher,
+            "--json",
+        ],
+    ));
+    let v: serde_json::Value = serde_json::from_str(&verified).expect("json");
+    assert_eq!(v["name"], "embed");
+
+    let mut pool = spawn(
+        dir,
+        &[
+            "pool",
+            "serve",
+            "--key",
+            "pool.key",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            "pool-data",
+            "--publisher",
+            &publisher,
+        ],
+    );
+    let mut line = String::new();
+    BufReader::new(pool.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("listening line");
+    let mut words = line.split_whitespace();
+    assert_eq!(words.next(), Some("listening"), "{line}");
+    let addr = words.next().expect("addr").to_owned();
+    assert_eq!(words.next(), Some(pool_pub.as_str()));
+
+    let with_pool = |args: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        v.extend([
+            "--pool".into(),
+            addr.clone(),
+            "--pool-key".into(),
+            pool_pub.clone(),
+            "--key".into(),
+            "publisher.key".into(),
+        ]);
+        v
+    };
+    let args = with_pool(&["bundle", "publish", &bundle]);
+    let digest = stdout(&tidepool(
+        dir,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    assert!(digest.starts_with("sha256:"), "{digest}");
+
+    let node = spawn(
+        dir,
+        &[
+            "node",
+            "run",
+            "--pool",
+            &addr,
+            "--pool-key",
+            &pool_pub,
+            "--key",
+            "node.key",
+            "--publisher",
+            &publisher,
+            "--data-dir",
+            "node-data",
+            "--slots",
+            "2",
+        ],
+    );
+
+    let texts = fortunes(8).expect("fortunes");
+    let jsonl: String = texts
+        .iter()
+        .map(|t| format!("{}\n", serde_json::json!({ "texts": [t] })))
+        .collect();
+    std::fs::write(dir.join("in.jsonl"), &jsonl).expect("inputs");
+    let args = with_pool(&["job", "submit", &bundle, "--inputs", "in.jsonl", "--json"]);
+    let summary: serde_json::Value = serde_json::from_str(&stdout(&tidepool(
+        dir,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )))
+    .expect("json");
+    assert_eq!(
+        (summary["done"].as_u64(), summary["tasks"].as_u64()),
+        (Some(8), Some(8)),
+        "{summary}"
+    );
+    let job = summary["job"].as_u64().expect("job id").to_string();
+
+    let args = with_pool(&["job", "results", &job]);
+    let results = stdout(&tidepool(
+        dir,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    let lines: Vec<serde_json::Value> = results
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("jsonl"))
+        .collect();
+    assert_eq!(lines.len(), 8);
+    for (i, l) in lines.iter().enumerate() {
+        std::fs::write(dir.join("one.json"), jsonl.lines().nth(i).expect("line")).expect("write");
+        let wasm = jobs_dir().join("embed.wasm");
+        let local = stdout(&tidepool(
+            dir,
+            &[
+                "run",
+                wasm.to_str().expect("path"),
+                "--model",
+                "minilm-l3",
+                "--input",
+                "one.json",
+            ],
+        ));
+        let local: serde_json::Value = serde_json::from_str(&local).expect("local json");
+        assert_eq!(l["output"], local, "result {i} differs from `tidepool run`");
+    }
+
+    let args = with_pool(&["pool", "status", "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&stdout(&tidepool(
+        dir,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )))
+    .expect("json");
+    assert_eq!(status["done"].as_u64(), Some(8));
+    assert_eq!(
+        status["nodes"][0]["completed"].as_u64(),
+        Some(8),
+        "{status}"
+    );
+
+    sigterm(&node);
+    let out = node.wait_with_output().expect("node exit");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("drained: 8 completed"), "{err}");
+    sigterm(&pool);
+    assert!(pool.wait().expect("pool exit").success());
+}
