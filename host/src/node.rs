@@ -118,6 +118,9 @@ struct Ctx {
     /// Prepared bundles by digest (and refusals, so a bad bundle is not
     /// fetched again for every task).
     prepared: Mutex<HashMap<Digest, Result<Arc<Prepared>, String>>>,
+    /// One permit per slot: the node holds more leases than slots (its
+    /// queue), but runs at most `slots` tasks at once.
+    permits: Arc<tokio::sync::Semaphore>,
 }
 
 fn unix_now() -> u64 {
@@ -303,7 +306,11 @@ impl Ctx {
         let lease = g.lease;
         let input = g.input.0;
         let p2 = p.clone();
+        let Ok(permit) = self.permits.clone().acquire_owned().await else {
+            return failed("node is stopping".into());
+        };
         let ran = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let id = lease.task.to_string();
             p2.sandbox.run(
                 &p2.job,
@@ -378,9 +385,13 @@ pub async fn run(
         versions: std::sync::Mutex::new(versions),
         versions_path,
         prepared: Mutex::new(HashMap::new()),
+        permits: Arc::new(tokio::sync::Semaphore::new(cfg.slots.max(1) as usize)),
     });
     let endpoint = tidepool_net::client(&cfg.key, cfg.pool_key)?;
-    let mut session = NodeSession::new(cfg.slots, Instant::now());
+    // Hold as many leases again as there are slots, waiting, so a slot
+    // never idles during a round trip to the pool.
+    let queue = cfg.slots.max(1);
+    let mut session = NodeSession::new(cfg.slots.max(1) + queue, Instant::now());
     let mut report = NodeReport::default();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<TaskResult>();
     let (resp_tx, mut resp_rx) =
@@ -397,6 +408,7 @@ pub async fn run(
         models: Vec::new(),
         memory_mib: cfg.memory_mib,
         slots: cfg.slots,
+        queue,
         gpu: None,
         publishers: cfg.publishers.iter().copied().collect(),
         fetch_models: cfg.fetch_models,

@@ -20,6 +20,7 @@ use crate::store::{Acceptance, JobCounts, PendingTask, Store, StoreError, Stored
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use tidepool_proto::manifest::{LockedManifest, SignedManifest};
+use tidepool_proto::receipt::LeaseReceipt;
 use tidepool_proto::session::Refusal;
 use tidepool_proto::wire::{
     Capabilities, ErrorCode, JobId, JobSummary, LeaseId, NodeStatus, Outcome, PoolSummary,
@@ -153,6 +154,8 @@ struct Lease {
     job: JobId,
     /// Its bundle.
     bundle: Digest,
+    /// Digest of its input (receipts must name it).
+    input: Digest,
     /// When it expires unless renewed.
     expires: Instant,
     /// Last renewal (or grant).
@@ -227,6 +230,78 @@ pub struct Coordinator<S: Store> {
     nodes: HashMap<PublicKey, Node>,
     /// Events not yet polled.
     events: VecDeque<PoolEvent>,
+    /// Reasons of reported failures, handed from `check_result` to
+    /// `handle_opened_results` (scratch; empty between calls).
+    failures: Vec<String>,
+}
+
+/// A result prepared for the coordinator: its output hashed, its receipt's
+/// signature checked and decoded, and the bytes to store serialised. Built by
+/// [`open_results`] on any thread.
+#[derive(Debug)]
+pub struct Opened {
+    /// The node that sent it (whose key the receipt must be signed with).
+    key: PublicKey,
+    /// Task and attempt.
+    lease: LeaseId,
+    /// What was found.
+    kind: OpenedKind,
+}
+
+#[derive(Debug)]
+enum OpenedKind {
+    /// The node reports the task failed.
+    Failed(String),
+    /// A result with its receipt checked.
+    Checked {
+        /// The decoded receipt, or why it was refused.
+        receipt: Result<LeaseReceipt, String>,
+        /// Digest of the output (or of the job error's JSON).
+        output_digest: Digest,
+        /// MessagePack of the outcome.
+        outcome: Vec<u8>,
+        /// MessagePack of the signed receipt.
+        receipt_bytes: Vec<u8>,
+    },
+}
+
+/// Hash outputs, check receipt signatures and serialise, for results sent
+/// by `key`. Pure and parallel: no coordinator state.
+pub fn open_results(key: &PublicKey, results: Vec<TaskResult>) -> Vec<Opened> {
+    results
+        .into_iter()
+        .map(|r| {
+            let kind = match &r.outcome {
+                Outcome::Failed { reason } => OpenedKind::Failed(reason.clone()),
+                outcome => {
+                    let output_digest = match outcome {
+                        Outcome::Output(b) => Digest::of(&b.0),
+                        Outcome::JobError { code, message } => {
+                            tidepool_proto::receipt::job_error_digest(code, message)
+                        }
+                        Outcome::Failed { .. } => unreachable!("handled above"),
+                    };
+                    let receipt = match &r.receipt {
+                        None => Err("result without a receipt".to_owned()),
+                        Some(signed) => signed.open(key).map_err(|e| e.to_string()),
+                    };
+                    // Serialising plain data to a Vec cannot fail.
+                    OpenedKind::Checked {
+                        receipt,
+                        output_digest,
+                        outcome: rmp_serde::to_vec_named(&r.outcome).expect("outcome serialises"),
+                        receipt_bytes: rmp_serde::to_vec_named(&r.receipt)
+                            .expect("receipt serialises"),
+                    }
+                }
+            };
+            Opened {
+                key: *key,
+                lease: r.lease,
+                kind,
+            }
+        })
+        .collect()
 }
 
 /// Can a node with `caps` run this bundle?
@@ -259,6 +334,7 @@ impl<S: Store> Coordinator<S> {
             jobs: BTreeMap::new(),
             nodes: HashMap::new(),
             events: VecDeque::new(),
+            failures: Vec::new(),
         };
         for b in stored {
             let signed: SignedManifest =
@@ -394,7 +470,7 @@ impl<S: Store> Coordinator<S> {
             return Err(refusal(ErrorCode::Protocol, "lease request before hello"));
         };
         let held = u32::try_from(node.leases.len()).unwrap_or(u32::MAX);
-        let room = node.caps.slots.max(1).saturating_sub(held);
+        let room = (node.caps.slots.max(1) + node.caps.queue).saturating_sub(held);
         let mut want = want.min(room).min(self.cfg.max_grant) as usize;
         // Prefer nodes with a better uptime record: while a connected node
         // that stays up clearly more has free slots, a flakier node gets a
@@ -403,7 +479,7 @@ impl<S: Store> Coordinator<S> {
         let better_has_room = self.nodes.iter().any(|(k, n)| {
             k != key
                 && n.connections > 0
-                && n.leases.len() < n.caps.slots as usize
+                && n.leases.len() < (n.caps.slots + n.caps.queue) as usize
                 && n.uptime(now) > mine + UPTIME_MARGIN
         });
         if better_has_room {
@@ -449,12 +525,13 @@ impl<S: Store> Coordinator<S> {
         };
         let mut grants = Vec::with_capacity(picked.len());
         let node = self.nodes.get_mut(key).expect("checked above");
-        for ((q, bundle), input) in picked.into_iter().zip(inputs) {
+        for ((q, bundle), (input, input_digest)) in picked.into_iter().zip(inputs) {
             let lease = Lease {
                 attempt: q.attempts + 1,
                 node: *key,
                 job: q.job,
                 bundle,
+                input: input_digest,
                 expires: now + self.cfg.lease_ttl,
                 renewed: now,
             };
@@ -536,10 +613,28 @@ impl<S: Store> Coordinator<S> {
         key: &PublicKey,
         results: Vec<TaskResult>,
     ) -> Result<Vec<(LeaseId, Verdict)>, Refusal> {
+        self.handle_opened_results(now, key, open_results(key, results))
+    }
+
+    /// [`handle_results`](Self::handle_results) for results already opened
+    /// with [`open_results`] (the pool's connection tasks do that in parallel,
+    /// so signature checks and hashing stay off the coordinator thread).
+    pub fn handle_opened_results(
+        &mut self,
+        now: Instant,
+        key: &PublicKey,
+        results: Vec<Opened>,
+    ) -> Result<Vec<(LeaseId, Verdict)>, Refusal> {
         let mut verdicts: Vec<(LeaseId, Option<Verdict>)> = Vec::with_capacity(results.len());
         let mut batch = Vec::new();
         let mut batch_idx = Vec::new();
         for r in results {
+            if r.key != *key {
+                return Err(refusal(
+                    ErrorCode::Protocol,
+                    "results opened for another node",
+                ));
+            }
             let id = r.lease;
             let current = matches!(self.leases.get(&id.task), Some(l) if l.attempt == id.attempt && l.node == *key);
             if !current {
@@ -552,7 +647,7 @@ impl<S: Store> Coordinator<S> {
                 continue;
             }
             let lease = self.leases[&id.task];
-            match self.check_result(key, &lease, &r) {
+            match self.check_result(&lease, r) {
                 Ok(Some((outcome, receipt))) => {
                     batch_idx.push(verdicts.len());
                     verdicts.push((id, None));
@@ -566,10 +661,11 @@ impl<S: Store> Coordinator<S> {
                 }
                 Ok(None) => {
                     // A reported failure: the attempt failed.
-                    let reason = match &r.outcome {
-                        Outcome::Failed { reason } => format!("node {}: {reason}", key.short()),
-                        _ => unreachable!("check_result returns None only for failures"),
-                    };
+                    let reason = format!(
+                        "node {}: {}",
+                        key.short(),
+                        self.failures.pop().unwrap_or_default()
+                    );
                     self.release(now, id.task, &reason)?;
                     verdicts.push((id, Some(Verdict::Accepted)));
                 }
@@ -585,7 +681,6 @@ impl<S: Store> Coordinator<S> {
         }
         if !batch.is_empty() {
             let stored = self.store.accept(&batch, unix_now_hint(now))?;
-            let mut completed = 0;
             for ((i, a), ok) in batch_idx.into_iter().zip(&batch).zip(stored) {
                 verdicts[i].1 = Some(if ok {
                     Verdict::Accepted
@@ -593,7 +688,6 @@ impl<S: Store> Coordinator<S> {
                     Verdict::Stale
                 });
                 if ok {
-                    completed += 1;
                     if let Some(lease) = self.leases.remove(&a.task) {
                         self.expiry.remove(&(lease.expires, a.task));
                         if let Some(n) = self.nodes.get_mut(key) {
@@ -603,8 +697,6 @@ impl<S: Store> Coordinator<S> {
                     }
                 }
             }
-            self.store
-                .node_seen(key, completed, 0, unix_now_hint(now))?;
         }
         Ok(verdicts
             .into_iter()
@@ -613,21 +705,24 @@ impl<S: Store> Coordinator<S> {
     }
 
     /// Check a result against its lease; `Ok(None)` for a reported failure.
+    /// Check an opened result against its lease; `Ok(None)` for a reported failure.
     fn check_result(
         &mut self,
-        key: &PublicKey,
         lease: &Lease,
-        r: &TaskResult,
+        r: Opened,
     ) -> Result<Option<(Vec<u8>, Vec<u8>)>, String> {
-        let output_digest = match &r.outcome {
-            Outcome::Failed { .. } => return Ok(None),
-            Outcome::Output(b) => Digest::of(&b.0),
-            Outcome::JobError { code, message } => {
-                tidepool_proto::receipt::job_error_digest(code, message)
+        let (rc, output_digest, outcome, receipt) = match r.kind {
+            OpenedKind::Failed(reason) => {
+                self.failures.push(reason);
+                return Ok(None);
             }
+            OpenedKind::Checked {
+                receipt,
+                output_digest,
+                outcome,
+                receipt_bytes,
+            } => (receipt?, output_digest, outcome, receipt_bytes),
         };
-        let signed = r.receipt.as_ref().ok_or("result without a receipt")?;
-        let rc = signed.open(key).map_err(|e| e.to_string())?;
         if rc.lease != r.lease {
             return Err(format!(
                 "receipt is for {}, result for {}",
@@ -640,11 +735,7 @@ impl<S: Store> Coordinator<S> {
                 rc.bundle, lease.bundle
             ));
         }
-        let input = self
-            .store
-            .input_digest(r.lease.task)
-            .map_err(|e| e.to_string())?;
-        if input != Some(rc.receipt.input) {
+        if rc.receipt.input != lease.input {
             return Err(format!(
                 "receipt's input digest {} is not the task's",
                 rc.receipt.input
@@ -664,9 +755,6 @@ impl<S: Store> Coordinator<S> {
                 ));
             }
         }
-        // Serialising plain data to a Vec cannot fail.
-        let outcome = rmp_serde::to_vec_named(&r.outcome).expect("outcome serialises");
-        let receipt = rmp_serde::to_vec_named(signed).expect("receipt serialises");
         Ok(Some((outcome, receipt)))
     }
 

@@ -18,8 +18,8 @@ use tidepool_net::{frames::StreamError, peer_key, read_frame, write_frame, BlobD
 use tidepool_proto::manifest::SignedManifest;
 use tidepool_proto::session::{request_name, PoolConn, Refusal, Role};
 use tidepool_proto::wire::{
-    Bytes, Capabilities, ErrorCode, JobId, LeaseId, Request, Response, TaskResult,
-    BLOB_CHUNK_BYTES, PROTOCOL_VERSION,
+    Bytes, Capabilities, ErrorCode, JobId, LeaseId, Request, Response, BLOB_CHUNK_BYTES,
+    PROTOCOL_VERSION,
 };
 use tidepool_proto::{Digest, PublicKey, SecretKey};
 use tokio::sync::{broadcast, oneshot};
@@ -80,7 +80,7 @@ enum Cmd {
     ),
     Results(
         PublicKey,
-        Vec<TaskResult>,
+        Vec<crate::coordinator::Opened>,
         Reply<Vec<(LeaseId, tidepool_proto::wire::Verdict)>>,
     ),
     Manifest(Digest, oneshot::Sender<Option<SignedManifest>>),
@@ -147,7 +147,7 @@ fn actor(
             Cmd::Lease(k, want, running, r) => {
                 drop(r.send(c.handle_lease(now, &k, want, &running)))
             }
-            Cmd::Results(k, results, r) => drop(r.send(c.handle_results(now, &k, results))),
+            Cmd::Results(k, results, r) => drop(r.send(c.handle_opened_results(now, &k, results))),
             Cmd::Manifest(d, r) => drop(r.send(c.manifest(&d).cloned())),
             Cmd::BlobSize(d, r) => drop(r.send(c.blob_size(&d))),
             Cmd::BlobStored(d) => c.handle_blob_stored(&d),
@@ -424,7 +424,9 @@ async fn serve_stream(
             }
         }
         Request::Results { results } => {
-            match shared.ask(|r| Cmd::Results(peer, results, r)).await {
+            // Hashing and signature checks here, in parallel, not on the coordinator thread.
+            let opened = crate::coordinator::open_results(&peer, results);
+            match shared.ask(|r| Cmd::Results(peer, opened, r)).await {
                 Some(Ok(v)) => Response::Verdicts(v),
                 Some(Err(r)) => from_refusal(r),
                 None => error(ErrorCode::Internal, "pool is stopping"),

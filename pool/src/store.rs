@@ -130,10 +130,12 @@ pub trait Store: Send {
         inputs: &[Vec<u8>],
         now_unix: u64,
     ) -> Result<(JobId, Vec<TaskId>, bool), StoreError>;
-    /// Record leases (task, new attempt, node) and return each task's input.
-    fn grant(&mut self, grants: &[(TaskId, u32, PublicKey)]) -> Result<Vec<Vec<u8>>, StoreError>;
-    /// Digest of a task's input.
-    fn input_digest(&mut self, task: TaskId) -> Result<Option<Digest>, StoreError>;
+    /// Record leases (task, new attempt, node) and return each task's input
+    /// and its digest.
+    fn grant(
+        &mut self,
+        grants: &[(TaskId, u32, PublicKey)],
+    ) -> Result<Vec<(Vec<u8>, Digest)>, StoreError>;
     /// A failed or expired attempt: back to the queue with its reason, or dead
     /// when `dead` is set.
     fn release(
@@ -144,7 +146,7 @@ pub trait Store: Send {
         dead: bool,
     ) -> Result<(), StoreError>;
     /// Store results; each is stored only if its task is still leased at that
-    /// attempt. Returns, per result, whether it was stored.
+    /// attempt (and its node credited). Returns, per result, whether it was stored.
     fn accept(&mut self, results: &[Acceptance], now_unix: u64) -> Result<Vec<bool>, StoreError>;
     /// Is this task done by this attempt and node (a resent result)?
     fn done_by(&mut self, task: TaskId, attempt: u32, node: &PublicKey)
@@ -367,35 +369,31 @@ impl Store for SqliteStore {
         Ok((job as JobId, ids, true))
     }
 
-    fn grant(&mut self, grants: &[(TaskId, u32, PublicKey)]) -> Result<Vec<Vec<u8>>, StoreError> {
+    fn grant(
+        &mut self,
+        grants: &[(TaskId, u32, PublicKey)],
+    ) -> Result<Vec<(Vec<u8>, Digest)>, StoreError> {
         let tx = self.conn.transaction()?;
         let mut inputs = Vec::with_capacity(grants.len());
         {
             let mut up = tx.prepare_cached(
                 "UPDATE tasks SET state = 1, attempt = ?2, node = ?3 WHERE id = ?1",
             )?;
-            let mut get = tx.prepare_cached("SELECT input FROM tasks WHERE id = ?1")?;
+            let mut get =
+                tx.prepare_cached("SELECT input, input_digest FROM tasks WHERE id = ?1")?;
             for (task, attempt, node) in grants {
                 up.execute(params![*task as i64, attempt, node.to_string()])?;
-                inputs.push(get.query_row([*task as i64], |r| r.get(0))?);
+                let (input, digest): (Vec<u8>, Vec<u8>) =
+                    get.query_row([*task as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                let digest = digest
+                    .try_into()
+                    .map(Digest)
+                    .map_err(|_| corrupt("input digest", "not 32 bytes"))?;
+                inputs.push((input, digest));
             }
         }
         tx.commit()?;
         Ok(inputs)
-    }
-
-    fn input_digest(&mut self, task: TaskId) -> Result<Option<Digest>, StoreError> {
-        let d: Option<Vec<u8>> = self
-            .conn
-            .prepare_cached("SELECT input_digest FROM tasks WHERE id = ?1")?
-            .query_row([task as i64], |r| r.get(0))
-            .optional()?;
-        d.map(|d| {
-            d.try_into()
-                .map(Digest)
-                .map_err(|_| corrupt("input digest", "not 32 bytes"))
-        })
-        .transpose()
     }
 
     fn release(
@@ -444,6 +442,16 @@ impl Store for SqliteStore {
                     now_unix as i64
                 ])?;
                 stored.push(n == 1);
+            }
+            // Credit each node for what was stored, in the same transaction.
+            let mut credit = tx.prepare_cached(
+                "INSERT INTO nodes (key, first_seen, last_seen, completed) VALUES (?1, ?2, ?2, 1)
+                 ON CONFLICT(key) DO UPDATE SET last_seen = ?2, completed = completed + 1",
+            )?;
+            for (a, ok) in results.iter().zip(&stored) {
+                if *ok {
+                    credit.execute(params![a.node.to_string(), now_unix as i64])?;
+                }
             }
         }
         tx.commit()?;

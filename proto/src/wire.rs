@@ -65,6 +65,10 @@ pub struct Capabilities {
     pub memory_mib: u32,
     /// How many tasks it runs at once.
     pub slots: u32,
+    /// How many more it holds waiting, so that a round trip to the pool
+    /// never leaves a slot idle.
+    #[serde(default)]
+    pub queue: u32,
     /// GPU description (`NVIDIA L4, 24 GiB`), if any.
     pub gpu: Option<String>,
     /// Publishers whose bundles the node runs; empty means any the pool has.
