@@ -75,7 +75,8 @@ async fn tidepool(n: usize, nodes: u8) -> anyhow::Result<(f64, f64)> {
     let elapsed = start.elapsed();
     let cpu = cpu_time().saturating_sub(cpu0);
     for h in handles {
-        h.drain().await?;
+        let r = h.drain().await?;
+        eprintln!("node: {r:?}");
     }
     client.close().await;
     pool.shutdown().await;

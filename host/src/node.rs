@@ -293,11 +293,21 @@ impl Ctx {
         }))
     }
 
-    async fn run_task(self: Arc<Self>, conn: quinn::Connection, g: TaskGrant) -> TaskResult {
-        let failed = |reason: String| TaskResult {
-            lease: g.lease,
-            outcome: Outcome::Failed { reason },
-            receipt: None,
+    /// Run one task; returns the result and its receipt body (unsigned).
+    async fn run_task(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        g: TaskGrant,
+    ) -> (TaskResult, Option<Vec<u8>>) {
+        let failed = |reason: String| {
+            (
+                TaskResult {
+                    lease: g.lease,
+                    outcome: Outcome::Failed { reason },
+                    receipt: None,
+                },
+                None,
+            )
         };
         let p = match self.prepare(&conn, g.bundle).await {
             Ok(p) => p,
@@ -334,17 +344,43 @@ impl Ctx {
                 message: f.message,
             },
         };
-        let receipt = LeaseReceipt {
+        // Signed later, with the other results of the batch it is sent in.
+        let body = LeaseReceipt {
             lease,
             bundle: p.digest,
             receipt: out.receipt,
         }
-        .sign(&self.key);
-        TaskResult {
-            lease,
-            outcome,
-            receipt: Some(receipt),
-        }
+        .to_body();
+        (
+            TaskResult {
+                lease,
+                outcome,
+                receipt: None,
+            },
+            Some(body),
+        )
+    }
+}
+
+/// Sign the receipts of a batch of results with one signature (each result
+/// whose body is known and that has no receipt yet).
+fn sign_results(
+    key: &SecretKey,
+    results: &mut [TaskResult],
+    bodies: &HashMap<tidepool_proto::wire::LeaseId, Vec<u8>>,
+) {
+    let idx: Vec<usize> = (0..results.len())
+        .filter(|&i| results[i].receipt.is_none() && bodies.contains_key(&results[i].lease))
+        .collect();
+    let batch: Vec<Vec<u8>> = idx
+        .iter()
+        .map(|&i| bodies[&results[i].lease].clone())
+        .collect();
+    for (i, signed) in idx
+        .into_iter()
+        .zip(tidepool_proto::receipt::sign_batch(key, batch))
+    {
+        results[i].receipt = Some(signed);
     }
 }
 
@@ -393,7 +429,9 @@ pub async fn run(
     let queue = cfg.slots.max(1);
     let mut session = NodeSession::new(cfg.slots.max(1) + queue, Instant::now());
     let mut report = NodeReport::default();
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<TaskResult>();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(TaskResult, Option<Vec<u8>>)>();
+    // Receipt bodies of finished tasks until the pool has answered for them.
+    let mut bodies: HashMap<tidepool_proto::wire::LeaseId, Vec<u8>> = HashMap::new();
     let (resp_tx, mut resp_rx) =
         mpsc::unbounded_channel::<(u64, Pending, Result<Response, String>)>();
     let mut generation = 0u64;
@@ -464,7 +502,10 @@ pub async fn run(
         session.handle_welcome(Instant::now(), heartbeat);
         loop {
             let now = Instant::now();
-            while let Some(req) = session.poll_request(now) {
+            while let Some(mut req) = session.poll_request(now) {
+                if let Request::Results { results } = &mut req {
+                    sign_results(&ctx.key, results, &bodies);
+                }
                 let kind = if matches!(req, Request::Lease { .. }) {
                     Pending::Lease
                 } else {
@@ -489,7 +530,8 @@ pub async fn run(
                         });
                     }
                     NodeEvent::Cancel(l) => {
-                        info!(lease = %l, "lease lost; its result will be dropped")
+                        bodies.remove(&l);
+                        info!(lease = %l, "lease lost; its result will be dropped");
                     }
                 }
             }
@@ -503,8 +545,11 @@ pub async fn run(
                 .unwrap_or(now + Duration::from_secs(1));
             tokio::select! {
                 _ = tokio::time::sleep_until(wake.into()) => {}
-                Some(r) = done_rx.recv() => {
+                Some((r, body)) = done_rx.recv() => {
                     match r.outcome { Outcome::Failed { .. } => report.failed += 1, _ => report.completed += 1 }
+                    if let Some(b) = body {
+                        bodies.insert(r.lease, b);
+                    }
                     session.handle_task_done(Instant::now(), r);
                 }
                 Some((g, kind, r)) = resp_rx.recv() => {
@@ -516,6 +561,7 @@ pub async fn run(
                         }
                         (Pending::Results, Ok(Response::Verdicts(v))) => {
                             for (lease, verdict) in v {
+                                bodies.remove(&lease);
                                 match verdict {
                                     Verdict::Accepted | Verdict::Duplicate => report.accepted += 1,
                                     Verdict::Stale => { report.rejected += 1; debug!(%lease, "stale result") }

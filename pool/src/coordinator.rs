@@ -268,6 +268,7 @@ enum OpenedKind {
 /// Hash outputs, check receipt signatures and serialise, for results sent
 /// by `key`. Pure and parallel: no coordinator state.
 pub fn open_results(key: &PublicKey, results: Vec<TaskResult>) -> Vec<Opened> {
+    let mut verified = tidepool_proto::receipt::VerifiedRoots::default();
     results
         .into_iter()
         .map(|r| {
@@ -283,7 +284,9 @@ pub fn open_results(key: &PublicKey, results: Vec<TaskResult>) -> Vec<Opened> {
                     };
                     let receipt = match &r.receipt {
                         None => Err("result without a receipt".to_owned()),
-                        Some(signed) => signed.open(key).map_err(|e| e.to_string()),
+                        Some(signed) => signed
+                            .open_cached(key, &mut verified)
+                            .map_err(|e| e.to_string()),
                     };
                     // Serialising plain data to a Vec cannot fail.
                     OpenedKind::Checked {

@@ -444,14 +444,19 @@ impl Store for SqliteStore {
                 stored.push(n == 1);
             }
             // Credit each node for what was stored, in the same transaction.
-            let mut credit = tx.prepare_cached(
-                "INSERT INTO nodes (key, first_seen, last_seen, completed) VALUES (?1, ?2, ?2, 1)
-                 ON CONFLICT(key) DO UPDATE SET last_seen = ?2, completed = completed + 1",
-            )?;
+            let mut per_node: std::collections::BTreeMap<&PublicKey, i64> =
+                std::collections::BTreeMap::new();
             for (a, ok) in results.iter().zip(&stored) {
                 if *ok {
-                    credit.execute(params![a.node.to_string(), now_unix as i64])?;
+                    *per_node.entry(&a.node).or_default() += 1;
                 }
+            }
+            let mut credit = tx.prepare_cached(
+                "INSERT INTO nodes (key, first_seen, last_seen, completed) VALUES (?1, ?2, ?2, ?3)
+                 ON CONFLICT(key) DO UPDATE SET last_seen = ?2, completed = completed + ?3",
+            )?;
+            for (node, n) in per_node {
+                credit.execute(params![node.to_string(), now_unix as i64, n])?;
             }
         }
         tx.commit()?;
