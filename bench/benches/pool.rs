@@ -36,7 +36,9 @@ async fn tidepool(n: usize, nodes: u8) -> anyhow::Result<(f64, f64)> {
     let handles: Vec<_> = (0..nodes)
         .map(|i| {
             let mut c = node_config(dir.path(), &keys, i, pool.addr);
-            c.slots = 8;
+            let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse().ok());
+            c.slots = env("BENCH_SLOTS").unwrap_or(8);
+            c.queue = env("BENCH_QUEUE");
             start_node(c)
         })
         .collect();

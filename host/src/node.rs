@@ -47,6 +47,9 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Tasks run at once.
     pub slots: u32,
+    /// Leases held beyond `slots`, waiting, so slots never idle during a
+    /// round trip to the pool (`None`: as many as `slots`).
+    pub queue: Option<u32>,
     /// Memory per task, MiB (bundles asking for more are not sent here).
     pub memory_mib: u32,
     /// Publishers whose bundles this node runs.
@@ -426,7 +429,7 @@ pub async fn run(
     let endpoint = tidepool_net::client(&cfg.key, cfg.pool_key)?;
     // Hold as many leases again as there are slots, waiting, so a slot
     // never idles during a round trip to the pool.
-    let queue = cfg.slots.max(1);
+    let queue = cfg.queue.unwrap_or(cfg.slots).clamp(0, 4096);
     let mut session = NodeSession::new(cfg.slots.max(1) + queue, Instant::now());
     let mut report = NodeReport::default();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(TaskResult, Option<Vec<u8>>)>();
@@ -568,7 +571,7 @@ pub async fn run(
                                     Verdict::Refused(why) => { report.rejected += 1; warn!(%lease, "result refused: {why}") }
                                 }
                             }
-                            session.handle_verdicts();
+                            session.handle_verdicts(now);
                         }
                         (Pending::Lease, Ok(other)) => {
                             warn!("lease request answered with {other:?}");
@@ -613,6 +616,7 @@ pub async fn run(
 /// key = "node.key"              # this node's key (tidepool keygen --role node)
 /// data_dir = "node-data"        # blobs/, compiled/, versions.json
 /// slots = 2                     # tasks at once (default: available cores)
+/// queue = 2                     # leases held waiting beyond slots (default: = slots)
 /// memory_mib = 1024             # memory per task
 /// publishers = []               # publishers whose bundles run here (required)
 /// fetch_models = true           # fetch models from the pool
@@ -634,6 +638,8 @@ pub struct NodeFile {
     pub data_dir: PathBuf,
     /// Slots.
     pub slots: Option<u32>,
+    /// Leases held waiting beyond the slots (default: as many as slots).
+    pub queue: Option<u32>,
     /// Memory per task, MiB.
     #[serde(default = "node_default_memory")]
     pub memory_mib: u32,
@@ -666,6 +672,7 @@ impl Default for NodeFile {
             key: node_default_key(),
             data_dir: node_default_data(),
             slots: None,
+            queue: None,
             memory_mib: node_default_memory(),
             publishers: BTreeSet::new(),
             fetch_models: true,
@@ -715,6 +722,7 @@ impl NodeFile {
             key,
             data_dir: self.data_dir,
             slots,
+            queue: self.queue,
             memory_mib: self.memory_mib,
             publishers: self.publishers,
             fetch_models: self.fetch_models,

@@ -166,9 +166,14 @@ impl NodeSession {
     }
 
     /// The pool answered a `Results` request: every result in it is settled
-    /// (accepted, duplicate, stale or refused), so none is resent.
-    pub fn handle_verdicts(&mut self) {
+    /// (accepted, duplicate, stale or refused), so none is resent. The pool
+    /// counts a lease against the node until its result is settled, so this
+    /// is when it has room again: ask for work at once.
+    pub fn handle_verdicts(&mut self, now: Instant) {
         self.sending.clear();
+        if !self.draining && self.free_slots() > 0 {
+            self.next_lease_at = self.next_lease_at.min(now);
+        }
     }
 
     /// A request failed without an answer (the stream reset); for results
@@ -455,7 +460,7 @@ mod tests {
             matches!(s.poll_request(t1), Some(Request::Results { results }) if results.len() == 1),
             "resent"
         );
-        s.handle_verdicts();
+        s.handle_verdicts(t1);
         assert_eq!(
             s.poll_request(t1),
             Some(Request::Lease {
@@ -477,7 +482,7 @@ mod tests {
         s.handle_task_done(t0, done(7));
         assert!(matches!(s.poll_request(t0), Some(Request::Results { .. })));
         assert!(!s.is_drained());
-        s.handle_verdicts();
+        s.handle_verdicts(t0);
         assert!(s.is_drained());
         let t1 = t0 + Duration::from_secs(1);
         assert_eq!(

@@ -105,6 +105,7 @@ pub fn node_config(dir: &Path, keys: &Keys, i: u8, pool: SocketAddr) -> NodeConf
         key: keys.node(i),
         data_dir: dir.join(format!("node-{i}")),
         slots: 2,
+        queue: None,
         memory_mib: 512,
         publishers: BTreeSet::from([keys.publisher.public()]),
         fetch_models: true,

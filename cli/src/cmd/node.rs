@@ -36,6 +36,9 @@ pub struct RunArgs {
     /// Tasks at once (overrides the file).
     #[arg(long)]
     slots: Option<u32>,
+    /// Leases held waiting beyond the slots (overrides the file; default = slots).
+    #[arg(long)]
+    queue: Option<u32>,
     /// Memory per task in MiB (overrides the file).
     #[arg(long)]
     memory_mib: Option<u32>,
@@ -53,6 +56,7 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
     f.data_dir = a.data_dir.unwrap_or(f.data_dir);
     f.publishers.extend(a.publishers);
     f.slots = a.slots.or(f.slots);
+    f.queue = a.queue.or(f.queue);
     f.memory_mib = a.memory_mib.unwrap_or(f.memory_mib);
     let key = read_key(&f.key)?;
     let cfg = f.into_config(key)?;
