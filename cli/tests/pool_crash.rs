@@ -287,7 +287,7 @@ async fn sigkilled_pool_loses_and_duplicates_nothing() -> Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
     }
 
-    let ledger = ledger.lock().expect("ledger");
+    let ledger = std::mem::take(&mut *ledger.lock().expect("ledger"));
     let (mut lost_submissions, mut lost, mut duplicated, mut unexpected, mut wrong, mut tasks) =
         (0, 0, 0, 0, 0, 0);
     let mut retried = 0;

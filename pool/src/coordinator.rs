@@ -235,6 +235,9 @@ pub struct Coordinator<S: Store> {
     failures: Vec<String>,
 }
 
+/// An accepted result's outcome and signed receipt, serialised for the store.
+type StoredResult = (Vec<u8>, Vec<u8>);
+
 /// A result prepared for the coordinator: its output hashed, its receipt's
 /// signature checked and decoded, and the bytes to store serialised. Built by
 /// [`open_results`] on any thread.
@@ -255,7 +258,7 @@ enum OpenedKind {
     /// A result with its receipt checked.
     Checked {
         /// The decoded receipt, or why it was refused.
-        receipt: Result<LeaseReceipt, String>,
+        receipt: Result<Box<LeaseReceipt>, String>,
         /// Digest of the output (or of the job error's JSON).
         output_digest: Digest,
         /// MessagePack of the outcome.
@@ -286,6 +289,7 @@ pub fn open_results(key: &PublicKey, results: Vec<TaskResult>) -> Vec<Opened> {
                         None => Err("result without a receipt".to_owned()),
                         Some(signed) => signed
                             .open_cached(key, &mut verified)
+                            .map(Box::new)
                             .map_err(|e| e.to_string()),
                     };
                     // Serialising plain data to a Vec cannot fail.
@@ -312,7 +316,7 @@ pub fn can_run(caps: &Capabilities, m: &LockedManifest) -> bool {
     (caps.publishers.is_empty() || caps.publishers.contains(&m.publisher))
         && (caps.memory_mib == 0 || caps.memory_mib >= m.limits.memory_mib)
         && m.models.values().all(|model| {
-            caps.encodings.iter().any(|e| *e == model.encoding)
+            caps.encodings.contains(&model.encoding)
                 && (caps.fetch_models || caps.models.contains(&model.blob.sha256))
         })
 }
@@ -709,11 +713,7 @@ impl<S: Store> Coordinator<S> {
 
     /// Check a result against its lease; `Ok(None)` for a reported failure.
     /// Check an opened result against its lease; `Ok(None)` for a reported failure.
-    fn check_result(
-        &mut self,
-        lease: &Lease,
-        r: Opened,
-    ) -> Result<Option<(Vec<u8>, Vec<u8>)>, String> {
+    fn check_result(&mut self, lease: &Lease, r: Opened) -> Result<Option<StoredResult>, String> {
         let (rc, output_digest, outcome, receipt) = match r.kind {
             OpenedKind::Failed(reason) => {
                 self.failures.push(reason);

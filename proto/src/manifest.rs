@@ -113,10 +113,11 @@ impl Default for Limits {
 }
 
 /// How two executions of a task are compared when the pool verifies one.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "tier", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Determinism {
     /// Bit-identical outputs (CPU backends in the deterministic sandbox).
+    #[default]
     Exact,
     /// Numeric outputs within thresholds (engines or hardware that differ in
     /// floating point). Thresholds are written as decimal strings so the
@@ -134,12 +135,6 @@ pub enum Determinism {
     },
     /// Generated text checked by a teacher-forced pass (the LLM issue).
     Llm,
-}
-
-impl Default for Determinism {
-    fn default() -> Self {
-        Determinism::Exact
-    }
 }
 
 impl Eq for Determinism {}
