@@ -220,3 +220,172 @@ fn publish_submit_and_read_results_with_the_cli() {
     sigterm(&pool);
     assert!(pool.wait().expect("pool exit").success());
 }
+
+/// A node process SIGKILLed mid-batch: its leases are re-queued within the
+/// lease TTL and another node process finishes the job.
+#[test]
+#[ignore = "slow: real node processes and a lease TTL to wait out (run by `cargo xtask test`)"]
+fn a_sigkilled_node_process_loses_no_task() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let publisher = stdout(&tidepool(
+        dir,
+        &["keygen", "--role", "publisher", "-o", "publisher.key"],
+    ));
+    let pool_pub = stdout(&tidepool(
+        dir,
+        &["keygen", "--role", "pool", "-o", "pool.key"],
+    ));
+    tidepool(dir, &["keygen", "--role", "node", "-o", "a.key"]);
+    tidepool(dir, &["keygen", "--role", "node", "-o", "b.key"]);
+    let entry = tidepool_host::models::catalog_entry("minilm-l3").expect("catalogue");
+    std::fs::write(
+        dir.join("tidepool.toml"),
+        format!(
+            "name = \"embed\"\nversion = \"1.0.0\"\ncomponent = \"{}\"\n[models.minilm-l3]\nencoding = \"onnx\"\nsource = \"catalog:minilm-l3\"\nsha256 = \"{}\"\n",
+            jobs_dir().join("embed.wasm").display(),
+            entry.sha256
+        ),
+    )
+    .expect("manifest");
+    let bundle = stdout(&tidepool(
+        dir,
+        &["bundle", "pack", "--key", "publisher.key", "--sign"],
+    ));
+    let mut pool = spawn(
+        dir,
+        &[
+            "pool",
+            "serve",
+            "--key",
+            "pool.key",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            "pool-data",
+            "--publisher",
+            &publisher,
+            "--lease-ttl-secs",
+            "2",
+            "--heartbeat-ms",
+            "400",
+        ],
+    );
+    let mut line = String::new();
+    BufReader::new(pool.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("listening line");
+    let addr = line.split_whitespace().nth(1).expect("addr").to_owned();
+    let with_pool = |args: &[&str]| -> Output {
+        let mut v: Vec<&str> = args.to_vec();
+        v.extend([
+            "--pool",
+            &addr,
+            "--pool-key",
+            &pool_pub,
+            "--key",
+            "publisher.key",
+        ]);
+        tidepool(dir, &v)
+    };
+    with_pool(&["bundle", "publish", &bundle]);
+    let node = |key: &str, data: &str| {
+        spawn(
+            dir,
+            &[
+                "node",
+                "run",
+                "--pool",
+                &addr,
+                "--pool-key",
+                &pool_pub,
+                "--key",
+                key,
+                "--publisher",
+                &publisher,
+                "--data-dir",
+                data,
+                "--slots",
+                "2",
+            ],
+        )
+    };
+    let mut a = node("a.key", "node-a");
+    let texts = tidepool_tests::corpus(80).expect("corpus");
+    let jsonl: String = texts
+        .iter()
+        .map(|t| format!("{}\n", serde_json::json!({ "texts": [t] })))
+        .collect();
+    std::fs::write(dir.join("in.jsonl"), &jsonl).expect("inputs");
+    let job = stdout(&with_pool(&[
+        "job",
+        "submit",
+        &bundle,
+        "--inputs",
+        "in.jsonl",
+        "--no-wait",
+    ]));
+    let status = |what: &[&str]| -> serde_json::Value {
+        let mut v = what.to_vec();
+        v.push("--json");
+        serde_json::from_str(&stdout(&with_pool(&v))).expect("json")
+    };
+    let start = std::time::Instant::now();
+    loop {
+        let s = status(&["job", "status", &job]);
+        if s["done"].as_u64() >= Some(4) && s["running"].as_u64() > Some(0) {
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(120),
+            "node a never got going: {s}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    a.kill().expect("SIGKILL node a");
+    a.wait().expect("reap");
+    let killed = std::time::Instant::now();
+    let b = node("b.key", "node-b");
+    let requeued_after = loop {
+        let s = status(&["pool", "status"]);
+        let expired: u64 = s["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .filter_map(|n| n["expired"].as_u64())
+            .sum();
+        if expired > 0 {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < std::time::Duration::from_secs(30),
+            "no lease expired: {s}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    eprintln!("node SIGKILL -> first lease re-queued after {requeued_after:?} (TTL 2 s)");
+    assert!(requeued_after < std::time::Duration::from_secs(5));
+    loop {
+        let s = status(&["job", "status", &job]);
+        if s["done"].as_u64() == Some(80) {
+            assert_eq!(s["dead"].as_u64(), Some(0));
+            break;
+        }
+        assert!(
+            killed.elapsed() < std::time::Duration::from_secs(300),
+            "not finished: {s}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let results = stdout(&with_pool(&["job", "results", &job]));
+    let retried = results
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("jsonl"))
+        .filter(|l| l["attempts"].as_u64() > Some(1))
+        .count();
+    assert!(retried > 0, "some task ran a second attempt after the kill");
+    sigterm(&b);
+    assert!(b.wait_with_output().expect("node b exit").status.success());
+    sigterm(&pool);
+    assert!(pool.wait().expect("pool exit").success());
+}
