@@ -171,7 +171,7 @@ fn publish_submit_and_read_results_with_the_cli() {
     );
     let job = summary["job"].as_u64().expect("job id").to_string();
 
-    let args = with_pool(&["job", "results", &job]);
+    let args = with_pool(&["job", "results", &job, "--json"]);
     let results = stdout(&tidepool(
         dir,
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
@@ -377,7 +377,7 @@ fn a_sigkilled_node_process_loses_no_task() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let results = stdout(&with_pool(&["job", "results", &job]));
+    let results = stdout(&with_pool(&["job", "results", &job, "--json"]));
     let retried = results
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("jsonl"))

@@ -42,12 +42,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// A job's results as JSON lines, in input order.
+    /// A job's results in input order: a table, or JSON lines with --json.
     Results {
         /// Job id.
         job: u64,
         #[command(flatten)]
         pool: PoolArgs,
+        /// One JSON object per line (outputs that are JSON are embedded, others base64).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -139,9 +142,44 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
                 );
             }
         }
-        Command::Results { job, pool } => {
+        Command::Results { job, pool, json } => {
             let records = pool.call(|c| async move { Ok(c.job_results(job).await?) })?;
             let mut out = std::io::stdout().lock();
+            if !json {
+                let _ = writeln!(
+                    out,
+                    "{:>6} {:<7} {:>3} {:<9} result",
+                    "index", "state", "try", "node"
+                );
+                for r in records {
+                    let result = match &r.outcome {
+                        Some(Outcome::Output(b)) => {
+                            let text = String::from_utf8_lossy(&b.0);
+                            let mut t: String = text.chars().take(60).collect();
+                            if text.chars().count() > 60 {
+                                t.push('…');
+                            }
+                            format!("{} bytes: {t}", b.0.len())
+                        }
+                        Some(Outcome::JobError { code, message }) => {
+                            format!("job error {code}: {message}")
+                        }
+                        Some(Outcome::Failed { reason }) => format!("failed: {reason}"),
+                        None => r.reasons.last().cloned().unwrap_or_default(),
+                    };
+                    let node = r.node.map(|k| k.short()).unwrap_or_default();
+                    if writeln!(
+                        out,
+                        "{:>6} {:<7} {:>3} {:<9} {result}",
+                        r.index, r.state, r.attempts, node
+                    )
+                    .is_err()
+                    {
+                        break;
+                    }
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             for r in records {
                 let mut line = serde_json::json!({
                     "index": r.index, "task": r.task, "state": r.state, "attempts": r.attempts,
