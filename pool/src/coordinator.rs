@@ -902,7 +902,7 @@ impl<S: Store> Coordinator<S> {
         let (job, tasks, fresh) = self.store.insert_job(bundle, key, inputs, now_unix)?;
         if fresh {
             let q = self.queues.entry(*bundle).or_default();
-            for &task in &tasks {
+            for &(task, _) in tasks.iter().filter(|(_, cached)| !cached) {
                 q.push_back(Queued {
                     task,
                     job,
@@ -910,17 +910,19 @@ impl<S: Store> Coordinator<S> {
                 });
             }
             let n = u32::try_from(tasks.len()).unwrap_or(u32::MAX);
-            self.jobs.insert(
-                job,
-                (
-                    *bundle,
-                    JobCounts {
-                        tasks: n,
-                        queued: n,
-                        ..JobCounts::default()
-                    },
-                ),
-            );
+            let cached =
+                u32::try_from(tasks.iter().filter(|(_, c)| *c).count()).unwrap_or(u32::MAX);
+            let counts = JobCounts {
+                tasks: n,
+                queued: n - cached,
+                done: cached,
+                cached,
+                ..JobCounts::default()
+            };
+            self.jobs.insert(job, (*bundle, counts));
+            if counts.queued == 0 {
+                self.events.push_back(PoolEvent::JobFinished { job });
+            }
         }
         Ok((job, u32::try_from(tasks.len()).unwrap_or(u32::MAX)))
     }
@@ -939,6 +941,7 @@ impl<S: Store> Coordinator<S> {
             done: c.done,
             dead: c.dead,
             running: c.leased,
+            cached: c.cached,
         }
     }
 
@@ -972,6 +975,7 @@ impl<S: Store> Coordinator<S> {
                 node: r.node,
                 attempts: r.attempts,
                 reasons: r.reasons,
+                cached_from: r.cached_from,
             })
             .collect())
     }

@@ -95,6 +95,8 @@ pub struct TaskRow {
     pub node: Option<PublicKey>,
     /// Failure reasons.
     pub reasons: Vec<String>,
+    /// The earlier task whose result answered this one (result cache).
+    pub cached_from: Option<TaskId>,
 }
 
 /// Counts of one job's tasks by state.
@@ -110,7 +112,13 @@ pub struct JobCounts {
     pub done: u32,
     /// Dead-lettered.
     pub dead: u32,
+    /// Done without compute: answered from the result cache.
+    pub cached: u32,
 }
+
+/// A stored job: its id, each task with whether the result cache answered
+/// it, and whether the job is new (`false`: the key was used before).
+pub type InsertedJob = (JobId, Vec<(TaskId, bool)>, bool);
 
 /// What the coordinator needs from a database.
 pub trait Store: Send {
@@ -123,13 +131,16 @@ pub trait Store: Send {
         -> Result<(), StoreError>;
     /// Store a job and its tasks in one transaction. If `key` was used before,
     /// nothing is stored and the earlier job is returned with `false`.
+    /// An input whose result for this bundle is already stored is answered
+    /// from it at once (the result cache): its task is stored done, with the
+    /// earlier task as provenance. Returns each task and whether it was cached.
     fn insert_job(
         &mut self,
         bundle: &Digest,
         key: &str,
         inputs: &[Vec<u8>],
         now_unix: u64,
-    ) -> Result<(JobId, Vec<TaskId>, bool), StoreError>;
+    ) -> Result<InsertedJob, StoreError>;
     /// Record leases (task, new attempt, node) and return each task's input
     /// and its digest.
     fn grant(
@@ -202,8 +213,10 @@ CREATE TABLE IF NOT EXISTS tasks (
     outcome BLOB,
     receipt BLOB,
     reasons TEXT NOT NULL DEFAULT '[]',
-    done_at INTEGER
+    done_at INTEGER,
+    cached_from INTEGER
 );
+CREATE INDEX IF NOT EXISTS tasks_input ON tasks(input_digest);
 CREATE INDEX IF NOT EXISTS tasks_job ON tasks(job, idx);
 CREATE INDEX IF NOT EXISTS tasks_job_state ON tasks(job, state);
 CREATE INDEX IF NOT EXISTS tasks_open ON tasks(state) WHERE state < 2;
@@ -259,6 +272,15 @@ impl SqliteStore {
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        // Files from before the result cache lack its column.
+        let has: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('tasks') WHERE name = 'cached_from'",
+            [],
+            |r| r.get(0),
+        )?;
+        if has == 0 {
+            conn.execute_batch("ALTER TABLE tasks ADD COLUMN cached_from INTEGER")?;
+        }
         Ok(Self { conn })
     }
 }
@@ -330,18 +352,22 @@ impl Store for SqliteStore {
         key: &str,
         inputs: &[Vec<u8>],
         now_unix: u64,
-    ) -> Result<(JobId, Vec<TaskId>, bool), StoreError> {
+    ) -> Result<InsertedJob, StoreError> {
         let tx = self.conn.transaction()?;
         let existing: Option<i64> = tx
             .query_row("SELECT id FROM jobs WHERE key = ?1", [key], |r| r.get(0))
             .optional()?;
         if let Some(job) = existing {
             let ids = {
-                let mut st = tx.prepare("SELECT id FROM tasks WHERE job = ?1 ORDER BY idx")?;
+                let mut st = tx.prepare(
+                    "SELECT id, cached_from IS NOT NULL FROM tasks WHERE job = ?1 ORDER BY idx",
+                )?;
                 let ids = st
-                    .query_map([job], |r| r.get::<_, i64>(0))?
+                    .query_map([job], |r| {
+                        Ok((r.get::<_, i64>(0)? as TaskId, r.get::<_, bool>(1)?))
+                    })?
                     .collect::<Result<Vec<_>, _>>()?;
-                ids.into_iter().map(|i| i as TaskId).collect()
+                ids
             };
             return Ok((job as JobId, ids, false));
         }
@@ -355,14 +381,44 @@ impl Store for SqliteStore {
             let mut st = tx.prepare(
                 "INSERT INTO tasks (job, idx, input, input_digest) VALUES (?1, ?2, ?3, ?4)",
             )?;
+            let mut hit = tx.prepare(
+                "SELECT t.id, t.attempt, t.node, t.outcome, t.receipt FROM tasks t JOIN jobs j ON j.id = t.job
+                 WHERE t.input_digest = ?1 AND j.bundle = ?2 AND t.state = 2 AND t.cached_from IS NULL LIMIT 1",
+            )?;
+            let mut cached = tx.prepare(
+                "INSERT INTO tasks (job, idx, input, input_digest, state, attempt, node, outcome, receipt, done_at, cached_from)
+                 VALUES (?1, ?2, ?3, ?4, 2, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?;
+            let bundle_text = bundle.to_string();
             for (i, input) in inputs.iter().enumerate() {
-                st.execute(params![
-                    job,
-                    i as i64,
-                    input,
-                    Digest::of(input).0.as_slice()
-                ])?;
-                ids.push(tx.last_insert_rowid() as TaskId);
+                let digest = Digest::of(input);
+                type Hit = (i64, u32, Option<String>, Option<Vec<u8>>, Option<Vec<u8>>);
+                let earlier: Option<Hit> = hit
+                    .query_row(params![digest.0.as_slice(), bundle_text], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    })
+                    .optional()?;
+                match earlier {
+                    Some((from, attempt, node, outcome, receipt)) => {
+                        cached.execute(params![
+                            job,
+                            i as i64,
+                            input,
+                            digest.0.as_slice(),
+                            attempt,
+                            node,
+                            outcome,
+                            receipt,
+                            now_unix as i64,
+                            from
+                        ])?;
+                        ids.push((tx.last_insert_rowid() as TaskId, true));
+                    }
+                    None => {
+                        st.execute(params![job, i as i64, input, digest.0.as_slice()])?;
+                        ids.push((tx.last_insert_rowid() as TaskId, false));
+                    }
+                }
             }
         }
         tx.commit()?;
@@ -487,12 +543,13 @@ impl Store for SqliteStore {
             return Ok(None);
         };
         let mut c = JobCounts::default();
-        let mut st = self
-            .conn
-            .prepare_cached("SELECT state, COUNT(*) FROM tasks WHERE job = ?1 GROUP BY state")?;
+        let mut st = self.conn.prepare_cached(
+            "SELECT state, COUNT(*), COUNT(cached_from) FROM tasks WHERE job = ?1 GROUP BY state",
+        )?;
         let mut rows = st.query([job as i64])?;
         while let Some(r) = rows.next()? {
             let n: u32 = r.get(1)?;
+            c.cached += r.get::<_, u32>(2)?;
             c.tasks += n;
             match r.get::<_, i64>(0)? {
                 0 => c.queued = n,
@@ -523,7 +580,7 @@ impl Store for SqliteStore {
 
     fn tasks(&mut self, job: JobId, from: u32, limit: u32) -> Result<Vec<TaskRow>, StoreError> {
         let mut st = self.conn.prepare_cached(
-            "SELECT idx, id, state, attempt, outcome, node, reasons FROM tasks
+            "SELECT idx, id, state, attempt, outcome, node, reasons, cached_from FROM tasks
              WHERE job = ?1 AND idx >= ?2 ORDER BY idx LIMIT ?3",
         )?;
         let mut rows = st.query(params![job as i64, from, limit])?;
@@ -548,6 +605,7 @@ impl Store for SqliteStore {
                     None
                 },
                 reasons: reasons_col(&reasons)?,
+                cached_from: r.get::<_, Option<i64>>(7)?.map(|t| t as TaskId),
             });
         }
         Ok(out)

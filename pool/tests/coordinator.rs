@@ -570,3 +570,68 @@ fn nodes_with_better_uptime_are_preferred() {
         .expect("b");
     assert!((b.uptime - 0.5).abs() < 0.01, "{}", b.uptime);
 }
+
+#[test]
+fn repeated_inputs_are_answered_from_the_result_cache() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world();
+    let mut c = open(&dir.path().join("pool.db"), &w.cfg);
+    let (bundle, component) = publish(&mut c, &w);
+    let t = Instant::now();
+    let (a, _) = c
+        .handle_submit(NOW_UNIX, &bundle, "a", &inputs(3))
+        .expect("submit a");
+    c.handle_node_hello(t, w.node_a.public(), caps())
+        .expect("hello");
+    let (g, _) = c
+        .handle_lease(t, &w.node_a.public(), 4, &[])
+        .expect("lease");
+    c.handle_results(
+        t,
+        &w.node_a.public(),
+        g.iter().map(|g| honest(&w.node_a, g, component)).collect(),
+    )
+    .expect("results");
+    let first = c.job_results(a, 0, 10).expect("a results");
+    while c.poll_event().is_some() {}
+
+    // Two inputs seen before, one new.
+    let mut again = inputs(2);
+    again.push(b"something new".to_vec());
+    let (b, _) = c
+        .handle_submit(NOW_UNIX, &bundle, "b", &again)
+        .expect("submit b");
+    let s = c.job_status(b).expect("status");
+    assert_eq!((s.tasks, s.done, s.cached), (3, 2, 2));
+    let recs = c.job_results(b, 0, 10).expect("b results");
+    for i in 0..2 {
+        assert_eq!(
+            recs[i].outcome, first[i].outcome,
+            "same bytes as the original"
+        );
+        assert_eq!(recs[i].cached_from, Some(first[i].task), "provenance");
+        assert_eq!(recs[i].node, Some(w.node_a.public()));
+    }
+    assert_eq!(recs[2].state, "queued");
+    let (g, _) = c
+        .handle_lease(t, &w.node_a.public(), 4, &[])
+        .expect("lease");
+    assert_eq!(g.len(), 1, "only the new input is computed");
+    assert_eq!(g[0].input.0, b"something new");
+
+    // Entirely cached: finished at once, no task queued.
+    let (whole, _) = c
+        .handle_submit(NOW_UNIX, &bundle, "c", &inputs(3))
+        .expect("submit c");
+    assert!(matches!(c.poll_event(), Some(PoolEvent::JobFinished { job }) if job == whole));
+    assert_eq!(c.job_status(whole).expect("status").cached, 3);
+
+    // The cache survives a restart, and is per bundle.
+    drop(c);
+    let mut c = open(&dir.path().join("pool.db"), &w.cfg);
+    assert_eq!(c.job_status(b).expect("status").cached, 2);
+    let (d, _) = c
+        .handle_submit(NOW_UNIX, &bundle, "d", &inputs(1))
+        .expect("submit d");
+    assert_eq!(c.job_status(d).expect("status").cached, 1);
+}

@@ -239,6 +239,9 @@ pub struct JobSummary {
     pub dead: u32,
     /// Tasks currently leased.
     pub running: u32,
+    /// Tasks answered from the result cache, without compute.
+    #[serde(default)]
+    pub cached: u32,
 }
 
 /// One task's result as a client sees it.
@@ -258,6 +261,10 @@ pub struct TaskRecord {
     pub attempts: u32,
     /// Why it was dead-lettered, one reason per failed attempt.
     pub reasons: Vec<String>,
+    /// When answered from the result cache: the earlier task whose result
+    /// this is (its node and receipt are that task's).
+    #[serde(default)]
+    pub cached_from: Option<TaskId>,
 }
 
 /// One node as the pool sees it.

@@ -384,3 +384,44 @@ async fn nodes_reconnect_after_a_pool_restart() -> Result<()> {
     pool.shutdown().await;
     Ok(())
 }
+
+/// A repeated (bundle, input) is answered from the pool's result cache: the
+/// same bytes as the original, with its provenance, while no node is connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_hits_return_the_original_bytes_without_any_node() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys = Keys::new(7);
+    let pool = start_pool(
+        &dir.path().join("pool"),
+        &keys,
+        test_pool_config(&keys),
+        "127.0.0.1:0".parse()?,
+    )
+    .await?;
+    let (_, bundle) = embed_bundle(&dir.path().join("author"), &keys, "1.0.0")?;
+    let (client, digest) = publish(pool.addr, &keys, &bundle).await?;
+    let inputs = embed_inputs(&fortunes(6)?);
+    let node = start_node(node_config(dir.path(), &keys, 0, pool.addr));
+    let (first, _) = client
+        .submit(digest, inputs.clone(), "first".into())
+        .await?;
+    wait_job(&client, first, Duration::from_secs(120)).await?;
+    let report = node.drain().await?;
+    assert_eq!(report.completed, 6);
+    let original = client.job_results(first).await?;
+
+    // No node connected now.
+    let (second, _) = client
+        .submit(digest, inputs.clone(), "second".into())
+        .await?;
+    let s = client.job_status(second).await?;
+    assert_eq!((s.done, s.cached), (6, 6), "{s:?}");
+    let cached = client.job_results(second).await?;
+    assert_eq!(outputs(&cached), outputs(&original));
+    for (c, o) in cached.iter().zip(&original) {
+        assert_eq!(c.cached_from, Some(o.task));
+    }
+    client.close().await;
+    pool.shutdown().await;
+    Ok(())
+}

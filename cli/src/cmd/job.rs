@@ -137,8 +137,8 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
                 println!(
-                    "job {}: {} — {}/{} done, {} running, {} dead-lettered",
-                    s.job, s.bundle_name, s.done, s.tasks, s.running, s.dead
+                    "job {}: {} — {}/{} done ({} from the result cache), {} running, {} dead-lettered",
+                    s.job, s.bundle_name, s.done, s.tasks, s.cached, s.running, s.dead
                 );
             }
         }
@@ -168,6 +168,10 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
                         None => r.reasons.last().cloned().unwrap_or_default(),
                     };
                     let node = r.node.map(|k| k.short()).unwrap_or_default();
+                    let result = match r.cached_from {
+                        Some(t) => format!("{result} (cached: result of task {t})"),
+                        None => result,
+                    };
                     if writeln!(
                         out,
                         "{:>6} {:<7} {:>3} {:<9} {result}",
@@ -204,6 +208,9 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
                 }
                 if !r.reasons.is_empty() {
                     line["reasons"] = r.reasons.into();
+                }
+                if let Some(t) = r.cached_from {
+                    line["cached_from"] = t.into();
                 }
                 // A closed pipe (`| head`) ends the listing quietly.
                 if writeln!(out, "{line}").is_err() {
