@@ -82,7 +82,7 @@ async fn tidepool(n: usize, nodes: u8) -> anyhow::Result<(f64, f64, Duration, Du
     let reps = if n > 1000 { 200 } else { 5 };
     let mut hits = Vec::new();
     let mut misses = Vec::new();
-    for i in 0..reps {
+    for (i, input) in inputs.iter().enumerate().take(reps) {
         let t = Instant::now();
         let (job, _) = client
             .submit(digest, vec![inputs[i].clone()], format!("hit-{i}"))
