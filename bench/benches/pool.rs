@@ -85,7 +85,7 @@ async fn tidepool(n: usize, nodes: u8) -> anyhow::Result<(f64, f64, Duration, Du
     for (i, input) in inputs.iter().enumerate().take(reps) {
         let t = Instant::now();
         let (job, _) = client
-            .submit(digest, vec![inputs[i].clone()], format!("hit-{i}"))
+            .submit(digest, vec![input.clone()], format!("hit-{i}"))
             .await?;
         let s = client.job_status(job).await?;
         anyhow::ensure!(s.cached == 1, "expected a cache hit: {s:?}");
