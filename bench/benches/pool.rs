@@ -6,7 +6,9 @@
 //!
 //! Run: `cargo xtask bench` (installs redis-server and a Celery venv first).
 //! Without `--bench` (as in `cargo test --all-targets`) it runs a small smoke
-//! batch through the pool only.
+//! batch through the pool only. `BENCH_SLOTS` / `BENCH_QUEUE` change the
+//! nodes' slots (default 8) and queued leases (default = slots) to explore;
+//! the figures in BENCHMARKS.md use the defaults.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -199,6 +199,18 @@ fn publish_submit_and_read_results_with_the_cli() {
         assert_eq!(l["output"], local, "result {i} differs from `tidepool run`");
     }
 
+    let args = with_pool(&["job", "results", &job]);
+    let table = stdout(&tidepool(
+        dir,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    assert!(table.starts_with("index"), "{table}");
+    assert_eq!(
+        table.lines().filter(|l| l.contains(" done ")).count(),
+        8,
+        "{table}"
+    );
+
     let args = with_pool(&["pool", "status", "--json"]);
     let status: serde_json::Value = serde_json::from_str(&stdout(&tidepool(
         dir,

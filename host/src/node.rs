@@ -100,6 +100,22 @@ struct Prepared {
     job: JobComponent,
 }
 
+/// Why a bundle could not be made ready.
+#[derive(Debug, Clone, thiserror::Error)]
+enum PrepareError {
+    /// The pool could not be reached or answered wrongly: retried with the
+    /// next task of the bundle.
+    #[error("{0}")]
+    Transport(String),
+    /// The bundle failed a check (signer, signature, validity, rollback, a
+    /// blob's digest): remembered, never retried.
+    #[error("bundle refused: {0}")]
+    Refused(String),
+    /// This node failed (disk, sandbox, engine): remembered.
+    #[error("{0}")]
+    Local(String),
+}
+
 /// State shared by the agent's tasks; lives as long as `run`.
 struct Ctx {
     /// Node key (signs receipts).
@@ -120,7 +136,7 @@ struct Ctx {
     versions_path: PathBuf,
     /// Prepared bundles by digest (and refusals, so a bad bundle is not
     /// fetched again for every task).
-    prepared: Mutex<HashMap<Digest, Result<Arc<Prepared>, String>>>,
+    prepared: Mutex<HashMap<Digest, Result<Arc<Prepared>, PrepareError>>>,
     /// One permit per slot: the node holds more leases than slots (its
     /// queue), but runs at most `slots` tasks at once.
     permits: Arc<tokio::sync::Semaphore>,
@@ -138,7 +154,7 @@ impl Ctx {
         self: &Arc<Self>,
         conn: &quinn::Connection,
         bundle: Digest,
-    ) -> Result<Arc<Prepared>, String> {
+    ) -> Result<Arc<Prepared>, PrepareError> {
         let mut map = self.prepared.lock().await;
         if let Some(p) = map.get(&bundle) {
             return p.clone();
@@ -146,10 +162,13 @@ impl Ctx {
         let result = self.prepare_uncached(conn, bundle).await;
         match &result {
             Ok(_) => info!(%bundle, "bundle verified and loaded"),
-            Err(why) => warn!(%bundle, "bundle refused: {why}"),
+            Err(e @ PrepareError::Transport(_)) => {
+                warn!(%bundle, "{e}; will retry with the next task")
+            }
+            Err(e) => warn!(%bundle, "{e}"),
         }
         // Transport failures are retried on the next task; refusals are remembered.
-        if !matches!(&result, Err(why) if why.starts_with("fetch")) {
+        if !matches!(result, Err(PrepareError::Transport(_))) {
             map.insert(bundle, result.clone());
         }
         result
@@ -159,11 +178,16 @@ impl Ctx {
         self: &Arc<Self>,
         conn: &quinn::Connection,
         bundle: Digest,
-    ) -> Result<Arc<Prepared>, String> {
+    ) -> Result<Arc<Prepared>, PrepareError> {
+        use PrepareError::{Local, Refused, Transport};
         let signed: SignedManifest = match call(conn, &Request::FetchManifest { bundle }).await {
             Ok(Response::Manifest(m)) => m,
-            Ok(other) => return Err(format!("fetch manifest: unexpected answer {other:?}")),
-            Err(e) => return Err(format!("fetch manifest: {e}")),
+            Ok(other) => {
+                return Err(Transport(format!(
+                    "fetch manifest: unexpected answer {other:?}"
+                )))
+            }
+            Err(e) => return Err(Transport(format!("fetch manifest: {e}"))),
         };
         let manifest = {
             let mut book = self.versions.lock().unwrap_or_else(|p| p.into_inner());
@@ -174,13 +198,15 @@ impl Ctx {
                 &mut book,
                 unix_now(),
             )
-            .map_err(|e| format!("bundle refused: {e}"))?;
+            .map_err(|e| Refused(e.to_string()))?;
             if changed {
                 let json = serde_json::to_vec_pretty(&*book).expect("version book serialises");
                 let tmp = self.versions_path.with_extension("json.tmp");
                 std::fs::write(&tmp, json)
                     .and_then(|()| std::fs::rename(&tmp, &self.versions_path))
-                    .map_err(|e| format!("cannot save {}: {e}", self.versions_path.display()))?;
+                    .map_err(|e| {
+                        Local(format!("cannot save {}: {e}", self.versions_path.display()))
+                    })?;
             }
             manifest
         };
@@ -195,14 +221,15 @@ impl Ctx {
             self.fetch_blob(conn, what, blob).await?;
         }
         let component = std::fs::read(self.blobs.path(&manifest.component.sha256))
-            .map_err(|e| format!("read component: {e}"))?;
+            .map_err(|e| Local(format!("read component: {e}")))?;
         check_blob("component", &manifest.component, &component)
-            .map_err(|e| format!("bundle refused: {e}"))?;
+            .map_err(|e| Refused(e.to_string()))?;
         let ctx = self.clone();
         let m = manifest.clone();
         tokio::task::spawn_blocking(move || ctx.load(m, bundle, &component))
             .await
-            .map_err(|e| format!("loading bundle panicked: {e}"))?
+            .map_err(|e| Local(format!("loading bundle panicked: {e}")))?
+            .map_err(Local)
     }
 
     async fn fetch_blob(
@@ -210,17 +237,18 @@ impl Ctx {
         conn: &quinn::Connection,
         what: &str,
         blob: &tidepool_proto::manifest::BlobRef,
-    ) -> Result<(), String> {
+    ) -> Result<(), PrepareError> {
+        use PrepareError::{Local, Refused, Transport};
         let d = blob.sha256;
         while !self.blobs.has(&d) {
             let offset = self.blobs.held(&d);
             let (mut send, mut recv) = conn
                 .open_bi()
                 .await
-                .map_err(|e| format!("fetch {what}: {e}"))?;
+                .map_err(|e| Transport(format!("fetch {what}: {e}")))?;
             write_frame(&mut send, &Request::FetchBlob { digest: d, offset })
                 .await
-                .map_err(|e| format!("fetch {what}: {e}"))?;
+                .map_err(|e| Transport(format!("fetch {what}: {e}")))?;
             let _ = send.finish();
             loop {
                 match read_frame::<Response>(&mut recv).await {
@@ -231,26 +259,31 @@ impl Ctx {
                         ..
                     })) => {
                         if total != blob.size {
-                            return Err(format!("bundle refused: {what} is {total} bytes on the pool, the manifest says {}", blob.size));
+                            return Err(Refused(format!(
+                                "{what} is {total} bytes on the pool, the manifest says {}",
+                                blob.size
+                            )));
                         }
                         match self.blobs.append(&d, blob.size, offset, &data.0) {
                             Ok(true) => break,
                             Ok(false) => {}
                             Err(tidepool_net::BlobError::Mismatch { expected, actual }) => {
-                                return Err(format!(
-                                    "bundle refused: {what} does not match the signed manifest: expected {expected}, got {actual}"
-                                ))
+                                return Err(Refused(format!(
+                                    "{what} does not match the signed manifest: expected {expected}, got {actual}"
+                                )))
                             }
-                            Err(e) => return Err(format!("store {what}: {e}")),
+                            Err(e) => return Err(Local(format!("store {what}: {e}"))),
                         }
                     }
                     Ok(Some(Response::Error { message, .. })) => {
-                        return Err(format!("fetch {what}: {message}"))
+                        return Err(Transport(format!("fetch {what}: {message}")))
                     }
-                    Ok(Some(other)) => return Err(format!("fetch {what}: unexpected {other:?}")),
+                    Ok(Some(other)) => {
+                        return Err(Transport(format!("fetch {what}: unexpected {other:?}")))
+                    }
                     // Stream ended or broke: loop resumes from what is held.
                     Ok(None) => break,
-                    Err(e) => return Err(format!("fetch {what}: {e}")),
+                    Err(e) => return Err(Transport(format!("fetch {what}: {e}"))),
                 }
             }
         }
@@ -314,7 +347,7 @@ impl Ctx {
         };
         let p = match self.prepare(&conn, g.bundle).await {
             Ok(p) => p,
-            Err(why) => return failed(why),
+            Err(why) => return failed(why.to_string()),
         };
         let lease = g.lease;
         let input = g.input.0;
@@ -666,17 +699,7 @@ fn node_default_fetch() -> bool {
 
 impl Default for NodeFile {
     fn default() -> Self {
-        Self {
-            pool: None,
-            pool_key: None,
-            key: node_default_key(),
-            data_dir: node_default_data(),
-            slots: None,
-            queue: None,
-            memory_mib: node_default_memory(),
-            publishers: BTreeSet::new(),
-            fetch_models: true,
-        }
+        toml::from_str("").expect("an empty file takes every default")
     }
 }
 
@@ -727,5 +750,45 @@ impl NodeFile {
             publishers: self.publishers,
             fetch_models: self.fetch_models,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_file_defaults_and_required_fields() {
+        let d = NodeFile::default();
+        assert_eq!(
+            (d.memory_mib, d.fetch_models, d.slots, d.queue),
+            (1024, true, None, None)
+        );
+        let key = SecretKey::from_seed(tidepool_proto::KeyRole::Node, &[2; 32]);
+        let err = d.clone().into_config(key.clone()).expect_err("no pool");
+        assert!(err.to_string().contains("no pool address"), "{err}");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "pool = \"127.0.0.1:7070\"\npool_key = \"{}\"\nslots = 3\nqueue = 0\n",
+                key.public()
+            ),
+        )
+        .expect("write");
+        let f = NodeFile::read(&path).expect("read");
+        assert_eq!(
+            f.data_dir,
+            dir.path().join("node-data"),
+            "relative to the file"
+        );
+        let cfg = f.into_config(key.clone()).expect("config");
+        assert_eq!((cfg.slots, cfg.queue), (3, Some(0)));
+
+        std::fs::write(&path, "slots = \"many\"\n").expect("write");
+        let err = NodeFile::read(&path).expect_err("bad type").to_string();
+        assert!(err.contains("node.toml") && err.contains("slots"), "{err}");
     }
 }

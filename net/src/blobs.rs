@@ -5,7 +5,6 @@
 //! lets a transfer resume where it stopped. Pools serve from a `BlobDir` and
 //! receive uploads into it; nodes cache fetched blobs in one.
 
-use sha2::Digest as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -68,19 +67,14 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BlobError + '_ {
     }
 }
 
-/// SHA-256 of a file, streamed.
+/// SHA-256 of a file, streamed (the models crate's hashing, as a [`Digest`]).
 pub fn sha256_file(path: &Path) -> Result<Digest, BlobError> {
-    let mut f = File::open(path).map_err(io(path))?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = f.read(&mut buf).map_err(io(path))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(Digest(h.finalize().into()))
+    let hex = tidepool_models::sha256_file(path).map_err(|e| BlobError::Io {
+        path: path.to_owned(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    // The models crate returns 64 lowercase hex characters.
+    Ok(Digest::parse(&hex).expect("sha256 hex from tidepool_models"))
 }
 
 impl BlobDir {

@@ -68,22 +68,12 @@ pub enum BundleFileError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BundleFile {
     /// The locked manifest's bytes (what is signed).
-    #[serde(with = "serde_bytes_compat")]
+    #[serde(with = "tidepool_proto::manifest::bytes_field")]
     pub locked: Vec<u8>,
     /// The signature, once signed.
     pub signature: Option<(PublicKey, Signature)>,
     /// Where each blob is on the publisher's disk.
     pub files: BTreeMap<Digest, PathBuf>,
-}
-
-mod serde_bytes_compat {
-    use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(b)
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        Ok(tidepool_proto::wire::Bytes::deserialize(d)?.0)
-    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BundleFileError + '_ {
@@ -100,13 +90,6 @@ fn blob_of(path: &Path) -> Result<BlobRef, BundleFileError> {
         source: std::io::Error::other(e.to_string()),
     })?;
     Ok(BlobRef { sha256, size })
-}
-
-fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Lock a `tidepool.toml` for `publisher`: hash the component and every
@@ -154,7 +137,7 @@ pub fn pack(manifest_path: &Path, publisher: PublicKey) -> Result<BundleFile, Bu
         files.insert(blob.sha256, path);
         models.insert(name.clone(), blob);
     }
-    let locked = LockedManifest::lock(&authored, component, &models, publisher, now_unix())
+    let locked = LockedManifest::lock(&authored, component, &models, publisher, crate::unix_now())
         .map_err(|source| BundleFileError::Manifest {
             path: manifest_path.to_owned(),
             source,
@@ -223,7 +206,7 @@ impl BundleFile {
             .signed()
             .ok_or_else(|| BundleFileError::Unsigned(path.to_owned()))?;
         let m = signed
-            .verify(trusted, now_unix())
+            .verify(trusted, crate::unix_now())
             .map_err(|source| BundleFileError::Bundle {
                 path: path.to_owned(),
                 source,

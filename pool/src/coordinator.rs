@@ -230,13 +230,19 @@ pub struct Coordinator<S: Store> {
     nodes: HashMap<PublicKey, Node>,
     /// Events not yet polled.
     events: VecDeque<PoolEvent>,
-    /// Reasons of reported failures, handed from `check_result` to
-    /// `handle_opened_results` (scratch; empty between calls).
-    failures: Vec<String>,
 }
 
 /// An accepted result's outcome and signed receipt, serialised for the store.
 type StoredResult = (Vec<u8>, Vec<u8>);
+
+/// What checking a result against its lease found.
+#[derive(Debug)]
+enum Checked {
+    /// The node reports the task failed (the reason).
+    Failed(String),
+    /// A valid result, ready to store.
+    Accept(StoredResult),
+}
 
 /// A result prepared for the coordinator: its output hashed, its receipt's
 /// signature checked and decoded, and the bytes to store serialised. Built by
@@ -341,7 +347,6 @@ impl<S: Store> Coordinator<S> {
             jobs: BTreeMap::new(),
             nodes: HashMap::new(),
             events: VecDeque::new(),
-            failures: Vec::new(),
         };
         for b in stored {
             let signed: SignedManifest =
@@ -562,7 +567,7 @@ impl<S: Store> Coordinator<S> {
     }
 
     /// End a lease: back to the queue (front) or to the dead letters.
-    fn release(&mut self, now: Instant, task: TaskId, reason: &str) -> Result<(), StoreError> {
+    fn release(&mut self, task: TaskId, reason: &str) -> Result<(), StoreError> {
         let Some(lease) = self.leases.remove(&task) else {
             return Ok(());
         };
@@ -589,7 +594,6 @@ impl<S: Store> Coordinator<S> {
                     attempts: lease.attempt,
                 });
         }
-        let _ = now;
         Ok(())
     }
 
@@ -655,7 +659,7 @@ impl<S: Store> Coordinator<S> {
             }
             let lease = self.leases[&id.task];
             match self.check_result(&lease, r) {
-                Ok(Some((outcome, receipt))) => {
+                Ok(Checked::Accept((outcome, receipt))) => {
                     batch_idx.push(verdicts.len());
                     verdicts.push((id, None));
                     batch.push(Acceptance {
@@ -666,19 +670,13 @@ impl<S: Store> Coordinator<S> {
                         receipt,
                     });
                 }
-                Ok(None) => {
+                Ok(Checked::Failed(reason)) => {
                     // A reported failure: the attempt failed.
-                    let reason = format!(
-                        "node {}: {}",
-                        key.short(),
-                        self.failures.pop().unwrap_or_default()
-                    );
-                    self.release(now, id.task, &reason)?;
+                    self.release(id.task, &format!("node {}: {reason}", key.short()))?;
                     verdicts.push((id, Some(Verdict::Accepted)));
                 }
                 Err(why) => {
                     self.release(
-                        now,
                         id.task,
                         &format!("node {}: refused result: {why}", key.short()),
                     )?;
@@ -712,13 +710,10 @@ impl<S: Store> Coordinator<S> {
     }
 
     /// Check a result against its lease; `Ok(None)` for a reported failure.
-    /// Check an opened result against its lease; `Ok(None)` for a reported failure.
-    fn check_result(&mut self, lease: &Lease, r: Opened) -> Result<Option<StoredResult>, String> {
+    /// Check an opened result against its lease.
+    fn check_result(&self, lease: &Lease, r: Opened) -> Result<Checked, String> {
         let (rc, output_digest, outcome, receipt) = match r.kind {
-            OpenedKind::Failed(reason) => {
-                self.failures.push(reason);
-                return Ok(None);
-            }
+            OpenedKind::Failed(reason) => return Ok(Checked::Failed(reason)),
             OpenedKind::Checked {
                 receipt,
                 output_digest,
@@ -758,7 +753,7 @@ impl<S: Store> Coordinator<S> {
                 ));
             }
         }
-        Ok(Some((outcome, receipt)))
+        Ok(Checked::Accept((outcome, receipt)))
     }
 
     /// When the next lease expires.
@@ -782,7 +777,7 @@ impl<S: Store> Coordinator<S> {
                 lease.node.short(),
                 held.as_millis()
             );
-            self.release(now, task, &reason)?;
+            self.release(task, &reason)?;
             self.store
                 .node_seen(&lease.node, 0, 1, unix_now_hint(now))?;
             self.events.push_back(PoolEvent::Requeued {

@@ -19,3 +19,11 @@ pub mod store;
 
 pub use coordinator::{Admission, Coordinator, PoolConfig, PoolEvent};
 pub use store::{Durability, SqliteStore, Store, StoreError};
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -99,13 +99,6 @@ enum Cmd {
     Stop,
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// The coordinator thread: serve commands, expire leases on time.
 fn actor(
     mut c: Coordinator<SqliteStore>,
@@ -151,9 +144,11 @@ fn actor(
             Cmd::Manifest(d, r) => drop(r.send(c.manifest(&d).cloned())),
             Cmd::BlobSize(d, r) => drop(r.send(c.blob_size(&d))),
             Cmd::BlobStored(d) => c.handle_blob_stored(&d),
-            Cmd::Publish(m, r) => drop(r.send(c.handle_publish(unix_now(), m, &|d| blobs.has(d)))),
+            Cmd::Publish(m, r) => {
+                drop(r.send(c.handle_publish(crate::unix_now(), m, &|d| blobs.has(d))))
+            }
             Cmd::Submit(b, key, inputs, r) => {
-                drop(r.send(c.handle_submit(unix_now(), &b, &key, &inputs)))
+                drop(r.send(c.handle_submit(crate::unix_now(), &b, &key, &inputs)))
             }
             Cmd::JobStatus(j, r) => drop(r.send(c.job_status(j))),
             Cmd::JobResults(j, from, limit, r) => drop(r.send(c.job_results(j, from, limit))),
@@ -208,7 +203,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<RunningPool, ServeError> {
         path: cfg.data_dir.clone(),
         source,
     })?;
-    crate::coordinator::set_unix_base(Instant::now(), unix_now());
+    crate::coordinator::set_unix_base(Instant::now(), crate::unix_now());
     let blobs = BlobDir::open(cfg.data_dir.join("blobs"))?;
     let store = SqliteStore::open(&cfg.data_dir.join("pool.db"), cfg.durability)?;
     let coordinator = Coordinator::new(store, cfg.pool.clone(), &|d| blobs.has(d))?;
@@ -230,7 +225,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<RunningPool, ServeError> {
         source,
     })?;
     let shared = Arc::new(Shared {
-        tx: Mutex::new(tx.clone()),
+        tx: tx.clone(),
         blobs,
         lease_ttl: cfg.pool.lease_ttl,
         heartbeat: cfg.pool.heartbeat,
@@ -263,9 +258,8 @@ pub async fn serve(cfg: ServeConfig) -> Result<RunningPool, ServeError> {
 
 /// What connection tasks share.
 struct Shared {
-    /// Commands to the coordinator thread (mpsc senders are Send, not Sync
-    /// on older toolchains; the mutex is held only to clone).
-    tx: Mutex<mpsc::Sender<Cmd>>,
+    /// Commands to the coordinator thread.
+    tx: mpsc::Sender<Cmd>,
     /// Blob bytes.
     blobs: BlobDir,
     /// Policy figures sent in the welcome.
@@ -278,8 +272,7 @@ struct Shared {
 
 impl Shared {
     fn send(&self, cmd: Cmd) {
-        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let _ = tx.send(cmd);
+        let _ = self.tx.send(cmd);
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Option<T> {

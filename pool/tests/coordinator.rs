@@ -635,3 +635,29 @@ fn repeated_inputs_are_answered_from_the_result_cache() {
         .expect("submit d");
     assert_eq!(c.job_status(d).expect("status").cached, 1);
 }
+
+#[test]
+fn a_database_from_before_the_result_cache_is_upgraded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("pool.db");
+    {
+        let conn = rusqlite::Connection::open(&db).expect("open");
+        conn.execute_batch(
+            "CREATE TABLE tasks (id INTEGER PRIMARY KEY, job INTEGER NOT NULL, idx INTEGER NOT NULL,
+             input BLOB NOT NULL, input_digest BLOB NOT NULL, state INTEGER NOT NULL DEFAULT 0,
+             attempt INTEGER NOT NULL DEFAULT 0, node TEXT, outcome BLOB, receipt BLOB,
+             reasons TEXT NOT NULL DEFAULT '[]', done_at INTEGER);",
+        )
+        .expect("old schema");
+    }
+    let w = world();
+    let mut c = open(&db, &w.cfg);
+    let (bundle, _) = publish(&mut c, &w);
+    let (job, _) = c
+        .handle_submit(NOW_UNIX, &bundle, "k", &inputs(2))
+        .expect("submit");
+    assert_eq!(
+        c.job_results(job, 0, 10).expect("results")[0].cached_from,
+        None
+    );
+}

@@ -508,7 +508,7 @@ pub struct SignedManifest {
 }
 
 /// Serde helpers that write `Vec<u8>` as MessagePack `bin`.
-pub(crate) mod bytes_field {
+pub mod bytes_field {
     use serde::{Deserializer, Serializer};
     pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_bytes(b)

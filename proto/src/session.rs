@@ -471,6 +471,32 @@ mod tests {
     }
 
     #[test]
+    fn node_asks_again_as_soon_as_its_results_are_settled() {
+        // The pool counts a lease until its result is settled, so a full node
+        // whose lease request got nothing must not wait out the retry delay
+        // once the verdicts arrive.
+        let t0 = Instant::now();
+        let mut s = NodeSession::new(1, t0);
+        s.handle_welcome(t0, Duration::from_secs(5));
+        let _ = s.poll_request(t0);
+        s.handle_leases(t0, vec![grant(1)], vec![], Duration::ZERO);
+        s.handle_task_done(t0, done(1));
+        assert!(matches!(s.poll_request(t0), Some(Request::Results { .. })));
+        assert!(matches!(
+            s.poll_request(t0),
+            Some(Request::Lease { want: 1, .. })
+        ));
+        // The pool had no room yet: nothing granted, retry in 1 s.
+        s.handle_leases(t0, vec![], vec![], Duration::from_secs(1));
+        assert_eq!(s.poll_request(t0), None);
+        s.handle_verdicts(t0);
+        assert!(
+            matches!(s.poll_request(t0), Some(Request::Lease { want: 1, .. })),
+            "asked at once, not after 1 s"
+        );
+    }
+
+    #[test]
     fn draining_asks_for_nothing_and_ends_when_all_is_returned() {
         let t0 = Instant::now();
         let mut s = NodeSession::new(1, t0);

@@ -1,0 +1,46 @@
+//! `pool.toml` and `node.toml`: documented defaults, overrides, clear errors.
+
+use std::time::Duration;
+use tidepool_pool::config::PoolFile;
+use tidepool_pool::{Admission, Durability};
+
+#[test]
+fn pool_file_defaults_overrides_and_errors() {
+    let d = PoolFile::default();
+    assert_eq!(d.listen.port(), 7070);
+    let p = d.policy();
+    assert_eq!(
+        (p.lease_ttl, p.heartbeat, p.max_attempts),
+        (Duration::from_secs(15), Duration::from_millis(3000), 3)
+    );
+    assert_eq!(p.admission, Admission::Open);
+    assert_eq!(d.durability(), Ok(Durability::Process));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("pool.toml");
+    let node =
+        tidepool_proto::SecretKey::from_seed(tidepool_proto::KeyRole::Node, &[1; 32]).public();
+    std::fs::write(
+        &path,
+        format!("key = \"k/pool.key\"\nlease_ttl_secs = 4\nheartbeat_ms = 500\nnodes = [\"{node}\"]\ndurability = \"power-loss\"\n"),
+    )
+    .expect("write");
+    let f = PoolFile::read(&path).expect("read");
+    assert_eq!(f.key, dir.path().join("k/pool.key"), "relative to the file");
+    assert_eq!(f.durability(), Ok(Durability::PowerLoss));
+    assert_eq!(f.policy().admission, Admission::Allowlist([node].into()));
+
+    for (text, needle) in [
+        ("heartbeat_ms = 20000\n", "shorter than lease_ttl_secs"),
+        ("durability = \"maybe\"\n", "\"maybe\" is not"),
+        ("lease_tll_secs = 3\n", "unknown field `lease_tll_secs`"),
+        ("nodes = [\"ed25519:nope\"]\n", "not a tidepool public key"),
+    ] {
+        std::fs::write(&path, text).expect("write");
+        let err = PoolFile::read(&path).expect_err(text).to_string();
+        assert!(
+            err.contains(needle) && err.contains("pool.toml"),
+            "{text}: {err}"
+        );
+    }
+}
