@@ -44,6 +44,44 @@ fn sigterm(child: &Child) {
     assert!(status.success());
 }
 
+/// `tidepool.toml` for the embed job with the catalogue model.
+fn write_embed_manifest(dir: &Path) {
+    let entry = tidepool_host::models::catalog_entry("minilm-l3").expect("catalogue");
+    std::fs::write(
+        dir.join("tidepool.toml"),
+        format!(
+            "name = \"embed\"\nversion = \"1.0.0\"\ncomponent = \"{}\"\n[models.minilm-l3]\nencoding = \"onnx\"\nsource = \"catalog:minilm-l3\"\nsha256 = \"{}\"\n",
+            jobs_dir().join("embed.wasm").display(),
+            entry.sha256
+        ),
+    )
+    .expect("manifest");
+}
+
+/// `tidepool pool serve` on a free loopback port with `pool.key` in `dir`;
+/// returns the process and its `listening ADDR KEY` line.
+fn serve_pool(dir: &Path, publisher: &str, extra: &[&str]) -> (Child, String) {
+    let mut args = vec![
+        "pool",
+        "serve",
+        "--key",
+        "pool.key",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        "pool-data",
+        "--publisher",
+        publisher,
+    ];
+    args.extend_from_slice(extra);
+    let mut pool = spawn(dir, &args);
+    let mut line = String::new();
+    BufReader::new(pool.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("listening line");
+    (pool, line)
+}
+
 #[test]
 fn publish_submit_and_read_results_with_the_cli() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -59,16 +97,7 @@ fn publish_submit_and_read_results_with_the_cli() {
     tidepool(dir, &["keygen", "--role", "node", "-o", "node.key"]);
     assert!(publisher.starts_with("ed25519:") && pool_pub.starts_with("ed25519:"));
 
-    let entry = tidepool_host::models::catalog_entry("minilm-l3").expect("catalogue");
-    std::fs::write(
-        dir.join("tidepool.toml"),
-        format!(
-            "name = \"embed\"\nversion = \"1.0.0\"\ncomponent = \"{}\"\n[models.minilm-l3]\nencoding = \"onnx\"\nsource = \"catalog:minilm-l3\"\nsha256 = \"{}\"\n",
-            jobs_dir().join("embed.wasm").display(),
-            entry.sha256
-        ),
-    )
-    .expect("manifest");
+    write_embed_manifest(dir);
     let bundle = stdout(&tidepool(
         dir,
         &["bundle", "pack", "--key", "publisher.key"],
@@ -89,25 +118,7 @@ fn publish_submit_and_read_results_with_the_cli() {
     let v: serde_json::Value = serde_json::from_str(&verified).expect("json");
     assert_eq!(v["name"], "embed");
 
-    let mut pool = spawn(
-        dir,
-        &[
-            "pool",
-            "serve",
-            "--key",
-            "pool.key",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            "pool-data",
-            "--publisher",
-            &publisher,
-        ],
-    );
-    let mut line = String::new();
-    BufReader::new(pool.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("listening line");
+    let (mut pool, line) = serve_pool(dir, &publisher, &[]);
     let mut words = line.split_whitespace();
     assert_eq!(words.next(), Some("listening"), "{line}");
     let addr = words.next().expect("addr").to_owned();
@@ -250,43 +261,16 @@ fn a_sigkilled_node_process_loses_no_task() {
     ));
     tidepool(dir, &["keygen", "--role", "node", "-o", "a.key"]);
     tidepool(dir, &["keygen", "--role", "node", "-o", "b.key"]);
-    let entry = tidepool_host::models::catalog_entry("minilm-l3").expect("catalogue");
-    std::fs::write(
-        dir.join("tidepool.toml"),
-        format!(
-            "name = \"embed\"\nversion = \"1.0.0\"\ncomponent = \"{}\"\n[models.minilm-l3]\nencoding = \"onnx\"\nsource = \"catalog:minilm-l3\"\nsha256 = \"{}\"\n",
-            jobs_dir().join("embed.wasm").display(),
-            entry.sha256
-        ),
-    )
-    .expect("manifest");
+    write_embed_manifest(dir);
     let bundle = stdout(&tidepool(
         dir,
         &["bundle", "pack", "--key", "publisher.key", "--sign"],
     ));
-    let mut pool = spawn(
+    let (mut pool, line) = serve_pool(
         dir,
-        &[
-            "pool",
-            "serve",
-            "--key",
-            "pool.key",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            "pool-data",
-            "--publisher",
-            &publisher,
-            "--lease-ttl-secs",
-            "2",
-            "--heartbeat-ms",
-            "400",
-        ],
+        &publisher,
+        &["--lease-ttl-secs", "2", "--heartbeat-ms", "400"],
     );
-    let mut line = String::new();
-    BufReader::new(pool.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("listening line");
     let addr = line.split_whitespace().nth(1).expect("addr").to_owned();
     let with_pool = |args: &[&str]| -> Output {
         let mut v: Vec<&str> = args.to_vec();
