@@ -32,6 +32,9 @@ async fn tidepool(n: usize, nodes: u8) -> anyhow::Result<(f64, f64, Duration, Du
     cfg.max_grant = 256;
     cfg.lease_ttl = Duration::from_secs(30);
     cfg.heartbeat = Duration::from_secs(5);
+    // Steady state: nodes long trusted (0.01% of results re-executed; the
+    // cost of verification is measured in benches/verification.rs).
+    cfg.verify.initial_reputation = 0;
     let pool = start_pool(&dir.path().join("pool"), &keys, cfg, "127.0.0.1:0".parse()?).await?;
     let bundle = echo_bundle(&dir.path().join("author"), &keys)?;
     let (client, digest) = publish(pool.addr, &keys, &bundle).await?;

@@ -234,7 +234,74 @@ fn publish_submit_and_read_results_with_the_cli() {
         Some(8),
         "{status}"
     );
+    // A new node's results are all sampled for re-execution, which waits
+    // for another node.
+    assert_eq!(status["nodes"][0]["reputation"].as_u64(), Some(10_000));
+    assert_eq!(
+        status["verification"]["pending"].as_u64(),
+        Some(8),
+        "{status}"
+    );
 
+    // A second node runs the re-executions; a challenge of a right result
+    // is rejected.
+    tidepool(dir, &["keygen", "--role", "node", "-o", "node2.key"]);
+    let node2 = spawn(
+        dir,
+        &[
+            "node",
+            "run",
+            "--pool",
+            &addr,
+            "--pool-key",
+            &pool_pub,
+            "--key",
+            "node2.key",
+            "--publisher",
+            &publisher,
+            "--data-dir",
+            "node2-data",
+            "--slots",
+            "1",
+        ],
+    );
+    let task = lines[3]["task"].as_u64().expect("task id").to_string();
+    let args = with_pool(&["job", "challenge", &task, "--wait", "--json"]);
+    let ch: serde_json::Value = serde_json::from_str(&stdout(&tidepool(
+        dir,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )))
+    .expect("json");
+    assert_eq!(
+        ch["challenge"], "rejected: an independent re-execution agreed with the result",
+        "{ch}"
+    );
+    assert_eq!(ch["verification"], "verified", "{ch}");
+    let args = with_pool(&["pool", "status"]);
+    let table = stdout(&tidepool(
+        dir,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    assert!(
+        table.contains("verification:") && table.contains("rep") && table.contains("strikes"),
+        "{table}"
+    );
+    // The pool owner turns the job's results into canaries.
+    let args = with_pool(&[
+        "pool", "canary", &bundle, "--inputs", "in.jsonl", "--job", &job,
+    ]);
+    let added = stdout(&tidepool(
+        dir,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    assert_eq!(added, "added 8 canaries; the bundle has 8");
+
+    sigterm(&node2);
+    assert!(node2
+        .wait_with_output()
+        .expect("node2 exit")
+        .status
+        .success());
     sigterm(&node);
     let out = node.wait_with_output().expect("node exit");
     let err = String::from_utf8_lossy(&out.stderr);

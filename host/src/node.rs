@@ -57,6 +57,43 @@ pub struct NodeConfig {
     /// Whether to fetch models from the pool (otherwise only bundles whose
     /// models are already in the blob directory run here).
     pub fetch_models: bool,
+    /// The key of whoever runs this node, told to the pool so re-executions
+    /// of its results go to other operators' nodes.
+    pub operator: Option<PublicKey>,
+    /// Hardware class told to the pool (default: [`hardware_class`]).
+    pub hardware: Option<String>,
+    /// Changes outputs before they are signed. Only for adversarial tests
+    /// of the pool's verification (a node that lies); the `tidepool` binary
+    /// never sets it.
+    pub tamper: Option<Arc<dyn Tamper>>,
+}
+
+/// An output filter for adversarial tests: the node signs what it returns.
+pub trait Tamper: std::fmt::Debug + Send + Sync {
+    /// The output to return instead of `output` for the task `lease` with
+    /// `input`.
+    fn tamper(
+        &self,
+        lease: tidepool_proto::wire::LeaseId,
+        input: &[u8],
+        output: Vec<u8>,
+    ) -> Vec<u8>;
+}
+
+/// This machine's hardware class: architecture, CPU model and core count
+/// (`x86_64 AMD EPYC 7B13 ×2`). Re-executions prefer another class.
+pub fn hardware_class() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("{} {model} ×{cores}", std::env::consts::ARCH)
 }
 
 /// What a node did, reported when it stops.
@@ -140,6 +177,8 @@ struct Ctx {
     /// One permit per slot: the node holds more leases than slots (its
     /// queue), but runs at most `slots` tasks at once.
     permits: Arc<tokio::sync::Semaphore>,
+    /// Output filter of adversarial tests (`None` in real nodes).
+    tamper: Option<Arc<dyn Tamper>>,
 }
 
 fn unix_now() -> u64 {
@@ -351,6 +390,8 @@ impl Ctx {
         };
         let lease = g.lease;
         let input = g.input.0;
+        // Only an adversarial test's filter needs the input afterwards.
+        let input_copy = self.tamper.as_ref().map(|_| input.clone());
         let p2 = p.clone();
         let Ok(permit) = self.permits.clone().acquire_owned().await else {
             return failed("node is stopping".into());
@@ -368,11 +409,17 @@ impl Ctx {
             )
         })
         .await;
-        let out = match ran {
+        let mut out = match ran {
             Ok(Ok(out)) => out,
             Ok(Err(e)) => return failed(e.to_string()),
             Err(e) => return failed(format!("task panicked: {e}")),
         };
+        if let (Some(t), Some(input), Ok(bytes)) = (&self.tamper, &input_copy, &mut out.result) {
+            let changed = t.tamper(lease, input, std::mem::take(bytes));
+            out.receipt.output = Digest::of(&changed);
+            out.receipt.output_len = changed.len() as u64;
+            *bytes = changed;
+        }
         let outcome = match out.result {
             Ok(bytes) => Outcome::Output(Bytes(bytes)),
             Err(f) => Outcome::JobError {
@@ -458,6 +505,7 @@ pub async fn run(
         versions_path,
         prepared: Mutex::new(HashMap::new()),
         permits: Arc::new(tokio::sync::Semaphore::new(cfg.slots.max(1) as usize)),
+        tamper: cfg.tamper.clone(),
     });
     let endpoint = tidepool_net::client(&cfg.key, cfg.pool_key)?;
     // Hold as many leases again as there are slots, waiting, so a slot
@@ -486,6 +534,8 @@ pub async fn run(
         gpu: None,
         publishers: cfg.publishers.iter().copied().collect(),
         fetch_models: cfg.fetch_models,
+        operator: cfg.operator,
+        hardware: Some(cfg.hardware.clone().unwrap_or_else(hardware_class)),
     };
     'connect: loop {
         if draining && session.is_drained() {
@@ -653,6 +703,8 @@ pub async fn run(
 /// memory_mib = 1024             # memory per task
 /// publishers = []               # publishers whose bundles run here (required)
 /// fetch_models = true           # fetch models from the pool
+/// operator = "ed25519:..."      # who runs this node (optional): checks go to other operators
+/// hardware = "..."              # hardware class (default: detected, e.g. "x86_64 <CPU> ×2")
 /// ```
 ///
 /// Relative paths are relative to the file.
@@ -682,6 +734,10 @@ pub struct NodeFile {
     /// Fetch models from the pool.
     #[serde(default = "node_default_fetch")]
     pub fetch_models: bool,
+    /// Operator key (optional).
+    pub operator: Option<PublicKey>,
+    /// Hardware class (default: detected).
+    pub hardware: Option<String>,
 }
 
 fn node_default_key() -> PathBuf {
@@ -749,6 +805,9 @@ impl NodeFile {
             memory_mib: self.memory_mib,
             publishers: self.publishers,
             fetch_models: self.fetch_models,
+            operator: self.operator,
+            hardware: self.hardware,
+            tamper: None,
         })
     }
 }

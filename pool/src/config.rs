@@ -13,6 +13,16 @@
 //! heartbeat_ms = 3000              # nodes renew this often
 //! max_attempts = 3                 # attempts before a task is dead-lettered
 //! durability = "process"           # or "power-loss" (fsync every commit)
+//!
+//! [verification]                   # who gets checked, how often, and what happens to liars
+//! initial_reputation = 10000       # a new node's reputation: 10000 = every result re-executed
+//! step = 50                        # each confirmed result lowers it by this (~200 to reach 0)
+//!                                  # share re-executed: max(1, reputation) / 10000 (0.01% at 0)
+//! quarantine_secs = 600            # a node caught with a wrong result gets no tasks this long
+//! ban_after_strikes = 3            # ... and is refused for good at this many strikes
+//! lookback = 256                   # a caught node's latest unverified results re-checked
+//! trusted = []                     # pool-owned node keys, preferred to decide disagreements
+//! canary_rate = 0.01               # share of lease grants that also carry a canary
 //! ```
 
 use crate::coordinator::{Admission, PoolConfig};
@@ -58,6 +68,61 @@ pub struct PoolFile {
     /// `process` or `power-loss`.
     #[serde(default = "default_durability")]
     pub durability: String,
+    /// Verification policy.
+    #[serde(default)]
+    pub verification: VerificationFile,
+}
+
+/// The `[verification]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerificationFile {
+    /// A new node's reputation, 0..=10000.
+    #[serde(default = "default_reputation")]
+    pub initial_reputation: u32,
+    /// Reputation lost per confirmed result.
+    #[serde(default = "default_step")]
+    pub step: u32,
+    /// Quarantine after a strike, seconds.
+    #[serde(default = "default_quarantine")]
+    pub quarantine_secs: u64,
+    /// Strikes before a ban.
+    #[serde(default = "default_ban")]
+    pub ban_after_strikes: u32,
+    /// Results of a caught node re-checked.
+    #[serde(default = "default_lookback")]
+    pub lookback: u32,
+    /// Pool-owned nodes.
+    #[serde(default)]
+    pub trusted: BTreeSet<PublicKey>,
+    /// Share of grants carrying a canary.
+    #[serde(default = "default_canary_rate")]
+    pub canary_rate: f64,
+}
+
+impl Default for VerificationFile {
+    fn default() -> Self {
+        toml::from_str("").expect("an empty table takes every default")
+    }
+}
+
+fn default_reputation() -> u32 {
+    crate::verify::FULL
+}
+fn default_step() -> u32 {
+    50
+}
+fn default_quarantine() -> u64 {
+    600
+}
+fn default_ban() -> u32 {
+    3
+}
+fn default_lookback() -> u32 {
+    256
+}
+fn default_canary_rate() -> f64 {
+    0.01
 }
 
 fn default_listen() -> SocketAddr {
@@ -145,6 +210,22 @@ impl PoolFile {
             return Err("max_attempts must be at least 1".into());
         }
         self.durability()?;
+        let v = &self.verification;
+        if v.initial_reputation > crate::verify::FULL {
+            return Err(format!(
+                "verification.initial_reputation ({}) must be at most 10000",
+                v.initial_reputation
+            ));
+        }
+        if !(0.0..=1.0).contains(&v.canary_rate) {
+            return Err(format!(
+                "verification.canary_rate ({}) must be between 0 and 1",
+                v.canary_rate
+            ));
+        }
+        if v.ban_after_strikes == 0 {
+            return Err("verification.ban_after_strikes must be at least 1".into());
+        }
         Ok(())
     }
 
@@ -172,6 +253,16 @@ impl PoolFile {
             },
             publishers: self.publishers.clone(),
             clients: self.clients.clone(),
+            verify: crate::verify::VerifyPolicy {
+                initial_reputation: self.verification.initial_reputation,
+                step: self.verification.step,
+                quarantine: Duration::from_secs(self.verification.quarantine_secs),
+                ban_after: self.verification.ban_after_strikes,
+                lookback: self.verification.lookback,
+                trusted: self.verification.trusted.clone(),
+                canary_rate: self.verification.canary_rate,
+                secret: None,
+            },
             ..PoolConfig::default()
         }
     }

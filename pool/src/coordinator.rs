@@ -16,15 +16,19 @@
 //!   attempt recorded as failed, or to the dead letters after
 //!   `max_attempts` attempts.
 
-use crate::store::{Acceptance, JobCounts, PendingTask, Store, StoreError, StoredBundle};
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use crate::store::{
+    Acceptance, JobCounts, JobKind, PendingTask, ResultRow, Store, StoreError, StoredBundle,
+    Verified,
+};
+use crate::verify::{agree, audit_draw, Standing, VerifyPolicy};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 use tidepool_proto::manifest::{LockedManifest, SignedManifest};
 use tidepool_proto::receipt::LeaseReceipt;
 use tidepool_proto::session::Refusal;
 use tidepool_proto::wire::{
-    Capabilities, ErrorCode, JobId, JobSummary, LeaseId, NodeStatus, Outcome, PoolSummary,
-    TaskGrant, TaskId, TaskRecord, TaskResult, Verdict,
+    Canary, Capabilities, ErrorCode, JobId, JobSummary, LeaseId, NodeStatus, Outcome, PoolSummary,
+    TaskGrant, TaskId, TaskRecord, TaskResult, Verdict, VerificationStats,
 };
 use tidepool_proto::{Digest, PublicKey};
 
@@ -58,6 +62,8 @@ pub struct PoolConfig {
     pub clients: BTreeSet<PublicKey>,
     /// How long a new connection may take to say hello before it is closed.
     pub hello_timeout: Duration,
+    /// Reputation, re-execution, quarantine, canaries.
+    pub verify: VerifyPolicy,
 }
 
 impl Default for PoolConfig {
@@ -74,6 +80,7 @@ impl Default for PoolConfig {
             publishers: BTreeSet::new(),
             clients: BTreeSet::new(),
             hello_timeout: Duration::from_secs(10),
+            verify: VerifyPolicy::default(),
         }
     }
 }
@@ -103,6 +110,22 @@ pub enum PoolEvent {
     JobFinished {
         /// The job.
         job: JobId,
+    },
+    /// A node was caught with a wrong result (by a re-execution or a canary).
+    Caught {
+        /// The node.
+        node: PublicKey,
+        /// The task whose result was wrong.
+        task: TaskId,
+        /// Its strikes now.
+        strikes: u32,
+        /// Whether it is now banned.
+        banned: bool,
+    },
+    /// A wrong result was replaced by the agreed one.
+    Replaced {
+        /// The task.
+        task: TaskId,
     },
 }
 
@@ -162,6 +185,33 @@ struct Lease {
     renewed: Instant,
 }
 
+/// Where a challenge stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenged {
+    /// The task re-executed (the original when a cached copy was named).
+    pub target: TaskId,
+    /// The named task's job.
+    pub job: JobId,
+    /// The named task's index in its job.
+    pub index: u32,
+    /// `pending` (the outcome is written to the task's record).
+    pub state: String,
+}
+
+/// A re-execution not yet decided.
+#[derive(Debug, Clone)]
+struct Check {
+    /// The task whose result it checks.
+    target: TaskId,
+    /// The bundle both run.
+    bundle: Digest,
+    /// Nodes that already ran the target (never given it again).
+    exclude: Vec<PublicKey>,
+    /// Whether this execution decides between two that disagree (prefers
+    /// trusted nodes).
+    decider: bool,
+}
+
 /// A node as seen since this process started.
 #[derive(Debug)]
 struct Node {
@@ -188,6 +238,13 @@ enum TaskState {
     Done,
     Dead,
 }
+
+/// A re-execution may take this many times `max_attempts` attempts.
+pub const CHECK_ATTEMPTS_FACTOR: u32 = 4;
+
+/// Most executions of one task (the original and its re-executions) before
+/// a disagreement is left `disputed`.
+pub const MAX_EXECUTIONS: usize = 5;
 
 /// How much better another node's uptime must be for it to be preferred.
 pub const UPTIME_MARGIN: f64 = 0.1;
@@ -230,6 +287,35 @@ pub struct Coordinator<S: Store> {
     nodes: HashMap<PublicKey, Node>,
     /// Events not yet polled.
     events: VecDeque<PoolEvent>,
+    /// Each judged node's standing, loaded at start and saved on change.
+    standing: HashMap<PublicKey, Standing>,
+    /// When a quarantined node may have tasks again (in memory; the store
+    /// keeps the Unix time for status and restarts).
+    quarantine: HashMap<PublicKey, Instant>,
+    /// Kinds of the pool's hidden jobs (absent: a user job).
+    kinds: HashMap<JobId, JobKind>,
+    /// The hidden job per bundle and kind, created on first use.
+    hidden: HashMap<(Digest, JobKind), JobId>,
+    /// Re-executions not yet decided, by their own task id.
+    checks: HashMap<TaskId, Check>,
+    /// Re-executions waiting for a suitable node, oldest first; they go
+    /// before ordinary tasks.
+    check_queue: VecDeque<Queued>,
+    /// Canary ids per bundle.
+    canaries: BTreeMap<Digest, Vec<i64>>,
+    /// Canaries given to each node (each node gets a canary at most once,
+    /// so a repeated input never tells it which task is a test). In memory.
+    canaries_given: HashSet<(i64, PublicKey)>,
+    /// Lease grants made, numbering the canary draws.
+    grants_made: u64,
+    /// Key of the audit draw; never leaves the process.
+    secret: [u8; 32],
+    /// Verification counters since start.
+    vstats: VerificationStats,
+    /// An `Instant` and the Unix time it stands for, to stamp stored rows
+    /// and measure challenge windows and quarantines in wall-clock time;
+    /// set by the shell with [`set_clock`](Self::set_clock) (unset: 0).
+    clock: Option<(Instant, u64)>,
 }
 
 /// An accepted result's outcome and signed receipt, serialised for the store.
@@ -347,7 +433,38 @@ impl<S: Store> Coordinator<S> {
             jobs: BTreeMap::new(),
             nodes: HashMap::new(),
             events: VecDeque::new(),
+            standing: HashMap::new(),
+            quarantine: HashMap::new(),
+            kinds: HashMap::new(),
+            hidden: HashMap::new(),
+            checks: HashMap::new(),
+            check_queue: VecDeque::new(),
+            canaries: BTreeMap::new(),
+            canaries_given: HashSet::new(),
+            grants_made: 0,
+            secret: [0; 32],
+            vstats: VerificationStats::default(),
+            clock: None,
         };
+        me.secret = match me.cfg.verify.secret {
+            Some(s) => s,
+            None => {
+                use ring::rand::SecureRandom;
+                let mut s = [0u8; 32];
+                ring::rand::SystemRandom::new()
+                    .fill(&mut s)
+                    .map_err(|_| StoreError::Corrupt {
+                        what: "audit secret",
+                        why: "the system random source failed".into(),
+                    })?;
+                s
+            }
+        };
+        me.standing = me.store.standings()?.into_iter().collect();
+        me.kinds = me.store.job_kinds()?.into_iter().collect();
+        for (id, bundle) in me.store.canaries()? {
+            me.canaries.entry(bundle).or_default().push(id);
+        }
         for b in stored {
             let signed: SignedManifest =
                 rmp_serde::from_slice(&b.signed).map_err(|e| StoreError::Corrupt {
@@ -380,21 +497,49 @@ impl<S: Store> Coordinator<S> {
             .into_iter()
             .map(|(j, b, c)| (j, (b, c)))
             .collect();
+        for (&job, (bundle, _)) in &me.jobs {
+            if let Some(&kind) = me.kinds.get(&job) {
+                me.hidden.insert((*bundle, kind), job);
+            }
+        }
         for PendingTask {
             task,
             job,
             bundle,
             attempt,
+            check_of,
             ..
         } in pending
         {
-            me.queues.entry(bundle).or_default().push_back(Queued {
+            let q = Queued {
                 task,
                 job,
                 attempts: attempt,
-            });
+            };
+            match check_of {
+                Some(target) => {
+                    let check = me.check_context(target, bundle, task)?;
+                    me.checks.insert(task, check);
+                    me.check_queue.push_back(q);
+                }
+                None => me.queues.entry(bundle).or_default().push_back(q),
+            }
         }
         Ok(me)
+    }
+
+    /// Tie `Instant`s to wall-clock time: `now` is `unix_secs` seconds
+    /// after the Unix epoch. The server calls it once at start; tests pick
+    /// any time.
+    pub fn set_clock(&mut self, now: Instant, unix_secs: u64) {
+        self.clock = Some((now, unix_secs));
+    }
+
+    /// Unix seconds at `now` (0 when no clock was set).
+    fn unix(&self, now: Instant) -> u64 {
+        self.clock.map_or(0, |(at, secs)| {
+            secs + now.saturating_duration_since(at).as_secs()
+        })
     }
 
     /// The policy.
@@ -429,6 +574,29 @@ impl<S: Store> Coordinator<S> {
                 close: true,
             });
         }
+        if let Some(st) = self.standing.get(&key) {
+            if st.banned {
+                return Err(Refusal {
+                    code: ErrorCode::Forbidden,
+                    message: format!(
+                        "node {key} is banned from this pool after {} wrong results",
+                        st.strikes
+                    ),
+                    close: true,
+                });
+            }
+            // Quarantine carried over a restart of the pool.
+            let now_unix = self.unix(now);
+            if now_unix > 0
+                && st.quarantined_until > now_unix
+                && !self.quarantine.contains_key(&key)
+            {
+                self.quarantine.insert(
+                    key,
+                    now + Duration::from_secs(st.quarantined_until - now_unix),
+                );
+            }
+        }
         let n = self.nodes.entry(key).or_insert_with(|| Node {
             caps: Capabilities::default(),
             connections: 0,
@@ -440,7 +608,7 @@ impl<S: Store> Coordinator<S> {
         n.caps = caps;
         n.connections += 1;
         n.connected_since.get_or_insert(now);
-        self.store.node_seen(&key, 0, 0, unix_now_hint(now))?;
+        self.store.node_seen(&key, 0, 0, self.unix(now))?;
         Ok(())
     }
 
@@ -478,6 +646,19 @@ impl<S: Store> Coordinator<S> {
                 _ => lost.push(*l),
             }
         }
+        if self.standing.get(key).is_some_and(|s| s.banned) {
+            return Err(Refusal {
+                code: ErrorCode::Forbidden,
+                message: format!("node {key} is banned from this pool"),
+                close: true,
+            });
+        }
+        if let Some(&until) = self.quarantine.get(key) {
+            if now < until {
+                return Ok((Vec::new(), lost));
+            }
+            self.quarantine.remove(key);
+        }
         let Some(node) = self.nodes.get(key) else {
             return Err(refusal(ErrorCode::Protocol, "lease request before hello"));
         };
@@ -500,8 +681,32 @@ impl<S: Store> Coordinator<S> {
         if want == 0 {
             return Ok((Vec::new(), lost));
         }
-        // Pick from the queues of bundles this node can run, oldest bundle first.
+        // Re-executions first: the sooner a wrong result is found, the less
+        // is built on it.
         let mut picked: Vec<(Queued, Digest)> = Vec::new();
+        if !self.check_queue.is_empty() {
+            let take: Vec<usize> = self
+                .check_queue
+                .iter()
+                .enumerate()
+                .filter(|(_, q)| {
+                    self.checks
+                        .get(&q.task)
+                        .is_some_and(|c| self.may_check(key, c))
+                })
+                .map(|(i, _)| i)
+                .take(want)
+                .collect();
+            for i in take.into_iter().rev() {
+                if let Some(q) = self.check_queue.remove(i) {
+                    let bundle = self.checks[&q.task].bundle;
+                    picked.push((q, bundle));
+                }
+            }
+            picked.reverse();
+        }
+        let node = &self.nodes[key];
+        // Then the queues of bundles this node can run, oldest bundle first.
         for (digest, queue) in self.queues.iter_mut() {
             if picked.len() == want {
                 break;
@@ -521,6 +726,7 @@ impl<S: Store> Coordinator<S> {
         if picked.is_empty() {
             return Ok((Vec::new(), lost));
         }
+        self.maybe_add_canary(key, &mut picked)?;
         let rows: Vec<_> = picked
             .iter()
             .map(|(q, _)| (q.task, q.attempts + 1, *key))
@@ -575,8 +781,37 @@ impl<S: Store> Coordinator<S> {
         if let Some(n) = self.nodes.get_mut(&lease.node) {
             n.leases.remove(&task);
         }
-        let dead = lease.attempt >= self.cfg.max_attempts;
+        let is_check = self.checks.contains_key(&task);
+        // A re-execution is the pool's own work: it is retried longer (its
+        // nodes may be liars that get banned mid-task).
+        let limit = if is_check {
+            self.cfg.max_attempts.max(1) * CHECK_ATTEMPTS_FACTOR
+        } else {
+            self.cfg.max_attempts
+        };
+        let dead = lease.attempt >= limit;
         self.store.release(task, lease.attempt, reason, dead)?;
+        if let Some(check) = self.checks.get(&task) {
+            if dead {
+                // Nobody could run the check: the result stays as it was.
+                let target = check.target;
+                self.checks.remove(&task);
+                if let Some(row) = self.store.result(target)? {
+                    if row.verified == Verified::Checking {
+                        self.store.set_verified(target, Verified::Unverified)?;
+                    }
+                }
+                self.count(lease.job, TaskState::Leased, TaskState::Dead);
+            } else {
+                self.count(lease.job, TaskState::Leased, TaskState::Queued);
+                self.check_queue.push_front(Queued {
+                    task,
+                    job: lease.job,
+                    attempts: lease.attempt,
+                });
+            }
+            return Ok(());
+        }
         if dead {
             self.events.push_back(PoolEvent::DeadLettered {
                 task,
@@ -611,7 +846,11 @@ impl<S: Store> Coordinator<S> {
             };
             *n = (i64::from(*n) + delta).max(0) as u32;
         }
-        if matches!(to, TaskState::Done | TaskState::Dead) && c.queued == 0 && c.leased == 0 {
+        if matches!(to, TaskState::Done | TaskState::Dead)
+            && c.queued == 0
+            && c.leased == 0
+            && !self.kinds.contains_key(&job)
+        {
             self.events.push_back(PoolEvent::JobFinished { job });
         }
     }
@@ -685,7 +924,7 @@ impl<S: Store> Coordinator<S> {
             }
         }
         if !batch.is_empty() {
-            let stored = self.store.accept(&batch, unix_now_hint(now))?;
+            let stored = self.store.accept(&batch, self.unix(now))?;
             for ((i, a), ok) in batch_idx.into_iter().zip(&batch).zip(stored) {
                 verdicts[i].1 = Some(if ok {
                     Verdict::Accepted
@@ -699,6 +938,10 @@ impl<S: Store> Coordinator<S> {
                             n.leases.remove(&a.task);
                         }
                         self.count(lease.job, TaskState::Leased, TaskState::Done);
+                        if let Err(e) = self.after_accept(now, a, &lease) {
+                            // The result stands; only its check is lost.
+                            tracing::warn!(task = a.task, "verification step failed: {e}");
+                        }
                     }
                 }
             }
@@ -756,6 +999,565 @@ impl<S: Store> Coordinator<S> {
         Ok(Checked::Accept((outcome, receipt)))
     }
 
+    // ---- verification ---------------------------------------------------
+
+    /// A node's standing (a new node's if never judged).
+    fn standing_of(&self, key: &PublicKey) -> Standing {
+        self.standing
+            .get(key)
+            .copied()
+            .unwrap_or_else(|| Standing::new(&self.cfg.verify))
+    }
+
+    /// Change a node's standing and save it.
+    fn update_standing(
+        &mut self,
+        key: &PublicKey,
+        f: impl FnOnce(&mut Standing, &VerifyPolicy),
+    ) -> Result<Standing, StoreError> {
+        let mut st = self.standing_of(key);
+        f(&mut st, &self.cfg.verify);
+        self.store.put_standing(key, &st)?;
+        self.standing.insert(*key, st);
+        Ok(st)
+    }
+
+    /// May `key` run re-execution `check` now? Never a node that ran the
+    /// task before, nor one of the same operator; a node of the same
+    /// hardware class only if no other suitable node has room; a decider
+    /// goes to a trusted node whenever one is connected that may run it.
+    fn may_check(&self, key: &PublicKey, check: &Check) -> bool {
+        let Some(node) = self.nodes.get(key) else {
+            return false;
+        };
+        let basic = |k: &PublicKey, n: &Node| -> bool {
+            if check.exclude.contains(k) {
+                return false;
+            }
+            if let Some(op) = &n.caps.operator {
+                if check.exclude.iter().any(|e| {
+                    self.nodes
+                        .get(e)
+                        .is_some_and(|x| x.caps.operator.as_ref() == Some(op))
+                }) {
+                    return false;
+                }
+            }
+            self.bundles
+                .get(&check.bundle)
+                .is_some_and(|b| b.missing.is_empty() && can_run(&n.caps, &b.manifest))
+        };
+        if !basic(key, node) {
+            return false;
+        }
+        let has_room = |n: &Node| {
+            n.connections > 0 && n.leases.len() < (n.caps.slots.max(1) + n.caps.queue) as usize
+        };
+        let trusted = &self.cfg.verify.trusted;
+        if check.decider && !trusted.contains(key) {
+            // A disagreement waits for a connected trusted node that may
+            // run it, even a busy one.
+            let other_trusted = self
+                .nodes
+                .iter()
+                .any(|(k, n)| k != key && trusted.contains(k) && n.connections > 0 && basic(k, n));
+            if other_trusted {
+                return false;
+            }
+        }
+        let same_class = |n: &Node| {
+            n.caps.hardware.is_some()
+                && check.exclude.iter().any(|e| {
+                    self.nodes
+                        .get(e)
+                        .is_some_and(|x| x.caps.hardware == n.caps.hardware)
+                })
+        };
+        if same_class(node) {
+            let other_class = self
+                .nodes
+                .iter()
+                .any(|(k, n)| k != key && has_room(n) && basic(k, n) && !same_class(n));
+            if other_class {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The hidden job of `kind` for `bundle`.
+    fn hidden_job(&mut self, bundle: Digest, kind: JobKind) -> Result<JobId, StoreError> {
+        if let Some(&job) = self.hidden.get(&(bundle, kind)) {
+            return Ok(job);
+        }
+        let job = self.store.hidden_job(&bundle, kind)?;
+        self.hidden.insert((bundle, kind), job);
+        self.kinds.insert(job, kind);
+        self.jobs
+            .entry(job)
+            .or_insert((bundle, JobCounts::default()));
+        Ok(job)
+    }
+
+    /// What a re-execution of `target` must respect, from the store: the
+    /// nodes that ran it already, and whether this execution decides a
+    /// disagreement.
+    fn check_context(
+        &mut self,
+        target: TaskId,
+        bundle: Digest,
+        this: TaskId,
+    ) -> Result<Check, StoreError> {
+        let row = self.store.result(target)?;
+        let prior: Vec<ResultRow> = self
+            .store
+            .checks_of(target)?
+            .into_iter()
+            .filter(|c| c.task != this)
+            .collect();
+        let mut exclude: Vec<PublicKey> = row.as_ref().and_then(|r| r.node).into_iter().collect();
+        exclude.extend(prior.iter().filter_map(|c| c.node));
+        let decider = match (&row, prior.last()) {
+            (Some(r), Some(last)) => !self.rows_agree(bundle, r, last),
+            _ => false,
+        };
+        Ok(Check {
+            target,
+            bundle,
+            exclude,
+            decider,
+        })
+    }
+
+    /// Do two stored results agree under the bundle's tier?
+    fn rows_agree(&self, bundle: Digest, a: &ResultRow, b: &ResultRow) -> bool {
+        let tier = self
+            .bundles
+            .get(&bundle)
+            .map(|b| b.manifest.determinism.clone())
+            .unwrap_or_default();
+        match (decode_outcome(&a.outcome), decode_outcome(&b.outcome)) {
+            (Some(x), Some(y)) => agree(&tier, &x, &y),
+            _ => false,
+        }
+    }
+
+    /// Queue a re-execution of `target`, marking the target `mark`.
+    fn spawn_check(
+        &mut self,
+        target: TaskId,
+        bundle: Digest,
+        exclude: Vec<PublicKey>,
+        decider: bool,
+        mark: Verified,
+    ) -> Result<TaskId, StoreError> {
+        let job = self.hidden_job(bundle, JobKind::Check)?;
+        let task = self.store.insert_check(job, target, mark)?;
+        if let Some((_, c)) = self.jobs.get_mut(&job) {
+            c.tasks += 1;
+            c.queued += 1;
+        }
+        self.checks.insert(
+            task,
+            Check {
+                target,
+                bundle,
+                exclude,
+                decider,
+            },
+        );
+        let q = Queued {
+            task,
+            job,
+            attempts: 0,
+        };
+        if decider {
+            self.check_queue.push_front(q);
+        } else {
+            self.check_queue.push_back(q);
+        }
+        Ok(task)
+    }
+
+    /// After a result is stored: sample it for a re-execution, decide a
+    /// re-execution, or judge a canary.
+    fn after_accept(
+        &mut self,
+        now: Instant,
+        a: &Acceptance,
+        lease: &Lease,
+    ) -> Result<(), StoreError> {
+        match self.kinds.get(&lease.job).copied().unwrap_or(JobKind::User) {
+            JobKind::User => {
+                let Some(b) = self.bundles.get(&lease.bundle) else {
+                    return Ok(());
+                };
+                let rate = match b.manifest.verification.sampling.as_str() {
+                    "always" => 1.0,
+                    "none" => 0.0,
+                    _ => self.standing_of(&a.node).sampling_rate(),
+                };
+                let draw = audit_draw(
+                    &self.secret,
+                    LeaseId {
+                        task: a.task,
+                        attempt: a.attempt,
+                    },
+                    &a.node,
+                );
+                if draw < rate {
+                    self.spawn_check(
+                        a.task,
+                        lease.bundle,
+                        vec![a.node],
+                        false,
+                        Verified::Checking,
+                    )?;
+                }
+            }
+            JobKind::Check => {
+                if let Some(check) = self.checks.remove(&a.task) {
+                    self.vstats.executed += 1;
+                    self.decide(now, a, check)?;
+                }
+            }
+            JobKind::Canary => {
+                let Some(row) = self.store.result(a.task)? else {
+                    return Ok(());
+                };
+                let tier = self
+                    .bundles
+                    .get(&lease.bundle)
+                    .map(|b| b.manifest.determinism.clone())
+                    .unwrap_or_default();
+                let expect = decode_outcome(&row.expect);
+                let got = decode_outcome(&Some(a.outcome.clone()));
+                self.vstats.canaries += 1;
+                match (expect, got) {
+                    (Some(e), Some(g)) if agree(&tier, &e, &g) => {
+                        self.update_standing(&a.node, Standing::confirm)?;
+                        self.vstats.confirmed += 1;
+                    }
+                    _ => {
+                        self.vstats.mismatches += 1;
+                        self.strike(now, &a.node, a.task)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A re-execution finished: compare, and when it decides, penalise the
+    /// liar and keep the agreed result.
+    fn decide(&mut self, now: Instant, a: &Acceptance, check: Check) -> Result<(), StoreError> {
+        let Some(target) = self.store.result(check.target)? else {
+            return Ok(());
+        };
+        let Some(original) = target.node else {
+            return Ok(());
+        };
+        let mine = ResultRow {
+            task: a.task,
+            node: Some(a.node),
+            outcome: Some(a.outcome.clone()),
+            ..target.clone()
+        };
+        // Earlier re-executions of this result in this dispute: those since
+        // the last one that agreed with the stored result (earlier rounds
+        // were decided already).
+        let mut prior: Vec<ResultRow> = self
+            .store
+            .checks_of(check.target)?
+            .into_iter()
+            .filter(|c| c.task != a.task)
+            .collect();
+        if let Some(i) = prior
+            .iter()
+            .rposition(|c| self.rows_agree(check.bundle, &target, c))
+        {
+            prior.drain(..=i);
+        }
+        let challenged = target.challenge.as_deref() == Some("pending");
+        let verdict: &str;
+        if self.rows_agree(check.bundle, &target, &mine) {
+            // The stored result stands. A decider also convicts the
+            // executions of this dispute that disagreed with it.
+            if check.decider {
+                let liars: Vec<PublicKey> = prior
+                    .iter()
+                    .filter(|c| !self.rows_agree(check.bundle, &target, c))
+                    .filter_map(|c| c.node)
+                    .collect();
+                for liar in liars {
+                    self.strike(now, &liar, check.target)?;
+                }
+            }
+            self.update_standing(&original, Standing::confirm)?;
+            self.vstats.confirmed += 1;
+            self.store.set_verified(check.target, Verified::Verified)?;
+            verdict = "rejected: an independent re-execution agreed with the result";
+        } else if let Some(second) = prior
+            .iter()
+            .rev()
+            .find(|c| check.decider && self.rows_agree(check.bundle, c, &mine))
+            .cloned()
+        {
+            // Two independent executions agree against the stored result:
+            // replace it with the agreed one and penalise its node.
+            self.store.replace_result(check.target, a.task)?;
+            self.vstats.replaced += 1;
+            self.events
+                .push_back(PoolEvent::Replaced { task: check.target });
+            if let Some(n) = second.node {
+                self.update_standing(&n, Standing::confirm)?;
+            }
+            self.strike(now, &original, check.target)?;
+            verdict = "upheld: the result was wrong and was replaced";
+        } else if 1 + prior.len() + 1 < MAX_EXECUTIONS {
+            // Nothing agrees yet: one more execution, on yet another node.
+            if !check.decider {
+                self.vstats.mismatches += 1;
+            }
+            let mut exclude = check.exclude.clone();
+            exclude.push(a.node);
+            let mark = if target.verified == Verified::Suspect {
+                Verified::Suspect
+            } else {
+                Verified::Checking
+            };
+            self.spawn_check(check.target, check.bundle, exclude, true, mark)?;
+            return Ok(());
+        } else {
+            self.store.set_verified(check.target, Verified::Disputed)?;
+            verdict = "undecided: the executions disagree";
+        }
+        if challenged {
+            self.store.set_challenge(check.target, verdict)?;
+        }
+        Ok(())
+    }
+
+    /// A node was caught: strike, quarantine, maybe ban; re-check its most
+    /// recent unverified results (not served from the cache meanwhile).
+    fn strike(&mut self, now: Instant, node: &PublicKey, task: TaskId) -> Result<(), StoreError> {
+        let now_unix = self.unix(now);
+        let st = self.update_standing(node, |s, p| s.strike(p, now_unix))?;
+        self.quarantine
+            .insert(*node, now + self.cfg.verify.quarantine);
+        self.events.push_back(PoolEvent::Caught {
+            node: *node,
+            task,
+            strikes: st.strikes,
+            banned: st.banned,
+        });
+        if st.banned {
+            // Refused from now on: what it holds goes to other nodes now.
+            let held: Vec<TaskId> = self
+                .nodes
+                .get(node)
+                .map(|n| n.leases.iter().copied().collect())
+                .unwrap_or_default();
+            for t in held {
+                self.release(t, &format!("node {} was banned", node.short()))?;
+            }
+        }
+        let recent = self
+            .store
+            .unverified_recent(node, self.cfg.verify.lookback)?;
+        for t in recent {
+            let Some((job, _)) = self.store.result(t)?.map(|r| (r.job, r)) else {
+                continue;
+            };
+            let Some(&(bundle, _)) = self.jobs.get(&job) else {
+                continue;
+            };
+            self.spawn_check(t, bundle, vec![*node], false, Verified::Suspect)?;
+        }
+        Ok(())
+    }
+
+    /// With probability `canary_rate`, add a canary of one of the granted
+    /// bundles that this node has not had, at a random place in the grant.
+    fn maybe_add_canary(
+        &mut self,
+        key: &PublicKey,
+        picked: &mut Vec<(Queued, Digest)>,
+    ) -> Result<(), StoreError> {
+        let rate = self.cfg.verify.canary_rate;
+        if rate <= 0.0 || self.canaries.is_empty() {
+            return Ok(());
+        }
+        self.grants_made += 1;
+        let draw = |n: u64, salt: u32| {
+            audit_draw(
+                &self.secret,
+                LeaseId {
+                    task: n,
+                    attempt: u32::MAX - salt,
+                },
+                key,
+            )
+        };
+        if draw(self.grants_made, 0) >= rate {
+            return Ok(());
+        }
+        let place = draw(self.grants_made, 1);
+        let choice = picked.iter().find_map(|(_, b)| {
+            self.canaries.get(b).and_then(|ids| {
+                ids.iter()
+                    .find(|id| !self.canaries_given.contains(&(**id, *key)))
+                    .map(|id| (*id, *b))
+            })
+        });
+        let Some((canary, bundle)) = choice else {
+            return Ok(());
+        };
+        let job = self.hidden_job(bundle, JobKind::Canary)?;
+        let task = self.store.insert_canary_task(job, canary)?;
+        self.canaries_given.insert((canary, *key));
+        if let Some((_, c)) = self.jobs.get_mut(&job) {
+            c.tasks += 1;
+            c.queued += 1;
+        }
+        let at = ((place * (picked.len() + 1) as f64) as usize).min(picked.len());
+        picked.insert(
+            at,
+            (
+                Queued {
+                    task,
+                    job,
+                    attempts: 0,
+                },
+                bundle,
+            ),
+        );
+        Ok(())
+    }
+
+    /// The submitter disputes a result: re-execute it on another node.
+    /// Returns the task checked (a cached copy's original), the named
+    /// task's job and index, and the state.
+    pub fn handle_challenge(&mut self, now: Instant, task: TaskId) -> Result<Challenged, Refusal> {
+        let now_unix = self.unix(now);
+        let row = self
+            .store
+            .result(task)?
+            .ok_or_else(|| refusal(ErrorCode::NotFound, format!("no task {task}")))?;
+        if self.kinds.contains_key(&row.job) {
+            return Err(refusal(ErrorCode::NotFound, format!("no task {task}")));
+        }
+        if !row.done {
+            return Err(refusal(
+                ErrorCode::Invalid,
+                format!("task {task} has no result to challenge yet"),
+            ));
+        }
+        let named = (row.job, row.index);
+        let row = match row.cached_from {
+            Some(from) => self.store.result(from)?.ok_or_else(|| {
+                refusal(
+                    ErrorCode::NotFound,
+                    format!("no task {from} (cache source)"),
+                )
+            })?,
+            None => row,
+        };
+        let target = row.task;
+        let Some(&(bundle, _)) = self.jobs.get(&row.job) else {
+            return Err(refusal(
+                ErrorCode::NotFound,
+                format!("no job of task {task}"),
+            ));
+        };
+        let window = self
+            .bundles
+            .get(&bundle)
+            .map_or(0, |b| b.manifest.verification.challenge_window_secs);
+        if now_unix > row.done_at.saturating_add(window) {
+            return Err(refusal(
+                ErrorCode::Invalid,
+                format!(
+                    "the challenge window of task {target} closed {} s after its result",
+                    window
+                ),
+            ));
+        }
+        let answer = Challenged {
+            target,
+            job: named.0,
+            index: named.1,
+            state: "pending".into(),
+        };
+        if self.checks.values().any(|c| c.target == target) {
+            self.store.set_challenge(target, "pending")?;
+            return Ok(answer);
+        }
+        // Any node but the one that produced the result.
+        let exclude: Vec<PublicKey> = row.node.into_iter().collect();
+        let mark = if row.verified == Verified::Suspect {
+            Verified::Suspect
+        } else {
+            Verified::Checking
+        };
+        self.store.set_challenge(target, "pending")?;
+        self.spawn_check(target, bundle, exclude, false, mark)?;
+        Ok(answer)
+    }
+
+    /// The pool owner adds canaries for a bundle; returns how many it has.
+    pub fn handle_add_canaries(
+        &mut self,
+        client: &PublicKey,
+        bundle: &Digest,
+        items: Vec<Canary>,
+    ) -> Result<u32, Refusal> {
+        if !self.cfg.publishers.contains(client) {
+            return Err(refusal(
+                ErrorCode::Forbidden,
+                "only a publisher of this pool may add canaries",
+            ));
+        }
+        if !self.bundles.contains_key(bundle) {
+            return Err(refusal(
+                ErrorCode::NotFound,
+                format!("no bundle {bundle} is published on this pool"),
+            ));
+        }
+        if items
+            .iter()
+            .any(|c| matches!(c.expect, Outcome::Failed { .. }))
+        {
+            return Err(refusal(
+                ErrorCode::Invalid,
+                "a canary's expected outcome must be an output or a job error",
+            ));
+        }
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = items
+            .into_iter()
+            .map(|c| {
+                (
+                    c.input.0,
+                    rmp_serde::to_vec_named(&c.expect).expect("outcome serialises"),
+                )
+            })
+            .collect();
+        let ids = self.store.add_canaries(bundle, &rows)?;
+        let list = self.canaries.entry(*bundle).or_default();
+        list.extend(ids);
+        Ok(u32::try_from(list.len()).unwrap_or(u32::MAX))
+    }
+
+    /// A node's standing, for tests and status.
+    pub fn node_standing(&self, key: &PublicKey) -> Standing {
+        self.standing_of(key)
+    }
+
+    /// Re-executions not yet decided.
+    pub fn checks_pending(&self) -> usize {
+        self.checks.len()
+    }
+
     /// When the next lease expires.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.expiry.first().map(|(t, _)| *t)
@@ -778,8 +1580,7 @@ impl<S: Store> Coordinator<S> {
                 held.as_millis()
             );
             self.release(task, &reason)?;
-            self.store
-                .node_seen(&lease.node, 0, 1, unix_now_hint(now))?;
+            self.store.node_seen(&lease.node, 0, 1, self.unix(now))?;
             self.events.push_back(PoolEvent::Requeued {
                 lease: LeaseId {
                     task,
@@ -971,6 +1772,12 @@ impl<S: Store> Coordinator<S> {
                 attempts: r.attempts,
                 reasons: r.reasons,
                 cached_from: r.cached_from,
+                verification: if r.state == "done" {
+                    r.verified.name().to_owned()
+                } else {
+                    String::new()
+                },
+                challenge: r.challenge,
             })
             .collect())
     }
@@ -997,6 +1804,11 @@ impl<S: Store> Coordinator<S> {
                 }
                 None => (false, 0.0, 0, 0),
             };
+            let st = self
+                .standing
+                .get(&key)
+                .copied()
+                .unwrap_or_else(|| Standing::new(&self.cfg.verify));
             nodes.push(NodeStatus {
                 key,
                 connected,
@@ -1005,6 +1817,13 @@ impl<S: Store> Coordinator<S> {
                 slots,
                 completed,
                 expired,
+                reputation: st.reputation,
+                sampling: st.sampling_rate(),
+                confirmed: st.confirmed,
+                strikes: st.strikes,
+                quarantined_until: st.quarantined_until,
+                banned: st.banned,
+                trusted: self.cfg.verify.trusted.contains(&key),
             });
         }
         let mut jobs = Vec::new();
@@ -1014,7 +1833,9 @@ impl<S: Store> Coordinator<S> {
             leased += u64::from(c.leased);
             done += u64::from(c.done);
             dead += u64::from(c.dead);
-            jobs.push(self.summary(job, bundle, c));
+            if !self.kinds.contains_key(&job) {
+                jobs.push(self.summary(job, bundle, c));
+            }
         }
         Ok(PoolSummary {
             nodes,
@@ -1023,6 +1844,10 @@ impl<S: Store> Coordinator<S> {
             done,
             dead,
             jobs,
+            verification: VerificationStats {
+                pending: self.checks.len() as u64,
+                ..self.vstats
+            },
         })
     }
 
@@ -1037,21 +1862,7 @@ impl<S: Store> Coordinator<S> {
     }
 }
 
-/// Seconds since the Unix epoch for stored timestamps. The coordinator is
-/// given `Instant`s; wall-clock stamps are informational, so the shell sets
-/// the base once with [`set_unix_base`].
-fn unix_now_hint(now: Instant) -> u64 {
-    let base = UNIX_BASE.get().copied();
-    match base {
-        Some((inst, secs)) => secs + now.saturating_duration_since(inst).as_secs(),
-        None => 0,
-    }
-}
-
-static UNIX_BASE: std::sync::OnceLock<(Instant, u64)> = std::sync::OnceLock::new();
-
-/// Tie `Instant`s to wall-clock time for stored timestamps (called once by
-/// the server at start; tests may leave it unset, stamps are then 0).
-pub fn set_unix_base(now: Instant, unix_secs: u64) {
-    let _ = UNIX_BASE.set((now, unix_secs));
+/// Decode a stored outcome.
+fn decode_outcome(bytes: &Option<Vec<u8>>) -> Option<Outcome> {
+    bytes.as_ref().and_then(|b| rmp_serde::from_slice(b).ok())
 }

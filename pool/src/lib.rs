@@ -7,6 +7,7 @@
 //! - [`server`]: the QUIC shell around the coordinator (`pool serve`).
 //! - [`client`]: publish, submit and read status over QUIC.
 //! - [`bundle`]: bundle files: pack, sign, verify.
+//! - [`verify`]: verification policy, node standing, output comparison.
 //!
 //! This crate never runs guest code.
 
@@ -16,6 +17,7 @@ pub mod config;
 pub mod coordinator;
 pub mod server;
 pub mod store;
+pub mod verify;
 
 pub use coordinator::{Admission, Coordinator, PoolConfig, PoolEvent};
 pub use store::{Durability, SqliteStore, Store, StoreError};

@@ -96,6 +96,16 @@ enum Cmd {
         Reply<Vec<tidepool_proto::wire::TaskRecord>>,
     ),
     PoolStatus(Reply<tidepool_proto::wire::PoolSummary>),
+    Challenge(
+        tidepool_proto::wire::TaskId,
+        Reply<crate::coordinator::Challenged>,
+    ),
+    AddCanaries(
+        PublicKey,
+        Digest,
+        Vec<tidepool_proto::wire::Canary>,
+        Reply<u32>,
+    ),
     Stop,
 }
 
@@ -120,6 +130,19 @@ fn actor(
                     warn!(task, reason, "task dead-lettered")
                 }
                 PoolEvent::JobFinished { job } => info!(job, "job finished"),
+                PoolEvent::Caught {
+                    node,
+                    task,
+                    strikes,
+                    banned,
+                } => warn!(
+                    node = %node.short(),
+                    task,
+                    strikes,
+                    banned,
+                    "node caught with a wrong result"
+                ),
+                PoolEvent::Replaced { task } => info!(task, "wrong result replaced"),
             }
             let _ = events.send(ev);
         }
@@ -153,6 +176,8 @@ fn actor(
             Cmd::JobStatus(j, r) => drop(r.send(c.job_status(j))),
             Cmd::JobResults(j, from, limit, r) => drop(r.send(c.job_results(j, from, limit))),
             Cmd::PoolStatus(r) => drop(r.send(c.pool_status(now))),
+            Cmd::Challenge(t, r) => drop(r.send(c.handle_challenge(now, t))),
+            Cmd::AddCanaries(k, b, items, r) => drop(r.send(c.handle_add_canaries(&k, &b, items))),
             Cmd::Stop => return,
         }
     }
@@ -203,10 +228,10 @@ pub async fn serve(cfg: ServeConfig) -> Result<RunningPool, ServeError> {
         path: cfg.data_dir.clone(),
         source,
     })?;
-    crate::coordinator::set_unix_base(Instant::now(), crate::unix_now());
     let blobs = BlobDir::open(cfg.data_dir.join("blobs"))?;
     let store = SqliteStore::open(&cfg.data_dir.join("pool.db"), cfg.durability)?;
-    let coordinator = Coordinator::new(store, cfg.pool.clone(), &|d| blobs.has(d))?;
+    let mut coordinator = Coordinator::new(store, cfg.pool.clone(), &|d| blobs.has(d))?;
+    coordinator.set_clock(Instant::now(), crate::unix_now());
     info!(queued = coordinator.queued(), "pool state recovered");
     let (tx, rx) = mpsc::channel();
     let (events, _) = broadcast::channel(4096);
@@ -525,6 +550,26 @@ async fn serve_stream(
             Some(Err(r)) => from_refusal(r),
             None => error(ErrorCode::Internal, "pool is stopping"),
         },
+        Request::Challenge { task } => match shared.ask(|r| Cmd::Challenge(task, r)).await {
+            Some(Ok(c)) => Response::Challenged {
+                task: c.target,
+                job: c.job,
+                index: c.index,
+                state: c.state,
+            },
+            Some(Err(r)) => from_refusal(r),
+            None => error(ErrorCode::Internal, "pool is stopping"),
+        },
+        Request::AddCanaries { bundle, items } => {
+            match shared
+                .ask(|r| Cmd::AddCanaries(peer, bundle, items, r))
+                .await
+            {
+                Some(Ok(count)) => Response::Canaries { count },
+                Some(Err(r)) => from_refusal(r),
+                None => error(ErrorCode::Internal, "pool is stopping"),
+            }
+        }
     };
     if let Response::Error { message, .. } = &resp {
         debug!(peer = %peer.short(), request = name, "refused: {message}");

@@ -9,6 +9,7 @@
 //! crash of the pool process. Blob bytes are not here: they live in a
 //! content-addressed directory (`tidepool_net::blobs`).
 
+use crate::verify::Standing;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
 use tidepool_proto::wire::{JobId, Outcome, TaskId};
@@ -52,6 +53,8 @@ pub struct PendingTask {
     pub attempt: u32,
     /// Reasons of earlier failed attempts.
     pub reasons: Vec<String>,
+    /// For a re-execution: the task whose result it checks.
+    pub check_of: Option<TaskId>,
 }
 
 /// A published bundle as stored.
@@ -97,6 +100,122 @@ pub struct TaskRow {
     pub reasons: Vec<String>,
     /// The earlier task whose result answered this one (result cache).
     pub cached_from: Option<TaskId>,
+    /// Verification state of the result.
+    pub verified: Verified,
+    /// Outcome of a challenge, if one was made.
+    pub challenge: Option<String>,
+}
+
+/// What the pool knows about a result's correctness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verified {
+    /// Not re-executed.
+    Unverified,
+    /// A re-execution is queued or running.
+    Checking,
+    /// An independent execution agreed.
+    Verified,
+    /// It was wrong and was replaced by the agreed result.
+    Replaced,
+    /// Three executions disagreed.
+    Disputed,
+    /// Its node was later caught cheating: re-checked, and not served from
+    /// the result cache until decided.
+    Suspect,
+}
+
+impl Verified {
+    fn code(self) -> i64 {
+        match self {
+            Self::Unverified => 0,
+            Self::Checking => 1,
+            Self::Verified => 2,
+            Self::Replaced => 3,
+            Self::Disputed => 4,
+            Self::Suspect => 5,
+        }
+    }
+
+    fn from_code(c: i64) -> Self {
+        match c {
+            1 => Self::Checking,
+            2 => Self::Verified,
+            3 => Self::Replaced,
+            4 => Self::Disputed,
+            5 => Self::Suspect,
+            _ => Self::Unverified,
+        }
+    }
+
+    /// The name clients see.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Unverified => "unverified",
+            Self::Checking => "checking",
+            Self::Verified => "verified",
+            Self::Replaced => "replaced",
+            Self::Disputed => "disputed",
+            Self::Suspect => "suspect",
+        }
+    }
+}
+
+/// Why a job exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobKind {
+    /// Submitted by a client.
+    User,
+    /// The pool's re-executions of one bundle's results (hidden).
+    Check,
+    /// The pool's known-answer tasks for one bundle (hidden).
+    Canary,
+}
+
+impl JobKind {
+    fn code(self) -> i64 {
+        match self {
+            Self::User => 0,
+            Self::Check => 1,
+            Self::Canary => 2,
+        }
+    }
+
+    fn from_code(c: i64) -> Self {
+        match c {
+            1 => Self::Check,
+            2 => Self::Canary,
+            _ => Self::User,
+        }
+    }
+}
+
+/// A finished (or pending) task's result and its verification facts.
+#[derive(Debug, Clone)]
+pub struct ResultRow {
+    /// The task.
+    pub task: TaskId,
+    /// Its job.
+    pub job: JobId,
+    /// `done` or not.
+    pub done: bool,
+    /// Node that produced the stored result.
+    pub node: Option<PublicKey>,
+    /// MessagePack of the outcome.
+    pub outcome: Option<Vec<u8>>,
+    /// Unix time it was stored.
+    pub done_at: u64,
+    /// Verification state.
+    pub verified: Verified,
+    /// For a re-execution: the task it checks.
+    pub check_of: Option<TaskId>,
+    /// For a canary: MessagePack of the expected outcome.
+    pub expect: Option<Vec<u8>>,
+    /// The task whose result the cache copied into this one.
+    pub cached_from: Option<TaskId>,
+    /// A challenge's state, if one was made.
+    pub challenge: Option<String>,
+    /// Index in its job.
+    pub index: u32,
 }
 
 /// Counts of one job's tasks by state.
@@ -178,6 +297,52 @@ pub trait Store: Send {
     ) -> Result<(), StoreError>;
     /// Every node's counters: (key, completed, expired).
     fn nodes(&mut self) -> Result<Vec<(PublicKey, u64, u64)>, StoreError>;
+
+    /// The hidden job of `kind` for a bundle, created on first use.
+    fn hidden_job(&mut self, bundle: &Digest, kind: JobKind) -> Result<JobId, StoreError>;
+    /// Every job's kind (jobs not listed are user jobs).
+    fn job_kinds(&mut self) -> Result<Vec<(JobId, JobKind)>, StoreError>;
+    /// Queue a re-execution of `target` in `job` (a copy of its input with
+    /// `check_of` set) and set the target's state to `mark`; one transaction.
+    fn insert_check(
+        &mut self,
+        job: JobId,
+        target: TaskId,
+        mark: Verified,
+    ) -> Result<TaskId, StoreError>;
+    /// A task's result and verification facts.
+    fn result(&mut self, task: TaskId) -> Result<Option<ResultRow>, StoreError>;
+    /// Finished re-executions of `target`, oldest first.
+    fn checks_of(&mut self, target: TaskId) -> Result<Vec<ResultRow>, StoreError>;
+    /// Set a result's verification state.
+    fn set_verified(&mut self, task: TaskId, v: Verified) -> Result<(), StoreError>;
+    /// Replace `target`'s result by `from`'s (node, outcome, receipt), mark it
+    /// replaced, and update the cache's copies of it; one transaction.
+    fn replace_result(&mut self, target: TaskId, from: TaskId) -> Result<(), StoreError>;
+    /// Record a challenge's state.
+    fn set_challenge(&mut self, task: TaskId, text: &str) -> Result<(), StoreError>;
+    /// A node's most recent results of user jobs that were never checked,
+    /// newest first.
+    fn unverified_recent(
+        &mut self,
+        node: &PublicKey,
+        limit: u32,
+    ) -> Result<Vec<TaskId>, StoreError>;
+    /// Every node's verification standing (nodes never judged are absent).
+    fn standings(&mut self) -> Result<Vec<(PublicKey, Standing)>, StoreError>;
+    /// Save a node's standing.
+    fn put_standing(&mut self, node: &PublicKey, s: &Standing) -> Result<(), StoreError>;
+    /// Add canaries (input, MessagePack of the expected outcome) for a
+    /// bundle; returns their ids.
+    fn add_canaries(
+        &mut self,
+        bundle: &Digest,
+        items: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<Vec<i64>, StoreError>;
+    /// Every canary: (id, bundle).
+    fn canaries(&mut self) -> Result<Vec<(i64, Digest)>, StoreError>;
+    /// Make a task of canary `canary` in `job`.
+    fn insert_canary_task(&mut self, job: JobId, canary: i64) -> Result<TaskId, StoreError>;
 }
 
 /// [`Store`] on an SQLite file.
@@ -227,7 +392,33 @@ CREATE TABLE IF NOT EXISTS nodes (
     completed INTEGER NOT NULL DEFAULT 0,
     expired INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS canaries (
+    id INTEGER PRIMARY KEY,
+    bundle TEXT NOT NULL REFERENCES bundles(digest),
+    input BLOB NOT NULL,
+    expect BLOB NOT NULL
+);
 "#;
+
+/// Columns added after the first release: (table, column, declaration).
+/// Files made before them get them at open.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("tasks", "cached_from", "INTEGER"),
+    ("jobs", "kind", "INTEGER NOT NULL DEFAULT 0"),
+    // The task a re-execution checks.
+    ("tasks", "check_of", "INTEGER"),
+    // Verified::code.
+    ("tasks", "verified", "INTEGER NOT NULL DEFAULT 0"),
+    // A canary task's expected outcome.
+    ("tasks", "expect", "BLOB"),
+    ("tasks", "challenge", "TEXT"),
+    // NULL: never judged (the policy's initial reputation applies).
+    ("nodes", "reputation", "INTEGER"),
+    ("nodes", "strikes", "INTEGER NOT NULL DEFAULT 0"),
+    ("nodes", "confirmed", "INTEGER NOT NULL DEFAULT 0"),
+    ("nodes", "quarantined_until", "INTEGER NOT NULL DEFAULT 0"),
+    ("nodes", "banned", "INTEGER NOT NULL DEFAULT 0"),
+];
 
 fn corrupt(what: &'static str, why: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt {
@@ -272,15 +463,20 @@ impl SqliteStore {
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        // Files from before the result cache lack its column.
-        let has: i64 = conn.query_row(
-            "SELECT COUNT(*) FROM pragma_table_info('tasks') WHERE name = 'cached_from'",
-            [],
-            |r| r.get(0),
-        )?;
-        if has == 0 {
-            conn.execute_batch("ALTER TABLE tasks ADD COLUMN cached_from INTEGER")?;
+        for (table, column, decl) in ADDED_COLUMNS {
+            let has: i64 = conn.query_row(
+                "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2",
+                [table, column],
+                |r| r.get(0),
+            )?;
+            if has == 0 {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+            }
         }
+        conn.execute_batch(
+            "CREATE INDEX IF NOT EXISTS tasks_check ON tasks(check_of) WHERE check_of IS NOT NULL;
+             CREATE INDEX IF NOT EXISTS tasks_node_done ON tasks(node, state, verified);",
+        )?;
         Ok(Self { conn })
     }
 }
@@ -313,7 +509,7 @@ impl Store for SqliteStore {
         let mut pending = Vec::new();
         {
             let mut st = tx.prepare(
-                "SELECT t.id, t.job, j.bundle, t.attempt, t.reasons FROM tasks t JOIN jobs j ON j.id = t.job
+                "SELECT t.id, t.job, j.bundle, t.attempt, t.reasons, t.check_of FROM tasks t JOIN jobs j ON j.id = t.job
                  WHERE t.state = 0 ORDER BY t.id",
             )?;
             let mut rows = st.query([])?;
@@ -326,6 +522,7 @@ impl Store for SqliteStore {
                     bundle: digest_col(&b)?,
                     attempt: r.get(3)?,
                     reasons: reasons_col(&reasons)?,
+                    check_of: r.get::<_, Option<i64>>(5)?.map(|t| t as TaskId),
                 });
             }
         }
@@ -383,7 +580,8 @@ impl Store for SqliteStore {
             )?;
             let mut hit = tx.prepare(
                 "SELECT t.id, t.attempt, t.node, t.outcome, t.receipt FROM tasks t JOIN jobs j ON j.id = t.job
-                 WHERE t.input_digest = ?1 AND j.bundle = ?2 AND t.state = 2 AND t.cached_from IS NULL LIMIT 1",
+                 WHERE t.input_digest = ?1 AND j.bundle = ?2 AND t.state = 2 AND t.cached_from IS NULL
+                   AND j.kind = 0 AND t.verified IN (0, 1, 2, 3) LIMIT 1",
             )?;
             let mut cached = tx.prepare(
                 "INSERT INTO tasks (job, idx, input, input_digest, state, attempt, node, outcome, receipt, done_at, cached_from)
@@ -580,8 +778,10 @@ impl Store for SqliteStore {
 
     fn tasks(&mut self, job: JobId, from: u32, limit: u32) -> Result<Vec<TaskRow>, StoreError> {
         let mut st = self.conn.prepare_cached(
-            "SELECT idx, id, state, attempt, outcome, node, reasons, cached_from FROM tasks
-             WHERE job = ?1 AND idx >= ?2 ORDER BY idx LIMIT ?3",
+            "SELECT t.idx, t.id, t.state, t.attempt, t.outcome, t.node, t.reasons, t.cached_from,
+                    COALESCE(s.verified, t.verified), COALESCE(s.challenge, t.challenge)
+             FROM tasks t LEFT JOIN tasks s ON s.id = t.cached_from
+             WHERE t.job = ?1 AND t.idx >= ?2 ORDER BY t.idx LIMIT ?3",
         )?;
         let mut rows = st.query(params![job as i64, from, limit])?;
         let mut out = Vec::new();
@@ -606,6 +806,8 @@ impl Store for SqliteStore {
                 },
                 reasons: reasons_col(&reasons)?,
                 cached_from: r.get::<_, Option<i64>>(7)?.map(|t| t as TaskId),
+                verified: Verified::from_code(r.get(8)?),
+                challenge: r.get(9)?,
             });
         }
         Ok(out)
@@ -642,4 +844,262 @@ impl Store for SqliteStore {
         }
         Ok(out)
     }
+
+    fn hidden_job(&mut self, bundle: &Digest, kind: JobKind) -> Result<JobId, StoreError> {
+        let key = format!(
+            "tidepool/{}/{bundle}",
+            match kind {
+                JobKind::User => "user",
+                JobKind::Check => "check",
+                JobKind::Canary => "canary",
+            }
+        );
+        let tx = self.conn.transaction()?;
+        let id: Option<i64> = tx
+            .query_row("SELECT id FROM jobs WHERE key = ?1", [&key], |r| r.get(0))
+            .optional()?;
+        let id = match id {
+            Some(id) => id,
+            None => {
+                tx.execute(
+                    "INSERT INTO jobs (bundle, key, created_at, kind) VALUES (?1, ?2, 0, ?3)",
+                    params![bundle.to_string(), key, kind.code()],
+                )?;
+                tx.last_insert_rowid()
+            }
+        };
+        tx.commit()?;
+        Ok(id as JobId)
+    }
+
+    fn job_kinds(&mut self) -> Result<Vec<(JobId, JobKind)>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, kind FROM jobs WHERE kind != 0")?;
+        let v = st
+            .query_map([], |r| {
+                Ok((r.get::<_, i64>(0)? as JobId, JobKind::from_code(r.get(1)?)))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(v)
+    }
+
+    fn insert_check(
+        &mut self,
+        job: JobId,
+        target: TaskId,
+        mark: Verified,
+    ) -> Result<TaskId, StoreError> {
+        let tx = self.conn.transaction()?;
+        let id = {
+            let mut ins = tx.prepare_cached(
+                "INSERT INTO tasks (job, idx, input, input_digest, check_of)
+                 SELECT ?1, (SELECT COALESCE(MAX(idx) + 1, 0) FROM tasks WHERE job = ?1), input, input_digest, id
+                 FROM tasks WHERE id = ?2",
+            )?;
+            if ins.execute(params![job as i64, target as i64])? != 1 {
+                return Err(corrupt("task", format!("no task {target} to check")));
+            }
+            let id = tx.last_insert_rowid();
+            tx.prepare_cached("UPDATE tasks SET verified = ?2 WHERE id = ?1")?
+                .execute(params![target as i64, mark.code()])?;
+            id
+        };
+        tx.commit()?;
+        Ok(id as TaskId)
+    }
+
+    fn result(&mut self, task: TaskId) -> Result<Option<ResultRow>, StoreError> {
+        let mut st = self.conn.prepare_cached(RESULT_SELECT_BY_ID)?;
+        let row = st
+            .query_row([task as i64], result_row)
+            .optional()?
+            .transpose()?;
+        Ok(row)
+    }
+
+    fn checks_of(&mut self, target: TaskId) -> Result<Vec<ResultRow>, StoreError> {
+        let mut st = self.conn.prepare_cached(RESULT_SELECT_CHECKS)?;
+        let rows = st
+            .query_map([target as i64], result_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().collect()
+    }
+
+    fn set_verified(&mut self, task: TaskId, v: Verified) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("UPDATE tasks SET verified = ?2 WHERE id = ?1")?
+            .execute(params![task as i64, v.code()])?;
+        Ok(())
+    }
+
+    fn replace_result(&mut self, target: TaskId, from: TaskId) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "UPDATE tasks SET (node, outcome, receipt) =
+                (SELECT node, outcome, receipt FROM tasks WHERE id = ?2), verified = 3
+             WHERE id = ?1",
+            params![target as i64, from as i64],
+        )?;
+        // The cache's copies carry the same result.
+        tx.execute(
+            "UPDATE tasks SET (node, outcome, receipt) =
+                (SELECT node, outcome, receipt FROM tasks WHERE id = ?1)
+             WHERE cached_from = ?1",
+            params![target as i64],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn set_challenge(&mut self, task: TaskId, text: &str) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("UPDATE tasks SET challenge = ?2 WHERE id = ?1")?
+            .execute(params![task as i64, text])?;
+        Ok(())
+    }
+
+    fn unverified_recent(
+        &mut self,
+        node: &PublicKey,
+        limit: u32,
+    ) -> Result<Vec<TaskId>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT t.id FROM tasks t JOIN jobs j ON j.id = t.job
+             WHERE t.node = ?1 AND t.state = 2 AND t.verified = 0 AND t.cached_from IS NULL AND j.kind = 0
+             ORDER BY t.id DESC LIMIT ?2",
+        )?;
+        let v = st
+            .query_map(params![node.to_string(), limit], |r| {
+                Ok(r.get::<_, i64>(0)? as TaskId)
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(v)
+    }
+
+    fn standings(&mut self) -> Result<Vec<(PublicKey, Standing)>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT key, reputation, strikes, confirmed, quarantined_until, banned FROM nodes
+             WHERE reputation IS NOT NULL",
+        )?;
+        let mut rows = st.query([])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let k: String = r.get(0)?;
+            out.push((
+                PublicKey::parse(&k).map_err(|e| corrupt("node key", e))?,
+                Standing {
+                    reputation: r.get(1)?,
+                    strikes: r.get(2)?,
+                    confirmed: r.get::<_, i64>(3)? as u64,
+                    quarantined_until: r.get::<_, i64>(4)? as u64,
+                    banned: r.get(5)?,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    fn put_standing(&mut self, node: &PublicKey, s: &Standing) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO nodes (key, first_seen, last_seen, reputation, strikes, confirmed, quarantined_until, banned)
+                 VALUES (?1, 0, 0, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(key) DO UPDATE SET reputation = ?2, strikes = ?3, confirmed = ?4,
+                    quarantined_until = ?5, banned = ?6",
+            )?
+            .execute(params![
+                node.to_string(),
+                s.reputation,
+                s.strikes,
+                s.confirmed as i64,
+                s.quarantined_until as i64,
+                s.banned
+            ])?;
+        Ok(())
+    }
+
+    fn add_canaries(
+        &mut self,
+        bundle: &Digest,
+        items: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<Vec<i64>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut ids = Vec::with_capacity(items.len());
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO canaries (bundle, input, expect) VALUES (?1, ?2, ?3)",
+            )?;
+            let b = bundle.to_string();
+            for (input, expect) in items {
+                st.execute(params![b, input, expect])?;
+                ids.push(tx.last_insert_rowid());
+            }
+        }
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    fn canaries(&mut self) -> Result<Vec<(i64, Digest)>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, bundle FROM canaries ORDER BY id")?;
+        let mut rows = st.query([])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let b: String = r.get(1)?;
+            out.push((r.get(0)?, digest_col(&b)?));
+        }
+        Ok(out)
+    }
+
+    fn insert_canary_task(&mut self, job: JobId, canary: i64) -> Result<TaskId, StoreError> {
+        let input: Vec<u8> = self
+            .conn
+            .query_row("SELECT input FROM canaries WHERE id = ?1", [canary], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .ok_or_else(|| corrupt("canary", format!("no canary {canary}")))?;
+        let digest = Digest::of(&input);
+        self.conn
+            .prepare_cached(
+                "INSERT INTO tasks (job, idx, input, input_digest, expect)
+                 SELECT ?1, (SELECT COALESCE(MAX(idx) + 1, 0) FROM tasks WHERE job = ?1), input, ?3, expect
+                 FROM canaries WHERE id = ?2",
+            )?
+            .execute(params![job as i64, canary, digest.0.as_slice()])?;
+        Ok(self.conn.last_insert_rowid() as TaskId)
+    }
+}
+
+const RESULT_SELECT_BY_ID: &str = "SELECT id, job, state, node, outcome, COALESCE(done_at, 0), verified, check_of, expect, cached_from, challenge, idx FROM tasks WHERE id = ?1";
+const RESULT_SELECT_CHECKS: &str = "SELECT id, job, state, node, outcome, COALESCE(done_at, 0), verified, check_of, expect, cached_from, challenge, idx FROM tasks WHERE check_of = ?1 AND state = 2 ORDER BY id";
+
+/// Read a row selected by [`RESULT_SELECT_BY_ID`] or [`RESULT_SELECT_CHECKS`].
+fn result_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<ResultRow, StoreError>> {
+    let node: Option<String> = r.get(3)?;
+    let state: i64 = r.get(2)?;
+    let node = match node
+        .filter(|_| state >= 1)
+        .map(|n| PublicKey::parse(&n).map_err(|e| corrupt("node key", e)))
+        .transpose()
+    {
+        Ok(n) => n,
+        Err(e) => return Ok(Err(e)),
+    };
+    Ok(Ok(ResultRow {
+        task: r.get::<_, i64>(0)? as TaskId,
+        job: r.get::<_, i64>(1)? as JobId,
+        done: state == 2,
+        node,
+        outcome: r.get(4)?,
+        done_at: r.get::<_, i64>(5)? as u64,
+        verified: Verified::from_code(r.get(6)?),
+        check_of: r.get::<_, Option<i64>>(7)?.map(|t| t as TaskId),
+        expect: r.get(8)?,
+        cached_from: r.get::<_, Option<i64>>(9)?.map(|t| t as TaskId),
+        challenge: r.get(10)?,
+        index: r.get(11)?,
+    }))
 }

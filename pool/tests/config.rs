@@ -30,11 +30,50 @@ fn pool_file_defaults_overrides_and_errors() {
     assert_eq!(f.durability(), Ok(Durability::PowerLoss));
     assert_eq!(f.policy().admission, Admission::Allowlist([node].into()));
 
+    // Verification policy: documented defaults, then overrides.
+    let v = d.policy().verify;
+    assert_eq!(
+        (
+            v.initial_reputation,
+            v.step,
+            v.quarantine,
+            v.ban_after,
+            v.lookback
+        ),
+        (10_000, 50, Duration::from_secs(600), 3, 256)
+    );
+    std::fs::write(
+        &path,
+        format!("[verification]\ninitial_reputation = 0\nstep = 10\nquarantine_secs = 5\nban_after_strikes = 2\ntrusted = [\"{node}\"]\ncanary_rate = 0.5\n"),
+    )
+    .expect("write");
+    let v = PoolFile::read(&path).expect("read").policy().verify;
+    assert_eq!(
+        (
+            v.initial_reputation,
+            v.step,
+            v.quarantine,
+            v.ban_after,
+            v.canary_rate
+        ),
+        (0, 10, Duration::from_secs(5), 2, 0.5)
+    );
+    assert!(v.trusted.contains(&node));
+
     for (text, needle) in [
         ("heartbeat_ms = 20000\n", "shorter than lease_ttl_secs"),
         ("durability = \"maybe\"\n", "\"maybe\" is not"),
         ("lease_tll_secs = 3\n", "unknown field `lease_tll_secs`"),
         ("nodes = [\"ed25519:nope\"]\n", "not a tidepool public key"),
+        (
+            "[verification]\ninitial_reputation = 20000\n",
+            "initial_reputation (20000) must be at most 10000",
+        ),
+        (
+            "[verification]\ncanary_rate = 2.0\n",
+            "canary_rate (2) must be between 0 and 1",
+        ),
+        ("[verification]\nsteps = 5\n", "unknown field `steps`"),
     ] {
         std::fs::write(&path, text).expect("write");
         let err = PoolFile::read(&path).expect_err(text).to_string();

@@ -178,8 +178,9 @@ impl Determinism {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VerificationPolicy {
-    /// Reputation-based sampling (`reputation`) or re-execute every result
-    /// (`always`).
+    /// Reputation-based sampling (`reputation`), re-execute every result
+    /// (`always`: 2x redundancy), or take results on trust (`none`:
+    /// only challenges and canaries check them).
     #[serde(default = "VerificationPolicy::default_sampling")]
     pub sampling: String,
     /// How long after a result the submitter may challenge it, seconds.
@@ -195,11 +196,11 @@ impl VerificationPolicy {
         7 * 24 * 3600
     }
     fn validate(&self) -> Result<(), ManifestError> {
-        if !matches!(self.sampling.as_str(), "reputation" | "always") {
+        if !matches!(self.sampling.as_str(), "reputation" | "always" | "none") {
             return Err(invalid(
                 "verification.sampling",
                 format!(
-                    "{:?} is not one of \"reputation\", \"always\"",
+                    "{:?} is not one of \"reputation\", \"always\", \"none\"",
                     self.sampling
                 ),
             ));

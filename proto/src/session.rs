@@ -361,6 +361,8 @@ pub fn request_name(r: &Request) -> &'static str {
         Request::JobStatus { .. } => "JobStatus",
         Request::JobResults { .. } => "JobResults",
         Request::PoolStatus => "PoolStatus",
+        Request::Challenge { .. } => "Challenge",
+        Request::AddCanaries { .. } => "AddCanaries",
     }
 }
 

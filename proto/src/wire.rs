@@ -76,6 +76,14 @@ pub struct Capabilities {
     /// Whether the node's owner fetches models from the pool (otherwise only
     /// tasks whose models are in `models` are sent).
     pub fetch_models: bool,
+    /// The key of the person or organisation running the node, when it
+    /// says: re-executions go to a node of another operator.
+    #[serde(default)]
+    pub operator: Option<PublicKey>,
+    /// Hardware class (`x86_64 AMD EPYC 7B13, 2 cores`): re-executions
+    /// prefer another class, so a fault of one kind of machine shows up.
+    #[serde(default)]
+    pub hardware: Option<String>,
 }
 
 /// A request, the first frame on a stream.
@@ -164,6 +172,29 @@ pub enum Request {
     },
     /// The pool's nodes, queue and dead letters.
     PoolStatus,
+    /// The submitter disputes a result: the pool re-executes the task on
+    /// another node (within the bundle's challenge window).
+    Challenge {
+        /// The task whose result is disputed.
+        task: TaskId,
+    },
+    /// The pool owner adds known-answer tasks for a bundle; they are handed
+    /// out among ordinary tasks and a wrong answer counts as a mismatch.
+    AddCanaries {
+        /// The bundle they run.
+        bundle: Digest,
+        /// Inputs with their known outcomes.
+        items: Vec<Canary>,
+    },
+}
+
+/// A known-answer task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Canary {
+    /// The input.
+    pub input: Bytes,
+    /// The outcome an honest node produces.
+    pub expect: Outcome,
 }
 
 /// A task given to a node under a lease.
@@ -265,6 +296,15 @@ pub struct TaskRecord {
     /// this is (its node and receipt are that task's).
     #[serde(default)]
     pub cached_from: Option<TaskId>,
+    /// Whether the result was checked: `unverified`, `checking`,
+    /// `verified` (an independent execution agreed), `replaced` (the first
+    /// result was wrong and was replaced by the agreed one) or `disputed`
+    /// (three executions disagreed). Empty until done.
+    #[serde(default)]
+    pub verification: String,
+    /// The outcome of a challenge, if one was made.
+    #[serde(default)]
+    pub challenge: Option<String>,
 }
 
 /// One node as the pool sees it.
@@ -284,6 +324,27 @@ pub struct NodeStatus {
     pub completed: u64,
     /// Leases it let expire.
     pub expired: u64,
+    /// Reputation in [0, 10000]; higher is checked more.
+    #[serde(default)]
+    pub reputation: u32,
+    /// Share of its results re-executed: max(1, reputation) / 10000.
+    #[serde(default)]
+    pub sampling: f64,
+    /// Results confirmed by re-execution or canaries.
+    #[serde(default)]
+    pub confirmed: u64,
+    /// Times caught with a wrong result.
+    #[serde(default)]
+    pub strikes: u32,
+    /// Unix time until which it gets no tasks (0: not quarantined).
+    #[serde(default)]
+    pub quarantined_until: u64,
+    /// Refused for good after too many strikes.
+    #[serde(default)]
+    pub banned: bool,
+    /// A pool-owned node (preferred to decide disagreements).
+    #[serde(default)]
+    pub trusted: bool,
 }
 
 /// The whole pool.
@@ -301,6 +362,26 @@ pub struct PoolSummary {
     pub dead: u64,
     /// Jobs.
     pub jobs: Vec<JobSummary>,
+    /// What verification did since the pool started.
+    #[serde(default)]
+    pub verification: VerificationStats,
+}
+
+/// Counters of the pool's verification.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerificationStats {
+    /// Re-executions queued or running.
+    pub pending: u64,
+    /// Re-executions finished (including tie-breaks and challenges).
+    pub executed: u64,
+    /// Results confirmed.
+    pub confirmed: u64,
+    /// Disagreements found.
+    pub mismatches: u64,
+    /// Results replaced by the agreed one.
+    pub replaced: u64,
+    /// Canaries answered (right or wrong).
+    pub canaries: u64,
 }
 
 /// Error codes a pool returns.
@@ -386,6 +467,23 @@ pub enum Response {
     Records(Vec<TaskRecord>),
     /// Answer to `PoolStatus`.
     Pool(PoolSummary),
+    /// Answer to `Challenge`: where the check stands.
+    Challenged {
+        /// The task checked (the original when a cached copy was named).
+        task: TaskId,
+        /// The job of the task named in the challenge (its record shows the
+        /// outcome).
+        job: JobId,
+        /// That task's index in its job.
+        index: u32,
+        /// `pending`, or the outcome if it was already decided.
+        state: String,
+    },
+    /// Answer to `AddCanaries`: how many the bundle has now.
+    Canaries {
+        /// Canaries stored for the bundle.
+        count: u32,
+    },
     /// Plain success (`Draining`).
     Ok,
     /// The request failed.

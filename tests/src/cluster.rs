@@ -109,6 +109,9 @@ pub fn node_config(dir: &Path, keys: &Keys, i: u8, pool: SocketAddr) -> NodeConf
         memory_mib: 512,
         publishers: BTreeSet::from([keys.publisher.public()]),
         fetch_models: true,
+        operator: None,
+        hardware: None,
+        tamper: None,
     }
 }
 
@@ -128,13 +131,23 @@ pub fn start_node(cfg: NodeConfig) -> TestNode {
 
 /// Write a `tidepool.toml` for the embed job into `dir` and pack it.
 pub fn embed_bundle(dir: &Path, keys: &Keys, version: &str) -> Result<(PathBuf, BundleFile)> {
+    embed_bundle_with(dir, keys, version, "")
+}
+
+/// [`embed_bundle`] with extra manifest tables (e.g. `[verification]`).
+pub fn embed_bundle_with(
+    dir: &Path,
+    keys: &Keys,
+    version: &str,
+    extra: &str,
+) -> Result<(PathBuf, BundleFile)> {
     std::fs::create_dir_all(dir)?;
     let manifest = dir.join("tidepool.toml");
     let entry = tidepool_host::models::catalog_entry("minilm-l3")?;
     std::fs::write(
         &manifest,
         format!(
-            "name = \"embed\"\nversion = \"{version}\"\ncomponent = \"{}\"\n\n[models.minilm-l3]\nencoding = \"onnx\"\nsource = \"{}\"\nsha256 = \"{}\"\n\n[limits]\nmemory_mib = 256\ntimeout_ms = 20000\n",
+            "name = \"embed\"\nversion = \"{version}\"\ncomponent = \"{}\"\n\n[models.minilm-l3]\nencoding = \"onnx\"\nsource = \"{}\"\nsha256 = \"{}\"\n\n[limits]\nmemory_mib = 256\ntimeout_ms = 20000\n\n{extra}",
             jobs_dir().join("embed.wasm").display(),
             model_path("minilm-l3").display(),
             entry.sha256,

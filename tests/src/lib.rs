@@ -6,6 +6,7 @@
 
 use anyhow::{Context, Result};
 
+pub mod adversary;
 pub mod cluster;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -159,6 +160,25 @@ pub fn corpus(n: usize) -> Result<Vec<String>> {
     );
     items.truncate(n);
     Ok(items)
+}
+
+/// `n` distinct real texts for large runs: the whole [`corpus`], then
+/// pairs of its items joined by a space (the fortunes files hold ~2,200
+/// distinct texts; the result cache would answer repeats without compute).
+pub fn many_texts(n: usize) -> Result<Vec<String>> {
+    let base = corpus(2000)?;
+    let mut out: Vec<String> = base.iter().take(n).cloned().collect();
+    let mut k = 1;
+    while out.len() < n {
+        for (i, t) in base.iter().enumerate() {
+            if out.len() >= n {
+                break;
+            }
+            out.push(format!("{t} {}", base[(i + k) % base.len()]));
+        }
+        k += 1;
+    }
+    Ok(out)
 }
 
 /// Embedding output of the embed job.

@@ -52,9 +52,11 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Dispute a result: the pool re-executes the task on another node.
+    Challenge(super::challenge::Args),
 }
 
-fn bundle_digest(s: &str) -> anyhow::Result<Digest> {
+pub fn bundle_digest(s: &str) -> anyhow::Result<Digest> {
     if let Ok(d) = Digest::parse(s) {
         return Ok(d);
     }
@@ -131,6 +133,7 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
                 anyhow::Ok(())
             })?;
         }
+        Command::Challenge(a) => super::challenge::main(a)?,
         Command::Status { job, pool, json } => {
             let s = pool.call(|c| async move { Ok(c.job_status(job).await?) })?;
             if json {
@@ -148,8 +151,8 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
             if !json {
                 let _ = writeln!(
                     out,
-                    "{:>6} {:<7} {:>3} {:<9} result",
-                    "index", "state", "try", "node"
+                    "{:>6} {:>7} {:<7} {:>3} {:<9} {:<10} result",
+                    "index", "task", "state", "try", "node", "checked"
                 );
                 for r in records {
                     let result = match &r.outcome {
@@ -174,8 +177,8 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
                     };
                     if writeln!(
                         out,
-                        "{:>6} {:<7} {:>3} {:<9} {result}",
-                        r.index, r.state, r.attempts, node
+                        "{:>6} {:>7} {:<7} {:>3} {:<9} {:<10} {result}",
+                        r.index, r.task, r.state, r.attempts, node, r.verification
                     )
                     .is_err()
                     {
@@ -211,6 +214,12 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
                 }
                 if let Some(t) = r.cached_from {
                     line["cached_from"] = t.into();
+                }
+                if !r.verification.is_empty() {
+                    line["verification"] = r.verification.into();
+                }
+                if let Some(c) = r.challenge {
+                    line["challenge"] = c.into();
                 }
                 // A closed pipe (`| head`) ends the listing quietly.
                 if writeln!(out, "{line}").is_err() {

@@ -1,5 +1,7 @@
 //! One module per verb.
 pub mod bundle;
+pub mod canary;
+pub mod challenge;
 pub mod common;
 pub mod demo;
 pub mod job;

@@ -12,7 +12,9 @@ use tidepool_proto::PublicKey;
 pub enum Command {
     /// Run a pool: the QUIC server and its SQLite store.
     Serve(ServeArgs),
-    /// Nodes, queue depth, dead letters and jobs.
+    /// Add known-answer tasks (canaries) for a bundle from a trusted job's results.
+    Canary(super::canary::Args),
+    /// Nodes (with reputation, sampling rate, strikes), queue depth, dead letters and jobs.
     Status {
         #[command(flatten)]
         pool: PoolArgs,
@@ -87,6 +89,10 @@ fn serve_main(a: ServeArgs) -> anyhow::Result<ExitCode> {
 pub fn main(c: Command) -> anyhow::Result<ExitCode> {
     match c {
         Command::Serve(a) => serve_main(a),
+        Command::Canary(a) => {
+            super::canary::main(a)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status { pool, json } => {
             let s = pool.call(|c| async move { Ok(c.pool_status().await?) })?;
             if json {
@@ -96,20 +102,49 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
                     "queue: {} queued, {} running, {} done, {} dead-lettered",
                     s.queued, s.leased, s.done, s.dead
                 );
+                let v = &s.verification;
                 println!(
-                    "{:<10} {:<9} {:>7} {:>8} {:>10} {:>8}",
-                    "node", "state", "uptime", "running", "completed", "expired"
+                    "verification: {} re-executions run, {} pending; {} confirmed, {} mismatches, {} replaced, {} canaries",
+                    v.executed, v.pending, v.confirmed, v.mismatches, v.replaced, v.canaries
                 );
+                println!(
+                    "{:<10} {:<11} {:>7} {:>8} {:>10} {:>8} {:>6} {:>8} {:>7}",
+                    "node",
+                    "state",
+                    "uptime",
+                    "running",
+                    "completed",
+                    "expired",
+                    "rep",
+                    "sampled",
+                    "strikes"
+                );
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
                 for n in &s.nodes {
+                    let state = if n.banned {
+                        "banned".to_owned()
+                    } else if n.quarantined_until > now {
+                        format!("quarantine {}s", n.quarantined_until - now)
+                    } else if n.connected {
+                        "connected".to_owned()
+                    } else {
+                        "gone".to_owned()
+                    };
                     println!(
-                        "{:<10} {:<9} {:>6.1}% {:>4}/{:<3} {:>10} {:>8}",
+                        "{:<10} {:<11} {:>6.1}% {:>4}/{:<3} {:>10} {:>8} {:>6} {:>7.2}% {:>7}{}",
                         n.key.short(),
-                        if n.connected { "connected" } else { "gone" },
+                        state,
                         n.uptime * 100.0,
                         n.running,
                         n.slots,
                         n.completed,
-                        n.expired
+                        n.expired,
+                        n.reputation,
+                        n.sampling * 100.0,
+                        n.strikes,
+                        if n.trusted { " trusted" } else { "" }
                     );
                 }
                 for j in &s.jobs {

@@ -1,0 +1,358 @@
+//! Verification policy and its pure parts: node standing (reputation,
+//! strikes, quarantine), the audit draw, and how two outcomes are compared
+//! under a bundle's determinism tier.
+//!
+//! The coordinator decides *when* to re-execute; this module says *how
+//! often* (`s = max(1, r) / 10000`), *with what randomness* (a keyed hash of
+//! the lease the node cannot compute, drawn after its receipt has committed
+//! to the output digest) and *whether two results agree*. It never touches
+//! the store or the queues.
+
+use sha2::{Digest as _, Sha256};
+use std::collections::BTreeSet;
+use std::time::Duration;
+use tidepool_proto::manifest::Determinism;
+use tidepool_proto::wire::{LeaseId, Outcome};
+use tidepool_proto::PublicKey;
+
+/// Reputation scale: a node at `FULL` has every result re-executed.
+pub const FULL: u32 = 10_000;
+
+/// The pool owner's verification policy (`[verification]` in `pool.toml`).
+#[derive(Debug, Clone)]
+pub struct VerifyPolicy {
+    /// Reputation of a node never seen before (`10000`: every result checked).
+    pub initial_reputation: u32,
+    /// How much each confirmed result lowers reputation (`50`: ~200
+    /// confirmed results take a new node to the floor of 0.01% sampling).
+    pub step: u32,
+    /// How long a node caught with a wrong result gets no new tasks.
+    pub quarantine: Duration,
+    /// Strikes after which a node is banned for good (refused at hello).
+    pub ban_after: u32,
+    /// How many of a caught node's most recent unverified results are
+    /// re-checked.
+    pub lookback: u32,
+    /// Pool-owned nodes, preferred for deciding executions.
+    pub trusted: BTreeSet<PublicKey>,
+    /// Chance that a lease grant also carries a canary (known-answer task),
+    /// when canaries exist that the node has not been given.
+    pub canary_rate: f64,
+    /// Secret for the audit draw; `None`: a random one per process. Tests
+    /// fix it to make runs reproducible.
+    pub secret: Option<[u8; 32]>,
+}
+
+impl Default for VerifyPolicy {
+    /// New nodes at 10000, −50 per confirmed result, 10 minutes of
+    /// quarantine, banned at the 3rd strike, look back 256 results, no
+    /// trusted nodes, canaries on 1% of grants.
+    fn default() -> Self {
+        Self {
+            initial_reputation: FULL,
+            step: 50,
+            quarantine: Duration::from_secs(600),
+            ban_after: 3,
+            lookback: 256,
+            trusted: BTreeSet::new(),
+            canary_rate: 0.01,
+            secret: None,
+        }
+    }
+}
+
+/// A node's verification record; persisted in the store's `nodes` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    /// Reputation in `[0, 10000]`: higher means checked more often.
+    pub reputation: u32,
+    /// Times caught with a wrong result.
+    pub strikes: u32,
+    /// Results confirmed by an independent execution or a canary.
+    pub confirmed: u64,
+    /// Unix time until which the node gets no new tasks (0: none).
+    pub quarantined_until: u64,
+    /// Refused for good.
+    pub banned: bool,
+}
+
+impl Standing {
+    /// A node seen for the first time.
+    pub fn new(policy: &VerifyPolicy) -> Self {
+        Self {
+            reputation: policy.initial_reputation.min(FULL),
+            strikes: 0,
+            confirmed: 0,
+            quarantined_until: 0,
+            banned: false,
+        }
+    }
+
+    /// Share of results re-executed: `max(1, r) / 10000`.
+    pub fn sampling_rate(&self) -> f64 {
+        f64::from(self.reputation.max(1)) / f64::from(FULL)
+    }
+
+    /// A result of this node was confirmed.
+    pub fn confirm(&mut self, policy: &VerifyPolicy) {
+        self.reputation = self.reputation.saturating_sub(policy.step);
+        self.confirmed += 1;
+    }
+
+    /// The node was caught: reputation back to full, a strike, quarantine,
+    /// and a ban at `ban_after` strikes.
+    pub fn strike(&mut self, policy: &VerifyPolicy, now_unix: u64) {
+        self.reputation = FULL;
+        self.strikes += 1;
+        self.quarantined_until = now_unix + policy.quarantine.as_secs();
+        if self.strikes >= policy.ban_after {
+            self.banned = true;
+        }
+    }
+}
+
+/// The audit draw for one result: a number in `[0, 1)` from a keyed hash of
+/// the lease and node. The node cannot predict it (it lacks `secret`), and
+/// the pool draws it only after the signed receipt has committed to the
+/// output, so the node cannot choose to be honest only when checked.
+pub fn audit_draw(secret: &[u8; 32], lease: LeaseId, node: &PublicKey) -> f64 {
+    let mut h = Sha256::new();
+    h.update(b"tidepool/audit/v1");
+    h.update(secret);
+    h.update(lease.task.to_be_bytes());
+    h.update(lease.attempt.to_be_bytes());
+    h.update(node.0);
+    let d = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&d[..8]);
+    // 53 random bits → a uniformly spaced f64 in [0, 1).
+    (u64::from_be_bytes(first) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Do two outcomes of the same task agree under `tier`?
+///
+/// - `exact` (and `llm` until its own check exists): same bytes.
+/// - `tolerance`: job errors must be equal; outputs that are both JSON are
+///   walked together (same structure, equal strings, numbers within `abs`
+///   or `rel`, arrays of numbers also within `cosine`); outputs that are not
+///   JSON but a whole number of little-endian `f32`s are compared as one
+///   vector; anything else must be the same bytes.
+pub fn agree(tier: &Determinism, a: &Outcome, b: &Outcome) -> bool {
+    match (tier, a, b) {
+        (Determinism::Tolerance { abs, rel, cosine }, Outcome::Output(x), Outcome::Output(y)) => {
+            let t = Tol {
+                abs: abs.as_deref().and_then(|v| v.parse().ok()),
+                rel: rel.as_deref().and_then(|v| v.parse().ok()),
+                cosine: cosine.as_deref().and_then(|v| v.parse().ok()),
+            };
+            if x.0 == y.0 {
+                return true;
+            }
+            match (
+                serde_json::from_slice::<serde_json::Value>(&x.0),
+                serde_json::from_slice::<serde_json::Value>(&y.0),
+            ) {
+                (Ok(x), Ok(y)) => t.json(&x, &y),
+                (Err(_), Err(_)) if x.0.len() == y.0.len() && x.0.len() % 4 == 0 => {
+                    let f = |b: &[u8]| -> Vec<f64> {
+                        b.chunks_exact(4)
+                            .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                            .collect()
+                    };
+                    t.vector(&f(&x.0), &f(&y.0))
+                }
+                _ => false,
+            }
+        }
+        _ => a == b,
+    }
+}
+
+/// Parsed tolerance thresholds.
+#[derive(Debug, Clone, Copy)]
+struct Tol {
+    abs: Option<f64>,
+    rel: Option<f64>,
+    cosine: Option<f64>,
+}
+
+impl Tol {
+    fn number(&self, x: f64, y: f64) -> bool {
+        let d = (x - y).abs();
+        // With only a cosine threshold, elements are judged by the cosine.
+        if self.abs.is_none() && self.rel.is_none() {
+            return x.is_finite() == y.is_finite();
+        }
+        self.abs.is_some_and(|a| d <= a) || self.rel.is_some_and(|r| d <= r * x.abs().max(y.abs()))
+    }
+
+    fn vector(&self, x: &[f64], y: &[f64]) -> bool {
+        if x.len() != y.len() || !x.iter().zip(y).all(|(a, b)| self.number(*a, *b)) {
+            return false;
+        }
+        match self.cosine {
+            None => true,
+            Some(min) => {
+                let dot: f64 = x.iter().zip(y).map(|(a, b)| a * b).sum();
+                let nx: f64 = x.iter().map(|a| a * a).sum::<f64>().sqrt();
+                let ny: f64 = y.iter().map(|b| b * b).sum::<f64>().sqrt();
+                if nx == 0.0 || ny == 0.0 {
+                    return nx == ny;
+                }
+                dot / (nx * ny) >= min
+            }
+        }
+    }
+
+    fn json(&self, x: &serde_json::Value, y: &serde_json::Value) -> bool {
+        use serde_json::Value as V;
+        match (x, y) {
+            (V::Number(a), V::Number(b)) => match (a.as_f64(), b.as_f64()) {
+                (Some(a), Some(b)) => self.number(a, b),
+                _ => a == b,
+            },
+            (V::Array(a), V::Array(b)) => {
+                if a.len() != b.len() {
+                    return false;
+                }
+                let nums: Option<(Vec<f64>, Vec<f64>)> = a
+                    .iter()
+                    .zip(b)
+                    .map(|(p, q)| Some((p.as_f64()?, q.as_f64()?)))
+                    .collect::<Option<Vec<_>>>()
+                    .map(|v| v.into_iter().unzip());
+                match nums {
+                    Some((p, q)) if !p.is_empty() => self.vector(&p, &q),
+                    _ => a.iter().zip(b).all(|(p, q)| self.json(p, q)),
+                }
+            }
+            (V::Object(a), V::Object(b)) => {
+                a.len() == b.len()
+                    && a.iter()
+                        .all(|(k, v)| b.get(k).is_some_and(|w| self.json(v, w)))
+            }
+            _ => x == y,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidepool_proto::wire::Bytes;
+
+    fn out(s: &str) -> Outcome {
+        Outcome::Output(Bytes(s.as_bytes().to_vec()))
+    }
+
+    fn tol(abs: Option<&str>, rel: Option<&str>, cosine: Option<&str>) -> Determinism {
+        Determinism::Tolerance {
+            abs: abs.map(Into::into),
+            rel: rel.map(Into::into),
+            cosine: cosine.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn exact_needs_the_same_bytes() {
+        assert!(agree(&Determinism::Exact, &out("[1.0]"), &out("[1.0]")));
+        assert!(!agree(&Determinism::Exact, &out("[1.0]"), &out("[1.00]")));
+    }
+
+    #[test]
+    fn tolerance_compares_numbers_structure_and_cosine() {
+        let t = tol(Some("1e-5"), None, Some("0.9999"));
+        let a = out(r#"{"embeddings":[[0.6,0.8]],"model":"m"}"#);
+        let near = out(r#"{"embeddings":[[0.600001,0.799999]],"model":"m"}"#);
+        let far = out(r#"{"embeddings":[[0.8,0.6]],"model":"m"}"#);
+        let renamed = out(r#"{"embeddings":[[0.6,0.8]],"model":"other"}"#);
+        let short = out(r#"{"embeddings":[[0.6]],"model":"m"}"#);
+        assert!(agree(&t, &a, &near));
+        assert!(!agree(&t, &a, &far));
+        assert!(!agree(&t, &a, &renamed));
+        assert!(!agree(&t, &a, &short));
+        // Cosine alone: a scaled vector agrees, a rotated one does not.
+        let c = tol(None, None, Some("0.9999"));
+        assert!(agree(&c, &out("[3,4]"), &out("[6,8]")));
+        assert!(!agree(&c, &out("[3,4]"), &out("[4,3]")));
+        // Relative.
+        let r = tol(None, Some("0.01"), None);
+        assert!(agree(&r, &out("[100]"), &out("[100.5]")));
+        assert!(!agree(&r, &out("[100]"), &out("[102]")));
+    }
+
+    #[test]
+    fn tolerance_reads_raw_f32_vectors() {
+        let t = tol(Some("1e-4"), None, None);
+        let v =
+            |xs: &[f32]| Outcome::Output(Bytes(xs.iter().flat_map(|x| x.to_le_bytes()).collect()));
+        assert!(agree(&t, &v(&[0.5, 0.25]), &v(&[0.50001, 0.25])));
+        assert!(!agree(&t, &v(&[0.5, 0.25]), &v(&[0.6, 0.25])));
+    }
+
+    #[test]
+    fn job_errors_must_match_exactly_under_any_tier() {
+        let e = |m: &str| Outcome::JobError {
+            code: "invalid-input".into(),
+            message: m.into(),
+        };
+        let t = tol(Some("1"), None, None);
+        assert!(agree(&t, &e("x"), &e("x")));
+        assert!(!agree(&t, &e("x"), &e("y")));
+        assert!(!agree(&t, &e("x"), &out("[1]")));
+    }
+
+    #[test]
+    fn standing_follows_the_policy() {
+        let p = VerifyPolicy::default();
+        let mut s = Standing::new(&p);
+        assert_eq!(s.sampling_rate(), 1.0);
+        for _ in 0..200 {
+            s.confirm(&p);
+        }
+        assert_eq!(s.reputation, 0);
+        assert_eq!(s.sampling_rate(), 0.0001);
+        s.strike(&p, 1000);
+        assert_eq!(s.reputation, FULL);
+        assert_eq!(s.quarantined_until, 1600);
+        assert!(!s.banned);
+        s.strike(&p, 2000);
+        s.strike(&p, 3000);
+        assert!(s.banned, "third strike bans");
+    }
+
+    #[test]
+    fn audit_draw_is_uniform_and_keyed() {
+        let node = PublicKey([7; 32]);
+        let k1 = [1u8; 32];
+        let k2 = [2u8; 32];
+        let n = 20_000u64;
+        let below = (0..n)
+            .filter(|&t| {
+                audit_draw(
+                    &k1,
+                    LeaseId {
+                        task: t,
+                        attempt: 1,
+                    },
+                    &node,
+                ) < 0.1
+            })
+            .count();
+        // Binomial(20000, 0.1): sd ≈ 42; allow 5 sd.
+        assert!((1790..=2210).contains(&below), "{below}");
+        let same = (0..1000u64)
+            .filter(|&t| {
+                let l = LeaseId {
+                    task: t,
+                    attempt: 1,
+                };
+                (audit_draw(&k1, l, &node) < 0.5) == (audit_draw(&k2, l, &node) < 0.5)
+            })
+            .count();
+        assert!(
+            (400..=600).contains(&same),
+            "another secret draws independently: {same}"
+        );
+    }
+}

@@ -1,0 +1,958 @@
+//! Verification on the real coordinator and SQLite store, with simulated
+//! nodes and time: sampling by reputation, re-execution on other nodes,
+//! third executions, penalties, look-back re-checks, cache eviction,
+//! challenges, canaries, and the measured detection rate of six kinds of
+//! cheater against the model 1-(1-s·c)^N.
+//!
+//! Outputs here are synthetic (an honest node reverses its input); the same
+//! paths run with real guests and models in `tests/tests/verification.rs`.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tidepool_pool::coordinator::{Coordinator, PoolConfig, PoolEvent};
+use tidepool_pool::store::SqliteStore;
+use tidepool_pool::verify::{audit_draw, VerifyPolicy};
+use tidepool_proto::manifest::{AuthoredManifest, BlobRef, LockedManifest};
+use tidepool_proto::receipt::LeaseReceipt;
+use tidepool_proto::wire::{
+    Bytes, Canary, Capabilities, ErrorCode, JobId, LeaseId, Outcome, TaskGrant, TaskRecord,
+    TaskResult,
+};
+use tidepool_proto::{Digest, KeyRole, PublicKey, Receipt, SecretKey};
+
+const NOW_UNIX: u64 = 1_800_000_000;
+
+/// How a simulated node answers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Honest,
+    AlwaysWrong,
+    /// Wrong with this probability.
+    WrongP(f64),
+    /// Returns the answer to the task before (another input).
+    Replay,
+    /// Returns the first half of the answer.
+    Truncate,
+    /// Runs "another model": a different function of the input.
+    OtherModel,
+}
+
+impl Kind {
+    /// Chance that one answer is wrong (`c` in the detection model).
+    fn c(self) -> f64 {
+        match self {
+            Kind::Honest => 0.0,
+            Kind::WrongP(p) => p,
+            _ => 1.0,
+        }
+    }
+}
+
+fn honest_output(input: &[u8]) -> Vec<u8> {
+    input.iter().rev().copied().collect()
+}
+
+/// A simulated node: key, behaviour, its own seeded randomness, memory of
+/// the last answer (for replay).
+struct SimNode {
+    key: SecretKey,
+    kind: Kind,
+    rng: u64,
+    last: Vec<u8>,
+    /// The leases it answered, in order, and whether it lied.
+    answered: Vec<(LeaseId, bool)>,
+}
+
+impl SimNode {
+    fn new(seed: u8, kind: Kind, rng: u64) -> Self {
+        Self {
+            key: SecretKey::from_seed(KeyRole::Node, &[seed; 32]),
+            kind,
+            rng: rng | 1,
+            last: honest_output(b"an earlier input"),
+            answered: Vec::new(),
+        }
+    }
+
+    fn public(&self) -> PublicKey {
+        self.key.public()
+    }
+
+    /// xorshift64*: the node's private coin.
+    fn coin(&mut self) -> f64 {
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        (self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn answer(&mut self, g: &TaskGrant, component: Digest) -> TaskResult {
+        let right = honest_output(&g.input.0);
+        let output = match self.kind {
+            Kind::Honest => right.clone(),
+            Kind::AlwaysWrong => {
+                let mut o = right.clone();
+                o[0] ^= 1;
+                o
+            }
+            Kind::WrongP(p) => {
+                let mut o = right.clone();
+                if self.coin() < p {
+                    o[0] ^= 1;
+                }
+                o
+            }
+            Kind::Replay => self.last.clone(),
+            Kind::Truncate => right[..right.len() / 2].to_vec(),
+            Kind::OtherModel => {
+                let mut o = b"other:".to_vec();
+                o.extend_from_slice(&g.input.0);
+                o
+            }
+        };
+        self.answered.push((g.lease, output != right));
+        self.last = right;
+        let receipt = Receipt::plain(
+            g.lease.task.to_string(),
+            component,
+            &g.input.0,
+            &output,
+            "sim",
+        );
+        TaskResult {
+            lease: g.lease,
+            outcome: Outcome::Output(Bytes(output)),
+            receipt: Some(
+                LeaseReceipt {
+                    lease: g.lease,
+                    bundle: g.bundle,
+                    receipt,
+                }
+                .sign(&self.key),
+            ),
+        }
+    }
+}
+
+fn caps() -> Capabilities {
+    Capabilities {
+        encodings: vec!["onnx".into()],
+        slots: 4,
+        fetch_models: true,
+        ..Capabilities::default()
+    }
+}
+
+struct Sim {
+    c: Coordinator<SqliteStore>,
+    publisher: SecretKey,
+    bundle: Digest,
+    component: Digest,
+    nodes: Vec<SimNode>,
+    now: Instant,
+    events: Vec<PoolEvent>,
+}
+
+fn secret(seed: u64) -> [u8; 32] {
+    Digest::of(&seed.to_be_bytes()).0
+}
+
+impl Sim {
+    fn new(policy: VerifyPolicy, kinds: &[Kind], seed: u64) -> Self {
+        Self::with_tier(policy, kinds, seed, "")
+    }
+
+    fn with_tier(policy: VerifyPolicy, kinds: &[Kind], seed: u64, extra: &str) -> Self {
+        let publisher = SecretKey::from_seed(KeyRole::Publisher, &[1; 32]);
+        let mut cfg = PoolConfig {
+            lease_ttl: Duration::from_secs(30),
+            verify: policy,
+            ..PoolConfig::default()
+        };
+        cfg.publishers.insert(publisher.public());
+        let mut c = Coordinator::new(SqliteStore::in_memory().expect("db"), cfg, &|_| true)
+            .expect("coordinator");
+        let a = AuthoredManifest::parse(&format!(
+            "name = \"rev\"\nversion = \"1.0.0\"\ncomponent = \"rev.wasm\"\n{extra}[models.m]\nencoding = \"onnx\"\nsource = \"m.onnx\"\nsha256 = \"{}\"\n",
+            Digest::of(b"model").hex()
+        ))
+        .expect("manifest");
+        let component = BlobRef {
+            sha256: Digest::of(b"component"),
+            size: 9,
+        };
+        let models = BTreeMap::from([(
+            "m".to_owned(),
+            BlobRef {
+                sha256: Digest::of(b"model"),
+                size: 5,
+            },
+        )]);
+        let locked = LockedManifest::lock(&a, component, &models, publisher.public(), NOW_UNIX)
+            .expect("lock");
+        let (bundle, _) = c
+            .handle_publish(NOW_UNIX, locked.sign(&publisher).expect("sign"), &|_| true)
+            .expect("publish");
+        let now = Instant::now();
+        c.set_clock(now, NOW_UNIX);
+        let nodes: Vec<SimNode> = kinds
+            .iter()
+            .enumerate()
+            .map(|(i, k)| SimNode::new(10 + i as u8, *k, seed.wrapping_mul(7919) + i as u64))
+            .collect();
+        for n in &nodes {
+            c.handle_node_hello(now, n.public(), caps()).expect("hello");
+        }
+        Self {
+            c,
+            publisher,
+            bundle,
+            component: component.sha256,
+            nodes,
+            now,
+            events: Vec::new(),
+        }
+    }
+
+    fn submit(&mut self, key: &str, inputs: &[Vec<u8>]) -> JobId {
+        self.c
+            .handle_submit(NOW_UNIX, &self.bundle, key, inputs)
+            .expect("submit")
+            .0
+    }
+
+    /// Node `i` asks for up to `want` tasks and answers them all.
+    fn work(&mut self, i: usize, want: u32) -> usize {
+        self.now += Duration::from_millis(1);
+        let key = self.nodes[i].public();
+        let grants = match self.c.handle_lease(self.now, &key, want, &[]) {
+            Ok((grants, _)) => grants,
+            Err(e) if e.code == ErrorCode::Forbidden => return 0, // banned
+            Err(e) => panic!("lease: {e:?}"),
+        };
+        let results: Vec<TaskResult> = grants
+            .iter()
+            .map(|g| self.nodes[i].answer(g, self.component))
+            .collect();
+        let n = results.len();
+        self.c
+            .handle_results(self.now, &key, results)
+            .expect("results");
+        while let Some(e) = self.c.poll_event() {
+            self.events.push(e);
+        }
+        n
+    }
+
+    /// Everyone works until nothing is left.
+    fn settle(&mut self) {
+        for _ in 0..10_000 {
+            let mut any = 0;
+            for i in 0..self.nodes.len() {
+                any += self.work(i, 8);
+            }
+            if any == 0 {
+                return;
+            }
+        }
+        panic!("the pool did not settle");
+    }
+
+    fn records(&mut self, job: JobId) -> Vec<TaskRecord> {
+        self.c.job_results(job, 0, 100_000).expect("results")
+    }
+
+    fn caught(&self) -> Vec<(PublicKey, u64)> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                PoolEvent::Caught { node, task, .. } => Some((*node, *task)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn inputs(tag: &str, n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| format!("{tag} item {i:05}").into_bytes())
+        .collect()
+}
+
+fn output_of(r: &TaskRecord) -> Vec<u8> {
+    match &r.outcome {
+        Some(Outcome::Output(b)) => b.0.clone(),
+        other => panic!("task {} has no output: {other:?}", r.task),
+    }
+}
+
+#[test]
+fn honest_nodes_are_checked_until_trusted_and_never_flagged() {
+    let mut sim = Sim::new(
+        VerifyPolicy {
+            secret: Some(secret(1)),
+            ..VerifyPolicy::default()
+        },
+        &[Kind::Honest, Kind::Honest, Kind::Honest],
+        1,
+    );
+    let ins = inputs("honest", 4000);
+    let job = sim.submit("j", &ins);
+    sim.settle();
+    assert!(sim.caught().is_empty(), "{:?}", sim.caught());
+    let recs = sim.records(job);
+    assert!(recs.iter().all(|r| r.state == "done"));
+    for (r, i) in recs.iter().zip(&ins) {
+        assert_eq!(output_of(r), honest_output(i));
+    }
+    let verified = recs.iter().filter(|r| r.verification == "verified").count();
+    let unverified = recs
+        .iter()
+        .filter(|r| r.verification == "unverified")
+        .count();
+    assert_eq!(verified + unverified, recs.len());
+    let status = sim.c.pool_status(sim.now).expect("status");
+    // A new node is checked every time at first; each confirmation lowers
+    // its rate by 0.5 points. Reaching reputation 1000 takes 180
+    // confirmations (~460 results); the floor ~1200 results.
+    assert!(verified >= 3 * 180, "{verified} verified");
+    for n in &status.nodes {
+        assert_eq!(n.strikes, 0);
+        assert!(
+            n.reputation <= 1_000,
+            "{}: reputation {}",
+            n.key,
+            n.reputation
+        );
+        assert_eq!(n.sampling, f64::from(n.reputation.max(1)) / 10_000.0);
+    }
+    assert_eq!(status.verification.mismatches, 0);
+    assert_eq!(status.verification.confirmed as usize, verified);
+    assert_eq!(
+        status.verification.pending, 0,
+        "every check ran on another node"
+    );
+}
+
+#[test]
+fn a_check_never_runs_on_the_node_that_produced_the_result() {
+    let mut sim = Sim::new(
+        VerifyPolicy {
+            secret: Some(secret(2)),
+            ..VerifyPolicy::default()
+        },
+        &[Kind::Honest, Kind::Honest],
+        2,
+    );
+    let job = sim.submit("j", &inputs("alone", 5));
+    // Only node 0 works: its results are all sampled (new node), but the
+    // checks wait for another node.
+    while sim.work(0, 8) > 0 {}
+    assert_eq!(sim.c.checks_pending(), 5);
+    assert!(sim
+        .records(job)
+        .iter()
+        .all(|r| r.verification == "checking"));
+    // Node 1 runs them and confirms.
+    sim.settle();
+    assert_eq!(sim.c.checks_pending(), 0);
+    let recs = sim.records(job);
+    assert!(
+        recs.iter().all(|r| r.verification == "verified"),
+        "{recs:?}"
+    );
+    assert!(recs.iter().all(|r| r.node == Some(sim.nodes[0].public())));
+    assert_eq!(
+        sim.c.node_standing(&sim.nodes[0].public()).reputation,
+        10_000 - 5 * 50
+    );
+}
+
+#[test]
+fn a_liar_is_caught_replaced_quarantined_and_its_recent_results_rechecked() {
+    let mut sim = Sim::new(
+        VerifyPolicy {
+            secret: Some(secret(3)),
+            initial_reputation: 0,
+            lookback: 50,
+            ..VerifyPolicy::default()
+        },
+        &[Kind::AlwaysWrong, Kind::Honest, Kind::Honest],
+        3,
+    );
+    let ins = inputs("liar", 30);
+    let job = sim.submit("j", &ins);
+    // The liar takes everything; at reputation 0 almost nothing is checked.
+    while sim.work(0, 8) > 0 {}
+    let recs = sim.records(job);
+    let wrong = recs
+        .iter()
+        .zip(&ins)
+        .filter(|(r, i)| output_of(r) != honest_output(i))
+        .count();
+    assert_eq!(wrong, 30, "the liar answered all, all wrong");
+
+    // A repeated input is served from the cache while nobody suspects.
+    let again = sim.submit("again", &ins[..1]);
+    assert_eq!(sim.records(again)[0].cached_from, Some(recs[0].task));
+
+    // The submitter challenges one result.
+    let ch = sim
+        .c
+        .handle_challenge(sim.now, recs[7].task)
+        .expect("challenge");
+    assert_eq!(
+        (ch.target, ch.job, ch.index, ch.state.as_str()),
+        (recs[7].task, job, 7, "pending")
+    );
+    sim.settle();
+
+    let liar = sim.nodes[0].public();
+    let caught = sim.caught();
+    assert_eq!(caught.first(), Some(&(liar, recs[7].task)), "{caught:?}");
+    let st = sim.c.node_standing(&liar);
+    assert_eq!(st.reputation, 10_000);
+    assert!(st.strikes >= 1);
+    // Every result of the liar was re-checked (look-back) and replaced by the
+    // honest answer; the cached copy too.
+    let recs = sim.records(job);
+    for (r, i) in recs.iter().zip(&ins) {
+        assert_eq!(output_of(r), honest_output(i), "task {}", r.task);
+        assert_eq!(r.verification, "replaced");
+        assert_ne!(r.node, Some(liar));
+    }
+    assert_eq!(
+        recs[7].challenge.as_deref(),
+        Some("upheld: the result was wrong and was replaced")
+    );
+    assert_eq!(output_of(&sim.records(again)[0]), honest_output(&ins[0]));
+    // Quarantined: no tasks for the liar while honest nodes get them.
+    sim.submit("more", &inputs("more", 4));
+    assert_eq!(sim.work(0, 8), 0, "quarantined node got work");
+    assert_eq!(sim.work(1, 8), 4);
+    let status = sim.c.pool_status(sim.now).expect("status");
+    let row = status.nodes.iter().find(|n| n.key == liar).expect("liar");
+    assert!(row.quarantined_until > 0 && row.strikes >= 1);
+    assert!(status.verification.replaced >= 30);
+}
+
+#[test]
+fn suspect_results_are_not_served_from_the_cache() {
+    let mut sim = Sim::new(
+        VerifyPolicy {
+            secret: Some(secret(4)),
+            initial_reputation: 0,
+            ..VerifyPolicy::default()
+        },
+        &[Kind::AlwaysWrong, Kind::Honest, Kind::Honest],
+        4,
+    );
+    let ins = inputs("suspect", 6);
+    let job = sim.submit("j", &ins);
+    while sim.work(0, 8) > 0 {}
+    let recs = sim.records(job);
+    sim.c
+        .handle_challenge(sim.now, recs[0].task)
+        .expect("challenge");
+    // Node 1 checks (disagrees), node 2 decides: the liar is caught and its
+    // other results become suspect, with checks queued.
+    sim.work(1, 1);
+    sim.work(2, 1);
+    assert_eq!(sim.caught().len(), 1);
+    let recs = sim.records(job);
+    assert!(
+        recs[1..].iter().all(|r| r.verification == "suspect"),
+        "{recs:?}"
+    );
+    // A resubmission of a suspect input is computed again, not copied.
+    let again = sim.submit("again", &ins[3..4]);
+    assert_eq!(sim.records(again)[0].cached_from, None);
+    assert_eq!(sim.records(again)[0].state, "queued");
+}
+
+#[test]
+fn a_challenge_of_a_right_result_leaves_it() {
+    let mut sim = Sim::new(
+        VerifyPolicy {
+            secret: Some(secret(5)),
+            initial_reputation: 0,
+            ..VerifyPolicy::default()
+        },
+        &[Kind::Honest, Kind::Honest],
+        5,
+    );
+    let ins = inputs("right", 3);
+    let job = sim.submit("j", &ins);
+    while sim.work(0, 8) > 0 {}
+    let before = sim.records(job);
+    sim.c
+        .handle_challenge(sim.now, before[1].task)
+        .expect("challenge");
+    sim.settle();
+    let after = sim.records(job);
+    assert_eq!(output_of(&after[1]), output_of(&before[1]));
+    assert_eq!(after[1].node, before[1].node);
+    assert_eq!(after[1].verification, "verified");
+    assert_eq!(
+        after[1].challenge.as_deref(),
+        Some("rejected: an independent re-execution agreed with the result")
+    );
+    assert!(sim.caught().is_empty());
+    // Refusals: unknown task, a task without a result, a closed window.
+    let e = sim
+        .c
+        .handle_challenge(sim.now, 99_999)
+        .expect_err("unknown");
+    assert_eq!(e.code, ErrorCode::NotFound);
+    let pending = sim.submit("later", &inputs("later", 1));
+    let t = sim.records(pending)[0].task;
+    let e = sim.c.handle_challenge(sim.now, t).expect_err("no result");
+    assert!(e.message.contains("no result"), "{}", e.message);
+    let e = sim
+        .c
+        .handle_challenge(sim.now + Duration::from_secs(10 * 86_400), before[0].task)
+        .expect_err("window");
+    assert!(e.message.contains("challenge window"), "{}", e.message);
+}
+
+#[test]
+fn canaries_catch_a_liar_and_confirm_honest_nodes() {
+    let mut sim = Sim::new(
+        VerifyPolicy {
+            secret: Some(secret(6)),
+            initial_reputation: 0,
+            canary_rate: 1.0,
+            ..VerifyPolicy::default()
+        },
+        &[Kind::Honest, Kind::Truncate],
+        6,
+    );
+    let items: Vec<Canary> = inputs("canary", 3)
+        .into_iter()
+        .map(|i| Canary {
+            expect: Outcome::Output(Bytes(honest_output(&i))),
+            input: Bytes(i),
+        })
+        .collect();
+    // Only publishers may add them.
+    let stranger = SecretKey::from_seed(KeyRole::Client, &[9; 32]).public();
+    assert_eq!(
+        sim.c
+            .handle_add_canaries(&stranger, &sim.bundle.clone(), items.clone())
+            .expect_err("stranger")
+            .code,
+        ErrorCode::Forbidden
+    );
+    let publisher = sim.publisher.public();
+    let bundle = sim.bundle;
+    assert_eq!(
+        sim.c
+            .handle_add_canaries(&publisher, &bundle, items)
+            .expect("add"),
+        3
+    );
+    let job = sim.submit("j", &inputs("work", 20));
+    sim.settle();
+    let honest = sim.nodes[0].public();
+    let liar = sim.nodes[1].public();
+    // The canary looks like any task: the truncating node answers it like
+    // the rest, and is caught by it.
+    let caught = sim.caught();
+    assert!(caught.iter().any(|(n, _)| *n == liar), "{caught:?}");
+    assert!(caught.iter().all(|(n, _)| *n != honest));
+    assert!(sim.c.node_standing(&honest).confirmed >= 1);
+    // Canary tasks are not part of the user's job.
+    assert_eq!(sim.records(job).len(), 20);
+    let status = sim.c.pool_status(sim.now).expect("status");
+    assert!(status.verification.canaries >= 2);
+    assert_eq!(status.jobs.len(), 1, "hidden jobs are not listed");
+}
+
+#[test]
+fn repeated_strikes_ban_a_node() {
+    let mut sim = Sim::new(
+        VerifyPolicy {
+            secret: Some(secret(7)),
+            quarantine: Duration::ZERO,
+            ban_after: 2,
+            lookback: 0,
+            ..VerifyPolicy::default()
+        },
+        &[Kind::AlwaysWrong, Kind::Honest, Kind::Honest],
+        7,
+    );
+    sim.submit("j", &inputs("ban", 40));
+    sim.settle();
+    let liar = sim.nodes[0].public();
+    let st = sim.c.node_standing(&liar);
+    assert!(st.banned && st.strikes >= 2, "{st:?}");
+    let e = sim
+        .c
+        .handle_node_hello(sim.now, liar, caps())
+        .expect_err("banned");
+    assert_eq!(e.code, ErrorCode::Forbidden);
+    assert!(e.message.contains("banned"), "{}", e.message);
+}
+
+#[test]
+fn tolerance_tier_accepts_float_noise_that_exact_flags() {
+    // Two honest engines whose floats differ in the last digits.
+    for (tier, expect_caught) in [
+        ("", true),
+        (
+            "[determinism]\ntier = \"tolerance\"\nabs = \"1e-4\"\ncosine = \"0.9999\"\n",
+            false,
+        ),
+    ] {
+        let mut sim = Sim::with_tier(
+            VerifyPolicy {
+                secret: Some(secret(8)),
+                ..VerifyPolicy::default()
+            },
+            &[Kind::Honest, Kind::Honest, Kind::Honest],
+            8,
+            tier,
+        );
+        let v: Vec<f32> = vec![0.125, -0.5, 0.25];
+        let input = serde_json::to_vec(&v).expect("json");
+        let job = sim.submit("j", &[input]);
+        // Node 0 answers with noise; the others exactly.
+        let key = sim.nodes[0].public();
+        let (grants, _) = sim.c.handle_lease(sim.now, &key, 1, &[]).expect("lease");
+        let noisy: Vec<f32> = v.iter().rev().map(|x| x + 1e-6).collect();
+        let out = serde_json::to_vec(&noisy).expect("json");
+        let g = &grants[0];
+        let receipt = Receipt::plain(
+            g.lease.task.to_string(),
+            sim.component,
+            &g.input.0,
+            &out,
+            "sim",
+        );
+        let r = TaskResult {
+            lease: g.lease,
+            outcome: Outcome::Output(Bytes(out)),
+            receipt: Some(
+                LeaseReceipt {
+                    lease: g.lease,
+                    bundle: g.bundle,
+                    receipt,
+                }
+                .sign(&sim.nodes[0].key),
+            ),
+        };
+        sim.c
+            .handle_results(sim.now, &key, vec![r])
+            .expect("results");
+        // The honest answer in these sims reverses bytes, not numbers: make
+        // the checkers answer with the exact reversed vector instead.
+        let exact: Vec<f32> = v.iter().rev().copied().collect();
+        for i in 1..3 {
+            let key = sim.nodes[i].public();
+            let (grants, _) = sim.c.handle_lease(sim.now, &key, 1, &[]).expect("lease");
+            let results = grants
+                .iter()
+                .map(|g| {
+                    let out = serde_json::to_vec(&exact).expect("json");
+                    let receipt = Receipt::plain(
+                        g.lease.task.to_string(),
+                        sim.component,
+                        &g.input.0,
+                        &out,
+                        "sim",
+                    );
+                    TaskResult {
+                        lease: g.lease,
+                        outcome: Outcome::Output(Bytes(out)),
+                        receipt: Some(
+                            LeaseReceipt {
+                                lease: g.lease,
+                                bundle: g.bundle,
+                                receipt,
+                            }
+                            .sign(&sim.nodes[i].key),
+                        ),
+                    }
+                })
+                .collect();
+            sim.c
+                .handle_results(sim.now, &key, results)
+                .expect("results");
+        }
+        while let Some(e) = sim.c.poll_event() {
+            sim.events.push(e);
+        }
+        assert_eq!(!sim.caught().is_empty(), expect_caught, "tier {tier:?}");
+        let rec = &sim.records(job)[0];
+        assert_eq!(
+            rec.verification,
+            if expect_caught {
+                "replaced"
+            } else {
+                "verified"
+            }
+        );
+    }
+}
+
+#[test]
+fn pending_checks_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("pool.db");
+    let publisher = SecretKey::from_seed(KeyRole::Publisher, &[1; 32]);
+    let mut cfg = PoolConfig {
+        verify: VerifyPolicy {
+            secret: Some(secret(9)),
+            ..VerifyPolicy::default()
+        },
+        ..PoolConfig::default()
+    };
+    cfg.publishers.insert(publisher.public());
+    let open = || {
+        Coordinator::new(
+            tidepool_pool::store::SqliteStore::open(&path, tidepool_pool::Durability::Process)
+                .expect("db"),
+            cfg.clone(),
+            &|_| true,
+        )
+        .expect("coordinator")
+    };
+    // Run the first half in one process, using the Sim plumbing by hand.
+    let mut sim = Sim::new(cfg.verify.clone(), &[Kind::Honest, Kind::Honest], 9);
+    sim.c = open();
+    sim.c.set_clock(sim.now, NOW_UNIX);
+    let (bundle, _) = {
+        let a = AuthoredManifest::parse(&format!(
+            "name = \"rev\"\nversion = \"1.0.0\"\ncomponent = \"rev.wasm\"\n[models.m]\nencoding = \"onnx\"\nsource = \"m.onnx\"\nsha256 = \"{}\"\n",
+            Digest::of(b"model").hex()
+        ))
+        .expect("manifest");
+        let locked = LockedManifest::lock(
+            &a,
+            BlobRef {
+                sha256: Digest::of(b"component"),
+                size: 9,
+            },
+            &BTreeMap::from([(
+                "m".to_owned(),
+                BlobRef {
+                    sha256: Digest::of(b"model"),
+                    size: 5,
+                },
+            )]),
+            publisher.public(),
+            NOW_UNIX,
+        )
+        .expect("lock");
+        sim.c
+            .handle_publish(NOW_UNIX, locked.sign(&publisher).expect("sign"), &|_| true)
+            .expect("publish")
+    };
+    sim.bundle = bundle;
+    for n in &sim.nodes {
+        sim.c
+            .handle_node_hello(sim.now, n.public(), caps())
+            .expect("hello");
+    }
+    let job = sim.submit("j", &inputs("restart", 4));
+    while sim.work(0, 8) > 0 {}
+    assert_eq!(sim.c.checks_pending(), 4);
+    // The pool restarts: the checks are still queued, and still never go to
+    // the node that produced the results.
+    sim.c = open();
+    sim.c.set_clock(sim.now, NOW_UNIX);
+    for n in &sim.nodes {
+        sim.c
+            .handle_node_hello(sim.now, n.public(), caps())
+            .expect("hello");
+    }
+    assert_eq!(sim.c.checks_pending(), 4);
+    assert_eq!(sim.work(0, 8), 0);
+    assert_eq!(sim.work(1, 8), 4);
+    assert!(sim
+        .records(job)
+        .iter()
+        .all(|r| r.verification == "verified"));
+    assert_eq!(sim.c.node_standing(&sim.nodes[0].public()).confirmed, 4);
+}
+
+/// Measure, for each kind of cheater, how many of its results the pool
+/// takes before catching it, over many seeded runs, and compare the
+/// distribution with the model P(caught within N) = 1-(1-s·c)^N.
+///
+/// Reputation is held at r (step 0) so s = r/10000 is constant; the
+/// comparison is the Dvoretzky–Kiefer–Wolfowitz 95% band around the
+/// empirical CDF. Prints the table (run with `--nocapture`).
+#[test]
+fn detection_follows_the_sampling_model() {
+    let runs: u64 = std::env::var("TIDEPOOL_DETECTION_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    // Another seed base gives another independent sample.
+    let base: u64 = std::env::var("TIDEPOOL_DETECTION_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let r = 500; // s = 0.05
+    let s = f64::from(r) / 10_000.0;
+    let kinds = [
+        ("always wrong", Kind::AlwaysWrong),
+        ("wrong with p = 0.3", Kind::WrongP(0.3)),
+        ("replays another answer", Kind::Replay),
+        ("truncates its output", Kind::Truncate),
+        ("runs another model", Kind::OtherModel),
+    ];
+    let eps = ((2.0f64 / 0.05).ln() / (2.0 * runs as f64)).sqrt();
+    let mut table = String::from(
+        "| cheater | s·c | runs | mean N measured | mean N model (1/(s·c)) | max |F̂(N) − F(N)| | 95% band |\n|---|---|---|---|---|---|---|\n",
+    );
+    let mut failures = Vec::new();
+    for (k, (name, kind)) in kinds.into_iter().enumerate() {
+        let q = s * kind.c();
+        let mut ns: Vec<u64> = Vec::new();
+        for seed in 0..runs {
+            // Independent draws per kind and run.
+            let seed = base + 100_000 * k as u64 + seed;
+            let mut sim = Sim::new(
+                VerifyPolicy {
+                    secret: Some(secret(seed)),
+                    initial_reputation: r,
+                    step: 0,
+                    lookback: 0,
+                    ..VerifyPolicy::default()
+                },
+                &[kind, Kind::Honest, Kind::Honest],
+                seed,
+            );
+            let cheater = sim.nodes[0].public();
+            let mut n = None;
+            for step in 0..5000 {
+                // The cheater takes one task at a time; honest nodes run
+                // the checks (and ordinary tasks, which are not counted).
+                let key = sim.nodes[0].public();
+                sim.now += Duration::from_millis(1);
+                let (mut grants, _) = sim.c.handle_lease(sim.now, &key, 1, &[]).expect("lease");
+                if grants.is_empty() {
+                    // Work arrives in batches, as it would.
+                    sim.submit(
+                        &format!("j{step}"),
+                        &inputs(&format!("run {seed} {step}"), 200),
+                    );
+                    grants = sim.c.handle_lease(sim.now, &key, 1, &[]).expect("lease").0;
+                }
+                let results: Vec<TaskResult> = grants
+                    .iter()
+                    .map(|g| sim.nodes[0].answer(g, sim.component))
+                    .collect();
+                sim.c
+                    .handle_results(sim.now, &key, results)
+                    .expect("results");
+                while let Some(e) = sim.c.poll_event() {
+                    sim.events.push(e);
+                }
+                // Honest nodes take only the checks waiting for them.
+                while sim.c.checks_pending() > 0 {
+                    let a = sim.work(1, 1);
+                    let b = sim.work(2, 1);
+                    if a + b == 0 {
+                        break;
+                    }
+                }
+                if let Some((_, task)) = sim.caught().into_iter().find(|(k, _)| *k == cheater) {
+                    let answered = &sim.nodes[0].answered;
+                    let idx = answered
+                        .iter()
+                        .position(|(l, _)| l.task == task)
+                        .expect("caught on one of its own results");
+                    // Caught exactly at its first lie that the audit draw sampled.
+                    let first = answered
+                        .iter()
+                        .position(|(l, lied)| *lied && audit_draw(&secret(seed), *l, &cheater) < s)
+                        .expect("a sampled lie");
+                    assert_eq!(idx, first, "{name}, run {seed}");
+                    n = Some(idx as u64 + 1);
+                    break;
+                }
+            }
+            ns.push(n.unwrap_or_else(|| panic!("{name}: not caught in run {seed}")));
+        }
+        ns.sort_unstable();
+        let mean = ns.iter().sum::<u64>() as f64 / ns.len() as f64;
+        let max_n = *ns.last().expect("runs");
+        let mut sup: f64 = 0.0;
+        for n in 1..=max_n {
+            let emp = ns.iter().filter(|&&x| x <= n).count() as f64 / ns.len() as f64;
+            let model = 1.0 - (1.0 - q).powf(n as f64);
+            // Also just below each step of the empirical CDF.
+            let emp_before = ns.iter().filter(|&&x| x < n).count() as f64 / ns.len() as f64;
+            sup = sup
+                .max((emp - model).abs())
+                .max((emp_before - (1.0 - (1.0 - q).powf(n as f64 - 1.0))).abs());
+        }
+        table.push_str(&format!(
+            "| {name} | {q:.3} | {runs} | {mean:.1} | {:.1} | {sup:.3} | {eps:.3} |\n",
+            1.0 / q
+        ));
+        if sup > eps {
+            failures.push(format!("{name}: sup {sup:.3} > band {eps:.3}"));
+        }
+    }
+    println!("{table}");
+    assert!(failures.is_empty(), "{failures:?}\n{table}");
+}
+
+/// Re-executions go to another operator's node, and to another hardware
+/// class when one has room; decisions prefer trusted nodes.
+#[test]
+fn checks_prefer_other_operators_hardware_and_trusted_nodes() {
+    let op_x = SecretKey::from_seed(KeyRole::Client, &[40; 32]).public();
+    let op_y = SecretKey::from_seed(KeyRole::Client, &[41; 32]).public();
+    let mut sim = Sim::new(
+        VerifyPolicy {
+            secret: Some(secret(12)),
+            ..VerifyPolicy::default()
+        },
+        &[Kind::Honest, Kind::Honest, Kind::Honest, Kind::Honest],
+        12,
+    );
+    let with = |op: PublicKey, hw: &str| Capabilities {
+        operator: Some(op),
+        hardware: Some(hw.into()),
+        ..caps()
+    };
+    // 0: producer (operator X, class A); 1: same operator; 2: other
+    // operator, same class; 3: other operator, other class.
+    for (i, c) in [
+        with(op_x, "class A"),
+        with(op_x, "class B"),
+        with(op_y, "class A"),
+        with(op_y, "class B"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let k = sim.nodes[i].public();
+        sim.c.handle_node_hello(sim.now, k, c).expect("hello");
+    }
+    let job = sim.submit("j", &inputs("placement", 1));
+    assert_eq!(sim.work(0, 1), 1);
+    assert_eq!(sim.c.checks_pending(), 1);
+    assert_eq!(sim.work(1, 8), 0, "same operator never checks");
+    assert_eq!(
+        sim.work(2, 8),
+        0,
+        "same hardware class waits while another class has room"
+    );
+    assert_eq!(sim.work(3, 8), 1);
+    assert_eq!(sim.records(job)[0].verification, "verified");
+
+    // With only the same class left, it does get the check.
+    let job = sim.submit("j2", &inputs("placement two", 1));
+    assert_eq!(sim.work(0, 1), 1);
+    let gone = sim.nodes[3].public();
+    sim.c.handle_node_gone(sim.now, &gone);
+    sim.c.handle_node_gone(sim.now, &gone);
+    assert_eq!(sim.work(2, 8), 1);
+    assert_eq!(sim.records(job)[0].verification, "verified");
+}

@@ -1,0 +1,335 @@
+//! Verification on real parts: nodes on loopback QUIC running the real
+//! embed job on the real model, some of them lying (`tidepool_tests::adversary`),
+//! the pool re-executing, replacing and penalising; challenges; and a long
+//! run of honest nodes that must raise no false alarm.
+
+use anyhow::Result;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tidepool_pool::client::PoolClient;
+use tidepool_pool::verify::VerifyPolicy;
+use tidepool_pool::PoolEvent;
+use tidepool_proto::wire::{Outcome, PoolSummary, TaskRecord};
+use tidepool_proto::PublicKey;
+use tidepool_tests::adversary::{Adversary, Lie, OtherModel};
+use tidepool_tests::cluster::*;
+use tidepool_tests::*;
+
+/// What `tidepool run` gives for each input.
+fn local_outputs(inputs: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let sb = sandbox(test_config());
+    let job = sb.load(&guest("embed")).expect("load embed");
+    inputs
+        .iter()
+        .map(|i| {
+            run(&sb, &job, "local", i)
+                .expect("run")
+                .result
+                .expect("embed ok")
+        })
+        .collect()
+}
+
+fn output(r: &TaskRecord) -> Vec<u8> {
+    match &r.outcome {
+        Some(Outcome::Output(b)) => b.0.clone(),
+        other => panic!(
+            "task {} has no output: {other:?} ({:?})",
+            r.index, r.reasons
+        ),
+    }
+}
+
+/// Wait until no re-execution is pending.
+async fn settle(client: &PoolClient, timeout: Duration) -> Result<PoolSummary> {
+    let start = std::time::Instant::now();
+    loop {
+        let s = client.pool_status().await?;
+        if s.verification.pending == 0 && s.queued == 0 && s.leased == 0 {
+            return Ok(s);
+        }
+        anyhow::ensure!(
+            start.elapsed() < timeout,
+            "checks still pending after {timeout:?}: {:?}",
+            s.verification
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn policy(seed: u8) -> VerifyPolicy {
+    VerifyPolicy {
+        secret: Some([seed; 32]),
+        canary_rate: 0.0,
+        ..VerifyPolicy::default()
+    }
+}
+
+/// Four kinds of liar among two trusted honest nodes, all new (so every
+/// result is re-executed): each liar is caught, every wrong result is
+/// replaced by the honest one, and no honest node is blamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lying_nodes_are_caught_and_every_wrong_result_replaced() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys = Keys::new(21);
+    let mut cfg = test_pool_config(&keys);
+    cfg.verify = policy(21);
+    // Reputation held at its start (10000): every result of every node is
+    // re-executed, so each lie is caught (the sampling rule itself is
+    // measured in pool/tests/verification.rs).
+    cfg.verify.step = 0;
+    cfg.verify.trusted = [keys.node(0).public(), keys.node(1).public()].into();
+    let pool = start_pool(&dir.path().join("pool"), &keys, cfg, "127.0.0.1:0".parse()?).await?;
+    let mut events = pool.events();
+    let (_, bundle) = embed_bundle(&dir.path().join("author"), &keys, "1.0.0")?;
+    let (client, digest) = publish(pool.addr, &keys, &bundle).await?;
+    let inputs = embed_inputs(&corpus(80)?);
+    let (job, _) = client.submit(digest, inputs.clone(), "lies".into()).await?;
+
+    let lies = [
+        Lie::AlwaysWrong,
+        Lie::WrongWithP(0.5),
+        Lie::Replay,
+        Lie::Truncate,
+    ];
+    let mut nodes = Vec::new();
+    let mut liar_keys: BTreeMap<PublicKey, String> = BTreeMap::new();
+    for (i, lie) in lies.iter().enumerate() {
+        let i = 2 + i as u8;
+        let mut c = node_config(dir.path(), &keys, i, pool.addr);
+        c.tamper = Some(Arc::new(Adversary::new(*lie, u64::from(i))));
+        liar_keys.insert(c.key.public(), format!("{lie:?}"));
+        nodes.push(start_node(c));
+    }
+    // A fifth liar runs another model (all-MiniLM-L6-v2) than the bundle's.
+    let mut c = node_config(dir.path(), &keys, 6, pool.addr);
+    c.tamper = Some(Arc::new(
+        tokio::task::spawn_blocking(OtherModel::load).await??,
+    ));
+    liar_keys.insert(c.key.public(), "OtherModel".into());
+    nodes.push(start_node(c));
+    for i in 0..2 {
+        nodes.push(start_node(node_config(dir.path(), &keys, i, pool.addr)));
+    }
+    wait_job(&client, job, Duration::from_secs(300)).await?;
+    let status = settle(&client, Duration::from_secs(300)).await?;
+
+    // Every result is the honest one.
+    let want = tokio::task::spawn_blocking({
+        let inputs = inputs.clone();
+        move || local_outputs(&inputs)
+    })
+    .await?;
+    let records = client.job_results(job).await?;
+    let wrong: Vec<String> = records
+        .iter()
+        .zip(&want)
+        .filter(|(r, w)| output(r) != **w)
+        .map(|(r, _)| {
+            format!(
+                "task {} by {:?}: {} {:?}",
+                r.task,
+                r.node.and_then(|k| liar_keys.get(&k)),
+                r.verification,
+                r.challenge
+            )
+        })
+        .collect();
+    assert!(wrong.is_empty(), "wrong results left: {wrong:#?}");
+    // A result carrying a liar's key (one of its honest moments, e.g. the
+    // coin of `WrongWithP`) stands only where another execution agreed.
+    // (Every result is re-executed here; none may be left unchecked.)
+    for r in &records {
+        assert!(
+            !liar_keys.contains_key(&r.node.expect("node"))
+                || r.verification == "verified"
+                || r.verification == "replaced",
+            "a liar's result stands unchecked: {r:?}"
+        );
+    }
+    // Each liar caught, honest nodes never.
+    let mut caught: BTreeMap<PublicKey, u32> = BTreeMap::new();
+    while let Ok(e) = events.try_recv() {
+        if let PoolEvent::Caught { node, .. } = e {
+            *caught.entry(node).or_default() += 1;
+        }
+    }
+    for n in &status.nodes {
+        match liar_keys.get(&n.key) {
+            Some(lie) => {
+                assert!(n.strikes >= 1, "{lie} not caught: {n:?}");
+                eprintln!(
+                    "{lie}: {} strike(s), {} result(s) accepted, reputation {}",
+                    n.strikes, n.completed, n.reputation
+                );
+            }
+            None => {
+                assert_eq!(n.strikes, 0, "honest node blamed: {n:?}");
+                assert!(!caught.contains_key(&n.key));
+            }
+        }
+    }
+    assert!(
+        status.verification.replaced >= 1,
+        "{:?}",
+        status.verification
+    );
+    eprintln!("verification: {:?}", status.verification);
+    for n in nodes {
+        n.kill();
+    }
+    client.close().await;
+    pool.shutdown().await;
+    Ok(())
+}
+
+/// The submitter challenges a wrong result (replaced) and a right one (left).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn challenges_replace_a_wrong_result_and_leave_a_right_one() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys = Keys::new(22);
+    let mut cfg = test_pool_config(&keys);
+    cfg.verify = VerifyPolicy {
+        initial_reputation: 0, // as if long trusted: results are rarely checked
+        ..policy(22)
+    };
+    let pool = start_pool(&dir.path().join("pool"), &keys, cfg, "127.0.0.1:0".parse()?).await?;
+    let (_, bundle) = embed_bundle(&dir.path().join("author"), &keys, "1.0.0")?;
+    let (client, digest) = publish(pool.addr, &keys, &bundle).await?;
+    let inputs = embed_inputs(&corpus(12)?);
+    let want = tokio::task::spawn_blocking({
+        let inputs = inputs.clone();
+        move || local_outputs(&inputs)
+    })
+    .await?;
+    let (job, _) = client.submit(digest, inputs.clone(), "c".into()).await?;
+    // The liar alone first, so it answers some tasks; then two honest nodes.
+    let mut liar_cfg = node_config(dir.path(), &keys, 0, pool.addr);
+    liar_cfg.tamper = Some(Arc::new(Adversary::new(Lie::AlwaysWrong, 1)));
+    let liar_key = liar_cfg.key.public();
+    let liar = start_node(liar_cfg);
+    let start = std::time::Instant::now();
+    while client.job_status(job).await?.done < 3 {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "liar did nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let honest: Vec<_> = (1..3)
+        .map(|i| start_node(node_config(dir.path(), &keys, i, pool.addr)))
+        .collect();
+    wait_job(&client, job, Duration::from_secs(120)).await?;
+    let records = client.job_results(job).await?;
+    let bad = records
+        .iter()
+        .find(|r| r.node == Some(liar_key))
+        .expect("the liar answered a task")
+        .clone();
+    let good = records
+        .iter()
+        .find(|r| r.node != Some(liar_key))
+        .expect("an honest answer")
+        .clone();
+    assert_ne!(output(&bad), want[bad.index as usize], "the liar lied");
+
+    for (r, expect) in [
+        (&bad, "upheld: the result was wrong and was replaced"),
+        (
+            &good,
+            "rejected: an independent re-execution agreed with the result",
+        ),
+    ] {
+        let c = client.challenge(r.task).await?;
+        assert_eq!(c.state, "pending");
+        let start = std::time::Instant::now();
+        let rec = loop {
+            let rec = client.task_record(c.job, c.index).await?;
+            if rec.challenge.as_deref() != Some("pending") {
+                break rec;
+            }
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(60),
+                "undecided: {rec:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(rec.challenge.as_deref(), Some(expect), "{rec:?}");
+        assert_eq!(output(&rec), want[r.index as usize], "task {}", r.task);
+        if r.task == good.task {
+            assert_eq!(rec.node, good.node, "a right result is left as it was");
+            assert_eq!(rec.verification, "verified");
+        } else {
+            assert_ne!(rec.node, Some(liar_key));
+            assert_eq!(rec.verification, "replaced");
+        }
+    }
+    let status = client.pool_status().await?;
+    let l = status
+        .nodes
+        .iter()
+        .find(|n| n.key == liar_key)
+        .expect("liar");
+    assert!(l.strikes >= 1 && l.quarantined_until > 0, "{l:?}");
+    liar.kill();
+    for n in honest {
+        n.kill();
+    }
+    client.close().await;
+    pool.shutdown().await;
+    Ok(())
+}
+
+/// No false positives: >= 10,000 distinct real texts on three honest nodes,
+/// every node new (checked at first on every result, then less and less).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "slow: 10,000 real embeddings plus their re-executions (run by `cargo xtask test`)"]
+async fn ten_thousand_honest_tasks_raise_no_false_alarm() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys = Keys::new(23);
+    let mut cfg = test_pool_config(&keys);
+    cfg.verify = policy(23);
+    let pool = start_pool(&dir.path().join("pool"), &keys, cfg, "127.0.0.1:0".parse()?).await?;
+    let mut events = pool.events();
+    let (_, bundle) = embed_bundle(&dir.path().join("author"), &keys, "1.0.0")?;
+    let (client, digest) = publish(pool.addr, &keys, &bundle).await?;
+    let inputs = embed_inputs(&many_texts(10_000)?);
+    let (job, n) = client.submit(digest, inputs, "honest".into()).await?;
+    assert_eq!(n, 10_000);
+    let nodes: Vec<_> = (0..3)
+        .map(|i| start_node(node_config(dir.path(), &keys, i, pool.addr)))
+        .collect();
+    let summary = wait_job(&client, job, Duration::from_secs(1800)).await?;
+    assert_eq!((summary.done, summary.dead), (n, 0));
+    let status = settle(&client, Duration::from_secs(600)).await?;
+    let v = status.verification;
+    eprintln!("verification over {n} honest tasks: {v:?}");
+    for node in &status.nodes {
+        eprintln!(
+            "node {}: {} results, {} confirmed, reputation {}, sampling {:.2}%",
+            node.key.short(),
+            node.completed,
+            node.confirmed,
+            node.reputation,
+            node.sampling * 100.0
+        );
+        assert_eq!(node.strikes, 0, "false positive: {node:?}");
+    }
+    assert_eq!(v.mismatches, 0, "{v:?}");
+    assert_eq!(v.replaced, 0, "{v:?}");
+    assert!(v.confirmed >= 3 * 180, "{v:?}");
+    while let Ok(e) = events.try_recv() {
+        assert!(!matches!(e, PoolEvent::Caught { .. }), "{e:?}");
+    }
+    let records = client.job_results(job).await?;
+    assert!(records
+        .iter()
+        .all(|r| r.verification == "verified" || r.verification == "unverified"));
+    for n in nodes {
+        n.drain().await?;
+    }
+    client.close().await;
+    pool.shutdown().await;
+    Ok(())
+}
