@@ -12,18 +12,8 @@
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use tidepool_bench::cpu_time;
 use tidepool_tests::cluster::*;
-
-/// Process CPU time (user + system) from /proc/self/stat.
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which is in parentheses).
-    let rest = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 here; 100 ticks/s.
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
-}
 
 async fn tidepool(n: usize, nodes: u8) -> anyhow::Result<(f64, f64, Duration, Duration)> {
     let dir = tempfile::tempdir()?;

@@ -14,17 +14,9 @@
 //! verification`). Without `--bench` it runs a small smoke batch.
 
 use std::time::{Duration, Instant};
+use tidepool_bench::cpu_time;
 use tidepool_tests::cluster::*;
 use tidepool_tests::many_texts;
-
-/// Process CPU time (user + system) from /proc/self/stat.
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let rest = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
-}
 
 /// Wait until nothing is queued, leased or waiting for a re-execution.
 async fn settle(

@@ -69,3 +69,15 @@ pub fn measure_pair(
 pub fn us(d: Duration) -> String {
     format!("{:.1} µs", d.as_secs_f64() * 1e6)
 }
+
+/// This process's CPU time (user + system) from `/proc/self/stat`: what the
+/// pool and its in-process nodes cost, whatever the wall clock says.
+pub fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses).
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 here; 100 ticks/s.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}

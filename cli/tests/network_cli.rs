@@ -36,6 +36,37 @@ fn spawn(dir: &Path, args: &[&str]) -> Child {
         .expect("spawn tidepool")
 }
 
+/// `tidepool node run` against a pool, as a child process.
+fn spawn_node(
+    dir: &Path,
+    addr: &str,
+    pool_key: &str,
+    publisher: &str,
+    key: &str,
+    data_dir: &str,
+    slots: &str,
+) -> Child {
+    spawn(
+        dir,
+        &[
+            "node",
+            "run",
+            "--pool",
+            addr,
+            "--pool-key",
+            pool_key,
+            "--key",
+            key,
+            "--publisher",
+            publisher,
+            "--data-dir",
+            data_dir,
+            "--slots",
+            slots,
+        ],
+    )
+}
+
 fn sigterm(child: &Child) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -143,24 +174,14 @@ fn publish_submit_and_read_results_with_the_cli() {
     ));
     assert!(digest.starts_with("sha256:"), "{digest}");
 
-    let node = spawn(
+    let node = spawn_node(
         dir,
-        &[
-            "node",
-            "run",
-            "--pool",
-            &addr,
-            "--pool-key",
-            &pool_pub,
-            "--key",
-            "node.key",
-            "--publisher",
-            &publisher,
-            "--data-dir",
-            "node-data",
-            "--slots",
-            "2",
-        ],
+        &addr,
+        &pool_pub,
+        &publisher,
+        "node.key",
+        "node-data",
+        "2",
     );
 
     let texts = fortunes(8).expect("fortunes");
@@ -246,24 +267,14 @@ fn publish_submit_and_read_results_with_the_cli() {
     // A second node runs the re-executions; a challenge of a right result
     // is rejected.
     tidepool(dir, &["keygen", "--role", "node", "-o", "node2.key"]);
-    let node2 = spawn(
+    let node2 = spawn_node(
         dir,
-        &[
-            "node",
-            "run",
-            "--pool",
-            &addr,
-            "--pool-key",
-            &pool_pub,
-            "--key",
-            "node2.key",
-            "--publisher",
-            &publisher,
-            "--data-dir",
-            "node2-data",
-            "--slots",
-            "1",
-        ],
+        &addr,
+        &pool_pub,
+        &publisher,
+        "node2.key",
+        "node2-data",
+        "1",
     );
     let task = lines[3]["task"].as_u64().expect("task id").to_string();
     let args = with_pool(&["job", "challenge", &task, "--wait", "--json"]);
@@ -352,27 +363,8 @@ fn a_sigkilled_node_process_loses_no_task() {
         tidepool(dir, &v)
     };
     with_pool(&["bundle", "publish", &bundle]);
-    let node = |key: &str, data: &str| {
-        spawn(
-            dir,
-            &[
-                "node",
-                "run",
-                "--pool",
-                &addr,
-                "--pool-key",
-                &pool_pub,
-                "--key",
-                key,
-                "--publisher",
-                &publisher,
-                "--data-dir",
-                data,
-                "--slots",
-                "2",
-            ],
-        )
-    };
+    let node =
+        |key: &str, data: &str| spawn_node(dir, &addr, &pool_pub, &publisher, key, data, "2");
     let mut a = node("a.key", "node-a");
     let texts = tidepool_tests::corpus(80).expect("corpus");
     let jsonl: String = texts

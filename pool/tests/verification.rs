@@ -153,6 +153,18 @@ struct Sim {
     events: Vec<PoolEvent>,
 }
 
+/// The pool policy of these tests: publisher key 1, long leases.
+fn config(policy: VerifyPolicy) -> PoolConfig {
+    let mut cfg = PoolConfig {
+        lease_ttl: Duration::from_secs(30),
+        verify: policy,
+        ..PoolConfig::default()
+    };
+    cfg.publishers
+        .insert(SecretKey::from_seed(KeyRole::Publisher, &[1; 32]).public());
+    cfg
+}
+
 fn secret(seed: u64) -> [u8; 32] {
     Digest::of(&seed.to_be_bytes()).0
 }
@@ -163,15 +175,18 @@ impl Sim {
     }
 
     fn with_tier(policy: VerifyPolicy, kinds: &[Kind], seed: u64, extra: &str) -> Self {
+        let c = Coordinator::new(
+            SqliteStore::in_memory().expect("db"),
+            config(policy),
+            &|_| true,
+        )
+        .expect("coordinator");
+        Self::on(c, kinds, seed, extra)
+    }
+
+    /// Publish the bundle on `c` and say hello from one node per kind.
+    fn on(mut c: Coordinator<SqliteStore>, kinds: &[Kind], seed: u64, extra: &str) -> Self {
         let publisher = SecretKey::from_seed(KeyRole::Publisher, &[1; 32]);
-        let mut cfg = PoolConfig {
-            lease_ttl: Duration::from_secs(30),
-            verify: policy,
-            ..PoolConfig::default()
-        };
-        cfg.publishers.insert(publisher.public());
-        let mut c = Coordinator::new(SqliteStore::in_memory().expect("db"), cfg, &|_| true)
-            .expect("coordinator");
         let a = AuthoredManifest::parse(&format!(
             "name = \"rev\"\nversion = \"1.0.0\"\ncomponent = \"rev.wasm\"\n{extra}[models.m]\nencoding = \"onnx\"\nsource = \"m.onnx\"\nsha256 = \"{}\"\n",
             Digest::of(b"model").hex()
@@ -699,61 +714,19 @@ fn tolerance_tier_accepts_float_noise_that_exact_flags() {
 fn pending_checks_survive_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("pool.db");
-    let publisher = SecretKey::from_seed(KeyRole::Publisher, &[1; 32]);
-    let mut cfg = PoolConfig {
-        verify: VerifyPolicy {
-            secret: Some(secret(9)),
-            ..VerifyPolicy::default()
-        },
-        ..PoolConfig::default()
-    };
-    cfg.publishers.insert(publisher.public());
+    let cfg = config(VerifyPolicy {
+        secret: Some(secret(9)),
+        ..VerifyPolicy::default()
+    });
     let open = || {
         Coordinator::new(
-            tidepool_pool::store::SqliteStore::open(&path, tidepool_pool::Durability::Process)
-                .expect("db"),
+            SqliteStore::open(&path, tidepool_pool::Durability::Process).expect("db"),
             cfg.clone(),
             &|_| true,
         )
         .expect("coordinator")
     };
-    // Run the first half in one process, using the Sim plumbing by hand.
-    let mut sim = Sim::new(cfg.verify.clone(), &[Kind::Honest, Kind::Honest], 9);
-    sim.c = open();
-    sim.c.set_clock(sim.now, NOW_UNIX);
-    let (bundle, _) = {
-        let a = AuthoredManifest::parse(&format!(
-            "name = \"rev\"\nversion = \"1.0.0\"\ncomponent = \"rev.wasm\"\n[models.m]\nencoding = \"onnx\"\nsource = \"m.onnx\"\nsha256 = \"{}\"\n",
-            Digest::of(b"model").hex()
-        ))
-        .expect("manifest");
-        let locked = LockedManifest::lock(
-            &a,
-            BlobRef {
-                sha256: Digest::of(b"component"),
-                size: 9,
-            },
-            &BTreeMap::from([(
-                "m".to_owned(),
-                BlobRef {
-                    sha256: Digest::of(b"model"),
-                    size: 5,
-                },
-            )]),
-            publisher.public(),
-            NOW_UNIX,
-        )
-        .expect("lock");
-        sim.c
-            .handle_publish(NOW_UNIX, locked.sign(&publisher).expect("sign"), &|_| true)
-            .expect("publish")
-    };
-    sim.bundle = bundle;
-    for n in &sim.nodes {
-        sim.c
-            .handle_node_hello(sim.now, n.public(), caps())
-            .expect("hello");
-    }
+    let mut sim = Sim::on(open(), &[Kind::Honest, Kind::Honest], 9, "");
     let job = sim.submit("j", &inputs("restart", 4));
     while sim.work(0, 8) > 0 {}
     assert_eq!(sim.c.checks_pending(), 4);

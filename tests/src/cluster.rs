@@ -216,3 +216,35 @@ pub fn echo_bundle(dir: &Path, keys: &Keys) -> Result<BundleFile> {
     b.sign(&keys.publisher)?;
     Ok(b)
 }
+
+/// What `tidepool run` gives for each input: the embed job and the model in
+/// a local sandbox (the reference that pool results must equal).
+pub fn local_embed_outputs(inputs: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let sb = crate::sandbox(crate::test_config());
+    let job = sb.load(&crate::guest("embed")).expect("load embed");
+    inputs
+        .iter()
+        .map(|i| {
+            crate::run(&sb, &job, "local", i)
+                .expect("run")
+                .result
+                .expect("embed ok")
+        })
+        .collect()
+}
+
+/// A record's output bytes; panics (with its reasons) if it has none.
+pub fn record_output(r: &tidepool_proto::wire::TaskRecord) -> Vec<u8> {
+    match &r.outcome {
+        Some(tidepool_proto::wire::Outcome::Output(b)) => b.0.clone(),
+        other => panic!(
+            "task {} has no output: {other:?} ({:?})",
+            r.index, r.reasons
+        ),
+    }
+}
+
+/// Every record's output bytes, in order.
+pub fn record_outputs(records: &[tidepool_proto::wire::TaskRecord]) -> Vec<Vec<u8>> {
+    records.iter().map(record_output).collect()
+}

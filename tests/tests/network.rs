@@ -5,38 +5,8 @@ use anyhow::Result;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tidepool_pool::PoolEvent;
-use tidepool_proto::wire::Outcome;
 use tidepool_tests::cluster::*;
 use tidepool_tests::*;
-
-/// What `tidepool run` gives for each input: the same component and model
-/// in a local sandbox.
-fn local_outputs(inputs: &[Vec<u8>]) -> Vec<Vec<u8>> {
-    let sb = sandbox(test_config());
-    let job = sb.load(&guest("embed")).expect("load embed");
-    inputs
-        .iter()
-        .map(|i| {
-            run(&sb, &job, "local", i)
-                .expect("run")
-                .result
-                .expect("embed ok")
-        })
-        .collect()
-}
-
-fn outputs(records: &[tidepool_proto::wire::TaskRecord]) -> Vec<Vec<u8>> {
-    records
-        .iter()
-        .map(|r| match &r.outcome {
-            Some(Outcome::Output(b)) => b.0.clone(),
-            other => panic!(
-                "task {} has no output: {other:?} ({:?})",
-                r.index, r.reasons
-            ),
-        })
-        .collect()
-}
 
 /// The headline: three nodes finish >= 1,000 embed tasks and every
 /// result equals a local run of the same input.
@@ -67,8 +37,8 @@ async fn three_nodes_finish_a_thousand_embed_tasks_equal_to_local_runs() -> Resu
     assert_eq!((summary.done, summary.dead), (n, 0), "{summary:?}");
     let records = client.job_results(job).await?;
     assert_eq!(records.len(), 1000);
-    let want = tokio::task::spawn_blocking(move || local_outputs(&inputs)).await?;
-    let got = outputs(&records);
+    let want = tokio::task::spawn_blocking(move || local_embed_outputs(&inputs)).await?;
+    let got = record_outputs(&records);
     let differing = got.iter().zip(&want).filter(|(a, b)| a != b).count();
     assert_eq!(differing, 0, "{differing} results differ from local runs");
     let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
@@ -156,8 +126,8 @@ async fn a_killed_node_leases_are_requeued_and_finished_by_the_others() -> Resul
     );
 
     let records = client.job_results(job).await?;
-    let want = tokio::task::spawn_blocking(move || local_outputs(&inputs)).await?;
-    assert_eq!(outputs(&records), want);
+    let want = tokio::task::spawn_blocking(move || local_embed_outputs(&inputs)).await?;
+    assert_eq!(record_outputs(&records), want);
     assert!(
         records.iter().any(|r| r.attempts >= 2),
         "some task ran a second attempt"
@@ -324,7 +294,7 @@ async fn echo_round_trips_arbitrary_bytes() -> Result<()> {
     let node = start_node(node_config(dir.path(), &keys, 0, pool.addr));
     let (job, _) = client.submit(digest, inputs.clone(), "echo".into()).await?;
     wait_job(&client, job, Duration::from_secs(60)).await?;
-    assert_eq!(outputs(&client.job_results(job).await?), inputs);
+    assert_eq!(record_outputs(&client.job_results(job).await?), inputs);
     node.drain().await?;
     client.close().await;
     pool.shutdown().await;
@@ -365,8 +335,8 @@ async fn nodes_reconnect_after_a_pool_restart() -> Result<()> {
             .await?;
     let s = wait_job(&client, job, Duration::from_secs(120)).await?;
     assert_eq!((s.done, s.dead), (40, 0));
-    let want = tokio::task::spawn_blocking(move || local_outputs(&inputs)).await?;
-    assert_eq!(outputs(&client.job_results(job).await?), want);
+    let want = tokio::task::spawn_blocking(move || local_embed_outputs(&inputs)).await?;
+    assert_eq!(record_outputs(&client.job_results(job).await?), want);
     let report = node.drain().await?;
     assert!(report.connections >= 2, "{report:?}");
     client.close().await;
@@ -406,7 +376,7 @@ async fn cache_hits_return_the_original_bytes_without_any_node() -> Result<()> {
     let s = client.job_status(second).await?;
     assert_eq!((s.done, s.cached), (6, 6), "{s:?}");
     let cached = client.job_results(second).await?;
-    assert_eq!(outputs(&cached), outputs(&original));
+    assert_eq!(record_outputs(&cached), record_outputs(&original));
     for (c, o) in cached.iter().zip(&original) {
         assert_eq!(c.cached_from, Some(o.task));
     }

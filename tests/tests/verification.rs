@@ -10,36 +10,11 @@ use std::time::Duration;
 use tidepool_pool::client::PoolClient;
 use tidepool_pool::verify::VerifyPolicy;
 use tidepool_pool::PoolEvent;
-use tidepool_proto::wire::{Outcome, PoolSummary, TaskRecord};
+use tidepool_proto::wire::PoolSummary;
 use tidepool_proto::PublicKey;
 use tidepool_tests::adversary::{Adversary, Lie, OtherModel};
 use tidepool_tests::cluster::*;
 use tidepool_tests::*;
-
-/// What `tidepool run` gives for each input.
-fn local_outputs(inputs: &[Vec<u8>]) -> Vec<Vec<u8>> {
-    let sb = sandbox(test_config());
-    let job = sb.load(&guest("embed")).expect("load embed");
-    inputs
-        .iter()
-        .map(|i| {
-            run(&sb, &job, "local", i)
-                .expect("run")
-                .result
-                .expect("embed ok")
-        })
-        .collect()
-}
-
-fn output(r: &TaskRecord) -> Vec<u8> {
-    match &r.outcome {
-        Some(Outcome::Output(b)) => b.0.clone(),
-        other => panic!(
-            "task {} has no output: {other:?} ({:?})",
-            r.index, r.reasons
-        ),
-    }
-}
 
 /// Wait until no re-execution is pending.
 async fn settle(client: &PoolClient, timeout: Duration) -> Result<PoolSummary> {
@@ -118,14 +93,14 @@ async fn lying_nodes_are_caught_and_every_wrong_result_replaced() -> Result<()> 
     // Every result is the honest one.
     let want = tokio::task::spawn_blocking({
         let inputs = inputs.clone();
-        move || local_outputs(&inputs)
+        move || local_embed_outputs(&inputs)
     })
     .await?;
     let records = client.job_results(job).await?;
     let wrong: Vec<String> = records
         .iter()
         .zip(&want)
-        .filter(|(r, w)| output(r) != **w)
+        .filter(|(r, w)| record_output(r) != **w)
         .map(|(r, _)| {
             format!(
                 "task {} by {:?}: {} {:?}",
@@ -200,7 +175,7 @@ async fn challenges_replace_a_wrong_result_and_leave_a_right_one() -> Result<()>
     let inputs = embed_inputs(&corpus(12)?);
     let want = tokio::task::spawn_blocking({
         let inputs = inputs.clone();
-        move || local_outputs(&inputs)
+        move || local_embed_outputs(&inputs)
     })
     .await?;
     let (job, _) = client.submit(digest, inputs.clone(), "c".into()).await?;
@@ -232,7 +207,11 @@ async fn challenges_replace_a_wrong_result_and_leave_a_right_one() -> Result<()>
         .find(|r| r.node != Some(liar_key))
         .expect("an honest answer")
         .clone();
-    assert_ne!(output(&bad), want[bad.index as usize], "the liar lied");
+    assert_ne!(
+        record_output(&bad),
+        want[bad.index as usize],
+        "the liar lied"
+    );
 
     for (r, expect) in [
         (&bad, "upheld: the result was wrong and was replaced"),
@@ -256,7 +235,12 @@ async fn challenges_replace_a_wrong_result_and_leave_a_right_one() -> Result<()>
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         assert_eq!(rec.challenge.as_deref(), Some(expect), "{rec:?}");
-        assert_eq!(output(&rec), want[r.index as usize], "task {}", r.task);
+        assert_eq!(
+            record_output(&rec),
+            want[r.index as usize],
+            "task {}",
+            r.task
+        );
         if r.task == good.task {
             assert_eq!(rec.node, good.node, "a right result is left as it was");
             assert_eq!(rec.verification, "verified");
