@@ -62,6 +62,8 @@ pub struct NodeConfig {
     pub operator: Option<PublicKey>,
     /// Hardware class told to the pool (default: [`hardware_class`]).
     pub hardware: Option<String>,
+    /// The engine for `onnx` models.
+    pub onnx: crate::OnnxEngine,
     /// Changes outputs before they are signed. Only for adversarial tests
     /// of the pool's verification (a node that lies); the `tidepool` binary
     /// never sets it.
@@ -179,6 +181,8 @@ struct Ctx {
     permits: Arc<tokio::sync::Semaphore>,
     /// Output filter of adversarial tests (`None` in real nodes).
     tamper: Option<Arc<dyn Tamper>>,
+    /// The wasi-nn engines chosen at start (one per encoding).
+    engines: Vec<Arc<dyn crate::backend::NnEngine>>,
 }
 
 fn unix_now() -> u64 {
@@ -335,7 +339,7 @@ impl Ctx {
         digest: Digest,
         component: &[u8],
     ) -> Result<Arc<Prepared>, String> {
-        let mut reg = RegistryBuilder::new(crate::default_engines());
+        let mut reg = RegistryBuilder::new(self.engines.clone());
         for (name, m) in &manifest.models {
             reg.add(
                 name,
@@ -494,6 +498,13 @@ pub async fn run(
         Err(_) => VersionBook::default(),
     };
     let blobs = BlobDir::open(cfg.data_dir.join("blobs"))?;
+    let (engines, fell_back) = crate::engines(&cfg.onnx).map_err(NodeError::Config)?;
+    if let Some(why) = fell_back {
+        warn!("{why}");
+    }
+    for e in &engines {
+        info!(encoding = %e.encoding(), engine = e.describe(), "wasi-nn engine");
+    }
     let ctx = Arc::new(Ctx {
         key: cfg.key.clone(),
         publishers: cfg.publishers.clone(),
@@ -506,6 +517,7 @@ pub async fn run(
         prepared: Mutex::new(HashMap::new()),
         permits: Arc::new(tokio::sync::Semaphore::new(cfg.slots.max(1) as usize)),
         tamper: cfg.tamper.clone(),
+        engines: engines.clone(),
     });
     let endpoint = tidepool_net::client(&cfg.key, cfg.pool_key)?;
     // Hold as many leases again as there are slots, waiting, so a slot
@@ -523,10 +535,7 @@ pub async fn run(
     let mut drain = std::pin::pin!(drain);
     let mut draining = false;
     let caps = || Capabilities {
-        encodings: crate::default_engines()
-            .iter()
-            .map(|e| e.encoding().to_string())
-            .collect(),
+        encodings: engines.iter().map(|e| e.encoding().to_string()).collect(),
         models: Vec::new(),
         memory_mib: cfg.memory_mib,
         slots: cfg.slots,
@@ -705,6 +714,9 @@ pub async fn run(
 /// fetch_models = true           # fetch models from the pool
 /// operator = "ed25519:..."      # who runs this node (optional): checks go to other operators
 /// hardware = "..."              # hardware class (default: detected, e.g. "x86_64 <CPU> ×2")
+/// onnx_engine = "tract"         # or "onnxruntime" (faster; results differ from tract in the last bits)
+/// onnxruntime_lib = "..."       # default: the catalogue's onnxruntime-lib in the models directory
+/// onnxruntime_fallback = false  # true: run tract if ONNX Runtime cannot be used; false: refuse to start
 /// ```
 ///
 /// Relative paths are relative to the file.
@@ -738,6 +750,18 @@ pub struct NodeFile {
     pub operator: Option<PublicKey>,
     /// Hardware class (default: detected).
     pub hardware: Option<String>,
+    /// `tract` (default) or `onnxruntime`.
+    #[serde(default = "node_default_onnx")]
+    pub onnx_engine: String,
+    /// The ONNX Runtime library (default: the fetched catalogue file).
+    pub onnxruntime_lib: Option<PathBuf>,
+    /// Run tract if ONNX Runtime cannot be used (default: refuse to start).
+    #[serde(default)]
+    pub onnxruntime_fallback: bool,
+}
+
+fn node_default_onnx() -> String {
+    "tract".into()
 }
 
 fn node_default_key() -> PathBuf {
@@ -807,6 +831,25 @@ impl NodeFile {
             fetch_models: self.fetch_models,
             operator: self.operator,
             hardware: self.hardware,
+            onnx: match self.onnx_engine.as_str() {
+                "tract" => crate::OnnxEngine::Tract,
+                "onnxruntime" => crate::OnnxEngine::OnnxRuntime {
+                    library: match self.onnxruntime_lib {
+                        Some(p) => p,
+                        None => crate::models::models_dir().join(
+                            crate::models::catalog_entry("onnxruntime-lib")
+                                .map_err(|e| NodeError::Config(e.to_string()))?
+                                .file,
+                        ),
+                    },
+                    fallback: self.onnxruntime_fallback,
+                },
+                other => {
+                    return Err(NodeError::Config(format!(
+                        "onnx_engine = {other:?} is not \"tract\" or \"onnxruntime\""
+                    )))
+                }
+            },
             tamper: None,
         })
     }

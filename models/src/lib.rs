@@ -71,6 +71,19 @@ pub const CATALOG: &[CatalogEntry] = &[
         about: "all-MiniLM-L6-v2 sentence embeddings (int8-stored ONNX, token output `last_hidden_state`: mean-pool it), Apache-2.0",
     },
     CatalogEntry {
+        name: "onnxruntime-lib",
+        file: "libonnxruntime.so.1.31.1",
+        sha256: "fc44112fbe06d7d689c57e11d3862031f64711007e4ee020f8eed5185fd2c1d3",
+        size: 29_352_200,
+        encoding: None,
+        source: PypiSource {
+            package: "onnxruntime",
+            version: "1.31.1",
+            member: "onnxruntime/capi/libonnxruntime.so.1.31.1",
+        },
+        about: "ONNX Runtime 1.31.1 shared library (Linux x86_64, CPU) for nodes that run onnx models on ONNX Runtime, MIT",
+    },
+    CatalogEntry {
         name: "minilm-vocab",
         file: "minilm-vocab.txt",
         sha256: "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",

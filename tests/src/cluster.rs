@@ -111,6 +111,7 @@ pub fn node_config(dir: &Path, keys: &Keys, i: u8, pool: SocketAddr) -> NodeConf
         fetch_models: true,
         operator: None,
         hardware: None,
+        onnx: tidepool_host::OnnxEngine::Tract,
         tamper: None,
     }
 }

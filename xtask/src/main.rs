@@ -33,6 +33,8 @@ const MODELS: &[&str] = &[
     // A second embedding model: the "runs another model" liar in the
     // verification tests, and ONNX Runtime comparisons.
     "minilm-l6-int8",
+    // ONNX Runtime's library, for nodes set to `onnx_engine = "onnxruntime"`.
+    "onnxruntime-lib",
 ];
 
 fn main() -> Result<()> {

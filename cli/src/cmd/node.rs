@@ -42,6 +42,15 @@ pub struct RunArgs {
     /// Memory per task in MiB (overrides the file).
     #[arg(long)]
     memory_mib: Option<u32>,
+    /// Engine for onnx models: `tract` (default) or `onnxruntime` (overrides the file).
+    #[arg(long)]
+    onnx_engine: Option<String>,
+    /// ONNX Runtime shared library (default: the fetched `onnxruntime-lib`).
+    #[arg(long)]
+    onnxruntime_lib: Option<std::path::PathBuf>,
+    /// Run tract when ONNX Runtime cannot be used, instead of refusing to start.
+    #[arg(long)]
+    onnxruntime_fallback: bool,
 }
 
 pub fn main(c: Command) -> anyhow::Result<ExitCode> {
@@ -58,6 +67,9 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
     f.slots = a.slots.or(f.slots);
     f.queue = a.queue.or(f.queue);
     f.memory_mib = a.memory_mib.unwrap_or(f.memory_mib);
+    f.onnx_engine = a.onnx_engine.unwrap_or(f.onnx_engine);
+    f.onnxruntime_lib = a.onnxruntime_lib.or(f.onnxruntime_lib);
+    f.onnxruntime_fallback |= a.onnxruntime_fallback;
     let key = read_key(&f.key)?;
     let cfg = f.into_config(key)?;
     eprintln!(

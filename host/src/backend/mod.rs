@@ -11,6 +11,8 @@
 //! become wasi-nn errors (`runtime-error` with a message, or `timeout`),
 //! never traps; panics inside an engine are caught and reported the same way.
 
+#[cfg(feature = "onnxruntime")]
+pub mod onnxruntime;
 pub mod tract;
 
 use std::sync::Arc;

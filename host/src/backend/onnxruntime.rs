@@ -1,0 +1,321 @@
+//! ONNX Runtime as a second ONNX engine (`ort` crate, `load-dynamic`): the
+//! shared library comes from the `onnxruntime` PyPI wheel (catalogue entry
+//! `onnxruntime-lib`, fetched and verified at set-up) and is loaded at run
+//! time, so the binary links nothing and a node without it still runs tract.
+//!
+//! Deterministic settings: one intra-op and one inter-op thread, ONNX
+//! Runtime's deterministic compute on, CPU execution provider. The same
+//! build on the same machine gives the same bytes; against tract the
+//! results differ in the last bits, which the `tolerance` tier accepts and
+//! `exact` does not.
+//!
+//! It never downloads anything and never falls back by itself: the node's
+//! configuration decides (see `tidepool_host::engines`).
+
+use super::{guarded, ModelGraph, NnEngine, TaskBudget};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use wasmtime_wasi_nn::backend::{BackendError, BackendExecutionContext, Id, NamedTensor};
+use wasmtime_wasi_nn::wit::{GraphEncoding, TensorType};
+
+/// The ONNX Runtime release this build speaks to (C API 31).
+pub const VERSION: &str = "1.31.1";
+
+/// Why ONNX Runtime cannot be used.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum OrtError {
+    /// The library file is not there.
+    #[error("ONNX Runtime library {0} does not exist (run `cargo xtask fetch-models`, or `tidepool models fetch onnxruntime-lib`)")]
+    Missing(PathBuf),
+    /// The file is not a loadable ONNX Runtime of a supported version.
+    #[error("ONNX Runtime library {path} cannot be used (this build needs ONNX Runtime {VERSION}, C API 31): {why}")]
+    Unusable {
+        /// The file.
+        path: PathBuf,
+        /// What the loader said.
+        why: String,
+    },
+    /// Another library was loaded earlier in this process.
+    #[error("ONNX Runtime is already loaded from {loaded} in this process; cannot load {wanted}")]
+    OtherLoaded {
+        /// What is loaded.
+        loaded: PathBuf,
+        /// What was asked for.
+        wanted: PathBuf,
+    },
+}
+
+/// The process-wide environment: the library can be loaded once.
+static ENV: OnceLock<(PathBuf, Result<Arc<ort::environment::Environment>, String>)> =
+    OnceLock::new();
+
+/// The ONNX Runtime engine, CPU execution provider.
+#[derive(Clone)]
+pub struct OrtEngine {
+    /// The loaded environment (lives for the process).
+    env: Arc<ort::environment::Environment>,
+}
+
+impl std::fmt::Debug for OrtEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OrtEngine")
+    }
+}
+
+impl OrtEngine {
+    /// Load the library at `lib` (once per process).
+    pub fn new(lib: &Path) -> Result<Self, OrtError> {
+        if !lib.is_file() {
+            return Err(OrtError::Missing(lib.to_owned()));
+        }
+        let (loaded, env) = ENV.get_or_init(|| {
+            let env = guarded_load(lib);
+            (lib.to_owned(), env)
+        });
+        if loaded != lib {
+            return Err(OrtError::OtherLoaded {
+                loaded: loaded.clone(),
+                wanted: lib.to_owned(),
+            });
+        }
+        match env {
+            Ok(env) => Ok(Self { env: env.clone() }),
+            Err(why) => Err(OrtError::Unusable {
+                path: lib.to_owned(),
+                why: why.clone(),
+            }),
+        }
+    }
+}
+
+fn guarded_load(lib: &Path) -> Result<Arc<ort::environment::Environment>, String> {
+    // A wrong file can make the loader panic inside `ort`; keep it an error.
+    std::panic::catch_unwind(|| {
+        ort::init_from(lib)
+            .map_err(|e| e.to_string())?
+            .with_name("tidepool")
+            .build()
+            .map(Arc::new)
+            .map_err(|e| e.to_string())
+    })
+    .unwrap_or_else(|_| Err("the loader panicked".into()))
+}
+
+impl NnEngine for OrtEngine {
+    fn encoding(&self) -> GraphEncoding {
+        GraphEncoding::Onnx
+    }
+    fn describe(&self) -> String {
+        format!("onnxruntime {VERSION} (cpu)")
+    }
+    fn load(&self, path: &Path) -> anyhow::Result<Arc<dyn ModelGraph>> {
+        let e = |e: ort::Error<ort::session::builder::SessionBuilder>| anyhow::anyhow!("{e}");
+        let session = ort::session::Session::builder(&self.env)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .with_intra_threads(1)
+            .map_err(e)?
+            .with_inter_threads(1)
+            .map_err(e)?
+            .with_deterministic_compute(true)
+            .map_err(e)?
+            .commit_from_file(path)
+            .map_err(|e| anyhow::anyhow!("ONNX Runtime cannot load {}: {e}", path.display()))?;
+        let inputs = session
+            .inputs()
+            .iter()
+            .map(|i| i.name().to_owned())
+            .collect();
+        let outputs = session
+            .outputs()
+            .iter()
+            .map(|o| o.name().to_owned())
+            .collect();
+        Ok(Arc::new(OrtModel {
+            session: Arc::new(Mutex::new(session)),
+            inputs,
+            outputs,
+        }))
+    }
+}
+
+/// A loaded model. ONNX Runtime sessions run one call at a time here
+/// (`run` takes `&mut`); tasks on the same model queue on the lock.
+struct OrtModel {
+    /// The session (lives as long as the host's registry).
+    session: Arc<Mutex<ort::session::Session>>,
+    /// Input names in the model's order.
+    inputs: Vec<String>,
+    /// Output names in the model's order.
+    outputs: Vec<String>,
+}
+
+impl ModelGraph for OrtModel {
+    fn context(
+        &self,
+        budget: TaskBudget,
+    ) -> Result<Box<dyn BackendExecutionContext>, BackendError> {
+        Ok(Box::new(OrtContext {
+            session: self.session.clone(),
+            inputs: self.inputs.clone(),
+            outputs: self.outputs.clone(),
+            budget,
+        }))
+    }
+}
+
+/// One task's execution context.
+struct OrtContext {
+    session: Arc<Mutex<ort::session::Session>>,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+    budget: TaskBudget,
+}
+
+fn err(msg: String) -> BackendError {
+    BackendError::BackendAccess(wasmtime::Error::msg(msg))
+}
+
+/// Guest tensor → ONNX Runtime value (little-endian bytes, checked length).
+fn to_ort(t: &NamedTensor) -> Result<ort::value::DynValue, BackendError> {
+    let name = &t.name;
+    let shape: Vec<usize> = t.tensor.dimensions.iter().map(|&d| d as usize).collect();
+    fn typed<
+        T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static,
+        const N: usize,
+    >(
+        name: &str,
+        shape: Vec<usize>,
+        data: &[u8],
+        conv: fn([u8; N]) -> T,
+    ) -> Result<ort::value::DynValue, BackendError> {
+        let n = shape.iter().try_fold(N, |acc, &d| acc.checked_mul(d));
+        if n != Some(data.len()) {
+            return Err(err(format!(
+                "input {name:?}: dimensions {shape:?} of {N}-byte elements do not match the {} bytes given",
+                data.len()
+            )));
+        }
+        let values: Vec<T> = data
+            .chunks_exact(N)
+            .map(|c| conv(c.try_into().unwrap_or([0; N])))
+            .collect();
+        ort::value::Tensor::from_array((shape, values))
+            .map(|t| t.into_dyn())
+            .map_err(|e| err(format!("input {name:?}: {e}")))
+    }
+    let data = &t.tensor.data;
+    match t.tensor.ty {
+        TensorType::Fp32 => typed(name, shape, data, f32::from_le_bytes),
+        TensorType::Fp64 => typed(name, shape, data, f64::from_le_bytes),
+        TensorType::I32 => typed(name, shape, data, i32::from_le_bytes),
+        TensorType::I64 => typed(name, shape, data, i64::from_le_bytes),
+        TensorType::U8 => typed(name, shape, data, u8::from_le_bytes),
+        other => Err(BackendError::UnsupportedTensorType(format!(
+            "{name}: {other:?} (ONNX Runtime engine)"
+        ))),
+    }
+}
+
+/// ONNX Runtime value → guest tensor.
+fn from_ort(
+    name: &str,
+    v: &ort::value::DynValue,
+) -> Result<wasmtime_wasi_nn::Tensor, BackendError> {
+    fn pack<T: Copy>(
+        shape: &ort::value::Shape,
+        data: &[T],
+        ty: TensorType,
+        bytes: fn(T) -> Vec<u8>,
+    ) -> Result<wasmtime_wasi_nn::Tensor, BackendError> {
+        let dimensions = shape
+            .iter()
+            .map(|&d| u32::try_from(d).map_err(|_| err(format!("dimension {d} out of range"))))
+            .collect::<Result<_, _>>()?;
+        Ok(wasmtime_wasi_nn::Tensor {
+            dimensions,
+            ty,
+            data: data.iter().flat_map(|x| bytes(*x)).collect(),
+        })
+    }
+    if let Ok((s, d)) = v.try_extract_tensor::<f32>() {
+        return pack(s, d, TensorType::Fp32, |x| x.to_le_bytes().to_vec());
+    }
+    if let Ok((s, d)) = v.try_extract_tensor::<i64>() {
+        return pack(s, d, TensorType::I64, |x| x.to_le_bytes().to_vec());
+    }
+    if let Ok((s, d)) = v.try_extract_tensor::<i32>() {
+        return pack(s, d, TensorType::I32, |x| x.to_le_bytes().to_vec());
+    }
+    if let Ok((s, d)) = v.try_extract_tensor::<f64>() {
+        return pack(s, d, TensorType::Fp64, |x| x.to_le_bytes().to_vec());
+    }
+    if let Ok((s, d)) = v.try_extract_tensor::<u8>() {
+        return pack(s, d, TensorType::U8, |x| vec![x]);
+    }
+    Err(BackendError::UnsupportedTensorType(format!(
+        "output {name}: {:?}",
+        v.dtype()
+    )))
+}
+
+impl BackendExecutionContext for OrtContext {
+    fn set_input(&mut self, _id: Id, _t: &wasmtime_wasi_nn::Tensor) -> Result<(), BackendError> {
+        Err(err(
+            "set-input is the WITX API; pass named tensors to compute".into(),
+        ))
+    }
+    fn get_output(&mut self, _id: Id) -> Result<wasmtime_wasi_nn::Tensor, BackendError> {
+        Err(err(
+            "get-output is the WITX API; compute returns named tensors".into(),
+        ))
+    }
+    fn compute(
+        &mut self,
+        inputs: Option<Vec<NamedTensor>>,
+    ) -> Result<Option<Vec<NamedTensor>>, BackendError> {
+        self.budget.check("compute")?;
+        let given = inputs.ok_or_else(|| err("compute needs named input tensors".into()))?;
+        let mut values: Vec<(String, ort::value::DynValue)> = Vec::with_capacity(given.len());
+        for nt in &given {
+            if !self.inputs.contains(&nt.name) {
+                return Err(err(format!(
+                    "the model has no input {:?}; its inputs are {:?}",
+                    nt.name, self.inputs
+                )));
+            }
+            if values.iter().any(|(n, _)| *n == nt.name) {
+                return Err(err(format!("input {:?} given twice", nt.name)));
+            }
+            values.push((nt.name.clone(), to_ort(nt)?));
+        }
+        if let Some(missing) = self
+            .inputs
+            .iter()
+            .find(|n| !values.iter().any(|(g, _)| g == *n))
+        {
+            return Err(err(format!(
+                "missing input {missing:?}; the model needs {:?}",
+                self.inputs
+            )));
+        }
+        let session = self.session.clone();
+        let outputs = self.outputs.clone();
+        guarded("compute", move || {
+            let mut s = session
+                .lock()
+                .map_err(|_| err("an earlier inference on this model panicked".into()))?;
+            let out = s
+                .run(values)
+                .map_err(|e| err(format!("inference failed: {e}")))?;
+            let mut named = Vec::with_capacity(outputs.len());
+            for name in &outputs {
+                let v = &out[name.as_str()];
+                named.push(NamedTensor {
+                    name: name.clone(),
+                    tensor: from_ort(name, v)?,
+                });
+            }
+            Ok(Some(named))
+        })
+    }
+}
