@@ -275,8 +275,8 @@ fn apt_install(what: &str, packages: &[(&str, &str)]) -> Result<()> {
     Ok(())
 }
 
-/// The pool benchmark's baseline: Redis from Debian, Celery from PyPI in a
-/// venv under target/. Returns the venv's python.
+/// The benchmarks' baselines: Redis from Debian, Celery and onnxruntime from
+/// PyPI in a venv under target/. Returns the venv's python.
 fn bench_setup() -> Result<PathBuf> {
     apt_install(
         "the benchmark baseline",
@@ -297,6 +297,28 @@ fn bench_setup() -> Result<PathBuf> {
                 .success();
         if !ok {
             bail!("could not create target/bench-venv with celery[redis]");
+        }
+    }
+    let has_ort = Command::new(&python)
+        .args(["-c", "import onnxruntime, numpy"])
+        .stderr(std::process::Stdio::null())
+        .status()?
+        .success();
+    if !has_ort {
+        say("installing onnxruntime 1.31.1 and numpy (benchmark baseline) from PyPI into target/bench-venv");
+        let ok = Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "onnxruntime==1.31.1",
+                "numpy",
+            ])
+            .status()?
+            .success();
+        if !ok {
+            bail!("could not install onnxruntime into target/bench-venv");
         }
     }
     Ok(python)
