@@ -5,6 +5,7 @@ intra-op and one inter-op thread. Prints the median seconds per pass over
 all texts.
 
 usage: python run.py MODEL.onnx IDS.json WARMUP ITERATIONS
+(ITERATIONS = 0: one pass per line read from stdin, printing its seconds)
 """
 import json
 import statistics
@@ -26,6 +27,15 @@ def one_pass():
     for ids in texts:
         session.run(["461"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})
 
+
+if iterations == 0:
+    # Interleaved mode: one pass per line on stdin, its seconds on stdout,
+    # so the Rust side alternates passes with its own (side by side).
+    for line in sys.stdin:
+        t = time.perf_counter()
+        one_pass()
+        print(time.perf_counter() - t, flush=True)
+    sys.exit(0)
 
 for _ in range(warmup):
     one_pass()
