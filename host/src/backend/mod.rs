@@ -18,7 +18,7 @@ pub mod tract;
 use std::sync::Arc;
 use std::time::Instant;
 use wasmtime_wasi_nn::backend::{
-    BackendError, BackendExecutionContext, BackendGraph, BackendInner,
+    BackendError, BackendExecutionContext, BackendGraph, BackendInner, NamedTensor,
 };
 use wasmtime_wasi_nn::wit::{ExecutionTarget, GraphEncoding};
 use wasmtime_wasi_nn::{ExecutionContext, Graph};
@@ -86,6 +86,55 @@ impl From<TaskGraph> for Graph {
     fn from(g: TaskGraph) -> Self {
         Graph::from(Box::new(g) as Box<dyn BackendGraph>)
     }
+}
+
+fn engine_err(msg: String) -> BackendError {
+    BackendError::BackendAccess(wasmtime::Error::msg(msg))
+}
+
+/// `set-input` (the WITX API) is refused: tasks pass named tensors to
+/// `compute`.
+pub(crate) fn witx_set_input() -> BackendError {
+    engine_err("set-input is the WITX API; pass named tensors to compute".into())
+}
+
+/// `get-output` (the WITX API) is refused: `compute` returns named tensors.
+pub(crate) fn witx_get_output() -> BackendError {
+    engine_err("get-output is the WITX API; compute returns named tensors".into())
+}
+
+/// The named inputs of a `compute` call in the model's input order,
+/// refusing unknown, repeated and missing names with the model's list.
+pub(crate) fn order_inputs<'a>(
+    model_inputs: &[String],
+    given: Option<&'a [NamedTensor]>,
+) -> Result<Vec<&'a NamedTensor>, BackendError> {
+    let given = given.ok_or_else(|| engine_err("compute needs named input tensors".into()))?;
+    let mut ordered: Vec<Option<&NamedTensor>> = vec![None; model_inputs.len()];
+    for nt in given {
+        let Some(ix) = model_inputs.iter().position(|n| *n == nt.name) else {
+            return Err(engine_err(format!(
+                "the model has no input {:?}; its inputs are {:?}",
+                nt.name, model_inputs
+            )));
+        };
+        if ordered[ix].is_some() {
+            return Err(engine_err(format!("input {:?} given twice", nt.name)));
+        }
+        ordered[ix] = Some(nt);
+    }
+    ordered
+        .into_iter()
+        .enumerate()
+        .map(|(ix, t)| {
+            t.ok_or_else(|| {
+                engine_err(format!(
+                    "missing input {:?}; the model needs {:?}",
+                    model_inputs[ix], model_inputs
+                ))
+            })
+        })
+        .collect()
 }
 
 /// The wasi-nn "backend" a task sees for `load` from bytes: it always refuses.

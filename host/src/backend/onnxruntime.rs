@@ -260,43 +260,19 @@ fn from_ort(
 
 impl BackendExecutionContext for OrtContext {
     fn set_input(&mut self, _id: Id, _t: &wasmtime_wasi_nn::Tensor) -> Result<(), BackendError> {
-        Err(err(
-            "set-input is the WITX API; pass named tensors to compute".into(),
-        ))
+        Err(super::witx_set_input())
     }
     fn get_output(&mut self, _id: Id) -> Result<wasmtime_wasi_nn::Tensor, BackendError> {
-        Err(err(
-            "get-output is the WITX API; compute returns named tensors".into(),
-        ))
+        Err(super::witx_get_output())
     }
     fn compute(
         &mut self,
         inputs: Option<Vec<NamedTensor>>,
     ) -> Result<Option<Vec<NamedTensor>>, BackendError> {
         self.budget.check("compute")?;
-        let given = inputs.ok_or_else(|| err("compute needs named input tensors".into()))?;
-        let mut values: Vec<(String, ort::value::DynValue)> = Vec::with_capacity(given.len());
-        for nt in &given {
-            if !self.inputs.contains(&nt.name) {
-                return Err(err(format!(
-                    "the model has no input {:?}; its inputs are {:?}",
-                    nt.name, self.inputs
-                )));
-            }
-            if values.iter().any(|(n, _)| *n == nt.name) {
-                return Err(err(format!("input {:?} given twice", nt.name)));
-            }
+        let mut values: Vec<(String, ort::value::DynValue)> = Vec::new();
+        for nt in super::order_inputs(&self.inputs, inputs.as_deref())? {
             values.push((nt.name.clone(), to_ort(nt)?));
-        }
-        if let Some(missing) = self
-            .inputs
-            .iter()
-            .find(|n| !values.iter().any(|(g, _)| g == *n))
-        {
-            return Err(err(format!(
-                "missing input {missing:?}; the model needs {:?}",
-                self.inputs
-            )));
         }
         let session = self.session.clone();
         let outputs = self.outputs.clone();

@@ -193,43 +193,19 @@ impl BackendExecutionContext for TractContext {
         _id: Id,
         _tensor: &wasmtime_wasi_nn::Tensor,
     ) -> Result<(), BackendError> {
-        Err(err(
-            "set-input is the WITX API; pass named tensors to compute".into(),
-        ))
+        Err(super::witx_set_input())
     }
     fn get_output(&mut self, _id: Id) -> Result<wasmtime_wasi_nn::Tensor, BackendError> {
-        Err(err(
-            "get-output is the WITX API; compute returns named tensors".into(),
-        ))
+        Err(super::witx_get_output())
     }
     fn compute(
         &mut self,
         inputs: Option<Vec<NamedTensor>>,
     ) -> Result<Option<Vec<NamedTensor>>, BackendError> {
         self.budget.check("compute")?;
-        let given = inputs.ok_or_else(|| err("compute needs named input tensors".into()))?;
-        let mut ordered: Vec<Option<Tensor>> = vec![None; self.inputs.len()];
-        for nt in &given {
-            let Some(ix) = self.inputs.iter().position(|n| *n == nt.name) else {
-                return Err(err(format!(
-                    "the model has no input {:?}; its inputs are {:?}",
-                    nt.name, self.inputs
-                )));
-            };
-            if ordered[ix].is_some() {
-                return Err(err(format!("input {:?} given twice", nt.name)));
-            }
-            ordered[ix] = Some(to_tract(&nt.name, &nt.tensor)?);
-        }
         let mut values = TVec::new();
-        for (ix, t) in ordered.into_iter().enumerate() {
-            let t = t.ok_or_else(|| {
-                err(format!(
-                    "missing input {:?}; the model needs {:?}",
-                    self.inputs[ix], self.inputs
-                ))
-            })?;
-            values.push(t.into_tvalue());
+        for nt in super::order_inputs(&self.inputs, inputs.as_deref())? {
+            values.push(to_tract(&nt.name, &nt.tensor)?.into_tvalue());
         }
         let model = self.model.clone();
         let outs = guarded("compute", || {
