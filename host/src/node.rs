@@ -534,6 +534,8 @@ pub async fn run(
     let mut backoff = Duration::from_millis(100);
     let mut drain = std::pin::pin!(drain);
     let mut draining = false;
+    // Read once: the hello is sent again on every reconnection.
+    let hardware = cfg.hardware.clone().unwrap_or_else(hardware_class);
     let caps = || Capabilities {
         encodings: engines.iter().map(|e| e.encoding().to_string()).collect(),
         models: Vec::new(),
@@ -544,7 +546,7 @@ pub async fn run(
         publishers: cfg.publishers.iter().copied().collect(),
         fetch_models: cfg.fetch_models,
         operator: cfg.operator,
-        hardware: Some(cfg.hardware.clone().unwrap_or_else(hardware_class)),
+        hardware: Some(hardware.clone()),
     };
     'connect: loop {
         if draining && session.is_drained() {
@@ -892,5 +894,28 @@ mod tests {
         std::fs::write(&path, "slots = \"many\"\n").expect("write");
         let err = NodeFile::read(&path).expect_err("bad type").to_string();
         assert!(err.contains("node.toml") && err.contains("slots"), "{err}");
+
+        // The onnx engine: tract by default, ONNX Runtime with the
+        // catalogue's library unless told otherwise, anything else refused.
+        let pool = "pool = \"127.0.0.1:7070\"\npool_key = \"ed25519:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\"\n";
+        let with = |extra: &str| {
+            std::fs::write(&path, format!("{pool}{extra}")).expect("write");
+            NodeFile::read(&path)
+                .expect("read")
+                .into_config(key.clone())
+        };
+        assert_eq!(with("").expect("config").onnx, crate::OnnxEngine::Tract);
+        match with("onnx_engine = \"onnxruntime\"\n")
+            .expect("config")
+            .onnx
+        {
+            crate::OnnxEngine::OnnxRuntime { library, fallback } => {
+                assert!(library.ends_with("libonnxruntime.so.1.31.1"), "{library:?}");
+                assert!(!fallback);
+            }
+            other => panic!("{other:?}"),
+        }
+        let err = with("onnx_engine = \"tensorrt\"\n").expect_err("unknown engine");
+        assert!(err.to_string().contains("\"tensorrt\" is not"), "{err}");
     }
 }

@@ -1365,10 +1365,7 @@ impl<S: Store> Coordinator<S> {
         let recent = self
             .store
             .unverified_recent(node, self.cfg.verify.lookback)?;
-        for t in recent {
-            let Some((job, _)) = self.store.result(t)?.map(|r| (r.job, r)) else {
-                continue;
-            };
+        for (t, job) in recent {
             let Some(&(bundle, _)) = self.jobs.get(&job) else {
                 continue;
             };

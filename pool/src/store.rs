@@ -322,12 +322,12 @@ pub trait Store: Send {
     /// Record a challenge's state.
     fn set_challenge(&mut self, task: TaskId, text: &str) -> Result<(), StoreError>;
     /// A node's most recent results of user jobs that were never checked,
-    /// newest first.
+    /// newest first, with their jobs.
     fn unverified_recent(
         &mut self,
         node: &PublicKey,
         limit: u32,
-    ) -> Result<Vec<TaskId>, StoreError>;
+    ) -> Result<Vec<(TaskId, JobId)>, StoreError>;
     /// Every node's verification standing (nodes never judged are absent).
     fn standings(&mut self) -> Result<Vec<(PublicKey, Standing)>, StoreError>;
     /// Save a node's standing.
@@ -963,15 +963,15 @@ impl Store for SqliteStore {
         &mut self,
         node: &PublicKey,
         limit: u32,
-    ) -> Result<Vec<TaskId>, StoreError> {
+    ) -> Result<Vec<(TaskId, JobId)>, StoreError> {
         let mut st = self.conn.prepare_cached(
-            "SELECT t.id FROM tasks t JOIN jobs j ON j.id = t.job
+            "SELECT t.id, t.job FROM tasks t JOIN jobs j ON j.id = t.job
              WHERE t.node = ?1 AND t.state = 2 AND t.verified = 0 AND t.cached_from IS NULL AND j.kind = 0
              ORDER BY t.id DESC LIMIT ?2",
         )?;
         let v = st
             .query_map(params![node.to_string(), limit], |r| {
-                Ok(r.get::<_, i64>(0)? as TaskId)
+                Ok((r.get::<_, i64>(0)? as TaskId, r.get::<_, i64>(1)? as JobId))
             })?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(v)

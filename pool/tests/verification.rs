@@ -929,3 +929,77 @@ fn checks_prefer_other_operators_hardware_and_trusted_nodes() {
     assert_eq!(sim.work(2, 8), 1);
     assert_eq!(sim.records(job)[0].verification, "verified");
 }
+
+/// Executions that never agree end `disputed` after MAX_EXECUTIONS, with
+/// nobody penalised; the stored result stays.
+#[test]
+fn results_on_which_no_two_executions_agree_are_disputed() {
+    let mut sim = Sim::new(
+        VerifyPolicy {
+            secret: Some(secret(13)),
+            ..VerifyPolicy::default()
+        },
+        &[
+            Kind::AlwaysWrong,
+            Kind::Truncate,
+            Kind::OtherModel,
+            Kind::Replay,
+            Kind::Honest,
+        ],
+        13,
+    );
+    let job = sim.submit("j", &inputs("dispute", 1));
+    assert_eq!(sim.work(0, 1), 1);
+    let before = sim.records(job)[0].clone();
+    sim.settle();
+    let after = &sim.records(job)[0];
+    assert_eq!(after.verification, "disputed");
+    assert_eq!(output_of(after), output_of(&before));
+    assert!(sim.caught().is_empty(), "{:?}", sim.caught());
+    let status = sim.c.pool_status(sim.now).expect("status");
+    assert_eq!(
+        status.verification.executed as usize,
+        tidepool_pool::coordinator::MAX_EXECUTIONS - 1
+    );
+}
+
+/// A node banned while it holds leases loses them at once: other nodes get
+/// the tasks without waiting for the leases to expire.
+#[test]
+fn a_banned_node_leases_go_to_others_at_once() {
+    let mut sim = Sim::new(
+        VerifyPolicy {
+            secret: Some(secret(14)),
+            initial_reputation: 0,
+            ban_after: 1,
+            lookback: 0,
+            ..VerifyPolicy::default()
+        },
+        &[Kind::AlwaysWrong, Kind::Honest, Kind::Honest],
+        14,
+    );
+    let job = sim.submit("j", &inputs("banned", 4));
+    // The liar answers one task and holds the rest.
+    let liar = sim.nodes[0].public();
+    let (grants, _) = sim.c.handle_lease(sim.now, &liar, 6, &[]).expect("lease");
+    assert_eq!(grants.len(), 4, "its four slots");
+    let answer = sim.nodes[0].answer(&grants[0], sim.component);
+    sim.c
+        .handle_results(sim.now, &liar, vec![answer])
+        .expect("results");
+    sim.c
+        .handle_challenge(sim.now, grants[0].lease.task)
+        .expect("challenge");
+    sim.work(1, 1);
+    sim.work(2, 1);
+    assert!(sim.c.node_standing(&liar).banned);
+    // Without any time passing, the other three are queued again.
+    assert_eq!(sim.work(1, 8) + sim.work(2, 8), 3);
+    let recs = sim.records(job);
+    assert!(recs.iter().all(|r| r.node != Some(liar)), "{recs:?}");
+    assert!(
+        recs[1].reasons.iter().any(|r| r.contains("was banned")),
+        "{:?}",
+        recs[1]
+    );
+}
