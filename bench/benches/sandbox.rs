@@ -38,6 +38,8 @@ fn main() {
         assert!(out.result.expect("ok").is_empty());
     });
     let task = TaskSpec {
+        replay: None,
+        accept: Default::default(),
         id: "t",
         params: &params,
         input: b"0",

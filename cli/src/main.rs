@@ -49,7 +49,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TIDEPOOL_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                // llama.cpp warns about model quirks at every load; not the user's concern.
+                .unwrap_or_else(|_| "warn,llama-cpp-2=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();

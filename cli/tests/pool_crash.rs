@@ -159,6 +159,7 @@ async fn worker(
                             .sign(&key),
                         );
                         pending.push(TaskResult {
+                            transcript: Default::default(),
                             lease: g.lease,
                             outcome: Outcome::Output(Bytes(output)),
                             receipt,

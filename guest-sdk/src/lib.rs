@@ -7,6 +7,7 @@
 //! - [`nn`]: safe wrappers over wasi-nn (load a graph by name, build tensors
 //!   from slices, read typed outputs);
 //! - [`io`]: JSON and MessagePack helpers for inputs and outputs;
+//! - [`llm`]: text generation with a GGUF model in one call;
 //! - [`text`]: a BERT WordPiece tokenizer for text models;
 //! - [`log`]: leveled logging to the node, and [`task_id`] / [`params`].
 //!
@@ -14,6 +15,7 @@
 //! threads (see the WIT for the whole contract).
 
 pub mod io;
+pub mod llm;
 pub mod log;
 pub mod nn;
 pub mod text;

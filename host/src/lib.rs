@@ -22,9 +22,27 @@ pub use sandbox::{
 
 use std::sync::Arc;
 
-/// The engines this build has, one per encoding.
+/// Threads a `ggml` (llama.cpp) task context uses unless configured.
+pub const DEFAULT_LLM_THREADS: u32 = 1;
+
+/// The engines this build has, one per encoding: tract for `onnx`, and
+/// llama.cpp for `ggml` (with [`DEFAULT_LLM_THREADS`]) when built with the
+/// `llama` feature.
 pub fn default_engines() -> Vec<Arc<dyn backend::NnEngine>> {
-    vec![Arc::new(TractEngine)]
+    let mut e: Engines = vec![Arc::new(TractEngine)];
+    add_llama(&mut e, DEFAULT_LLM_THREADS);
+    e
+}
+
+/// Add the llama.cpp engine with `threads` threads per task (if built).
+fn add_llama(engines: &mut Engines, threads: u32) {
+    #[cfg(feature = "llama")]
+    match backend::llama::LlamaEngine::new(threads) {
+        Ok(l) => engines.push(Arc::new(l)),
+        Err(e) => tracing::warn!("llama.cpp unavailable: {e}; ggml models cannot run"),
+    }
+    #[cfg(not(feature = "llama"))]
+    let _ = (engines, threads);
 }
 
 /// Which engine runs `onnx` models on a node (wasmtime-wasi-nn keeps one
@@ -50,18 +68,24 @@ pub type Engines = Vec<Arc<dyn backend::NnEngine>>;
 /// The engines for a node's choice. A missing or unusable ONNX Runtime is
 /// an error that says what and where, or, with `fallback`, tract and the
 /// reason (to be logged).
-pub fn engines(choice: &OnnxEngine) -> Result<(Engines, Option<String>), String> {
-    match choice {
-        OnnxEngine::Tract => Ok((default_engines(), None)),
+///
+/// `llm_threads` is the thread count of every llama.cpp task context (part
+/// of the node's deterministic settings).
+pub fn engines(choice: &OnnxEngine, llm_threads: u32) -> Result<(Engines, Option<String>), String> {
+    let tract = || -> Engines { vec![Arc::new(TractEngine)] };
+    let (mut e, why) = match choice {
+        OnnxEngine::Tract => (tract(), None),
         OnnxEngine::OnnxRuntime { library, fallback } => match onnxruntime(library) {
-            Ok(e) => Ok((vec![e], None)),
-            Err(why) if *fallback => Ok((
-                default_engines(),
+            Ok(e) => (vec![e], None),
+            Err(why) if *fallback => (
+                tract(),
                 Some(format!("{why}; running onnx models on tract instead")),
-            )),
-            Err(why) => Err(why),
+            ),
+            Err(why) => return Err(why),
         },
-    }
+    };
+    add_llama(&mut e, llm_threads);
+    Ok((e, why))
 }
 
 #[cfg(feature = "onnxruntime")]

@@ -88,18 +88,32 @@ pub enum LocalModelError {
     /// Catalogue or file problem.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// An engine could not start.
+    #[error("{0}")]
+    Engine(String),
     /// Registration failed (digest mismatch, engine error...).
     #[error(transparent)]
     Registry(#[from] RegistryError),
 }
 
 /// Verify and load the models named by `args` (catalogue files are looked
-/// up in `models_dir`).
+/// up in `models_dir`) on the default engines.
 pub fn registry_from_args(
     args: &[ModelArg],
     models_dir: &Path,
 ) -> Result<ModelRegistry, LocalModelError> {
-    let mut b = RegistryBuilder::new(crate::default_engines());
+    registry_with(args, models_dir, crate::DEFAULT_LLM_THREADS)
+}
+
+/// [`registry_from_args`] with llama.cpp contexts of `llm_threads` threads.
+pub fn registry_with(
+    args: &[ModelArg],
+    models_dir: &Path,
+    llm_threads: u32,
+) -> Result<ModelRegistry, LocalModelError> {
+    let (engines, _) =
+        crate::engines(&crate::OnnxEngine::Tract, llm_threads).map_err(LocalModelError::Engine)?;
+    let mut b = RegistryBuilder::new(engines);
     for a in args {
         let (entry, path) = match (&a.path, models::catalog_entry(&a.name)) {
             (Some(p), e) => (e.ok(), p.clone()),

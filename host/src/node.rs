@@ -64,6 +64,9 @@ pub struct NodeConfig {
     pub hardware: Option<String>,
     /// The engine for `onnx` models.
     pub onnx: crate::OnnxEngine,
+    /// Threads of each llama.cpp (`ggml`) task context: fixed per node, part
+    /// of its deterministic settings.
+    pub llm_threads: u32,
     /// Changes outputs before they are signed. Only for adversarial tests
     /// of the pool's verification (a node that lies); the `tidepool` binary
     /// never sets it.
@@ -381,6 +384,7 @@ impl Ctx {
         let failed = |reason: String| {
             (
                 TaskResult {
+                    transcript: Default::default(),
                     lease: g.lease,
                     outcome: Outcome::Failed { reason },
                     receipt: None,
@@ -394,6 +398,7 @@ impl Ctx {
         };
         let lease = g.lease;
         let input = g.input.0;
+        let replay = g.replay;
         // Only an adversarial test's filter needs the input afterwards.
         let input_copy = self.tamper.as_ref().map(|_| input.clone());
         let p2 = p.clone();
@@ -406,6 +411,8 @@ impl Ctx {
             p2.sandbox.run(
                 &p2.job,
                 TaskSpec {
+                    replay: replay.as_deref(),
+                    accept: p2.manifest.determinism.accept_policy(),
                     id: &id,
                     params: &p2.manifest.params,
                     input: &input,
@@ -438,8 +445,12 @@ impl Ctx {
             receipt: out.receipt,
         }
         .to_body();
+        for r in out.replay.iter().filter(|r| !r.accepted()) {
+            tracing::info!(task = %lease.task, report = ?r, "replayed generation not accepted; generated afresh");
+        }
         (
             TaskResult {
+                transcript: out.transcript,
                 lease,
                 outcome,
                 receipt: None,
@@ -498,7 +509,8 @@ pub async fn run(
         Err(_) => VersionBook::default(),
     };
     let blobs = BlobDir::open(cfg.data_dir.join("blobs"))?;
-    let (engines, fell_back) = crate::engines(&cfg.onnx).map_err(NodeError::Config)?;
+    let (engines, fell_back) =
+        crate::engines(&cfg.onnx, cfg.llm_threads).map_err(NodeError::Config)?;
     if let Some(why) = fell_back {
         warn!("{why}");
     }
@@ -719,6 +731,7 @@ pub async fn run(
 /// onnx_engine = "tract"         # or "onnxruntime" (faster; results differ from tract in the last bits)
 /// onnxruntime_lib = "..."       # default: the catalogue's onnxruntime-lib in the models directory
 /// onnxruntime_fallback = false  # true: run tract if ONNX Runtime cannot be used; false: refuse to start
+/// llm_threads = 1               # threads per llama.cpp task (fixed; default 1)
 /// ```
 ///
 /// Relative paths are relative to the file.
@@ -760,6 +773,13 @@ pub struct NodeFile {
     /// Run tract if ONNX Runtime cannot be used (default: refuse to start).
     #[serde(default)]
     pub onnxruntime_fallback: bool,
+    /// Threads per llama.cpp task context.
+    #[serde(default = "node_default_llm_threads")]
+    pub llm_threads: u32,
+}
+
+fn node_default_llm_threads() -> u32 {
+    crate::DEFAULT_LLM_THREADS
 }
 
 fn node_default_onnx() -> String {
@@ -815,6 +835,12 @@ impl NodeFile {
                 "slots = {slots} is outside 1..=1024"
             )));
         }
+        if self.llm_threads == 0 || self.llm_threads > 256 {
+            return Err(NodeError::Config(format!(
+                "llm_threads = {} is outside 1..=256",
+                self.llm_threads
+            )));
+        }
         if self.memory_mib < 16 {
             return Err(NodeError::Config(format!(
                 "memory_mib = {} is below 16",
@@ -852,6 +878,7 @@ impl NodeFile {
                     )))
                 }
             },
+            llm_threads: self.llm_threads,
             tamper: None,
         })
     }

@@ -7,7 +7,7 @@
 //! turn a name into a path. Lookups of unknown names fail; nothing here
 //! touches the filesystem after construction.
 
-use crate::backend::{ModelGraph, NnEngine, TaskBudget, TaskGraph};
+use crate::backend::{ModelGraph, NnEngine, TaskEnv, TaskGraph};
 use crate::models::{self, ModelError};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -187,7 +187,7 @@ impl ModelRegistry {
 
     /// The view one task gets: the same models, bound to the task's budget,
     /// recording which names the task loaded (for its receipt).
-    pub fn for_task(&self, budget: TaskBudget) -> (TaskRegistry, Arc<Mutex<Vec<String>>>) {
+    pub fn for_task(&self, env: &TaskEnv) -> (TaskRegistry, Arc<Mutex<Vec<String>>>) {
         let used = Arc::new(Mutex::new(Vec::new()));
         let graphs = self
             .models
@@ -197,7 +197,7 @@ impl ModelRegistry {
                     n.clone(),
                     Graph::from(TaskGraph {
                         model: m.graph.clone(),
-                        budget,
+                        env: env.clone(),
                     }),
                 )
             })

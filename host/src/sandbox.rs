@@ -17,7 +17,7 @@
 //! It never decides what to run or where results go: that is the node agent's
 //! and the pool's business.
 
-use crate::backend::{RefuseGuestBytes, TaskBudget};
+use crate::backend::{LlmTask, RefuseGuestBytes, TaskBudget, TaskEnv};
 use crate::cache::ComponentCache;
 use crate::determinism::{SeededRng, VirtualMonotonicClock, VirtualWallClock};
 use crate::registry::ModelRegistry;
@@ -158,6 +158,10 @@ pub struct TaskOutput {
     pub receipt: Receipt,
     /// What the task wrote to stdout/stderr (bounded; for diagnosis only).
     pub stdio: Vec<u8>,
+    /// The task's text generations (the receipt commits to their digest).
+    pub transcript: tidepool_proto::llm::Transcript,
+    /// For a replaying task: what each replayed generation found.
+    pub replay: Vec<crate::backend::ReplayReport>,
 }
 
 /// A task to run.
@@ -169,6 +173,24 @@ pub struct TaskSpec<'a> {
     pub params: &'a BTreeMap<String, String>,
     /// The input bytes.
     pub input: &'a [u8],
+    /// For a check of an `llm`-tier result: the producer's generations, to
+    /// be replayed by a teacher-forced pass instead of generated (ADR 0008).
+    pub replay: Option<&'a [tidepool_proto::llm::Generation]>,
+    /// How close a replayed token must be (the manifest's `llm` policy).
+    pub accept: tidepool_proto::llm::AcceptPolicy,
+}
+
+impl<'a> TaskSpec<'a> {
+    /// A task that generates on its own (no replay, default policy).
+    pub fn new(id: &'a str, params: &'a BTreeMap<String, String>, input: &'a [u8]) -> Self {
+        Self {
+            id,
+            params,
+            input,
+            replay: None,
+            accept: tidepool_proto::llm::AcceptPolicy::default(),
+        }
+    }
 }
 
 /// A component ready to run tasks: compiled, checked and pre-instantiated.
@@ -201,6 +223,15 @@ impl JobComponent {
         self.from_cache
     }
 }
+
+/// A task's store with what is read back after the call: its stdio, the
+/// model names it loaded, its generation record.
+type NewStore = (
+    Store<TaskState>,
+    MemoryOutputPipe,
+    Arc<Mutex<Vec<String>>>,
+    Arc<LlmTask>,
+);
 
 /// Per-task host state (lives exactly as long as the task's store).
 struct TaskState {
@@ -475,11 +506,7 @@ impl Sandbox {
         bindings::JobCorePre::new(pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))
     }
 
-    fn new_store(
-        &self,
-        task: &TaskSpec<'_>,
-        budget: TaskBudget,
-    ) -> (Store<TaskState>, MemoryOutputPipe, Arc<Mutex<Vec<String>>>) {
+    fn new_store(&self, task: &TaskSpec<'_>, budget: TaskBudget) -> NewStore {
         let stdio = MemoryOutputPipe::new(self.config.max_stdio_bytes);
         let mut b = WasiCtxBuilder::new();
         b.stdout(stdio.clone())
@@ -495,7 +522,15 @@ impl Sandbox {
                 .wall_clock(VirtualWallClock::default())
                 .monotonic_clock(VirtualMonotonicClock::default());
         }
-        let (registry, used) = self.models.for_task(budget);
+        let llm = Arc::new(LlmTask::replaying(
+            task.replay.map(<[_]>::to_vec),
+            task.accept,
+        ));
+        let env = TaskEnv {
+            budget,
+            llm: llm.clone(),
+        };
+        let (registry, used) = self.models.for_task(&env);
         let refusals = [
             GraphEncoding::Onnx,
             GraphEncoding::Ggml,
@@ -525,7 +560,7 @@ impl Sandbox {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
-        (store, stdio, used)
+        (store, stdio, used, llm)
     }
 
     /// Run one task in a fresh instance.
@@ -534,7 +569,7 @@ impl Sandbox {
         let budget = TaskBudget {
             deadline: start + self.config.timeout,
         };
-        let (mut store, stdio, used) = self.new_store(&task, budget);
+        let (mut store, stdio, used, llm) = self.new_store(&task, budget);
         let ticks = self
             .config
             .timeout
@@ -601,6 +636,7 @@ impl Sandbox {
                 )
             })
             .collect();
+        let transcript = llm.transcript();
         let receipt = Receipt {
             task_id: task.id.to_owned(),
             component: job.digest,
@@ -613,11 +649,15 @@ impl Sandbox {
             deterministic: self.config.deterministic,
             models,
             runtime: self.runtime.clone(),
+            transcript: (!transcript.is_empty())
+                .then(|| tidepool_proto::llm::transcript_digest(&transcript)),
         };
         Ok(TaskOutput {
             result,
             receipt,
             stdio: stdio.contents().to_vec(),
+            transcript,
+            replay: llm.reports(),
         })
     }
 
@@ -634,7 +674,7 @@ impl Sandbox {
         let budget = TaskBudget {
             deadline: Instant::now() + self.config.timeout,
         };
-        let (mut store, _stdio, _used) = self.new_store(&task, budget);
+        let (mut store, _stdio, _used, _llm) = self.new_store(&task, budget);
         store.set_epoch_deadline(u64::MAX / 2);
         let inst = job.pre.instantiate(&mut store)?;
         (0..calls)

@@ -13,7 +13,8 @@ fn main() {
     };
     let path = PathBuf::from(path);
     println!("cargo:rerun-if-changed={}", path.display());
-    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read vocabulary {}: {e}", path.display()));
+    let text = fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read vocabulary {}: {e}", path.display()));
     let mut table: Vec<(&str, usize)> = text.lines().enumerate().map(|(i, t)| (t, i)).collect();
     table.sort_unstable();
     table.dedup_by(|a, b| a.0 == b.0);

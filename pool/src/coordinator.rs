@@ -318,8 +318,9 @@ pub struct Coordinator<S: Store> {
     clock: Option<(Instant, u64)>,
 }
 
-/// An accepted result's outcome and signed receipt, serialised for the store.
-type StoredResult = (Vec<u8>, Vec<u8>);
+/// An accepted result's outcome, signed receipt and transcript, serialised
+/// for the store.
+type StoredResult = (Vec<u8>, Vec<u8>, Vec<u8>);
 
 /// What checking a result against its lease found.
 #[derive(Debug)]
@@ -357,6 +358,10 @@ enum OpenedKind {
         outcome: Vec<u8>,
         /// MessagePack of the signed receipt.
         receipt_bytes: Vec<u8>,
+        /// Digest of the transcript sent (None when empty).
+        transcript_digest: Option<Digest>,
+        /// MessagePack of the transcript (empty when none).
+        transcript: Vec<u8>,
     },
 }
 
@@ -391,6 +396,13 @@ pub fn open_results(key: &PublicKey, results: Vec<TaskResult>) -> Vec<Opened> {
                         outcome: rmp_serde::to_vec_named(&r.outcome).expect("outcome serialises"),
                         receipt_bytes: rmp_serde::to_vec_named(&r.receipt)
                             .expect("receipt serialises"),
+                        transcript_digest: (!r.transcript.is_empty())
+                            .then(|| tidepool_proto::llm::transcript_digest(&r.transcript)),
+                        transcript: if r.transcript.is_empty() {
+                            Vec::new()
+                        } else {
+                            rmp_serde::to_vec(&r.transcript).expect("transcript serialises")
+                        },
                     }
                 }
             };
@@ -757,6 +769,7 @@ impl<S: Store> Coordinator<S> {
             self.leases.insert(q.task, lease);
             node.leases.insert(q.task);
             grants.push(TaskGrant {
+                replay: None,
                 lease: LeaseId {
                     task: q.task,
                     attempt: lease.attempt,
@@ -765,11 +778,48 @@ impl<S: Store> Coordinator<S> {
                 input: tidepool_proto::wire::Bytes(input),
             });
         }
-        for g in &grants {
+        for g in &mut grants {
             let job = self.leases[&g.lease.task].job;
             self.count(job, TaskState::Queued, TaskState::Leased);
+            g.replay = self.replay_for(g.lease.task, &g.bundle)?;
         }
         Ok((grants, lost))
+    }
+
+    /// The transcript a check of an `llm`-tier result replays: the checked
+    /// result's own (so the verifier runs one teacher-forced pass instead of
+    /// generating). `None` for other tasks and tiers, or when the result
+    /// generated nothing.
+    fn replay_for(
+        &mut self,
+        task: TaskId,
+        bundle: &Digest,
+    ) -> Result<Option<tidepool_proto::llm::Transcript>, StoreError> {
+        let Some(check) = self.checks.get(&task) else {
+            return Ok(None);
+        };
+        let llm = self.bundles.get(bundle).is_some_and(|b| {
+            matches!(
+                b.manifest.determinism,
+                tidepool_proto::manifest::Determinism::Llm { .. }
+            )
+        });
+        if !llm {
+            return Ok(None);
+        }
+        let target = check.target;
+        let Some(bytes) = self.store.transcript(target)? else {
+            return Ok(None);
+        };
+        match rmp_serde::from_slice(&bytes) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) => {
+                // Stored by this pool after checking its digest: should not
+                // happen; the check then generates afresh.
+                tracing::warn!(task = target, "stored transcript unreadable: {e}");
+                Ok(None)
+            }
+        }
     }
 
     /// End a lease: back to the queue (front) or to the dead letters.
@@ -898,7 +948,7 @@ impl<S: Store> Coordinator<S> {
             }
             let lease = self.leases[&id.task];
             match self.check_result(&lease, r) {
-                Ok(Checked::Accept((outcome, receipt))) => {
+                Ok(Checked::Accept((outcome, receipt, transcript))) => {
                     batch_idx.push(verdicts.len());
                     verdicts.push((id, None));
                     batch.push(Acceptance {
@@ -907,6 +957,7 @@ impl<S: Store> Coordinator<S> {
                         node: *key,
                         outcome,
                         receipt,
+                        transcript,
                     });
                 }
                 Ok(Checked::Failed(reason)) => {
@@ -955,14 +1006,23 @@ impl<S: Store> Coordinator<S> {
     /// Check a result against its lease; `Ok(None)` for a reported failure.
     /// Check an opened result against its lease.
     fn check_result(&self, lease: &Lease, r: Opened) -> Result<Checked, String> {
-        let (rc, output_digest, outcome, receipt) = match r.kind {
+        let (rc, output_digest, outcome, receipt, transcript_digest, transcript) = match r.kind {
             OpenedKind::Failed(reason) => return Ok(Checked::Failed(reason)),
             OpenedKind::Checked {
                 receipt,
                 output_digest,
                 outcome,
                 receipt_bytes,
-            } => (receipt?, output_digest, outcome, receipt_bytes),
+                transcript_digest,
+                transcript,
+            } => (
+                receipt?,
+                output_digest,
+                outcome,
+                receipt_bytes,
+                transcript_digest,
+                transcript,
+            ),
         };
         if rc.lease != r.lease {
             return Err(format!(
@@ -988,6 +1048,13 @@ impl<S: Store> Coordinator<S> {
                 rc.receipt.output
             ));
         }
+        if rc.receipt.transcript != transcript_digest {
+            return Err(format!(
+                "receipt's transcript digest {:?} does not match the transcript sent ({:?})",
+                rc.receipt.transcript.map(|d| d.to_string()),
+                transcript_digest.map(|d| d.to_string())
+            ));
+        }
         if let Some(b) = self.bundles.get(&lease.bundle) {
             if rc.receipt.component != b.manifest.component.sha256 {
                 return Err(format!(
@@ -996,7 +1063,7 @@ impl<S: Store> Coordinator<S> {
                 ));
             }
         }
-        Ok(Checked::Accept((outcome, receipt)))
+        Ok(Checked::Accept((outcome, receipt, transcript)))
     }
 
     // ---- verification ---------------------------------------------------

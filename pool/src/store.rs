@@ -79,6 +79,9 @@ pub struct Acceptance {
     pub outcome: Vec<u8>,
     /// The signed receipt (MessagePack of `SignedReceipt`).
     pub receipt: Vec<u8>,
+    /// MessagePack of the task's text-generation transcript; empty when it
+    /// generated nothing. Kept so an `llm`-tier check can replay it.
+    pub transcript: Vec<u8>,
 }
 
 /// A stored task row for status and results.
@@ -312,6 +315,8 @@ pub trait Store: Send {
     ) -> Result<TaskId, StoreError>;
     /// A task's result and verification facts.
     fn result(&mut self, task: TaskId) -> Result<Option<ResultRow>, StoreError>;
+    /// A task's stored transcript (MessagePack), if it has one.
+    fn transcript(&mut self, task: TaskId) -> Result<Option<Vec<u8>>, StoreError>;
     /// Finished re-executions of `target`, oldest first.
     fn checks_of(&mut self, target: TaskId) -> Result<Vec<ResultRow>, StoreError>;
     /// Set a result's verification state.
@@ -418,6 +423,8 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("nodes", "confirmed", "INTEGER NOT NULL DEFAULT 0"),
     ("nodes", "quarantined_until", "INTEGER NOT NULL DEFAULT 0"),
     ("nodes", "banned", "INTEGER NOT NULL DEFAULT 0"),
+    // MessagePack of an llm task's transcript (NULL: none).
+    ("tasks", "transcript", "BLOB"),
 ];
 
 fn corrupt(what: &'static str, why: impl std::fmt::Display) -> StoreError {
@@ -683,7 +690,7 @@ impl Store for SqliteStore {
         let mut stored = Vec::with_capacity(results.len());
         {
             let mut st = tx.prepare_cached(
-                "UPDATE tasks SET state = 2, outcome = ?4, receipt = ?5, done_at = ?6
+                "UPDATE tasks SET state = 2, outcome = ?4, receipt = ?5, done_at = ?6, transcript = ?7
                  WHERE id = ?1 AND attempt = ?2 AND node = ?3 AND state = 1",
             )?;
             for a in results {
@@ -693,7 +700,8 @@ impl Store for SqliteStore {
                     a.node.to_string(),
                     a.outcome,
                     a.receipt,
-                    now_unix as i64
+                    now_unix as i64,
+                    (!a.transcript.is_empty()).then_some(&a.transcript)
                 ])?;
                 stored.push(n == 1);
             }
@@ -936,20 +944,29 @@ impl Store for SqliteStore {
     fn replace_result(&mut self, target: TaskId, from: TaskId) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         tx.execute(
-            "UPDATE tasks SET (node, outcome, receipt) =
-                (SELECT node, outcome, receipt FROM tasks WHERE id = ?2), verified = 3
+            "UPDATE tasks SET (node, outcome, receipt, transcript) =
+                (SELECT node, outcome, receipt, transcript FROM tasks WHERE id = ?2), verified = 3
              WHERE id = ?1",
             params![target as i64, from as i64],
         )?;
         // The cache's copies carry the same result.
         tx.execute(
-            "UPDATE tasks SET (node, outcome, receipt) =
-                (SELECT node, outcome, receipt FROM tasks WHERE id = ?1)
+            "UPDATE tasks SET (node, outcome, receipt, transcript) =
+                (SELECT node, outcome, receipt, transcript FROM tasks WHERE id = ?1)
              WHERE cached_from = ?1",
             params![target as i64],
         )?;
         tx.commit()?;
         Ok(())
+    }
+
+    fn transcript(&mut self, task: TaskId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT transcript FROM tasks WHERE id = ?1")?
+            .query_row(params![task as i64], |r| r.get::<_, Option<Vec<u8>>>(0))
+            .optional()?
+            .flatten())
     }
 
     fn set_challenge(&mut self, task: TaskId, text: &str) -> Result<(), StoreError> {

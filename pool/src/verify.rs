@@ -131,7 +131,12 @@ pub fn audit_draw(secret: &[u8; 32], lease: LeaseId, node: &PublicKey) -> f64 {
 
 /// Do two outcomes of the same task agree under `tier`?
 ///
-/// - `exact` (and `llm` until its own check exists): same bytes.
+/// - `exact`: same bytes.
+/// - `llm`: same bytes too, but the check that produced the second outcome
+///   replayed the first one's transcript (ADR 0008): it equals the claimed
+///   output exactly when every claimed token was within the manifest's
+///   policy, and is the checker's own generation from the first token that
+///   was not.
 /// - `tolerance`: job errors must be equal; outputs that are both JSON are
 ///   walked together (same structure, equal strings, numbers within `abs`
 ///   or `rel`, arrays of numbers also within `cosine`); outputs that are not

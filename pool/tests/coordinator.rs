@@ -95,6 +95,7 @@ fn honest(key: &SecretKey, g: &TaskGrant, component: Digest) -> TaskResult {
     }
     .sign(key);
     TaskResult {
+        transcript: Default::default(),
         lease: g.lease,
         outcome: Outcome::Output(Bytes(output)),
         receipt: Some(signed),
@@ -260,6 +261,7 @@ fn failing_tasks_are_dead_lettered_with_every_reason() {
             c.handle_timeout(t).expect("expire");
         } else {
             let failed = TaskResult {
+                transcript: Default::default(),
                 lease: g[0].lease,
                 outcome: Outcome::Failed {
                     reason: format!("out of memory #{attempt}"),

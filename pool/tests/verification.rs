@@ -120,6 +120,7 @@ impl SimNode {
             "sim",
         );
         TaskResult {
+            transcript: Default::default(),
             lease: g.lease,
             outcome: Outcome::Output(Bytes(output)),
             receipt: Some(
@@ -645,6 +646,7 @@ fn tolerance_tier_accepts_float_noise_that_exact_flags() {
             "sim",
         );
         let r = TaskResult {
+            transcript: Default::default(),
             lease: g.lease,
             outcome: Outcome::Output(Bytes(out)),
             receipt: Some(
@@ -677,6 +679,7 @@ fn tolerance_tier_accepts_float_noise_that_exact_flags() {
                         "sim",
                     );
                     TaskResult {
+                        transcript: Default::default(),
                         lease: g.lease,
                         outcome: Outcome::Output(Bytes(out)),
                         receipt: Some(

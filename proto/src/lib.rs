@@ -8,6 +8,7 @@
 
 pub mod digest;
 pub mod keys;
+pub mod llm;
 pub mod manifest;
 pub mod receipt;
 pub mod session;

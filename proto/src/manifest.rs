@@ -133,14 +133,64 @@ pub enum Determinism {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cosine: Option<String>,
     },
-    /// Generated text checked by a teacher-forced pass (the LLM issue).
-    Llm,
+    /// Generated text checked by one teacher-forced pass of the producer's
+    /// tokens (ADR 0008): each claimed token must be within `margin` of the
+    /// verifier's `top_k`-th best.
+    Llm {
+        /// Rank a claimed token must reach (1 = greedy decoding; default 1).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        top_k: Option<u32>,
+        /// Slack in logits, a decimal string (default "0.5").
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        margin: Option<String>,
+    },
 }
 
 impl Eq for Determinism {}
 
 impl Determinism {
+    /// The acceptance policy of the `llm` tier (defaults for other tiers).
+    pub fn accept_policy(&self) -> crate::llm::AcceptPolicy {
+        let mut p = crate::llm::AcceptPolicy::GREEDY;
+        if let Determinism::Llm { top_k, margin } = self {
+            if let Some(k) = top_k {
+                p.top_k = *k;
+            }
+            if let Some(m) = margin.as_deref().and_then(|m| m.parse().ok()) {
+                p.margin = m;
+            }
+        }
+        p
+    }
+
     fn validate(&self) -> Result<(), ManifestError> {
+        if let Determinism::Llm { top_k, margin } = self {
+            if let Some(k) = top_k {
+                if !(1..=1000).contains(k) {
+                    return Err(invalid(
+                        "determinism.top_k",
+                        format!("{k} is outside 1..=1000"),
+                    ));
+                }
+            }
+            if let Some(m) = margin {
+                match m.parse::<f32>() {
+                    Ok(x) if (0.0..=100.0).contains(&x) => {}
+                    Ok(x) => {
+                        return Err(invalid(
+                            "determinism.margin",
+                            format!("{x} is outside 0..=100"),
+                        ))
+                    }
+                    Err(_) => {
+                        return Err(invalid(
+                            "determinism.margin",
+                            format!("{m:?} is not a number"),
+                        ))
+                    }
+                }
+            }
+        }
         if let Determinism::Tolerance { abs, rel, cosine } = self {
             if abs.is_none() && rel.is_none() && cosine.is_none() {
                 return Err(invalid(

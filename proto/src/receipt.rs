@@ -40,6 +40,10 @@ pub struct Receipt {
     pub models: BTreeMap<String, ModelUse>,
     /// The runtime that ran it (`tidepool 0.1.0, wasmtime 48.0.8`).
     pub runtime: String,
+    /// Digest of the task's text-generation transcript
+    /// ([`crate::llm::transcript_digest`]), when it generated text.
+    #[serde(default)]
+    pub transcript: Option<Digest>,
 }
 
 impl Receipt {
@@ -64,6 +68,7 @@ impl Receipt {
             deterministic: true,
             models: BTreeMap::new(),
             runtime: runtime.to_owned(),
+            transcript: None,
         }
     }
 }

@@ -374,6 +374,7 @@ mod tests {
 
     fn grant(task: u64) -> TaskGrant {
         TaskGrant {
+            replay: None,
             lease: LeaseId { task, attempt: 1 },
             bundle: Digest::of(b"b"),
             input: Bytes(vec![]),
@@ -382,6 +383,7 @@ mod tests {
 
     fn done(task: u64) -> TaskResult {
         TaskResult {
+            transcript: Default::default(),
             lease: LeaseId { task, attempt: 1 },
             outcome: Outcome::Output(Bytes(vec![1])),
             receipt: None,

@@ -206,6 +206,10 @@ pub struct TaskGrant {
     pub bundle: Digest,
     /// The input bytes.
     pub input: Bytes,
+    /// For a check of an `llm`-tier result: the producer's transcript, to be
+    /// replayed by one teacher-forced pass instead of generating again.
+    #[serde(default)]
+    pub replay: Option<crate::llm::Transcript>,
 }
 
 /// How a task ended on a node.
@@ -238,6 +242,10 @@ pub struct TaskResult {
     pub outcome: Outcome,
     /// The node's signed receipt (absent for `Failed`).
     pub receipt: Option<SignedReceipt>,
+    /// The task's text generations (its receipt commits to their digest);
+    /// empty when it generated nothing.
+    #[serde(default)]
+    pub transcript: crate::llm::Transcript,
 }
 
 /// The pool's verdict on one result.

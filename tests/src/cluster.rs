@@ -112,6 +112,7 @@ pub fn node_config(dir: &Path, keys: &Keys, i: u8, pool: SocketAddr) -> NodeConf
         operator: None,
         hardware: None,
         onnx: tidepool_host::OnnxEngine::Tract,
+        llm_threads: 1,
         tamper: None,
     }
 }
@@ -159,6 +160,26 @@ pub fn embed_bundle_with(
     let path = dir.join(format!("embed-{version}.bundle"));
     b.write(&path)?;
     Ok((path, b))
+}
+
+/// Write a `tidepool.toml` for the summarize job (Gemma 3 270M, `llm`
+/// tier) with `extra` tables, and pack it.
+pub fn summarize_bundle(dir: &Path, keys: &Keys, extra: &str) -> Result<BundleFile> {
+    std::fs::create_dir_all(dir)?;
+    let manifest = dir.join("tidepool.toml");
+    let entry = tidepool_host::models::catalog_entry("gemma3-270m")?;
+    std::fs::write(
+        &manifest,
+        format!(
+            "name = \"summarize\"\nversion = \"1.0.0\"\ncomponent = \"{}\"\n\n[models.gemma3-270m]\nencoding = \"ggml\"\nsource = \"{}\"\nsha256 = \"{}\"\n\n[limits]\nmemory_mib = 128\ntimeout_ms = 120000\n\n[determinism]\ntier = \"llm\"\n\n{extra}",
+            jobs_dir().join("summarize.wasm").display(),
+            model_path("gemma3-270m").display(),
+            entry.sha256,
+        ),
+    )?;
+    let mut b = tidepool_pool::bundle::pack(&manifest, keys.publisher.public())?;
+    b.sign(&keys.publisher)?;
+    Ok(b)
 }
 
 /// Connect as the publisher and publish.

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 
 pub mod adversary;
 pub mod cluster;
+pub mod llm;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use tidepool_host::local::{registry_from_args, ModelArg};
@@ -17,6 +18,7 @@ use tidepool_host::{ModelRegistry, Sandbox, SandboxConfig, TaskError, TaskOutput
 /// other name, and `every_guest_is_known` checks this list against `jobs/`.
 pub const GUESTS: &[&str] = &[
     "embed",
+    "summarize",
     "echo",
     "env-probe",
     "spin",
@@ -104,6 +106,8 @@ pub fn run(
     sb.run(
         job,
         TaskSpec {
+            replay: None,
+            accept: Default::default(),
             id,
             params: &BTreeMap::new(),
             input,

@@ -25,10 +25,13 @@ fn embed_sandbox(engines: Vec<Arc<dyn NnEngine>>) -> Sandbox {
 }
 
 fn ort_engines() -> Vec<Arc<dyn NnEngine>> {
-    let (engines, fell_back) = tidepool_host::engines(&OnnxEngine::OnnxRuntime {
-        library: ort_library(),
-        fallback: false,
-    })
+    let (engines, fell_back) = tidepool_host::engines(
+        &OnnxEngine::OnnxRuntime {
+            library: ort_library(),
+            fallback: false,
+        },
+        1,
+    )
     .expect("ONNX Runtime loads");
     assert!(fell_back.is_none());
     engines
@@ -82,15 +85,18 @@ fn a_missing_library_is_refused_or_replaced_by_tract_as_configured() {
         library: "/nonexistent/libonnxruntime.so.1.31.1".into(),
         fallback: false,
     };
-    let err = tidepool_host::engines(&missing).expect_err("missing library");
+    let err = tidepool_host::engines(&missing, 1).expect_err("missing library");
     assert!(
         err.contains("/nonexistent/libonnxruntime.so.1.31.1") && err.contains("does not exist"),
         "{err}"
     );
-    let (engines, why) = tidepool_host::engines(&OnnxEngine::OnnxRuntime {
-        library: "/nonexistent/libonnxruntime.so.1.31.1".into(),
-        fallback: true,
-    })
+    let (engines, why) = tidepool_host::engines(
+        &OnnxEngine::OnnxRuntime {
+            library: "/nonexistent/libonnxruntime.so.1.31.1".into(),
+            fallback: true,
+        },
+        1,
+    )
     .expect("fallback");
     assert_eq!(engines[0].describe(), "tract-onnx 0.23.9 (cpu)");
     assert!(why

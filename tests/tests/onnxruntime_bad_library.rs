@@ -8,10 +8,13 @@ fn a_file_that_is_not_onnxruntime_is_refused_with_the_reason() {
     let dir = tempfile::tempdir().expect("tempdir");
     let fake = dir.path().join("libonnxruntime.so.1.31.1");
     std::fs::write(&fake, b"not a shared library").expect("write");
-    let err = tidepool_host::engines(&OnnxEngine::OnnxRuntime {
-        library: fake.clone(),
-        fallback: false,
-    })
+    let err = tidepool_host::engines(
+        &OnnxEngine::OnnxRuntime {
+            library: fake.clone(),
+            fallback: false,
+        },
+        1,
+    )
     .expect_err("not a library");
     assert!(
         err.contains(&fake.display().to_string())

@@ -35,6 +35,16 @@ const MODELS: &[&str] = &[
     "minilm-l6-int8",
     // ONNX Runtime's library, for nodes set to `onnx_engine = "onnxruntime"`.
     "onnxruntime-lib",
+    // Gemma 3 270M (GGUF), for the summarize job on llama.cpp.
+    "gemma3-270m",
+];
+
+/// Debian packages that build llama.cpp (the host's `llama` feature):
+/// cmake drives its build, libclang runs bindgen.
+const LLAMA_BUILD_PACKAGES: &[(&str, &str)] = &[
+    ("cmake", "/usr/bin/cmake"),
+    ("clang", "/usr/bin/clang"),
+    ("libclang-dev", "/usr/lib/llvm-14/lib/libclang.so"),
 ];
 
 fn main() -> Result<()> {
@@ -223,7 +233,8 @@ fn cargo(args: &[&str], extra: &[String]) -> Result<()> {
 }
 
 fn install_toolchain() -> Result<()> {
-    apt_install("the guest toolchain", GUEST_PACKAGES)
+    apt_install("the guest toolchain", GUEST_PACKAGES)?;
+    apt_install("the llama.cpp build tools", LLAMA_BUILD_PACKAGES)
 }
 
 /// apt-get the packages whose marker file is missing (idempotent).

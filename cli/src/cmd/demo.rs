@@ -75,6 +75,8 @@ pub fn main(a: Args) -> anyhow::Result<ExitCode> {
         let out = sandbox.run(
             &job,
             TaskSpec {
+                replay: None,
+                accept: Default::default(),
                 id: &id,
                 params: &params,
                 input: &input,

@@ -51,6 +51,9 @@ pub struct RunArgs {
     /// Run tract when ONNX Runtime cannot be used, instead of refusing to start.
     #[arg(long)]
     onnxruntime_fallback: bool,
+    /// Threads per llama.cpp (text generation) task (overrides the file).
+    #[arg(long)]
+    llm_threads: Option<u32>,
 }
 
 pub fn main(c: Command) -> anyhow::Result<ExitCode> {
@@ -70,6 +73,7 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
     f.onnx_engine = a.onnx_engine.unwrap_or(f.onnx_engine);
     f.onnxruntime_lib = a.onnxruntime_lib.or(f.onnxruntime_lib);
     f.onnxruntime_fallback |= a.onnxruntime_fallback;
+    f.llm_threads = a.llm_threads.unwrap_or(f.llm_threads);
     let key = read_key(&f.key)?;
     let cfg = f.into_config(key)?;
     eprintln!(

@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use tidepool_host::local::{registry_from_args, ModelArg};
+use tidepool_host::local::{registry_with, ModelArg};
 use tidepool_host::{Sandbox, SandboxConfig, TaskSpec};
 
 #[derive(clap::Args)]
@@ -40,6 +40,9 @@ pub struct Args {
     /// Meter fuel with this budget (deterministic cost accounting).
     #[arg(long)]
     fuel: Option<u64>,
+    /// Threads per text-generation (llama.cpp) call.
+    #[arg(long, default_value_t = tidepool_host::DEFAULT_LLM_THREADS)]
+    llm_threads: u32,
     /// Print a JSON document with the output and the receipt.
     #[arg(long)]
     json: bool,
@@ -65,7 +68,11 @@ pub fn main(a: Args) -> anyhow::Result<ExitCode> {
         }
         Some(f) => std::fs::read(f).with_context(|| format!("cannot read input {f}"))?,
     };
-    let registry = registry_from_args(&a.models, &tidepool_host::models::models_dir())?;
+    let registry = registry_with(
+        &a.models,
+        &tidepool_host::models::models_dir(),
+        a.llm_threads.clamp(1, 256),
+    )?;
     let config = SandboxConfig {
         timeout: Duration::from_secs_f64(a.timeout),
         max_memory_bytes: a.max_memory_mib << 20,
@@ -82,6 +89,8 @@ pub fn main(a: Args) -> anyhow::Result<ExitCode> {
     let out = match sandbox.run(
         &job,
         TaskSpec {
+            replay: None,
+            accept: Default::default(),
             id: &a.task_id,
             params: &params,
             input: &input,

@@ -11,12 +11,15 @@
 //! become wasi-nn errors (`runtime-error` with a message, or `timeout`),
 //! never traps; panics inside an engine are caught and reported the same way.
 
+#[cfg(feature = "llama")]
+pub mod llama;
 #[cfg(feature = "onnxruntime")]
 pub mod onnxruntime;
 pub mod tract;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use tidepool_proto::llm::{AcceptPolicy, Generation, Transcript};
 use wasmtime_wasi_nn::backend::{
     BackendError, BackendExecutionContext, BackendGraph, BackendInner, NamedTensor,
 };
@@ -42,6 +45,120 @@ impl TaskBudget {
     }
 }
 
+/// What one task brings to every engine call: its budget and its text
+/// generation record. Cloned into each execution context the task creates;
+/// lives as long as the task.
+#[derive(Debug, Clone)]
+pub struct TaskEnv {
+    /// When the task must stop.
+    pub budget: TaskBudget,
+    /// The task's generations (recorded) and the claim it replays, if any.
+    pub llm: Arc<LlmTask>,
+}
+
+/// A task's text generations: what it produced, and for a check, the
+/// producer's transcript to replay instead of generating (ADR 0008).
+#[derive(Debug, Default)]
+pub struct LlmTask {
+    /// The producer's transcript (checks only), fixed for the task.
+    replay: Option<Transcript>,
+    /// How close a replayed token must be to this node's choice.
+    pub policy: AcceptPolicy,
+    /// What happened so far: generations made, replay reports.
+    state: Mutex<LlmState>,
+}
+
+#[derive(Debug, Default)]
+struct LlmState {
+    /// Generations of this task, in call order.
+    recorded: Transcript,
+    /// One report per generation that had a claim to replay.
+    reports: Vec<ReplayReport>,
+}
+
+/// What replaying one claimed generation found (for the node's log, tests
+/// and benchmarks; the pool judges by the task's output).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ReplayReport {
+    /// Claimed tokens checked.
+    pub checked: u32,
+    /// Index of the first rejected claimed token.
+    pub rejected_at: Option<u32>,
+    /// Claimed tokens after the point where generation ends.
+    pub extra_tokens: u32,
+    /// The claim stopped before generation would have.
+    pub truncated: bool,
+    /// The claim has no generation for this prompt (generated afresh).
+    pub missing: bool,
+    /// Largest gap (best logit − claimed logit) among accepted or checked tokens.
+    pub max_gap: f32,
+}
+
+impl ReplayReport {
+    /// Whether the claim was accepted as it stands.
+    pub fn accepted(&self) -> bool {
+        self.rejected_at.is_none() && self.extra_tokens == 0 && !self.truncated && !self.missing
+    }
+}
+
+impl LlmTask {
+    /// A task that generates (and records) on its own.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A task that replays `claim` under `policy`.
+    pub fn replaying(claim: Option<Transcript>, policy: AcceptPolicy) -> Self {
+        Self {
+            replay: claim,
+            policy,
+            state: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LlmState> {
+        // Only pushes happen under the lock; a poisoned one is still consistent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The claimed tokens for the next generation, if this task replays and
+    /// the claim's generation at this index has the same prompt.
+    pub fn next_replay(&self, prompt: tidepool_proto::Digest) -> Option<Vec<u32>> {
+        let claim = self.replay.as_ref()?;
+        let index = self.lock().recorded.len();
+        match claim.get(index) {
+            Some(g) if g.prompt == prompt => Some(g.tokens.clone()),
+            _ => {
+                self.report(ReplayReport {
+                    missing: true,
+                    ..ReplayReport::default()
+                });
+                None
+            }
+        }
+    }
+
+    /// Note one finished generation.
+    pub fn record(&self, g: Generation) {
+        self.lock().recorded.push(g);
+    }
+
+    /// Note what a replay found.
+    pub fn report(&self, r: ReplayReport) {
+        self.lock().reports.push(r);
+    }
+
+    /// The generations made, in order.
+    pub fn transcript(&self) -> Transcript {
+        self.lock().recorded.clone()
+    }
+
+    /// The replay reports, in order (empty unless the task replayed).
+    pub fn reports(&self) -> Vec<ReplayReport> {
+        self.lock().reports.clone()
+    }
+}
+
 /// An inference engine for one wasi-nn encoding.
 pub trait NnEngine: Send + Sync + std::fmt::Debug {
     /// The wasi-nn encoding it serves (`onnx`, `ggml`, ...).
@@ -55,30 +172,29 @@ pub trait NnEngine: Send + Sync + std::fmt::Debug {
 /// A model loaded by an engine, shared by all tasks on the host.
 pub trait ModelGraph: Send + Sync {
     /// A fresh execution context for one task.
-    fn context(&self, budget: TaskBudget)
-        -> Result<Box<dyn BackendExecutionContext>, BackendError>;
+    fn context(&self, env: &TaskEnv) -> Result<Box<dyn BackendExecutionContext>, BackendError>;
 }
 
 /// A task's handle on a shared model: the model plus the task's budget.
 pub struct TaskGraph {
     /// The shared model (lives as long as the host's registry).
     pub model: Arc<dyn ModelGraph>,
-    /// The task's budget, copied into every context it creates.
-    pub budget: TaskBudget,
+    /// The task's budget and generation record, shared by every context it creates.
+    pub env: TaskEnv,
 }
 
 impl std::fmt::Debug for TaskGraph {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TaskGraph")
-            .field("budget", &self.budget)
+            .field("budget", &self.env.budget)
             .finish_non_exhaustive()
     }
 }
 
 impl BackendGraph for TaskGraph {
     fn init_execution_context(&self) -> Result<ExecutionContext, BackendError> {
-        self.budget.check("init-execution-context")?;
-        Ok(self.model.context(self.budget)?.into())
+        self.env.budget.check("init-execution-context")?;
+        Ok(self.model.context(&self.env)?.into())
     }
 }
 

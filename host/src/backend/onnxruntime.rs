@@ -12,7 +12,7 @@
 //! It never downloads anything and never falls back by itself: the node's
 //! configuration decides (see `tidepool_host::engines`).
 
-use super::{guarded, ModelGraph, NnEngine, TaskBudget};
+use super::{guarded, ModelGraph, NnEngine, TaskBudget, TaskEnv};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use wasmtime_wasi_nn::backend::{BackendError, BackendExecutionContext, Id, NamedTensor};
@@ -150,15 +150,12 @@ struct OrtModel {
 }
 
 impl ModelGraph for OrtModel {
-    fn context(
-        &self,
-        budget: TaskBudget,
-    ) -> Result<Box<dyn BackendExecutionContext>, BackendError> {
+    fn context(&self, env: &TaskEnv) -> Result<Box<dyn BackendExecutionContext>, BackendError> {
         Ok(Box::new(OrtContext {
             session: self.session.clone(),
             inputs: self.inputs.clone(),
             outputs: self.outputs.clone(),
-            budget,
+            budget: env.budget,
         }))
     }
 }

@@ -2,7 +2,7 @@
 //! bit-identical run to run, which makes it the reference engine for the
 //! `exact` determinism tier.
 
-use super::{guarded, ModelGraph, NnEngine, TaskBudget};
+use super::{guarded, ModelGraph, NnEngine, TaskBudget, TaskEnv};
 use anyhow::Context as _;
 use std::sync::Arc;
 use tract_onnx::prelude::*;
@@ -95,15 +95,12 @@ impl TractModel {
 }
 
 impl ModelGraph for TractModel {
-    fn context(
-        &self,
-        budget: TaskBudget,
-    ) -> Result<Box<dyn BackendExecutionContext>, BackendError> {
+    fn context(&self, env: &TaskEnv) -> Result<Box<dyn BackendExecutionContext>, BackendError> {
         Ok(Box::new(TractContext {
             model: self.plan.clone(),
             inputs: self.inputs.clone(),
             outputs: self.outputs.clone(),
-            budget,
+            budget: env.budget,
         }))
     }
 }

@@ -46,24 +46,39 @@ impl Job for Embed {
     fn run(input: Vec<u8>) -> Result<Vec<u8>, JobError> {
         let req: Request = io::from_json(&input)?;
         if req.texts.len() > MAX_TEXTS {
-            return Err(JobError::invalid_input(format!("{} texts in one task; at most {MAX_TEXTS}", req.texts.len())));
+            return Err(JobError::invalid_input(format!(
+                "{} texts in one task; at most {MAX_TEXTS}",
+                req.texts.len()
+            )));
         }
-        let tokenizer = WordPiece::from_sorted(vocab::VOCAB).map_err(|e| JobError::internal(e.to_string()))?;
+        let tokenizer =
+            WordPiece::from_sorted(vocab::VOCAB).map_err(|e| JobError::internal(e.to_string()))?;
         let graph = Graph::load(MODEL)?;
         let mut ctx = graph.context()?;
         let mut vectors = Vec::with_capacity(req.texts.len());
         let mut dim = 0;
         for text in &req.texts {
-            let ids: Vec<i64> = tokenizer.encode(text, MAX_TOKENS).into_iter().map(i64::from).collect();
+            let ids: Vec<i64> = tokenizer
+                .encode(text, MAX_TOKENS)
+                .into_iter()
+                .map(i64::from)
+                .collect();
             let dims = [1, ids.len() as u32];
             let mask = vec![1i64; ids.len()];
-            let out = ctx.compute(vec![Input::i64("input_ids", &dims, &ids)?, Input::i64("attention_mask", &dims, &mask)?])?;
+            let out = ctx.compute(vec![
+                Input::i64("input_ids", &dims, &ids)?,
+                Input::i64("attention_mask", &dims, &mask)?,
+            ])?;
             let mut v = out.get(POOLED)?.to_f32()?;
             normalize(&mut v);
             dim = v.len();
             vectors.push(v);
         }
-        io::to_json(&Response { model: MODEL, dim: if vectors.is_empty() { 384 } else { dim }, vectors })
+        io::to_json(&Response {
+            model: MODEL,
+            dim: if vectors.is_empty() { 384 } else { dim },
+            vectors,
+        })
     }
 }
 
