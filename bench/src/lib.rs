@@ -81,3 +81,41 @@ pub fn cpu_time() -> Duration {
     // utime and stime are fields 14 and 15 of the whole line, 12 and 13 here; 100 ticks/s.
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
+
+/// Measure two operations pass for pass (a then b, then b then a, ...),
+/// and return both timings and the per-pass ratios `time(b) / time(a)`,
+/// sorted: the median ratio is robust to drift that a ratio of medians
+/// is not.
+pub fn measure_ratio(
+    warmup: usize,
+    n: usize,
+    mut a: impl FnMut(),
+    mut b: impl FnMut(),
+) -> (Stats, Stats, Vec<f64>) {
+    for _ in 0..warmup {
+        a();
+        b();
+    }
+    let (mut sa, mut sb, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n.max(1) {
+        let time = |f: &mut dyn FnMut()| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        };
+        let (ta, tb) = if i % 2 == 0 {
+            let ta = time(&mut a);
+            (ta, time(&mut b))
+        } else {
+            let tb = time(&mut b);
+            (time(&mut a), tb)
+        };
+        ratios.push(tb.as_secs_f64() / ta.as_secs_f64());
+        sa.push(ta);
+        sb.push(tb);
+    }
+    sa.sort();
+    sb.sort();
+    ratios.sort_by(f64::total_cmp);
+    (Stats { samples: sa }, Stats { samples: sb }, ratios)
+}

@@ -207,7 +207,13 @@ fn runs() -> usize {
     std::env::var("TIDEPOOL_LLM_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(10)
+        .unwrap_or(6)
+}
+
+/// `TIDEPOOL_LLM_LIES=0` replays honest claims only (for measuring the
+/// false-reject rate over a few hundred tasks at a fifth of the cost).
+fn lies() -> bool {
+    std::env::var("TIDEPOOL_LLM_LIES").map_or(true, |v| v != "0")
 }
 
 /// Honest transcripts replayed on another sandbox (2 threads instead of
@@ -220,9 +226,9 @@ fn replay_accepts_honest_results_and_catches_lies() -> Result<()> {
 }
 
 #[test]
-#[ignore = "slow: 120 summaries, each replayed honestly and as 4 lies (run by `cargo xtask test`)"]
+#[ignore = "slow: 20 summaries, each replayed honestly and as 4 lies (run by `cargo xtask test`; TIDEPOOL_LLM_RUNS=300 for the rates in BENCHMARKS.md)"]
 fn replay_rates_over_many_texts() -> Result<()> {
-    check_replays(runs().max(120))
+    check_replays(runs().max(20))
 }
 
 fn check_replays(n: usize) -> Result<()> {
@@ -267,6 +273,10 @@ fn check_replays(n: usize) -> Result<()> {
         );
         assert_eq!(check.transcript, made.transcript);
 
+        if !lies() {
+            transcripts.push(made.transcript);
+            continue;
+        }
         let donor = transcripts
             .last()
             .cloned()
@@ -334,6 +344,9 @@ fn check_replays(n: usize) -> Result<()> {
                 "{kind}: every harmful lie is caught"
             );
         }
+    }
+    if !lies() {
+        return Ok(());
     }
     let random = &tallies[0].1;
     assert_eq!(random.flagged, random.n, "random tokens are always flagged");

@@ -49,7 +49,9 @@ async fn summaries_through_the_pool_are_checked_by_replay() -> Result<()> {
     let liar_key = liar.key.public();
     nodes.push(start_node(liar));
 
-    wait_job(&client, job, Duration::from_secs(600)).await?;
+    let summary = wait_job(&client, job, Duration::from_secs(600)).await?;
+    let first = client.task_record(job, 0).await?;
+    assert_eq!(summary.dead, 0, "{summary:?}: {:?}", first.reasons);
     let start = std::time::Instant::now();
     let status = loop {
         let s = client.pool_status().await?;

@@ -60,7 +60,13 @@ pub const MAX_STOP_BYTES: usize = 64;
 /// llama.cpp's process-wide backend: initialised once, never torn down.
 static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
 
-fn backend() -> Result<&'static LlamaBackend, String> {
+/// The process's llama.cpp backend (llama.cpp allows one per process, so
+/// anything else in the process that calls llama.cpp directly, such as a
+/// benchmark's native baseline, must take it from here).
+///
+/// # Errors
+/// llama.cpp's initialisation error, the same on every call.
+pub fn backend() -> Result<&'static LlamaBackend, String> {
     BACKEND
         .get_or_init(|| {
             // llama.cpp logs every tensor at load: route it to tracing
