@@ -5,6 +5,8 @@
 //! Errors print as one line, `tidepool: error: ...`, with a non-zero exit.
 
 mod cmd;
+mod local;
+mod runner;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -27,7 +29,7 @@ enum Command {
     /// Fetch, verify and list model files.
     #[command(subcommand)]
     Models(cmd::models::Command),
-    /// Embed a corpus of real texts and show the most similar pairs.
+    /// The aggregator pipeline on real texts, on an embedded pool with local nodes.
     Demo(cmd::demo::Args),
     /// Write a new Ed25519 key (publisher, pool, node or client).
     Keygen(cmd::keygen::Args),
@@ -43,6 +45,9 @@ enum Command {
     /// Submit batches and read their results.
     #[command(subcommand)]
     Job(cmd::job::Command),
+    /// Check and run pipelines of stages over a feed of items.
+    #[command(subcommand)]
+    Pipeline(cmd::pipeline::Command),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +69,7 @@ fn main() -> ExitCode {
         Command::Pool(c) => cmd::pool::main(c),
         Command::Node(c) => cmd::node::main(c),
         Command::Job(c) => cmd::job::main(c),
+        Command::Pipeline(c) => cmd::pipeline::main(c),
     };
     match result {
         Ok(code) => code,

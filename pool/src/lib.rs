@@ -8,6 +8,8 @@
 //! - [`client`]: publish, submit and read status over QUIC.
 //! - [`bundle`]: bundle files: pack, sign, verify.
 //! - [`verify`]: verification policy, node standing, output comparison.
+//! - [`pipeline`]: pipelines of stages over a batch of items, run as jobs
+//!   through a client.
 //!
 //! This crate never runs guest code.
 
@@ -15,6 +17,7 @@ pub mod bundle;
 pub mod client;
 pub mod config;
 pub mod coordinator;
+pub mod pipeline;
 pub mod server;
 pub mod store;
 pub mod verify;

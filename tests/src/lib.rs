@@ -18,6 +18,7 @@ use tidepool_host::{ModelRegistry, Sandbox, SandboxConfig, TaskError, TaskOutput
 /// other name, and `every_guest_is_known` checks this list against `jobs/`.
 pub const GUESTS: &[&str] = &[
     "embed",
+    "dedupe",
     "summarize",
     "echo",
     "env-probe",

@@ -21,8 +21,9 @@ const GUEST_PACKAGES: &[(&str, &str)] = &[
     ),
     ("lld", "/usr/bin/wasm-ld"),
     ("wasi-libc", "/usr/lib/wasm32-wasi/libc.a"),
-    // Not the toolchain: the demo's corpus of real short texts.
+    // Not the toolchain: the corpora of real short texts (tests, demo).
     ("fortunes-min", "/usr/share/games/fortunes/fortunes"),
+    ("fortunes", "/usr/share/games/fortunes/linuxcookie"),
 ];
 
 /// Models every test and the demo need (catalogue names).
@@ -206,6 +207,7 @@ impl Totals {
 /// Run the demo with the binary `setup` built.
 fn demo(rest: &[String]) -> Result<()> {
     let status = Command::new(root().join("target/debug/tidepool"))
+        .current_dir(root())
         .arg("demo")
         .args(rest)
         .env("TIDEPOOL_JOBS_DIR", root().join("target/jobs"))

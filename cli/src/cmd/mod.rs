@@ -8,5 +8,6 @@ pub mod job;
 pub mod keygen;
 pub mod models;
 pub mod node;
+pub mod pipeline;
 pub mod pool;
 pub mod run;

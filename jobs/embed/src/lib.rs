@@ -2,7 +2,8 @@
 //!
 //! Input JSON `{"texts": ["...", ...]}`; output JSON
 //! `{"model": "minilm-l3", "dim": 384, "vectors": [[...], ...]}`, one
-//! L2-normalised vector per text, in order. Each text is encoded on its own
+//! L2-normalised vector per text, in order. A pipeline's per-item stage
+//! sends one item, `{"text": "..."}`, and gets `{"model", "dim", "vector"}`. Each text is encoded on its own
 //! (batch size 1), so a text's vector does not depend on the other texts in
 //! the task: results can be cached and re-checked per text.
 //!
@@ -27,17 +28,22 @@ const MAX_TOKENS: usize = 128;
 /// Refuse absurd tasks early (the node also bounds memory and time).
 const MAX_TEXTS: usize = 4096;
 
+/// A batch (`texts`) or one pipeline item (`text`); exactly one of them.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Request {
-    texts: Vec<String>,
+    texts: Option<Vec<String>>,
+    text: Option<String>,
 }
 
 #[derive(Serialize)]
 struct Response {
     model: &'static str,
     dim: usize,
-    vectors: Vec<Vec<f32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vectors: Option<Vec<Vec<f32>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vector: Option<Vec<f32>>,
 }
 
 struct Embed;
@@ -45,19 +51,28 @@ struct Embed;
 impl Job for Embed {
     fn run(input: Vec<u8>) -> Result<Vec<u8>, JobError> {
         let req: Request = io::from_json(&input)?;
-        if req.texts.len() > MAX_TEXTS {
+        let (texts, single) = match (req.texts, req.text) {
+            (Some(t), None) => (t, false),
+            (None, Some(t)) => (vec![t], true),
+            _ => {
+                return Err(JobError::invalid_input(
+                    "give either \"texts\" (a list) or \"text\" (one item)",
+                ))
+            }
+        };
+        if texts.len() > MAX_TEXTS {
             return Err(JobError::invalid_input(format!(
                 "{} texts in one task; at most {MAX_TEXTS}",
-                req.texts.len()
+                texts.len()
             )));
         }
         let tokenizer =
             WordPiece::from_sorted(vocab::VOCAB).map_err(|e| JobError::internal(e.to_string()))?;
         let graph = Graph::load(MODEL)?;
         let mut ctx = graph.context()?;
-        let mut vectors = Vec::with_capacity(req.texts.len());
+        let mut vectors = Vec::with_capacity(texts.len());
         let mut dim = 0;
-        for text in &req.texts {
+        for text in &texts {
             let ids: Vec<i64> = tokenizer
                 .encode(text, MAX_TOKENS)
                 .into_iter()
@@ -74,10 +89,17 @@ impl Job for Embed {
             dim = v.len();
             vectors.push(v);
         }
+        let dim = if vectors.is_empty() { 384 } else { dim };
+        let (vectors, vector) = if single {
+            (None, vectors.pop())
+        } else {
+            (Some(vectors), None)
+        };
         io::to_json(&Response {
             model: MODEL,
-            dim: if vectors.is_empty() { 384 } else { dim },
+            dim,
             vectors,
+            vector,
         })
     }
 }
