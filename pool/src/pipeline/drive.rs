@@ -21,7 +21,7 @@ pub enum PipelineError {
         /// The stage.
         stage: String,
         /// Why.
-        source: BundleFileError,
+        source: Box<BundleFileError>,
     },
     /// Talking to the pool failed.
     #[error("pool: {0}")]
@@ -58,7 +58,7 @@ pub async fn publish_stages(
         }
         let bad = |source| PipelineError::Bundle {
             stage: s.name.clone(),
-            source,
+            source: Box::new(source),
         };
         let fresh = crate::bundle::pack(&path, publisher.public()).map_err(bad)?;
         let kept_path = keep.join(format!("{}.bundle", s.name));
