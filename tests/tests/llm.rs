@@ -207,7 +207,7 @@ fn runs() -> usize {
     std::env::var("TIDEPOOL_LLM_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(6)
+        .unwrap_or(3)
 }
 
 /// `TIDEPOOL_LLM_LIES=0` replays honest claims only (for measuring the
@@ -226,9 +226,9 @@ fn replay_accepts_honest_results_and_catches_lies() -> Result<()> {
 }
 
 #[test]
-#[ignore = "slow: 20 summaries, each replayed honestly and as 4 lies (run by `cargo xtask test`; TIDEPOOL_LLM_RUNS=300 for the rates in BENCHMARKS.md)"]
+#[ignore = "slow: 8 summaries, each replayed honestly and as 4 lies (run by `cargo xtask test`; TIDEPOOL_LLM_RUNS=300 for larger samples)"]
 fn replay_rates_over_many_texts() -> Result<()> {
-    check_replays(runs().max(20))
+    check_replays(runs().max(8))
 }
 
 fn check_replays(n: usize) -> Result<()> {
