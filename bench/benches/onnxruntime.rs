@@ -24,6 +24,27 @@ fn sandbox(choice: &OnnxEngine) -> Sandbox {
     Sandbox::new(test_config(), reg.build()).expect("sandbox")
 }
 
+/// Medians of the interleaved run against Python, and per-pass ratios
+/// (sorted).
+struct Baseline {
+    python: Duration,
+    ours: Duration,
+    engine: Duration,
+    ours_ratios: Vec<f64>,
+    engine_ratios: Vec<f64>,
+}
+
+fn i64_tensor(name: &str, v: &[i64]) -> wasmtime_wasi_nn::backend::NamedTensor {
+    wasmtime_wasi_nn::backend::NamedTensor {
+        name: name.into(),
+        tensor: wasmtime_wasi_nn::Tensor {
+            dimensions: vec![1, v.len() as u32],
+            ty: wasmtime_wasi_nn::wit::TensorType::I64,
+            data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        },
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let full = std::env::args().any(|a| a == "--bench");
     let (warmup, n) = if full { (5, 60) } else { (1, 3) };
@@ -95,8 +116,32 @@ fn main() -> anyhow::Result<()> {
                     .ok_or_else(|| anyhow::anyhow!("python baseline ended"))??;
                 Ok(Duration::from_secs_f64(line.trim().parse()?))
             };
-            let mut ours_t = Vec::new();
-            let mut py_t = Vec::new();
+            // Where a gap is: ONNX Runtime through our engine code alone
+            // (no sandbox, no guest), on the same token ids as Python.
+            let engine = tidepool_host::backend::onnxruntime::OrtEngine::new(&model_path(
+                "onnxruntime-lib",
+            ))?;
+            let graph = tidepool_host::backend::NnEngine::load(&engine, &model_path("minilm-l3"))?;
+            let engine_pass = || {
+                let env = tidepool_host::backend::TaskEnv {
+                    budget: tidepool_host::backend::TaskBudget {
+                        deadline: std::time::Instant::now() + Duration::from_secs(600),
+                    },
+                    llm: std::sync::Arc::new(tidepool_host::backend::LlmTask::new()),
+                };
+                let mut ctx = graph.context(&env).expect("context");
+                for t in &ids {
+                    let ids: Vec<i64> = t.iter().map(|&i| i64::from(i)).collect();
+                    let mask = vec![1i64; ids.len()];
+                    ctx.compute(Some(vec![
+                        i64_tensor("input_ids", &ids),
+                        i64_tensor("attention_mask", &mask),
+                    ]))
+                    .expect("compute");
+                }
+            };
+            let (mut ours_t, mut engine_t, mut py_t) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut ours_r, mut engine_r) = (Vec::new(), Vec::new());
             for i in 0..warmup + n {
                 let t = std::time::Instant::now();
                 run(&ort, &job_ort, "b", &input)
@@ -104,35 +149,65 @@ fn main() -> anyhow::Result<()> {
                     .result
                     .expect("ok");
                 let o = t.elapsed();
+                let t = std::time::Instant::now();
+                engine_pass();
+                let e = t.elapsed();
                 let p = py_pass()?;
                 if i >= warmup {
                     ours_t.push(o);
+                    engine_t.push(e);
                     py_t.push(p);
+                    ours_r.push(o.as_secs_f64() / p.as_secs_f64());
+                    engine_r.push(e.as_secs_f64() / p.as_secs_f64());
                 }
             }
             drop(stdin);
             let _ = child.wait();
-            ours_t.sort();
-            py_t.sort();
-            Some((py_t[py_t.len() / 2], ours_t[ours_t.len() / 2]))
+            for v in [&mut ours_t, &mut engine_t, &mut py_t] {
+                v.sort();
+            }
+            for v in [&mut ours_r, &mut engine_r] {
+                v.sort_by(f64::total_cmp);
+            }
+            let mid = |v: &Vec<Duration>| v[v.len() / 2];
+            Some(Baseline {
+                python: mid(&py_t),
+                ours: mid(&ours_t),
+                engine: mid(&engine_t),
+                ours_ratios: ours_r,
+                engine_ratios: engine_r,
+            })
         }
     };
     println!("| path (16 texts per call, median of {n}) | time | vs Python onnxruntime | goal |");
     println!("|---|---|---|---|");
     let ratio = |d: Duration| {
-        python.map_or("(not run)".to_owned(), |(p, _)| {
-            format!("{:.3}x", d.as_secs_f64() / p.as_secs_f64())
+        python.as_ref().map_or("(not run)".to_owned(), |b| {
+            format!("{:.3}x", d.as_secs_f64() / b.python.as_secs_f64())
         })
     };
-    if let Some((p, ours_interleaved)) = python {
+    if let Some(b) = &python {
+        let spread = |r: &[f64]| {
+            format!(
+                "{:.3}x (per-pass range {:.3}–{:.3})",
+                r[r.len() / 2],
+                r[0],
+                r[r.len() - 1]
+            )
+        };
         println!(
             "| Python onnxruntime 1.31.1, pre-tokenized | {} | 1.000x | baseline |",
-            us(p)
+            us(b.python)
         );
         println!(
             "| guest → wasi-nn → ONNX Runtime, interleaved with Python | {} | {} | ≤ 1.05x |",
-            us(ours_interleaved),
-            ratio(ours_interleaved)
+            us(b.ours),
+            spread(&b.ours_ratios)
+        );
+        println!(
+            "| our ONNX Runtime engine alone (no sandbox), same ids | {} | {} | (where a gap is) |",
+            us(b.engine),
+            spread(&b.engine_ratios)
         );
     }
     println!(

@@ -103,6 +103,7 @@ impl Network {
                     hardware: None,
                     onnx: tidepool_host::OnnxEngine::Tract,
                     llm_threads,
+                    gpu: None,
                     tamper: None,
                 };
                 let (tx, rx) = oneshot::channel::<()>();

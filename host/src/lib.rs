@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod cache;
 pub mod determinism;
+pub mod gpu;
 pub mod local;
 pub mod node;
 pub use tidepool_models as models;

@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tidepool_net::{call, read_frame, write_frame, BlobDir};
-use tidepool_proto::manifest::{check_blob, LockedManifest, SignedManifest, VersionBook};
+use tidepool_proto::manifest::{check_blob, Device, LockedManifest, SignedManifest, VersionBook};
 use tidepool_proto::receipt::LeaseReceipt;
 use tidepool_proto::session::{NodeEvent, NodeSession};
 use tidepool_proto::wire::{
@@ -67,6 +67,8 @@ pub struct NodeConfig {
     /// Threads of each llama.cpp (`ggml`) task context: fixed per node, part
     /// of its deterministic settings.
     pub llm_threads: u32,
+    /// The GPU to serve GPU-tier jobs on (`None`: a CPU-only node).
+    pub gpu: Option<crate::gpu::GpuChoice>,
     /// Changes outputs before they are signed. Only for adversarial tests
     /// of the pool's verification (a node that lies); the `tidepool` binary
     /// never sets it.
@@ -186,6 +188,9 @@ struct Ctx {
     tamper: Option<Arc<dyn Tamper>>,
     /// The wasi-nn engines chosen at start (one per encoding).
     engines: Vec<Arc<dyn crate::backend::NnEngine>>,
+    /// The engines of GPU-tier jobs, if the node's GPU started (fixed at
+    /// start, like `engines`).
+    gpu_engines: Option<crate::Engines>,
 }
 
 fn unix_now() -> u64 {
@@ -342,7 +347,18 @@ impl Ctx {
         digest: Digest,
         component: &[u8],
     ) -> Result<Arc<Prepared>, String> {
-        let mut reg = RegistryBuilder::new(self.engines.clone());
+        let engines = match manifest.target.device {
+            Device::Cpu => self.engines.clone(),
+            // The pool sends GPU-tier tasks only to nodes that advertise a
+            // GPU; a node without one refuses rather than run them on a CPU.
+            Device::Gpu => self.gpu_engines.clone().ok_or_else(|| {
+                format!(
+                    "bundle {} is GPU-tier and this node has no GPU",
+                    manifest.name
+                )
+            })?,
+        };
+        let mut reg = RegistryBuilder::new(engines);
         for (name, m) in &manifest.models {
             reg.add(
                 name,
@@ -517,6 +533,22 @@ pub async fn run(
     for e in &engines {
         info!(encoding = %e.encoding(), engine = e.describe(), "wasi-nn engine");
     }
+    let gpu = match &cfg.gpu {
+        None => None,
+        Some(choice) => {
+            let (supply, notes) =
+                crate::gpu::start(choice, cfg.llm_threads).map_err(NodeError::Config)?;
+            for n in notes {
+                warn!("GPU: {n}");
+            }
+            if let Some(s) = &supply {
+                for e in &s.engines {
+                    info!(encoding = %e.encoding(), engine = e.describe(), gpu = %s.info.name, memory_mib = s.info.memory_mib, "GPU engine");
+                }
+            }
+            supply
+        }
+    };
     let ctx = Arc::new(Ctx {
         key: cfg.key.clone(),
         publishers: cfg.publishers.clone(),
@@ -530,6 +562,7 @@ pub async fn run(
         permits: Arc::new(tokio::sync::Semaphore::new(cfg.slots.max(1) as usize)),
         tamper: cfg.tamper.clone(),
         engines: engines.clone(),
+        gpu_engines: gpu.as_ref().map(|g| g.engines.clone()),
     });
     let endpoint = tidepool_net::client(&cfg.key, cfg.pool_key)?;
     // Hold as many leases again as there are slots, waiting, so a slot
@@ -554,7 +587,7 @@ pub async fn run(
         memory_mib: cfg.memory_mib,
         slots: cfg.slots,
         queue,
-        gpu: None,
+        gpu: gpu.as_ref().map(|g| g.info.clone()),
         publishers: cfg.publishers.iter().copied().collect(),
         fetch_models: cfg.fetch_models,
         operator: cfg.operator,
@@ -732,6 +765,14 @@ pub async fn run(
 /// onnxruntime_lib = "..."       # default: the catalogue's onnxruntime-lib in the models directory
 /// onnxruntime_fallback = false  # true: run tract if ONNX Runtime cannot be used; false: refuse to start
 /// llm_threads = 1               # threads per llama.cpp task (fixed; default 1)
+///
+/// [gpu]                         # optional: serve GPU-tier jobs (docs/gpu-nodes.md)
+/// enabled = true
+/// device = 0                    # CUDA device index
+/// name = "NVIDIA L4"            # default: detected (llama.cpp, else nvidia-smi)
+/// memory_mib = 23034            # default: detected
+/// onnxruntime_lib = "..."       # default: the catalogue's onnxruntime-gpu-lib
+/// fallback = false              # true: run CPU-only if no GPU engine starts; false: refuse to start
 /// ```
 ///
 /// Relative paths are relative to the file.
@@ -776,6 +817,36 @@ pub struct NodeFile {
     /// Threads per llama.cpp task context.
     #[serde(default = "node_default_llm_threads")]
     pub llm_threads: u32,
+    /// The GPU (`[gpu]`), if any.
+    #[serde(default)]
+    pub gpu: GpuFile,
+}
+
+/// `[gpu]` in `node.toml`.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuFile {
+    /// Serve GPU-tier jobs.
+    #[serde(default)]
+    pub enabled: bool,
+    /// CUDA device index.
+    #[serde(default)]
+    pub device: u32,
+    /// The card's model (default: detected).
+    pub name: Option<String>,
+    /// Its memory, MiB (default: detected).
+    pub memory_mib: Option<u32>,
+    /// The GPU build of ONNX Runtime (default: the fetched catalogue file).
+    pub onnxruntime_lib: Option<PathBuf>,
+    /// Run CPU-only if no GPU engine starts (default: refuse to start).
+    #[serde(default)]
+    pub fallback: bool,
+}
+
+/// Where the catalogue file `name` lives once fetched.
+fn catalogue_path(name: &str) -> Result<PathBuf, NodeError> {
+    let entry = crate::models::catalog_entry(name).map_err(|e| NodeError::Config(e.to_string()))?;
+    Ok(crate::models::path_in(&crate::models::models_dir(), entry))
 }
 
 fn node_default_llm_threads() -> u32 {
@@ -815,6 +886,8 @@ impl NodeFile {
         let base = path.parent().unwrap_or(std::path::Path::new("."));
         f.key = base.join(&f.key);
         f.data_dir = base.join(&f.data_dir);
+        f.onnxruntime_lib = f.onnxruntime_lib.map(|p| base.join(p));
+        f.gpu.onnxruntime_lib = f.gpu.onnxruntime_lib.map(|p| base.join(p));
         Ok(f)
     }
 
@@ -847,6 +920,36 @@ impl NodeFile {
                 self.memory_mib
             )));
         }
+        let gpu = if self.gpu.enabled {
+            if self.gpu.memory_mib == Some(0) {
+                return Err(NodeError::Config("[gpu] memory_mib = 0".into()));
+            }
+            Some(crate::gpu::GpuChoice {
+                device: self.gpu.device,
+                name: self.gpu.name.clone(),
+                memory_mib: self.gpu.memory_mib,
+                onnxruntime_lib: match &self.gpu.onnxruntime_lib {
+                    Some(p) => p.clone(),
+                    None => catalogue_path("onnxruntime-gpu-lib")?,
+                },
+                fallback: self.gpu.fallback,
+            })
+        } else {
+            None
+        };
+        // One ONNX Runtime per process: on a GPU node the GPU build serves
+        // CPU-tier onnx tasks too.
+        let cpu_ort_lib = match (&gpu, self.onnxruntime_lib) {
+            (Some(g), None) => Some(g.onnxruntime_lib.clone()),
+            (Some(g), Some(p)) if p != g.onnxruntime_lib => {
+                return Err(NodeError::Config(format!(
+                    "onnxruntime_lib = {} but [gpu] onnxruntime_lib = {}: a process loads one ONNX Runtime, and the GPU build runs CPU tasks too (leave onnxruntime_lib out)",
+                    p.display(),
+                    g.onnxruntime_lib.display()
+                )));
+            }
+            (_, p) => p,
+        };
         Ok(NodeConfig {
             pool,
             pool_key,
@@ -862,13 +965,9 @@ impl NodeFile {
             onnx: match self.onnx_engine.as_str() {
                 "tract" => crate::OnnxEngine::Tract,
                 "onnxruntime" => crate::OnnxEngine::OnnxRuntime {
-                    library: match self.onnxruntime_lib {
+                    library: match cpu_ort_lib {
                         Some(p) => p,
-                        None => crate::models::models_dir().join(
-                            crate::models::catalog_entry("onnxruntime-lib")
-                                .map_err(|e| NodeError::Config(e.to_string()))?
-                                .file,
-                        ),
+                        None => catalogue_path("onnxruntime-lib")?,
                     },
                     fallback: self.onnxruntime_fallback,
                 },
@@ -879,6 +978,7 @@ impl NodeFile {
                 }
             },
             llm_threads: self.llm_threads,
+            gpu,
             tamper: None,
         })
     }

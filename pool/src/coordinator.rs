@@ -23,7 +23,7 @@ use crate::store::{
 use crate::verify::{agree, audit_draw, Standing, VerifyPolicy};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
-use tidepool_proto::manifest::{LockedManifest, SignedManifest};
+use tidepool_proto::manifest::{Device, LockedManifest, SignedManifest};
 use tidepool_proto::receipt::LeaseReceipt;
 use tidepool_proto::session::Refusal;
 use tidepool_proto::wire::{
@@ -415,9 +415,24 @@ pub fn open_results(key: &PublicKey, results: Vec<TaskResult>) -> Vec<Opened> {
         .collect()
 }
 
-/// Can a node with `caps` run this bundle?
+/// Can a node with `caps` run this bundle? GPU-tier bundles need the
+/// node's GPU to have the memory they ask for and a GPU engine for every
+/// encoding they load (their re-executions go through here too, so they
+/// are checked on GPUs as well).
 pub fn can_run(caps: &Capabilities, m: &LockedManifest) -> bool {
-    (caps.publishers.is_empty() || caps.publishers.contains(&m.publisher))
+    let device_fits = match m.target.device {
+        Device::Cpu => true,
+        Device::Gpu => caps.gpu.as_ref().is_some_and(|g| {
+            m.target
+                .gpu_memory_mib
+                .is_none_or(|need| g.memory_mib >= need)
+                && m.models
+                    .values()
+                    .all(|model| g.encodings.contains(&model.encoding))
+        }),
+    };
+    device_fits
+        && (caps.publishers.is_empty() || caps.publishers.contains(&m.publisher))
         && (caps.memory_mib == 0 || caps.memory_mib >= m.limits.memory_mib)
         && m.models.values().all(|model| {
             caps.encodings.contains(&model.encoding)
@@ -1851,6 +1866,7 @@ impl<S: Store> Coordinator<S> {
         let counters = self.store.nodes()?;
         let mut nodes = Vec::new();
         for (key, completed, expired) in counters {
+            let gpu = self.nodes.get(&key).and_then(|n| n.caps.gpu.clone());
             let (connected, uptime, running, slots) = match self.nodes.get(&key) {
                 Some(n) => {
                     let up = n.connected_total
@@ -1888,6 +1904,7 @@ impl<S: Store> Coordinator<S> {
                 quarantined_until: st.quarantined_until,
                 banned: st.banned,
                 trusted: self.cfg.verify.trusted.contains(&key),
+                gpu,
             });
         }
         let mut jobs = Vec::new();

@@ -8,7 +8,9 @@ use tidepool_pool::coordinator::{Admission, Coordinator, PoolConfig, PoolEvent};
 use tidepool_pool::store::{Durability, SqliteStore};
 use tidepool_proto::manifest::{AuthoredManifest, BlobRef, LockedManifest};
 use tidepool_proto::receipt::LeaseReceipt;
-use tidepool_proto::wire::{Bytes, Capabilities, LeaseId, Outcome, TaskGrant, TaskResult, Verdict};
+use tidepool_proto::wire::{
+    Bytes, Capabilities, Gpu, LeaseId, Outcome, TaskGrant, TaskResult, Verdict,
+};
 use tidepool_proto::{Digest, KeyRole, Receipt, SecretKey};
 
 const NOW_UNIX: u64 = 1_800_000_000;
@@ -662,4 +664,97 @@ fn a_database_from_before_the_result_cache_is_upgraded() {
         c.job_results(job, 0, 10).expect("results")[0].cached_from,
         None
     );
+}
+
+/// Publish a GPU-tier bundle (one onnx model, every result re-executed).
+fn publish_gpu(c: &mut Coordinator<SqliteStore>, w: &World, gpu_memory_mib: u32) -> Digest {
+    let a = AuthoredManifest::parse(&format!(
+        "name = \"embed-gpu\"\nversion = \"1.0.0\"\ncomponent = \"e.wasm\"\n\
+         [models.m]\nencoding = \"onnx\"\nsource = \"m.onnx\"\nsha256 = \"{}\"\n\
+         [determinism]\ntier = \"tolerance\"\ncosine = \"0.999\"\n\
+         [verification]\nsampling = \"always\"\n\
+         [target]\ndevice = \"gpu\"\ngpu_memory_mib = {gpu_memory_mib}\n",
+        Digest::of(b"model").hex()
+    ))
+    .expect("manifest");
+    let component = BlobRef {
+        sha256: Digest::of(b"component"),
+        size: 9,
+    };
+    let models = BTreeMap::from([(
+        "m".to_owned(),
+        BlobRef {
+            sha256: Digest::of(b"model"),
+            size: 5,
+        },
+    )]);
+    let locked =
+        LockedManifest::lock(&a, component, &models, w.publisher.public(), NOW_UNIX).expect("lock");
+    let (digest, missing) = c
+        .handle_publish(NOW_UNIX, locked.sign(&w.publisher).expect("sign"), &|_| {
+            true
+        })
+        .expect("publish");
+    assert!(missing.is_empty());
+    digest
+}
+
+fn with_gpu(memory_mib: u32, encodings: &[&str]) -> Capabilities {
+    Capabilities {
+        gpu: Some(Gpu {
+            name: "NVIDIA L4".into(),
+            memory_mib,
+            encodings: encodings.iter().map(|e| e.to_string()).collect(),
+        }),
+        ..caps()
+    }
+}
+
+#[test]
+fn gpu_tier_tasks_and_their_checks_go_only_to_gpus_that_fit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world();
+    let mut c = open(&dir.path().join("pool.db"), &w.cfg);
+    let (cpu_bundle, _) = publish(&mut c, &w);
+    let gpu_bundle = publish_gpu(&mut c, &w, 8192);
+    c.handle_submit(NOW_UNIX, &gpu_bundle, "gpu", &inputs(3))
+        .expect("submit gpu");
+    c.handle_submit(NOW_UNIX, &cpu_bundle, "cpu", &inputs(2))
+        .expect("submit cpu");
+    let t = Instant::now();
+    let lease = |c: &mut Coordinator<SqliteStore>, key: &SecretKey, caps: Capabilities| {
+        c.handle_node_hello(t, key.public(), caps).expect("hello");
+        let (grants, _) = c.handle_lease(t, &key.public(), 10, &[]).expect("lease");
+        grants
+    };
+
+    // A CPU node gets the CPU job's tasks, never the GPU job's.
+    let g = lease(&mut c, &w.node_b, caps());
+    assert_eq!(g.len(), 2);
+    assert!(g.iter().all(|g| g.bundle == cpu_bundle), "{g:?}");
+
+    // GPUs that are too small, or lack an onnx GPU engine, get nothing.
+    let gpu_node = SecretKey::from_seed(KeyRole::Node, &[7; 32]);
+    assert!(lease(&mut c, &gpu_node, with_gpu(4096, &["onnx"])).is_empty());
+    assert!(lease(&mut c, &gpu_node, with_gpu(24576, &["ggml"])).is_empty());
+
+    // One that fits gets them all.
+    let g = lease(&mut c, &gpu_node, with_gpu(24576, &["onnx", "ggml"]));
+    assert_eq!(g.len(), 3);
+    assert!(g.iter().all(|g| g.bundle == gpu_bundle), "{g:?}");
+    let results: Vec<_> = g
+        .iter()
+        .map(|g| honest(&gpu_node, g, Digest::of(b"component")))
+        .collect();
+    c.handle_results(t, &gpu_node.public(), results)
+        .expect("results");
+
+    // Every result is re-executed (sampling = "always"): the checks are
+    // GPU-tier too, so the CPU node gets none of them and a second GPU
+    // node gets all three.
+    assert!(lease(&mut c, &w.node_b, caps()).is_empty());
+    let second = SecretKey::from_seed(KeyRole::Node, &[8; 32]);
+    let checks = lease(&mut c, &second, with_gpu(16384, &["onnx"]));
+    assert_eq!(checks.len(), 3, "{checks:?}");
+    assert!(checks.iter().all(|g| g.bundle == gpu_bundle));
 }

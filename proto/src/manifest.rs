@@ -223,6 +223,87 @@ impl Determinism {
     }
 }
 
+/// Where a job's models run: the execution target every `load-by-name` of
+/// the job gets (wasi-nn's `load-by-name` carries none, so the bundle
+/// declares it once).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// The node's CPU engines; any node can run the job (the default).
+    #[default]
+    Cpu,
+    /// A GPU engine: the pool sends the job's tasks, and re-executions of
+    /// them, only to nodes that advertise a GPU with an engine for every
+    /// encoding the job loads.
+    Gpu,
+}
+
+impl Device {
+    /// `cpu` or `gpu`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Gpu => "gpu",
+        }
+    }
+}
+
+/// What hardware a job needs (`[target]` in `tidepool.toml`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// CPU (default) or GPU.
+    #[serde(default)]
+    pub device: Device,
+    /// Least GPU memory a node must have, MiB (GPU jobs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_memory_mib: Option<u32>,
+}
+
+impl Target {
+    /// The default (CPU): left out of locked manifests, so bundles signed
+    /// before targets existed keep their bytes and signatures.
+    pub fn is_default(&self) -> bool {
+        *self == Target::default()
+    }
+
+    fn validate(&self, determinism: &Determinism, models: usize) -> Result<(), ManifestError> {
+        match self.device {
+            Device::Cpu => {
+                if self.gpu_memory_mib.is_some() {
+                    return Err(invalid(
+                        "target.gpu_memory_mib",
+                        "is only for device = \"gpu\"",
+                    ));
+                }
+            }
+            Device::Gpu => {
+                if models == 0 {
+                    return Err(invalid(
+                        "target.device",
+                        "\"gpu\" runs the job's models on a GPU, but the job loads no models",
+                    ));
+                }
+                if *determinism == Determinism::Exact {
+                    return Err(invalid(
+                        "target.device",
+                        "GPU results differ between GPU models in the last bits, so \"gpu\" needs tier \"tolerance\" or \"llm\", not \"exact\"",
+                    ));
+                }
+                if let Some(m) = self.gpu_memory_mib {
+                    if !(256..=1024 * 1024).contains(&m) {
+                        return Err(invalid(
+                            "target.gpu_memory_mib",
+                            format!("{m} is outside 256..=1048576"),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The publisher's wishes for verification; the pool owner's policy decides
 /// the sampling itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -306,6 +387,9 @@ pub struct AuthoredManifest {
     /// Verification wishes.
     #[serde(default)]
     pub verification: VerificationPolicy,
+    /// Hardware the job needs (CPU unless it says).
+    #[serde(default)]
+    pub target: Target,
     /// Parameters given to every task (`tidepool:job/host.params`).
     #[serde(default)]
     pub params: BTreeMap<String, String>,
@@ -403,6 +487,7 @@ impl AuthoredManifest {
         self.limits.validate()?;
         self.determinism.validate()?;
         self.verification.validate()?;
+        self.target.validate(&self.determinism, self.models.len())?;
         Ok(())
     }
 }
@@ -453,6 +538,9 @@ pub struct LockedManifest {
     pub determinism: Determinism,
     /// Verification wishes.
     pub verification: VerificationPolicy,
+    /// Hardware the job needs (absent from the bytes when CPU).
+    #[serde(default, skip_serializing_if = "Target::is_default")]
+    pub target: Target,
     /// Parameters given to every task.
     pub params: BTreeMap<String, String>,
 }
@@ -511,6 +599,7 @@ impl LockedManifest {
             limits: authored.limits.clone(),
             determinism: authored.determinism.clone(),
             verification: authored.verification.clone(),
+            target: authored.target,
             params: authored.params.clone(),
         })
     }
@@ -860,6 +949,37 @@ sha256 = "b388816f00000000000000000000000000000000000000000000000000000000"
             tampered.verify(&trusted, 2_000),
             Err(BundleError::BadSignature(_))
         ));
+    }
+
+    #[test]
+    fn a_gpu_target_is_signed_and_a_cpu_one_leaves_the_bytes_as_they_were() {
+        let key = SecretKey::from_seed(crate::keys::KeyRole::Publisher, &[3; 32]);
+        let cpu = locked(&key, "1.2.0", 1_000);
+        assert_eq!(cpu.target, Target::default());
+        // Bundles signed before `target` existed verify unchanged: the
+        // default is not in the bytes at all.
+        let bytes = cpu.to_bytes();
+        assert!(!bytes.windows(6).any(|w| w == b"target"));
+
+        let text = format!(
+            "{TOML}\n[determinism]\ntier = \"tolerance\"\ncosine = \"0.999\"\n\n[target]\ndevice = \"gpu\"\ngpu_memory_mib = 4096\n"
+        );
+        let a = AuthoredManifest::parse(&text).expect("gpu manifest");
+        let mut gpu = cpu.clone();
+        gpu.target = a.target;
+        gpu.determinism = a.determinism.clone();
+        assert_eq!(gpu.target.device, Device::Gpu);
+        let signed = gpu.sign(&key).expect("sign");
+        let trusted = BTreeSet::from([key.public()]);
+        let back = signed.verify(&trusted, 2_000).expect("verify");
+        assert_eq!(
+            back.target,
+            Target {
+                device: Device::Gpu,
+                gpu_memory_mib: Some(4096)
+            }
+        );
+        assert_ne!(signed.manifest, cpu.sign(&key).expect("sign").manifest);
     }
 
     #[test]

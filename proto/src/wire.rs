@@ -69,8 +69,10 @@ pub struct Capabilities {
     /// never leaves a slot idle.
     #[serde(default)]
     pub queue: u32,
-    /// GPU description (`NVIDIA L4, 24 GiB`), if any.
-    pub gpu: Option<String>,
+    /// The GPU the node runs GPU-tier jobs on, if it has one with a
+    /// working engine.
+    #[serde(default)]
+    pub gpu: Option<Gpu>,
     /// Publishers whose bundles the node runs; empty means any the pool has.
     pub publishers: Vec<PublicKey>,
     /// Whether the node's owner fetches models from the pool (otherwise only
@@ -84,6 +86,21 @@ pub struct Capabilities {
     /// prefer another class, so a fault of one kind of machine shows up.
     #[serde(default)]
     pub hardware: Option<String>,
+}
+
+/// A node's GPU, as it advertises it: the pool sends GPU-tier jobs
+/// (`[target] device = "gpu"`) only to nodes with one of these whose memory
+/// and engines fit the job.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gpu {
+    /// Model name as the driver reports it (`NVIDIA L4`).
+    pub name: String,
+    /// Memory, MiB.
+    pub memory_mib: u32,
+    /// wasi-nn encodings with a GPU engine on this node (`onnx` through
+    /// ONNX Runtime's CUDA provider, `ggml` through llama.cpp built with
+    /// `cuda`).
+    pub encodings: Vec<String>,
 }
 
 /// A request, the first frame on a stream.
@@ -353,6 +370,9 @@ pub struct NodeStatus {
     /// A pool-owned node (preferred to decide disagreements).
     #[serde(default)]
     pub trusted: bool,
+    /// The GPU it advertised on its last hello, if any.
+    #[serde(default)]
+    pub gpu: Option<Gpu>,
 }
 
 /// The whole pool.

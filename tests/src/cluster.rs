@@ -113,6 +113,7 @@ pub fn node_config(dir: &Path, keys: &Keys, i: u8, pool: SocketAddr) -> NodeConf
         hardware: None,
         onnx: tidepool_host::OnnxEngine::Tract,
         llm_threads: 1,
+        gpu: None,
         tamper: None,
     }
 }

@@ -231,8 +231,19 @@ fn replay_rates_over_many_texts() -> Result<()> {
     check_replays(runs().max(8))
 }
 
+/// `TIDEPOOL_LLM_SKIP=N` starts after the first N texts of the corpus, so
+/// a second rate run covers new texts.
+fn skip() -> usize {
+    std::env::var("TIDEPOOL_LLM_SKIP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 fn check_replays(n: usize) -> Result<()> {
-    let texts = tidepool_tests::corpus(n + 1)?;
+    let skip = skip();
+    let all = tidepool_tests::corpus(skip + n + 1)?;
+    let texts = &all[skip..];
     let dir = tempfile::tempdir()?;
     let (producer, pjob) = llm::summarize_sandbox(None, 1);
     let (verifier, vjob) = llm::summarize_sandbox(None, 2);

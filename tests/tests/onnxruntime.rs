@@ -104,6 +104,24 @@ fn a_missing_library_is_refused_or_replaced_by_tract_as_configured() {
         .contains("running onnx models on tract instead"));
 }
 
+/// The CPU wheel's library has no CUDA provider: a GPU engine from it is
+/// refused with what it offers and what to fetch instead.
+#[test]
+fn the_cpu_library_cannot_serve_a_gpu() {
+    let err = tidepool_host::backend::onnxruntime::OrtEngine::cuda(&ort_library(), 0)
+        .expect_err("the CPU build has no CUDA provider")
+        .to_string();
+    assert!(
+        err.contains("has no CUDA execution provider")
+            && err.contains("CPUExecutionProvider")
+            && err.contains("onnxruntime-gpu-lib")
+            && err.contains(&ort_library().display().to_string()),
+        "{err}"
+    );
+    // The CPU engine from the same library still works.
+    assert_eq!(ort_engines()[0].describe(), "onnxruntime 1.31.1 (cpu)");
+}
+
 /// Two nodes on tract (trusted) and one on ONNX Runtime, every result
 /// re-executed: under `tolerance` the engines confirm each other, under
 /// `exact` the ONNX Runtime node's results are flagged and replaced.

@@ -36,6 +36,9 @@ const MODELS: &[&str] = &[
     "minilm-l6-int8",
     // ONNX Runtime's library, for nodes set to `onnx_engine = "onnxruntime"`.
     "onnxruntime-lib",
+    // Its GPU build (with the CUDA provider): the tests start a GPU node on
+    // a machine without CUDA and check what it says.
+    "onnxruntime-gpu-lib",
     // Gemma 3 270M (GGUF), for the summarize job on llama.cpp.
     "gemma3-270m",
 ];

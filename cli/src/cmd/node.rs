@@ -54,6 +54,12 @@ pub struct RunArgs {
     /// Threads per llama.cpp (text generation) task (overrides the file).
     #[arg(long)]
     llm_threads: Option<u32>,
+    /// Serve GPU-tier jobs on this CUDA device (turns on the file's [gpu]).
+    #[arg(long)]
+    gpu: Option<u32>,
+    /// With --gpu: run CPU-only if no GPU engine starts, instead of refusing to start.
+    #[arg(long)]
+    gpu_fallback: bool,
 }
 
 pub fn main(c: Command) -> anyhow::Result<ExitCode> {
@@ -74,6 +80,11 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
     f.onnxruntime_lib = a.onnxruntime_lib.or(f.onnxruntime_lib);
     f.onnxruntime_fallback |= a.onnxruntime_fallback;
     f.llm_threads = a.llm_threads.unwrap_or(f.llm_threads);
+    if let Some(device) = a.gpu {
+        f.gpu.enabled = true;
+        f.gpu.device = device;
+    }
+    f.gpu.fallback |= a.gpu_fallback;
     let key = read_key(&f.key)?;
     let cfg = f.into_config(key)?;
     eprintln!(

@@ -132,8 +132,20 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
                     } else {
                         "gone".to_owned()
                     };
+                    let gpu = n
+                        .gpu
+                        .as_ref()
+                        .map(|g| {
+                            format!(
+                                " gpu: {}, {} MiB ({})",
+                                g.name,
+                                g.memory_mib,
+                                g.encodings.join(", ")
+                            )
+                        })
+                        .unwrap_or_default();
                     println!(
-                        "{:<10} {:<11} {:>6.1}% {:>4}/{:<3} {:>10} {:>8} {:>6} {:>7.2}% {:>7}{}",
+                        "{:<10} {:<11} {:>6.1}% {:>4}/{:<3} {:>10} {:>8} {:>6} {:>7.2}% {:>7}{}{gpu}",
                         n.key.short(),
                         state,
                         n.uptime * 100.0,

@@ -162,15 +162,72 @@ pub struct GenerateInfo {
 pub struct LlamaEngine {
     /// Threads per task context (fixed: part of the deterministic settings).
     threads: u32,
+    /// The GPU every layer is offloaded to, or none (CPU only, even in a
+    /// build with `cuda`). Fixed at start.
+    gpu: Option<LlamaGpu>,
+}
+
+/// A GPU as llama.cpp sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LlamaGpu {
+    /// llama.cpp's device index (`LlamaModelParams::with_devices`).
+    index: usize,
+    /// Backend and device name (`CUDA0`).
+    pub name: String,
+    /// The model the driver reports (`NVIDIA L4`).
+    pub description: String,
+    /// Total memory, MiB.
+    pub memory_mib: u32,
+}
+
+/// The GPUs llama.cpp can use in this build (none without `cuda`).
+pub fn gpus() -> Result<Vec<LlamaGpu>, String> {
+    use llama_cpp_2::LlamaBackendDeviceType as T;
+    backend()?;
+    Ok(llama_cpp_2::list_llama_ggml_backend_devices()
+        .into_iter()
+        .filter(|d| matches!(d.device_type, T::Gpu | T::IntegratedGpu))
+        .map(|d| LlamaGpu {
+            index: d.index,
+            name: d.name,
+            description: d.description,
+            memory_mib: u32::try_from(d.memory_total >> 20).unwrap_or(u32::MAX),
+        })
+        .collect())
 }
 
 impl LlamaEngine {
-    /// An engine whose contexts use `threads` threads (at least 1).
+    /// An engine whose contexts use `threads` threads (at least 1), on the
+    /// CPU.
     pub fn new(threads: u32) -> Result<Self, String> {
         backend()?;
         Ok(Self {
             threads: threads.max(1),
+            gpu: None,
         })
+    }
+
+    /// An engine that offloads every layer to the `ordinal`-th GPU llama.cpp
+    /// sees (threads still drive the CPU side of each step).
+    pub fn gpu(threads: u32, ordinal: u32) -> Result<Self, String> {
+        let all = gpus()?;
+        let Some(gpu) = all.get(ordinal as usize).cloned() else {
+            let why = if cfg!(feature = "cuda") {
+                format!("llama.cpp sees {} GPU(s), so there is no GPU {ordinal} (is the NVIDIA driver loaded?)", all.len())
+            } else {
+                "this build of llama.cpp has no GPU backend (build the node with `--features cuda`, see docs/gpu-nodes.md)".to_owned()
+            };
+            return Err(why);
+        };
+        Ok(Self {
+            threads: threads.max(1),
+            gpu: Some(gpu),
+        })
+    }
+
+    /// The GPU it runs on, if any.
+    pub fn gpu_device(&self) -> Option<&LlamaGpu> {
+        self.gpu.as_ref()
     }
 }
 
@@ -179,19 +236,26 @@ impl NnEngine for LlamaEngine {
         GraphEncoding::Ggml
     }
     fn describe(&self) -> String {
-        let gpu = if cfg!(feature = "cuda") {
-            "cuda"
-        } else {
-            "cpu"
+        let device = match &self.gpu {
+            Some(g) => format!("{} {}", g.name, g.description),
+            None => "cpu".to_owned(),
         };
         format!(
-            "llama.cpp (llama-cpp-2 {CRATE_VERSION}, {gpu}, {} threads)",
+            "llama.cpp (llama-cpp-2 {CRATE_VERSION}, {device}, {} threads)",
             self.threads
         )
     }
     fn load(&self, path: &Path) -> anyhow::Result<Arc<dyn ModelGraph>> {
         let backend = backend().map_err(anyhow::Error::msg)?;
-        let params = LlamaModelParams::default();
+        let params = match &self.gpu {
+            // Every layer on the GPU (llama.cpp caps the count at the model's).
+            Some(g) => LlamaModelParams::default()
+                .with_n_gpu_layers(999)
+                .with_devices(&[g.index])
+                .map_err(|e| anyhow::anyhow!("llama.cpp GPU {}: {e}", g.name))?,
+            // A `cuda` build would offload by default: CPU engines say no.
+            None => LlamaModelParams::default().with_n_gpu_layers(0),
+        };
         let model = LlamaModel::load_from_file(backend, path, &params)
             .map_err(|e| anyhow::anyhow!("llama.cpp cannot load {}: {e}", path.display()))?;
         Ok(Arc::new(LlamaGraph {

@@ -9,6 +9,15 @@
 //! results differ in the last bits, which the `tolerance` tier accepts and
 //! `exact` does not.
 //!
+//! On a GPU node the same engine runs on ONNX Runtime's CUDA execution
+//! provider ([`OrtEngine::cuda`], cargo feature `onnxruntime-cuda`, which
+//! only compiles the provider's bindings: the CUDA code is in the
+//! `onnxruntime-gpu` wheel's library, loaded at run time). Its settings add
+//! the heuristic (not the benchmarking) convolution search and no TF32, so a
+//! GPU reproduces its own results; against other GPUs and CPUs results
+//! differ in the last bits, which is why GPU-tier jobs declare `tolerance`
+//! or `llm`.
+//!
 //! It never downloads anything and never falls back by itself: the node's
 //! configuration decides (see `tidepool_host::engines`).
 
@@ -35,6 +44,28 @@ pub enum OrtError {
         /// What the loader said.
         why: String,
     },
+    /// The library has no CUDA execution provider (the CPU wheel's).
+    #[error("ONNX Runtime library {path} has no CUDA execution provider (it offers {offers}); a GPU node needs the GPU build: `tidepool models fetch onnxruntime-gpu-lib`")]
+    NoCuda {
+        /// The file.
+        path: PathBuf,
+        /// The providers it has.
+        offers: String,
+    },
+    /// The CUDA provider is there but cannot start (driver, CUDA or cuDNN
+    /// libraries missing, no such device).
+    #[error("ONNX Runtime's CUDA execution provider (from {path}) cannot start on device {device}: {why} (it needs the NVIDIA driver and the CUDA 13 runtime, cuBLAS, cuRAND, cuFFT and cuDNN 9 libraries on the loader path; see docs/gpu-nodes.md)")]
+    CudaUnusable {
+        /// The library.
+        path: PathBuf,
+        /// The CUDA device index.
+        device: u32,
+        /// What ONNX Runtime said.
+        why: String,
+    },
+    /// This build has no CUDA bindings.
+    #[error("this build has no CUDA support for ONNX Runtime (cargo feature `onnxruntime-cuda`)")]
+    NotBuilt,
     /// Another library was loaded earlier in this process.
     #[error("ONNX Runtime is already loaded from {loaded} in this process; cannot load {wanted}")]
     OtherLoaded {
@@ -49,11 +80,22 @@ pub enum OrtError {
 static ENV: OnceLock<(PathBuf, Result<Arc<ort::environment::Environment>, String>)> =
     OnceLock::new();
 
-/// The ONNX Runtime engine, CPU execution provider.
+/// Which execution provider runs an engine's models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrtDevice {
+    /// ONNX Runtime's CPU provider.
+    Cpu,
+    /// The CUDA provider on this device index.
+    Cuda(u32),
+}
+
+/// The ONNX Runtime engine.
 #[derive(Clone)]
 pub struct OrtEngine {
     /// The loaded environment (lives for the process).
     env: Arc<ort::environment::Environment>,
+    /// Where its sessions run (fixed at start).
+    device: OrtDevice,
 }
 
 impl std::fmt::Debug for OrtEngine {
@@ -79,13 +121,101 @@ impl OrtEngine {
             });
         }
         match env {
-            Ok(env) => Ok(Self { env: env.clone() }),
+            Ok(env) => Ok(Self {
+                env: env.clone(),
+                device: OrtDevice::Cpu,
+            }),
             Err(why) => Err(OrtError::Unusable {
                 path: lib.to_owned(),
                 why: why.clone(),
             }),
         }
     }
+
+    /// The engine on CUDA device `device`, from the GPU build's library at
+    /// `lib`. The provider is started once here, so a missing driver or CUDA
+    /// library is an error at the node's start, not at its first task.
+    pub fn cuda(lib: &Path, device: u32) -> Result<Self, OrtError> {
+        let cpu = Self::new(lib)?;
+        cuda_check(&cpu.env, lib, device)?;
+        Ok(Self {
+            device: OrtDevice::Cuda(device),
+            ..cpu
+        })
+    }
+
+    /// Where the engine's sessions run.
+    pub fn device(&self) -> OrtDevice {
+        self.device
+    }
+}
+
+/// The CUDA provider with the deterministic settings.
+#[cfg(feature = "onnxruntime-cuda")]
+fn cuda_provider(device: u32) -> ort::ep::ExecutionProviderDispatch {
+    use ort::ep::cuda::ConvAlgorithmSearch;
+    ort::ep::CUDA::default()
+        .with_device_id(device as i32)
+        // Exhaustive search benchmarks kernels at load time and may pick a
+        // different one each time; the heuristic picks the same one.
+        .with_conv_algorithm_search(ConvAlgorithmSearch::Heuristic)
+        .with_tf32(false)
+        .build()
+        .error_on_failure()
+}
+
+#[cfg(feature = "onnxruntime-cuda")]
+fn cuda_check(
+    env: &Arc<ort::environment::Environment>,
+    lib: &Path,
+    device: u32,
+) -> Result<(), OrtError> {
+    use ort::ep::ExecutionProvider;
+    let unusable = |why: String| OrtError::Unusable {
+        path: lib.to_owned(),
+        why,
+    };
+    if !ort::ep::CUDA::is_available().map_err(|e| unusable(e.to_string()))? {
+        let offers = available_providers().join(", ");
+        return Err(OrtError::NoCuda {
+            path: lib.to_owned(),
+            offers,
+        });
+    }
+    let builder = ort::session::Session::builder(env).map_err(|e| unusable(e.to_string()))?;
+    // Registration loads the provider library and, through it, CUDA.
+    let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        builder
+            .with_execution_providers([cuda_provider(device)])
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }))
+    .unwrap_or_else(|_| Err("the provider panicked while starting".into()));
+    started.map_err(|why| OrtError::CudaUnusable {
+        path: lib.to_owned(),
+        device,
+        why,
+    })
+}
+
+#[cfg(not(feature = "onnxruntime-cuda"))]
+fn cuda_check(
+    _env: &Arc<ort::environment::Environment>,
+    _lib: &Path,
+    _device: u32,
+) -> Result<(), OrtError> {
+    Err(OrtError::NotBuilt)
+}
+
+/// The execution providers the loaded library was built with.
+#[cfg(feature = "onnxruntime-cuda")]
+fn available_providers() -> Vec<&'static str> {
+    use ort::ep::ExecutionProvider;
+    let mut v = vec!["CPUExecutionProvider"];
+    if ort::ep::CUDA::is_available().unwrap_or(false) {
+        v.push("CUDAExecutionProvider");
+    }
+    v
 }
 
 fn guarded_load(lib: &Path) -> Result<Arc<ort::environment::Environment>, String> {
@@ -106,12 +236,25 @@ impl NnEngine for OrtEngine {
         GraphEncoding::Onnx
     }
     fn describe(&self) -> String {
-        format!("onnxruntime {VERSION} (cpu)")
+        match self.device {
+            OrtDevice::Cpu => format!("onnxruntime {VERSION} (cpu)"),
+            OrtDevice::Cuda(d) => format!("onnxruntime {VERSION} (cuda:{d})"),
+        }
     }
     fn load(&self, path: &Path) -> anyhow::Result<Arc<dyn ModelGraph>> {
         let e = |e: ort::Error<ort::session::builder::SessionBuilder>| anyhow::anyhow!("{e}");
-        let session = ort::session::Session::builder(&self.env)
-            .map_err(|e| anyhow::anyhow!("{e}"))?
+        let builder =
+            ort::session::Session::builder(&self.env).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let builder = match self.device {
+            OrtDevice::Cpu => builder,
+            #[cfg(feature = "onnxruntime-cuda")]
+            OrtDevice::Cuda(d) => builder
+                .with_execution_providers([cuda_provider(d)])
+                .map_err(e)?,
+            #[cfg(not(feature = "onnxruntime-cuda"))]
+            OrtDevice::Cuda(_) => anyhow::bail!("{}", OrtError::NotBuilt),
+        };
+        let session = builder
             .with_intra_threads(1)
             .map_err(e)?
             .with_inter_threads(1)
@@ -218,36 +361,42 @@ fn from_ort(
     name: &str,
     v: &ort::value::DynValue,
 ) -> Result<wasmtime_wasi_nn::Tensor, BackendError> {
-    fn pack<T: Copy>(
+    fn pack<T: Copy, const N: usize>(
         shape: &ort::value::Shape,
         data: &[T],
         ty: TensorType,
-        bytes: fn(T) -> Vec<u8>,
+        bytes: fn(T) -> [u8; N],
     ) -> Result<wasmtime_wasi_nn::Tensor, BackendError> {
         let dimensions = shape
             .iter()
             .map(|&d| u32::try_from(d).map_err(|_| err(format!("dimension {d} out of range"))))
             .collect::<Result<_, _>>()?;
+        // One allocation for the whole tensor (not one per element: a
+        // token-level output of MiniLM is ~10^4 elements per call).
+        let mut out = Vec::with_capacity(data.len() * N);
+        for x in data {
+            out.extend_from_slice(&bytes(*x));
+        }
         Ok(wasmtime_wasi_nn::Tensor {
             dimensions,
             ty,
-            data: data.iter().flat_map(|x| bytes(*x)).collect(),
+            data: out,
         })
     }
     if let Ok((s, d)) = v.try_extract_tensor::<f32>() {
-        return pack(s, d, TensorType::Fp32, |x| x.to_le_bytes().to_vec());
+        return pack(s, d, TensorType::Fp32, f32::to_le_bytes);
     }
     if let Ok((s, d)) = v.try_extract_tensor::<i64>() {
-        return pack(s, d, TensorType::I64, |x| x.to_le_bytes().to_vec());
+        return pack(s, d, TensorType::I64, i64::to_le_bytes);
     }
     if let Ok((s, d)) = v.try_extract_tensor::<i32>() {
-        return pack(s, d, TensorType::I32, |x| x.to_le_bytes().to_vec());
+        return pack(s, d, TensorType::I32, i32::to_le_bytes);
     }
     if let Ok((s, d)) = v.try_extract_tensor::<f64>() {
-        return pack(s, d, TensorType::Fp64, |x| x.to_le_bytes().to_vec());
+        return pack(s, d, TensorType::Fp64, f64::to_le_bytes);
     }
     if let Ok((s, d)) = v.try_extract_tensor::<u8>() {
-        return pack(s, d, TensorType::U8, |x| vec![x]);
+        return pack(s, d, TensorType::U8, |x| [x]);
     }
     Err(BackendError::UnsupportedTensorType(format!(
         "output {name}: {:?}",
