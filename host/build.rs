@@ -13,7 +13,7 @@ fn main() {
     }
     let mut places: Vec<PathBuf> = ["CUDA_PATH", "CUDA_HOME"]
         .iter()
-        .filter_map(|v| std::env::var_os(v))
+        .filter_map(std::env::var_os)
         .map(|p| PathBuf::from(p).join("bin"))
         .collect();
     places.push(PathBuf::from("/usr/local/cuda/bin"));

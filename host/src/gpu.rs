@@ -174,12 +174,12 @@ fn onnx(_choice: &GpuChoice) -> Result<Arc<dyn NnEngine>, String> {
     Err("this build has no ONNX Runtime engine (cargo feature `onnxruntime`)".into())
 }
 
+/// A GPU engine and, if it can tell, the card's model and memory (MiB).
+type EngineAndCard = (Arc<dyn NnEngine>, Option<(String, u32)>);
+
 /// llama.cpp on the GPU, and the card as llama.cpp describes it.
 #[cfg(feature = "llama")]
-fn ggml(
-    choice: &GpuChoice,
-    llm_threads: u32,
-) -> Result<(Arc<dyn NnEngine>, Option<(String, u32)>), String> {
+fn ggml(choice: &GpuChoice, llm_threads: u32) -> Result<EngineAndCard, String> {
     let e = crate::backend::llama::LlamaEngine::gpu(llm_threads, choice.device)?;
     let card = e
         .gpu_device()
@@ -188,10 +188,7 @@ fn ggml(
 }
 
 #[cfg(not(feature = "llama"))]
-fn ggml(
-    _choice: &GpuChoice,
-    _llm_threads: u32,
-) -> Result<(Arc<dyn NnEngine>, Option<(String, u32)>), String> {
+fn ggml(_choice: &GpuChoice, _llm_threads: u32) -> Result<EngineAndCard, String> {
     Err("this build has no llama.cpp engine (cargo feature `llama`)".into())
 }
 

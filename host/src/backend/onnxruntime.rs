@@ -194,7 +194,7 @@ fn cuda_check(
     started.map_err(|why| OrtError::CudaUnusable {
         path: lib.to_owned(),
         device,
-        why,
+        why: why.trim().to_owned(),
     })
 }
 
