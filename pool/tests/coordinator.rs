@@ -54,8 +54,18 @@ fn caps() -> Capabilities {
 
 /// Publish a bundle with one onnx model; returns its digest and component digest.
 fn publish(c: &mut Coordinator<SqliteStore>, w: &World) -> (Digest, Digest) {
+    publish_with(c, w, "echo", "")
+}
+
+/// [`publish`] under another name, with extra manifest tables.
+fn publish_with(
+    c: &mut Coordinator<SqliteStore>,
+    w: &World,
+    name: &str,
+    extra: &str,
+) -> (Digest, Digest) {
     let a = AuthoredManifest::parse(&format!(
-        "name = \"echo\"\nversion = \"1.0.0\"\ncomponent = \"echo.wasm\"\n[models.m]\nencoding = \"onnx\"\nsource = \"m.onnx\"\nsha256 = \"{}\"\n",
+        "name = \"{name}\"\nversion = \"1.0.0\"\ncomponent = \"echo.wasm\"\n[models.m]\nencoding = \"onnx\"\nsource = \"m.onnx\"\nsha256 = \"{}\"\n{extra}",
         Digest::of(b"model").hex()
     ))
     .expect("manifest");
@@ -668,35 +678,12 @@ fn a_database_from_before_the_result_cache_is_upgraded() {
 
 /// Publish a GPU-tier bundle (one onnx model, every result re-executed).
 fn publish_gpu(c: &mut Coordinator<SqliteStore>, w: &World, gpu_memory_mib: u32) -> Digest {
-    let a = AuthoredManifest::parse(&format!(
-        "name = \"embed-gpu\"\nversion = \"1.0.0\"\ncomponent = \"e.wasm\"\n\
-         [models.m]\nencoding = \"onnx\"\nsource = \"m.onnx\"\nsha256 = \"{}\"\n\
-         [determinism]\ntier = \"tolerance\"\ncosine = \"0.999\"\n\
+    let extra = format!(
+        "[determinism]\ntier = \"tolerance\"\ncosine = \"0.999\"\n\
          [verification]\nsampling = \"always\"\n\
-         [target]\ndevice = \"gpu\"\ngpu_memory_mib = {gpu_memory_mib}\n",
-        Digest::of(b"model").hex()
-    ))
-    .expect("manifest");
-    let component = BlobRef {
-        sha256: Digest::of(b"component"),
-        size: 9,
-    };
-    let models = BTreeMap::from([(
-        "m".to_owned(),
-        BlobRef {
-            sha256: Digest::of(b"model"),
-            size: 5,
-        },
-    )]);
-    let locked =
-        LockedManifest::lock(&a, component, &models, w.publisher.public(), NOW_UNIX).expect("lock");
-    let (digest, missing) = c
-        .handle_publish(NOW_UNIX, locked.sign(&w.publisher).expect("sign"), &|_| {
-            true
-        })
-        .expect("publish");
-    assert!(missing.is_empty());
-    digest
+         [target]\ndevice = \"gpu\"\ngpu_memory_mib = {gpu_memory_mib}\n"
+    );
+    publish_with(c, w, "embed-gpu", &extra).0
 }
 
 fn with_gpu(memory_mib: u32, encodings: &[&str]) -> Capabilities {

@@ -176,10 +176,9 @@ fn cuda_check(
         why,
     };
     if !ort::ep::CUDA::is_available().map_err(|e| unusable(e.to_string()))? {
-        let offers = available_providers().join(", ");
         return Err(OrtError::NoCuda {
             path: lib.to_owned(),
-            offers,
+            offers: "CPUExecutionProvider".into(),
         });
     }
     let builder = ort::session::Session::builder(env).map_err(|e| unusable(e.to_string()))?;
@@ -205,17 +204,6 @@ fn cuda_check(
     _device: u32,
 ) -> Result<(), OrtError> {
     Err(OrtError::NotBuilt)
-}
-
-/// The execution providers the loaded library was built with.
-#[cfg(feature = "onnxruntime-cuda")]
-fn available_providers() -> Vec<&'static str> {
-    use ort::ep::ExecutionProvider;
-    let mut v = vec!["CPUExecutionProvider"];
-    if ort::ep::CUDA::is_available().unwrap_or(false) {
-        v.push("CUDAExecutionProvider");
-    }
-    v
 }
 
 fn guarded_load(lib: &Path) -> Result<Arc<ort::environment::Environment>, String> {
