@@ -420,24 +420,51 @@ pub fn open_results(key: &PublicKey, results: Vec<TaskResult>) -> Vec<Opened> {
 /// encoding they load (their re-executions go through here too, so they
 /// are checked on GPUs as well).
 pub fn can_run(caps: &Capabilities, m: &LockedManifest) -> bool {
-    let device_fits = match m.target.device {
-        Device::Cpu => true,
-        Device::Gpu => caps.gpu.as_ref().is_some_and(|g| {
-            m.target
-                .gpu_memory_mib
-                .is_none_or(|need| g.memory_mib >= need)
-                && m.models
-                    .values()
-                    .all(|model| g.encodings.contains(&model.encoding))
-        }),
-    };
-    device_fits
-        && (caps.publishers.is_empty() || caps.publishers.contains(&m.publisher))
-        && (caps.memory_mib == 0 || caps.memory_mib >= m.limits.memory_mib)
-        && m.models.values().all(|model| {
-            caps.encodings.contains(&model.encoding)
-                && (caps.fetch_models || caps.models.contains(&model.blob.sha256))
-        })
+    cannot_run(caps, m).is_none()
+}
+
+/// Why a node with `caps` cannot run this bundle (the first reason found),
+/// or `None` when it can. The words go to job authors in
+/// [`JobSummary::waiting`], so they name what the bundle needs.
+pub fn cannot_run(caps: &Capabilities, m: &LockedManifest) -> Option<String> {
+    if m.target.device == Device::Gpu {
+        let Some(g) = caps.gpu.as_ref() else {
+            return Some("no GPU".into());
+        };
+        if let Some(need) = m.target.gpu_memory_mib.filter(|&n| g.memory_mib < n) {
+            return Some(format!(
+                "its GPU has {} MiB, the job needs {need} MiB",
+                g.memory_mib
+            ));
+        }
+        if let Some(model) = m
+            .models
+            .values()
+            .find(|x| !g.encodings.contains(&x.encoding))
+        {
+            return Some(format!("no GPU engine for {}", model.encoding));
+        }
+    }
+    if !caps.publishers.is_empty() && !caps.publishers.contains(&m.publisher) {
+        return Some("does not run this publisher's bundles".into());
+    }
+    if caps.memory_mib != 0 && caps.memory_mib < m.limits.memory_mib {
+        return Some(format!(
+            "offers {} MiB of guest memory, the job needs {}",
+            caps.memory_mib, m.limits.memory_mib
+        ));
+    }
+    for (name, model) in &m.models {
+        if !caps.encodings.contains(&model.encoding) {
+            return Some(format!("no engine for {} (model {name})", model.encoding));
+        }
+        if !caps.fetch_models && !caps.models.contains(&model.blob.sha256) {
+            return Some(format!(
+                "does not have model {name} and does not fetch models"
+            ));
+        }
+    }
+    None
 }
 
 impl<S: Store> Coordinator<S> {
@@ -1817,7 +1844,43 @@ impl<S: Store> Coordinator<S> {
             dead: c.dead,
             running: c.leased,
             cached: c.cached,
+            waiting: self.waiting(&bundle, &c),
         }
+    }
+
+    /// Why a job's queued tasks cannot be leased now, if nothing connected
+    /// could take them: the bundle's files are still arriving, no node is
+    /// connected, or each connected node lacks something (grouped by
+    /// reason). `None` while some connected node could run them (they may
+    /// still queue behind other work).
+    fn waiting(&self, bundle: &Digest, c: &JobCounts) -> Option<String> {
+        if c.queued == 0 {
+            return None;
+        }
+        let b = self.bundles.get(bundle)?;
+        if !b.missing.is_empty() {
+            return Some(format!(
+                "the pool does not have {} of the bundle's files yet",
+                b.missing.len()
+            ));
+        }
+        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+        for n in self.nodes.values().filter(|n| n.connections > 0) {
+            *reasons
+                .entry(cannot_run(&n.caps, &b.manifest)?)
+                .or_default() += 1;
+        }
+        if reasons.is_empty() {
+            return Some("no node is connected".into());
+        }
+        let why: Vec<String> = reasons
+            .iter()
+            .map(|(r, k)| match k {
+                1 => format!("1 node: {r}"),
+                k => format!("{k} nodes: {r}"),
+            })
+            .collect();
+        Some(format!("no connected node can run it ({})", why.join("; ")))
     }
 
     /// A job's progress.

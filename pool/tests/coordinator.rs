@@ -704,28 +704,51 @@ fn gpu_tier_tasks_and_their_checks_go_only_to_gpus_that_fit() {
     let mut c = open(&dir.path().join("pool.db"), &w.cfg);
     let (cpu_bundle, _) = publish(&mut c, &w);
     let gpu_bundle = publish_gpu(&mut c, &w, 8192);
-    c.handle_submit(NOW_UNIX, &gpu_bundle, "gpu", &inputs(3))
+    let (gpu_job, _) = c
+        .handle_submit(NOW_UNIX, &gpu_bundle, "gpu", &inputs(3))
         .expect("submit gpu");
     c.handle_submit(NOW_UNIX, &cpu_bundle, "cpu", &inputs(2))
         .expect("submit cpu");
     let t = Instant::now();
-    let lease = |c: &mut Coordinator<SqliteStore>, key: &SecretKey, caps: Capabilities| {
+    let hello = |c: &mut Coordinator<SqliteStore>, key: &SecretKey, caps: Capabilities| {
         c.handle_node_hello(t, key.public(), caps).expect("hello");
+    };
+    let lease = |c: &mut Coordinator<SqliteStore>, key: &SecretKey, caps: Capabilities| {
+        hello(c, key, caps);
         let (grants, _) = c.handle_lease(t, &key.public(), 10, &[]).expect("lease");
         grants
     };
+    // What the job's author is told while its tasks wait.
+    let waiting = |c: &mut Coordinator<SqliteStore>| c.job_status(gpu_job).expect("status").waiting;
+    assert_eq!(waiting(&mut c).as_deref(), Some("no node is connected"));
 
     // A CPU node gets the CPU job's tasks, never the GPU job's.
     let g = lease(&mut c, &w.node_b, caps());
     assert_eq!(g.len(), 2);
     assert!(g.iter().all(|g| g.bundle == cpu_bundle), "{g:?}");
+    assert_eq!(
+        waiting(&mut c).as_deref(),
+        Some("no connected node can run it (1 node: no GPU)")
+    );
 
     // GPUs that are too small, or lack an onnx GPU engine, get nothing.
     let gpu_node = SecretKey::from_seed(KeyRole::Node, &[7; 32]);
     assert!(lease(&mut c, &gpu_node, with_gpu(4096, &["onnx"])).is_empty());
+    assert_eq!(
+        waiting(&mut c).as_deref(),
+        Some(
+            "no connected node can run it (1 node: its GPU has 4096 MiB, the job needs 8192 MiB; \
+             1 node: no GPU)"
+        )
+    );
     assert!(lease(&mut c, &gpu_node, with_gpu(24576, &["ggml"])).is_empty());
+    let why = waiting(&mut c).unwrap_or_default();
+    assert!(why.contains("1 node: no GPU engine for onnx"), "{why}");
 
-    // One that fits gets them all.
+    // Once a node that fits is connected, nothing is said: the tasks are
+    // only queued. It gets them all.
+    hello(&mut c, &gpu_node, with_gpu(24576, &["onnx", "ggml"]));
+    assert_eq!(waiting(&mut c), None);
     let g = lease(&mut c, &gpu_node, with_gpu(24576, &["onnx", "ggml"]));
     assert_eq!(g.len(), 3);
     assert!(g.iter().all(|g| g.bundle == gpu_bundle), "{g:?}");

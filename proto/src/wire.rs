@@ -298,6 +298,11 @@ pub struct JobSummary {
     /// Tasks answered from the result cache, without compute.
     #[serde(default)]
     pub cached: u32,
+    /// Why queued tasks are not being leased, when no connected node can
+    /// take them (e.g. a GPU job and no node with a GPU that fits); `None`
+    /// when some node could.
+    #[serde(default)]
+    pub waiting: Option<String>,
 }
 
 /// One task's result as a client sees it.

@@ -8,7 +8,7 @@
 //! loads ONNX Runtime at most once.)
 
 use anyhow::Result;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 use tidepool_host::backend::onnxruntime::OrtEngine;
 use tidepool_host::gpu::GpuChoice;
@@ -46,27 +46,10 @@ fn the_gpu_library_loads_and_names_what_cuda_lacks() {
     );
 }
 
-/// The GPU-tier embed bundle: the embed job on MiniLM-L3 under `tolerance`.
-fn gpu_embed_bundle(dir: &Path, keys: &Keys) -> Result<tidepool_pool::bundle::BundleFile> {
-    std::fs::create_dir_all(dir)?;
-    let manifest = dir.join("tidepool.toml");
-    let entry = tidepool_host::models::catalog_entry("minilm-l3")?;
-    std::fs::write(
-        &manifest,
-        format!(
-            "name = \"embed-gpu\"\nversion = \"1.0.0\"\ncomponent = \"{}\"\n\n\
-             [models.minilm-l3]\nencoding = \"onnx\"\nsource = \"{}\"\nsha256 = \"{}\"\n\n\
-             [determinism]\ntier = \"tolerance\"\ncosine = \"0.9999\"\n\n\
-             [target]\ndevice = \"gpu\"\ngpu_memory_mib = 2048\n",
-            jobs_dir().join("embed.wasm").display(),
-            model_path("minilm-l3").display(),
-            entry.sha256,
-        ),
-    )?;
-    let mut b = tidepool_pool::bundle::pack(&manifest, keys.publisher.public())?;
-    b.sign(&keys.publisher)?;
-    Ok(b)
-}
+/// The GPU-tier embed bundle: the embed job on MiniLM-L3 under
+/// `tolerance`, as version 2.0.0 beside the CPU bundle's 1.0.0.
+const GPU_TABLES: &str = "[determinism]\ntier = \"tolerance\"\ncosine = \"0.9999\"\n\n\
+                          [target]\ndevice = \"gpu\"\ngpu_memory_mib = 2048\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_without_a_working_gpu_refuses_or_runs_cpu_only_and_gets_no_gpu_tasks() -> Result<()>
@@ -104,9 +87,8 @@ async fn a_node_without_a_working_gpu_refuses_or_runs_cpu_only_and_gets_no_gpu_t
 
     let (_, cpu_bundle) = embed_bundle(&dir.path().join("cpu"), &keys, "1.0.0")?;
     let (client, cpu_digest) = publish(pool.addr, &keys, &cpu_bundle).await?;
-    let gpu_digest = client
-        .publish(&gpu_embed_bundle(&dir.path().join("gpu"), &keys)?, |_| {})
-        .await?;
+    let (_, gpu_bundle) = embed_bundle_with(&dir.path().join("gpu"), &keys, "2.0.0", GPU_TABLES)?;
+    let gpu_digest = client.publish(&gpu_bundle, |_| {}).await?;
     let texts = corpus(3)?;
     let (gpu_job, _) = client
         .submit(gpu_digest, embed_inputs(&texts), "gpu".into())
@@ -121,6 +103,12 @@ async fn a_node_without_a_working_gpu_refuses_or_runs_cpu_only_and_gets_no_gpu_t
     tokio::time::sleep(Duration::from_secs(2)).await;
     let gpu = client.job_status(gpu_job).await?;
     assert_eq!((gpu.done, gpu.running, gpu.dead), (0, 0, 0), "{gpu:?}");
+    // And its author is told why.
+    assert_eq!(
+        gpu.waiting.as_deref(),
+        Some("no connected node can run it (1 node: no GPU)"),
+        "{gpu:?}"
+    );
     let status = client.pool_status().await?;
     let me = status
         .nodes

@@ -113,7 +113,10 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
                     loop {
                         last = client.job_status(job).await?;
                         bar.set_position(u64::from(last.done + last.dead));
-                        bar.set_message(format!("({} running, {} dead)", last.running, last.dead));
+                        bar.set_message(match &last.waiting {
+                            Some(why) => format!("(waiting: {why})"),
+                            None => format!("({} running, {} dead)", last.running, last.dead),
+                        });
                         if last.done + last.dead == last.tasks {
                             break;
                         }
@@ -143,6 +146,9 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
                     "job {}: {} — {}/{} done ({} from the result cache), {} running, {} dead-lettered",
                     s.job, s.bundle_name, s.done, s.tasks, s.cached, s.running, s.dead
                 );
+                if let Some(why) = &s.waiting {
+                    println!("  waiting: {why}");
+                }
             }
         }
         Command::Results { job, pool, json } => {

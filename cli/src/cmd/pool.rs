@@ -164,6 +164,9 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
                         "job {}: {} — {}/{} done, {} running, {} dead",
                         j.job, j.bundle_name, j.done, j.tasks, j.running, j.dead
                     );
+                    if let Some(why) = &j.waiting {
+                        println!("  waiting: {why}");
+                    }
                 }
             }
             Ok(ExitCode::SUCCESS)
