@@ -51,6 +51,16 @@ impl<'v> WordPiece<'v> {
         Self::with_table(std::borrow::Cow::Borrowed(sorted))
     }
 
+    /// A table sorted at build time (strictly by token, as
+    /// `jobs/embed/build.rs` emits and asserts), without checking the order
+    /// again: in a fresh instance per task that check is ~30 000 string
+    /// comparisons each time. An unsorted table is not unsafe, but lookups
+    /// would miss tokens (they become `[UNK]`); use [`Self::from_sorted`]
+    /// for tables made at run time.
+    pub fn from_presorted(sorted: &'v [(&'v str, u32)]) -> Result<Self, VocabError> {
+        Self::with_table(std::borrow::Cow::Borrowed(sorted))
+    }
+
     /// Parse a `vocab.txt` (one token per line, id = line number).
     pub fn from_vocab_txt(text: &'v str) -> Result<Self, VocabError> {
         let mut table: Vec<(&str, u32)> = text
@@ -163,8 +173,19 @@ fn normalize(text: &str) -> String {
             cleaned.push(c);
         }
     }
-    cleaned
-        .nfd()
+    if cleaned.is_ascii() {
+        // Most text: NFD leaves ASCII alone and it has no nonspacing marks,
+        // so this is `strip_accents_and_lowercase` without the Unicode
+        // tables (the tokenizer's main cost in a guest otherwise).
+        cleaned.make_ascii_lowercase();
+        return cleaned;
+    }
+    strip_accents_and_lowercase(&cleaned)
+}
+
+/// NFD, drop nonspacing marks, lowercase: the general path of [`normalize`].
+fn strip_accents_and_lowercase(text: &str) -> String {
+    text.nfd()
         .filter(|c| c.general_category() != GeneralCategory::NonspacingMark)
         .flat_map(char::to_lowercase)
         .collect()
@@ -194,16 +215,24 @@ fn pre_tokenize(text: &str) -> Vec<String> {
     words
 }
 
+// Each test below answers ASCII without the Unicode tables (the same
+// answers: `ascii_shortcuts_agree_with_the_tables` checks all 128).
+
 fn is_whitespace(c: char) -> bool {
-    matches!(c, ' ' | '\t' | '\n' | '\r') || c.general_category() == GeneralCategory::SpaceSeparator
+    matches!(c, ' ' | '\t' | '\n' | '\r')
+        || (!c.is_ascii() && c.general_category() == GeneralCategory::SpaceSeparator)
 }
 
 fn is_control(c: char) -> bool {
-    !matches!(c, '\t' | '\n' | '\r') && c.general_category_group() == GeneralCategoryGroup::Other
+    if c.is_ascii() {
+        return c.is_ascii_control() && !matches!(c, '\t' | '\n' | '\r');
+    }
+    c.general_category_group() == GeneralCategoryGroup::Other
 }
 
 fn is_punctuation(c: char) -> bool {
-    c.is_ascii_punctuation() || c.general_category_group() == GeneralCategoryGroup::Punctuation
+    c.is_ascii_punctuation()
+        || (!c.is_ascii() && c.general_category_group() == GeneralCategoryGroup::Punctuation)
 }
 
 fn is_cjk(c: char) -> bool {
@@ -231,6 +260,47 @@ mod tests {
         let wp = WordPiece::from_vocab_txt(VOCAB).expect("vocab");
         let ids = wp.encode("hello hello hello hello", 4);
         assert_eq!(ids, vec![2, 4, 4, 3]);
+    }
+
+    #[test]
+    fn ascii_shortcuts_agree_with_the_tables() {
+        for c in (0u8..128).map(char::from) {
+            let space = matches!(c, ' ' | '\t' | '\n' | '\r')
+                || c.general_category() == GeneralCategory::SpaceSeparator;
+            let control = !matches!(c, '\t' | '\n' | '\r')
+                && c.general_category_group() == GeneralCategoryGroup::Other;
+            let punct = c.is_ascii_punctuation()
+                || c.general_category_group() == GeneralCategoryGroup::Punctuation;
+            assert_eq!(is_whitespace(c), space, "{c:?}");
+            assert_eq!(is_control(c), control, "{c:?}");
+            assert_eq!(is_punctuation(c), punct, "{c:?}");
+        }
+        let printable: String = (32u8..127).map(char::from).collect();
+        assert_eq!(
+            normalize(&printable),
+            strip_accents_and_lowercase(&printable)
+        );
+        // And a non-ASCII text still takes the general path.
+        assert_eq!(normalize("Café ÉTÉ"), "cafe ete");
+    }
+
+    #[test]
+    fn a_presorted_table_tokenizes_as_a_checked_one() {
+        let mut table: Vec<(&str, u32)> = VOCAB
+            .lines()
+            .enumerate()
+            .map(|(i, t)| (t, i as u32))
+            .collect();
+        table.sort_unstable();
+        let text = "Hello, WORLD! unwanted running Café xyz";
+        let checked = WordPiece::from_sorted(&table)
+            .expect("sorted")
+            .encode(text, 128);
+        let trusted = WordPiece::from_presorted(&table)
+            .expect("sorted")
+            .encode(text, 128);
+        assert_eq!(checked, trusted);
+        assert_eq!(checked, vec![2, 4, 6, 5, 7, 8, 9, 10, 11, 12, 13, 1, 3]);
     }
 
     #[test]

@@ -18,6 +18,13 @@ fn main() {
     let mut table: Vec<(&str, usize)> = text.lines().enumerate().map(|(i, t)| (t, i)).collect();
     table.sort_unstable();
     table.dedup_by(|a, b| a.0 == b.0);
+    // The job skips this check at run time (`WordPiece::from_presorted`);
+    // binary search needs strictly increasing tokens, byte-wise as `str`
+    // compares.
+    assert!(
+        table.windows(2).all(|w| w[0].0 < w[1].0),
+        "vocabulary table is not strictly sorted"
+    );
     let mut out = String::from("/// (token, id) sorted by token; generated from vocab.txt.\npub static VOCAB: &[(&str, u32)] = &[\n");
     for (tok, id) in table {
         out.push_str(&format!("({tok:?}, {id}),\n"));

@@ -316,12 +316,12 @@ fn bench_setup() -> Result<PathBuf> {
         }
     }
     let has_ort = Command::new(&python)
-        .args(["-c", "import onnxruntime, numpy"])
+        .args(["-c", "import onnxruntime, numpy, tokenizers"])
         .stderr(std::process::Stdio::null())
         .status()?
         .success();
     if !has_ort {
-        say("installing onnxruntime 1.31.1 and numpy (benchmark baseline) from PyPI into target/bench-venv");
+        say("installing onnxruntime 1.31.1, numpy and tokenizers (benchmark baseline) from PyPI into target/bench-venv");
         let ok = Command::new(&python)
             .args([
                 "-m",
@@ -330,6 +330,7 @@ fn bench_setup() -> Result<PathBuf> {
                 "--quiet",
                 "onnxruntime==1.31.1",
                 "numpy",
+                "tokenizers==0.22.2",
             ])
             .status()?
             .success();
