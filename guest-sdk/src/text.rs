@@ -63,14 +63,7 @@ impl<'v> WordPiece<'v> {
 
     /// Parse a `vocab.txt` (one token per line, id = line number).
     pub fn from_vocab_txt(text: &'v str) -> Result<Self, VocabError> {
-        let mut table: Vec<(&str, u32)> = text
-            .lines()
-            .enumerate()
-            .map(|(i, t)| (t, i as u32))
-            .collect();
-        table.sort_unstable();
-        table.dedup_by(|a, b| a.0 == b.0);
-        Self::with_table(std::borrow::Cow::Owned(table))
+        Self::with_table(std::borrow::Cow::Owned(sorted_table(text)))
     }
 
     fn with_table(sorted: std::borrow::Cow<'v, [(&'v str, u32)]>) -> Result<Self, VocabError> {
@@ -153,6 +146,19 @@ impl<'v> WordPiece<'v> {
         }
         out.extend(pieces);
     }
+}
+
+/// `vocab.txt` (id = line number) as (token, id) sorted by token, the first
+/// id of a repeated token kept.
+fn sorted_table(text: &str) -> Vec<(&str, u32)> {
+    let mut table: Vec<(&str, u32)> = text
+        .lines()
+        .enumerate()
+        .map(|(i, t)| (t, i as u32))
+        .collect();
+    table.sort_unstable();
+    table.dedup_by(|a, b| a.0 == b.0);
+    table
 }
 
 /// BertNormalizer: drop control characters, space out CJK ideographs, strip
@@ -286,12 +292,7 @@ mod tests {
 
     #[test]
     fn a_presorted_table_tokenizes_as_a_checked_one() {
-        let mut table: Vec<(&str, u32)> = VOCAB
-            .lines()
-            .enumerate()
-            .map(|(i, t)| (t, i as u32))
-            .collect();
-        table.sort_unstable();
+        let table = sorted_table(VOCAB);
         let text = "Hello, WORLD! unwanted running Café xyz";
         let checked = WordPiece::from_sorted(&table)
             .expect("sorted")
