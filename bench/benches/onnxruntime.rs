@@ -44,6 +44,8 @@ struct Baseline {
     ours_ratios: Vec<f64>,
     /// Engine alone / Python pre-tokenized, per pass.
     engine_ratios: Vec<f64>,
+    /// Ours (fresh instance) / the same job in one reused instance, per pass.
+    fresh_ratios: Vec<f64>,
 }
 
 fn i64_tensor(name: &str, v: &[i64]) -> wasmtime_wasi_nn::backend::NamedTensor {
@@ -159,6 +161,16 @@ fn main() -> anyhow::Result<()> {
             let (mut ours_t, mut engine_t, mut py_t, mut pyjob_t) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             let (mut ours_r, mut ours_job_r, mut engine_r) = (Vec::new(), Vec::new(), Vec::new());
+            // What per-task isolation costs: the same job called on one
+            // instance kept across calls (never done for real tasks).
+            let reused = tidepool_host::TaskSpec {
+                replay: None,
+                accept: Default::default(),
+                id: "b",
+                params: &Default::default(),
+                input: &input,
+            };
+            let mut fresh_r = Vec::new();
             for i in 0..warmup + n {
                 let t = std::time::Instant::now();
                 run(&ort, &job_ort, "b", &input)
@@ -169,6 +181,9 @@ fn main() -> anyhow::Result<()> {
                 let t = std::time::Instant::now();
                 engine_pass();
                 let e = t.elapsed();
+                let t = std::time::Instant::now();
+                ort.call_reused_instance(&job_ort, reused, 4)?;
+                let r = t.elapsed() / 4;
                 let p = py_pass("run")?;
                 let j = py_pass("job")?;
                 if i >= warmup {
@@ -179,6 +194,7 @@ fn main() -> anyhow::Result<()> {
                     ours_r.push(o.as_secs_f64() / p.as_secs_f64());
                     ours_job_r.push(o.as_secs_f64() / j.as_secs_f64());
                     engine_r.push(e.as_secs_f64() / p.as_secs_f64());
+                    fresh_r.push(o.as_secs_f64() / r.as_secs_f64());
                 }
             }
             drop(stdin);
@@ -186,7 +202,7 @@ fn main() -> anyhow::Result<()> {
             for v in [&mut ours_t, &mut engine_t, &mut py_t, &mut pyjob_t] {
                 v.sort();
             }
-            for v in [&mut ours_r, &mut ours_job_r, &mut engine_r] {
+            for v in [&mut ours_r, &mut ours_job_r, &mut engine_r, &mut fresh_r] {
                 v.sort_by(f64::total_cmp);
             }
             let mid = |v: &Vec<Duration>| v[v.len() / 2];
@@ -198,6 +214,7 @@ fn main() -> anyhow::Result<()> {
                 ours_ratios: ours_r,
                 ours_job_ratios: ours_job_r,
                 engine_ratios: engine_r,
+                fresh_ratios: fresh_r,
             })
         }
     };
@@ -235,6 +252,10 @@ fn main() -> anyhow::Result<()> {
             "| our ONNX Runtime engine alone (no sandbox), same ids | {} | {} of the pre-tokenized floor | (where a gap is) |",
             us(b.engine),
             spread(&b.engine_ratios)
+        );
+        println!(
+            "| a fresh instance per task vs one instance reused for 4 calls | | fresh is {} of reused | (what isolation costs) |",
+            spread(&b.fresh_ratios)
         );
     }
     println!(
