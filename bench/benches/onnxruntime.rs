@@ -1,8 +1,9 @@
 //! ONNX Runtime through the sandbox (issue #7): the embed job on
 //! paraphrase-MiniLM-L3-v2, 16 real texts per task, through guest → wasi-nn
 //! → ONNX Runtime 1.31.1, against the `onnxruntime` Python wheel on the same
-//! model and texts, pass for pass interleaved, with tract through the
-//! sandbox beside them (interleaved with ours). One thread each.
+//! model and texts, round for round interleaved (each measured pass runs
+//! warm, right after an unmeasured pass on the same session), with tract
+//! through the sandbox beside them (interleaved with ours). One thread each.
 //!
 //! Two Python baselines: the embed job's work in Python (tokenize with
 //! Hugging Face `tokenizers`, which must give the same ids as the guest,
@@ -46,6 +47,8 @@ struct Baseline {
     engine_ratios: Vec<f64>,
     /// Ours (fresh instance) / the same job in one reused instance, per pass.
     fresh_ratios: Vec<f64>,
+    /// Ours right after a pass of the Python process / ours warm, per pass.
+    cold_ratios: Vec<f64>,
 }
 
 fn i64_tensor(name: &str, v: &[i64]) -> wasmtime_wasi_nn::backend::NamedTensor {
@@ -170,22 +173,39 @@ fn main() -> anyhow::Result<()> {
                 params: &Default::default(),
                 input: &input,
             };
-            let mut fresh_r = Vec::new();
-            for i in 0..warmup + n {
+            let (mut fresh_r, mut cold_r) = (Vec::new(), Vec::new());
+            // Every measured pass runs warm, right after an unmeasured pass
+            // on the same ONNX Runtime session: the model's layers (~21 MB
+            // of weights) fit in this machine's shared L3 cache only for
+            // whichever process ran last, and a node (or a Python service)
+            // running tasks back to back is warm too. A pass right after
+            // the other process's pass pays for refilling the cache (ours:
+            // 3-5 %, printed below); until 2026-11-29 the bench measured
+            // ours cold and Python's job pass warm.
+            let ours_pass = || {
                 let t = std::time::Instant::now();
                 run(&ort, &job_ort, "b", &input)
                     .expect("run")
                     .result
                     .expect("ok");
-                let o = t.elapsed();
-                let t = std::time::Instant::now();
-                engine_pass();
-                let e = t.elapsed();
+                t.elapsed()
+            };
+            for i in 0..warmup + n {
+                // Follows the Python process's last pass: cold.
+                let c = ours_pass();
+                let o = ours_pass();
+                // Same session as ours: warm.
                 let t = std::time::Instant::now();
                 ort.call_reused_instance(&job_ort, reused, 4)?;
                 let r = t.elapsed() / 4;
-                let p = py_pass("run")?;
+                engine_pass();
+                let t = std::time::Instant::now();
+                engine_pass();
+                let e = t.elapsed();
+                py_pass("job")?;
                 let j = py_pass("job")?;
+                // Same session as the pass before: warm.
+                let p = py_pass("run")?;
                 if i >= warmup {
                     ours_t.push(o);
                     engine_t.push(e);
@@ -195,6 +215,7 @@ fn main() -> anyhow::Result<()> {
                     ours_job_r.push(o.as_secs_f64() / j.as_secs_f64());
                     engine_r.push(e.as_secs_f64() / p.as_secs_f64());
                     fresh_r.push(o.as_secs_f64() / r.as_secs_f64());
+                    cold_r.push(c.as_secs_f64() / o.as_secs_f64());
                 }
             }
             drop(stdin);
@@ -202,7 +223,13 @@ fn main() -> anyhow::Result<()> {
             for v in [&mut ours_t, &mut engine_t, &mut py_t, &mut pyjob_t] {
                 v.sort();
             }
-            for v in [&mut ours_r, &mut ours_job_r, &mut engine_r, &mut fresh_r] {
+            for v in [
+                &mut ours_r,
+                &mut ours_job_r,
+                &mut engine_r,
+                &mut fresh_r,
+                &mut cold_r,
+            ] {
                 v.sort_by(f64::total_cmp);
             }
             let mid = |v: &Vec<Duration>| v[v.len() / 2];
@@ -215,16 +242,12 @@ fn main() -> anyhow::Result<()> {
                 ours_job_ratios: ours_job_r,
                 engine_ratios: engine_r,
                 fresh_ratios: fresh_r,
+                cold_ratios: cold_r,
             })
         }
     };
     println!("| path (16 texts per call, median of {n}) | time | vs Python onnxruntime | goal |");
     println!("|---|---|---|---|");
-    let ratio = |d: Duration| {
-        python.as_ref().map_or("(not run)".to_owned(), |b| {
-            format!("{:.3}x", d.as_secs_f64() / b.python_job.as_secs_f64())
-        })
-    };
     if let Some(b) = &python {
         let spread = |r: &[f64]| {
             format!(
@@ -257,16 +280,21 @@ fn main() -> anyhow::Result<()> {
             "| a fresh instance per task vs one instance reused for 4 calls | | fresh is {} of reused | (what isolation costs) |",
             spread(&b.fresh_ratios)
         );
+        println!(
+            "| ours right after a pass of the Python process (cold cache) vs warm | | cold is {} of warm | (why passes are measured warm) |",
+            spread(&b.cold_ratios)
+        );
     }
+    // tract against ours from their own interleaved run (the Python medians
+    // come from another stretch of time, so no ratio against them here).
     println!(
-        "| guest → wasi-nn → ONNX Runtime, interleaved with tract | {} | {} | |",
-        us(ours.median()),
-        ratio(ours.median())
+        "| guest → wasi-nn → ONNX Runtime, interleaved with tract | {} | | |",
+        us(ours.median())
     );
     println!(
-        "| guest → wasi-nn → tract (same job) | {} | {} | |",
+        "| guest → wasi-nn → tract (same job) | {} | {:.3}x of ours through ONNX Runtime | (beside) |",
         us(tr.median()),
-        ratio(tr.median())
+        tr.median().as_secs_f64() / ours.median().as_secs_f64()
     );
     Ok(())
 }
