@@ -178,45 +178,47 @@ async fn challenges_replace_a_wrong_result_and_leave_a_right_one() -> Result<()>
         move || local_embed_outputs(&inputs)
     })
     .await?;
-    let (job, _) = client.submit(digest, inputs.clone(), "c".into()).await?;
-    // The liar alone first, so it answers some tasks; then two honest nodes.
+    // Two jobs: the liar alone answers the first, then it stops and two
+    // honest nodes answer the second, so each side surely answers some
+    // tasks (one job shared by all three raced: the liar could answer every
+    // task before the honest nodes had connected).
+    let (first, second) = inputs.split_at(6);
+    let (job, _) = client.submit(digest, first.to_vec(), "c".into()).await?;
     let mut liar_cfg = node_config(dir.path(), &keys, 0, pool.addr);
     liar_cfg.tamper = Some(Arc::new(Adversary::new(Lie::AlwaysWrong, 1)));
     let liar_key = liar_cfg.key.public();
     let liar = start_node(liar_cfg);
-    let start = std::time::Instant::now();
-    while client.job_status(job).await?.done < 3 {
-        anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(60),
-            "liar did nothing"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_job(&client, job, Duration::from_secs(120)).await?;
+    liar.drain().await?;
+    let (job2, _) = client.submit(digest, second.to_vec(), "c2".into()).await?;
     let honest: Vec<_> = (1..3)
         .map(|i| start_node(node_config(dir.path(), &keys, i, pool.addr)))
         .collect();
-    wait_job(&client, job, Duration::from_secs(120)).await?;
-    let records = client.job_results(job).await?;
-    let bad = records
-        .iter()
+    wait_job(&client, job2, Duration::from_secs(120)).await?;
+    let bad = client
+        .job_results(job)
+        .await?
+        .into_iter()
         .find(|r| r.node == Some(liar_key))
-        .expect("the liar answered a task")
-        .clone();
-    let good = records
-        .iter()
-        .find(|r| r.node != Some(liar_key))
-        .expect("an honest answer")
-        .clone();
-    assert_ne!(
-        record_output(&bad),
-        want[bad.index as usize],
-        "the liar lied"
-    );
+        .expect("the liar answered a task");
+    let good = client
+        .job_results(job2)
+        .await?
+        .into_iter()
+        .find(|r| r.node.is_some() && r.node != Some(liar_key))
+        .expect("an honest answer");
+    let (bad_want, good_want) = (&want[bad.index as usize], &want[6 + good.index as usize]);
+    assert_ne!(&record_output(&bad), bad_want, "the liar lied");
 
-    for (r, expect) in [
-        (&bad, "upheld: the result was wrong and was replaced"),
+    for (r, want, expect) in [
+        (
+            &bad,
+            bad_want,
+            "upheld: the result was wrong and was replaced",
+        ),
         (
             &good,
+            good_want,
             "rejected: an independent re-execution agreed with the result",
         ),
     ] {
@@ -235,12 +237,7 @@ async fn challenges_replace_a_wrong_result_and_leave_a_right_one() -> Result<()>
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         assert_eq!(rec.challenge.as_deref(), Some(expect), "{rec:?}");
-        assert_eq!(
-            record_output(&rec),
-            want[r.index as usize],
-            "task {}",
-            r.task
-        );
+        assert_eq!(&record_output(&rec), want, "task {}", r.task);
         if r.task == good.task {
             assert_eq!(rec.node, good.node, "a right result is left as it was");
             assert_eq!(rec.verification, "verified");
@@ -256,7 +253,6 @@ async fn challenges_replace_a_wrong_result_and_leave_a_right_one() -> Result<()>
         .find(|n| n.key == liar_key)
         .expect("liar");
     assert!(l.strikes >= 1 && l.quarantined_until > 0, "{l:?}");
-    liar.kill();
     for n in honest {
         n.kill();
     }
