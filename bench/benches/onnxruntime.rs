@@ -62,6 +62,13 @@ fn i64_tensor(name: &str, v: &[i64]) -> wasmtime_wasi_nn::backend::NamedTensor {
     }
 }
 
+/// One embed task through `sb`, timed.
+fn timed_task(sb: &Sandbox, job: &tidepool_host::JobComponent, input: &[u8]) -> Duration {
+    let t = std::time::Instant::now();
+    run(sb, job, "b", input).expect("run").result.expect("ok");
+    t.elapsed()
+}
+
 fn main() -> anyhow::Result<()> {
     let full = std::env::args().any(|a| a == "--bench");
     let (warmup, n) = if full { (5, 150) } else { (1, 3) };
@@ -78,20 +85,14 @@ fn main() -> anyhow::Result<()> {
         warmup,
         n,
         || {
-            run(&ort, &job_ort, "b", &input)
-                .expect("run")
-                .result
-                .expect("ok");
+            timed_task(&ort, &job_ort, &input);
         },
         || {
-            run(&tract, &job_tract, "b", &input)
-                .expect("run")
-                .result
-                .expect("ok");
+            timed_task(&tract, &job_tract, &input);
         },
     );
-    // Python, interleaved with passes of ours: the same number of passes,
-    // alternating, so machine noise hits both alike.
+    // Python, interleaved with ours round for round (the same number of
+    // rounds), so machine noise hits both alike.
     let python = match std::env::var_os("TIDEPOOL_BENCH_PYTHON").filter(|_| full) {
         None => {
             eprintln!("python baseline skipped (run `cargo xtask bench`)");
@@ -182,14 +183,7 @@ fn main() -> anyhow::Result<()> {
             // the other process's pass pays for refilling the cache (ours:
             // 3-5 %, printed below); until 2026-11-29 the bench measured
             // ours cold and Python's job pass warm.
-            let ours_pass = || {
-                let t = std::time::Instant::now();
-                run(&ort, &job_ort, "b", &input)
-                    .expect("run")
-                    .result
-                    .expect("ok");
-                t.elapsed()
-            };
+            let ours_pass = || timed_task(&ort, &job_ort, &input);
             for i in 0..warmup + n {
                 // Follows the Python process's last pass: cold.
                 let c = ours_pass();

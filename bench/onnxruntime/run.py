@@ -33,9 +33,15 @@ all_ids = json.load(open(ids_file))
 texts = [np.array([ids], dtype=np.int64) for ids in all_ids]
 
 
+def pooled(ids):
+    """The pooled output (only that one is asked for) of one text's ids."""
+    (out,) = session.run(["461"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    return out[0]
+
+
 def one_pass():
     for ids in texts:
-        session.run(["461"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        pooled(ids)
 
 
 raw_texts, tokenizer = [], None
@@ -55,9 +61,7 @@ if len(sys.argv) > 6:
 def job_pass():
     vectors = []
     for text in raw_texts:
-        ids = np.array([tokenizer.encode(text).ids], dtype=np.int64)
-        (pooled,) = session.run(["461"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})
-        v = pooled[0]
+        v = pooled(np.array([tokenizer.encode(text).ids], dtype=np.int64))
         vectors.append(v / np.linalg.norm(v))
     return vectors
 

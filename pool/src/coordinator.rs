@@ -1925,6 +1925,7 @@ impl<S: Store> Coordinator<S> {
         }
         let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
         for n in self.nodes.values().filter(|n| n.connections > 0) {
+            // A node that can run it: nothing to explain (`?` returns None).
             *reasons
                 .entry(cannot_run(&n.caps, &b.manifest)?.to_string())
                 .or_default() += 1;
