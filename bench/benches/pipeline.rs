@@ -15,12 +15,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use tidepool_host::TaskSpec;
-use tidepool_pool::client::PoolClient;
-use tidepool_pool::pipeline::feed::sort_key;
-use tidepool_pool::pipeline::{
+use tidepool_client::pipeline::feed::sort_key;
+use tidepool_client::pipeline::{
     publish_stages, read_feed, run_pipeline, Figures, Item, PipelineManifest, Run,
 };
+use tidepool_client::PoolClient;
+use tidepool_host::TaskSpec;
 use tidepool_proto::llm::AcceptPolicy;
 use tidepool_tests::cluster::*;
 use tidepool_tests::{guest, llm, root, sandbox, test_config};

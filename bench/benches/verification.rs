@@ -20,7 +20,7 @@ use tidepool_tests::many_texts;
 
 /// Wait until nothing is queued, leased or waiting for a re-execution.
 async fn settle(
-    client: &tidepool_pool::client::PoolClient,
+    client: &tidepool_client::PoolClient,
 ) -> anyhow::Result<tidepool_proto::wire::PoolSummary> {
     loop {
         let s = client.pool_status().await?;

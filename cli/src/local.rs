@@ -10,7 +10,7 @@
 use anyhow::Context;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use tidepool_host::node::{NodeConfig, NodeError, NodeReport};
+use tidepool_node::{NodeConfig, NodeError, NodeReport};
 use tidepool_pool::server::{serve, RunningPool, ServeConfig};
 use tidepool_pool::{Durability, PoolConfig};
 use tidepool_proto::{KeyRole, SecretKey};
@@ -107,7 +107,7 @@ impl Network {
                     tamper: None,
                 };
                 let (tx, rx) = oneshot::channel::<()>();
-                let task = tokio::spawn(tidepool_host::node::run(cfg, async move {
+                let task = tokio::spawn(tidepool_node::run(cfg, async move {
                     let _ = rx.await;
                 }));
                 (tx, task)

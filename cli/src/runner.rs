@@ -6,8 +6,8 @@ use anyhow::Context;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tidepool_pool::client::PoolClient;
-use tidepool_pool::pipeline::{self, Figures, Item, PipelineManifest, Rejected, Report, Run};
+use tidepool_client::pipeline::{self, Figures, Item, PipelineManifest, Rejected, Report, Run};
+use tidepool_client::PoolClient;
 use tidepool_proto::SecretKey;
 
 /// What a run produced.

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tidepool_pool::client::PoolClient;
+use tidepool_client::PoolClient;
 use tidepool_proto::receipt::LeaseReceipt;
 use tidepool_proto::wire::{
     Bytes, Capabilities, Outcome, Request, Response, TaskResult, Verdict, PROTOCOL_VERSION,
@@ -206,7 +206,7 @@ async fn sigkilled_pool_loses_and_duplicates_nothing() -> Result<()> {
         "name = \"rev\"\nversion = \"1.0.0\"\ncomponent = \"c.wasm\"\n",
     )?;
     let mut bundle =
-        tidepool_pool::bundle::pack(&dir.path().join("tidepool.toml"), publisher.public())?;
+        tidepool_client::bundle::pack(&dir.path().join("tidepool.toml"), publisher.public())?;
     bundle.sign(&publisher)?;
     let c = client(addr, &publisher, pool_key.public()).await;
     let digest = c.publish(&bundle, |_| {}).await?;

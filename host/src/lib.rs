@@ -10,7 +10,6 @@ pub mod cache;
 pub mod determinism;
 pub mod gpu;
 pub mod local;
-pub mod node;
 pub use tidepool_models as models;
 pub mod registry;
 pub mod sandbox;

@@ -1,4 +1,6 @@
-//! The pool's configuration file (`tidepool pool serve --config pool.toml`).
+//! The pool's settings: [`PoolConfig`] (what the coordinator runs with,
+//! with [`Admission`]) and the configuration file that fills it
+//! (`tidepool pool serve --config pool.toml`).
 //!
 //! Every field is optional; the defaults are those listed here:
 //!
@@ -25,14 +27,67 @@
 //! canary_rate = 0.01               # share of lease grants that also carry a canary
 //! ```
 
-use crate::coordinator::{Admission, PoolConfig};
 use crate::store::Durability;
+use crate::verify::VerifyPolicy;
 use serde::Deserialize;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tidepool_proto::PublicKey;
+
+/// Who may connect as a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Any node key.
+    Open,
+    /// Only these node keys.
+    Allowlist(BTreeSet<PublicKey>),
+}
+
+/// The pool owner's policy. Documented defaults in [`PoolConfig::default`].
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// How long a lease lasts without renewal.
+    pub lease_ttl: Duration,
+    /// How often nodes renew (must be well under `lease_ttl`).
+    pub heartbeat: Duration,
+    /// Attempts before a task is dead-lettered.
+    pub max_attempts: u32,
+    /// How long a node waits before asking again when there is no work.
+    pub retry: Duration,
+    /// Most tasks granted in one lease request.
+    pub max_grant: u32,
+    /// Which nodes may connect.
+    pub admission: Admission,
+    /// Keys whose signed bundles the pool accepts.
+    pub publishers: BTreeSet<PublicKey>,
+    /// Keys that may submit jobs and read results, besides the publishers.
+    pub clients: BTreeSet<PublicKey>,
+    /// How long a new connection may take to say hello before it is closed.
+    pub hello_timeout: Duration,
+    /// Reputation, re-execution, quarantine, canaries.
+    pub verify: VerifyPolicy,
+}
+
+impl Default for PoolConfig {
+    /// Lease 15 s renewed every 3 s, 3 attempts, retry 250 ms, 64 tasks per
+    /// grant, open admission, no publishers, 10 s to say hello.
+    fn default() -> Self {
+        Self {
+            lease_ttl: Duration::from_secs(15),
+            heartbeat: Duration::from_secs(3),
+            max_attempts: 3,
+            retry: Duration::from_millis(250),
+            max_grant: 64,
+            admission: Admission::Open,
+            publishers: BTreeSet::new(),
+            clients: BTreeSet::new(),
+            hello_timeout: Duration::from_secs(10),
+            verify: VerifyPolicy::default(),
+        }
+    }
+}
 
 /// The file's contents.
 #[derive(Debug, Clone, Deserialize)]

@@ -5,19 +5,13 @@
 //! - [`store`]: the durable state behind a trait; SQLite by default.
 //! - [`coordinator`]: the scheduling state machine (sans-IO).
 //! - [`server`]: the QUIC shell around the coordinator (`pool serve`).
-//! - [`client`]: publish, submit and read status over QUIC.
-//! - [`bundle`]: bundle files: pack, sign, verify.
 //! - [`verify`]: verification policy, node standing, output comparison.
-//! - [`pipeline`]: pipelines of stages over a batch of items, run as jobs
-//!   through a client.
 //!
-//! This crate never runs guest code.
+//! This crate is the server side only: the client, bundle files and
+//! pipelines are `tidepool-client`. It never runs guest code.
 
-pub mod bundle;
-pub mod client;
 pub mod config;
 pub mod coordinator;
-pub mod pipeline;
 pub mod server;
 pub mod store;
 pub mod verify;

@@ -8,19 +8,15 @@
 //! a malformed or oversized frame, or no hello in time, has its connection
 //! closed and nothing else is affected.
 
-use crate::coordinator::{Coordinator, PoolConfig, PoolEvent};
+use crate::coordinator::{Answer, Coordinator, Incoming, PoolConfig, PoolEvent};
 use crate::store::{Durability, SqliteStore, StoreError};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use tidepool_net::{frames::StreamError, peer_key, read_frame, write_frame, BlobDir};
-use tidepool_proto::manifest::SignedManifest;
-use tidepool_proto::session::{request_name, PoolConn, Refusal, Role};
-use tidepool_proto::wire::{
-    Bytes, Capabilities, ErrorCode, JobId, LeaseId, Request, Response, BLOB_CHUNK_BYTES,
-    PROTOCOL_VERSION,
-};
+use tidepool_proto::session::{PoolConn, Refusal, Role};
+use tidepool_proto::wire::{Bytes, ErrorCode, Request, Response, BLOB_CHUNK_BYTES};
 use tidepool_proto::{Digest, PublicKey, SecretKey};
 use tokio::sync::{broadcast, oneshot};
 use tracing::{debug, info, warn};
@@ -65,47 +61,16 @@ pub enum ServeError {
     },
 }
 
-type Reply<T> = oneshot::Sender<Result<T, Refusal>>;
-
 /// A command for the coordinator thread.
 enum Cmd {
-    NodeHello(PublicKey, Capabilities, Reply<()>),
+    /// A request from an admitted connection (or its hello).
+    Request(PublicKey, Incoming, oneshot::Sender<Answer>),
+    /// A node's connection closed.
     NodeGone(PublicKey),
-    AdmitsClient(PublicKey, oneshot::Sender<bool>),
-    Lease(
-        PublicKey,
-        u32,
-        Vec<LeaseId>,
-        Reply<(Vec<tidepool_proto::wire::TaskGrant>, Vec<LeaseId>)>,
-    ),
-    Results(
-        PublicKey,
-        Vec<crate::coordinator::Opened>,
-        Reply<Vec<(LeaseId, tidepool_proto::wire::Verdict)>>,
-    ),
-    Manifest(Digest, oneshot::Sender<Option<SignedManifest>>),
+    /// The size a blob must have, if a published bundle names it.
     BlobSize(Digest, oneshot::Sender<Option<u64>>),
+    /// A blob is complete and verified on disk.
     BlobStored(Digest),
-    Publish(SignedManifest, Reply<(Digest, Vec<Digest>)>),
-    Submit(Digest, String, Vec<Vec<u8>>, Reply<(JobId, u32)>),
-    JobStatus(JobId, Reply<tidepool_proto::wire::JobSummary>),
-    JobResults(
-        JobId,
-        u32,
-        u32,
-        Reply<Vec<tidepool_proto::wire::TaskRecord>>,
-    ),
-    PoolStatus(Reply<tidepool_proto::wire::PoolSummary>),
-    Challenge(
-        tidepool_proto::wire::TaskId,
-        Reply<crate::coordinator::Challenged>,
-    ),
-    AddCanaries(
-        PublicKey,
-        Digest,
-        Vec<tidepool_proto::wire::Canary>,
-        Reply<u32>,
-    ),
     Stop,
 }
 
@@ -157,27 +122,14 @@ fn actor(
         let now = Instant::now();
         // A dropped reply channel means the connection went away: nothing to do.
         match cmd {
-            Cmd::NodeHello(k, caps, r) => drop(r.send(c.handle_node_hello(now, k, caps))),
-            Cmd::NodeGone(k) => c.handle_node_gone(now, &k),
-            Cmd::AdmitsClient(k, r) => drop(r.send(c.admits_client(&k))),
-            Cmd::Lease(k, want, running, r) => {
-                drop(r.send(c.handle_lease(now, &k, want, &running)))
+            Cmd::Request(k, incoming, r) => {
+                drop(r.send(
+                    c.handle_request(now, crate::unix_now(), &k, incoming, &|d| blobs.has(d)),
+                ))
             }
-            Cmd::Results(k, results, r) => drop(r.send(c.handle_opened_results(now, &k, results))),
-            Cmd::Manifest(d, r) => drop(r.send(c.manifest(&d).cloned())),
+            Cmd::NodeGone(k) => c.handle_node_gone(now, &k),
             Cmd::BlobSize(d, r) => drop(r.send(c.blob_size(&d))),
             Cmd::BlobStored(d) => c.handle_blob_stored(&d),
-            Cmd::Publish(m, r) => {
-                drop(r.send(c.handle_publish(crate::unix_now(), m, &|d| blobs.has(d))))
-            }
-            Cmd::Submit(b, key, inputs, r) => {
-                drop(r.send(c.handle_submit(crate::unix_now(), &b, &key, &inputs)))
-            }
-            Cmd::JobStatus(j, r) => drop(r.send(c.job_status(j))),
-            Cmd::JobResults(j, from, limit, r) => drop(r.send(c.job_results(j, from, limit))),
-            Cmd::PoolStatus(r) => drop(r.send(c.pool_status(now))),
-            Cmd::Challenge(t, r) => drop(r.send(c.handle_challenge(now, t))),
-            Cmd::AddCanaries(k, b, items, r) => drop(r.send(c.handle_add_canaries(&k, &b, items))),
             Cmd::Stop => return,
         }
     }
@@ -252,9 +204,6 @@ pub async fn serve(cfg: ServeConfig) -> Result<RunningPool, ServeError> {
     let shared = Arc::new(Shared {
         tx: tx.clone(),
         blobs,
-        lease_ttl: cfg.pool.lease_ttl,
-        heartbeat: cfg.pool.heartbeat,
-        retry: cfg.pool.retry,
         hello_timeout: cfg.pool.hello_timeout,
     });
     let ep = endpoint.clone();
@@ -287,10 +236,6 @@ struct Shared {
     tx: mpsc::Sender<Cmd>,
     /// Blob bytes.
     blobs: BlobDir,
-    /// Policy figures sent in the welcome.
-    lease_ttl: Duration,
-    heartbeat: Duration,
-    retry: Duration,
     /// Time allowed for a hello.
     hello_timeout: Duration,
 }
@@ -397,108 +342,11 @@ async fn serve_stream(
     if let Err(r) = checked {
         return refuse(&mut send, r).await;
     }
-    let name = request_name(&req);
+    let name = req.name();
     let resp = match req {
-        Request::NodeHello { caps, .. } => {
-            match shared.ask(|r| Cmd::NodeHello(peer, caps, r)).await {
-                Some(Ok(())) => welcome(shared),
-                Some(Err(r)) => return refuse(&mut send, r).await,
-                None => error(ErrorCode::Internal, "pool is stopping"),
-            }
-        }
-        Request::ClientHello { .. } => {
-            if shared.ask(|r| Cmd::AdmitsClient(peer, r)).await == Some(true) {
-                welcome(shared)
-            } else {
-                let message =
-                    format!("client {peer} may not use this pool (not a publisher or client key)");
-                return refuse(
-                    &mut send,
-                    Refusal {
-                        code: ErrorCode::Forbidden,
-                        message,
-                        close: true,
-                    },
-                )
-                .await;
-            }
-        }
-        Request::Lease { want, running } => {
-            match shared.ask(|r| Cmd::Lease(peer, want, running, r)).await {
-                Some(Ok((grants, lost))) => {
-                    let retry_ms = if grants.is_empty() {
-                        shared.retry.as_millis() as u64
-                    } else {
-                        0
-                    };
-                    Response::Leases {
-                        grants,
-                        lost,
-                        retry_ms,
-                    }
-                }
-                Some(Err(r)) => from_refusal(r),
-                None => error(ErrorCode::Internal, "pool is stopping"),
-            }
-        }
-        Request::Results { results } => {
-            // Hashing and signature checks here, in parallel, not on the coordinator thread.
-            let opened = crate::coordinator::open_results(&peer, results);
-            match shared.ask(|r| Cmd::Results(peer, opened, r)).await {
-                Some(Ok(v)) => Response::Verdicts(v),
-                Some(Err(r)) => from_refusal(r),
-                None => error(ErrorCode::Internal, "pool is stopping"),
-            }
-        }
-        Request::Draining => Response::Ok,
-        Request::FetchManifest { bundle } => {
-            match shared.ask(|r| Cmd::Manifest(bundle, r)).await.flatten() {
-                Some(m) => Response::Manifest(m),
-                None => error(ErrorCode::NotFound, format!("no bundle {bundle}")),
-            }
-        }
         Request::FetchBlob { digest, offset } => {
-            if !shared.blobs.has(&digest) {
-                error(
-                    ErrorCode::NotFound,
-                    format!("no blob {digest} on this pool"),
-                )
-            } else {
-                let mut offset = offset;
-                loop {
-                    let (data, total) = match shared.blobs.read(&digest, offset, BLOB_CHUNK_BYTES) {
-                        Ok(x) => x,
-                        Err(e) => {
-                            let _ =
-                                write_frame(&mut send, &error(ErrorCode::Internal, e.to_string()))
-                                    .await;
-                            break;
-                        }
-                    };
-                    let n = data.len() as u64;
-                    let chunk = Response::BlobChunk {
-                        digest,
-                        offset,
-                        total,
-                        data: Bytes(data),
-                    };
-                    if write_frame(&mut send, &chunk).await.is_err() {
-                        return Ok(()); // the fetcher went away; it can resume
-                    }
-                    offset += n;
-                    if offset >= total || n == 0 {
-                        break;
-                    }
-                }
-                let _ = send.finish();
-                return Ok(());
-            }
+            return serve_blob(&mut send, &shared.blobs, digest, offset).await;
         }
-        Request::Publish { manifest } => match shared.ask(|r| Cmd::Publish(manifest, r)).await {
-            Some(Ok((bundle, missing))) => Response::Published { bundle, missing },
-            Some(Err(r)) => from_refusal(r),
-            None => error(ErrorCode::Internal, "pool is stopping"),
-        },
         Request::PutBlob {
             digest,
             offset,
@@ -521,52 +369,17 @@ async fn serve_stream(
                 Err(e) => error(ErrorCode::Invalid, e.to_string()),
             },
         },
-        Request::Submit {
-            bundle,
-            inputs,
-            key,
-        } => {
-            let inputs = inputs.into_iter().map(|b| b.0).collect();
-            match shared.ask(|r| Cmd::Submit(bundle, key, inputs, r)).await {
-                Some(Ok((job, tasks))) => Response::Submitted { job, tasks },
-                Some(Err(r)) => from_refusal(r),
-                None => error(ErrorCode::Internal, "pool is stopping"),
-            }
-        }
-        Request::JobStatus { job } => match shared.ask(|r| Cmd::JobStatus(job, r)).await {
-            Some(Ok(s)) => Response::Job(s),
-            Some(Err(r)) => from_refusal(r),
-            None => error(ErrorCode::Internal, "pool is stopping"),
-        },
-        Request::JobResults { job, from, limit } => {
-            match shared.ask(|r| Cmd::JobResults(job, from, limit, r)).await {
-                Some(Ok(v)) => Response::Records(v),
-                Some(Err(r)) => from_refusal(r),
-                None => error(ErrorCode::Internal, "pool is stopping"),
-            }
-        }
-        Request::PoolStatus => match shared.ask(Cmd::PoolStatus).await {
-            Some(Ok(s)) => Response::Pool(s),
-            Some(Err(r)) => from_refusal(r),
-            None => error(ErrorCode::Internal, "pool is stopping"),
-        },
-        Request::Challenge { task } => match shared.ask(|r| Cmd::Challenge(task, r)).await {
-            Some(Ok(c)) => Response::Challenged {
-                task: c.target,
-                job: c.job,
-                index: c.index,
-                state: c.state,
-            },
-            Some(Err(r)) => from_refusal(r),
-            None => error(ErrorCode::Internal, "pool is stopping"),
-        },
-        Request::AddCanaries { bundle, items } => {
-            match shared
-                .ask(|r| Cmd::AddCanaries(peer, bundle, items, r))
-                .await
-            {
-                Some(Ok(count)) => Response::Canaries { count },
-                Some(Err(r)) => from_refusal(r),
+        other => {
+            let incoming = match other {
+                // Hashing and signature checks here, in parallel, not on the coordinator thread.
+                Request::Results { results } => {
+                    Incoming::Results(crate::coordinator::open_results(&peer, results))
+                }
+                other => Incoming::Request(other),
+            };
+            match shared.ask(|r| Cmd::Request(peer, incoming, r)).await {
+                Some(Ok(resp)) => resp,
+                Some(Err(r)) => return refuse(&mut send, r).await,
                 None => error(ErrorCode::Internal, "pool is stopping"),
             }
         }
@@ -576,6 +389,53 @@ async fn serve_stream(
     }
     // If writing fails the peer is gone; it will retry its request.
     let _ = write_frame(&mut send, &resp).await;
+    let _ = send.finish();
+    Ok(())
+}
+
+/// Stream a blob from `offset` in chunks; the fetcher resumes from what it
+/// holds if the stream breaks.
+async fn serve_blob(
+    send: &mut quinn::SendStream,
+    blobs: &BlobDir,
+    digest: Digest,
+    mut offset: u64,
+) -> Result<(), String> {
+    if !blobs.has(&digest) {
+        let _ = write_frame(
+            send,
+            &error(
+                ErrorCode::NotFound,
+                format!("no blob {digest} on this pool"),
+            ),
+        )
+        .await;
+        let _ = send.finish();
+        return Ok(());
+    }
+    loop {
+        let (data, total) = match blobs.read(&digest, offset, BLOB_CHUNK_BYTES) {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = write_frame(send, &error(ErrorCode::Internal, e.to_string())).await;
+                break;
+            }
+        };
+        let n = data.len() as u64;
+        let chunk = Response::BlobChunk {
+            digest,
+            offset,
+            total,
+            data: Bytes(data),
+        };
+        if write_frame(send, &chunk).await.is_err() {
+            return Ok(()); // the fetcher went away; it can resume
+        }
+        offset += n;
+        if offset >= total || n == 0 {
+            break;
+        }
+    }
     let _ = send.finish();
     Ok(())
 }
@@ -597,14 +457,5 @@ async fn refuse(send: &mut quinn::SendStream, r: Refusal) -> Result<(), String> 
         let _ = write_frame(send, &from_refusal(r)).await;
         let _ = send.finish();
         Ok(())
-    }
-}
-
-fn welcome(shared: &Shared) -> Response {
-    Response::Welcome {
-        protocol: PROTOCOL_VERSION,
-        agent: concat!("tidepool-pool ", env!("CARGO_PKG_VERSION")).to_owned(),
-        lease_ttl_ms: shared.lease_ttl.as_millis() as u64,
-        heartbeat_ms: shared.heartbeat.as_millis() as u64,
     }
 }

@@ -292,7 +292,7 @@ impl PoolConn {
                 self.closed = true;
                 Err(refuse(
                     ErrorCode::Protocol,
-                    format!("{} before hello", request_name(other)),
+                    format!("{} before hello", other.name()),
                     true,
                 ))
             }
@@ -314,10 +314,7 @@ impl PoolConn {
                 } else {
                     Err(refuse(
                         ErrorCode::Forbidden,
-                        format!(
-                            "{} is not allowed on a {role:?} connection",
-                            request_name(other)
-                        ),
+                        format!("{} is not allowed on a {role:?} connection", other.name()),
                         false,
                     ))
                 }
@@ -342,27 +339,6 @@ impl PoolConn {
             self.closed = true;
         }
         self.closed
-    }
-}
-
-/// A request's name for messages.
-pub fn request_name(r: &Request) -> &'static str {
-    match r {
-        Request::NodeHello { .. } => "NodeHello",
-        Request::ClientHello { .. } => "ClientHello",
-        Request::Lease { .. } => "Lease",
-        Request::Results { .. } => "Results",
-        Request::Draining => "Draining",
-        Request::FetchManifest { .. } => "FetchManifest",
-        Request::FetchBlob { .. } => "FetchBlob",
-        Request::Publish { .. } => "Publish",
-        Request::PutBlob { .. } => "PutBlob",
-        Request::Submit { .. } => "Submit",
-        Request::JobStatus { .. } => "JobStatus",
-        Request::JobResults { .. } => "JobResults",
-        Request::PoolStatus => "PoolStatus",
-        Request::Challenge { .. } => "Challenge",
-        Request::AddCanaries { .. } => "AddCanaries",
     }
 }
 

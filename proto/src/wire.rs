@@ -205,6 +205,42 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The request's name, for messages and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::NodeHello { .. } => "NodeHello",
+            Request::ClientHello { .. } => "ClientHello",
+            Request::Lease { .. } => "Lease",
+            Request::Results { .. } => "Results",
+            Request::Draining => "Draining",
+            Request::FetchManifest { .. } => "FetchManifest",
+            Request::FetchBlob { .. } => "FetchBlob",
+            Request::Publish { .. } => "Publish",
+            Request::PutBlob { .. } => "PutBlob",
+            Request::Submit { .. } => "Submit",
+            Request::JobStatus { .. } => "JobStatus",
+            Request::JobResults { .. } => "JobResults",
+            Request::PoolStatus => "PoolStatus",
+            Request::Challenge { .. } => "Challenge",
+            Request::AddCanaries { .. } => "AddCanaries",
+        }
+    }
+}
+
+/// Where a challenge stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenged {
+    /// The task re-executed (the original when a cached copy was named).
+    pub target: TaskId,
+    /// The named task's job.
+    pub job: JobId,
+    /// The named task's index in its job.
+    pub index: u32,
+    /// `pending` (the outcome is written to the task's record).
+    pub state: String,
+}
+
 /// A known-answer task.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Canary {

@@ -4,7 +4,7 @@
 //! [`OtherModel`] runs a different model than the bundle names.
 
 use std::sync::Mutex;
-use tidepool_host::node::Tamper;
+use tidepool_node::Tamper;
 use tidepool_proto::wire::LeaseId;
 
 /// How a node lies.

@@ -7,9 +7,9 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tidepool_host::node::{NodeConfig, NodeReport};
-use tidepool_pool::bundle::BundleFile;
-use tidepool_pool::client::PoolClient;
+use tidepool_client::bundle::BundleFile;
+use tidepool_client::PoolClient;
+use tidepool_node::{NodeConfig, NodeReport};
 use tidepool_pool::server::{serve, RunningPool, ServeConfig};
 use tidepool_pool::{Durability, PoolConfig};
 use tidepool_proto::{Digest, KeyRole, PublicKey, SecretKey};
@@ -78,7 +78,7 @@ pub struct TestNode {
     /// Resolving it starts draining.
     drain: Option<oneshot::Sender<()>>,
     /// The agent.
-    task: JoinHandle<Result<NodeReport, tidepool_host::node::NodeError>>,
+    task: JoinHandle<Result<NodeReport, tidepool_node::NodeError>>,
 }
 
 impl TestNode {
@@ -122,7 +122,7 @@ pub fn node_config(dir: &Path, keys: &Keys, i: u8, pool: SocketAddr) -> NodeConf
 pub fn start_node(cfg: NodeConfig) -> TestNode {
     let (tx, rx) = oneshot::channel::<()>();
     let key = cfg.key.public();
-    let task = tokio::spawn(tidepool_host::node::run(cfg, async move {
+    let task = tokio::spawn(tidepool_node::run(cfg, async move {
         let _ = rx.await;
     }));
     TestNode {
@@ -156,7 +156,7 @@ pub fn embed_bundle_with(
             entry.sha256,
         ),
     )?;
-    let mut b = tidepool_pool::bundle::pack(&manifest, keys.publisher.public())?;
+    let mut b = tidepool_client::bundle::pack(&manifest, keys.publisher.public())?;
     b.sign(&keys.publisher)?;
     let path = dir.join(format!("embed-{version}.bundle"));
     b.write(&path)?;
@@ -178,7 +178,7 @@ pub fn summarize_bundle(dir: &Path, keys: &Keys, extra: &str) -> Result<BundleFi
             entry.sha256,
         ),
     )?;
-    let mut b = tidepool_pool::bundle::pack(&manifest, keys.publisher.public())?;
+    let mut b = tidepool_client::bundle::pack(&manifest, keys.publisher.public())?;
     b.sign(&keys.publisher)?;
     Ok(b)
 }
@@ -235,7 +235,7 @@ pub fn echo_bundle(dir: &Path, keys: &Keys) -> Result<BundleFile> {
             jobs_dir().join("echo.wasm").display()
         ),
     )?;
-    let mut b = tidepool_pool::bundle::pack(&manifest, keys.publisher.public())?;
+    let mut b = tidepool_client::bundle::pack(&manifest, keys.publisher.public())?;
     b.sign(&keys.publisher)?;
     Ok(b)
 }

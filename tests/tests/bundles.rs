@@ -6,7 +6,7 @@
 use anyhow::Result;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
-use tidepool_pool::bundle::BundleFile;
+use tidepool_client::bundle::BundleFile;
 use tidepool_proto::manifest::{
     admit, check_blob, BundleError, LockedManifest, SignedManifest, VersionBook,
 };
@@ -289,7 +289,7 @@ fn bundle_file_verify_notices_a_changed_file() -> Result<()> {
         "name = \"embed\"\nversion = \"1.0.0\"\ncomponent = \"embed.wasm\"\n",
     )?;
     let mut b =
-        tidepool_pool::bundle::pack(&dir.path().join("tidepool.toml"), keys.publisher.public())?;
+        tidepool_client::bundle::pack(&dir.path().join("tidepool.toml"), keys.publisher.public())?;
     b.sign(&keys.publisher)?;
     let path = dir.path().join("x.bundle");
     b.write(&path)?;

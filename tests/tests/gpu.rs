@@ -68,7 +68,7 @@ async fn a_node_without_a_working_gpu_refuses_or_runs_cpu_only_and_gets_no_gpu_t
     // encoding.
     let mut cfg = node_config(dir.path(), &keys, 1, pool.addr);
     cfg.gpu = Some(choice(false));
-    let err = tidepool_host::node::run(cfg, std::future::pending::<()>())
+    let err = tidepool_node::run(cfg, std::future::pending::<()>())
         .await
         .expect_err("no GPU engine can start here")
         .to_string();

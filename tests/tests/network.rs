@@ -158,9 +158,8 @@ async fn hostile_peers_are_closed_and_the_pool_keeps_serving() -> Result<()> {
     let mut cfg = test_pool_config(&keys);
     cfg.hello_timeout = Duration::from_millis(500);
     let pool = start_pool(dir.path(), &keys, cfg, "127.0.0.1:0".parse()?).await?;
-    let good =
-        tidepool_pool::client::PoolClient::connect(pool.addr, &keys.publisher, keys.pool.public())
-            .await?;
+    let good = tidepool_client::PoolClient::connect(pool.addr, &keys.publisher, keys.pool.public())
+        .await?;
 
     // Not QUIC at all.
     let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
@@ -229,7 +228,7 @@ async fn hostile_peers_are_closed_and_the_pool_keeps_serving() -> Result<()> {
     assert!(err.to_string().contains("not the expected"), "{err}");
 
     // A key the pool does not know may not act as a client.
-    let err = tidepool_pool::client::PoolClient::connect(pool.addr, &stranger, keys.pool.public())
+    let err = tidepool_client::PoolClient::connect(pool.addr, &stranger, keys.pool.public())
         .await
         .expect_err("unknown client");
     assert!(err.to_string().contains("may not use this pool"), "{err}");
@@ -251,7 +250,7 @@ async fn allowlist_refuses_unknown_nodes() -> Result<()> {
     let mut cfg = test_pool_config(&keys);
     cfg.admission = tidepool_pool::Admission::Allowlist([keys.node(0).public()].into());
     let pool = start_pool(&dir.path().join("pool"), &keys, cfg, "127.0.0.1:0".parse()?).await?;
-    let err = tidepool_host::node::run(
+    let err = tidepool_node::run(
         node_config(dir.path(), &keys, 1, pool.addr),
         std::future::pending(),
     )
@@ -331,8 +330,7 @@ async fn nodes_reconnect_after_a_pool_restart() -> Result<()> {
     // Shutdown releases the socket: the same address binds again at once.
     let pool = start_pool(&pool_dir, &keys, test_pool_config(&keys), addr).await?;
     let client =
-        tidepool_pool::client::PoolClient::connect(addr, &keys.publisher, keys.pool.public())
-            .await?;
+        tidepool_client::PoolClient::connect(addr, &keys.publisher, keys.pool.public()).await?;
     let s = wait_job(&client, job, Duration::from_secs(120)).await?;
     assert_eq!((s.done, s.dead), (40, 0));
     let want = tokio::task::spawn_blocking(move || local_embed_outputs(&inputs)).await?;

@@ -6,11 +6,11 @@
 use anyhow::{Context, Result};
 use std::path::Path;
 use std::time::Duration;
-use tidepool_pool::client::PoolClient;
-use tidepool_pool::pipeline::feed::sort_key;
-use tidepool_pool::pipeline::{
+use tidepool_client::pipeline::feed::sort_key;
+use tidepool_client::pipeline::{
     publish_stages, read_feed, run_pipeline, Figures, Item, PipelineManifest, Rejected, Report, Run,
 };
+use tidepool_client::PoolClient;
 use tidepool_tests::cluster::*;
 use tidepool_tests::root;
 
@@ -72,7 +72,7 @@ async fn run_once(
     Ok((run.report(), figures))
 }
 
-fn summary_of(g: &tidepool_pool::pipeline::report::ReportGroup) -> (&str, Vec<&str>) {
+fn summary_of(g: &tidepool_client::pipeline::report::ReportGroup) -> (&str, Vec<&str>) {
     let s = &g.outputs["summarize"];
     (
         s["summary"].as_str().unwrap_or(""),

@@ -7,7 +7,7 @@ use anyhow::Result;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tidepool_pool::client::PoolClient;
+use tidepool_client::PoolClient;
 use tidepool_pool::verify::VerifyPolicy;
 use tidepool_pool::PoolEvent;
 use tidepool_proto::wire::PoolSummary;

@@ -3,9 +3,13 @@
 //!
 //! - `cargo xtask demo`: set up, then run the demo.
 //! - `cargo xtask test`: set up, then run every test (slow ones included).
+//! - `cargo xtask lint`: formatting, clippy with warnings as errors, and the
+//!   dependency rules of ARCHITECTURE.md (`deps`); CI runs it before the tests.
 //!
 //! Steps, also callable alone: `setup`, `install-toolchain`, `fetch-models`,
 //! `build-jobs`, `bench`.
+
+mod deps;
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -62,6 +66,7 @@ fn main() -> Result<()> {
         "install-toolchain" => install_toolchain(),
         "fetch-models" => fetch_models().map(|_| ()),
         "build-jobs" => build_jobs(),
+        "lint" => lint(),
         "test" => {
             setup()?;
             test(rest)
@@ -91,6 +96,7 @@ fn main() -> Result<()> {
                 "usage: cargo xtask <command>\n\n\
                  demo               set up, then run the demo\n\
                  test [--quick]     set up, then run all tests (--quick skips the slow end-to-end ones)\n\
+                 lint               cargo fmt --check, clippy -D warnings, dependency rules\n\
                  setup              install the guest toolchain, fetch models, build jobs and target/debug/tidepool\n\
                  install-toolchain  apt-get the Debian guest toolchain if missing\n\
                  fetch-models       download and verify model files into $TIDEPOOL_HOME/models\n\
@@ -235,6 +241,50 @@ fn cargo(args: &[&str], extra: &[String]) -> Result<()> {
         bail!("cargo {} failed ({status})", args.join(" "));
     }
     Ok(())
+}
+
+/// `cargo fmt --check`, the dependency rules, then clippy with warnings as
+/// errors on every target (cheapest first).
+fn lint() -> Result<()> {
+    // Clippy builds llama.cpp's build script, which needs cmake and clang.
+    install_toolchain()?;
+    say("cargo fmt --check");
+    cargo(&["fmt", "--all", "--", "--check"], &[])?;
+    say("dependency rules (ARCHITECTURE.md)");
+    let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo_bin)
+        .current_dir(root())
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()
+        .context("cannot run cargo metadata")?;
+    if !out.status.success() {
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let meta: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("cargo metadata printed no JSON")?;
+    let broken = deps::violations(&deps::workspace(&meta)?);
+    if !broken.is_empty() {
+        for b in &broken {
+            eprintln!("  {b}");
+        }
+        bail!("{} dependency rule(s) broken", broken.len());
+    }
+    say("cargo clippy --workspace --all-targets -- -D warnings");
+    cargo(
+        &[
+            "clippy",
+            "--quiet",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+    )
 }
 
 fn install_toolchain() -> Result<()> {

@@ -5,7 +5,7 @@ use anyhow::Context;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tidepool_pool::bundle::{pack, BundleFile};
+use tidepool_client::bundle::{pack, BundleFile};
 use tidepool_proto::PublicKey;
 
 #[derive(clap::Subcommand)]

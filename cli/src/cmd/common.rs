@@ -4,7 +4,7 @@ use anyhow::Context;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tidepool_pool::client::PoolClient;
+use tidepool_client::PoolClient;
 use tidepool_proto::{PublicKey, SecretKey};
 
 /// Read a key file written by `tidepool keygen`.

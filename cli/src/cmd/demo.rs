@@ -5,7 +5,7 @@
 use anyhow::Context;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tidepool_pool::pipeline::{read_feed, PipelineManifest};
+use tidepool_client::pipeline::{read_feed, PipelineManifest};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -41,7 +41,7 @@ pub fn main(a: Args) -> anyhow::Result<ExitCode> {
     let manifest = PipelineManifest::load(&a.pipeline)?;
     let (mut items, rejected) = read_feed(&a.inputs, manifest.max_item_bytes)?;
     if a.items > 0 {
-        items.sort_by_cached_key(|i| tidepool_pool::pipeline::feed::sort_key(&i.text));
+        items.sort_by_cached_key(|i| tidepool_client::pipeline::feed::sort_key(&i.text));
         items.truncate(a.items);
     }
     let dir = a.dir.unwrap_or_else(crate::local::fresh_dir);
@@ -56,7 +56,7 @@ pub fn main(a: Args) -> anyhow::Result<ExitCode> {
     }
     let outcome = crate::cmd::common::runtime()?.block_on(async {
         let net = crate::local::Network::start(&dir, &keys, a.llm_threads).await?;
-        let client = tidepool_pool::client::PoolClient::connect(
+        let client = tidepool_client::PoolClient::connect(
             net.pool.addr,
             &keys.publisher,
             keys.pool.public(),

@@ -7,7 +7,7 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use tidepool_pool::bundle::BundleFile;
+use tidepool_client::bundle::BundleFile;
 use tidepool_proto::wire::Outcome;
 use tidepool_proto::Digest;
 

@@ -4,7 +4,7 @@ use super::common::{read_key, runtime, stop_signal};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tidepool_host::node::{run, NodeFile};
+use tidepool_node::{run, NodeFile};
 use tidepool_proto::PublicKey;
 
 #[derive(clap::Subcommand)]
@@ -15,7 +15,7 @@ pub enum Command {
 
 #[derive(clap::Args)]
 pub struct RunArgs {
-    /// A node.toml (see the documented defaults in `tidepool_host::node::NodeFile`).
+    /// A node.toml (see the documented defaults in `tidepool_node::NodeFile`).
     #[arg(long)]
     config: Option<PathBuf>,
     /// The pool's address (overrides the file).

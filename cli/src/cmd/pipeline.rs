@@ -7,7 +7,7 @@ use anyhow::Context;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use tidepool_pool::pipeline::{read_feed, PipelineManifest};
+use tidepool_client::pipeline::{read_feed, PipelineManifest};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -50,7 +50,7 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
                 println!(
                     "  {:<12} over {:<6} {}{}",
                     s.name,
-                    tidepool_pool::pipeline::manifest::over_name(s.over),
+                    tidepool_client::pipeline::manifest::over_name(s.over),
                     m.bundle_path(s).display(),
                     s.from
                         .as_ref()

@@ -1,354 +1,9 @@
-//! The pool's durable state: bundles, jobs, tasks and their results, nodes.
-//!
-//! [`Store`] is what the coordinator needs from a database; [`SqliteStore`]
-//! implements it on an embedded SQLite file (WAL mode). A networked SQL
-//! database for larger pools would implement the same trait.
-//!
-//! Every method that changes state commits before it returns, so whatever
-//! the coordinator acknowledges (a submission, an accepted result) survives a
-//! crash of the pool process. Blob bytes are not here: they live in a
-//! content-addressed directory (`tidepool_net::blobs`).
+//! [`Store`] on an SQLite file (WAL): every method that changes state is
+//! one transaction, committed before it returns.
 
-use crate::verify::Standing;
+use super::*;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
-use tidepool_proto::wire::{JobId, Outcome, TaskId};
-use tidepool_proto::{Digest, PublicKey};
-
-/// A storage failure; the request that hit it fails and may be retried.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The database refused or failed.
-    #[error("pool database: {0}")]
-    Db(#[from] rusqlite::Error),
-    /// A stored value does not decode (the file was edited or corrupted).
-    #[error("pool database holds a malformed {what}: {why}")]
-    Corrupt {
-        /// What was being read.
-        what: &'static str,
-        /// Why it does not decode.
-        why: String,
-    },
-}
-
-/// Durability of commits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Durability {
-    /// Survives a crash of the pool process (SQLite WAL, `synchronous=NORMAL`).
-    Process,
-    /// Also survives power loss (`synchronous=FULL`: an fsync per commit).
-    PowerLoss,
-}
-
-/// A task as loaded at start-up: enough to queue it again.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PendingTask {
-    /// The task.
-    pub task: TaskId,
-    /// Its job.
-    pub job: JobId,
-    /// The bundle it runs.
-    pub bundle: Digest,
-    /// The last attempt number handed out (0 if never leased).
-    pub attempt: u32,
-    /// Reasons of earlier failed attempts.
-    pub reasons: Vec<String>,
-    /// For a re-execution: the task whose result it checks.
-    pub check_of: Option<TaskId>,
-}
-
-/// A published bundle as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredBundle {
-    /// Bundle digest.
-    pub digest: Digest,
-    /// The signed manifest (MessagePack of `SignedManifest`).
-    pub signed: Vec<u8>,
-}
-
-/// A result to store.
-#[derive(Debug, Clone)]
-pub struct Acceptance {
-    /// The task.
-    pub task: TaskId,
-    /// The attempt that produced it (must be the task's current attempt).
-    pub attempt: u32,
-    /// The node.
-    pub node: PublicKey,
-    /// The outcome (MessagePack of `Outcome`).
-    pub outcome: Vec<u8>,
-    /// The signed receipt (MessagePack of `SignedReceipt`).
-    pub receipt: Vec<u8>,
-    /// MessagePack of the task's text-generation transcript; empty when it
-    /// generated nothing. Kept so an `llm`-tier check can replay it.
-    pub transcript: Vec<u8>,
-}
-
-/// A stored task row for status and results.
-#[derive(Debug, Clone)]
-pub struct TaskRow {
-    /// Index in its job.
-    pub index: u32,
-    /// The task.
-    pub task: TaskId,
-    /// `queued`, `leased`, `done`, `dead`.
-    pub state: &'static str,
-    /// The attempt count.
-    pub attempts: u32,
-    /// The outcome, when done.
-    pub outcome: Option<Outcome>,
-    /// Node that produced the result.
-    pub node: Option<PublicKey>,
-    /// Failure reasons.
-    pub reasons: Vec<String>,
-    /// The earlier task whose result answered this one (result cache).
-    pub cached_from: Option<TaskId>,
-    /// Verification state of the result.
-    pub verified: Verified,
-    /// Outcome of a challenge, if one was made.
-    pub challenge: Option<String>,
-}
-
-/// What the pool knows about a result's correctness.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verified {
-    /// Not re-executed.
-    Unverified,
-    /// A re-execution is queued or running.
-    Checking,
-    /// An independent execution agreed.
-    Verified,
-    /// It was wrong and was replaced by the agreed result.
-    Replaced,
-    /// Three executions disagreed.
-    Disputed,
-    /// Its node was later caught cheating: re-checked, and not served from
-    /// the result cache until decided.
-    Suspect,
-}
-
-impl Verified {
-    fn code(self) -> i64 {
-        match self {
-            Self::Unverified => 0,
-            Self::Checking => 1,
-            Self::Verified => 2,
-            Self::Replaced => 3,
-            Self::Disputed => 4,
-            Self::Suspect => 5,
-        }
-    }
-
-    fn from_code(c: i64) -> Self {
-        match c {
-            1 => Self::Checking,
-            2 => Self::Verified,
-            3 => Self::Replaced,
-            4 => Self::Disputed,
-            5 => Self::Suspect,
-            _ => Self::Unverified,
-        }
-    }
-
-    /// The name clients see.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Unverified => "unverified",
-            Self::Checking => "checking",
-            Self::Verified => "verified",
-            Self::Replaced => "replaced",
-            Self::Disputed => "disputed",
-            Self::Suspect => "suspect",
-        }
-    }
-}
-
-/// Why a job exists.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum JobKind {
-    /// Submitted by a client.
-    User,
-    /// The pool's re-executions of one bundle's results (hidden).
-    Check,
-    /// The pool's known-answer tasks for one bundle (hidden).
-    Canary,
-}
-
-impl JobKind {
-    fn code(self) -> i64 {
-        match self {
-            Self::User => 0,
-            Self::Check => 1,
-            Self::Canary => 2,
-        }
-    }
-
-    fn from_code(c: i64) -> Self {
-        match c {
-            1 => Self::Check,
-            2 => Self::Canary,
-            _ => Self::User,
-        }
-    }
-}
-
-/// A finished (or pending) task's result and its verification facts.
-#[derive(Debug, Clone)]
-pub struct ResultRow {
-    /// The task.
-    pub task: TaskId,
-    /// Its job.
-    pub job: JobId,
-    /// `done` or not.
-    pub done: bool,
-    /// Node that produced the stored result.
-    pub node: Option<PublicKey>,
-    /// MessagePack of the outcome.
-    pub outcome: Option<Vec<u8>>,
-    /// Unix time it was stored.
-    pub done_at: u64,
-    /// Verification state.
-    pub verified: Verified,
-    /// For a re-execution: the task it checks.
-    pub check_of: Option<TaskId>,
-    /// For a canary: MessagePack of the expected outcome.
-    pub expect: Option<Vec<u8>>,
-    /// The task whose result the cache copied into this one.
-    pub cached_from: Option<TaskId>,
-    /// A challenge's state, if one was made.
-    pub challenge: Option<String>,
-    /// Index in its job.
-    pub index: u32,
-}
-
-/// Counts of one job's tasks by state.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct JobCounts {
-    /// Tasks in total.
-    pub tasks: u32,
-    /// Queued.
-    pub queued: u32,
-    /// Leased.
-    pub leased: u32,
-    /// Done.
-    pub done: u32,
-    /// Dead-lettered.
-    pub dead: u32,
-    /// Done without compute: answered from the result cache.
-    pub cached: u32,
-}
-
-/// A stored job: its id, each task with whether the result cache answered
-/// it, and whether the job is new (`false`: the key was used before).
-pub type InsertedJob = (JobId, Vec<(TaskId, bool)>, bool);
-
-/// What the coordinator needs from a database.
-pub trait Store: Send {
-    /// Turn every leased task back to queued (its lease died with the
-    /// previous process) and return the bundles, the tasks to queue, and the
-    /// next free job id.
-    fn recover(&mut self) -> Result<(Vec<StoredBundle>, Vec<PendingTask>), StoreError>;
-    /// Store a published bundle (idempotent).
-    fn put_bundle(&mut self, b: &StoredBundle, name: &str, version: &str)
-        -> Result<(), StoreError>;
-    /// Store a job and its tasks in one transaction. If `key` was used before,
-    /// nothing is stored and the earlier job is returned with `false`.
-    /// An input whose result for this bundle is already stored is answered
-    /// from it at once (the result cache): its task is stored done, with the
-    /// earlier task as provenance. Returns each task and whether it was cached.
-    fn insert_job(
-        &mut self,
-        bundle: &Digest,
-        key: &str,
-        inputs: &[Vec<u8>],
-        now_unix: u64,
-    ) -> Result<InsertedJob, StoreError>;
-    /// Record leases (task, new attempt, node) and return each task's input
-    /// and its digest.
-    fn grant(
-        &mut self,
-        grants: &[(TaskId, u32, PublicKey)],
-    ) -> Result<Vec<(Vec<u8>, Digest)>, StoreError>;
-    /// A failed or expired attempt: back to the queue with its reason, or dead
-    /// when `dead` is set.
-    fn release(
-        &mut self,
-        task: TaskId,
-        attempt: u32,
-        reason: &str,
-        dead: bool,
-    ) -> Result<(), StoreError>;
-    /// Store results; each is stored only if its task is still leased at that
-    /// attempt (and its node credited). Returns, per result, whether it was stored.
-    fn accept(&mut self, results: &[Acceptance], now_unix: u64) -> Result<Vec<bool>, StoreError>;
-    /// Is this task done by this attempt and node (a resent result)?
-    fn done_by(&mut self, task: TaskId, attempt: u32, node: &PublicKey)
-        -> Result<bool, StoreError>;
-    /// A job's bundle and task counts.
-    fn job(&mut self, job: JobId) -> Result<Option<(Digest, JobCounts)>, StoreError>;
-    /// All jobs, newest last.
-    fn jobs(&mut self) -> Result<Vec<(JobId, Digest, JobCounts)>, StoreError>;
-    /// A job's tasks from index `from`.
-    fn tasks(&mut self, job: JobId, from: u32, limit: u32) -> Result<Vec<TaskRow>, StoreError>;
-    /// Add to a node's counters, creating it on first sight.
-    fn node_seen(
-        &mut self,
-        node: &PublicKey,
-        completed: u64,
-        expired: u64,
-        now_unix: u64,
-    ) -> Result<(), StoreError>;
-    /// Every node's counters: (key, completed, expired).
-    fn nodes(&mut self) -> Result<Vec<(PublicKey, u64, u64)>, StoreError>;
-
-    /// The hidden job of `kind` for a bundle, created on first use.
-    fn hidden_job(&mut self, bundle: &Digest, kind: JobKind) -> Result<JobId, StoreError>;
-    /// Every job's kind (jobs not listed are user jobs).
-    fn job_kinds(&mut self) -> Result<Vec<(JobId, JobKind)>, StoreError>;
-    /// Queue a re-execution of `target` in `job` (a copy of its input with
-    /// `check_of` set) and set the target's state to `mark`; one transaction.
-    fn insert_check(
-        &mut self,
-        job: JobId,
-        target: TaskId,
-        mark: Verified,
-    ) -> Result<TaskId, StoreError>;
-    /// A task's result and verification facts.
-    fn result(&mut self, task: TaskId) -> Result<Option<ResultRow>, StoreError>;
-    /// A task's stored transcript (MessagePack), if it has one.
-    fn transcript(&mut self, task: TaskId) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Finished re-executions of `target`, oldest first.
-    fn checks_of(&mut self, target: TaskId) -> Result<Vec<ResultRow>, StoreError>;
-    /// Set a result's verification state.
-    fn set_verified(&mut self, task: TaskId, v: Verified) -> Result<(), StoreError>;
-    /// Replace `target`'s result by `from`'s (node, outcome, receipt), mark it
-    /// replaced, and update the cache's copies of it; one transaction.
-    fn replace_result(&mut self, target: TaskId, from: TaskId) -> Result<(), StoreError>;
-    /// Record a challenge's state.
-    fn set_challenge(&mut self, task: TaskId, text: &str) -> Result<(), StoreError>;
-    /// A node's most recent results of user jobs that were never checked,
-    /// newest first, with their jobs.
-    fn unverified_recent(
-        &mut self,
-        node: &PublicKey,
-        limit: u32,
-    ) -> Result<Vec<(TaskId, JobId)>, StoreError>;
-    /// Every node's verification standing (nodes never judged are absent).
-    fn standings(&mut self) -> Result<Vec<(PublicKey, Standing)>, StoreError>;
-    /// Save a node's standing.
-    fn put_standing(&mut self, node: &PublicKey, s: &Standing) -> Result<(), StoreError>;
-    /// Add canaries (input, MessagePack of the expected outcome) for a
-    /// bundle; returns their ids.
-    fn add_canaries(
-        &mut self,
-        bundle: &Digest,
-        items: &[(Vec<u8>, Vec<u8>)],
-    ) -> Result<Vec<i64>, StoreError>;
-    /// Every canary: (id, bundle).
-    fn canaries(&mut self) -> Result<Vec<(i64, Digest)>, StoreError>;
-    /// Make a task of canary `canary` in `job`.
-    fn insert_canary_task(&mut self, job: JobId, canary: i64) -> Result<TaskId, StoreError>;
-}
 
 /// [`Store`] on an SQLite file.
 #[derive(Debug)]
@@ -356,76 +11,6 @@ pub struct SqliteStore {
     /// The open database; lives as long as the pool.
     conn: Connection,
 }
-
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS bundles (
-    digest TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    version TEXT NOT NULL,
-    signed BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY,
-    bundle TEXT NOT NULL REFERENCES bundles(digest),
-    key TEXT NOT NULL UNIQUE,
-    created_at INTEGER NOT NULL
-);
--- state: 0 queued, 1 leased, 2 done, 3 dead
-CREATE TABLE IF NOT EXISTS tasks (
-    id INTEGER PRIMARY KEY,
-    job INTEGER NOT NULL REFERENCES jobs(id),
-    idx INTEGER NOT NULL,
-    input BLOB NOT NULL,
-    input_digest BLOB NOT NULL,
-    state INTEGER NOT NULL DEFAULT 0,
-    attempt INTEGER NOT NULL DEFAULT 0,
-    node TEXT,
-    outcome BLOB,
-    receipt BLOB,
-    reasons TEXT NOT NULL DEFAULT '[]',
-    done_at INTEGER,
-    cached_from INTEGER
-);
-CREATE INDEX IF NOT EXISTS tasks_input ON tasks(input_digest);
-CREATE INDEX IF NOT EXISTS tasks_job ON tasks(job, idx);
-CREATE INDEX IF NOT EXISTS tasks_job_state ON tasks(job, state);
-CREATE INDEX IF NOT EXISTS tasks_open ON tasks(state) WHERE state < 2;
-CREATE TABLE IF NOT EXISTS nodes (
-    key TEXT PRIMARY KEY,
-    first_seen INTEGER NOT NULL,
-    last_seen INTEGER NOT NULL,
-    completed INTEGER NOT NULL DEFAULT 0,
-    expired INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS canaries (
-    id INTEGER PRIMARY KEY,
-    bundle TEXT NOT NULL REFERENCES bundles(digest),
-    input BLOB NOT NULL,
-    expect BLOB NOT NULL
-);
-"#;
-
-/// Columns added after the first release: (table, column, declaration).
-/// Files made before them get them at open.
-const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
-    ("tasks", "cached_from", "INTEGER"),
-    ("jobs", "kind", "INTEGER NOT NULL DEFAULT 0"),
-    // The task a re-execution checks.
-    ("tasks", "check_of", "INTEGER"),
-    // Verified::code.
-    ("tasks", "verified", "INTEGER NOT NULL DEFAULT 0"),
-    // A canary task's expected outcome.
-    ("tasks", "expect", "BLOB"),
-    ("tasks", "challenge", "TEXT"),
-    // NULL: never judged (the policy's initial reputation applies).
-    ("nodes", "reputation", "INTEGER"),
-    ("nodes", "strikes", "INTEGER NOT NULL DEFAULT 0"),
-    ("nodes", "confirmed", "INTEGER NOT NULL DEFAULT 0"),
-    ("nodes", "quarantined_until", "INTEGER NOT NULL DEFAULT 0"),
-    ("nodes", "banned", "INTEGER NOT NULL DEFAULT 0"),
-    // MessagePack of an llm task's transcript (NULL: none).
-    ("tasks", "transcript", "BLOB"),
-];
 
 fn corrupt(what: &'static str, why: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt {
@@ -469,21 +54,7 @@ impl SqliteStore {
         conn.pragma_update(None, "cache_size", -65536)?;
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)?;
-        for (table, column, decl) in ADDED_COLUMNS {
-            let has: i64 = conn.query_row(
-                "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2",
-                [table, column],
-                |r| r.get(0),
-            )?;
-            if has == 0 {
-                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
-            }
-        }
-        conn.execute_batch(
-            "CREATE INDEX IF NOT EXISTS tasks_check ON tasks(check_of) WHERE check_of IS NOT NULL;
-             CREATE INDEX IF NOT EXISTS tasks_node_done ON tasks(node, state, verified);",
-        )?;
+        super::schema::migrate(&conn)?;
         Ok(Self { conn })
     }
 }
@@ -498,7 +69,7 @@ fn state_name(s: i64) -> &'static str {
 }
 
 impl Store for SqliteStore {
-    fn recover(&mut self) -> Result<(Vec<StoredBundle>, Vec<PendingTask>), StoreError> {
+    fn recover(&mut self) -> Result<Recovered, StoreError> {
         let tx = self.conn.transaction()?;
         tx.execute("UPDATE tasks SET state = 0 WHERE state = 1", [])?;
         let mut bundles = Vec::new();
@@ -534,7 +105,7 @@ impl Store for SqliteStore {
             }
         }
         tx.commit()?;
-        Ok((bundles, pending))
+        Ok(Recovered { bundles, pending })
     }
 
     fn put_bundle(
@@ -568,12 +139,19 @@ impl Store for SqliteStore {
                 )?;
                 let ids = st
                     .query_map([job], |r| {
-                        Ok((r.get::<_, i64>(0)? as TaskId, r.get::<_, bool>(1)?))
+                        Ok(InsertedTask {
+                            task: r.get::<_, i64>(0)? as TaskId,
+                            cached: r.get::<_, bool>(1)?,
+                        })
                     })?
                     .collect::<Result<Vec<_>, _>>()?;
                 ids
             };
-            return Ok((job as JobId, ids, false));
+            return Ok(InsertedJob {
+                job: job as JobId,
+                tasks: ids,
+                fresh: false,
+            });
         }
         tx.execute(
             "INSERT INTO jobs (bundle, key, created_at) VALUES (?1, ?2, ?3)",
@@ -617,23 +195,30 @@ impl Store for SqliteStore {
                             now_unix as i64,
                             from
                         ])?;
-                        ids.push((tx.last_insert_rowid() as TaskId, true));
+                        ids.push(InsertedTask {
+                            task: tx.last_insert_rowid() as TaskId,
+                            cached: true,
+                        });
                     }
                     None => {
                         st.execute(params![job, i as i64, input, digest.0.as_slice()])?;
-                        ids.push((tx.last_insert_rowid() as TaskId, false));
+                        ids.push(InsertedTask {
+                            task: tx.last_insert_rowid() as TaskId,
+                            cached: false,
+                        });
                     }
                 }
             }
         }
         tx.commit()?;
-        Ok((job as JobId, ids, true))
+        Ok(InsertedJob {
+            job: job as JobId,
+            tasks: ids,
+            fresh: true,
+        })
     }
 
-    fn grant(
-        &mut self,
-        grants: &[(TaskId, u32, PublicKey)],
-    ) -> Result<Vec<(Vec<u8>, Digest)>, StoreError> {
+    fn grant(&mut self, grants: &[GrantRow]) -> Result<Vec<GrantedInput>, StoreError> {
         let tx = self.conn.transaction()?;
         let mut inputs = Vec::with_capacity(grants.len());
         {
@@ -642,7 +227,12 @@ impl Store for SqliteStore {
             )?;
             let mut get =
                 tx.prepare_cached("SELECT input, input_digest FROM tasks WHERE id = ?1")?;
-            for (task, attempt, node) in grants {
+            for GrantRow {
+                task,
+                attempt,
+                node,
+            } in grants
+            {
                 up.execute(params![*task as i64, attempt, node.to_string()])?;
                 let (input, digest): (Vec<u8>, Vec<u8>) =
                     get.query_row([*task as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
@@ -650,7 +240,7 @@ impl Store for SqliteStore {
                     .try_into()
                     .map(Digest)
                     .map_err(|_| corrupt("input digest", "not 32 bytes"))?;
-                inputs.push((input, digest));
+                inputs.push(GrantedInput { input, digest });
             }
         }
         tx.commit()?;
@@ -767,7 +357,7 @@ impl Store for SqliteStore {
         Ok(Some((digest_col(&bundle)?, c)))
     }
 
-    fn jobs(&mut self) -> Result<Vec<(JobId, Digest, JobCounts)>, StoreError> {
+    fn jobs(&mut self) -> Result<Vec<JobRow>, StoreError> {
         let ids: Vec<i64> = {
             let mut st = self.conn.prepare("SELECT id FROM jobs ORDER BY id")?;
             let v = st
@@ -777,8 +367,12 @@ impl Store for SqliteStore {
         };
         let mut out = Vec::new();
         for id in ids {
-            if let Some((b, c)) = self.job(id as JobId)? {
-                out.push((id as JobId, b, c));
+            if let Some((bundle, counts)) = self.job(id as JobId)? {
+                out.push(JobRow {
+                    job: id as JobId,
+                    bundle,
+                    counts,
+                });
             }
         }
         Ok(out)
@@ -836,7 +430,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn nodes(&mut self) -> Result<Vec<(PublicKey, u64, u64)>, StoreError> {
+    fn nodes(&mut self) -> Result<Vec<NodeCounters>, StoreError> {
         let mut st = self
             .conn
             .prepare("SELECT key, completed, expired FROM nodes ORDER BY first_seen")?;
@@ -844,11 +438,11 @@ impl Store for SqliteStore {
         let mut out = Vec::new();
         while let Some(r) = rows.next()? {
             let k: String = r.get(0)?;
-            out.push((
-                PublicKey::parse(&k).map_err(|e| corrupt("node key", e))?,
-                r.get::<_, i64>(1)? as u64,
-                r.get::<_, i64>(2)? as u64,
-            ));
+            out.push(NodeCounters {
+                key: PublicKey::parse(&k).map_err(|e| corrupt("node key", e))?,
+                completed: r.get::<_, i64>(1)? as u64,
+                expired: r.get::<_, i64>(2)? as u64,
+            });
         }
         Ok(out)
     }
@@ -1039,7 +633,7 @@ impl Store for SqliteStore {
     fn add_canaries(
         &mut self,
         bundle: &Digest,
-        items: &[(Vec<u8>, Vec<u8>)],
+        items: &[NewCanary],
     ) -> Result<Vec<i64>, StoreError> {
         let tx = self.conn.transaction()?;
         let mut ids = Vec::with_capacity(items.len());
@@ -1048,7 +642,7 @@ impl Store for SqliteStore {
                 "INSERT INTO canaries (bundle, input, expect) VALUES (?1, ?2, ?3)",
             )?;
             let b = bundle.to_string();
-            for (input, expect) in items {
+            for NewCanary { input, expect } in items {
                 st.execute(params![b, input, expect])?;
                 ids.push(tx.last_insert_rowid());
             }
@@ -1057,7 +651,7 @@ impl Store for SqliteStore {
         Ok(ids)
     }
 
-    fn canaries(&mut self) -> Result<Vec<(i64, Digest)>, StoreError> {
+    fn canaries(&mut self) -> Result<Vec<CanaryRow>, StoreError> {
         let mut st = self
             .conn
             .prepare("SELECT id, bundle FROM canaries ORDER BY id")?;
@@ -1065,7 +659,10 @@ impl Store for SqliteStore {
         let mut out = Vec::new();
         while let Some(r) = rows.next()? {
             let b: String = r.get(1)?;
-            out.push((r.get(0)?, digest_col(&b)?));
+            out.push(CanaryRow {
+                id: r.get(0)?,
+                bundle: digest_col(&b)?,
+            });
         }
         Ok(out)
     }

@@ -205,14 +205,14 @@ impl PoolClient {
     pub async fn challenge(
         &self,
         task: TaskId,
-    ) -> Result<crate::coordinator::Challenged, ClientError> {
+    ) -> Result<tidepool_proto::wire::Challenged, ClientError> {
         match self.call(&Request::Challenge { task }).await? {
             Response::Challenged {
                 task,
                 job,
                 index,
                 state,
-            } => Ok(crate::coordinator::Challenged {
+            } => Ok(tidepool_proto::wire::Challenged {
                 target: task,
                 job,
                 index,

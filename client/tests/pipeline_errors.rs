@@ -4,7 +4,7 @@
 //! new texts by eye first).
 
 use std::path::Path;
-use tidepool_pool::pipeline::PipelineManifest;
+use tidepool_client::pipeline::PipelineManifest;
 
 #[test]
 fn pipeline_error_snapshots() {

@@ -1,0 +1,410 @@
+//! The agent's connection loop (hello, leases, results, reconnects with
+//! back-off, draining) around `NodeSession`, and the runner of one task.
+
+use crate::bundles::{PrepareError, Prepared};
+use crate::config::{hardware_class, NodeConfig, Tamper};
+use crate::{NodeError, NodeReport};
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tidepool_host::sandbox::TaskSpec;
+use tidepool_net::{call, BlobDir};
+use tidepool_proto::manifest::VersionBook;
+use tidepool_proto::receipt::LeaseReceipt;
+use tidepool_proto::session::{NodeEvent, NodeSession};
+use tidepool_proto::wire::{
+    Bytes, Capabilities, Outcome, Request, Response, TaskGrant, TaskResult, Verdict,
+    PROTOCOL_VERSION,
+};
+use tidepool_proto::{Digest, PublicKey, SecretKey};
+use tokio::sync::{mpsc, Mutex};
+use tracing::{debug, info, warn};
+
+/// State shared by the agent's tasks; lives as long as `run`.
+pub(crate) struct Ctx {
+    /// Node key (signs receipts).
+    pub(crate) key: SecretKey,
+    /// Trusted publishers.
+    pub(crate) publishers: BTreeSet<PublicKey>,
+    /// Node memory limit per task.
+    pub(crate) memory_mib: u32,
+    /// Slots (sizes each sandbox's instance pool).
+    pub(crate) slots: u32,
+    /// Blob cache.
+    pub(crate) blobs: BlobDir,
+    /// Compiled component cache.
+    pub(crate) compiled: PathBuf,
+    /// Highest versions seen, persisted at `versions_path`.
+    pub(crate) versions: std::sync::Mutex<VersionBook>,
+    /// Where `versions` is saved.
+    pub(crate) versions_path: PathBuf,
+    /// Prepared bundles by digest (and refusals, so a bad bundle is not
+    /// fetched again for every task).
+    pub(crate) prepared: Mutex<HashMap<Digest, Result<Arc<Prepared>, PrepareError>>>,
+    /// One permit per slot: the node holds more leases than slots (its
+    /// queue), but runs at most `slots` tasks at once.
+    pub(crate) permits: Arc<tokio::sync::Semaphore>,
+    /// Output filter of adversarial tests (`None` in real nodes).
+    pub(crate) tamper: Option<Arc<dyn Tamper>>,
+    /// The wasi-nn engines chosen at start (one per encoding).
+    pub(crate) engines: Vec<Arc<dyn tidepool_host::backend::NnEngine>>,
+    /// The engines of GPU-tier jobs, if the node's GPU started (fixed at
+    /// start, like `engines`).
+    pub(crate) gpu_engines: Option<tidepool_host::Engines>,
+}
+
+impl Ctx {
+    /// Run one task; returns the result and its receipt body (unsigned).
+    async fn run_task(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        g: TaskGrant,
+    ) -> (TaskResult, Option<Vec<u8>>) {
+        let failed = |reason: String| {
+            (
+                TaskResult {
+                    transcript: Default::default(),
+                    lease: g.lease,
+                    outcome: Outcome::Failed { reason },
+                    receipt: None,
+                },
+                None,
+            )
+        };
+        let p = match self.prepare(&conn, g.bundle).await {
+            Ok(p) => p,
+            Err(why) => return failed(why.to_string()),
+        };
+        let lease = g.lease;
+        let input = g.input.0;
+        let replay = g.replay;
+        // Only an adversarial test's filter needs the input afterwards.
+        let input_copy = self.tamper.as_ref().map(|_| input.clone());
+        let p2 = p.clone();
+        let Ok(permit) = self.permits.clone().acquire_owned().await else {
+            return failed("node is stopping".into());
+        };
+        let ran = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let id = lease.task.to_string();
+            p2.sandbox.run(
+                &p2.job,
+                TaskSpec {
+                    replay: replay.as_deref(),
+                    accept: p2.manifest.determinism.accept_policy(),
+                    id: &id,
+                    params: &p2.manifest.params,
+                    input: &input,
+                },
+            )
+        })
+        .await;
+        let mut out = match ran {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => return failed(e.to_string()),
+            Err(e) => return failed(format!("task panicked: {e}")),
+        };
+        if let (Some(t), Some(input), Ok(bytes)) = (&self.tamper, &input_copy, &mut out.result) {
+            let changed = t.tamper(lease, input, std::mem::take(bytes));
+            out.receipt.output = Digest::of(&changed);
+            out.receipt.output_len = changed.len() as u64;
+            *bytes = changed;
+        }
+        let outcome = match out.result {
+            Ok(bytes) => Outcome::Output(Bytes(bytes)),
+            Err(f) => Outcome::JobError {
+                code: f.code,
+                message: f.message,
+            },
+        };
+        // Signed later, with the other results of the batch it is sent in.
+        let body = LeaseReceipt {
+            lease,
+            bundle: p.digest,
+            receipt: out.receipt,
+        }
+        .to_body();
+        for r in out.replay.iter().filter(|r| !r.accepted()) {
+            tracing::info!(task = %lease.task, report = ?r, "replayed generation not accepted; generated afresh");
+        }
+        (
+            TaskResult {
+                transcript: out.transcript,
+                lease,
+                outcome,
+                receipt: None,
+            },
+            Some(body),
+        )
+    }
+}
+
+/// Sign the receipts of a batch of results with one signature (each result
+/// whose body is known and that has no receipt yet).
+fn sign_results(
+    key: &SecretKey,
+    results: &mut [TaskResult],
+    bodies: &HashMap<tidepool_proto::wire::LeaseId, Vec<u8>>,
+) {
+    let idx: Vec<usize> = (0..results.len())
+        .filter(|&i| results[i].receipt.is_none() && bodies.contains_key(&results[i].lease))
+        .collect();
+    let batch: Vec<Vec<u8>> = idx
+        .iter()
+        .map(|&i| bodies[&results[i].lease].clone())
+        .collect();
+    for (i, signed) in idx
+        .into_iter()
+        .zip(tidepool_proto::receipt::sign_batch(key, batch))
+    {
+        results[i].receipt = Some(signed);
+    }
+}
+
+/// Which request a response answers.
+#[derive(Debug)]
+enum Pending {
+    Lease,
+    Results,
+}
+
+/// Run a node until `drain` resolves and every held task is finished and
+/// returned (or the pool is unreachable while draining).
+pub async fn run(
+    cfg: NodeConfig,
+    drain: impl std::future::Future<Output = ()>,
+) -> Result<NodeReport, NodeError> {
+    if cfg.publishers.is_empty() {
+        return Err(NodeError::Config(
+            "no trusted publishers: this node would refuse every bundle".into(),
+        ));
+    }
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| NodeError::Config(format!("cannot create {}: {e}", cfg.data_dir.display())))?;
+    let versions_path = cfg.data_dir.join("versions.json");
+    let versions: VersionBook = match std::fs::read(&versions_path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map_err(|e| NodeError::Config(format!("{}: {e}", versions_path.display())))?,
+        Err(_) => VersionBook::default(),
+    };
+    let blobs = BlobDir::open(cfg.data_dir.join("blobs"))?;
+    let (engines, fell_back) =
+        tidepool_host::engines(&cfg.onnx, cfg.llm_threads).map_err(NodeError::Config)?;
+    if let Some(why) = fell_back {
+        warn!("{why}");
+    }
+    for e in &engines {
+        info!(encoding = %e.encoding(), engine = e.describe(), "wasi-nn engine");
+    }
+    let gpu = match &cfg.gpu {
+        None => None,
+        Some(choice) => {
+            let (supply, notes) =
+                tidepool_host::gpu::start(choice, cfg.llm_threads).map_err(NodeError::Config)?;
+            for n in notes {
+                warn!("GPU: {n}");
+            }
+            if let Some(s) = &supply {
+                for e in &s.engines {
+                    info!(encoding = %e.encoding(), engine = e.describe(), gpu = %s.info.name, memory_mib = s.info.memory_mib, "GPU engine");
+                }
+            }
+            supply
+        }
+    };
+    let ctx = Arc::new(Ctx {
+        key: cfg.key.clone(),
+        publishers: cfg.publishers.clone(),
+        memory_mib: cfg.memory_mib,
+        slots: cfg.slots,
+        blobs,
+        compiled: cfg.data_dir.join("compiled"),
+        versions: std::sync::Mutex::new(versions),
+        versions_path,
+        prepared: Mutex::new(HashMap::new()),
+        permits: Arc::new(tokio::sync::Semaphore::new(cfg.slots.max(1) as usize)),
+        tamper: cfg.tamper.clone(),
+        engines: engines.clone(),
+        gpu_engines: gpu.as_ref().map(|g| g.engines.clone()),
+    });
+    let endpoint = tidepool_net::client(&cfg.key, cfg.pool_key)?;
+    // Hold as many leases again as there are slots, waiting, so a slot
+    // never idles during a round trip to the pool.
+    let queue = cfg.queue.unwrap_or(cfg.slots).clamp(0, 4096);
+    let mut session = NodeSession::new(cfg.slots.max(1) + queue, Instant::now());
+    let mut report = NodeReport::default();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(TaskResult, Option<Vec<u8>>)>();
+    // Receipt bodies of finished tasks until the pool has answered for them.
+    let mut bodies: HashMap<tidepool_proto::wire::LeaseId, Vec<u8>> = HashMap::new();
+    let (resp_tx, mut resp_rx) =
+        mpsc::unbounded_channel::<(u64, Pending, Result<Response, String>)>();
+    let mut generation = 0u64;
+    let mut backoff = Duration::from_millis(100);
+    let mut drain = std::pin::pin!(drain);
+    let mut draining = false;
+    // Read once: the hello is sent again on every reconnection.
+    let hardware = cfg.hardware.clone().unwrap_or_else(hardware_class);
+    let caps = || Capabilities {
+        encodings: engines.iter().map(|e| e.encoding().to_string()).collect(),
+        models: Vec::new(),
+        memory_mib: cfg.memory_mib,
+        slots: cfg.slots,
+        queue,
+        gpu: gpu.as_ref().map(|g| g.info.clone()),
+        publishers: cfg.publishers.iter().copied().collect(),
+        fetch_models: cfg.fetch_models,
+        operator: cfg.operator,
+        hardware: Some(hardware.clone()),
+    };
+    'connect: loop {
+        if draining && session.is_drained() {
+            break;
+        }
+        let conn = match tidepool_net::connect(&endpoint, cfg.pool).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("{e}; retrying in {} ms", backoff.as_millis());
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = &mut drain, if !draining => { draining = true; session.handle_drain(Instant::now()); }
+                }
+                if draining && session.running() == 0 {
+                    // Nothing held; results not yet sent are lost to this node
+                    // but the pool re-runs their tasks when the leases expire.
+                    break;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        let hello = Request::NodeHello {
+            protocol: PROTOCOL_VERSION,
+            agent: concat!("tidepool ", env!("CARGO_PKG_VERSION")).into(),
+            caps: caps(),
+        };
+        let heartbeat = match call::<_, Response>(&conn, &hello).await {
+            Ok(Response::Welcome { heartbeat_ms, .. }) => Duration::from_millis(heartbeat_ms),
+            Ok(Response::Error { message, .. }) => {
+                return Err(NodeError::Config(format!(
+                    "the pool refused this node: {message}"
+                )));
+            }
+            Ok(other) => {
+                warn!("unexpected answer to hello: {other:?}");
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+            Err(e) => {
+                warn!("hello failed: {e}");
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        generation += 1;
+        report.connections += 1;
+        info!(pool = %cfg.pool, "connected");
+        session.handle_welcome(Instant::now(), heartbeat);
+        loop {
+            let now = Instant::now();
+            while let Some(mut req) = session.poll_request(now) {
+                if let Request::Results { results } = &mut req {
+                    sign_results(&ctx.key, results, &bodies);
+                }
+                let kind = if matches!(req, Request::Lease { .. }) {
+                    Pending::Lease
+                } else {
+                    Pending::Results
+                };
+                let (conn, tx, g) = (conn.clone(), resp_tx.clone(), generation);
+                tokio::spawn(async move {
+                    let r = call::<_, Response>(&conn, &req)
+                        .await
+                        .map_err(|e| e.to_string());
+                    let _ = tx.send((g, kind, r));
+                });
+            }
+            while let Some(ev) = session.poll_event() {
+                match ev {
+                    NodeEvent::Run(g) => {
+                        debug!(lease = %g.lease, "running");
+                        let (ctx, conn, tx) = (ctx.clone(), conn.clone(), done_tx.clone());
+                        tokio::spawn(async move {
+                            let r = ctx.run_task(conn, g).await;
+                            let _ = tx.send(r);
+                        });
+                    }
+                    NodeEvent::Cancel(l) => {
+                        bodies.remove(&l);
+                        info!(lease = %l, "lease lost; its result will be dropped");
+                    }
+                }
+            }
+            if draining && session.is_drained() {
+                let _ = call::<_, Response>(&conn, &Request::Draining).await;
+                conn.close(0u32.into(), b"drained");
+                break 'connect;
+            }
+            let wake = session
+                .poll_timeout()
+                .unwrap_or(now + Duration::from_secs(1));
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake.into()) => {}
+                Some((r, body)) = done_rx.recv() => {
+                    match r.outcome { Outcome::Failed { .. } => report.failed += 1, _ => report.completed += 1 }
+                    if let Some(b) = body {
+                        bodies.insert(r.lease, b);
+                    }
+                    session.handle_task_done(Instant::now(), r);
+                }
+                Some((g, kind, r)) = resp_rx.recv() => {
+                    if g != generation { continue; }
+                    let now = Instant::now();
+                    match (kind, r) {
+                        (Pending::Lease, Ok(Response::Leases { grants, lost, retry_ms })) => {
+                            session.handle_leases(now, grants, lost, Duration::from_millis(retry_ms));
+                        }
+                        (Pending::Results, Ok(Response::Verdicts(v))) => {
+                            for (lease, verdict) in v {
+                                bodies.remove(&lease);
+                                match verdict {
+                                    Verdict::Accepted | Verdict::Duplicate => report.accepted += 1,
+                                    Verdict::Stale => { report.rejected += 1; debug!(%lease, "stale result") }
+                                    Verdict::Refused(why) => { report.rejected += 1; warn!(%lease, "result refused: {why}") }
+                                }
+                            }
+                            session.handle_verdicts(now);
+                        }
+                        (Pending::Lease, Ok(other)) => {
+                            warn!("lease request answered with {other:?}");
+                            session.handle_leases(now, Vec::new(), Vec::new(), Duration::from_secs(1));
+                        }
+                        (Pending::Results, Ok(other)) => {
+                            warn!("results answered with {other:?}; resending later");
+                            session.handle_request_failed();
+                        }
+                        (_, Err(e)) => {
+                            warn!("request failed: {e}; reconnecting");
+                            session.handle_disconnect();
+                            conn.close(0u32.into(), b"reconnecting");
+                            continue 'connect;
+                        }
+                    }
+                }
+                _ = &mut drain, if !draining => {
+                    info!("draining: finishing held tasks");
+                    draining = true;
+                    session.handle_drain(Instant::now());
+                }
+                _ = conn.closed() => {
+                    warn!("connection to the pool lost; reconnecting");
+                    session.handle_disconnect();
+                    continue 'connect;
+                }
+            }
+        }
+    }
+    endpoint.wait_idle().await;
+    Ok(report)
+}

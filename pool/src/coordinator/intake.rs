@@ -1,0 +1,273 @@
+//! Result intake: results are opened off the coordinator thread
+//! ([`open_results`]: hashes, receipt signatures, serialisation), then
+//! checked against the lease they claim and stored at most once.
+
+use super::jobs::TaskState;
+use super::leases::Lease;
+use super::{refusal, Coordinator};
+use crate::store::{Acceptance, Store};
+use std::time::Instant;
+use tidepool_proto::receipt::LeaseReceipt;
+use tidepool_proto::session::Refusal;
+use tidepool_proto::wire::{ErrorCode, LeaseId, Outcome, TaskResult, Verdict};
+use tidepool_proto::{Digest, PublicKey};
+
+/// An accepted result's outcome, signed receipt and transcript, serialised
+/// for the store.
+type StoredResult = (Vec<u8>, Vec<u8>, Vec<u8>);
+
+/// What checking a result against its lease found.
+#[derive(Debug)]
+enum Checked {
+    /// The node reports the task failed (the reason).
+    Failed(String),
+    /// A valid result, ready to store.
+    Accept(StoredResult),
+}
+
+/// A result prepared for the coordinator: its output hashed, its receipt's
+/// signature checked and decoded, and the bytes to store serialised. Built by
+/// [`open_results`] on any thread.
+#[derive(Debug)]
+pub struct Opened {
+    /// The node that sent it (whose key the receipt must be signed with).
+    key: PublicKey,
+    /// Task and attempt.
+    lease: LeaseId,
+    /// What was found.
+    kind: OpenedKind,
+}
+
+#[derive(Debug)]
+enum OpenedKind {
+    /// The node reports the task failed.
+    Failed(String),
+    /// A result with its receipt checked.
+    Checked {
+        /// The decoded receipt, or why it was refused.
+        receipt: Result<Box<LeaseReceipt>, String>,
+        /// Digest of the output (or of the job error's JSON).
+        output_digest: Digest,
+        /// MessagePack of the outcome.
+        outcome: Vec<u8>,
+        /// MessagePack of the signed receipt.
+        receipt_bytes: Vec<u8>,
+        /// Digest of the transcript sent (None when empty).
+        transcript_digest: Option<Digest>,
+        /// MessagePack of the transcript (empty when none).
+        transcript: Vec<u8>,
+    },
+}
+
+/// Hash outputs, check receipt signatures and serialise, for results sent
+/// by `key`. Pure and parallel: no coordinator state.
+pub fn open_results(key: &PublicKey, results: Vec<TaskResult>) -> Vec<Opened> {
+    let mut verified = tidepool_proto::receipt::VerifiedRoots::default();
+    results
+        .into_iter()
+        .map(|r| {
+            let kind = match &r.outcome {
+                Outcome::Failed { reason } => OpenedKind::Failed(reason.clone()),
+                outcome => {
+                    let output_digest = match outcome {
+                        Outcome::Output(b) => Digest::of(&b.0),
+                        Outcome::JobError { code, message } => {
+                            tidepool_proto::receipt::job_error_digest(code, message)
+                        }
+                        Outcome::Failed { .. } => unreachable!("handled above"),
+                    };
+                    let receipt = match &r.receipt {
+                        None => Err("result without a receipt".to_owned()),
+                        Some(signed) => signed
+                            .open_cached(key, &mut verified)
+                            .map(Box::new)
+                            .map_err(|e| e.to_string()),
+                    };
+                    // Serialising plain data to a Vec cannot fail.
+                    OpenedKind::Checked {
+                        receipt,
+                        output_digest,
+                        outcome: rmp_serde::to_vec_named(&r.outcome).expect("outcome serialises"),
+                        receipt_bytes: rmp_serde::to_vec_named(&r.receipt)
+                            .expect("receipt serialises"),
+                        transcript_digest: (!r.transcript.is_empty())
+                            .then(|| tidepool_proto::llm::transcript_digest(&r.transcript)),
+                        transcript: if r.transcript.is_empty() {
+                            Vec::new()
+                        } else {
+                            rmp_serde::to_vec(&r.transcript).expect("transcript serialises")
+                        },
+                    }
+                }
+            };
+            Opened {
+                key: *key,
+                lease: r.lease,
+                kind,
+            }
+        })
+        .collect()
+}
+
+impl<S: Store> Coordinator<S> {
+    /// Results from a node. Each gets a verdict; accepted ones are on disk
+    /// when this returns.
+    pub fn handle_results(
+        &mut self,
+        now: Instant,
+        key: &PublicKey,
+        results: Vec<TaskResult>,
+    ) -> Result<Vec<(LeaseId, Verdict)>, Refusal> {
+        self.handle_opened_results(now, key, open_results(key, results))
+    }
+
+    /// [`handle_results`](Self::handle_results) for results already opened
+    /// with [`open_results`] (the pool's connection tasks do that in parallel,
+    /// so signature checks and hashing stay off the coordinator thread).
+    pub fn handle_opened_results(
+        &mut self,
+        now: Instant,
+        key: &PublicKey,
+        results: Vec<Opened>,
+    ) -> Result<Vec<(LeaseId, Verdict)>, Refusal> {
+        let mut verdicts: Vec<(LeaseId, Option<Verdict>)> = Vec::with_capacity(results.len());
+        let mut batch = Vec::new();
+        let mut batch_idx = Vec::new();
+        for r in results {
+            if r.key != *key {
+                return Err(refusal(
+                    ErrorCode::Protocol,
+                    "results opened for another node",
+                ));
+            }
+            let id = r.lease;
+            let current = matches!(self.leases.get(&id.task), Some(l) if l.attempt == id.attempt && l.node == *key);
+            if !current {
+                let v = if self.store.done_by(id.task, id.attempt, key)? {
+                    Verdict::Duplicate
+                } else {
+                    Verdict::Stale
+                };
+                verdicts.push((id, Some(v)));
+                continue;
+            }
+            let lease = self.leases[&id.task];
+            match self.check_result(&lease, r) {
+                Ok(Checked::Accept((outcome, receipt, transcript))) => {
+                    batch_idx.push(verdicts.len());
+                    verdicts.push((id, None));
+                    batch.push(Acceptance {
+                        task: id.task,
+                        attempt: id.attempt,
+                        node: *key,
+                        outcome,
+                        receipt,
+                        transcript,
+                    });
+                }
+                Ok(Checked::Failed(reason)) => {
+                    // A reported failure: the attempt failed.
+                    self.release(id.task, &format!("node {}: {reason}", key.short()))?;
+                    verdicts.push((id, Some(Verdict::Accepted)));
+                }
+                Err(why) => {
+                    self.release(
+                        id.task,
+                        &format!("node {}: refused result: {why}", key.short()),
+                    )?;
+                    verdicts.push((id, Some(Verdict::Refused(why))));
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let stored = self.store.accept(&batch, self.unix(now))?;
+            for ((i, a), ok) in batch_idx.into_iter().zip(&batch).zip(stored) {
+                verdicts[i].1 = Some(if ok {
+                    Verdict::Accepted
+                } else {
+                    Verdict::Stale
+                });
+                if ok {
+                    if let Some(lease) = self.leases.remove(&a.task) {
+                        self.expiry.remove(&(lease.expires, a.task));
+                        if let Some(n) = self.nodes.get_mut(key) {
+                            n.leases.remove(&a.task);
+                        }
+                        self.count(lease.job, TaskState::Leased, TaskState::Done);
+                        if let Err(e) = self.after_accept(now, a, &lease) {
+                            // The result stands; only its check is lost.
+                            tracing::warn!(task = a.task, "verification step failed: {e}");
+                        }
+                    }
+                }
+            }
+        }
+        Ok(verdicts
+            .into_iter()
+            .map(|(id, v)| (id, v.unwrap_or(Verdict::Stale)))
+            .collect())
+    }
+
+    /// Check a result against its lease; `Ok(None)` for a reported failure.
+    /// Check an opened result against its lease.
+    fn check_result(&self, lease: &Lease, r: Opened) -> Result<Checked, String> {
+        let (rc, output_digest, outcome, receipt, transcript_digest, transcript) = match r.kind {
+            OpenedKind::Failed(reason) => return Ok(Checked::Failed(reason)),
+            OpenedKind::Checked {
+                receipt,
+                output_digest,
+                outcome,
+                receipt_bytes,
+                transcript_digest,
+                transcript,
+            } => (
+                receipt?,
+                output_digest,
+                outcome,
+                receipt_bytes,
+                transcript_digest,
+                transcript,
+            ),
+        };
+        if rc.lease != r.lease {
+            return Err(format!(
+                "receipt is for {}, result for {}",
+                rc.lease, r.lease
+            ));
+        }
+        if rc.bundle != lease.bundle {
+            return Err(format!(
+                "receipt names bundle {}, the task runs {}",
+                rc.bundle, lease.bundle
+            ));
+        }
+        if rc.receipt.input != lease.input {
+            return Err(format!(
+                "receipt's input digest {} is not the task's",
+                rc.receipt.input
+            ));
+        }
+        if rc.receipt.output != output_digest {
+            return Err(format!(
+                "receipt's output digest {} does not match the output ({output_digest})",
+                rc.receipt.output
+            ));
+        }
+        if rc.receipt.transcript != transcript_digest {
+            return Err(format!(
+                "receipt's transcript digest {:?} does not match the transcript sent ({:?})",
+                rc.receipt.transcript.map(|d| d.to_string()),
+                transcript_digest.map(|d| d.to_string())
+            ));
+        }
+        if let Some(b) = self.bundles.get(&lease.bundle) {
+            if rc.receipt.component != b.manifest.component.sha256 {
+                return Err(format!(
+                    "receipt's component {} is not the bundle's",
+                    rc.receipt.component
+                ));
+            }
+        }
+        Ok(Checked::Accept((outcome, receipt, transcript)))
+    }
+}

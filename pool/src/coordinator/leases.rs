@@ -1,0 +1,302 @@
+//! Queues and leases: granting tasks to a node (re-executions first, then
+//! bundle queues oldest first), renewals, releases back to the queue or to
+//! the dead letters.
+
+use super::fit::can_run;
+use super::jobs::TaskState;
+use super::nodes::UPTIME_MARGIN;
+use super::verification::CHECK_ATTEMPTS_FACTOR;
+use super::{refusal, Coordinator, PoolEvent};
+use crate::store::{GrantRow, GrantedInput, Store, StoreError, Verified};
+use std::time::Instant;
+use tidepool_proto::session::Refusal;
+use tidepool_proto::wire::{ErrorCode, JobId, LeaseId, TaskGrant, TaskId};
+use tidepool_proto::{Digest, PublicKey};
+
+/// A task waiting in a queue.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Queued {
+    /// The task.
+    pub(super) task: TaskId,
+    /// Its job.
+    pub(super) job: JobId,
+    /// Attempts made so far.
+    pub(super) attempts: u32,
+}
+
+/// A task under lease.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Lease {
+    /// Attempt number (fencing token).
+    pub(super) attempt: u32,
+    /// Holder.
+    pub(super) node: PublicKey,
+    /// Its job.
+    pub(super) job: JobId,
+    /// Its bundle.
+    pub(super) bundle: Digest,
+    /// Digest of its input (receipts must name it).
+    pub(super) input: Digest,
+    /// When it expires unless renewed.
+    pub(super) expires: Instant,
+    /// Last renewal (or grant).
+    pub(super) renewed: Instant,
+}
+
+impl<S: Store> Coordinator<S> {
+    /// A node asks for `want` tasks and renews `running`. Returns new grants
+    /// and the leases it named that are not its own any more.
+    pub fn handle_lease(
+        &mut self,
+        now: Instant,
+        key: &PublicKey,
+        want: u32,
+        running: &[LeaseId],
+    ) -> Result<(Vec<TaskGrant>, Vec<LeaseId>), Refusal> {
+        let mut lost = Vec::new();
+        for l in running {
+            match self.leases.get_mut(&l.task) {
+                Some(lease) if lease.attempt == l.attempt && lease.node == *key => {
+                    self.expiry.remove(&(lease.expires, l.task));
+                    lease.expires = now + self.cfg.lease_ttl;
+                    lease.renewed = now;
+                    self.expiry.insert((lease.expires, l.task));
+                }
+                _ => lost.push(*l),
+            }
+        }
+        if self.standing.get(key).is_some_and(|s| s.banned) {
+            return Err(Refusal {
+                code: ErrorCode::Forbidden,
+                message: format!("node {key} is banned from this pool"),
+                close: true,
+            });
+        }
+        if let Some(&until) = self.quarantine.get(key) {
+            if now < until {
+                return Ok((Vec::new(), lost));
+            }
+            self.quarantine.remove(key);
+        }
+        let Some(node) = self.nodes.get(key) else {
+            return Err(refusal(ErrorCode::Protocol, "lease request before hello"));
+        };
+        let held = u32::try_from(node.leases.len()).unwrap_or(u32::MAX);
+        let room = (node.caps.slots.max(1) + node.caps.queue).saturating_sub(held);
+        let mut want = want.min(room).min(self.cfg.max_grant) as usize;
+        // Prefer nodes with a better uptime record: while a connected node
+        // that stays up clearly more has free slots, a flakier node gets a
+        // quarter of what it asks for (at least one task).
+        let mine = node.uptime(now);
+        let better_has_room = self.nodes.iter().any(|(k, n)| {
+            k != key
+                && n.connections > 0
+                && n.leases.len() < (n.caps.slots + n.caps.queue) as usize
+                && n.uptime(now) > mine + UPTIME_MARGIN
+        });
+        if better_has_room {
+            want = want.div_ceil(4);
+        }
+        if want == 0 {
+            return Ok((Vec::new(), lost));
+        }
+        // Re-executions first: the sooner a wrong result is found, the less
+        // is built on it.
+        let mut picked: Vec<(Queued, Digest)> = Vec::new();
+        if !self.check_queue.is_empty() {
+            let take: Vec<usize> = self
+                .check_queue
+                .iter()
+                .enumerate()
+                .filter(|(_, q)| {
+                    self.checks
+                        .get(&q.task)
+                        .is_some_and(|c| self.may_check(key, c))
+                })
+                .map(|(i, _)| i)
+                .take(want)
+                .collect();
+            for i in take.into_iter().rev() {
+                if let Some(q) = self.check_queue.remove(i) {
+                    let bundle = self.checks[&q.task].bundle;
+                    picked.push((q, bundle));
+                }
+            }
+            picked.reverse();
+        }
+        let node = &self.nodes[key];
+        // Then the queues of bundles this node can run, oldest bundle first.
+        for (digest, queue) in self.queues.iter_mut() {
+            if picked.len() == want {
+                break;
+            }
+            let Some(b) = self.bundles.get(digest) else {
+                continue;
+            };
+            if !b.missing.is_empty() || !can_run(&node.caps, &b.manifest) {
+                continue;
+            }
+            while picked.len() < want {
+                let Some(q) = queue.pop_front() else { break };
+                picked.push((q, *digest));
+            }
+        }
+        self.queues.retain(|_, q| !q.is_empty());
+        if picked.is_empty() {
+            return Ok((Vec::new(), lost));
+        }
+        self.maybe_add_canary(key, &mut picked)?;
+        let rows: Vec<_> = picked
+            .iter()
+            .map(|(q, _)| GrantRow {
+                task: q.task,
+                attempt: q.attempts + 1,
+                node: *key,
+            })
+            .collect();
+        let inputs = match self.store.grant(&rows) {
+            Ok(i) => i,
+            Err(e) => {
+                // Nothing was granted: put the tasks back where they were.
+                for (q, d) in picked.into_iter().rev() {
+                    self.queues.entry(d).or_default().push_front(q);
+                }
+                return Err(e.into());
+            }
+        };
+        let mut grants = Vec::with_capacity(picked.len());
+        let node = self.nodes.get_mut(key).expect("checked above");
+        for (
+            (q, bundle),
+            GrantedInput {
+                input,
+                digest: input_digest,
+            },
+        ) in picked.into_iter().zip(inputs)
+        {
+            let lease = Lease {
+                attempt: q.attempts + 1,
+                node: *key,
+                job: q.job,
+                bundle,
+                input: input_digest,
+                expires: now + self.cfg.lease_ttl,
+                renewed: now,
+            };
+            self.expiry.insert((lease.expires, q.task));
+            self.leases.insert(q.task, lease);
+            node.leases.insert(q.task);
+            grants.push(TaskGrant {
+                replay: None,
+                lease: LeaseId {
+                    task: q.task,
+                    attempt: lease.attempt,
+                },
+                bundle,
+                input: tidepool_proto::wire::Bytes(input),
+            });
+        }
+        for g in &mut grants {
+            let job = self.leases[&g.lease.task].job;
+            self.count(job, TaskState::Queued, TaskState::Leased);
+            g.replay = self.replay_for(g.lease.task, &g.bundle)?;
+        }
+        Ok((grants, lost))
+    }
+
+    /// The transcript a check of an `llm`-tier result replays: the checked
+    /// result's own (so the verifier runs one teacher-forced pass instead of
+    /// generating). `None` for other tasks and tiers, or when the result
+    /// generated nothing.
+    pub(super) fn replay_for(
+        &mut self,
+        task: TaskId,
+        bundle: &Digest,
+    ) -> Result<Option<tidepool_proto::llm::Transcript>, StoreError> {
+        let Some(check) = self.checks.get(&task) else {
+            return Ok(None);
+        };
+        let llm = self.bundles.get(bundle).is_some_and(|b| {
+            matches!(
+                b.manifest.determinism,
+                tidepool_proto::manifest::Determinism::Llm { .. }
+            )
+        });
+        if !llm {
+            return Ok(None);
+        }
+        let target = check.target;
+        let Some(bytes) = self.store.transcript(target)? else {
+            return Ok(None);
+        };
+        match rmp_serde::from_slice(&bytes) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) => {
+                // Stored by this pool after checking its digest: should not
+                // happen; the check then generates afresh.
+                tracing::warn!(task = target, "stored transcript unreadable: {e}");
+                Ok(None)
+            }
+        }
+    }
+
+    /// End a lease: back to the queue (front) or to the dead letters.
+    pub(super) fn release(&mut self, task: TaskId, reason: &str) -> Result<(), StoreError> {
+        let Some(lease) = self.leases.remove(&task) else {
+            return Ok(());
+        };
+        self.expiry.remove(&(lease.expires, task));
+        if let Some(n) = self.nodes.get_mut(&lease.node) {
+            n.leases.remove(&task);
+        }
+        let is_check = self.checks.contains_key(&task);
+        // A re-execution is the pool's own work: it is retried longer (its
+        // nodes may be liars that get banned mid-task).
+        let limit = if is_check {
+            self.cfg.max_attempts.max(1) * CHECK_ATTEMPTS_FACTOR
+        } else {
+            self.cfg.max_attempts
+        };
+        let dead = lease.attempt >= limit;
+        self.store.release(task, lease.attempt, reason, dead)?;
+        if let Some(check) = self.checks.get(&task) {
+            if dead {
+                // Nobody could run the check: the result stays as it was.
+                let target = check.target;
+                self.checks.remove(&task);
+                if let Some(row) = self.store.result(target)? {
+                    if row.verified == Verified::Checking {
+                        self.store.set_verified(target, Verified::Unverified)?;
+                    }
+                }
+                self.count(lease.job, TaskState::Leased, TaskState::Dead);
+            } else {
+                self.count(lease.job, TaskState::Leased, TaskState::Queued);
+                self.check_queue.push_front(Queued {
+                    task,
+                    job: lease.job,
+                    attempts: lease.attempt,
+                });
+            }
+            return Ok(());
+        }
+        if dead {
+            self.events.push_back(PoolEvent::DeadLettered {
+                task,
+                reason: reason.to_owned(),
+            });
+            self.count(lease.job, TaskState::Leased, TaskState::Dead);
+        } else {
+            self.count(lease.job, TaskState::Leased, TaskState::Queued);
+            self.queues
+                .entry(lease.bundle)
+                .or_default()
+                .push_front(Queued {
+                    task,
+                    job: lease.job,
+                    attempts: lease.attempt,
+                });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,365 @@
+//! The coordinator: bundles, jobs, the task queue, leases and results.
+//!
+//! It is a state machine in the sans-IO style: every input is a `handle_*`
+//! call with the current time, outputs are return values and
+//! [`poll_event`](Coordinator::poll_event), and
+//! [`poll_timeout`](Coordinator::poll_timeout) says when lease expiries are
+//! due. It never touches sockets, clocks or threads. Its only side effect is
+//! the [`Store`], which commits before anything is acknowledged.
+//!
+//! Invariants:
+//! - a task is in exactly one of: a bundle queue, `leases`, done, dead;
+//! - a lease's attempt number is the task's attempt in the store; results
+//!   are accepted only from that attempt and the node that holds it, and the
+//!   store's conditional update makes acceptance happen at most once;
+//! - an expired lease sends its task back to the front of its queue with the
+//!   attempt recorded as failed, or to the dead letters after
+//!   `max_attempts` attempts.
+
+//!
+//! The state is split by concern, one file each; each sub-state's methods
+//! work on the coordinator's fields of that concern:
+//! - `nodes`: nodes seen, their connections, uptime and held tasks;
+//! - `leases`: queues, grants, renewals, releases and dead letters;
+//! - `intake`: results opened off-thread, checked against their lease,
+//!   stored at most once;
+//! - `verification`: re-executions, decisions, strikes, canaries, challenges;
+//! - `jobs`: bundles, blobs, submissions, job counts;
+//! - `fit`: which node can run which bundle;
+//! - `status`: views for `job status`, `job results` and `pool status`;
+//! - `requests`: one handler per wire request (`handle_request`), so the
+//!   server only moves bytes.
+
+mod fit;
+mod intake;
+mod jobs;
+mod leases;
+mod nodes;
+mod requests;
+mod status;
+mod verification;
+
+pub use crate::config::{Admission, PoolConfig};
+pub use fit::{can_run, cannot_run, Unfit};
+pub use intake::{open_results, Opened};
+pub use nodes::UPTIME_MARGIN;
+pub use requests::{Answer, Incoming};
+pub use verification::{CHECK_ATTEMPTS_FACTOR, MAX_EXECUTIONS};
+
+use crate::store::{CanaryRow, JobCounts, JobKind, PendingTask, Recovered, Store, StoreError};
+use crate::verify::Standing;
+use jobs::Bundle;
+use leases::{Lease, Queued};
+use nodes::Node;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::time::Instant;
+use tidepool_proto::manifest::{LockedManifest, SignedManifest};
+use tidepool_proto::session::Refusal;
+use tidepool_proto::wire::{ErrorCode, JobId, LeaseId, TaskId, VerificationStats};
+use tidepool_proto::{Digest, PublicKey};
+use verification::Check;
+
+/// Something that happened, for logs and measurements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolEvent {
+    /// A lease expired; the task is queued again.
+    Requeued {
+        /// The expired lease.
+        lease: LeaseId,
+        /// The node that held it.
+        node: PublicKey,
+        /// When it expired.
+        at: Instant,
+        /// When the node last renewed it.
+        last_renewed: Instant,
+    },
+    /// A task failed too often and is dead-lettered.
+    DeadLettered {
+        /// The task.
+        task: TaskId,
+        /// The last reason.
+        reason: String,
+    },
+    /// A job has no more open tasks.
+    JobFinished {
+        /// The job.
+        job: JobId,
+    },
+    /// A node was caught with a wrong result (by a re-execution or a canary).
+    Caught {
+        /// The node.
+        node: PublicKey,
+        /// The task whose result was wrong.
+        task: TaskId,
+        /// Its strikes now.
+        strikes: u32,
+        /// Whether it is now banned.
+        banned: bool,
+    },
+    /// A wrong result was replaced by the agreed one.
+    Replaced {
+        /// The task.
+        task: TaskId,
+    },
+}
+
+/// Errors of client requests, as refusals to send back.
+pub(crate) fn refusal(code: ErrorCode, message: impl Into<String>) -> Refusal {
+    Refusal {
+        code,
+        message: message.into(),
+        close: false,
+    }
+}
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Self {
+        refusal(ErrorCode::Internal, e.to_string())
+    }
+}
+
+/// The coordinator. Lives as long as the pool process; rebuilt from the
+/// store at start.
+#[derive(Debug)]
+pub struct Coordinator<S: Store> {
+    /// Durable state.
+    store: S,
+    /// Policy.
+    cfg: PoolConfig,
+    /// Published bundles by digest.
+    bundles: HashMap<Digest, Bundle>,
+    /// Queued tasks per bundle, in order.
+    queues: BTreeMap<Digest, VecDeque<Queued>>,
+    /// Leased tasks.
+    leases: HashMap<TaskId, Lease>,
+    /// Lease expiry order: (expires, task).
+    expiry: BTreeSet<(Instant, TaskId)>,
+    /// Every job's bundle and task counts by state, kept in step with the
+    /// store (loaded once at start) so status queries cost no database work.
+    jobs: BTreeMap<JobId, (Digest, JobCounts)>,
+    /// Nodes seen since start.
+    nodes: HashMap<PublicKey, Node>,
+    /// Events not yet polled.
+    events: VecDeque<PoolEvent>,
+    /// Each judged node's standing, loaded at start and saved on change.
+    standing: HashMap<PublicKey, Standing>,
+    /// When a quarantined node may have tasks again (in memory; the store
+    /// keeps the Unix time for status and restarts).
+    quarantine: HashMap<PublicKey, Instant>,
+    /// Kinds of the pool's hidden jobs (absent: a user job).
+    kinds: HashMap<JobId, JobKind>,
+    /// The hidden job per bundle and kind, created on first use.
+    hidden: HashMap<(Digest, JobKind), JobId>,
+    /// Re-executions not yet decided, by their own task id.
+    checks: HashMap<TaskId, Check>,
+    /// Re-executions waiting for a suitable node, oldest first; they go
+    /// before ordinary tasks.
+    check_queue: VecDeque<Queued>,
+    /// Canary ids per bundle.
+    canaries: BTreeMap<Digest, Vec<i64>>,
+    /// Canaries given to each node (each node gets a canary at most once,
+    /// so a repeated input never tells it which task is a test). In memory.
+    canaries_given: HashSet<(i64, PublicKey)>,
+    /// Lease grants made, numbering the canary draws.
+    grants_made: u64,
+    /// Key of the audit draw; never leaves the process.
+    secret: [u8; 32],
+    /// Verification counters since start.
+    vstats: VerificationStats,
+    /// An `Instant` and the Unix time it stands for, to stamp stored rows
+    /// and measure challenge windows and quarantines in wall-clock time;
+    /// set by the shell with [`set_clock`](Self::set_clock) (unset: 0).
+    clock: Option<(Instant, u64)>,
+}
+
+impl<S: Store> Coordinator<S> {
+    /// Rebuild from the store: leased tasks go back to their queues (their
+    /// leases died with the previous process; the attempt numbers stay, so
+    /// late results from before the restart are refused as stale).
+    pub fn new(
+        mut store: S,
+        cfg: PoolConfig,
+        have_blob: &dyn Fn(&Digest) -> bool,
+    ) -> Result<Self, StoreError> {
+        let Recovered {
+            bundles: stored,
+            pending,
+        } = store.recover()?;
+        let mut me = Self {
+            store,
+            cfg,
+            bundles: HashMap::new(),
+            queues: BTreeMap::new(),
+            leases: HashMap::new(),
+            expiry: BTreeSet::new(),
+            jobs: BTreeMap::new(),
+            nodes: HashMap::new(),
+            events: VecDeque::new(),
+            standing: HashMap::new(),
+            quarantine: HashMap::new(),
+            kinds: HashMap::new(),
+            hidden: HashMap::new(),
+            checks: HashMap::new(),
+            check_queue: VecDeque::new(),
+            canaries: BTreeMap::new(),
+            canaries_given: HashSet::new(),
+            grants_made: 0,
+            secret: [0; 32],
+            vstats: VerificationStats::default(),
+            clock: None,
+        };
+        me.secret = match me.cfg.verify.secret {
+            Some(s) => s,
+            None => {
+                use ring::rand::SecureRandom;
+                let mut s = [0u8; 32];
+                ring::rand::SystemRandom::new()
+                    .fill(&mut s)
+                    .map_err(|_| StoreError::Corrupt {
+                        what: "audit secret",
+                        why: "the system random source failed".into(),
+                    })?;
+                s
+            }
+        };
+        me.standing = me.store.standings()?.into_iter().collect();
+        me.kinds = me.store.job_kinds()?.into_iter().collect();
+        for CanaryRow { id, bundle } in me.store.canaries()? {
+            me.canaries.entry(bundle).or_default().push(id);
+        }
+        for b in stored {
+            let signed: SignedManifest =
+                rmp_serde::from_slice(&b.signed).map_err(|e| StoreError::Corrupt {
+                    what: "signed manifest",
+                    why: e.to_string(),
+                })?;
+            let manifest: LockedManifest =
+                rmp_serde::from_slice(&signed.manifest).map_err(|e| StoreError::Corrupt {
+                    what: "locked manifest",
+                    why: e.to_string(),
+                })?;
+            let missing = manifest
+                .blobs()
+                .iter()
+                .map(|b| b.sha256)
+                .filter(|d| !have_blob(d))
+                .collect();
+            me.bundles.insert(
+                b.digest,
+                Bundle {
+                    signed,
+                    manifest,
+                    missing,
+                },
+            );
+        }
+        me.jobs = me
+            .store
+            .jobs()?
+            .into_iter()
+            .map(|r| (r.job, (r.bundle, r.counts)))
+            .collect();
+        for (&job, (bundle, _)) in &me.jobs {
+            if let Some(&kind) = me.kinds.get(&job) {
+                me.hidden.insert((*bundle, kind), job);
+            }
+        }
+        for PendingTask {
+            task,
+            job,
+            bundle,
+            attempt,
+            check_of,
+            ..
+        } in pending
+        {
+            let q = Queued {
+                task,
+                job,
+                attempts: attempt,
+            };
+            match check_of {
+                Some(target) => {
+                    let check = me.check_context(target, bundle, task)?;
+                    me.checks.insert(task, check);
+                    me.check_queue.push_back(q);
+                }
+                None => me.queues.entry(bundle).or_default().push_back(q),
+            }
+        }
+        Ok(me)
+    }
+
+    /// Tie `Instant`s to wall-clock time: `now` is `unix_secs` seconds
+    /// after the Unix epoch. The server calls it once at start; tests pick
+    /// any time.
+    pub fn set_clock(&mut self, now: Instant, unix_secs: u64) {
+        self.clock = Some((now, unix_secs));
+    }
+
+    /// Unix seconds at `now` (0 when no clock was set).
+    pub(super) fn unix(&self, now: Instant) -> u64 {
+        self.clock.map_or(0, |(at, secs)| {
+            secs + now.saturating_duration_since(at).as_secs()
+        })
+    }
+
+    /// The policy.
+    pub fn config(&self) -> &PoolConfig {
+        &self.cfg
+    }
+
+    /// May this key connect as a node?
+    pub fn admits_node(&self, key: &PublicKey) -> bool {
+        match &self.cfg.admission {
+            Admission::Open => true,
+            Admission::Allowlist(keys) => keys.contains(key),
+        }
+    }
+
+    /// May this key act as a client (publish, submit, read)?
+    pub fn admits_client(&self, key: &PublicKey) -> bool {
+        self.cfg.publishers.contains(key) || self.cfg.clients.contains(key)
+    }
+
+    /// When the next lease expires.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.expiry.first().map(|(t, _)| *t)
+    }
+
+    /// Expire the leases due by `now`.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), StoreError> {
+        while let Some(&(at, task)) = self.expiry.first() {
+            if at > now {
+                break;
+            }
+            let Some(lease) = self.leases.get(&task).copied() else {
+                self.expiry.pop_first();
+                continue;
+            };
+            let held = lease.expires.saturating_duration_since(lease.renewed);
+            let reason = format!(
+                "lease expired on node {} ({} ms without renewal)",
+                lease.node.short(),
+                held.as_millis()
+            );
+            self.release(task, &reason)?;
+            self.store.node_seen(&lease.node, 0, 1, self.unix(now))?;
+            self.events.push_back(PoolEvent::Requeued {
+                lease: LeaseId {
+                    task,
+                    attempt: lease.attempt,
+                },
+                node: lease.node,
+                at,
+                last_renewed: lease.renewed,
+            });
+        }
+        Ok(())
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<PoolEvent> {
+        self.events.pop_front()
+    }
+}

@@ -1,0 +1,199 @@
+//! Status views: a job's progress and why it waits, its records, and the
+//! pool's summary (nodes, standing, queues, verification counters).
+
+use super::fit::cannot_run;
+use super::refusal;
+use super::Coordinator;
+use crate::store::{JobCounts, NodeCounters, Store};
+use crate::verify::Standing;
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+use tidepool_proto::session::Refusal;
+use tidepool_proto::wire::{
+    ErrorCode, JobId, JobSummary, NodeStatus, PoolSummary, TaskRecord, VerificationStats,
+};
+use tidepool_proto::Digest;
+
+impl<S: Store> Coordinator<S> {
+    pub(super) fn summary(&self, job: JobId, bundle: Digest, c: JobCounts) -> JobSummary {
+        let bundle_name = self
+            .bundles
+            .get(&bundle)
+            .map(|b| format!("{} {}", b.manifest.name, b.manifest.version))
+            .unwrap_or_default();
+        JobSummary {
+            job,
+            bundle,
+            bundle_name,
+            tasks: c.tasks,
+            done: c.done,
+            dead: c.dead,
+            running: c.leased,
+            cached: c.cached,
+            waiting: self.waiting(&bundle, &c),
+        }
+    }
+
+    /// Why a job's queued tasks cannot be leased now, if nothing connected
+    /// could take them: the bundle's files are still arriving, no node is
+    /// connected, or each connected node lacks something (grouped by
+    /// reason). `None` while some connected node could run them (they may
+    /// still queue behind other work).
+    pub(super) fn waiting(&self, bundle: &Digest, c: &JobCounts) -> Option<String> {
+        if c.queued == 0 {
+            return None;
+        }
+        let b = self.bundles.get(bundle)?;
+        if !b.missing.is_empty() {
+            return Some(format!(
+                "the pool does not have {} of the bundle's files yet",
+                b.missing.len()
+            ));
+        }
+        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+        for n in self.nodes.values().filter(|n| n.connections > 0) {
+            // A node that can run it: nothing to explain (`?` returns None).
+            *reasons
+                .entry(cannot_run(&n.caps, &b.manifest)?.to_string())
+                .or_default() += 1;
+        }
+        if reasons.is_empty() {
+            return Some("no node is connected".into());
+        }
+        let why: Vec<String> = reasons
+            .iter()
+            .map(|(r, k)| match k {
+                1 => format!("1 node: {r}"),
+                k => format!("{k} nodes: {r}"),
+            })
+            .collect();
+        Some(format!("no connected node can run it ({})", why.join("; ")))
+    }
+
+    /// A job's progress.
+    pub fn job_status(&mut self, job: JobId) -> Result<JobSummary, Refusal> {
+        let (bundle, c) = *self
+            .jobs
+            .get(&job)
+            .ok_or_else(|| refusal(ErrorCode::NotFound, format!("no job {job}")))?;
+        Ok(self.summary(job, bundle, c))
+    }
+
+    /// A job's results from index `from`.
+    pub fn job_results(
+        &mut self,
+        job: JobId,
+        from: u32,
+        limit: u32,
+    ) -> Result<Vec<TaskRecord>, Refusal> {
+        if !self.jobs.contains_key(&job) {
+            return Err(refusal(ErrorCode::NotFound, format!("no job {job}")));
+        }
+        let rows = self.store.tasks(job, from, limit.min(10_000))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| TaskRecord {
+                index: r.index,
+                task: r.task,
+                state: r.state.to_owned(),
+                outcome: r.outcome,
+                node: r.node,
+                attempts: r.attempts,
+                reasons: r.reasons,
+                cached_from: r.cached_from,
+                verification: if r.state == "done" {
+                    r.verified.name().to_owned()
+                } else {
+                    String::new()
+                },
+                challenge: r.challenge,
+            })
+            .collect())
+    }
+
+    /// Nodes, queue depth, jobs.
+    pub fn pool_status(&mut self, now: Instant) -> Result<PoolSummary, Refusal> {
+        let counters = self.store.nodes()?;
+        let mut nodes = Vec::new();
+        for NodeCounters {
+            key,
+            completed,
+            expired,
+        } in counters
+        {
+            let gpu = self.nodes.get(&key).and_then(|n| n.caps.gpu.clone());
+            let (connected, uptime, running, slots) = match self.nodes.get(&key) {
+                Some(n) => {
+                    let up = n.connected_total
+                        + n.connected_since
+                            .map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
+                    let seen = now
+                        .saturating_duration_since(n.first_seen)
+                        .max(Duration::from_millis(1));
+                    (
+                        n.connections > 0,
+                        (up.as_secs_f64() / seen.as_secs_f64()).min(1.0),
+                        n.leases.len() as u32,
+                        n.caps.slots,
+                    )
+                }
+                None => (false, 0.0, 0, 0),
+            };
+            let st = self
+                .standing
+                .get(&key)
+                .copied()
+                .unwrap_or_else(|| Standing::new(&self.cfg.verify));
+            nodes.push(NodeStatus {
+                key,
+                connected,
+                uptime,
+                running,
+                slots,
+                completed,
+                expired,
+                reputation: st.reputation,
+                sampling: st.sampling_rate(),
+                confirmed: st.confirmed,
+                strikes: st.strikes,
+                quarantined_until: st.quarantined_until,
+                banned: st.banned,
+                trusted: self.cfg.verify.trusted.contains(&key),
+                gpu,
+            });
+        }
+        let mut jobs = Vec::new();
+        let (mut queued, mut leased, mut done, mut dead) = (0, 0, 0, 0);
+        for (&job, &(bundle, c)) in &self.jobs {
+            queued += u64::from(c.queued);
+            leased += u64::from(c.leased);
+            done += u64::from(c.done);
+            dead += u64::from(c.dead);
+            if !self.kinds.contains_key(&job) {
+                jobs.push(self.summary(job, bundle, c));
+            }
+        }
+        Ok(PoolSummary {
+            nodes,
+            queued,
+            leased,
+            done,
+            dead,
+            jobs,
+            verification: VerificationStats {
+                pending: self.checks.len() as u64,
+                ..self.vstats
+            },
+        })
+    }
+
+    /// Tasks waiting in queues (in memory).
+    pub fn queued(&self) -> usize {
+        self.queues.values().map(VecDeque::len).sum()
+    }
+
+    /// Tasks under lease.
+    pub fn leased(&self) -> usize {
+        self.leases.len()
+    }
+}

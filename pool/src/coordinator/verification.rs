@@ -1,0 +1,612 @@
+//! Verification: re-executions of sampled results on other nodes, the
+//! decision when executions disagree, strikes and quarantine, canaries and
+//! challenges. The pure parts (policy, standing, the audit draw, comparing
+//! outcomes) are in [`crate::verify`].
+
+use super::fit::can_run;
+use super::leases::{Lease, Queued};
+use super::nodes::Node;
+use super::{refusal, Coordinator, PoolEvent};
+use crate::store::{
+    Acceptance, JobCounts, JobKind, NewCanary, ResultRow, Store, StoreError, Verified,
+};
+use crate::verify::{agree, audit_draw, Standing, VerifyPolicy};
+use std::time::Instant;
+use tidepool_proto::session::Refusal;
+use tidepool_proto::wire::{Canary, Challenged, ErrorCode, JobId, LeaseId, Outcome, TaskId};
+use tidepool_proto::{Digest, PublicKey};
+
+/// A re-execution may take this many times `max_attempts` attempts.
+pub const CHECK_ATTEMPTS_FACTOR: u32 = 4;
+
+/// Most executions of one task (the original and its re-executions) before
+/// a disagreement is left `disputed`.
+pub const MAX_EXECUTIONS: usize = 5;
+
+/// A re-execution not yet decided.
+#[derive(Debug, Clone)]
+pub(super) struct Check {
+    /// The task whose result it checks.
+    pub(super) target: TaskId,
+    /// The bundle both run.
+    pub(super) bundle: Digest,
+    /// Nodes that already ran the target (never given it again).
+    pub(super) exclude: Vec<PublicKey>,
+    /// Whether this execution decides between two that disagree (prefers
+    /// trusted nodes).
+    pub(super) decider: bool,
+}
+
+impl<S: Store> Coordinator<S> {
+    /// A node's standing (a new node's if never judged).
+    pub(super) fn standing_of(&self, key: &PublicKey) -> Standing {
+        self.standing
+            .get(key)
+            .copied()
+            .unwrap_or_else(|| Standing::new(&self.cfg.verify))
+    }
+
+    /// Change a node's standing and save it.
+    pub(super) fn update_standing(
+        &mut self,
+        key: &PublicKey,
+        f: impl FnOnce(&mut Standing, &VerifyPolicy),
+    ) -> Result<Standing, StoreError> {
+        let mut st = self.standing_of(key);
+        f(&mut st, &self.cfg.verify);
+        self.store.put_standing(key, &st)?;
+        self.standing.insert(*key, st);
+        Ok(st)
+    }
+
+    /// May `key` run re-execution `check` now? Never a node that ran the
+    /// task before, nor one of the same operator; a node of the same
+    /// hardware class only if no other suitable node has room; a decider
+    /// goes to a trusted node whenever one is connected that may run it.
+    pub(super) fn may_check(&self, key: &PublicKey, check: &Check) -> bool {
+        let Some(node) = self.nodes.get(key) else {
+            return false;
+        };
+        let basic = |k: &PublicKey, n: &Node| -> bool {
+            if check.exclude.contains(k) {
+                return false;
+            }
+            if let Some(op) = &n.caps.operator {
+                if check.exclude.iter().any(|e| {
+                    self.nodes
+                        .get(e)
+                        .is_some_and(|x| x.caps.operator.as_ref() == Some(op))
+                }) {
+                    return false;
+                }
+            }
+            self.bundles
+                .get(&check.bundle)
+                .is_some_and(|b| b.missing.is_empty() && can_run(&n.caps, &b.manifest))
+        };
+        if !basic(key, node) {
+            return false;
+        }
+        let has_room = |n: &Node| {
+            n.connections > 0 && n.leases.len() < (n.caps.slots.max(1) + n.caps.queue) as usize
+        };
+        let trusted = &self.cfg.verify.trusted;
+        if check.decider && !trusted.contains(key) {
+            // A disagreement waits for a connected trusted node that may
+            // run it, even a busy one.
+            let other_trusted = self
+                .nodes
+                .iter()
+                .any(|(k, n)| k != key && trusted.contains(k) && n.connections > 0 && basic(k, n));
+            if other_trusted {
+                return false;
+            }
+        }
+        let same_class = |n: &Node| {
+            n.caps.hardware.is_some()
+                && check.exclude.iter().any(|e| {
+                    self.nodes
+                        .get(e)
+                        .is_some_and(|x| x.caps.hardware == n.caps.hardware)
+                })
+        };
+        if same_class(node) {
+            let other_class = self
+                .nodes
+                .iter()
+                .any(|(k, n)| k != key && has_room(n) && basic(k, n) && !same_class(n));
+            if other_class {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The hidden job of `kind` for `bundle`.
+    pub(super) fn hidden_job(
+        &mut self,
+        bundle: Digest,
+        kind: JobKind,
+    ) -> Result<JobId, StoreError> {
+        if let Some(&job) = self.hidden.get(&(bundle, kind)) {
+            return Ok(job);
+        }
+        let job = self.store.hidden_job(&bundle, kind)?;
+        self.hidden.insert((bundle, kind), job);
+        self.kinds.insert(job, kind);
+        self.jobs
+            .entry(job)
+            .or_insert((bundle, JobCounts::default()));
+        Ok(job)
+    }
+
+    /// What a re-execution of `target` must respect, from the store: the
+    /// nodes that ran it already, and whether this execution decides a
+    /// disagreement.
+    pub(super) fn check_context(
+        &mut self,
+        target: TaskId,
+        bundle: Digest,
+        this: TaskId,
+    ) -> Result<Check, StoreError> {
+        let row = self.store.result(target)?;
+        let prior: Vec<ResultRow> = self
+            .store
+            .checks_of(target)?
+            .into_iter()
+            .filter(|c| c.task != this)
+            .collect();
+        let mut exclude: Vec<PublicKey> = row.as_ref().and_then(|r| r.node).into_iter().collect();
+        exclude.extend(prior.iter().filter_map(|c| c.node));
+        let decider = match (&row, prior.last()) {
+            (Some(r), Some(last)) => !self.rows_agree(bundle, r, last),
+            _ => false,
+        };
+        Ok(Check {
+            target,
+            bundle,
+            exclude,
+            decider,
+        })
+    }
+
+    /// Do two stored results agree under the bundle's tier?
+    pub(super) fn rows_agree(&self, bundle: Digest, a: &ResultRow, b: &ResultRow) -> bool {
+        let tier = self
+            .bundles
+            .get(&bundle)
+            .map(|b| b.manifest.determinism.clone())
+            .unwrap_or_default();
+        match (decode_outcome(&a.outcome), decode_outcome(&b.outcome)) {
+            (Some(x), Some(y)) => agree(&tier, &x, &y),
+            _ => false,
+        }
+    }
+
+    /// Queue a re-execution of `target`, marking the target `mark`.
+    pub(super) fn spawn_check(
+        &mut self,
+        target: TaskId,
+        bundle: Digest,
+        exclude: Vec<PublicKey>,
+        decider: bool,
+        mark: Verified,
+    ) -> Result<TaskId, StoreError> {
+        let job = self.hidden_job(bundle, JobKind::Check)?;
+        let task = self.store.insert_check(job, target, mark)?;
+        if let Some((_, c)) = self.jobs.get_mut(&job) {
+            c.tasks += 1;
+            c.queued += 1;
+        }
+        self.checks.insert(
+            task,
+            Check {
+                target,
+                bundle,
+                exclude,
+                decider,
+            },
+        );
+        let q = Queued {
+            task,
+            job,
+            attempts: 0,
+        };
+        if decider {
+            self.check_queue.push_front(q);
+        } else {
+            self.check_queue.push_back(q);
+        }
+        Ok(task)
+    }
+
+    /// After a result is stored: sample it for a re-execution, decide a
+    /// re-execution, or judge a canary.
+    pub(super) fn after_accept(
+        &mut self,
+        now: Instant,
+        a: &Acceptance,
+        lease: &Lease,
+    ) -> Result<(), StoreError> {
+        match self.kinds.get(&lease.job).copied().unwrap_or(JobKind::User) {
+            JobKind::User => {
+                let Some(b) = self.bundles.get(&lease.bundle) else {
+                    return Ok(());
+                };
+                let rate = match b.manifest.verification.sampling.as_str() {
+                    "always" => 1.0,
+                    "none" => 0.0,
+                    _ => self.standing_of(&a.node).sampling_rate(),
+                };
+                let draw = audit_draw(
+                    &self.secret,
+                    LeaseId {
+                        task: a.task,
+                        attempt: a.attempt,
+                    },
+                    &a.node,
+                );
+                if draw < rate {
+                    self.spawn_check(
+                        a.task,
+                        lease.bundle,
+                        vec![a.node],
+                        false,
+                        Verified::Checking,
+                    )?;
+                }
+            }
+            JobKind::Check => {
+                if let Some(check) = self.checks.remove(&a.task) {
+                    self.vstats.executed += 1;
+                    self.decide(now, a, check)?;
+                }
+            }
+            JobKind::Canary => {
+                let Some(row) = self.store.result(a.task)? else {
+                    return Ok(());
+                };
+                let tier = self
+                    .bundles
+                    .get(&lease.bundle)
+                    .map(|b| b.manifest.determinism.clone())
+                    .unwrap_or_default();
+                let expect = decode_outcome(&row.expect);
+                let got = decode_outcome(&Some(a.outcome.clone()));
+                self.vstats.canaries += 1;
+                match (expect, got) {
+                    (Some(e), Some(g)) if agree(&tier, &e, &g) => {
+                        self.update_standing(&a.node, Standing::confirm)?;
+                        self.vstats.confirmed += 1;
+                    }
+                    _ => {
+                        self.vstats.mismatches += 1;
+                        self.strike(now, &a.node, a.task)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A re-execution finished: compare, and when it decides, penalise the
+    /// liar and keep the agreed result.
+    pub(super) fn decide(
+        &mut self,
+        now: Instant,
+        a: &Acceptance,
+        check: Check,
+    ) -> Result<(), StoreError> {
+        let Some(target) = self.store.result(check.target)? else {
+            return Ok(());
+        };
+        let Some(original) = target.node else {
+            return Ok(());
+        };
+        let mine = ResultRow {
+            task: a.task,
+            node: Some(a.node),
+            outcome: Some(a.outcome.clone()),
+            ..target.clone()
+        };
+        // Earlier re-executions of this result in this dispute: those since
+        // the last one that agreed with the stored result (earlier rounds
+        // were decided already).
+        let mut prior: Vec<ResultRow> = self
+            .store
+            .checks_of(check.target)?
+            .into_iter()
+            .filter(|c| c.task != a.task)
+            .collect();
+        if let Some(i) = prior
+            .iter()
+            .rposition(|c| self.rows_agree(check.bundle, &target, c))
+        {
+            prior.drain(..=i);
+        }
+        let challenged = target.challenge.as_deref() == Some("pending");
+        let verdict: &str;
+        if self.rows_agree(check.bundle, &target, &mine) {
+            // The stored result stands. A decider also convicts the
+            // executions of this dispute that disagreed with it.
+            if check.decider {
+                let liars: Vec<PublicKey> = prior
+                    .iter()
+                    .filter(|c| !self.rows_agree(check.bundle, &target, c))
+                    .filter_map(|c| c.node)
+                    .collect();
+                for liar in liars {
+                    self.strike(now, &liar, check.target)?;
+                }
+            }
+            self.update_standing(&original, Standing::confirm)?;
+            self.vstats.confirmed += 1;
+            self.store.set_verified(check.target, Verified::Verified)?;
+            verdict = "rejected: an independent re-execution agreed with the result";
+        } else if let Some(second) = prior
+            .iter()
+            .rev()
+            .find(|c| check.decider && self.rows_agree(check.bundle, c, &mine))
+            .cloned()
+        {
+            // Two independent executions agree against the stored result:
+            // replace it with the agreed one and penalise its node.
+            self.store.replace_result(check.target, a.task)?;
+            self.vstats.replaced += 1;
+            self.events
+                .push_back(PoolEvent::Replaced { task: check.target });
+            if let Some(n) = second.node {
+                self.update_standing(&n, Standing::confirm)?;
+            }
+            self.strike(now, &original, check.target)?;
+            verdict = "upheld: the result was wrong and was replaced";
+        } else if 1 + prior.len() + 1 < MAX_EXECUTIONS {
+            // Nothing agrees yet: one more execution, on yet another node.
+            if !check.decider {
+                self.vstats.mismatches += 1;
+            }
+            let mut exclude = check.exclude.clone();
+            exclude.push(a.node);
+            let mark = if target.verified == Verified::Suspect {
+                Verified::Suspect
+            } else {
+                Verified::Checking
+            };
+            self.spawn_check(check.target, check.bundle, exclude, true, mark)?;
+            return Ok(());
+        } else {
+            self.store.set_verified(check.target, Verified::Disputed)?;
+            verdict = "undecided: the executions disagree";
+        }
+        if challenged {
+            self.store.set_challenge(check.target, verdict)?;
+        }
+        Ok(())
+    }
+
+    /// A node was caught: strike, quarantine, maybe ban; re-check its most
+    /// recent unverified results (not served from the cache meanwhile).
+    pub(super) fn strike(
+        &mut self,
+        now: Instant,
+        node: &PublicKey,
+        task: TaskId,
+    ) -> Result<(), StoreError> {
+        let now_unix = self.unix(now);
+        let st = self.update_standing(node, |s, p| s.strike(p, now_unix))?;
+        self.quarantine
+            .insert(*node, now + self.cfg.verify.quarantine);
+        self.events.push_back(PoolEvent::Caught {
+            node: *node,
+            task,
+            strikes: st.strikes,
+            banned: st.banned,
+        });
+        if st.banned {
+            // Refused from now on: what it holds goes to other nodes now.
+            let held: Vec<TaskId> = self
+                .nodes
+                .get(node)
+                .map(|n| n.leases.iter().copied().collect())
+                .unwrap_or_default();
+            for t in held {
+                self.release(t, &format!("node {} was banned", node.short()))?;
+            }
+        }
+        let recent = self
+            .store
+            .unverified_recent(node, self.cfg.verify.lookback)?;
+        for (t, job) in recent {
+            let Some(&(bundle, _)) = self.jobs.get(&job) else {
+                continue;
+            };
+            self.spawn_check(t, bundle, vec![*node], false, Verified::Suspect)?;
+        }
+        Ok(())
+    }
+
+    /// With probability `canary_rate`, add a canary of one of the granted
+    /// bundles that this node has not had, at a random place in the grant.
+    pub(super) fn maybe_add_canary(
+        &mut self,
+        key: &PublicKey,
+        picked: &mut Vec<(Queued, Digest)>,
+    ) -> Result<(), StoreError> {
+        let rate = self.cfg.verify.canary_rate;
+        if rate <= 0.0 || self.canaries.is_empty() {
+            return Ok(());
+        }
+        self.grants_made += 1;
+        let draw = |n: u64, salt: u32| {
+            audit_draw(
+                &self.secret,
+                LeaseId {
+                    task: n,
+                    attempt: u32::MAX - salt,
+                },
+                key,
+            )
+        };
+        if draw(self.grants_made, 0) >= rate {
+            return Ok(());
+        }
+        let place = draw(self.grants_made, 1);
+        let choice = picked.iter().find_map(|(_, b)| {
+            self.canaries.get(b).and_then(|ids| {
+                ids.iter()
+                    .find(|id| !self.canaries_given.contains(&(**id, *key)))
+                    .map(|id| (*id, *b))
+            })
+        });
+        let Some((canary, bundle)) = choice else {
+            return Ok(());
+        };
+        let job = self.hidden_job(bundle, JobKind::Canary)?;
+        let task = self.store.insert_canary_task(job, canary)?;
+        self.canaries_given.insert((canary, *key));
+        if let Some((_, c)) = self.jobs.get_mut(&job) {
+            c.tasks += 1;
+            c.queued += 1;
+        }
+        let at = ((place * (picked.len() + 1) as f64) as usize).min(picked.len());
+        picked.insert(
+            at,
+            (
+                Queued {
+                    task,
+                    job,
+                    attempts: 0,
+                },
+                bundle,
+            ),
+        );
+        Ok(())
+    }
+
+    /// The submitter disputes a result: re-execute it on another node.
+    /// Returns the task checked (a cached copy's original), the named
+    /// task's job and index, and the state.
+    pub fn handle_challenge(&mut self, now: Instant, task: TaskId) -> Result<Challenged, Refusal> {
+        let now_unix = self.unix(now);
+        let row = self
+            .store
+            .result(task)?
+            .ok_or_else(|| refusal(ErrorCode::NotFound, format!("no task {task}")))?;
+        if self.kinds.contains_key(&row.job) {
+            return Err(refusal(ErrorCode::NotFound, format!("no task {task}")));
+        }
+        if !row.done {
+            return Err(refusal(
+                ErrorCode::Invalid,
+                format!("task {task} has no result to challenge yet"),
+            ));
+        }
+        let named = (row.job, row.index);
+        let row = match row.cached_from {
+            Some(from) => self.store.result(from)?.ok_or_else(|| {
+                refusal(
+                    ErrorCode::NotFound,
+                    format!("no task {from} (cache source)"),
+                )
+            })?,
+            None => row,
+        };
+        let target = row.task;
+        let Some(&(bundle, _)) = self.jobs.get(&row.job) else {
+            return Err(refusal(
+                ErrorCode::NotFound,
+                format!("no job of task {task}"),
+            ));
+        };
+        let window = self
+            .bundles
+            .get(&bundle)
+            .map_or(0, |b| b.manifest.verification.challenge_window_secs);
+        if now_unix > row.done_at.saturating_add(window) {
+            return Err(refusal(
+                ErrorCode::Invalid,
+                format!(
+                    "the challenge window of task {target} closed {} s after its result",
+                    window
+                ),
+            ));
+        }
+        let answer = Challenged {
+            target,
+            job: named.0,
+            index: named.1,
+            state: "pending".into(),
+        };
+        if self.checks.values().any(|c| c.target == target) {
+            self.store.set_challenge(target, "pending")?;
+            return Ok(answer);
+        }
+        // Any node but the one that produced the result.
+        let exclude: Vec<PublicKey> = row.node.into_iter().collect();
+        let mark = if row.verified == Verified::Suspect {
+            Verified::Suspect
+        } else {
+            Verified::Checking
+        };
+        self.store.set_challenge(target, "pending")?;
+        self.spawn_check(target, bundle, exclude, false, mark)?;
+        Ok(answer)
+    }
+
+    /// The pool owner adds canaries for a bundle; returns how many it has.
+    pub fn handle_add_canaries(
+        &mut self,
+        client: &PublicKey,
+        bundle: &Digest,
+        items: Vec<Canary>,
+    ) -> Result<u32, Refusal> {
+        if !self.cfg.publishers.contains(client) {
+            return Err(refusal(
+                ErrorCode::Forbidden,
+                "only a publisher of this pool may add canaries",
+            ));
+        }
+        if !self.bundles.contains_key(bundle) {
+            return Err(refusal(
+                ErrorCode::NotFound,
+                format!("no bundle {bundle} is published on this pool"),
+            ));
+        }
+        if items
+            .iter()
+            .any(|c| matches!(c.expect, Outcome::Failed { .. }))
+        {
+            return Err(refusal(
+                ErrorCode::Invalid,
+                "a canary's expected outcome must be an output or a job error",
+            ));
+        }
+        let rows: Vec<NewCanary> = items
+            .into_iter()
+            .map(|c| NewCanary {
+                input: c.input.0,
+                // Serialising plain data to a Vec cannot fail.
+                expect: rmp_serde::to_vec_named(&c.expect).expect("outcome serialises"),
+            })
+            .collect();
+        let ids = self.store.add_canaries(bundle, &rows)?;
+        let list = self.canaries.entry(*bundle).or_default();
+        list.extend(ids);
+        Ok(u32::try_from(list.len()).unwrap_or(u32::MAX))
+    }
+
+    /// A node's standing, for tests and status.
+    pub fn node_standing(&self, key: &PublicKey) -> Standing {
+        self.standing_of(key)
+    }
+
+    /// Re-executions not yet decided.
+    pub fn checks_pending(&self) -> usize {
+        self.checks.len()
+    }
+}
+
+/// Decode a stored outcome.
+pub(super) fn decode_outcome(bytes: &Option<Vec<u8>>) -> Option<Outcome> {
+    bytes.as_ref().and_then(|b| rmp_serde::from_slice(b).ok())
+}

@@ -1,0 +1,440 @@
+//! The pool's durable state: bundles, jobs, tasks and their results, nodes.
+//!
+//! [`Store`] is what the coordinator needs from a database; [`SqliteStore`]
+//! implements it on an embedded SQLite file (WAL mode). A networked SQL
+//! database for larger pools would implement the same trait.
+//!
+//! Every method that changes state commits before it returns, so whatever
+//! the coordinator acknowledges (a submission, an accepted result) survives a
+//! crash of the pool process. Blob bytes are not here: they live in a
+//! content-addressed directory (`tidepool_net::blobs`).
+//!
+//! - this file: the [`Store`] trait and the rows it passes (named structs);
+//! - `schema`: the SQLite schema and its migrations, applied at open;
+//! - `sqlite`: [`SqliteStore`], the trait on an SQLite file.
+
+use crate::verify::Standing;
+use tidepool_proto::wire::{JobId, Outcome, TaskId};
+use tidepool_proto::{Digest, PublicKey};
+
+/// A storage failure; the request that hit it fails and may be retried.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused or failed.
+    #[error("pool database: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// A stored value does not decode (the file was edited or corrupted).
+    #[error("pool database holds a malformed {what}: {why}")]
+    Corrupt {
+        /// What was being read.
+        what: &'static str,
+        /// Why it does not decode.
+        why: String,
+    },
+}
+
+/// Durability of commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Survives a crash of the pool process (SQLite WAL, `synchronous=NORMAL`).
+    Process,
+    /// Also survives power loss (`synchronous=FULL`: an fsync per commit).
+    PowerLoss,
+}
+
+/// A task as loaded at start-up: enough to queue it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingTask {
+    /// The task.
+    pub task: TaskId,
+    /// Its job.
+    pub job: JobId,
+    /// The bundle it runs.
+    pub bundle: Digest,
+    /// The last attempt number handed out (0 if never leased).
+    pub attempt: u32,
+    /// Reasons of earlier failed attempts.
+    pub reasons: Vec<String>,
+    /// For a re-execution: the task whose result it checks.
+    pub check_of: Option<TaskId>,
+}
+
+/// A published bundle as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBundle {
+    /// Bundle digest.
+    pub digest: Digest,
+    /// The signed manifest (MessagePack of `SignedManifest`).
+    pub signed: Vec<u8>,
+}
+
+/// A result to store.
+#[derive(Debug, Clone)]
+pub struct Acceptance {
+    /// The task.
+    pub task: TaskId,
+    /// The attempt that produced it (must be the task's current attempt).
+    pub attempt: u32,
+    /// The node.
+    pub node: PublicKey,
+    /// The outcome (MessagePack of `Outcome`).
+    pub outcome: Vec<u8>,
+    /// The signed receipt (MessagePack of `SignedReceipt`).
+    pub receipt: Vec<u8>,
+    /// MessagePack of the task's text-generation transcript; empty when it
+    /// generated nothing. Kept so an `llm`-tier check can replay it.
+    pub transcript: Vec<u8>,
+}
+
+/// A stored task row for status and results.
+#[derive(Debug, Clone)]
+pub struct TaskRow {
+    /// Index in its job.
+    pub index: u32,
+    /// The task.
+    pub task: TaskId,
+    /// `queued`, `leased`, `done`, `dead`.
+    pub state: &'static str,
+    /// The attempt count.
+    pub attempts: u32,
+    /// The outcome, when done.
+    pub outcome: Option<Outcome>,
+    /// Node that produced the result.
+    pub node: Option<PublicKey>,
+    /// Failure reasons.
+    pub reasons: Vec<String>,
+    /// The earlier task whose result answered this one (result cache).
+    pub cached_from: Option<TaskId>,
+    /// Verification state of the result.
+    pub verified: Verified,
+    /// Outcome of a challenge, if one was made.
+    pub challenge: Option<String>,
+}
+
+/// What the pool knows about a result's correctness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verified {
+    /// Not re-executed.
+    Unverified,
+    /// A re-execution is queued or running.
+    Checking,
+    /// An independent execution agreed.
+    Verified,
+    /// It was wrong and was replaced by the agreed result.
+    Replaced,
+    /// Three executions disagreed.
+    Disputed,
+    /// Its node was later caught cheating: re-checked, and not served from
+    /// the result cache until decided.
+    Suspect,
+}
+
+impl Verified {
+    fn code(self) -> i64 {
+        match self {
+            Self::Unverified => 0,
+            Self::Checking => 1,
+            Self::Verified => 2,
+            Self::Replaced => 3,
+            Self::Disputed => 4,
+            Self::Suspect => 5,
+        }
+    }
+
+    fn from_code(c: i64) -> Self {
+        match c {
+            1 => Self::Checking,
+            2 => Self::Verified,
+            3 => Self::Replaced,
+            4 => Self::Disputed,
+            5 => Self::Suspect,
+            _ => Self::Unverified,
+        }
+    }
+
+    /// The name clients see.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Unverified => "unverified",
+            Self::Checking => "checking",
+            Self::Verified => "verified",
+            Self::Replaced => "replaced",
+            Self::Disputed => "disputed",
+            Self::Suspect => "suspect",
+        }
+    }
+}
+
+/// Why a job exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobKind {
+    /// Submitted by a client.
+    User,
+    /// The pool's re-executions of one bundle's results (hidden).
+    Check,
+    /// The pool's known-answer tasks for one bundle (hidden).
+    Canary,
+}
+
+impl JobKind {
+    fn code(self) -> i64 {
+        match self {
+            Self::User => 0,
+            Self::Check => 1,
+            Self::Canary => 2,
+        }
+    }
+
+    fn from_code(c: i64) -> Self {
+        match c {
+            1 => Self::Check,
+            2 => Self::Canary,
+            _ => Self::User,
+        }
+    }
+}
+
+/// A finished (or pending) task's result and its verification facts.
+#[derive(Debug, Clone)]
+pub struct ResultRow {
+    /// The task.
+    pub task: TaskId,
+    /// Its job.
+    pub job: JobId,
+    /// `done` or not.
+    pub done: bool,
+    /// Node that produced the stored result.
+    pub node: Option<PublicKey>,
+    /// MessagePack of the outcome.
+    pub outcome: Option<Vec<u8>>,
+    /// Unix time it was stored.
+    pub done_at: u64,
+    /// Verification state.
+    pub verified: Verified,
+    /// For a re-execution: the task it checks.
+    pub check_of: Option<TaskId>,
+    /// For a canary: MessagePack of the expected outcome.
+    pub expect: Option<Vec<u8>>,
+    /// The task whose result the cache copied into this one.
+    pub cached_from: Option<TaskId>,
+    /// A challenge's state, if one was made.
+    pub challenge: Option<String>,
+    /// Index in its job.
+    pub index: u32,
+}
+
+/// Counts of one job's tasks by state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JobCounts {
+    /// Tasks in total.
+    pub tasks: u32,
+    /// Queued.
+    pub queued: u32,
+    /// Leased.
+    pub leased: u32,
+    /// Done.
+    pub done: u32,
+    /// Dead-lettered.
+    pub dead: u32,
+    /// Done without compute: answered from the result cache.
+    pub cached: u32,
+}
+
+/// A stored job: its id, each task with whether the result cache answered
+/// it, and whether the job is new (`false`: the key was used before).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InsertedJob {
+    /// The job (the earlier one when the key was used before).
+    pub job: JobId,
+    /// Its tasks in input order.
+    pub tasks: Vec<InsertedTask>,
+    /// Whether this call created the job.
+    pub fresh: bool,
+}
+
+/// One task of an [`InsertedJob`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InsertedTask {
+    /// The task.
+    pub task: TaskId,
+    /// Whether the result cache answered it (stored done).
+    pub cached: bool,
+}
+
+/// What a restarted pool reloads: published bundles and the tasks to queue.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Every published bundle.
+    pub bundles: Vec<StoredBundle>,
+    /// Every task not done or dead (leased ones turned back to queued).
+    pub pending: Vec<PendingTask>,
+}
+
+/// A lease to record: the task, its new attempt number, its node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrantRow {
+    /// The task.
+    pub task: TaskId,
+    /// The new attempt number (fencing token).
+    pub attempt: u32,
+    /// The node that holds it.
+    pub node: PublicKey,
+}
+
+/// A granted task's input, as the node receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantedInput {
+    /// The input bytes.
+    pub input: Vec<u8>,
+    /// Their digest (the receipt must name it).
+    pub digest: Digest,
+}
+
+/// A job as the coordinator keeps it in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobRow {
+    /// The job.
+    pub job: JobId,
+    /// Its bundle.
+    pub bundle: Digest,
+    /// Its tasks by state.
+    pub counts: JobCounts,
+}
+
+/// A node's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeCounters {
+    /// The node.
+    pub key: PublicKey,
+    /// Results it returned that were stored.
+    pub completed: u64,
+    /// Leases that expired on it.
+    pub expired: u64,
+}
+
+/// A canary to store: its input and the MessagePack of the expected outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewCanary {
+    /// The input.
+    pub input: Vec<u8>,
+    /// MessagePack of the expected [`Outcome`].
+    pub expect: Vec<u8>,
+}
+
+/// A stored canary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CanaryRow {
+    /// Its id.
+    pub id: i64,
+    /// The bundle it tests.
+    pub bundle: Digest,
+}
+
+/// What the coordinator needs from a database.
+pub trait Store: Send {
+    /// Turn every leased task back to queued (its lease died with the
+    /// previous process) and return the bundles, the tasks to queue, and the
+    /// next free job id.
+    fn recover(&mut self) -> Result<Recovered, StoreError>;
+    /// Store a published bundle (idempotent).
+    fn put_bundle(&mut self, b: &StoredBundle, name: &str, version: &str)
+        -> Result<(), StoreError>;
+    /// Store a job and its tasks in one transaction. If `key` was used before,
+    /// nothing is stored and the earlier job is returned with `false`.
+    /// An input whose result for this bundle is already stored is answered
+    /// from it at once (the result cache): its task is stored done, with the
+    /// earlier task as provenance. Returns each task and whether it was cached.
+    fn insert_job(
+        &mut self,
+        bundle: &Digest,
+        key: &str,
+        inputs: &[Vec<u8>],
+        now_unix: u64,
+    ) -> Result<InsertedJob, StoreError>;
+    /// Record leases (task, new attempt, node) and return each task's input
+    /// and its digest.
+    fn grant(&mut self, grants: &[GrantRow]) -> Result<Vec<GrantedInput>, StoreError>;
+    /// A failed or expired attempt: back to the queue with its reason, or dead
+    /// when `dead` is set.
+    fn release(
+        &mut self,
+        task: TaskId,
+        attempt: u32,
+        reason: &str,
+        dead: bool,
+    ) -> Result<(), StoreError>;
+    /// Store results; each is stored only if its task is still leased at that
+    /// attempt (and its node credited). Returns, per result, whether it was stored.
+    fn accept(&mut self, results: &[Acceptance], now_unix: u64) -> Result<Vec<bool>, StoreError>;
+    /// Is this task done by this attempt and node (a resent result)?
+    fn done_by(&mut self, task: TaskId, attempt: u32, node: &PublicKey)
+        -> Result<bool, StoreError>;
+    /// A job's bundle and task counts.
+    fn job(&mut self, job: JobId) -> Result<Option<(Digest, JobCounts)>, StoreError>;
+    /// All jobs, newest last.
+    fn jobs(&mut self) -> Result<Vec<JobRow>, StoreError>;
+    /// A job's tasks from index `from`.
+    fn tasks(&mut self, job: JobId, from: u32, limit: u32) -> Result<Vec<TaskRow>, StoreError>;
+    /// Add to a node's counters, creating it on first sight.
+    fn node_seen(
+        &mut self,
+        node: &PublicKey,
+        completed: u64,
+        expired: u64,
+        now_unix: u64,
+    ) -> Result<(), StoreError>;
+    /// Every node's counters.
+    fn nodes(&mut self) -> Result<Vec<NodeCounters>, StoreError>;
+
+    /// The hidden job of `kind` for a bundle, created on first use.
+    fn hidden_job(&mut self, bundle: &Digest, kind: JobKind) -> Result<JobId, StoreError>;
+    /// Every job's kind (jobs not listed are user jobs).
+    fn job_kinds(&mut self) -> Result<Vec<(JobId, JobKind)>, StoreError>;
+    /// Queue a re-execution of `target` in `job` (a copy of its input with
+    /// `check_of` set) and set the target's state to `mark`; one transaction.
+    fn insert_check(
+        &mut self,
+        job: JobId,
+        target: TaskId,
+        mark: Verified,
+    ) -> Result<TaskId, StoreError>;
+    /// A task's result and verification facts.
+    fn result(&mut self, task: TaskId) -> Result<Option<ResultRow>, StoreError>;
+    /// A task's stored transcript (MessagePack), if it has one.
+    fn transcript(&mut self, task: TaskId) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Finished re-executions of `target`, oldest first.
+    fn checks_of(&mut self, target: TaskId) -> Result<Vec<ResultRow>, StoreError>;
+    /// Set a result's verification state.
+    fn set_verified(&mut self, task: TaskId, v: Verified) -> Result<(), StoreError>;
+    /// Replace `target`'s result by `from`'s (node, outcome, receipt), mark it
+    /// replaced, and update the cache's copies of it; one transaction.
+    fn replace_result(&mut self, target: TaskId, from: TaskId) -> Result<(), StoreError>;
+    /// Record a challenge's state.
+    fn set_challenge(&mut self, task: TaskId, text: &str) -> Result<(), StoreError>;
+    /// A node's most recent results of user jobs that were never checked,
+    /// newest first, with their jobs.
+    fn unverified_recent(
+        &mut self,
+        node: &PublicKey,
+        limit: u32,
+    ) -> Result<Vec<(TaskId, JobId)>, StoreError>;
+    /// Every node's verification standing (nodes never judged are absent).
+    fn standings(&mut self) -> Result<Vec<(PublicKey, Standing)>, StoreError>;
+    /// Save a node's standing.
+    fn put_standing(&mut self, node: &PublicKey, s: &Standing) -> Result<(), StoreError>;
+    /// Add canaries for a bundle; returns their ids.
+    fn add_canaries(
+        &mut self,
+        bundle: &Digest,
+        items: &[NewCanary],
+    ) -> Result<Vec<i64>, StoreError>;
+    /// Every canary.
+    fn canaries(&mut self) -> Result<Vec<CanaryRow>, StoreError>;
+    /// Make a task of canary `canary` in `job`.
+    fn insert_canary_task(&mut self, job: JobId, canary: i64) -> Result<TaskId, StoreError>;
+}
+
+mod schema;
+mod sqlite;
+
+pub use sqlite::SqliteStore;

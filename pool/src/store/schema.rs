@@ -1,0 +1,94 @@
+//! The SQLite schema and its migrations: tables created if missing, columns
+//! added since the first release added to older files, indexes. Applied at
+//! every open, idempotent.
+
+use rusqlite::Connection;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS bundles (
+    digest TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    signed BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    bundle TEXT NOT NULL REFERENCES bundles(digest),
+    key TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL
+);
+-- state: 0 queued, 1 leased, 2 done, 3 dead
+CREATE TABLE IF NOT EXISTS tasks (
+    id INTEGER PRIMARY KEY,
+    job INTEGER NOT NULL REFERENCES jobs(id),
+    idx INTEGER NOT NULL,
+    input BLOB NOT NULL,
+    input_digest BLOB NOT NULL,
+    state INTEGER NOT NULL DEFAULT 0,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    node TEXT,
+    outcome BLOB,
+    receipt BLOB,
+    reasons TEXT NOT NULL DEFAULT '[]',
+    done_at INTEGER,
+    cached_from INTEGER
+);
+CREATE INDEX IF NOT EXISTS tasks_input ON tasks(input_digest);
+CREATE INDEX IF NOT EXISTS tasks_job ON tasks(job, idx);
+CREATE INDEX IF NOT EXISTS tasks_job_state ON tasks(job, state);
+CREATE INDEX IF NOT EXISTS tasks_open ON tasks(state) WHERE state < 2;
+CREATE TABLE IF NOT EXISTS nodes (
+    key TEXT PRIMARY KEY,
+    first_seen INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL,
+    completed INTEGER NOT NULL DEFAULT 0,
+    expired INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS canaries (
+    id INTEGER PRIMARY KEY,
+    bundle TEXT NOT NULL REFERENCES bundles(digest),
+    input BLOB NOT NULL,
+    expect BLOB NOT NULL
+);
+"#;
+
+/// Columns added after the first release: (table, column, declaration).
+/// Files made before them get them at open.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("tasks", "cached_from", "INTEGER"),
+    ("jobs", "kind", "INTEGER NOT NULL DEFAULT 0"),
+    // The task a re-execution checks.
+    ("tasks", "check_of", "INTEGER"),
+    // Verified::code.
+    ("tasks", "verified", "INTEGER NOT NULL DEFAULT 0"),
+    // A canary task's expected outcome.
+    ("tasks", "expect", "BLOB"),
+    ("tasks", "challenge", "TEXT"),
+    // NULL: never judged (the policy's initial reputation applies).
+    ("nodes", "reputation", "INTEGER"),
+    ("nodes", "strikes", "INTEGER NOT NULL DEFAULT 0"),
+    ("nodes", "confirmed", "INTEGER NOT NULL DEFAULT 0"),
+    ("nodes", "quarantined_until", "INTEGER NOT NULL DEFAULT 0"),
+    ("nodes", "banned", "INTEGER NOT NULL DEFAULT 0"),
+    // MessagePack of an llm task's transcript (NULL: none).
+    ("tasks", "transcript", "BLOB"),
+];
+
+/// Bring a database file to the current schema.
+pub(super) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(SCHEMA)?;
+    for (table, column, decl) in ADDED_COLUMNS {
+        let has: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2",
+            [table, column],
+            |r| r.get(0),
+        )?;
+        if has == 0 {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+        }
+    }
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS tasks_check ON tasks(check_of) WHERE check_of IS NOT NULL;
+         CREATE INDEX IF NOT EXISTS tasks_node_done ON tasks(node, state, verified);",
+    )
+}
