@@ -208,6 +208,24 @@ impl Default for PoolFile {
     }
 }
 
+/// A setting outside its range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{why}")]
+pub struct SettingError {
+    /// The setting (`heartbeat_ms`, `verification.canary_rate`, ...).
+    pub setting: &'static str,
+    /// What is wrong with it, naming the setting.
+    pub why: String,
+}
+
+/// A [`SettingError`] for `setting`.
+fn bad(setting: &'static str, why: impl Into<String>) -> SettingError {
+    SettingError {
+        setting,
+        why: why.into(),
+    }
+}
+
 /// Errors in a pool configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -243,54 +261,67 @@ impl PoolFile {
         let base = path.parent().unwrap_or(Path::new("."));
         f.key = base.join(&f.key);
         f.data_dir = base.join(&f.data_dir);
-        f.validate().map_err(|why| ConfigError::Invalid {
+        f.validate().map_err(|e| ConfigError::Invalid {
             path: path.to_owned(),
-            why,
+            why: e.why,
         })?;
         Ok(f)
     }
 
     /// Check ranges.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SettingError> {
         if self.lease_ttl_secs == 0
             || self.heartbeat_ms == 0
             || self.heartbeat_ms >= self.lease_ttl_secs * 1000
         {
-            return Err(format!(
-                "heartbeat_ms ({}) must be positive and shorter than lease_ttl_secs ({} s)",
-                self.heartbeat_ms, self.lease_ttl_secs
+            return Err(bad(
+                "heartbeat_ms",
+                format!(
+                    "heartbeat_ms ({}) must be positive and shorter than lease_ttl_secs ({} s)",
+                    self.heartbeat_ms, self.lease_ttl_secs
+                ),
             ));
         }
         if self.max_attempts == 0 {
-            return Err("max_attempts must be at least 1".into());
+            return Err(bad("max_attempts", "max_attempts must be at least 1"));
         }
         self.durability()?;
         let v = &self.verification;
         if v.initial_reputation > crate::verify::FULL {
-            return Err(format!(
-                "verification.initial_reputation ({}) must be at most 10000",
-                v.initial_reputation
+            return Err(bad(
+                "verification.initial_reputation",
+                format!(
+                    "verification.initial_reputation ({}) must be at most 10000",
+                    v.initial_reputation
+                ),
             ));
         }
         if !(0.0..=1.0).contains(&v.canary_rate) {
-            return Err(format!(
-                "verification.canary_rate ({}) must be between 0 and 1",
-                v.canary_rate
+            return Err(bad(
+                "verification.canary_rate",
+                format!(
+                    "verification.canary_rate ({}) must be between 0 and 1",
+                    v.canary_rate
+                ),
             ));
         }
         if v.ban_after_strikes == 0 {
-            return Err("verification.ban_after_strikes must be at least 1".into());
+            return Err(bad(
+                "verification.ban_after_strikes",
+                "verification.ban_after_strikes must be at least 1",
+            ));
         }
         Ok(())
     }
 
     /// The durability setting.
-    pub fn durability(&self) -> Result<Durability, String> {
+    pub fn durability(&self) -> Result<Durability, SettingError> {
         match self.durability.as_str() {
             "process" => Ok(Durability::Process),
             "power-loss" => Ok(Durability::PowerLoss),
-            other => Err(format!(
-                "durability {other:?} is not \"process\" or \"power-loss\""
+            other => Err(bad(
+                "durability",
+                format!("durability {other:?} is not \"process\" or \"power-loss\""),
             )),
         }
     }

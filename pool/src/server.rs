@@ -92,9 +92,9 @@ fn actor(
                     info!(%lease, node = %node.short(), "lease expired; task queued again")
                 }
                 PoolEvent::DeadLettered { task, reason } => {
-                    warn!(task, reason, "task dead-lettered")
+                    warn!(%task, reason, "task dead-lettered")
                 }
-                PoolEvent::JobFinished { job } => info!(job, "job finished"),
+                PoolEvent::JobFinished { job } => info!(%job, "job finished"),
                 PoolEvent::Caught {
                     node,
                     task,
@@ -102,12 +102,12 @@ fn actor(
                     banned,
                 } => warn!(
                     node = %node.short(),
-                    task,
+                    %task,
                     strikes,
                     banned,
                     "node caught with a wrong result"
                 ),
-                PoolEvent::Replaced { task } => info!(task, "wrong result replaced"),
+                PoolEvent::Replaced { task } => info!(%task, "wrong result replaced"),
             }
             let _ = events.send(ev);
         }

@@ -119,7 +119,7 @@ pub fn audit_draw(secret: &[u8; 32], lease: LeaseId, node: &PublicKey) -> f64 {
     let mut h = Sha256::new();
     h.update(b"tidepool/audit/v1");
     h.update(secret);
-    h.update(lease.task.to_be_bytes());
+    h.update(lease.task.0.to_be_bytes());
     h.update(lease.attempt.to_be_bytes());
     h.update(node.0);
     let d = h.finalize();
@@ -244,7 +244,7 @@ impl Tol {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tidepool_proto::wire::Bytes;
+    use tidepool_proto::wire::{Bytes, TaskId};
 
     fn out(s: &str) -> Outcome {
         Outcome::Output(Bytes(s.as_bytes().to_vec()))
@@ -337,7 +337,7 @@ mod tests {
                 audit_draw(
                     &k1,
                     LeaseId {
-                        task: t,
+                        task: TaskId(t),
                         attempt: 1,
                     },
                     &node,
@@ -349,7 +349,7 @@ mod tests {
         let same = (0..1000u64)
             .filter(|&t| {
                 let l = LeaseId {
-                    task: t,
+                    task: TaskId(t),
                     attempt: 1,
                 };
                 (audit_draw(&k1, l, &node) < 0.5) == (audit_draw(&k2, l, &node) < 0.5)

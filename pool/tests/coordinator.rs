@@ -9,7 +9,7 @@ use tidepool_pool::store::{Durability, SqliteStore};
 use tidepool_proto::manifest::{AuthoredManifest, BlobRef, LockedManifest};
 use tidepool_proto::receipt::LeaseReceipt;
 use tidepool_proto::wire::{
-    Bytes, Capabilities, Gpu, LeaseId, Outcome, TaskGrant, TaskResult, Verdict,
+    Bytes, Capabilities, Gpu, LeaseId, Outcome, TaskGrant, TaskResult, TaskState, Verdict,
 };
 use tidepool_proto::{Digest, KeyRole, Receipt, SecretKey};
 
@@ -290,7 +290,7 @@ fn failing_tasks_are_dead_lettered_with_every_reason() {
         .expect("nothing left");
     assert!(g.is_empty());
     let rec = &c.job_results(job, 0, 10).expect("records")[0];
-    assert_eq!(rec.state, "dead");
+    assert_eq!(rec.state, TaskState::Dead);
     assert_eq!(rec.reasons.len(), 3, "{:?}", rec.reasons);
     assert!(rec.reasons[0].contains("out of memory #1"));
     assert!(rec.reasons[1].contains("lease expired"));
@@ -626,7 +626,7 @@ fn repeated_inputs_are_answered_from_the_result_cache() {
         assert_eq!(recs[i].cached_from, Some(first[i].task), "provenance");
         assert_eq!(recs[i].node, Some(w.node_a.public()));
     }
-    assert_eq!(recs[2].state, "queued");
+    assert_eq!(recs[2].state, TaskState::Queued);
     let (g, _) = c
         .handle_lease(t, &w.node_a.public(), 4, &[])
         .expect("lease");

@@ -15,8 +15,8 @@ use tidepool_pool::verify::{audit_draw, VerifyPolicy};
 use tidepool_proto::manifest::{AuthoredManifest, BlobRef, LockedManifest};
 use tidepool_proto::receipt::LeaseReceipt;
 use tidepool_proto::wire::{
-    Bytes, Canary, Capabilities, ErrorCode, JobId, LeaseId, Outcome, TaskGrant, TaskRecord,
-    TaskResult,
+    Bytes, Canary, Capabilities, ChallengeState, ErrorCode, JobId, LeaseId, Outcome, TaskGrant,
+    TaskId, TaskRecord, TaskResult, TaskState,
 };
 use tidepool_proto::{Digest, KeyRole, PublicKey, Receipt, SecretKey};
 
@@ -278,7 +278,7 @@ impl Sim {
         self.c.job_results(job, 0, 100_000).expect("results")
     }
 
-    fn caught(&self) -> Vec<(PublicKey, u64)> {
+    fn caught(&self) -> Vec<(PublicKey, TaskId)> {
         self.events
             .iter()
             .filter_map(|e| match e {
@@ -317,7 +317,7 @@ fn honest_nodes_are_checked_until_trusted_and_never_flagged() {
     sim.settle();
     assert!(sim.caught().is_empty(), "{:?}", sim.caught());
     let recs = sim.records(job);
-    assert!(recs.iter().all(|r| r.state == "done"));
+    assert!(recs.iter().all(|r| r.state == TaskState::Done));
     for (r, i) in recs.iter().zip(&ins) {
         assert_eq!(output_of(r), honest_output(i));
     }
@@ -437,10 +437,7 @@ fn a_liar_is_caught_replaced_quarantined_and_its_recent_results_rechecked() {
         assert_eq!(r.verification, "replaced");
         assert_ne!(r.node, Some(liar));
     }
-    assert_eq!(
-        recs[7].challenge.as_deref(),
-        Some("upheld: the result was wrong and was replaced")
-    );
+    assert_eq!(recs[7].challenge, Some(ChallengeState::Upheld));
     assert_eq!(output_of(&sim.records(again)[0]), honest_output(&ins[0]));
     // Quarantined: no tasks for the liar while honest nodes get them.
     sim.submit("more", &inputs("more", 4));
@@ -483,7 +480,7 @@ fn suspect_results_are_not_served_from_the_cache() {
     // A resubmission of a suspect input is computed again, not copied.
     let again = sim.submit("again", &ins[3..4]);
     assert_eq!(sim.records(again)[0].cached_from, None);
-    assert_eq!(sim.records(again)[0].state, "queued");
+    assert_eq!(sim.records(again)[0].state, TaskState::Queued);
 }
 
 #[test]
@@ -509,15 +506,12 @@ fn a_challenge_of_a_right_result_leaves_it() {
     assert_eq!(output_of(&after[1]), output_of(&before[1]));
     assert_eq!(after[1].node, before[1].node);
     assert_eq!(after[1].verification, "verified");
-    assert_eq!(
-        after[1].challenge.as_deref(),
-        Some("rejected: an independent re-execution agreed with the result")
-    );
+    assert_eq!(after[1].challenge, Some(ChallengeState::Rejected));
     assert!(sim.caught().is_empty());
     // Refusals: unknown task, a task without a result, a closed window.
     let e = sim
         .c
-        .handle_challenge(sim.now, 99_999)
+        .handle_challenge(sim.now, TaskId(99_999))
         .expect_err("unknown");
     assert_eq!(e.code, ErrorCode::NotFound);
     let pending = sim.submit("later", &inputs("later", 1));

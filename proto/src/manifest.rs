@@ -312,38 +312,37 @@ pub struct VerificationPolicy {
     /// Reputation-based sampling (`reputation`), re-execute every result
     /// (`always`: 2x redundancy), or take results on trust (`none`:
     /// only challenges and canaries check them).
-    #[serde(default = "VerificationPolicy::default_sampling")]
-    pub sampling: String,
+    #[serde(default)]
+    pub sampling: Sampling,
     /// How long after a result the submitter may challenge it, seconds.
     #[serde(default = "VerificationPolicy::default_challenge_secs")]
     pub challenge_window_secs: u64,
 }
 
 impl VerificationPolicy {
-    fn default_sampling() -> String {
-        "reputation".into()
-    }
     fn default_challenge_secs() -> u64 {
         7 * 24 * 3600
     }
-    fn validate(&self) -> Result<(), ManifestError> {
-        if !matches!(self.sampling.as_str(), "reputation" | "always" | "none") {
-            return Err(invalid(
-                "verification.sampling",
-                format!(
-                    "{:?} is not one of \"reputation\", \"always\", \"none\"",
-                    self.sampling
-                ),
-            ));
-        }
-        Ok(())
-    }
+}
+
+/// How often a bundle's results are re-executed (serialised as the names
+/// below, so signed manifests keep their bytes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sampling {
+    /// At the producer's reputation-based rate (the default).
+    #[default]
+    Reputation,
+    /// Every result (2x redundancy).
+    Always,
+    /// Never by sampling: only challenges and canaries check results.
+    None,
 }
 
 impl Default for VerificationPolicy {
     fn default() -> Self {
         Self {
-            sampling: Self::default_sampling(),
+            sampling: Sampling::Reputation,
             challenge_window_secs: Self::default_challenge_secs(),
         }
     }
@@ -486,7 +485,6 @@ impl AuthoredManifest {
         }
         self.limits.validate()?;
         self.determinism.validate()?;
-        self.verification.validate()?;
         self.target.validate(&self.determinism, self.models.len())?;
         Ok(())
     }

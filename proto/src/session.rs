@@ -351,7 +351,10 @@ mod tests {
     fn grant(task: u64) -> TaskGrant {
         TaskGrant {
             replay: None,
-            lease: LeaseId { task, attempt: 1 },
+            lease: LeaseId {
+                task: crate::wire::TaskId(task),
+                attempt: 1,
+            },
             bundle: Digest::of(b"b"),
             input: Bytes(vec![]),
         }
@@ -360,7 +363,10 @@ mod tests {
     fn done(task: u64) -> TaskResult {
         TaskResult {
             transcript: Default::default(),
-            lease: LeaseId { task, attempt: 1 },
+            lease: LeaseId {
+                task: crate::wire::TaskId(task),
+                attempt: 1,
+            },
             outcome: Outcome::Output(Bytes(vec![1])),
             receipt: None,
         }
@@ -399,11 +405,11 @@ mod tests {
                 want: 0,
                 running: vec![
                     LeaseId {
-                        task: 1,
+                        task: crate::wire::TaskId(1),
                         attempt: 1
                     },
                     LeaseId {
-                        task: 2,
+                        task: crate::wire::TaskId(2),
                         attempt: 1
                     }
                 ]
@@ -414,7 +420,7 @@ mod tests {
             t0 + hb,
             vec![],
             vec![LeaseId {
-                task: 2,
+                task: crate::wire::TaskId(2),
                 attempt: 1,
             }],
             Duration::from_millis(100),
@@ -422,7 +428,7 @@ mod tests {
         assert_eq!(
             s.poll_event(),
             Some(NodeEvent::Cancel(LeaseId {
-                task: 2,
+                task: crate::wire::TaskId(2),
                 attempt: 1
             }))
         );

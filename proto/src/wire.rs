@@ -22,10 +22,123 @@ pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024 + 64 * 1024;
 /// Size of a blob chunk in a fetch or an upload.
 pub const BLOB_CHUNK_BYTES: usize = 1024 * 1024;
 
-/// A pool task id (unique within a pool, never reused).
-pub type TaskId = u64;
-/// A job id (unique within a pool).
-pub type JobId = u64;
+/// Declares an id newtype over an integer: serialised as the bare number
+/// (so stored rows and wire bytes are unchanged), printed as the number.
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident($int:ty)) => {
+        $(#[$doc])*
+        #[derive(
+            Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+        )]
+        #[serde(transparent)]
+        pub struct $name(pub $int);
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = std::num::ParseIntError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                s.parse().map(Self)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// A pool task id (unique within a pool, never reused).
+    TaskId(u64)
+);
+id_type!(
+    /// A job id (unique within a pool).
+    JobId(u64)
+);
+
+/// Where a task is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    /// Waiting for a node.
+    Queued,
+    /// Under lease on a node.
+    Leased,
+    /// Has its result.
+    Done,
+    /// Dead-lettered after too many failed attempts.
+    Dead,
+}
+
+impl TaskState {
+    /// `queued`, `leased`, `done` or `dead`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskState::Queued => "queued",
+            TaskState::Leased => "leased",
+            TaskState::Done => "done",
+            TaskState::Dead => "dead",
+        }
+    }
+}
+
+impl std::fmt::Display for TaskState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where a challenge of a result stands. Serialised (and stored) as the
+/// sentence a user reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ChallengeState {
+    /// Re-executions are under way.
+    #[serde(rename = "pending")]
+    Pending,
+    /// An independent re-execution agreed with the result.
+    #[serde(rename = "rejected: an independent re-execution agreed with the result")]
+    Rejected,
+    /// The result was wrong and was replaced.
+    #[serde(rename = "upheld: the result was wrong and was replaced")]
+    Upheld,
+    /// No two executions agreed.
+    #[serde(rename = "undecided: the executions disagree")]
+    Undecided,
+}
+
+impl ChallengeState {
+    /// Every state, for parsing.
+    const ALL: [ChallengeState; 4] = [
+        ChallengeState::Pending,
+        ChallengeState::Rejected,
+        ChallengeState::Upheld,
+        ChallengeState::Undecided,
+    ];
+
+    /// The sentence for this state (also its serialised and stored form).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChallengeState::Pending => "pending",
+            ChallengeState::Rejected => {
+                "rejected: an independent re-execution agreed with the result"
+            }
+            ChallengeState::Upheld => "upheld: the result was wrong and was replaced",
+            ChallengeState::Undecided => "undecided: the executions disagree",
+        }
+    }
+
+    /// The state [`as_str`](Self::as_str) gave `text`.
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for ChallengeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// One attempt at one task: the fencing token. A result is accepted only for
 /// the current attempt of a task.
@@ -237,8 +350,8 @@ pub struct Challenged {
     pub job: JobId,
     /// The named task's index in its job.
     pub index: u32,
-    /// `pending` (the outcome is written to the task's record).
-    pub state: String,
+    /// Where it stands (the outcome is written to the task's record).
+    pub state: ChallengeState,
 }
 
 /// A known-answer task.
@@ -348,8 +461,8 @@ pub struct TaskRecord {
     pub index: u32,
     /// Task id.
     pub task: TaskId,
-    /// `queued`, `leased`, `done`, `dead`.
-    pub state: String,
+    /// Where the task is.
+    pub state: TaskState,
     /// The outcome, when done.
     pub outcome: Option<Outcome>,
     /// The node that produced it.
@@ -370,7 +483,7 @@ pub struct TaskRecord {
     pub verification: String,
     /// The outcome of a challenge, if one was made.
     #[serde(default)]
-    pub challenge: Option<String>,
+    pub challenge: Option<ChallengeState>,
 }
 
 /// One node as the pool sees it.
@@ -546,7 +659,7 @@ pub enum Response {
         /// That task's index in its job.
         index: u32,
         /// `pending`, or the outcome if it was already decided.
-        state: String,
+        state: ChallengeState,
     },
     /// Answer to `AddCanaries`: how many the bundle has now.
     Canaries {
@@ -680,7 +793,7 @@ mod tests {
         let a = Request::Lease {
             want: 3,
             running: vec![LeaseId {
-                task: 9,
+                task: TaskId(9),
                 attempt: 2,
             }],
         };

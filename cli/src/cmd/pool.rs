@@ -64,13 +64,13 @@ fn serve_main(a: ServeArgs) -> anyhow::Result<ExitCode> {
     f.nodes.extend(a.nodes);
     f.lease_ttl_secs = a.lease_ttl_secs.unwrap_or(f.lease_ttl_secs);
     f.heartbeat_ms = a.heartbeat_ms.unwrap_or(f.heartbeat_ms);
-    f.validate().map_err(anyhow::Error::msg)?;
+    f.validate()?;
     let cfg = ServeConfig {
         listen: f.listen,
         key: read_key(&f.key)?,
         data_dir: f.data_dir.clone(),
         pool: f.policy(),
-        durability: f.durability().map_err(anyhow::Error::msg)?,
+        durability: f.durability()?,
     };
     runtime()?.block_on(async {
         let pool = serve(cfg).await?;

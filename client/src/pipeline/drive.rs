@@ -9,7 +9,7 @@ use crate::bundle::BundleFileError;
 use crate::client::{ClientError, PoolClient};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use tidepool_proto::wire::Outcome;
+use tidepool_proto::wire::{JobId, Outcome, TaskState};
 use tidepool_proto::{Digest, SecretKey};
 
 /// Why a pipeline run stopped.
@@ -178,7 +178,7 @@ pub async fn run_pipeline(
     // Per stage: when it started and last finished something.
     let mut spans: Vec<Option<(Instant, Instant)>> = vec![None; figures.stages.len()];
     // Submitted jobs with unsettled inputs: (submission, stage, job, settled flags).
-    let mut open: Vec<(usize, usize, u64, Vec<bool>)> = Vec::new();
+    let mut open: Vec<(usize, usize, JobId, Vec<bool>)> = Vec::new();
     let mut jobs = Vec::new();
     loop {
         while let Some(sub) = run.poll_submit() {
@@ -201,7 +201,10 @@ pub async fn run_pipeline(
             }
             for r in client.job_results(*job).await? {
                 let i = r.index as usize;
-                if i >= settled.len() || settled[i] || !(r.state == "done" || r.state == "dead") {
+                if i >= settled.len()
+                    || settled[i]
+                    || !matches!(r.state, TaskState::Done | TaskState::Dead)
+                {
                     continue;
                 }
                 settled[i] = true;

@@ -57,7 +57,7 @@ pub fn read_feed(
     paths: &[std::path::PathBuf],
     max_bytes: usize,
 ) -> Result<(Vec<Item>, Vec<Rejected>), FeedError> {
-    let mut raw: Vec<(String, String, Result<Vec<u8>, String>)> = Vec::new();
+    let mut raw: Vec<(String, String, Result<Vec<u8>, ItemProblem>)> = Vec::new();
     for path in paths {
         if path.is_dir() {
             let mut files: Vec<_> = std::fs::read_dir(path)
@@ -124,11 +124,15 @@ pub fn read_feed(
         let checked = if ids.insert(id.clone()) {
             checked
         } else {
-            Err("the id is used by an earlier item".into())
+            Err(ItemProblem::RepeatedId)
         };
         match checked {
             Ok(text) => items.push(Item { id, source, text }),
-            Err(reason) => rejected.push(Rejected { id, source, reason }),
+            Err(problem) => rejected.push(Rejected {
+                id,
+                source,
+                reason: problem.to_string(),
+            }),
         }
     }
     Ok((items, rejected))
@@ -142,16 +146,19 @@ struct Line {
     source: Option<String>,
 }
 
-fn jsonl_item(line: &[u8], n: usize, source: String) -> (String, String, Result<Vec<u8>, String>) {
+fn jsonl_item(
+    line: &[u8],
+    n: usize,
+    source: String,
+) -> (String, String, Result<Vec<u8>, ItemProblem>) {
     let fallback = format!("line-{n}");
     if let Err(e) = std::str::from_utf8(line) {
         return (
             fallback,
             source,
-            Err(format!(
-                "the line is not valid UTF-8 (at byte {})",
-                e.valid_up_to()
-            )),
+            Err(ItemProblem::LineNotUtf8 {
+                at: e.valid_up_to(),
+            }),
         );
     }
     match serde_json::from_slice::<Line>(line) {
@@ -160,11 +167,7 @@ fn jsonl_item(line: &[u8], n: usize, source: String) -> (String, String, Result<
             l.source.unwrap_or(source),
             Ok(l.text.into_bytes()),
         ),
-        Err(e) => (
-            fallback,
-            source,
-            Err(format!("the line is not an item {{\"id\", \"text\"}}: {e}")),
-        ),
+        Err(e) => (fallback, source, Err(ItemProblem::NotAnItem(e.to_string()))),
     }
 }
 
@@ -178,18 +181,54 @@ pub fn sort_key(text: &str) -> String {
         .collect()
 }
 
+/// Why a feed entry cannot be an item (its `Display` is the reason in the
+/// report's `rejected` list).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ItemProblem {
+    /// Longer than the pipeline's limit.
+    #[error("{bytes} bytes; items are at most {max} bytes")]
+    TooLong {
+        /// Its size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The text is not UTF-8.
+    #[error("not valid UTF-8 (at byte {at})")]
+    NotUtf8 {
+        /// Where the first invalid byte is.
+        at: usize,
+    },
+    /// A JSONL line that is not UTF-8.
+    #[error("the line is not valid UTF-8 (at byte {at})")]
+    LineNotUtf8 {
+        /// Where the first invalid byte is.
+        at: usize,
+    },
+    /// A JSONL line that is not an item object (the parser's words).
+    #[error("the line is not an item {{\"id\", \"text\"}}: {0}")]
+    NotAnItem(String),
+    /// Only whitespace.
+    #[error("empty")]
+    Empty,
+    /// An id an earlier item has.
+    #[error("the id is used by an earlier item")]
+    RepeatedId,
+}
+
 /// An item's text, or why it cannot be one.
-pub fn check_text(bytes: Vec<u8>, max_bytes: usize) -> Result<String, String> {
+pub fn check_text(bytes: Vec<u8>, max_bytes: usize) -> Result<String, ItemProblem> {
     if bytes.len() > max_bytes {
-        return Err(format!(
-            "{} bytes; items are at most {max_bytes} bytes",
-            bytes.len()
-        ));
+        return Err(ItemProblem::TooLong {
+            bytes: bytes.len(),
+            max: max_bytes,
+        });
     }
-    let text = String::from_utf8(bytes)
-        .map_err(|e| format!("not valid UTF-8 (at byte {})", e.utf8_error().valid_up_to()))?;
+    let text = String::from_utf8(bytes).map_err(|e| ItemProblem::NotUtf8 {
+        at: e.utf8_error().valid_up_to(),
+    })?;
     if text.trim().is_empty() {
-        return Err("empty".into());
+        return Err(ItemProblem::Empty);
     }
     Ok(text.trim_end().to_owned())
 }

@@ -2,13 +2,13 @@
 //! ([`open_results`]: hashes, receipt signatures, serialisation), then
 //! checked against the lease they claim and stored at most once.
 
-use super::jobs::TaskState;
 use super::leases::Lease;
 use super::{refusal, Coordinator};
 use crate::store::{Acceptance, Store};
 use std::time::Instant;
 use tidepool_proto::receipt::LeaseReceipt;
 use tidepool_proto::session::Refusal;
+use tidepool_proto::wire::TaskState;
 use tidepool_proto::wire::{ErrorCode, LeaseId, Outcome, TaskResult, Verdict};
 use tidepool_proto::{Digest, PublicKey};
 
@@ -196,7 +196,7 @@ impl<S: Store> Coordinator<S> {
                         self.count(lease.job, TaskState::Leased, TaskState::Done);
                         if let Err(e) = self.after_accept(now, a, &lease) {
                             // The result stands; only its check is lost.
-                            tracing::warn!(task = a.task, "verification step failed: {e}");
+                            tracing::warn!(task = %a.task, "verification step failed: {e}");
                         }
                     }
                 }

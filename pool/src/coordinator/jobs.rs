@@ -8,7 +8,7 @@ use crate::store::{InsertedJob, JobCounts, Store, StoredBundle};
 use std::collections::BTreeSet;
 use tidepool_proto::manifest::{LockedManifest, SignedManifest};
 use tidepool_proto::session::Refusal;
-use tidepool_proto::wire::{ErrorCode, JobId};
+use tidepool_proto::wire::{ErrorCode, JobId, TaskState};
 use tidepool_proto::Digest;
 
 /// A published bundle.
@@ -20,15 +20,6 @@ pub(super) struct Bundle {
     pub(super) manifest: LockedManifest,
     /// Blobs not yet uploaded; tasks wait until this is empty.
     pub(super) missing: BTreeSet<Digest>,
-}
-
-/// Where a task is, for the in-memory job counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum TaskState {
-    Queued,
-    Leased,
-    Done,
-    Dead,
 }
 
 impl<S: Store> Coordinator<S> {

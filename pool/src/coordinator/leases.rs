@@ -3,13 +3,13 @@
 //! the dead letters.
 
 use super::fit::can_run;
-use super::jobs::TaskState;
 use super::nodes::UPTIME_MARGIN;
 use super::verification::CHECK_ATTEMPTS_FACTOR;
 use super::{refusal, Coordinator, PoolEvent};
 use crate::store::{GrantRow, GrantedInput, Store, StoreError, Verified};
 use std::time::Instant;
 use tidepool_proto::session::Refusal;
+use tidepool_proto::wire::TaskState;
 use tidepool_proto::wire::{ErrorCode, JobId, LeaseId, TaskGrant, TaskId};
 use tidepool_proto::{Digest, PublicKey};
 
@@ -234,7 +234,7 @@ impl<S: Store> Coordinator<S> {
             Err(e) => {
                 // Stored by this pool after checking its digest: should not
                 // happen; the check then generates afresh.
-                tracing::warn!(task = target, "stored transcript unreadable: {e}");
+                tracing::warn!(task = %target, "stored transcript unreadable: {e}");
                 Ok(None)
             }
         }

@@ -46,7 +46,9 @@ pub use nodes::UPTIME_MARGIN;
 pub use requests::{Answer, Incoming};
 pub use verification::{CHECK_ATTEMPTS_FACTOR, MAX_EXECUTIONS};
 
-use crate::store::{CanaryRow, JobCounts, JobKind, PendingTask, Recovered, Store, StoreError};
+use crate::store::{
+    CanaryId, CanaryRow, JobCounts, JobKind, PendingTask, Recovered, Store, StoreError,
+};
 use crate::verify::Standing;
 use jobs::Bundle;
 use leases::{Lease, Queued};
@@ -156,10 +158,10 @@ pub struct Coordinator<S: Store> {
     /// before ordinary tasks.
     check_queue: VecDeque<Queued>,
     /// Canary ids per bundle.
-    canaries: BTreeMap<Digest, Vec<i64>>,
+    canaries: BTreeMap<Digest, Vec<CanaryId>>,
     /// Canaries given to each node (each node gets a canary at most once,
     /// so a repeated input never tells it which task is a test). In memory.
-    canaries_given: HashSet<(i64, PublicKey)>,
+    canaries_given: HashSet<(CanaryId, PublicKey)>,
     /// Lease grants made, numbering the canary draws.
     grants_made: u64,
     /// Key of the audit draw; never leaves the process.

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 use tidepool_proto::session::Refusal;
 use tidepool_proto::wire::{
-    ErrorCode, JobId, JobSummary, NodeStatus, PoolSummary, TaskRecord, VerificationStats,
+    ErrorCode, JobId, JobSummary, NodeStatus, PoolSummary, TaskRecord, TaskState, VerificationStats,
 };
 use tidepool_proto::Digest;
 
@@ -101,7 +101,7 @@ impl<S: Store> Coordinator<S> {
                 attempts: r.attempts,
                 reasons: r.reasons,
                 cached_from: r.cached_from,
-                verification: if r.state == "done" {
+                verification: if r.state == TaskState::Done {
                     r.verified.name().to_owned()
                 } else {
                     String::new()

@@ -12,8 +12,11 @@ use crate::store::{
 };
 use crate::verify::{agree, audit_draw, Standing, VerifyPolicy};
 use std::time::Instant;
+use tidepool_proto::manifest::Sampling;
 use tidepool_proto::session::Refusal;
-use tidepool_proto::wire::{Canary, Challenged, ErrorCode, JobId, LeaseId, Outcome, TaskId};
+use tidepool_proto::wire::{
+    Canary, ChallengeState, Challenged, ErrorCode, JobId, LeaseId, Outcome, TaskId,
+};
 use tidepool_proto::{Digest, PublicKey};
 
 /// A re-execution may take this many times `max_attempts` attempts.
@@ -233,10 +236,10 @@ impl<S: Store> Coordinator<S> {
                 let Some(b) = self.bundles.get(&lease.bundle) else {
                     return Ok(());
                 };
-                let rate = match b.manifest.verification.sampling.as_str() {
-                    "always" => 1.0,
-                    "none" => 0.0,
-                    _ => self.standing_of(&a.node).sampling_rate(),
+                let rate = match b.manifest.verification.sampling {
+                    Sampling::Always => 1.0,
+                    Sampling::None => 0.0,
+                    Sampling::Reputation => self.standing_of(&a.node).sampling_rate(),
                 };
                 let draw = audit_draw(
                     &self.secret,
@@ -324,8 +327,8 @@ impl<S: Store> Coordinator<S> {
         {
             prior.drain(..=i);
         }
-        let challenged = target.challenge.as_deref() == Some("pending");
-        let verdict: &str;
+        let challenged = target.challenge == Some(ChallengeState::Pending);
+        let verdict: ChallengeState;
         if self.rows_agree(check.bundle, &target, &mine) {
             // The stored result stands. A decider also convicts the
             // executions of this dispute that disagreed with it.
@@ -342,7 +345,7 @@ impl<S: Store> Coordinator<S> {
             self.update_standing(&original, Standing::confirm)?;
             self.vstats.confirmed += 1;
             self.store.set_verified(check.target, Verified::Verified)?;
-            verdict = "rejected: an independent re-execution agreed with the result";
+            verdict = ChallengeState::Rejected;
         } else if let Some(second) = prior
             .iter()
             .rev()
@@ -359,7 +362,7 @@ impl<S: Store> Coordinator<S> {
                 self.update_standing(&n, Standing::confirm)?;
             }
             self.strike(now, &original, check.target)?;
-            verdict = "upheld: the result was wrong and was replaced";
+            verdict = ChallengeState::Upheld;
         } else if 1 + prior.len() + 1 < MAX_EXECUTIONS {
             // Nothing agrees yet: one more execution, on yet another node.
             if !check.decider {
@@ -376,7 +379,7 @@ impl<S: Store> Coordinator<S> {
             return Ok(());
         } else {
             self.store.set_verified(check.target, Verified::Disputed)?;
-            verdict = "undecided: the executions disagree";
+            verdict = ChallengeState::Undecided;
         }
         if challenged {
             self.store.set_challenge(check.target, verdict)?;
@@ -441,7 +444,7 @@ impl<S: Store> Coordinator<S> {
             audit_draw(
                 &self.secret,
                 LeaseId {
-                    task: n,
+                    task: TaskId(n),
                     attempt: u32::MAX - salt,
                 },
                 key,
@@ -535,10 +538,10 @@ impl<S: Store> Coordinator<S> {
             target,
             job: named.0,
             index: named.1,
-            state: "pending".into(),
+            state: ChallengeState::Pending,
         };
         if self.checks.values().any(|c| c.target == target) {
-            self.store.set_challenge(target, "pending")?;
+            self.store.set_challenge(target, ChallengeState::Pending)?;
             return Ok(answer);
         }
         // Any node but the one that produced the result.
@@ -548,7 +551,7 @@ impl<S: Store> Coordinator<S> {
         } else {
             Verified::Checking
         };
-        self.store.set_challenge(target, "pending")?;
+        self.store.set_challenge(target, ChallengeState::Pending)?;
         self.spawn_check(target, bundle, exclude, false, mark)?;
         Ok(answer)
     }

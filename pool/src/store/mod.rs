@@ -14,7 +14,7 @@
 //! - `sqlite`: [`SqliteStore`], the trait on an SQLite file.
 
 use crate::verify::Standing;
-use tidepool_proto::wire::{JobId, Outcome, TaskId};
+use tidepool_proto::wire::{ChallengeState, JobId, Outcome, TaskId, TaskState};
 use tidepool_proto::{Digest, PublicKey};
 
 /// A storage failure; the request that hit it fails and may be retried.
@@ -94,7 +94,7 @@ pub struct TaskRow {
     /// The task.
     pub task: TaskId,
     /// `queued`, `leased`, `done`, `dead`.
-    pub state: &'static str,
+    pub state: TaskState,
     /// The attempt count.
     pub attempts: u32,
     /// The outcome, when done.
@@ -108,7 +108,7 @@ pub struct TaskRow {
     /// Verification state of the result.
     pub verified: Verified,
     /// Outcome of a challenge, if one was made.
-    pub challenge: Option<String>,
+    pub challenge: Option<ChallengeState>,
 }
 
 /// What the pool knows about a result's correctness.
@@ -218,7 +218,7 @@ pub struct ResultRow {
     /// The task whose result the cache copied into this one.
     pub cached_from: Option<TaskId>,
     /// A challenge's state, if one was made.
-    pub challenge: Option<String>,
+    pub challenge: Option<ChallengeState>,
     /// Index in its job.
     pub index: u32,
 }
@@ -321,11 +321,16 @@ pub struct NewCanary {
     pub expect: Vec<u8>,
 }
 
+/// A stored canary's id (pool-internal: never on the wire, so a node cannot
+/// tell a canary's task from any other).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CanaryId(pub i64);
+
 /// A stored canary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CanaryRow {
     /// Its id.
-    pub id: i64,
+    pub id: CanaryId,
     /// The bundle it tests.
     pub bundle: Digest,
 }
@@ -410,7 +415,7 @@ pub trait Store: Send {
     /// replaced, and update the cache's copies of it; one transaction.
     fn replace_result(&mut self, target: TaskId, from: TaskId) -> Result<(), StoreError>;
     /// Record a challenge's state.
-    fn set_challenge(&mut self, task: TaskId, text: &str) -> Result<(), StoreError>;
+    fn set_challenge(&mut self, task: TaskId, state: ChallengeState) -> Result<(), StoreError>;
     /// A node's most recent results of user jobs that were never checked,
     /// newest first, with their jobs.
     fn unverified_recent(
@@ -427,11 +432,11 @@ pub trait Store: Send {
         &mut self,
         bundle: &Digest,
         items: &[NewCanary],
-    ) -> Result<Vec<i64>, StoreError>;
+    ) -> Result<Vec<CanaryId>, StoreError>;
     /// Every canary.
     fn canaries(&mut self) -> Result<Vec<CanaryRow>, StoreError>;
     /// Make a task of canary `canary` in `job`.
-    fn insert_canary_task(&mut self, job: JobId, canary: i64) -> Result<TaskId, StoreError>;
+    fn insert_canary_task(&mut self, job: JobId, canary: CanaryId) -> Result<TaskId, StoreError>;
 }
 
 mod schema;

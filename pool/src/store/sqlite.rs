@@ -59,13 +59,20 @@ impl SqliteStore {
     }
 }
 
-fn state_name(s: i64) -> &'static str {
+/// A task's stored state code (0 queued, 1 leased, 2 done, 3 dead).
+fn task_state(s: i64) -> TaskState {
     match s {
-        0 => "queued",
-        1 => "leased",
-        2 => "done",
-        _ => "dead",
+        0 => TaskState::Queued,
+        1 => TaskState::Leased,
+        2 => TaskState::Done,
+        _ => TaskState::Dead,
     }
+}
+
+/// A stored challenge text (written by `set_challenge`).
+fn challenge_col(text: Option<String>) -> Result<Option<ChallengeState>, StoreError> {
+    text.map(|t| ChallengeState::parse(&t).ok_or_else(|| corrupt("challenge state", t)))
+        .transpose()
 }
 
 impl Store for SqliteStore {
@@ -95,12 +102,12 @@ impl Store for SqliteStore {
                 let b: String = r.get(2)?;
                 let reasons: String = r.get(4)?;
                 pending.push(PendingTask {
-                    task: r.get::<_, i64>(0)? as TaskId,
-                    job: r.get::<_, i64>(1)? as JobId,
+                    task: TaskId(r.get::<_, i64>(0)? as u64),
+                    job: JobId(r.get::<_, i64>(1)? as u64),
                     bundle: digest_col(&b)?,
                     attempt: r.get(3)?,
                     reasons: reasons_col(&reasons)?,
-                    check_of: r.get::<_, Option<i64>>(5)?.map(|t| t as TaskId),
+                    check_of: r.get::<_, Option<i64>>(5)?.map(|t| TaskId(t as u64)),
                 });
             }
         }
@@ -140,7 +147,7 @@ impl Store for SqliteStore {
                 let ids = st
                     .query_map([job], |r| {
                         Ok(InsertedTask {
-                            task: r.get::<_, i64>(0)? as TaskId,
+                            task: TaskId(r.get::<_, i64>(0)? as u64),
                             cached: r.get::<_, bool>(1)?,
                         })
                     })?
@@ -148,7 +155,7 @@ impl Store for SqliteStore {
                 ids
             };
             return Ok(InsertedJob {
-                job: job as JobId,
+                job: JobId(job as u64),
                 tasks: ids,
                 fresh: false,
             });
@@ -196,14 +203,14 @@ impl Store for SqliteStore {
                             from
                         ])?;
                         ids.push(InsertedTask {
-                            task: tx.last_insert_rowid() as TaskId,
+                            task: TaskId(tx.last_insert_rowid() as u64),
                             cached: true,
                         });
                     }
                     None => {
                         st.execute(params![job, i as i64, input, digest.0.as_slice()])?;
                         ids.push(InsertedTask {
-                            task: tx.last_insert_rowid() as TaskId,
+                            task: TaskId(tx.last_insert_rowid() as u64),
                             cached: false,
                         });
                     }
@@ -212,7 +219,7 @@ impl Store for SqliteStore {
         }
         tx.commit()?;
         Ok(InsertedJob {
-            job: job as JobId,
+            job: JobId(job as u64),
             tasks: ids,
             fresh: true,
         })
@@ -233,9 +240,9 @@ impl Store for SqliteStore {
                 node,
             } in grants
             {
-                up.execute(params![*task as i64, attempt, node.to_string()])?;
+                up.execute(params![task.0 as i64, attempt, node.to_string()])?;
                 let (input, digest): (Vec<u8>, Vec<u8>) =
-                    get.query_row([*task as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                    get.query_row([task.0 as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
                 let digest = digest
                     .try_into()
                     .map(Digest)
@@ -258,7 +265,7 @@ impl Store for SqliteStore {
         let reasons: Option<String> = tx
             .query_row(
                 "SELECT reasons FROM tasks WHERE id = ?1 AND attempt = ?2",
-                params![task as i64, attempt],
+                params![task.0 as i64, attempt],
                 |r| r.get(0),
             )
             .optional()?;
@@ -268,7 +275,7 @@ impl Store for SqliteStore {
             let json = serde_json::to_string(&list).map_err(|e| corrupt("reason list", e))?;
             tx.execute(
                 "UPDATE tasks SET state = ?3, node = NULL, reasons = ?4 WHERE id = ?1 AND attempt = ?2 AND state = 1",
-                params![task as i64, attempt, if dead { 3 } else { 0 }, json],
+                params![task.0 as i64, attempt, if dead { 3 } else { 0 }, json],
             )?;
         }
         tx.commit()?;
@@ -285,7 +292,7 @@ impl Store for SqliteStore {
             )?;
             for a in results {
                 let n = st.execute(params![
-                    a.task as i64,
+                    a.task.0 as i64,
                     a.attempt,
                     a.node.to_string(),
                     a.outcome,
@@ -324,16 +331,18 @@ impl Store for SqliteStore {
         let n: i64 = self.conn.prepare_cached(
             "SELECT COUNT(*) FROM tasks WHERE id = ?1 AND attempt = ?2 AND node = ?3 AND state = 2",
         )?
-        .query_row(params![task as i64, attempt, node.to_string()], |r| r.get(0))?;
+        .query_row(params![task.0 as i64, attempt, node.to_string()], |r| r.get(0))?;
         Ok(n == 1)
     }
 
     fn job(&mut self, job: JobId) -> Result<Option<(Digest, JobCounts)>, StoreError> {
         let bundle: Option<String> = self
             .conn
-            .query_row("SELECT bundle FROM jobs WHERE id = ?1", [job as i64], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT bundle FROM jobs WHERE id = ?1",
+                [job.0 as i64],
+                |r| r.get(0),
+            )
             .optional()?;
         let Some(bundle) = bundle else {
             return Ok(None);
@@ -342,7 +351,7 @@ impl Store for SqliteStore {
         let mut st = self.conn.prepare_cached(
             "SELECT state, COUNT(*), COUNT(cached_from) FROM tasks WHERE job = ?1 GROUP BY state",
         )?;
-        let mut rows = st.query([job as i64])?;
+        let mut rows = st.query([job.0 as i64])?;
         while let Some(r) = rows.next()? {
             let n: u32 = r.get(1)?;
             c.cached += r.get::<_, u32>(2)?;
@@ -367,9 +376,9 @@ impl Store for SqliteStore {
         };
         let mut out = Vec::new();
         for id in ids {
-            if let Some((bundle, counts)) = self.job(id as JobId)? {
+            if let Some((bundle, counts)) = self.job(JobId(id as u64))? {
                 out.push(JobRow {
-                    job: id as JobId,
+                    job: JobId(id as u64),
                     bundle,
                     counts,
                 });
@@ -385,7 +394,7 @@ impl Store for SqliteStore {
              FROM tasks t LEFT JOIN tasks s ON s.id = t.cached_from
              WHERE t.job = ?1 AND t.idx >= ?2 ORDER BY t.idx LIMIT ?3",
         )?;
-        let mut rows = st.query(params![job as i64, from, limit])?;
+        let mut rows = st.query(params![job.0 as i64, from, limit])?;
         let mut out = Vec::new();
         while let Some(r) = rows.next()? {
             let outcome: Option<Vec<u8>> = r.get(4)?;
@@ -394,8 +403,8 @@ impl Store for SqliteStore {
             let reasons: String = r.get(6)?;
             out.push(TaskRow {
                 index: r.get(0)?,
-                task: r.get::<_, i64>(1)? as TaskId,
-                state: state_name(state),
+                task: TaskId(r.get::<_, i64>(1)? as u64),
+                state: task_state(state),
                 attempts: r.get(3)?,
                 outcome: outcome
                     .map(|o| rmp_serde::from_slice(&o).map_err(|e| corrupt("outcome", e)))
@@ -407,9 +416,9 @@ impl Store for SqliteStore {
                     None
                 },
                 reasons: reasons_col(&reasons)?,
-                cached_from: r.get::<_, Option<i64>>(7)?.map(|t| t as TaskId),
+                cached_from: r.get::<_, Option<i64>>(7)?.map(|t| TaskId(t as u64)),
                 verified: Verified::from_code(r.get(8)?),
-                challenge: r.get(9)?,
+                challenge: challenge_col(r.get(9)?)?,
             });
         }
         Ok(out)
@@ -471,7 +480,7 @@ impl Store for SqliteStore {
             }
         };
         tx.commit()?;
-        Ok(id as JobId)
+        Ok(JobId(id as u64))
     }
 
     fn job_kinds(&mut self) -> Result<Vec<(JobId, JobKind)>, StoreError> {
@@ -480,7 +489,10 @@ impl Store for SqliteStore {
             .prepare("SELECT id, kind FROM jobs WHERE kind != 0")?;
         let v = st
             .query_map([], |r| {
-                Ok((r.get::<_, i64>(0)? as JobId, JobKind::from_code(r.get(1)?)))
+                Ok((
+                    JobId(r.get::<_, i64>(0)? as u64),
+                    JobKind::from_code(r.get(1)?),
+                ))
             })?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(v)
@@ -499,22 +511,22 @@ impl Store for SqliteStore {
                  SELECT ?1, (SELECT COALESCE(MAX(idx) + 1, 0) FROM tasks WHERE job = ?1), input, input_digest, id
                  FROM tasks WHERE id = ?2",
             )?;
-            if ins.execute(params![job as i64, target as i64])? != 1 {
+            if ins.execute(params![job.0 as i64, target.0 as i64])? != 1 {
                 return Err(corrupt("task", format!("no task {target} to check")));
             }
             let id = tx.last_insert_rowid();
             tx.prepare_cached("UPDATE tasks SET verified = ?2 WHERE id = ?1")?
-                .execute(params![target as i64, mark.code()])?;
+                .execute(params![target.0 as i64, mark.code()])?;
             id
         };
         tx.commit()?;
-        Ok(id as TaskId)
+        Ok(TaskId(id as u64))
     }
 
     fn result(&mut self, task: TaskId) -> Result<Option<ResultRow>, StoreError> {
         let mut st = self.conn.prepare_cached(RESULT_SELECT_BY_ID)?;
         let row = st
-            .query_row([task as i64], result_row)
+            .query_row([task.0 as i64], result_row)
             .optional()?
             .transpose()?;
         Ok(row)
@@ -523,7 +535,7 @@ impl Store for SqliteStore {
     fn checks_of(&mut self, target: TaskId) -> Result<Vec<ResultRow>, StoreError> {
         let mut st = self.conn.prepare_cached(RESULT_SELECT_CHECKS)?;
         let rows = st
-            .query_map([target as i64], result_row)?
+            .query_map([target.0 as i64], result_row)?
             .collect::<Result<Vec<_>, _>>()?;
         rows.into_iter().collect()
     }
@@ -531,7 +543,7 @@ impl Store for SqliteStore {
     fn set_verified(&mut self, task: TaskId, v: Verified) -> Result<(), StoreError> {
         self.conn
             .prepare_cached("UPDATE tasks SET verified = ?2 WHERE id = ?1")?
-            .execute(params![task as i64, v.code()])?;
+            .execute(params![task.0 as i64, v.code()])?;
         Ok(())
     }
 
@@ -541,14 +553,14 @@ impl Store for SqliteStore {
             "UPDATE tasks SET (node, outcome, receipt, transcript) =
                 (SELECT node, outcome, receipt, transcript FROM tasks WHERE id = ?2), verified = 3
              WHERE id = ?1",
-            params![target as i64, from as i64],
+            params![target.0 as i64, from.0 as i64],
         )?;
         // The cache's copies carry the same result.
         tx.execute(
             "UPDATE tasks SET (node, outcome, receipt, transcript) =
                 (SELECT node, outcome, receipt, transcript FROM tasks WHERE id = ?1)
              WHERE cached_from = ?1",
-            params![target as i64],
+            params![target.0 as i64],
         )?;
         tx.commit()?;
         Ok(())
@@ -558,15 +570,15 @@ impl Store for SqliteStore {
         Ok(self
             .conn
             .prepare_cached("SELECT transcript FROM tasks WHERE id = ?1")?
-            .query_row(params![task as i64], |r| r.get::<_, Option<Vec<u8>>>(0))
+            .query_row(params![task.0 as i64], |r| r.get::<_, Option<Vec<u8>>>(0))
             .optional()?
             .flatten())
     }
 
-    fn set_challenge(&mut self, task: TaskId, text: &str) -> Result<(), StoreError> {
+    fn set_challenge(&mut self, task: TaskId, state: ChallengeState) -> Result<(), StoreError> {
         self.conn
             .prepare_cached("UPDATE tasks SET challenge = ?2 WHERE id = ?1")?
-            .execute(params![task as i64, text])?;
+            .execute(params![task.0 as i64, state.as_str()])?;
         Ok(())
     }
 
@@ -582,7 +594,10 @@ impl Store for SqliteStore {
         )?;
         let v = st
             .query_map(params![node.to_string(), limit], |r| {
-                Ok((r.get::<_, i64>(0)? as TaskId, r.get::<_, i64>(1)? as JobId))
+                Ok((
+                    TaskId(r.get::<_, i64>(0)? as u64),
+                    JobId(r.get::<_, i64>(1)? as u64),
+                ))
             })?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(v)
@@ -634,7 +649,7 @@ impl Store for SqliteStore {
         &mut self,
         bundle: &Digest,
         items: &[NewCanary],
-    ) -> Result<Vec<i64>, StoreError> {
+    ) -> Result<Vec<CanaryId>, StoreError> {
         let tx = self.conn.transaction()?;
         let mut ids = Vec::with_capacity(items.len());
         {
@@ -644,7 +659,7 @@ impl Store for SqliteStore {
             let b = bundle.to_string();
             for NewCanary { input, expect } in items {
                 st.execute(params![b, input, expect])?;
-                ids.push(tx.last_insert_rowid());
+                ids.push(CanaryId(tx.last_insert_rowid()));
             }
         }
         tx.commit()?;
@@ -660,21 +675,23 @@ impl Store for SqliteStore {
         while let Some(r) = rows.next()? {
             let b: String = r.get(1)?;
             out.push(CanaryRow {
-                id: r.get(0)?,
+                id: CanaryId(r.get(0)?),
                 bundle: digest_col(&b)?,
             });
         }
         Ok(out)
     }
 
-    fn insert_canary_task(&mut self, job: JobId, canary: i64) -> Result<TaskId, StoreError> {
+    fn insert_canary_task(&mut self, job: JobId, canary: CanaryId) -> Result<TaskId, StoreError> {
         let input: Vec<u8> = self
             .conn
-            .query_row("SELECT input FROM canaries WHERE id = ?1", [canary], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT input FROM canaries WHERE id = ?1",
+                [canary.0],
+                |r| r.get(0),
+            )
             .optional()?
-            .ok_or_else(|| corrupt("canary", format!("no canary {canary}")))?;
+            .ok_or_else(|| corrupt("canary", format!("no canary {}", canary.0)))?;
         let digest = Digest::of(&input);
         self.conn
             .prepare_cached(
@@ -682,8 +699,8 @@ impl Store for SqliteStore {
                  SELECT ?1, (SELECT COALESCE(MAX(idx) + 1, 0) FROM tasks WHERE job = ?1), input, ?3, expect
                  FROM canaries WHERE id = ?2",
             )?
-            .execute(params![job as i64, canary, digest.0.as_slice()])?;
-        Ok(self.conn.last_insert_rowid() as TaskId)
+            .execute(params![job.0 as i64, canary.0, digest.0.as_slice()])?;
+        Ok(TaskId(self.conn.last_insert_rowid() as u64))
     }
 }
 
@@ -703,17 +720,20 @@ fn result_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<ResultRow, Store
         Err(e) => return Ok(Err(e)),
     };
     Ok(Ok(ResultRow {
-        task: r.get::<_, i64>(0)? as TaskId,
-        job: r.get::<_, i64>(1)? as JobId,
+        task: TaskId(r.get::<_, i64>(0)? as u64),
+        job: JobId(r.get::<_, i64>(1)? as u64),
         done: state == 2,
         node,
         outcome: r.get(4)?,
         done_at: r.get::<_, i64>(5)? as u64,
         verified: Verified::from_code(r.get(6)?),
-        check_of: r.get::<_, Option<i64>>(7)?.map(|t| t as TaskId),
+        check_of: r.get::<_, Option<i64>>(7)?.map(|t| TaskId(t as u64)),
         expect: r.get(8)?,
-        cached_from: r.get::<_, Option<i64>>(9)?.map(|t| t as TaskId),
-        challenge: r.get(10)?,
+        cached_from: r.get::<_, Option<i64>>(9)?.map(|t| TaskId(t as u64)),
+        challenge: match challenge_col(r.get(10)?) {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(e)),
+        },
         index: r.get(11)?,
     }))
 }
