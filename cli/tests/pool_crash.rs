@@ -19,6 +19,7 @@ use tidepool_proto::receipt::LeaseReceipt;
 use tidepool_proto::wire::{
     Bytes, Capabilities, Outcome, Request, Response, TaskResult, Verdict, PROTOCOL_VERSION,
 };
+use tidepool_proto::wire::{JobId, TaskId, TaskState};
 use tidepool_proto::{Digest, KeyRole, Receipt, SecretKey};
 
 struct Pool {
@@ -55,8 +56,8 @@ fn start_pool(dir: &std::path::Path, port: u16, publisher: &SecretKey) -> Result
 /// What the worker heard back, per task: attempts answered Accepted or Duplicate.
 #[derive(Default)]
 struct Ledger {
-    accepted: BTreeMap<u64, BTreeSet<u32>>,
-    acknowledged: BTreeMap<u64, BTreeSet<u32>>,
+    accepted: BTreeMap<TaskId, BTreeSet<u32>>,
+    acknowledged: BTreeMap<TaskId, BTreeSet<u32>>,
 }
 
 async fn worker(
@@ -229,7 +230,7 @@ async fn sigkilled_pool_loses_and_duplicates_nothing() -> Result<()> {
         .collect();
 
     // Submitter: 20 jobs of 40 inputs; a submission counts once the pool answered.
-    let acked: Arc<Mutex<BTreeMap<String, (u64, u32)>>> = Arc::default();
+    let acked: Arc<Mutex<BTreeMap<String, (JobId, u32)>>> = Arc::default();
     let submitter = {
         let acked = acked.clone();
         let publisher = publisher.clone();
@@ -320,11 +321,11 @@ async fn sigkilled_pool_loses_and_duplicates_nothing() -> Result<()> {
                 duplicated += 1;
             }
             if let Some(a) = accepted {
-                if r.state != "done" || !a.contains(&r.attempts) {
+                if r.state != TaskState::Done || !a.contains(&r.attempts) {
                     lost += 1;
                 }
             }
-            if r.state == "done"
+            if r.state == TaskState::Done
                 && !ledger
                     .acknowledged
                     .get(&r.task)

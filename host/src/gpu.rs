@@ -17,7 +17,7 @@
 //! on the CPU.
 
 use crate::backend::NnEngine;
-use crate::Engines;
+use crate::{EngineError, Engines};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tidepool_proto::wire::Gpu;
@@ -55,7 +55,7 @@ pub struct GpuSupply {
 pub fn start(
     choice: &GpuChoice,
     llm_threads: u32,
-) -> Result<(Option<GpuSupply>, Vec<String>), String> {
+) -> Result<(Option<GpuSupply>, Vec<String>), EngineError> {
     let mut engines: Engines = Vec::new();
     let mut missing = Vec::new();
     match onnx(choice) {
@@ -79,7 +79,7 @@ pub fn start(
         return if choice.fallback {
             Ok((None, vec![format!("{why}; running as a CPU-only node")]))
         } else {
-            Err(why)
+            Err(EngineError::Gpu(why))
         };
     }
     let (name, memory_mib) = identify(choice, llama_card)?;
@@ -101,17 +101,20 @@ pub fn start(
 
 /// The card's model and memory: configured, else from llama.cpp, else
 /// from `nvidia-smi`.
-fn identify(choice: &GpuChoice, llama: Option<(String, u32)>) -> Result<(String, u32), String> {
+fn identify(
+    choice: &GpuChoice,
+    llama: Option<(String, u32)>,
+) -> Result<(String, u32), EngineError> {
     if let (Some(n), Some(m)) = (&choice.name, choice.memory_mib) {
         return Ok((n.clone(), m));
     }
     let detected = match llama {
         Some(card) => card,
         None => nvidia_smi(choice.device).map_err(|why| {
-            format!(
+            EngineError::Gpu(format!(
                 "cannot tell GPU {}'s model and memory ({why}); set `name` and `memory_mib` under [gpu]",
                 choice.device
-            )
+            ))
         })?,
     };
     Ok((
@@ -121,7 +124,7 @@ fn identify(choice: &GpuChoice, llama: Option<(String, u32)>) -> Result<(String,
 }
 
 /// Ask `nvidia-smi` for device `device`'s model and memory.
-pub fn nvidia_smi(device: u32) -> Result<(String, u32), String> {
+pub fn nvidia_smi(device: u32) -> Result<(String, u32), EngineError> {
     let out = std::process::Command::new("nvidia-smi")
         .args([
             "--query-gpu=name,memory.total",
@@ -130,48 +133,53 @@ pub fn nvidia_smi(device: u32) -> Result<(String, u32), String> {
         ])
         .arg(device.to_string())
         .output()
-        .map_err(|e| format!("nvidia-smi: {e}"))?;
+        .map_err(|e| EngineError::Gpu(format!("nvidia-smi: {e}")))?;
     if !out.status.success() {
-        return Err(format!(
+        return Err(EngineError::Gpu(format!(
             "nvidia-smi: {}",
             String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        )));
     }
     parse_nvidia_smi(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// Parse one line of `nvidia-smi --query-gpu=name,memory.total
 /// --format=csv,noheader,nounits` (`NVIDIA L4, 23034`).
-pub fn parse_nvidia_smi(text: &str) -> Result<(String, u32), String> {
+pub fn parse_nvidia_smi(text: &str) -> Result<(String, u32), EngineError> {
+    let bad = |why: String| EngineError::Gpu(why);
     let line = text
         .lines()
         .map(str::trim)
         .find(|l| !l.is_empty())
-        .ok_or("nvidia-smi printed nothing")?;
+        .ok_or_else(|| bad("nvidia-smi printed nothing".into()))?;
     let (name, mib) = line
         .rsplit_once(',')
-        .ok_or_else(|| format!("nvidia-smi printed {line:?}, not \"name, memory\""))?;
-    let mib: u32 = mib
-        .trim()
-        .parse()
-        .map_err(|_| format!("nvidia-smi printed {line:?}: {:?} is not MiB", mib.trim()))?;
+        .ok_or_else(|| bad(format!("nvidia-smi printed {line:?}, not \"name, memory\"")))?;
+    let mib: u32 = mib.trim().parse().map_err(|_| {
+        bad(format!(
+            "nvidia-smi printed {line:?}: {:?} is not MiB",
+            mib.trim()
+        ))
+    })?;
     let name = name.trim();
     if name.is_empty() {
-        return Err(format!("nvidia-smi printed {line:?}: no model name"));
+        return Err(bad(format!("nvidia-smi printed {line:?}: no model name")));
     }
     Ok((name.to_owned(), mib))
 }
 
 #[cfg(feature = "onnxruntime")]
-fn onnx(choice: &GpuChoice) -> Result<Arc<dyn NnEngine>, String> {
+fn onnx(choice: &GpuChoice) -> Result<Arc<dyn NnEngine>, EngineError> {
     crate::backend::onnxruntime::OrtEngine::cuda(&choice.onnxruntime_lib, choice.device)
         .map(|e| Arc::new(e) as Arc<dyn NnEngine>)
-        .map_err(|e| e.to_string())
+        .map_err(|e| EngineError::OnnxRuntime(e.to_string()))
 }
 
 #[cfg(not(feature = "onnxruntime"))]
-fn onnx(_choice: &GpuChoice) -> Result<Arc<dyn NnEngine>, String> {
-    Err("this build has no ONNX Runtime engine (cargo feature `onnxruntime`)".into())
+fn onnx(_choice: &GpuChoice) -> Result<Arc<dyn NnEngine>, EngineError> {
+    Err(EngineError::OnnxRuntime(
+        "this build has no ONNX Runtime engine (cargo feature `onnxruntime`)".into(),
+    ))
 }
 
 /// A GPU engine and, if it can tell, the card's model and memory (MiB).
@@ -179,7 +187,7 @@ type EngineAndCard = (Arc<dyn NnEngine>, Option<(String, u32)>);
 
 /// llama.cpp on the GPU, and the card as llama.cpp describes it.
 #[cfg(feature = "llama")]
-fn ggml(choice: &GpuChoice, llm_threads: u32) -> Result<EngineAndCard, String> {
+fn ggml(choice: &GpuChoice, llm_threads: u32) -> Result<EngineAndCard, EngineError> {
     let e = crate::backend::llama::LlamaEngine::gpu(llm_threads, choice.device)?;
     let card = e
         .gpu_device()
@@ -188,8 +196,10 @@ fn ggml(choice: &GpuChoice, llm_threads: u32) -> Result<EngineAndCard, String> {
 }
 
 #[cfg(not(feature = "llama"))]
-fn ggml(_choice: &GpuChoice, _llm_threads: u32) -> Result<EngineAndCard, String> {
-    Err("this build has no llama.cpp engine (cargo feature `llama`)".into())
+fn ggml(_choice: &GpuChoice, _llm_threads: u32) -> Result<EngineAndCard, EngineError> {
+    Err(EngineError::Llama(
+        "this build has no llama.cpp engine (cargo feature `llama`)".into(),
+    ))
 }
 
 #[cfg(test)]
@@ -208,7 +218,7 @@ mod tests {
             Ok(("NVIDIA RTX A6000, Ada".to_owned(), 49140))
         );
         for bad in ["", "NVIDIA L4", "NVIDIA L4, [N/A]", ", 1024"] {
-            let err = parse_nvidia_smi(bad).expect_err(bad);
+            let err = parse_nvidia_smi(bad).expect_err(bad).to_string();
             assert!(err.contains("nvidia-smi"), "{bad:?}: {err}");
         }
     }

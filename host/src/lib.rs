@@ -62,6 +62,21 @@ pub enum OnnxEngine {
     },
 }
 
+/// Why an engine (or the GPU behind it) could not start: said once at node
+/// start-up, naming what is missing and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// ONNX Runtime's library is missing or unusable.
+    #[error("{0}")]
+    OnnxRuntime(String),
+    /// llama.cpp could not start (or has no such GPU).
+    #[error("{0}")]
+    Llama(String),
+    /// The GPU could not be identified or no GPU engine started.
+    #[error("{0}")]
+    Gpu(String),
+}
+
 /// A node's wasi-nn engines, one per encoding.
 pub type Engines = Vec<Arc<dyn backend::NnEngine>>;
 
@@ -71,7 +86,10 @@ pub type Engines = Vec<Arc<dyn backend::NnEngine>>;
 ///
 /// `llm_threads` is the thread count of every llama.cpp task context (part
 /// of the node's deterministic settings).
-pub fn engines(choice: &OnnxEngine, llm_threads: u32) -> Result<(Engines, Option<String>), String> {
+pub fn engines(
+    choice: &OnnxEngine,
+    llm_threads: u32,
+) -> Result<(Engines, Option<String>), EngineError> {
     let tract = || -> Engines { vec![Arc::new(TractEngine)] };
     let (mut e, why) = match choice {
         OnnxEngine::Tract => (tract(), None),
@@ -89,16 +107,16 @@ pub fn engines(choice: &OnnxEngine, llm_threads: u32) -> Result<(Engines, Option
 }
 
 #[cfg(feature = "onnxruntime")]
-fn onnxruntime(library: &std::path::Path) -> Result<Arc<dyn backend::NnEngine>, String> {
+fn onnxruntime(library: &std::path::Path) -> Result<Arc<dyn backend::NnEngine>, EngineError> {
     backend::onnxruntime::OrtEngine::new(library)
         .map(|e| Arc::new(e) as Arc<dyn backend::NnEngine>)
-        .map_err(|e| e.to_string())
+        .map_err(|e| EngineError::OnnxRuntime(e.to_string()))
 }
 
 #[cfg(not(feature = "onnxruntime"))]
-fn onnxruntime(library: &std::path::Path) -> Result<Arc<dyn backend::NnEngine>, String> {
-    Err(format!(
+fn onnxruntime(library: &std::path::Path) -> Result<Arc<dyn backend::NnEngine>, EngineError> {
+    Err(EngineError::OnnxRuntime(format!(
         "this build has no ONNX Runtime engine (cargo feature `onnxruntime`); cannot use {}",
         library.display()
-    ))
+    )))
 }

@@ -90,7 +90,7 @@ pub enum LocalModelError {
     Model(#[from] ModelError),
     /// An engine could not start.
     #[error("{0}")]
-    Engine(String),
+    Engine(#[from] crate::EngineError),
     /// Registration failed (digest mismatch, engine error...).
     #[error(transparent)]
     Registry(#[from] RegistryError),

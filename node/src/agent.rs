@@ -189,8 +189,7 @@ pub async fn run(
         Err(_) => VersionBook::default(),
     };
     let blobs = BlobDir::open(cfg.data_dir.join("blobs"))?;
-    let (engines, fell_back) =
-        tidepool_host::engines(&cfg.onnx, cfg.llm_threads).map_err(NodeError::Config)?;
+    let (engines, fell_back) = tidepool_host::engines(&cfg.onnx, cfg.llm_threads)?;
     if let Some(why) = fell_back {
         warn!("{why}");
     }
@@ -200,8 +199,7 @@ pub async fn run(
     let gpu = match &cfg.gpu {
         None => None,
         Some(choice) => {
-            let (supply, notes) =
-                tidepool_host::gpu::start(choice, cfg.llm_threads).map_err(NodeError::Config)?;
+            let (supply, notes) = tidepool_host::gpu::start(choice, cfg.llm_threads)?;
             for n in notes {
                 warn!("GPU: {n}");
             }

@@ -17,13 +17,13 @@ use tracing::{info, warn};
 /// A bundle ready to run.
 pub(crate) struct Prepared {
     /// Verified manifest.
-    manifest: LockedManifest,
+    pub(crate) manifest: LockedManifest,
     /// Its digest.
-    digest: Digest,
+    pub(crate) digest: Digest,
     /// The sandbox for its limits and models.
-    sandbox: Arc<Sandbox>,
+    pub(crate) sandbox: Arc<Sandbox>,
     /// The compiled component.
-    job: JobComponent,
+    pub(crate) job: JobComponent,
 }
 
 /// Why a bundle could not be made ready.

@@ -50,6 +50,9 @@ pub enum NodeError {
     /// Bad configuration.
     #[error("node configuration: {0}")]
     Config(String),
+    /// An engine or the GPU could not start.
+    #[error("node configuration: {0}")]
+    Engine(#[from] tidepool_host::EngineError),
     /// Local storage failed.
     #[error(transparent)]
     Blobs(#[from] tidepool_net::BlobError),

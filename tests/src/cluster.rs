@@ -207,7 +207,7 @@ pub fn embed_inputs(texts: &[String]) -> Vec<Vec<u8>> {
 /// Poll a job until it has no open task or `timeout` passes.
 pub async fn wait_job(
     client: &PoolClient,
-    job: u64,
+    job: tidepool_proto::wire::JobId,
     timeout: Duration,
 ) -> Result<tidepool_proto::wire::JobSummary> {
     let start = std::time::Instant::now();

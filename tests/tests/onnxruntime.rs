@@ -85,7 +85,9 @@ fn a_missing_library_is_refused_or_replaced_by_tract_as_configured() {
         library: "/nonexistent/libonnxruntime.so.1.31.1".into(),
         fallback: false,
     };
-    let err = tidepool_host::engines(&missing, 1).expect_err("missing library");
+    let err = tidepool_host::engines(&missing, 1)
+        .expect_err("missing library")
+        .to_string();
     assert!(
         err.contains("/nonexistent/libonnxruntime.so.1.31.1") && err.contains("does not exist"),
         "{err}"

@@ -15,7 +15,8 @@ fn a_file_that_is_not_onnxruntime_is_refused_with_the_reason() {
         },
         1,
     )
-    .expect_err("not a library");
+    .expect_err("not a library")
+    .to_string();
     assert!(
         err.contains(&fake.display().to_string())
             && err.contains("cannot be used")

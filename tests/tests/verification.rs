@@ -10,6 +10,7 @@ use std::time::Duration;
 use tidepool_client::PoolClient;
 use tidepool_pool::verify::VerifyPolicy;
 use tidepool_pool::PoolEvent;
+use tidepool_proto::wire::ChallengeState;
 use tidepool_proto::wire::PoolSummary;
 use tidepool_proto::PublicKey;
 use tidepool_tests::adversary::{Adversary, Lie, OtherModel};
@@ -211,23 +212,15 @@ async fn challenges_replace_a_wrong_result_and_leave_a_right_one() -> Result<()>
     assert_ne!(&record_output(&bad), bad_want, "the liar lied");
 
     for (r, want, expect) in [
-        (
-            &bad,
-            bad_want,
-            "upheld: the result was wrong and was replaced",
-        ),
-        (
-            &good,
-            good_want,
-            "rejected: an independent re-execution agreed with the result",
-        ),
+        (&bad, bad_want, ChallengeState::Upheld),
+        (&good, good_want, ChallengeState::Rejected),
     ] {
         let c = client.challenge(r.task).await?;
-        assert_eq!(c.state, "pending");
+        assert_eq!(c.state, ChallengeState::Pending);
         let start = std::time::Instant::now();
         let rec = loop {
             let rec = client.task_record(c.job, c.index).await?;
-            if rec.challenge.as_deref() != Some("pending") {
+            if rec.challenge != Some(ChallengeState::Pending) {
                 break rec;
             }
             anyhow::ensure!(
@@ -236,7 +229,7 @@ async fn challenges_replace_a_wrong_result_and_leave_a_right_one() -> Result<()>
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        assert_eq!(rec.challenge.as_deref(), Some(expect), "{rec:?}");
+        assert_eq!(rec.challenge, Some(expect), "{rec:?}");
         assert_eq!(&record_output(&rec), want, "task {}", r.task);
         if r.task == good.task {
             assert_eq!(rec.node, good.node, "a right result is left as it was");

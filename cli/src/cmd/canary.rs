@@ -16,7 +16,7 @@ pub struct Args {
     inputs: PathBuf,
     /// The job whose results are the known answers (input line i ↔ task i).
     #[arg(long)]
-    job: u64,
+    job: tidepool_proto::wire::JobId,
     #[command(flatten)]
     pool: PoolArgs,
 }

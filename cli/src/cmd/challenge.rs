@@ -7,7 +7,7 @@ use std::time::Duration;
 #[derive(clap::Args)]
 pub struct Args {
     /// The task id (from `tidepool job results`).
-    task: u64,
+    task: tidepool_proto::wire::TaskId,
     /// Wait until the re-execution has decided.
     #[arg(long)]
     wait: bool,
@@ -23,19 +23,19 @@ pub fn main(a: Args) -> anyhow::Result<()> {
     let (c, record) = a.pool.call(|client| async move {
         let c = client.challenge(a.task).await?;
         let mut record = client.task_record(c.job, c.index).await?;
-        while wait && record.challenge.as_deref() == Some("pending") {
+        while wait && record.challenge == Some(tidepool_proto::wire::ChallengeState::Pending) {
             tokio::time::sleep(Duration::from_millis(250)).await;
             record = client.task_record(c.job, c.index).await?;
         }
         Ok((c, record))
     })?;
-    let state = record.challenge.clone().unwrap_or(c.state);
+    let state = record.challenge.unwrap_or(c.state);
     if a.json {
         println!(
             "{}",
             serde_json::json!({
                 "task": a.task, "checked": c.target, "job": c.job, "index": c.index,
-                "challenge": state, "verification": record.verification,
+                "challenge": state.as_str(), "verification": record.verification,
                 "node": record.node.map(|k| k.to_string()),
             })
         );

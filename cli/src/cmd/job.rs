@@ -35,7 +35,7 @@ pub enum Command {
     /// A job's progress.
     Status {
         /// Job id.
-        job: u64,
+        job: tidepool_proto::wire::JobId,
         #[command(flatten)]
         pool: PoolArgs,
         /// Print JSON.
@@ -45,7 +45,7 @@ pub enum Command {
     /// A job's results in input order: a table, or JSON lines with --json.
     Results {
         /// Job id.
-        job: u64,
+        job: tidepool_proto::wire::JobId,
         #[command(flatten)]
         pool: PoolArgs,
         /// One JSON object per line (outputs that are JSON are embedded, others base64).
@@ -219,13 +219,13 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
                     line["reasons"] = r.reasons.into();
                 }
                 if let Some(t) = r.cached_from {
-                    line["cached_from"] = t.into();
+                    line["cached_from"] = t.0.into();
                 }
                 if !r.verification.is_empty() {
                     line["verification"] = r.verification.into();
                 }
                 if let Some(c) = r.challenge {
-                    line["challenge"] = c.into();
+                    line["challenge"] = c.as_str().into();
                 }
                 // A closed pipe (`| head`) ends the listing quietly.
                 if writeln!(out, "{line}").is_err() {

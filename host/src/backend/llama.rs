@@ -66,7 +66,7 @@ static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
 ///
 /// # Errors
 /// llama.cpp's initialisation error, the same on every call.
-pub fn backend() -> Result<&'static LlamaBackend, String> {
+pub fn backend() -> Result<&'static LlamaBackend, crate::EngineError> {
     BACKEND
         .get_or_init(|| {
             // llama.cpp logs every tensor at load: route it to tracing
@@ -75,7 +75,7 @@ pub fn backend() -> Result<&'static LlamaBackend, String> {
             LlamaBackend::init().map_err(|e| e.to_string())
         })
         .as_ref()
-        .map_err(Clone::clone)
+        .map_err(|e| crate::EngineError::Llama(e.clone()))
 }
 
 /// Generation options, the JSON in the `options` tensor.
@@ -181,7 +181,7 @@ pub struct LlamaGpu {
 }
 
 /// The GPUs llama.cpp can use in this build (none without `cuda`).
-pub fn gpus() -> Result<Vec<LlamaGpu>, String> {
+pub fn gpus() -> Result<Vec<LlamaGpu>, crate::EngineError> {
     use llama_cpp_2::LlamaBackendDeviceType as T;
     backend()?;
     Ok(llama_cpp_2::list_llama_ggml_backend_devices()
@@ -199,7 +199,7 @@ pub fn gpus() -> Result<Vec<LlamaGpu>, String> {
 impl LlamaEngine {
     /// An engine whose contexts use `threads` threads (at least 1), on the
     /// CPU.
-    pub fn new(threads: u32) -> Result<Self, String> {
+    pub fn new(threads: u32) -> Result<Self, crate::EngineError> {
         backend()?;
         Ok(Self {
             threads: threads.max(1),
@@ -209,7 +209,7 @@ impl LlamaEngine {
 
     /// An engine that offloads every layer to the `ordinal`-th GPU llama.cpp
     /// sees (threads still drive the CPU side of each step).
-    pub fn gpu(threads: u32, ordinal: u32) -> Result<Self, String> {
+    pub fn gpu(threads: u32, ordinal: u32) -> Result<Self, crate::EngineError> {
         let all = gpus()?;
         let Some(gpu) = all.get(ordinal as usize).cloned() else {
             let why = if cfg!(feature = "cuda") {
@@ -217,7 +217,7 @@ impl LlamaEngine {
             } else {
                 "this build of llama.cpp has no GPU backend (build the node with `--features cuda`, see docs/gpu-nodes.md)".to_owned()
             };
-            return Err(why);
+            return Err(crate::EngineError::Llama(why));
         };
         Ok(Self {
             threads: threads.max(1),
@@ -454,7 +454,7 @@ impl Run<'_> {
             .with_n_threads(self.threads as i32)
             .with_n_threads_batch(self.threads as i32)
             .with_no_perf(true);
-        let backend = backend().map_err(err)?;
+        let backend = backend().map_err(|e| err(e.to_string()))?;
         // A poisoned lock guards nothing but ordering; keep going.
         let _one_at_a_time = self.new_context.lock().unwrap_or_else(|p| p.into_inner());
         self.model
