@@ -15,12 +15,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tidepool_client::PoolClient;
-use tidepool_proto::receipt::LeaseReceipt;
 use tidepool_proto::wire::{
     Bytes, Capabilities, Outcome, Request, Response, TaskResult, Verdict, PROTOCOL_VERSION,
 };
 use tidepool_proto::wire::{JobId, TaskId, TaskState};
-use tidepool_proto::{Digest, KeyRole, Receipt, SecretKey};
+use tidepool_proto::{Digest, KeyRole, SecretKey};
+use tidepool_testkit::fake_node;
 
 struct Pool {
     child: Child,
@@ -143,28 +143,13 @@ async fn worker(
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                     for g in grants {
-                        let output: Vec<u8> = g.input.0.iter().rev().copied().collect();
-                        let receipt = Receipt::plain(
-                            g.lease.task.to_string(),
+                        pending.push(fake_node::answer(
+                            &key,
+                            &g,
                             component,
-                            &g.input.0,
-                            &output,
+                            fake_node::reversed(&g.input.0),
                             "crash-test",
-                        );
-                        let receipt = Some(
-                            LeaseReceipt {
-                                lease: g.lease,
-                                bundle: g.bundle,
-                                receipt,
-                            }
-                            .sign(&key),
-                        );
-                        pending.push(TaskResult {
-                            transcript: Default::default(),
-                            lease: g.lease,
-                            outcome: Outcome::Output(Bytes(output)),
-                            receipt,
-                        });
+                        ));
                     }
                 }
                 _ => break,

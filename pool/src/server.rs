@@ -375,7 +375,7 @@ async fn serve_stream(
                 Request::Results { results } => {
                     Incoming::Results(crate::coordinator::open_results(&peer, results))
                 }
-                other => Incoming::Request(other),
+                other => Incoming::Request(Box::new(other)),
             };
             match shared.ask(|r| Cmd::Request(peer, incoming, r)).await {
                 Some(Ok(resp)) => resp,

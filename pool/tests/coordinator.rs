@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use tidepool_pool::coordinator::{Admission, Coordinator, PoolConfig, PoolEvent};
 use tidepool_pool::store::{Durability, SqliteStore};
 use tidepool_proto::manifest::{AuthoredManifest, BlobRef, LockedManifest};
-use tidepool_proto::receipt::LeaseReceipt;
 use tidepool_proto::wire::{
     Bytes, Capabilities, Gpu, LeaseId, Outcome, TaskGrant, TaskResult, TaskState, Verdict,
 };
-use tidepool_proto::{Digest, KeyRole, Receipt, SecretKey};
+use tidepool_proto::{Digest, KeyRole, SecretKey};
+use tidepool_testkit::{bundle, fake_node};
 
 const NOW_UNIX: u64 = 1_800_000_000;
 
@@ -64,54 +64,17 @@ fn publish_with(
     name: &str,
     extra: &str,
 ) -> (Digest, Digest) {
-    let a = AuthoredManifest::parse(&format!(
-        "name = \"{name}\"\nversion = \"1.0.0\"\ncomponent = \"echo.wasm\"\n[models.m]\nencoding = \"onnx\"\nsource = \"m.onnx\"\nsha256 = \"{}\"\n{extra}",
-        Digest::of(b"model").hex()
-    ))
-    .expect("manifest");
-    let component = BlobRef {
-        sha256: Digest::of(b"component"),
-        size: 9,
-    };
-    let models = BTreeMap::from([(
-        "m".to_owned(),
-        BlobRef {
-            sha256: Digest::of(b"model"),
-            size: 5,
-        },
-    )]);
-    let locked =
-        LockedManifest::lock(&a, component, &models, w.publisher.public(), NOW_UNIX).expect("lock");
-    let signed = locked.sign(&w.publisher).expect("sign");
+    let signed = bundle::signed(&w.publisher, name, extra, NOW_UNIX);
     let (digest, missing) = c
         .handle_publish(NOW_UNIX, signed, &|_| true)
         .expect("publish");
     assert!(missing.is_empty());
-    (digest, component.sha256)
+    (digest, bundle::component().sha256)
 }
 
 /// What an honest node returns for a grant: the input reversed.
 fn honest(key: &SecretKey, g: &TaskGrant, component: Digest) -> TaskResult {
-    let output: Vec<u8> = g.input.0.iter().rev().copied().collect();
-    let receipt = Receipt::plain(
-        g.lease.task.to_string(),
-        component,
-        &g.input.0,
-        &output,
-        "test",
-    );
-    let signed = LeaseReceipt {
-        lease: g.lease,
-        bundle: g.bundle,
-        receipt,
-    }
-    .sign(key);
-    TaskResult {
-        transcript: Default::default(),
-        lease: g.lease,
-        outcome: Outcome::Output(Bytes(output)),
-        receipt: Some(signed),
-    }
+    fake_node::answer(key, g, component, fake_node::reversed(&g.input.0), "test")
 }
 
 fn inputs(n: usize) -> Vec<Vec<u8>> {

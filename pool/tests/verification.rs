@@ -7,18 +7,17 @@
 //! Outputs here are synthetic (an honest node reverses its input); the same
 //! paths run with real guests and models in `tests/tests/verification.rs`.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tidepool_pool::coordinator::{Coordinator, PoolConfig, PoolEvent};
 use tidepool_pool::store::SqliteStore;
 use tidepool_pool::verify::{audit_draw, VerifyPolicy};
-use tidepool_proto::manifest::{AuthoredManifest, BlobRef, LockedManifest};
-use tidepool_proto::receipt::LeaseReceipt;
+
 use tidepool_proto::wire::{
     Bytes, Canary, Capabilities, ChallengeState, ErrorCode, JobId, LeaseId, Outcome, TaskGrant,
     TaskId, TaskRecord, TaskResult, TaskState,
 };
-use tidepool_proto::{Digest, KeyRole, PublicKey, Receipt, SecretKey};
+use tidepool_proto::{Digest, KeyRole, PublicKey, SecretKey};
+use tidepool_testkit::{bundle, fake_node};
 
 const NOW_UNIX: u64 = 1_800_000_000;
 
@@ -112,26 +111,7 @@ impl SimNode {
         };
         self.answered.push((g.lease, output != right));
         self.last = right;
-        let receipt = Receipt::plain(
-            g.lease.task.to_string(),
-            component,
-            &g.input.0,
-            &output,
-            "sim",
-        );
-        TaskResult {
-            transcript: Default::default(),
-            lease: g.lease,
-            outcome: Outcome::Output(Bytes(output)),
-            receipt: Some(
-                LeaseReceipt {
-                    lease: g.lease,
-                    bundle: g.bundle,
-                    receipt,
-                }
-                .sign(&self.key),
-            ),
-        }
+        fake_node::answer(&self.key, g, component, output, "sim")
     }
 }
 
@@ -188,26 +168,13 @@ impl Sim {
     /// Publish the bundle on `c` and say hello from one node per kind.
     fn on(mut c: Coordinator<SqliteStore>, kinds: &[Kind], seed: u64, extra: &str) -> Self {
         let publisher = SecretKey::from_seed(KeyRole::Publisher, &[1; 32]);
-        let a = AuthoredManifest::parse(&format!(
-            "name = \"rev\"\nversion = \"1.0.0\"\ncomponent = \"rev.wasm\"\n{extra}[models.m]\nencoding = \"onnx\"\nsource = \"m.onnx\"\nsha256 = \"{}\"\n",
-            Digest::of(b"model").hex()
-        ))
-        .expect("manifest");
-        let component = BlobRef {
-            sha256: Digest::of(b"component"),
-            size: 9,
-        };
-        let models = BTreeMap::from([(
-            "m".to_owned(),
-            BlobRef {
-                sha256: Digest::of(b"model"),
-                size: 5,
-            },
-        )]);
-        let locked = LockedManifest::lock(&a, component, &models, publisher.public(), NOW_UNIX)
-            .expect("lock");
+        let component = bundle::component();
         let (bundle, _) = c
-            .handle_publish(NOW_UNIX, locked.sign(&publisher).expect("sign"), &|_| true)
+            .handle_publish(
+                NOW_UNIX,
+                bundle::signed(&publisher, "rev", extra, NOW_UNIX),
+                &|_| true,
+            )
             .expect("publish");
         let now = Instant::now();
         c.set_clock(now, NOW_UNIX);
@@ -632,26 +599,7 @@ fn tolerance_tier_accepts_float_noise_that_exact_flags() {
         let noisy: Vec<f32> = v.iter().rev().map(|x| x + 1e-6).collect();
         let out = serde_json::to_vec(&noisy).expect("json");
         let g = &grants[0];
-        let receipt = Receipt::plain(
-            g.lease.task.to_string(),
-            sim.component,
-            &g.input.0,
-            &out,
-            "sim",
-        );
-        let r = TaskResult {
-            transcript: Default::default(),
-            lease: g.lease,
-            outcome: Outcome::Output(Bytes(out)),
-            receipt: Some(
-                LeaseReceipt {
-                    lease: g.lease,
-                    bundle: g.bundle,
-                    receipt,
-                }
-                .sign(&sim.nodes[0].key),
-            ),
-        };
+        let r = fake_node::answer(&sim.nodes[0].key, g, sim.component, out, "sim");
         sim.c
             .handle_results(sim.now, &key, vec![r])
             .expect("results");
@@ -665,26 +613,7 @@ fn tolerance_tier_accepts_float_noise_that_exact_flags() {
                 .iter()
                 .map(|g| {
                     let out = serde_json::to_vec(&exact).expect("json");
-                    let receipt = Receipt::plain(
-                        g.lease.task.to_string(),
-                        sim.component,
-                        &g.input.0,
-                        &out,
-                        "sim",
-                    );
-                    TaskResult {
-                        transcript: Default::default(),
-                        lease: g.lease,
-                        outcome: Outcome::Output(Bytes(out)),
-                        receipt: Some(
-                            LeaseReceipt {
-                                lease: g.lease,
-                                bundle: g.bundle,
-                                receipt,
-                            }
-                            .sign(&sim.nodes[i].key),
-                        ),
-                    }
+                    fake_node::answer(&sim.nodes[i].key, g, sim.component, out, "sim")
                 })
                 .collect();
             sim.c

@@ -16,8 +16,9 @@ use tidepool_proto::{Digest, PublicKey};
 /// A request as the coordinator takes it.
 #[derive(Debug)]
 pub enum Incoming {
-    /// Any request but `Results` and the blob transfers.
-    Request(Request),
+    /// Any request but `Results` and the blob transfers (boxed: requests
+    /// are large and this moves through a channel).
+    Request(Box<Request>),
     /// A `Results` request already opened with
     /// [`open_results`](super::open_results) (hashes and signatures checked
     /// off the coordinator thread).
@@ -47,7 +48,7 @@ impl<S: Store> Coordinator<S> {
                     .map(Response::Verdicts)
                     .map_err(keep_open)
             }
-            Incoming::Request(r) => r,
+            Incoming::Request(r) => *r,
         };
         match req {
             Request::NodeHello { caps, .. } => self
