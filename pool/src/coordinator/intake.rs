@@ -2,7 +2,7 @@
 //! ([`open_results`]: hashes, receipt signatures, serialisation), then
 //! checked against the lease they claim and stored at most once.
 
-use super::leases::Lease;
+use super::lease_table::Lease;
 use super::{refusal, Coordinator};
 use crate::store::{Acceptance, Store};
 use std::time::Instant;
@@ -141,8 +141,7 @@ impl<S: Store> Coordinator<S> {
                 ));
             }
             let id = r.lease;
-            let current = matches!(self.leases.get(&id.task), Some(l) if l.attempt == id.attempt && l.node == *key);
-            if !current {
+            let Some(lease) = self.leases.current(id, key) else {
                 let v = if self.store.done_by(id.task, id.attempt, key)? {
                     Verdict::Duplicate
                 } else {
@@ -150,8 +149,7 @@ impl<S: Store> Coordinator<S> {
                 };
                 verdicts.push((id, Some(v)));
                 continue;
-            }
-            let lease = self.leases[&id.task];
+            };
             match self.check_result(&lease, r) {
                 Ok(Checked::Accept((outcome, receipt, transcript))) => {
                     batch_idx.push(verdicts.len());
@@ -188,8 +186,7 @@ impl<S: Store> Coordinator<S> {
                     Verdict::Stale
                 });
                 if ok {
-                    if let Some(lease) = self.leases.remove(&a.task) {
-                        self.expiry.remove(&(lease.expires, a.task));
+                    if let Some(lease) = self.leases.remove(a.task) {
                         if let Some(n) = self.nodes.get_mut(key) {
                             n.leases.remove(&a.task);
                         }

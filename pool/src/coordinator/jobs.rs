@@ -2,7 +2,7 @@
 //! batches (with the result cache), and every job's task counts kept in
 //! step with the store.
 
-use super::leases::Queued;
+use super::queues::Queued;
 use super::{refusal, Coordinator, PoolEvent};
 use crate::store::{InsertedJob, JobCounts, Store, StoredBundle};
 use std::collections::BTreeSet;
@@ -145,13 +145,15 @@ impl<S: Store> Coordinator<S> {
         let InsertedJob { job, tasks, fresh } =
             self.store.insert_job(bundle, key, inputs, now_unix)?;
         if fresh {
-            let q = self.queues.entry(*bundle).or_default();
             for t in tasks.iter().filter(|t| !t.cached) {
-                q.push_back(Queued {
-                    task: t.task,
-                    job,
-                    attempts: 0,
-                });
+                self.queues.push_back(
+                    *bundle,
+                    Queued {
+                        task: t.task,
+                        job,
+                        attempts: 0,
+                    },
+                );
             }
             let n = u32::try_from(tasks.len()).unwrap_or(u32::MAX);
             let cached =

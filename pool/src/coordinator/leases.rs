@@ -3,45 +3,18 @@
 //! the dead letters.
 
 use super::fit::can_run;
+use super::lease_table::Lease;
 use super::nodes::UPTIME_MARGIN;
+use super::queues::Queued;
 use super::verification::CHECK_ATTEMPTS_FACTOR;
 use super::{refusal, Coordinator, PoolEvent};
 use crate::store::{GrantRow, GrantedInput, Store, StoreError, Verified};
+use std::collections::HashSet;
 use std::time::Instant;
 use tidepool_proto::session::Refusal;
 use tidepool_proto::wire::TaskState;
-use tidepool_proto::wire::{ErrorCode, JobId, LeaseId, TaskGrant, TaskId};
+use tidepool_proto::wire::{ErrorCode, LeaseId, TaskGrant, TaskId};
 use tidepool_proto::{Digest, PublicKey};
-
-/// A task waiting in a queue.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Queued {
-    /// The task.
-    pub(super) task: TaskId,
-    /// Its job.
-    pub(super) job: JobId,
-    /// Attempts made so far.
-    pub(super) attempts: u32,
-}
-
-/// A task under lease.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Lease {
-    /// Attempt number (fencing token).
-    pub(super) attempt: u32,
-    /// Holder.
-    pub(super) node: PublicKey,
-    /// Its job.
-    pub(super) job: JobId,
-    /// Its bundle.
-    pub(super) bundle: Digest,
-    /// Digest of its input (receipts must name it).
-    pub(super) input: Digest,
-    /// When it expires unless renewed.
-    pub(super) expires: Instant,
-    /// Last renewal (or grant).
-    pub(super) renewed: Instant,
-}
 
 impl<S: Store> Coordinator<S> {
     /// A node asks for `want` tasks and renews `running`. Returns new grants
@@ -53,18 +26,7 @@ impl<S: Store> Coordinator<S> {
         want: u32,
         running: &[LeaseId],
     ) -> Result<(Vec<TaskGrant>, Vec<LeaseId>), Refusal> {
-        let mut lost = Vec::new();
-        for l in running {
-            match self.leases.get_mut(&l.task) {
-                Some(lease) if lease.attempt == l.attempt && lease.node == *key => {
-                    self.expiry.remove(&(lease.expires, l.task));
-                    lease.expires = now + self.cfg.lease_ttl;
-                    lease.renewed = now;
-                    self.expiry.insert((lease.expires, l.task));
-                }
-                _ => lost.push(*l),
-            }
-        }
+        let lost = self.leases.renew(now, self.cfg.lease_ttl, key, running);
         if self.standing.get(key).is_some_and(|s| s.banned) {
             return Err(Refusal {
                 code: ErrorCode::Forbidden,
@@ -102,46 +64,27 @@ impl<S: Store> Coordinator<S> {
         }
         // Re-executions first: the sooner a wrong result is found, the less
         // is built on it.
-        let mut picked: Vec<(Queued, Digest)> = Vec::new();
-        if !self.check_queue.is_empty() {
-            let take: Vec<usize> = self
-                .check_queue
-                .iter()
-                .enumerate()
-                .filter(|(_, q)| {
-                    self.checks
-                        .get(&q.task)
-                        .is_some_and(|c| self.may_check(key, c))
-                })
-                .map(|(i, _)| i)
-                .take(want)
-                .collect();
-            for i in take.into_iter().rev() {
-                if let Some(q) = self.check_queue.remove(i) {
-                    let bundle = self.checks[&q.task].bundle;
-                    picked.push((q, bundle));
-                }
-            }
-            picked.reverse();
-        }
-        let node = &self.nodes[key];
+        let mine: HashSet<TaskId> = self
+            .checks
+            .iter()
+            .filter(|(_, c)| self.may_check(key, c))
+            .map(|(t, _)| *t)
+            .collect();
+        let (checks, bundles, nodes) = (&self.checks, &self.bundles, &self.nodes);
+        let mut picked: Vec<(Queued, Digest)> = self
+            .queues
+            .take_checks(want, |q| mine.contains(&q.task))
+            .into_iter()
+            .filter_map(|q| checks.get(&q.task).map(|c| (q, c.bundle)))
+            .collect();
         // Then the queues of bundles this node can run, oldest bundle first.
-        for (digest, queue) in self.queues.iter_mut() {
-            if picked.len() == want {
-                break;
-            }
-            let Some(b) = self.bundles.get(digest) else {
-                continue;
-            };
-            if !b.missing.is_empty() || !can_run(&node.caps, &b.manifest) {
-                continue;
-            }
-            while picked.len() < want {
-                let Some(q) = queue.pop_front() else { break };
-                picked.push((q, *digest));
-            }
-        }
-        self.queues.retain(|_, q| !q.is_empty());
+        let caps = &nodes[key].caps;
+        let rest = self.queues.take(want - picked.len(), |digest| {
+            bundles
+                .get(digest)
+                .is_some_and(|b| b.missing.is_empty() && can_run(caps, &b.manifest))
+        });
+        picked.extend(rest);
         if picked.is_empty() {
             return Ok((Vec::new(), lost));
         }
@@ -159,7 +102,7 @@ impl<S: Store> Coordinator<S> {
             Err(e) => {
                 // Nothing was granted: put the tasks back where they were.
                 for (q, d) in picked.into_iter().rev() {
-                    self.queues.entry(d).or_default().push_front(q);
+                    self.queues.push_front(d, q);
                 }
                 return Err(e.into());
             }
@@ -183,7 +126,6 @@ impl<S: Store> Coordinator<S> {
                 expires: now + self.cfg.lease_ttl,
                 renewed: now,
             };
-            self.expiry.insert((lease.expires, q.task));
             self.leases.insert(q.task, lease);
             node.leases.insert(q.task);
             grants.push(TaskGrant {
@@ -197,7 +139,9 @@ impl<S: Store> Coordinator<S> {
             });
         }
         for g in &mut grants {
-            let job = self.leases[&g.lease.task].job;
+            let Some(job) = self.leases.get(g.lease.task).map(|l| l.job) else {
+                continue; // just inserted above
+            };
             self.count(job, TaskState::Queued, TaskState::Leased);
             g.replay = self.replay_for(g.lease.task, &g.bundle)?;
         }
@@ -242,10 +186,9 @@ impl<S: Store> Coordinator<S> {
 
     /// End a lease: back to the queue (front) or to the dead letters.
     pub(super) fn release(&mut self, task: TaskId, reason: &str) -> Result<(), StoreError> {
-        let Some(lease) = self.leases.remove(&task) else {
+        let Some(lease) = self.leases.remove(task) else {
             return Ok(());
         };
-        self.expiry.remove(&(lease.expires, task));
         if let Some(n) = self.nodes.get_mut(&lease.node) {
             n.leases.remove(&task);
         }
@@ -272,7 +215,7 @@ impl<S: Store> Coordinator<S> {
                 self.count(lease.job, TaskState::Leased, TaskState::Dead);
             } else {
                 self.count(lease.job, TaskState::Leased, TaskState::Queued);
-                self.check_queue.push_front(Queued {
+                self.queues.push_check_front(Queued {
                     task,
                     job: lease.job,
                     attempts: lease.attempt,
@@ -288,14 +231,14 @@ impl<S: Store> Coordinator<S> {
             self.count(lease.job, TaskState::Leased, TaskState::Dead);
         } else {
             self.count(lease.job, TaskState::Leased, TaskState::Queued);
-            self.queues
-                .entry(lease.bundle)
-                .or_default()
-                .push_front(Queued {
+            self.queues.push_front(
+                lease.bundle,
+                Queued {
                     task,
                     job: lease.job,
                     attempts: lease.attempt,
-                });
+                },
+            );
         }
         Ok(())
     }

@@ -20,7 +20,12 @@
 //! The state is split by concern, one file each; each sub-state's methods
 //! work on the coordinator's fields of that concern:
 //! - `nodes`: nodes seen, their connections, uptime and held tasks;
-//! - `leases`: queues, grants, renewals, releases and dead letters;
+//! - `queues` (sub-state `Queues`): waiting tasks per bundle, re-executions
+//!   first;
+//! - `lease_table` (sub-state `LeaseTable`): leased tasks and their expiry
+//!   index;
+//! - `leases`: grants (what a node gets from the queues), renewals, releases
+//!   back to the queues or to the dead letters;
 //! - `intake`: results opened off-thread, checked against their lease,
 //!   stored at most once;
 //! - `verification`: re-executions, decisions, strikes, canaries, challenges;
@@ -33,8 +38,10 @@
 mod fit;
 mod intake;
 mod jobs;
+mod lease_table;
 mod leases;
 mod nodes;
+mod queues;
 mod requests;
 mod status;
 mod verification;
@@ -51,9 +58,10 @@ use crate::store::{
 };
 use crate::verify::Standing;
 use jobs::Bundle;
-use leases::{Lease, Queued};
+use lease_table::LeaseTable;
 use nodes::Node;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use queues::{Queued, Queues};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Instant;
 use tidepool_proto::manifest::{LockedManifest, SignedManifest};
 use tidepool_proto::session::Refusal;
@@ -130,12 +138,11 @@ pub struct Coordinator<S: Store> {
     cfg: PoolConfig,
     /// Published bundles by digest.
     bundles: HashMap<Digest, Bundle>,
-    /// Queued tasks per bundle, in order.
-    queues: BTreeMap<Digest, VecDeque<Queued>>,
-    /// Leased tasks.
-    leases: HashMap<TaskId, Lease>,
-    /// Lease expiry order: (expires, task).
-    expiry: BTreeSet<(Instant, TaskId)>,
+    /// Waiting tasks: per bundle, and re-executions first (sub-state,
+    /// `queues.rs`).
+    queues: Queues,
+    /// Leased tasks and their expiry index (sub-state, `lease_table.rs`).
+    leases: LeaseTable,
     /// Every job's bundle and task counts by state, kept in step with the
     /// store (loaded once at start) so status queries cost no database work.
     jobs: BTreeMap<JobId, (Digest, JobCounts)>,
@@ -154,9 +161,6 @@ pub struct Coordinator<S: Store> {
     hidden: HashMap<(Digest, JobKind), JobId>,
     /// Re-executions not yet decided, by their own task id.
     checks: HashMap<TaskId, Check>,
-    /// Re-executions waiting for a suitable node, oldest first; they go
-    /// before ordinary tasks.
-    check_queue: VecDeque<Queued>,
     /// Canary ids per bundle.
     canaries: BTreeMap<Digest, Vec<CanaryId>>,
     /// Canaries given to each node (each node gets a canary at most once,
@@ -191,9 +195,8 @@ impl<S: Store> Coordinator<S> {
             store,
             cfg,
             bundles: HashMap::new(),
-            queues: BTreeMap::new(),
-            leases: HashMap::new(),
-            expiry: BTreeSet::new(),
+            queues: Queues::default(),
+            leases: LeaseTable::default(),
             jobs: BTreeMap::new(),
             nodes: HashMap::new(),
             events: VecDeque::new(),
@@ -202,7 +205,6 @@ impl<S: Store> Coordinator<S> {
             kinds: HashMap::new(),
             hidden: HashMap::new(),
             checks: HashMap::new(),
-            check_queue: VecDeque::new(),
             canaries: BTreeMap::new(),
             canaries_given: HashSet::new(),
             grants_made: 0,
@@ -284,9 +286,9 @@ impl<S: Store> Coordinator<S> {
                 Some(target) => {
                     let check = me.check_context(target, bundle, task)?;
                     me.checks.insert(task, check);
-                    me.check_queue.push_back(q);
+                    me.queues.push_check_back(q);
                 }
-                None => me.queues.entry(bundle).or_default().push_back(q),
+                None => me.queues.push_back(bundle, q),
             }
         }
         Ok(me)
@@ -326,19 +328,12 @@ impl<S: Store> Coordinator<S> {
 
     /// When the next lease expires.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.expiry.first().map(|(t, _)| *t)
+        self.leases.next_expiry()
     }
 
     /// Expire the leases due by `now`.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), StoreError> {
-        while let Some(&(at, task)) = self.expiry.first() {
-            if at > now {
-                break;
-            }
-            let Some(lease) = self.leases.get(&task).copied() else {
-                self.expiry.pop_first();
-                continue;
-            };
+        while let Some((task, lease)) = self.leases.due(now) {
             let held = lease.expires.saturating_duration_since(lease.renewed);
             let reason = format!(
                 "lease expired on node {} ({} ms without renewal)",
@@ -353,7 +348,7 @@ impl<S: Store> Coordinator<S> {
                     attempt: lease.attempt,
                 },
                 node: lease.node,
-                at,
+                at: lease.expires,
                 last_renewed: lease.renewed,
             });
         }

@@ -6,7 +6,7 @@ use super::refusal;
 use super::Coordinator;
 use crate::store::{JobCounts, NodeCounters, Store};
 use crate::verify::Standing;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tidepool_proto::session::Refusal;
 use tidepool_proto::wire::{
@@ -189,7 +189,7 @@ impl<S: Store> Coordinator<S> {
 
     /// Tasks waiting in queues (in memory).
     pub fn queued(&self) -> usize {
-        self.queues.values().map(VecDeque::len).sum()
+        self.queues.len()
     }
 
     /// Tasks under lease.

@@ -4,8 +4,9 @@
 //! outcomes) are in [`crate::verify`].
 
 use super::fit::can_run;
-use super::leases::{Lease, Queued};
+use super::lease_table::Lease;
 use super::nodes::Node;
+use super::queues::Queued;
 use super::{refusal, Coordinator, PoolEvent};
 use crate::store::{
     Acceptance, JobCounts, JobKind, NewCanary, ResultRow, Store, StoreError, Verified,
@@ -216,9 +217,9 @@ impl<S: Store> Coordinator<S> {
             attempts: 0,
         };
         if decider {
-            self.check_queue.push_front(q);
+            self.queues.push_check_front(q);
         } else {
-            self.check_queue.push_back(q);
+            self.queues.push_check_back(q);
         }
         Ok(task)
     }
