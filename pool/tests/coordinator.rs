@@ -548,6 +548,38 @@ fn nodes_with_better_uptime_are_preferred() {
     assert!((b.uptime - 0.5).abs() < 0.01, "{}", b.uptime);
 }
 
+/// A node that claims `u32::MAX` slots and queue (the sum overflowed and
+/// panicked the coordinator thread) gets at most one grant's worth of
+/// tasks, and the coordinator keeps serving others.
+#[test]
+fn a_node_claiming_every_slot_there_is_gets_one_grant() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world();
+    let mut c = open(&dir.path().join("pool.db"), &w.cfg);
+    let (bundle, _) = publish(&mut c, &w);
+    c.handle_submit(NOW_UNIX, &bundle, "k", &inputs(300))
+        .expect("submit");
+    let t0 = Instant::now();
+    let greedy = Capabilities {
+        slots: u32::MAX,
+        queue: u32::MAX,
+        ..caps()
+    };
+    c.handle_node_hello(t0, w.node_a.public(), greedy)
+        .expect("hello");
+    let (g, _) = c
+        .handle_lease(t0, &w.node_a.public(), u32::MAX, &[])
+        .expect("lease");
+    assert_eq!(g.len(), w.cfg.max_grant as usize);
+    c.handle_node_hello(t0, w.node_b.public(), caps())
+        .expect("b");
+    let (g, _) = c
+        .handle_lease(t0, &w.node_b.public(), 4, &[])
+        .expect("b lease");
+    assert_eq!(g.len(), 4, "the pool still serves other nodes");
+    c.pool_status(t0).expect("status");
+}
+
 #[test]
 fn repeated_inputs_are_answered_from_the_result_cache() {
     let dir = tempfile::tempdir().expect("tempdir");

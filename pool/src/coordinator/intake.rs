@@ -187,9 +187,7 @@ impl<S: Store> Coordinator<S> {
                 });
                 if ok {
                     if let Some(lease) = self.leases.remove(a.task) {
-                        if let Some(n) = self.nodes.get_mut(key) {
-                            n.leases.remove(&a.task);
-                        }
+                        self.nodes.drop_lease(key, a.task);
                         self.count(lease.job, TaskState::Leased, TaskState::Done);
                         if let Err(e) = self.after_accept(now, a, &lease) {
                             // The result stands; only its check is lost.

@@ -43,19 +43,16 @@ impl<S: Store> Coordinator<S> {
         let Some(node) = self.nodes.get(key) else {
             return Err(refusal(ErrorCode::Protocol, "lease request before hello"));
         };
-        let held = u32::try_from(node.leases.len()).unwrap_or(u32::MAX);
-        let room = (node.caps.slots.max(1) + node.caps.queue).saturating_sub(held);
-        let mut want = want.min(room).min(self.cfg.max_grant) as usize;
+        let room = node.capacity().saturating_sub(node.leases.len());
+        let mut want = (want as usize).min(room).min(self.cfg.max_grant as usize);
         // Prefer nodes with a better uptime record: while a connected node
         // that stays up clearly more has free slots, a flakier node gets a
         // quarter of what it asks for (at least one task).
         let mine = node.uptime(now);
-        let better_has_room = self.nodes.iter().any(|(k, n)| {
-            k != key
-                && n.connections > 0
-                && n.leases.len() < (n.caps.slots + n.caps.queue) as usize
-                && n.uptime(now) > mine + UPTIME_MARGIN
-        });
+        let better_has_room = self
+            .nodes
+            .iter()
+            .any(|(k, n)| k != key && n.has_room() && n.uptime(now) > mine + UPTIME_MARGIN);
         if better_has_room {
             want = want.div_ceil(4);
         }
@@ -78,7 +75,9 @@ impl<S: Store> Coordinator<S> {
             .filter_map(|q| checks.get(&q.task).map(|c| (q, c.bundle)))
             .collect();
         // Then the queues of bundles this node can run, oldest bundle first.
-        let caps = &nodes[key].caps;
+        let Some(caps) = nodes.get(key).map(|n| &n.caps) else {
+            return Ok((Vec::new(), lost)); // checked above
+        };
         let rest = self.queues.take(want - picked.len(), |digest| {
             bundles
                 .get(digest)
@@ -108,7 +107,6 @@ impl<S: Store> Coordinator<S> {
             }
         };
         let mut grants = Vec::with_capacity(picked.len());
-        let node = self.nodes.get_mut(key).expect("checked above");
         for (
             (q, bundle),
             GrantedInput {
@@ -127,7 +125,7 @@ impl<S: Store> Coordinator<S> {
                 renewed: now,
             };
             self.leases.insert(q.task, lease);
-            node.leases.insert(q.task);
+            self.nodes.hold(key, q.task);
             grants.push(TaskGrant {
                 replay: None,
                 lease: LeaseId {
@@ -189,9 +187,7 @@ impl<S: Store> Coordinator<S> {
         let Some(lease) = self.leases.remove(task) else {
             return Ok(());
         };
-        if let Some(n) = self.nodes.get_mut(&lease.node) {
-            n.leases.remove(&task);
-        }
+        self.nodes.drop_lease(&lease.node, task);
         let is_check = self.checks.contains_key(&task);
         // A re-execution is the pool's own work: it is retried longer (its
         // nodes may be liars that get banned mid-task).

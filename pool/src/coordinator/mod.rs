@@ -59,7 +59,7 @@ use crate::store::{
 use crate::verify::Standing;
 use jobs::Bundle;
 use lease_table::LeaseTable;
-use nodes::Node;
+use nodes::Nodes;
 use queues::{Queued, Queues};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Instant;
@@ -146,8 +146,8 @@ pub struct Coordinator<S: Store> {
     /// Every job's bundle and task counts by state, kept in step with the
     /// store (loaded once at start) so status queries cost no database work.
     jobs: BTreeMap<JobId, (Digest, JobCounts)>,
-    /// Nodes seen since start.
-    nodes: HashMap<PublicKey, Node>,
+    /// Nodes seen since start (sub-state, `nodes.rs`).
+    nodes: Nodes,
     /// Events not yet polled.
     events: VecDeque<PoolEvent>,
     /// Each judged node's standing, loaded at start and saved on change.
@@ -198,7 +198,7 @@ impl<S: Store> Coordinator<S> {
             queues: Queues::default(),
             leases: LeaseTable::default(),
             jobs: BTreeMap::new(),
-            nodes: HashMap::new(),
+            nodes: Nodes::default(),
             events: VecDeque::new(),
             standing: HashMap::new(),
             quarantine: HashMap::new(),

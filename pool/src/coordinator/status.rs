@@ -7,7 +7,7 @@ use super::Coordinator;
 use crate::store::{JobCounts, NodeCounters, Store};
 use crate::verify::Standing;
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tidepool_proto::session::Refusal;
 use tidepool_proto::wire::{
     ErrorCode, JobId, JobSummary, NodeStatus, PoolSummary, TaskRecord, TaskState, VerificationStats,
@@ -51,7 +51,7 @@ impl<S: Store> Coordinator<S> {
             ));
         }
         let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
-        for n in self.nodes.values().filter(|n| n.connections > 0) {
+        for (_, n) in self.nodes.iter().filter(|(_, n)| n.is_connected()) {
             // A node that can run it: nothing to explain (`?` returns None).
             *reasons
                 .entry(cannot_run(&n.caps, &b.manifest)?.to_string())
@@ -123,20 +123,12 @@ impl<S: Store> Coordinator<S> {
         {
             let gpu = self.nodes.get(&key).and_then(|n| n.caps.gpu.clone());
             let (connected, uptime, running, slots) = match self.nodes.get(&key) {
-                Some(n) => {
-                    let up = n.connected_total
-                        + n.connected_since
-                            .map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
-                    let seen = now
-                        .saturating_duration_since(n.first_seen)
-                        .max(Duration::from_millis(1));
-                    (
-                        n.connections > 0,
-                        (up.as_secs_f64() / seen.as_secs_f64()).min(1.0),
-                        n.leases.len() as u32,
-                        n.caps.slots,
-                    )
-                }
+                Some(n) => (
+                    n.is_connected(),
+                    n.uptime(now),
+                    n.leases.len() as u32,
+                    n.caps.slots,
+                ),
                 None => (false, 0.0, 0, 0),
             };
             let st = self

@@ -91,9 +91,6 @@ impl<S: Store> Coordinator<S> {
         if !basic(key, node) {
             return false;
         }
-        let has_room = |n: &Node| {
-            n.connections > 0 && n.leases.len() < (n.caps.slots.max(1) + n.caps.queue) as usize
-        };
         let trusted = &self.cfg.verify.trusted;
         if check.decider && !trusted.contains(key) {
             // A disagreement waits for a connected trusted node that may
@@ -101,7 +98,7 @@ impl<S: Store> Coordinator<S> {
             let other_trusted = self
                 .nodes
                 .iter()
-                .any(|(k, n)| k != key && trusted.contains(k) && n.connections > 0 && basic(k, n));
+                .any(|(k, n)| k != key && trusted.contains(k) && n.is_connected() && basic(k, n));
             if other_trusted {
                 return false;
             }
@@ -118,7 +115,7 @@ impl<S: Store> Coordinator<S> {
             let other_class = self
                 .nodes
                 .iter()
-                .any(|(k, n)| k != key && has_room(n) && basic(k, n) && !same_class(n));
+                .any(|(k, n)| k != key && n.has_room() && basic(k, n) && !same_class(n));
             if other_class {
                 return false;
             }
