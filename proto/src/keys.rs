@@ -36,6 +36,9 @@ pub enum KeyError {
     /// A signature did not verify.
     #[error("signature does not verify for key {0}")]
     BadSignature(PublicKey),
+    /// A key role's name is not one of the four.
+    #[error("unknown key role {0:?} (publisher, pool, node, client)")]
+    UnknownRole(String),
 }
 
 /// What a key is used for; recorded in its file so a node key is not used
@@ -76,10 +79,9 @@ impl KeyRole {
 }
 
 impl std::str::FromStr for KeyRole {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        KeyRole::parse(s)
-            .ok_or_else(|| format!("unknown key role {s:?} (publisher, pool, node, client)"))
+    type Err = KeyError;
+    fn from_str(s: &str) -> Result<Self, KeyError> {
+        KeyRole::parse(s).ok_or_else(|| KeyError::UnknownRole(s.to_owned()))
     }
 }
 

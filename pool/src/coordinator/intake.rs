@@ -203,8 +203,8 @@ impl<S: Store> Coordinator<S> {
             .collect())
     }
 
-    /// Check a result against its lease; `Ok(None)` for a reported failure.
-    /// Check an opened result against its lease.
+    /// Check an opened result against its lease: a reported failure, a
+    /// result to store, or why it is refused (sent back to the node).
     fn check_result(&self, lease: &Lease, r: Opened) -> Result<Checked, String> {
         let (rc, output_digest, outcome, receipt, transcript_digest, transcript) = match r.kind {
             OpenedKind::Failed(reason) => return Ok(Checked::Failed(reason)),
