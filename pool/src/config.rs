@@ -10,6 +10,8 @@
 //! data_dir = "pool-data"           # pool.db and blobs/ (relative to this file)
 //! publishers = []                  # keys whose bundles are accepted
 //! clients = []                     # keys that may submit besides publishers
+//! admins = []                      # the pool owner's keys: see every job, canaries and challenges anywhere
+//! challenges_per_hour = 60         # challenges one client may make per hour
 //! nodes = []                       # node allowlist; empty = any node (open)
 //! lease_ttl_secs = 15              # a lease ends unless renewed within this
 //! heartbeat_ms = 3000              # nodes renew this often
@@ -64,6 +66,12 @@ pub struct PoolConfig {
     pub publishers: BTreeSet<PublicKey>,
     /// Keys that may submit jobs and read results, besides the publishers.
     pub clients: BTreeSet<PublicKey>,
+    /// The pool owner's keys: they see every job (hidden ones included), may
+    /// add canaries to any bundle and challenge any result. Also clients.
+    pub admins: BTreeSet<PublicKey>,
+    /// Challenges one client may make per hour (each costs the pool one or
+    /// more re-executions).
+    pub challenges_per_hour: u32,
     /// How long a new connection may take to say hello before it is closed.
     pub hello_timeout: Duration,
     /// Reputation, re-execution, quarantine, canaries.
@@ -72,7 +80,8 @@ pub struct PoolConfig {
 
 impl Default for PoolConfig {
     /// Lease 15 s renewed every 3 s, 3 attempts, retry 250 ms, 64 tasks per
-    /// grant, open admission, no publishers, 10 s to say hello.
+    /// grant, open admission, no publishers or admins, 60 challenges per
+    /// client per hour, 10 s to say hello.
     fn default() -> Self {
         Self {
             lease_ttl: Duration::from_secs(15),
@@ -83,6 +92,8 @@ impl Default for PoolConfig {
             admission: Admission::Open,
             publishers: BTreeSet::new(),
             clients: BTreeSet::new(),
+            admins: BTreeSet::new(),
+            challenges_per_hour: 60,
             hello_timeout: Duration::from_secs(10),
             verify: VerifyPolicy::default(),
         }
@@ -108,6 +119,12 @@ pub struct PoolFile {
     /// Extra clients.
     #[serde(default)]
     pub clients: BTreeSet<PublicKey>,
+    /// The pool owner's keys (see every job; canaries and challenges anywhere).
+    #[serde(default)]
+    pub admins: BTreeSet<PublicKey>,
+    /// Challenges per client per hour.
+    #[serde(default = "default_challenges")]
+    pub challenges_per_hour: u32,
     /// Node allowlist (empty: open).
     #[serde(default)]
     pub nodes: BTreeSet<PublicKey>,
@@ -197,6 +214,9 @@ fn default_heartbeat() -> u64 {
 }
 fn default_attempts() -> u32 {
     3
+}
+fn default_challenges() -> u32 {
+    60
 }
 fn default_durability() -> String {
     "process".into()
@@ -339,6 +359,8 @@ impl PoolFile {
             },
             publishers: self.publishers.clone(),
             clients: self.clients.clone(),
+            admins: self.admins.clone(),
+            challenges_per_hour: self.challenges_per_hour,
             verify: crate::verify::VerifyPolicy {
                 initial_reputation: self.verification.initial_reputation,
                 step: self.verification.step,

@@ -67,8 +67,9 @@ enum Cmd {
     Request(PublicKey, Incoming, oneshot::Sender<Answer>),
     /// A node's connection closed.
     NodeGone(PublicKey),
-    /// The size a blob must have, if a published bundle names it.
-    BlobSize(Digest, oneshot::Sender<Option<u64>>),
+    /// The size of a blob this peer may upload, if a bundle it published
+    /// names it.
+    UploadSize(PublicKey, Digest, oneshot::Sender<Option<u64>>),
     /// A blob is complete and verified on disk.
     BlobStored(Digest),
     Stop,
@@ -128,7 +129,7 @@ fn actor(
                 ))
             }
             Cmd::NodeGone(k) => c.handle_node_gone(now, &k),
-            Cmd::BlobSize(d, r) => drop(r.send(c.blob_size(&d))),
+            Cmd::UploadSize(k, d, r) => drop(r.send(c.upload_size(&k, &d))),
             Cmd::BlobStored(d) => c.handle_blob_stored(&d),
             Cmd::Stop => return,
         }
@@ -351,24 +352,7 @@ async fn serve_stream(
             digest,
             offset,
             data,
-        } => match shared.ask(|r| Cmd::BlobSize(digest, r)).await.flatten() {
-            None => error(
-                ErrorCode::NotFound,
-                format!("blob {digest} is not named by any published bundle"),
-            ),
-            Some(size) => match shared.blobs.append(&digest, size, offset, &data.0) {
-                Ok(done) => {
-                    if done {
-                        shared.send(Cmd::BlobStored(digest));
-                    }
-                    Response::BlobStored {
-                        digest,
-                        have: shared.blobs.held(&digest),
-                    }
-                }
-                Err(e) => error(ErrorCode::Invalid, e.to_string()),
-            },
-        },
+        } => put_blob(shared, peer, digest, offset, &data.0).await,
         other => {
             let incoming = match other {
                 // Hashing and signature checks here, in parallel, not on the coordinator thread.
@@ -391,6 +375,47 @@ async fn serve_stream(
     let _ = write_frame(&mut send, &resp).await;
     let _ = send.finish();
     Ok(())
+}
+
+/// Append a chunk of an upload. Only a publisher of a bundle that names the
+/// blob may upload it (a stranger's chunk would corrupt someone else's
+/// upload); an empty chunk asks how much the pool holds, so an interrupted
+/// upload resumes there.
+async fn put_blob(
+    shared: &Shared,
+    peer: PublicKey,
+    digest: Digest,
+    offset: u64,
+    data: &[u8],
+) -> Response {
+    let Some(size) = shared
+        .ask(|r| Cmd::UploadSize(peer, digest, r))
+        .await
+        .flatten()
+    else {
+        return error(
+            ErrorCode::NotFound,
+            format!("blob {digest} is not named by any bundle this key published"),
+        );
+    };
+    if data.is_empty() {
+        return Response::BlobStored {
+            digest,
+            have: shared.blobs.held(&digest),
+        };
+    }
+    match shared.blobs.append(&digest, size, offset, data) {
+        Ok(done) => {
+            if done {
+                shared.send(Cmd::BlobStored(digest));
+            }
+            Response::BlobStored {
+                digest,
+                have: shared.blobs.held(&digest),
+            }
+        }
+        Err(e) => error(ErrorCode::Invalid, e.to_string()),
+    }
 }
 
 /// Stream a blob from `offset` in chunks; the fetcher resumes from what it

@@ -14,6 +14,7 @@ fn pool_file_defaults_overrides_and_errors() {
         (Duration::from_secs(15), Duration::from_millis(3000), 3)
     );
     assert_eq!(p.admission, Admission::Open);
+    assert_eq!((p.admins.len(), p.challenges_per_hour), (0, 60));
     assert_eq!(d.durability(), Ok(Durability::Process));
 
     let dir = tempfile::tempdir().expect("tempdir");
@@ -22,13 +23,17 @@ fn pool_file_defaults_overrides_and_errors() {
         tidepool_proto::SecretKey::from_seed(tidepool_proto::KeyRole::Node, &[1; 32]).public();
     std::fs::write(
         &path,
-        format!("key = \"k/pool.key\"\nlease_ttl_secs = 4\nheartbeat_ms = 500\nnodes = [\"{node}\"]\ndurability = \"power-loss\"\n"),
+        format!("key = \"k/pool.key\"\nlease_ttl_secs = 4\nheartbeat_ms = 500\nnodes = [\"{node}\"]\nadmins = [\"{node}\"]\nchallenges_per_hour = 5\ndurability = \"power-loss\"\n"),
     )
     .expect("write");
     let f = PoolFile::read(&path).expect("read");
     assert_eq!(f.key, dir.path().join("k/pool.key"), "relative to the file");
     assert_eq!(f.durability(), Ok(Durability::PowerLoss));
     assert_eq!(f.policy().admission, Admission::Allowlist([node].into()));
+    assert_eq!(
+        (f.policy().admins, f.policy().challenges_per_hour),
+        ([node].into(), 5)
+    );
 
     // Verification policy: documented defaults, then overrides.
     let v = d.policy().verify;

@@ -22,6 +22,11 @@ struct World {
     cfg: PoolConfig,
 }
 
+/// The client that submits the tests' jobs (and so owns them).
+fn submitter() -> tidepool_proto::PublicKey {
+    SecretKey::from_seed(KeyRole::Client, &[7; 32]).public()
+}
+
 fn world() -> World {
     let publisher = SecretKey::from_seed(KeyRole::Publisher, &[1; 32]);
     let mut cfg = PoolConfig {
@@ -89,12 +94,12 @@ fn results_are_accepted_once_and_resends_are_duplicates() {
     let (bundle, component) = publish(&mut c, &w);
     let t0 = Instant::now();
     let (job, n) = c
-        .handle_submit(NOW_UNIX, &bundle, "k1", &inputs(3))
+        .handle_submit(NOW_UNIX, &submitter(), &bundle, "k1", &inputs(3))
         .expect("submit");
     assert_eq!(n, 3);
     // Same idempotency key: same job, no new tasks.
     assert_eq!(
-        c.handle_submit(NOW_UNIX, &bundle, "k1", &inputs(3))
+        c.handle_submit(NOW_UNIX, &submitter(), &bundle, "k1", &inputs(3))
             .expect("resubmit"),
         (job, 3)
     );
@@ -141,7 +146,7 @@ fn expired_lease_requeues_with_a_new_attempt_and_fences_the_old_one() {
     let mut c = open(&dir.path().join("pool.db"), &w.cfg);
     let (bundle, component) = publish(&mut c, &w);
     let t0 = Instant::now();
-    c.handle_submit(NOW_UNIX, &bundle, "k", &inputs(1))
+    c.handle_submit(NOW_UNIX, &submitter(), &bundle, "k", &inputs(1))
         .expect("submit");
     c.handle_node_hello(t0, w.node_a.public(), caps())
         .expect("hello a");
@@ -222,7 +227,7 @@ fn failing_tasks_are_dead_lettered_with_every_reason() {
     let (bundle, _) = publish(&mut c, &w);
     let mut t = Instant::now();
     let (job, _) = c
-        .handle_submit(NOW_UNIX, &bundle, "k", &inputs(1))
+        .handle_submit(NOW_UNIX, &submitter(), &bundle, "k", &inputs(1))
         .expect("submit");
     c.handle_node_hello(t, w.node_a.public(), caps())
         .expect("hello");
@@ -268,7 +273,7 @@ fn bad_receipts_are_refused_and_the_task_retried() {
     let mut c = open(&dir.path().join("pool.db"), &w.cfg);
     let (bundle, component) = publish(&mut c, &w);
     let t = Instant::now();
-    c.handle_submit(NOW_UNIX, &bundle, "k", &inputs(4))
+    c.handle_submit(NOW_UNIX, &submitter(), &bundle, "k", &inputs(4))
         .expect("submit");
     c.handle_node_hello(t, w.node_a.public(), caps())
         .expect("hello");
@@ -317,7 +322,7 @@ fn restart_keeps_submissions_and_results_and_refuses_old_attempts() {
         let mut c = open(&db, &w.cfg);
         let (bundle, component) = publish(&mut c, &w);
         let (job, _) = c
-            .handle_submit(NOW_UNIX, &bundle, "k", &inputs(5))
+            .handle_submit(NOW_UNIX, &submitter(), &bundle, "k", &inputs(5))
             .expect("submit");
         c.handle_node_hello(t, w.node_a.public(), caps())
             .expect("hello");
@@ -394,7 +399,7 @@ fn scheduling_matches_capabilities_and_admission() {
     let mut c = open(&dir.path().join("pool.db"), &w.cfg);
     let (bundle, _) = publish(&mut c, &w);
     let t = Instant::now();
-    c.handle_submit(NOW_UNIX, &bundle, "k", &inputs(2))
+    c.handle_submit(NOW_UNIX, &submitter(), &bundle, "k", &inputs(2))
         .expect("submit");
     let refused = c
         .handle_node_hello(t, w.node_b.public(), caps())
@@ -495,11 +500,11 @@ fn publishing_refuses_unknown_signers_and_submitting_needs_blobs() {
         .expect("ok");
     assert_eq!(missing, vec![blob.sha256]);
     let err = c
-        .handle_submit(NOW_UNIX, &digest, "k", &inputs(1))
+        .handle_submit(NOW_UNIX, &submitter(), &digest, "k", &inputs(1))
         .expect_err("blob missing");
     assert!(err.message.contains("lacks 1 blob"), "{}", err.message);
     c.handle_blob_stored(&blob.sha256);
-    c.handle_submit(NOW_UNIX, &digest, "k", &inputs(1))
+    c.handle_submit(NOW_UNIX, &submitter(), &digest, "k", &inputs(1))
         .expect("now it can run");
 }
 
@@ -509,7 +514,7 @@ fn nodes_with_better_uptime_are_preferred() {
     let w = world();
     let mut c = open(&dir.path().join("pool.db"), &w.cfg);
     let (bundle, _) = publish(&mut c, &w);
-    c.handle_submit(NOW_UNIX, &bundle, "k", &inputs(40))
+    c.handle_submit(NOW_UNIX, &submitter(), &bundle, "k", &inputs(40))
         .expect("submit");
     let t0 = Instant::now();
     let eight = Capabilities { slots: 8, ..caps() };
@@ -557,7 +562,7 @@ fn a_node_claiming_every_slot_there_is_gets_one_grant() {
     let w = world();
     let mut c = open(&dir.path().join("pool.db"), &w.cfg);
     let (bundle, _) = publish(&mut c, &w);
-    c.handle_submit(NOW_UNIX, &bundle, "k", &inputs(300))
+    c.handle_submit(NOW_UNIX, &submitter(), &bundle, "k", &inputs(300))
         .expect("submit");
     let t0 = Instant::now();
     let greedy = Capabilities {
@@ -588,7 +593,7 @@ fn repeated_inputs_are_answered_from_the_result_cache() {
     let (bundle, component) = publish(&mut c, &w);
     let t = Instant::now();
     let (a, _) = c
-        .handle_submit(NOW_UNIX, &bundle, "a", &inputs(3))
+        .handle_submit(NOW_UNIX, &submitter(), &bundle, "a", &inputs(3))
         .expect("submit a");
     c.handle_node_hello(t, w.node_a.public(), caps())
         .expect("hello");
@@ -608,7 +613,7 @@ fn repeated_inputs_are_answered_from_the_result_cache() {
     let mut again = inputs(2);
     again.push(b"something new".to_vec());
     let (b, _) = c
-        .handle_submit(NOW_UNIX, &bundle, "b", &again)
+        .handle_submit(NOW_UNIX, &submitter(), &bundle, "b", &again)
         .expect("submit b");
     let s = c.job_status(b).expect("status");
     assert_eq!((s.tasks, s.done, s.cached), (3, 2, 2));
@@ -630,7 +635,7 @@ fn repeated_inputs_are_answered_from_the_result_cache() {
 
     // Entirely cached: finished at once, no task queued.
     let (whole, _) = c
-        .handle_submit(NOW_UNIX, &bundle, "c", &inputs(3))
+        .handle_submit(NOW_UNIX, &submitter(), &bundle, "c", &inputs(3))
         .expect("submit c");
     assert!(matches!(c.poll_event(), Some(PoolEvent::JobFinished { job }) if job == whole));
     assert_eq!(c.job_status(whole).expect("status").cached, 3);
@@ -640,7 +645,7 @@ fn repeated_inputs_are_answered_from_the_result_cache() {
     let mut c = open(&dir.path().join("pool.db"), &w.cfg);
     assert_eq!(c.job_status(b).expect("status").cached, 2);
     let (d, _) = c
-        .handle_submit(NOW_UNIX, &bundle, "d", &inputs(1))
+        .handle_submit(NOW_UNIX, &submitter(), &bundle, "d", &inputs(1))
         .expect("submit d");
     assert_eq!(c.job_status(d).expect("status").cached, 1);
 }
@@ -663,7 +668,7 @@ fn a_database_from_before_the_result_cache_is_upgraded() {
     let mut c = open(&db, &w.cfg);
     let (bundle, _) = publish(&mut c, &w);
     let (job, _) = c
-        .handle_submit(NOW_UNIX, &bundle, "k", &inputs(2))
+        .handle_submit(NOW_UNIX, &submitter(), &bundle, "k", &inputs(2))
         .expect("submit");
     assert_eq!(
         c.job_results(job, 0, 10).expect("results")[0].cached_from,
@@ -700,9 +705,9 @@ fn gpu_tier_tasks_and_their_checks_go_only_to_gpus_that_fit() {
     let (cpu_bundle, _) = publish(&mut c, &w);
     let gpu_bundle = publish_gpu(&mut c, &w, 8192);
     let (gpu_job, _) = c
-        .handle_submit(NOW_UNIX, &gpu_bundle, "gpu", &inputs(3))
+        .handle_submit(NOW_UNIX, &submitter(), &gpu_bundle, "gpu", &inputs(3))
         .expect("submit gpu");
-    c.handle_submit(NOW_UNIX, &cpu_bundle, "cpu", &inputs(2))
+    c.handle_submit(NOW_UNIX, &submitter(), &cpu_bundle, "cpu", &inputs(2))
         .expect("submit cpu");
     let t = Instant::now();
     let hello = |c: &mut Coordinator<SqliteStore>, key: &SecretKey, caps: Capabilities| {

@@ -47,6 +47,11 @@ impl Kind {
     }
 }
 
+/// The client that submits the tests' jobs (and so owns them).
+fn submitter() -> tidepool_proto::PublicKey {
+    SecretKey::from_seed(KeyRole::Client, &[7; 32]).public()
+}
+
 fn honest_output(input: &[u8]) -> Vec<u8> {
     input.iter().rev().copied().collect()
 }
@@ -199,7 +204,7 @@ impl Sim {
 
     fn submit(&mut self, key: &str, inputs: &[Vec<u8>]) -> JobId {
         self.c
-            .handle_submit(NOW_UNIX, &self.bundle, key, inputs)
+            .handle_submit(NOW_UNIX, &submitter(), &self.bundle, key, inputs)
             .expect("submit")
             .0
     }
@@ -465,11 +470,16 @@ fn a_challenge_of_a_right_result_leaves_it() {
     let job = sim.submit("j", &ins);
     while sim.work(0, 8) > 0 {}
     let before = sim.records(job);
+    let producer = before[1].node.expect("done");
+    let standing = sim.c.node_standing(&producer);
     sim.c
         .handle_challenge(sim.now, before[1].task)
         .expect("challenge");
     sim.settle();
     let after = sim.records(job);
+    // A challenge confirms nothing about its producer: otherwise a client
+    // could pump a node's standing with challenges of right results.
+    assert_eq!(sim.c.node_standing(&producer).confirmed, standing.confirmed);
     assert_eq!(output_of(&after[1]), output_of(&before[1]));
     assert_eq!(after[1].node, before[1].node);
     assert_eq!(after[1].verification, "verified");

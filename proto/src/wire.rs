@@ -581,6 +581,9 @@ pub enum ErrorCode {
     Invalid,
     /// The pool failed (storage error); retry later.
     Internal,
+    /// Over a rate or budget of the pool's (challenges per hour, ...);
+    /// retry later.
+    Busy,
 }
 
 /// A response frame.

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use tidepool_proto::manifest::{LockedManifest, SignedManifest};
 use tidepool_proto::session::Refusal;
 use tidepool_proto::wire::{ErrorCode, JobId, TaskState};
-use tidepool_proto::Digest;
+use tidepool_proto::{Digest, PublicKey};
 
 /// A published bundle.
 #[derive(Debug)]
@@ -55,6 +55,19 @@ impl<S: Store> Coordinator<S> {
     pub fn blob_size(&self, digest: &Digest) -> Option<u64> {
         self.bundles
             .values()
+            .flat_map(|b| b.manifest.blobs())
+            .find(|b| b.sha256 == *digest)
+            .map(|b| b.size)
+    }
+
+    /// The size of a blob `uploader` may upload: one named by a bundle it
+    /// published (the pool owner's keys: any). Another publisher's upload in
+    /// progress is not a stranger's to append to.
+    pub fn upload_size(&self, uploader: &PublicKey, digest: &Digest) -> Option<u64> {
+        let admin = self.is_admin(uploader);
+        self.bundles
+            .values()
+            .filter(|b| admin || b.manifest.publisher == *uploader)
             .flat_map(|b| b.manifest.blobs())
             .find(|b| b.sha256 == *digest)
             .map(|b| b.size)
@@ -111,6 +124,7 @@ impl<S: Store> Coordinator<S> {
     pub fn handle_submit(
         &mut self,
         now_unix: u64,
+        owner: &PublicKey,
         bundle: &Digest,
         key: &str,
         inputs: &[Vec<u8>],
@@ -142,9 +156,11 @@ impl<S: Store> Coordinator<S> {
                 "submission key must be 1-200 characters",
             ));
         }
-        let InsertedJob { job, tasks, fresh } =
-            self.store.insert_job(bundle, key, inputs, now_unix)?;
+        let InsertedJob { job, tasks, fresh } = self
+            .store
+            .insert_job(bundle, owner, key, inputs, now_unix)?;
         if fresh {
+            self.owners.insert(job, *owner);
             for t in tasks.iter().filter(|t| !t.cached) {
                 self.queues.push_back(
                     *bundle,

@@ -146,6 +146,12 @@ pub struct Coordinator<S: Store> {
     /// Every job's bundle and task counts by state, kept in step with the
     /// store (loaded once at start) so status queries cost no database work.
     jobs: BTreeMap<JobId, (Digest, JobCounts)>,
+    /// The client that submitted each user job (hidden jobs have none).
+    /// Loaded at start, added to on submission.
+    owners: HashMap<JobId, PublicKey>,
+    /// When each client's recent challenges were made (at most
+    /// `challenges_per_hour` each, within the last hour).
+    challenge_times: HashMap<PublicKey, VecDeque<Instant>>,
     /// Nodes seen since start (sub-state, `nodes.rs`).
     nodes: Nodes,
     /// Events not yet polled.
@@ -198,6 +204,8 @@ impl<S: Store> Coordinator<S> {
             queues: Queues::default(),
             leases: LeaseTable::default(),
             jobs: BTreeMap::new(),
+            owners: HashMap::new(),
+            challenge_times: HashMap::new(),
             nodes: Nodes::default(),
             events: VecDeque::new(),
             standing: HashMap::new(),
@@ -257,12 +265,12 @@ impl<S: Store> Coordinator<S> {
                 },
             );
         }
-        me.jobs = me
-            .store
-            .jobs()?
-            .into_iter()
-            .map(|r| (r.job, (r.bundle, r.counts)))
-            .collect();
+        for r in me.store.jobs()? {
+            if let Some(owner) = r.owner {
+                me.owners.insert(r.job, owner);
+            }
+            me.jobs.insert(r.job, (r.bundle, r.counts));
+        }
         for (&job, (bundle, _)) in &me.jobs {
             if let Some(&kind) = me.kinds.get(&job) {
                 me.hidden.insert((*bundle, kind), job);
@@ -323,7 +331,20 @@ impl<S: Store> Coordinator<S> {
 
     /// May this key act as a client (publish, submit, read)?
     pub fn admits_client(&self, key: &PublicKey) -> bool {
-        self.cfg.publishers.contains(key) || self.cfg.clients.contains(key)
+        self.cfg.publishers.contains(key)
+            || self.cfg.clients.contains(key)
+            || self.cfg.admins.contains(key)
+    }
+
+    /// Is `key` one of the pool owner's keys?
+    pub fn is_admin(&self, key: &PublicKey) -> bool {
+        self.cfg.admins.contains(key)
+    }
+
+    /// May `key` see `job`: its owner, or an admin. Hidden jobs have no
+    /// owner, so only admins see them.
+    pub fn sees(&self, key: &PublicKey, job: JobId) -> bool {
+        self.is_admin(key) || self.owners.get(&job) == Some(key)
     }
 
     /// When the next lease expires.

@@ -121,16 +121,25 @@ impl<S: Store> Coordinator<S> {
                 key,
             } => {
                 let inputs: Vec<Vec<u8>> = inputs.into_iter().map(|b| b.0).collect();
-                self.handle_submit(now_unix, &bundle, &key, &inputs)
+                self.handle_submit(now_unix, peer, &bundle, &key, &inputs)
                     .map(|(job, tasks)| Response::Submitted { job, tasks })
             }
-            Request::JobStatus { job } => self.job_status(job).map(Response::Job),
-            Request::JobResults { job, from, limit } => {
-                self.job_results(job, from, limit).map(Response::Records)
-            }
-            Request::PoolStatus => self.pool_status(now).map(Response::Pool),
+            Request::JobStatus { job } => self
+                .visible(peer, job)
+                .and_then(|()| self.job_status(job))
+                .map(Response::Job),
+            Request::JobResults { job, from, limit } => self
+                .visible(peer, job)
+                .and_then(|()| self.job_results(job, from, limit))
+                .map(Response::Records),
+            Request::PoolStatus => self.pool_status(now).map(|mut s| {
+                if !self.is_admin(peer) {
+                    s.jobs.retain(|j| self.sees(peer, j.job));
+                }
+                Response::Pool(s)
+            }),
             Request::Challenge { task } => {
-                self.handle_challenge(now, task)
+                self.handle_client_challenge(now, peer, task)
                     .map(|c| Response::Challenged {
                         task: c.target,
                         job: c.job,
@@ -154,6 +163,19 @@ impl<S: Store> Coordinator<S> {
             )),
         };
         answer.map_err(keep_open)
+    }
+
+    /// `Ok` if `peer` may see `job`; otherwise the same answer as for a job
+    /// that does not exist (so ids tell a stranger nothing).
+    fn visible(&self, peer: &PublicKey, job: tidepool_proto::wire::JobId) -> Result<(), Refusal> {
+        if self.sees(peer, job) {
+            Ok(())
+        } else {
+            Err(super::refusal(
+                tidepool_proto::wire::ErrorCode::NotFound,
+                format!("no job {job}"),
+            ))
+        }
     }
 
     /// The answer to an accepted hello: the pool's protocol and timings.

@@ -23,6 +23,9 @@ use tidepool_proto::{Digest, PublicKey};
 /// A re-execution may take this many times `max_attempts` attempts.
 pub const CHECK_ATTEMPTS_FACTOR: u32 = 4;
 
+/// The window of `challenges_per_hour`.
+const CHALLENGE_WINDOW: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Most executions of one task (the original and its re-executions) before
 /// a disagreement is left `disputed`.
 pub const MAX_EXECUTIONS: usize = 5;
@@ -340,7 +343,12 @@ impl<S: Store> Coordinator<S> {
                     self.strike(now, &liar, check.target)?;
                 }
             }
-            self.update_standing(&original, Standing::confirm)?;
+            // A challenge is the submitter's choice, not the pool's draw: a
+            // submitter could pump a node's reputation with challenges of
+            // results it knows are right, so those confirm nothing.
+            if !challenged {
+                self.update_standing(&original, Standing::confirm)?;
+            }
             self.vstats.confirmed += 1;
             self.store.set_verified(check.target, Verified::Verified)?;
             verdict = ChallengeState::Rejected;
@@ -484,6 +492,44 @@ impl<S: Store> Coordinator<S> {
         Ok(())
     }
 
+    /// A client disputes a result: only of its own jobs (the pool owner's
+    /// keys: any), and at most `challenges_per_hour` an hour (each costs the
+    /// pool re-executions). Then as [`handle_challenge`](Self::handle_challenge).
+    pub fn handle_client_challenge(
+        &mut self,
+        now: Instant,
+        client: &PublicKey,
+        task: TaskId,
+    ) -> Result<Challenged, Refusal> {
+        let not_found = || refusal(ErrorCode::NotFound, format!("no task {task}"));
+        let row = self.store.result(task)?.ok_or_else(not_found)?;
+        if !self.sees(client, row.job) {
+            return Err(not_found());
+        }
+        let limit = self.cfg.challenges_per_hour as usize;
+        let admin = self.is_admin(client);
+        let times = self.challenge_times.entry(*client).or_default();
+        while times
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= CHALLENGE_WINDOW)
+        {
+            times.pop_front();
+        }
+        if !admin && times.len() >= limit {
+            return Err(refusal(
+                ErrorCode::Busy,
+                format!(
+                    "{limit} challenges in the last hour is this pool's limit per client (challenges_per_hour); try again later"
+                ),
+            ));
+        }
+        let answer = self.handle_challenge(now, task)?;
+        if let Some(times) = self.challenge_times.get_mut(client) {
+            times.push_back(now);
+        }
+        Ok(answer)
+    }
+
     /// The submitter disputes a result: re-execute it on another node.
     /// Returns the task checked (a cached copy's original), the named
     /// task's job and index, and the state.
@@ -561,16 +607,18 @@ impl<S: Store> Coordinator<S> {
         bundle: &Digest,
         items: Vec<Canary>,
     ) -> Result<u32, Refusal> {
-        if !self.cfg.publishers.contains(client) {
-            return Err(refusal(
-                ErrorCode::Forbidden,
-                "only a publisher of this pool may add canaries",
-            ));
-        }
-        if !self.bundles.contains_key(bundle) {
+        let Some(b) = self.bundles.get(bundle) else {
             return Err(refusal(
                 ErrorCode::NotFound,
                 format!("no bundle {bundle} is published on this pool"),
+            ));
+        };
+        // A canary's expected answer convicts whoever disagrees with it:
+        // only the bundle's own publisher (or the pool owner) may set one.
+        if b.manifest.publisher != *client && !self.is_admin(client) {
+            return Err(refusal(
+                ErrorCode::Forbidden,
+                "only the bundle's publisher or the pool owner may add canaries to it",
             ));
         }
         if items

@@ -299,6 +299,9 @@ pub struct JobRow {
     pub bundle: Digest,
     /// Its tasks by state.
     pub counts: JobCounts,
+    /// The client that submitted it (`None`: a hidden job of the pool's, or
+    /// a job stored before jobs had owners: only admins see those).
+    pub owner: Option<PublicKey>,
 }
 
 /// A node's counters.
@@ -344,7 +347,8 @@ pub trait Store: Send {
     /// Store a published bundle (idempotent).
     fn put_bundle(&mut self, b: &StoredBundle, name: &str, version: &str)
         -> Result<(), StoreError>;
-    /// Store a job and its tasks in one transaction. If `key` was used before,
+    /// Store a job of `owner` and its tasks in one transaction. Keys are
+    /// scoped to their owner. If `owner` used `key` before,
     /// nothing is stored and the earlier job is returned with `false`.
     /// An input whose result for this bundle is already stored is answered
     /// from it at once (the result cache): its task is stored done, with the
@@ -352,6 +356,7 @@ pub trait Store: Send {
     fn insert_job(
         &mut self,
         bundle: &Digest,
+        owner: &PublicKey,
         key: &str,
         inputs: &[Vec<u8>],
         now_unix: u64,

@@ -72,6 +72,9 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("nodes", "banned", "INTEGER NOT NULL DEFAULT 0"),
     // MessagePack of an llm task's transcript (NULL: none).
     ("tasks", "transcript", "BLOB"),
+    // The client key that submitted a job (NULL: hidden, or stored before
+    // owners; jobs.key is then `<owner>/<client's key>`).
+    ("jobs", "owner", "TEXT"),
 ];
 
 /// Bring a database file to the current schema.

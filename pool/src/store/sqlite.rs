@@ -131,13 +131,17 @@ impl Store for SqliteStore {
     fn insert_job(
         &mut self,
         bundle: &Digest,
+        owner: &PublicKey,
         key: &str,
         inputs: &[Vec<u8>],
         now_unix: u64,
     ) -> Result<InsertedJob, StoreError> {
+        // Keys are scoped to their owner: one client's key never names
+        // another's job (nor a hidden job's `tidepool/...` key).
+        let key = format!("{owner}/{key}");
         let tx = self.conn.transaction()?;
         let existing: Option<i64> = tx
-            .query_row("SELECT id FROM jobs WHERE key = ?1", [key], |r| r.get(0))
+            .query_row("SELECT id FROM jobs WHERE key = ?1", [&key], |r| r.get(0))
             .optional()?;
         if let Some(job) = existing {
             let ids = {
@@ -161,8 +165,8 @@ impl Store for SqliteStore {
             });
         }
         tx.execute(
-            "INSERT INTO jobs (bundle, key, created_at) VALUES (?1, ?2, ?3)",
-            params![bundle.to_string(), key, now_unix as i64],
+            "INSERT INTO jobs (bundle, key, created_at, owner) VALUES (?1, ?2, ?3, ?4)",
+            params![bundle.to_string(), key, now_unix as i64, owner.to_string()],
         )?;
         let job = tx.last_insert_rowid();
         let mut ids = Vec::with_capacity(inputs.len());
@@ -367,20 +371,25 @@ impl Store for SqliteStore {
     }
 
     fn jobs(&mut self) -> Result<Vec<JobRow>, StoreError> {
-        let ids: Vec<i64> = {
-            let mut st = self.conn.prepare("SELECT id FROM jobs ORDER BY id")?;
+        let ids: Vec<(i64, Option<String>)> = {
+            let mut st = self
+                .conn
+                .prepare("SELECT id, owner FROM jobs ORDER BY id")?;
             let v = st
-                .query_map([], |r| r.get(0))?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<Vec<_>, _>>()?;
             v
         };
         let mut out = Vec::new();
-        for id in ids {
+        for (id, owner) in ids {
             if let Some((bundle, counts)) = self.job(JobId(id as u64))? {
                 out.push(JobRow {
                     job: JobId(id as u64),
                     bundle,
                     counts,
+                    owner: owner
+                        .map(|k| PublicKey::parse(&k).map_err(|e| corrupt("job owner", e)))
+                        .transpose()?,
                 });
             }
         }
