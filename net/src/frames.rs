@@ -14,6 +14,9 @@ pub enum StreamError {
     Io(String),
 }
 
+/// Most bytes taken from the stream at a time while reading a frame body.
+const READ_CHUNK: usize = 64 * 1024;
+
 /// Write one frame.
 pub async fn write_frame<T: Serialize>(
     send: &mut quinn::SendStream,
@@ -29,6 +32,17 @@ pub async fn write_frame<T: Serialize>(
 pub async fn read_frame<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
 ) -> Result<Option<T>, StreamError> {
+    read_frame_within(recv, MAX_FRAME_BYTES).await
+}
+
+/// Read one frame of at most `max` bytes (refused from its length prefix).
+/// Memory grows with the bytes that arrive, not with the length the peer
+/// announces, so a half-sent frame pins only what was sent.
+pub async fn read_frame_within<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<Option<T>, StreamError> {
+    let max = max.min(MAX_FRAME_BYTES);
     let mut len = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -43,20 +57,27 @@ pub async fn read_frame<T: DeserializeOwned>(
         }
     }
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME_BYTES {
-        return Err(FrameError::Oversized {
-            len,
-            max: MAX_FRAME_BYTES,
-        }
-        .into());
+    if len > max {
+        return Err(FrameError::Oversized { len, max }.into());
     }
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(have) => {
-            StreamError::Frame(FrameError::Truncated { have, want: len })
+    let mut body = Vec::with_capacity(len.min(READ_CHUNK));
+    while body.len() < len {
+        let want = (len - body.len()).min(READ_CHUNK);
+        match recv
+            .read_chunk(want, true)
+            .await
+            .map_err(|e| StreamError::Io(e.to_string()))?
+        {
+            Some(chunk) => body.extend_from_slice(&chunk.bytes),
+            None => {
+                return Err(FrameError::Truncated {
+                    have: body.len(),
+                    want: len,
+                }
+                .into())
+            }
         }
-        quinn::ReadExactError::ReadError(e) => StreamError::Io(e.to_string()),
-    })?;
+    }
     Ok(Some(decode_body(&body)?))
 }
 

@@ -12,4 +12,4 @@ pub mod tls;
 
 pub use blobs::{BlobDir, BlobError};
 pub use endpoint::{client, connect, peer_key, server, NetError};
-pub use frames::{call, read_frame, write_frame, StreamError};
+pub use frames::{call, read_frame, read_frame_within, write_frame, StreamError};

@@ -12,6 +12,9 @@
 //! clients = []                     # keys that may submit besides publishers
 //! admins = []                      # the pool owner's keys: see every job, canaries and challenges anywhere
 //! challenges_per_hour = 60         # challenges one client may make per hour
+//! max_hello_bytes = 65536          # largest frame a connection may send before its hello is accepted
+//! node_max_slots = 256             # a node claiming more slots is refused at hello
+//! node_max_queue = 256             # ... or more leases held waiting beyond them
 //! nodes = []                       # node allowlist; empty = any node (open)
 //! lease_ttl_secs = 15              # a lease ends unless renewed within this
 //! heartbeat_ms = 3000              # nodes renew this often
@@ -36,6 +39,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tidepool_proto::wire::CapabilityLimits;
 use tidepool_proto::PublicKey;
 
 /// Who may connect as a node.
@@ -74,6 +78,11 @@ pub struct PoolConfig {
     pub challenges_per_hour: u32,
     /// How long a new connection may take to say hello before it is closed.
     pub hello_timeout: Duration,
+    /// Largest frame a connection may send before its hello is accepted.
+    pub max_hello_bytes: usize,
+    /// Bounds on what a node's hello may claim (slots, queue, list and
+    /// string sizes); a hello past them is refused.
+    pub capabilities: CapabilityLimits,
     /// Reputation, re-execution, quarantine, canaries.
     pub verify: VerifyPolicy,
 }
@@ -81,7 +90,8 @@ pub struct PoolConfig {
 impl Default for PoolConfig {
     /// Lease 15 s renewed every 3 s, 3 attempts, retry 250 ms, 64 tasks per
     /// grant, open admission, no publishers or admins, 60 challenges per
-    /// client per hour, 10 s to say hello.
+    /// client per hour, 10 s and 64 KiB to say hello, nodes of at most 256
+    /// slots and 256 queued leases.
     fn default() -> Self {
         Self {
             lease_ttl: Duration::from_secs(15),
@@ -95,6 +105,8 @@ impl Default for PoolConfig {
             admins: BTreeSet::new(),
             challenges_per_hour: 60,
             hello_timeout: Duration::from_secs(10),
+            max_hello_bytes: 64 * 1024,
+            capabilities: CapabilityLimits::default(),
             verify: VerifyPolicy::default(),
         }
     }
@@ -125,6 +137,15 @@ pub struct PoolFile {
     /// Challenges per client per hour.
     #[serde(default = "default_challenges")]
     pub challenges_per_hour: u32,
+    /// Largest frame before a hello is accepted, bytes.
+    #[serde(default = "default_hello_bytes")]
+    pub max_hello_bytes: usize,
+    /// Most slots a node may claim.
+    #[serde(default = "default_node_slots")]
+    pub node_max_slots: u32,
+    /// Most leases a node may hold waiting beyond its slots.
+    #[serde(default = "default_node_slots")]
+    pub node_max_queue: u32,
     /// Node allowlist (empty: open).
     #[serde(default)]
     pub nodes: BTreeSet<PublicKey>,
@@ -218,6 +239,12 @@ fn default_attempts() -> u32 {
 fn default_challenges() -> u32 {
     60
 }
+fn default_hello_bytes() -> usize {
+    64 * 1024
+}
+fn default_node_slots() -> u32 {
+    256
+}
 fn default_durability() -> String {
     "process".into()
 }
@@ -302,6 +329,19 @@ impl PoolFile {
                 ),
             ));
         }
+        if self.node_max_slots == 0 {
+            return Err(bad("node_max_slots", "node_max_slots must be at least 1"));
+        }
+        if !(1024..=tidepool_proto::wire::MAX_FRAME_BYTES).contains(&self.max_hello_bytes) {
+            return Err(bad(
+                "max_hello_bytes",
+                format!(
+                    "max_hello_bytes ({}) must be between 1024 and {}",
+                    self.max_hello_bytes,
+                    tidepool_proto::wire::MAX_FRAME_BYTES
+                ),
+            ));
+        }
         if self.max_attempts == 0 {
             return Err(bad("max_attempts", "max_attempts must be at least 1"));
         }
@@ -361,6 +401,12 @@ impl PoolFile {
             clients: self.clients.clone(),
             admins: self.admins.clone(),
             challenges_per_hour: self.challenges_per_hour,
+            max_hello_bytes: self.max_hello_bytes,
+            capabilities: CapabilityLimits {
+                max_slots: self.node_max_slots,
+                max_queue: self.node_max_queue,
+                ..CapabilityLimits::default()
+            },
             verify: crate::verify::VerifyPolicy {
                 initial_reputation: self.verification.initial_reputation,
                 step: self.verification.step,

@@ -14,9 +14,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
-use tidepool_net::{frames::StreamError, peer_key, read_frame, write_frame, BlobDir};
+use tidepool_net::{frames::StreamError, peer_key, read_frame_within, write_frame, BlobDir};
 use tidepool_proto::session::{PoolConn, Refusal, Role};
-use tidepool_proto::wire::{Bytes, ErrorCode, Request, Response, BLOB_CHUNK_BYTES};
+use tidepool_proto::wire::{
+    Bytes, ErrorCode, Request, Response, BLOB_CHUNK_BYTES, MAX_FRAME_BYTES,
+};
 use tidepool_proto::{Digest, PublicKey, SecretKey};
 use tokio::sync::{broadcast, oneshot};
 use tracing::{debug, info, warn};
@@ -206,6 +208,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<RunningPool, ServeError> {
         tx: tx.clone(),
         blobs,
         hello_timeout: cfg.pool.hello_timeout,
+        max_hello_bytes: cfg.pool.max_hello_bytes,
     });
     let ep = endpoint.clone();
     let accept = tokio::spawn(async move {
@@ -239,6 +242,8 @@ struct Shared {
     blobs: BlobDir,
     /// Time allowed for a hello.
     hello_timeout: Duration,
+    /// Largest frame before the hello is accepted.
+    max_hello_bytes: usize,
 }
 
 impl Shared {
@@ -326,16 +331,23 @@ async fn serve_stream(
     shared: &Shared,
     session: &Mutex<PoolConn>,
 ) -> Result<(), String> {
-    let req: Request = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut recv)).await {
-        Err(_) => return Err("no request on a stream in time".into()),
-        Ok(Ok(Some(r))) => r,
-        Ok(Ok(None)) => return Ok(()),
-        Ok(Err(StreamError::Frame(e))) => {
-            answer_then_close(&mut send, &error(ErrorCode::Protocol, e.to_string())).await;
-            return Err(e.to_string());
-        }
-        Ok(Err(e)) => return Err(e.to_string()),
+    // Before the hello is accepted a peer is a stranger: its frames are
+    // bounded far below what results need.
+    let limit = match session.lock().unwrap_or_else(|p| p.into_inner()).role() {
+        None => shared.max_hello_bytes,
+        Some(_) => MAX_FRAME_BYTES,
     };
+    let req: Request =
+        match tokio::time::timeout(REQUEST_TIMEOUT, read_frame_within(&mut recv, limit)).await {
+            Err(_) => return Err("no request on a stream in time".into()),
+            Ok(Ok(Some(r))) => r,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(StreamError::Frame(e))) => {
+                answer_then_close(&mut send, &error(ErrorCode::Protocol, e.to_string())).await;
+                return Err(e.to_string());
+            }
+            Ok(Err(e)) => return Err(e.to_string()),
+        };
     let checked = session
         .lock()
         .unwrap_or_else(|p| p.into_inner())

@@ -15,6 +15,14 @@ fn pool_file_defaults_overrides_and_errors() {
     );
     assert_eq!(p.admission, Admission::Open);
     assert_eq!((p.admins.len(), p.challenges_per_hour), (0, 60));
+    assert_eq!(
+        (
+            p.max_hello_bytes,
+            p.capabilities.max_slots,
+            p.capabilities.max_queue
+        ),
+        (64 * 1024, 256, 256)
+    );
     assert_eq!(d.durability(), Ok(Durability::Process));
 
     let dir = tempfile::tempdir().expect("tempdir");

@@ -201,6 +201,111 @@ pub struct Capabilities {
     pub hardware: Option<String>,
 }
 
+/// What a pool accepts in a node's [`Capabilities`]: every count and
+/// string a stranger sends is bounded before the pool keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CapabilityLimits {
+    /// Most task slots a node may claim.
+    pub max_slots: u32,
+    /// Most leases a node may hold waiting beyond its slots.
+    pub max_queue: u32,
+    /// Most entries in each list (encodings, models, publishers, GPU
+    /// encodings).
+    pub max_list: usize,
+    /// Longest string (an encoding, the hardware class, the GPU's name), bytes.
+    pub max_string: usize,
+}
+
+impl Default for CapabilityLimits {
+    /// 256 slots, 256 queued, 256 entries per list, 256-byte strings.
+    fn default() -> Self {
+        Self {
+            max_slots: 256,
+            max_queue: 256,
+            max_list: 256,
+            max_string: 256,
+        }
+    }
+}
+
+/// Why a node's capabilities were refused: the field and the bound.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("capabilities: `{field}` {why}")]
+pub struct CapabilityError {
+    /// The field (`slots`, `encodings`, `gpu.name`, ...).
+    pub field: &'static str,
+    /// What is wrong, with the pool's bound.
+    pub why: String,
+}
+
+impl Capabilities {
+    /// Check every count and string against `limits`.
+    pub fn check(&self, limits: &CapabilityLimits) -> Result<(), CapabilityError> {
+        let bad = |field, why: String| Err(CapabilityError { field, why });
+        if self.slots == 0 || self.slots > limits.max_slots {
+            return bad(
+                "slots",
+                format!("= {} is outside 1..={}", self.slots, limits.max_slots),
+            );
+        }
+        if self.queue > limits.max_queue {
+            return bad(
+                "queue",
+                format!("= {} is over {}", self.queue, limits.max_queue),
+            );
+        }
+        let lists: [(&'static str, usize); 3] = [
+            ("encodings", self.encodings.len()),
+            ("models", self.models.len()),
+            ("publishers", self.publishers.len()),
+        ];
+        for (field, n) in lists {
+            if n > limits.max_list {
+                return bad(field, format!("has {n} entries, over {}", limits.max_list));
+            }
+        }
+        let strings = self
+            .encodings
+            .iter()
+            .map(|s| ("encodings", s.len()))
+            .chain(self.hardware.iter().map(|s| ("hardware", s.len())));
+        for (field, len) in strings {
+            if len > limits.max_string {
+                return bad(
+                    field,
+                    format!("has a {len}-byte string, over {}", limits.max_string),
+                );
+            }
+        }
+        if let Some(g) = &self.gpu {
+            if g.encodings.len() > limits.max_list {
+                return bad(
+                    "gpu.encodings",
+                    format!(
+                        "has {} entries, over {}",
+                        g.encodings.len(),
+                        limits.max_list
+                    ),
+                );
+            }
+            let longest = g
+                .encodings
+                .iter()
+                .map(String::len)
+                .chain([g.name.len()])
+                .max()
+                .unwrap_or(0);
+            if longest > limits.max_string {
+                return bad(
+                    "gpu",
+                    format!("has a {longest}-byte string, over {}", limits.max_string),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A node's GPU, as it advertises it: the pool sends GPU-tier jobs
 /// (`[target] device = "gpu"`) only to nodes with one of these whose memory
 /// and engines fit the job.
@@ -790,6 +895,71 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capabilities_past_any_bound_are_refused_naming_the_field() {
+        let limits = CapabilityLimits::default();
+        let ok = Capabilities {
+            encodings: vec!["onnx".into()],
+            slots: 4,
+            queue: 4,
+            hardware: Some("x86_64".into()),
+            ..Capabilities::default()
+        };
+        assert_eq!(ok.check(&limits), Ok(()));
+        let cases: Vec<(&str, Capabilities)> = vec![
+            (
+                "slots",
+                Capabilities {
+                    slots: u32::MAX,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "slots",
+                Capabilities {
+                    slots: 0,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "queue",
+                Capabilities {
+                    queue: u32::MAX,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "encodings",
+                Capabilities {
+                    encodings: vec![String::new(); 100_000],
+                    ..ok.clone()
+                },
+            ),
+            (
+                "hardware",
+                Capabilities {
+                    hardware: Some("x".repeat(10_000)),
+                    ..ok.clone()
+                },
+            ),
+            (
+                "gpu",
+                Capabilities {
+                    gpu: Some(Gpu {
+                        name: "n".repeat(1000),
+                        memory_mib: 1,
+                        encodings: vec![],
+                    }),
+                    ..ok.clone()
+                },
+            ),
+        ];
+        for (field, caps) in cases {
+            let e = caps.check(&limits).expect_err(field);
+            assert_eq!(e.field, field, "{e}");
+        }
+    }
 
     #[test]
     fn frames_round_trip_in_pieces() {

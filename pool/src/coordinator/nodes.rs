@@ -137,6 +137,13 @@ impl<S: Store> Coordinator<S> {
         key: PublicKey,
         caps: Capabilities,
     ) -> Result<(), Refusal> {
+        if let Err(e) = caps.check(&self.cfg.capabilities) {
+            return Err(Refusal {
+                code: ErrorCode::Invalid,
+                message: e.to_string(),
+                close: true,
+            });
+        }
         if !self.admits_node(&key) {
             return Err(Refusal {
                 code: ErrorCode::Forbidden,

@@ -1,0 +1,102 @@
+//! Hostile hellos (issue #16) against a real pool on loopback QUIC: a hello
+//! bomb (a large frame before the hello is accepted) and a node claiming
+//! every slot there is are refused and closed; the pool keeps serving.
+
+use anyhow::Result;
+use std::time::Duration;
+use tidepool_proto::wire::{Capabilities, ErrorCode, Request, Response, PROTOCOL_VERSION};
+use tidepool_proto::{KeyRole, SecretKey};
+use tidepool_tests::cluster::*;
+
+/// The reason a connection was closed with, or what else happened.
+async fn closed_reason(conn: &quinn::Connection) -> String {
+    match tokio::time::timeout(Duration::from_secs(5), conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+            String::from_utf8_lossy(&c.reason).into_owned()
+        }
+        Ok(other) => format!("{other}"),
+        Err(_) => "still open after 5 s".into(),
+    }
+}
+
+fn hello(caps: Capabilities) -> Request {
+    Request::NodeHello {
+        protocol: PROTOCOL_VERSION,
+        agent: "hostile".into(),
+        caps,
+    }
+}
+
+fn caps() -> Capabilities {
+    Capabilities {
+        encodings: vec!["onnx".into()],
+        slots: 2,
+        fetch_models: true,
+        ..Capabilities::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_bombs_and_impossible_claims_are_refused_and_closed() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys = Keys::new(48);
+    let pool = start_pool(
+        dir.path(),
+        &keys,
+        test_pool_config(&keys),
+        "127.0.0.1:0".parse()?,
+    )
+    .await?;
+    let stranger = SecretKey::from_seed(KeyRole::Node, &[49; 32]);
+    let ep = tidepool_net::client(&stranger, keys.pool.public())?;
+
+    // A 1 MiB hello of empty strings (it used to be decoded and its
+    // capabilities kept for good): refused from its length prefix.
+    let bomb = hello(Capabilities {
+        encodings: vec![String::new(); 1 << 20],
+        ..caps()
+    });
+    let conn = tidepool_net::connect(&ep, pool.addr).await?;
+    let r = tidepool_net::call::<_, Response>(&conn, &bomb).await;
+    assert!(
+        !matches!(r, Ok(Response::Welcome { .. })),
+        "a hello bomb was welcomed: {r:?}"
+    );
+    let reason = closed_reason(&conn).await;
+    assert!(reason.contains("over the limit"), "{reason}");
+
+    // A node that claims u32::MAX slots (this overflowed the coordinator
+    // thread): refused, the field named, the connection closed.
+    let conn = tidepool_net::connect(&ep, pool.addr).await?;
+    let r: Response = tidepool_net::call(
+        &conn,
+        &hello(Capabilities {
+            slots: u32::MAX,
+            queue: u32::MAX,
+            ..caps()
+        }),
+    )
+    .await?;
+    match &r {
+        Response::Error { code, message } => {
+            assert_eq!(*code, ErrorCode::Invalid);
+            assert!(message.contains("`slots`"), "{message}");
+        }
+        other => anyhow::bail!("expected a refusal, got {other:?}"),
+    }
+    let reason = closed_reason(&conn).await;
+    assert!(reason.contains("slots"), "{reason}");
+
+    // The pool is still there for an honest node and a client.
+    let conn = tidepool_net::connect(&ep, pool.addr).await?;
+    let r: Response = tidepool_net::call(&conn, &hello(caps())).await?;
+    assert!(matches!(r, Response::Welcome { .. }), "{r:?}");
+    let client =
+        tidepool_client::PoolClient::connect(pool.addr, &keys.publisher, keys.pool.public())
+            .await?;
+    let s = client.pool_status().await?;
+    assert_eq!(s.nodes.len(), 1, "only the honest node was admitted: {s:?}");
+    client.close().await;
+    pool.shutdown().await;
+    Ok(())
+}
