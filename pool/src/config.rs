@@ -13,6 +13,7 @@
 //! admins = []                      # the pool owner's keys: see every job, canaries and challenges anywhere
 //! challenges_per_hour = 60         # challenges one client may make per hour
 //! max_hello_bytes = 65536          # largest frame a connection may send before its hello is accepted
+//! write_timeout_ms = 10000         # a peer that does not read an answer this long loses its connection
 //! node_max_slots = 256             # a node claiming more slots is refused at hello
 //! node_max_queue = 256             # ... or more leases held waiting beyond them
 //! nodes = []                       # node allowlist; empty = any node (open)
@@ -80,6 +81,9 @@ pub struct PoolConfig {
     pub hello_timeout: Duration,
     /// Largest frame a connection may send before its hello is accepted.
     pub max_hello_bytes: usize,
+    /// How long a peer has to read an answer (or a blob chunk) before its
+    /// connection is closed.
+    pub write_timeout: Duration,
     /// Bounds on what a node's hello may claim (slots, queue, list and
     /// string sizes); a hello past them is refused.
     pub capabilities: CapabilityLimits,
@@ -90,8 +94,8 @@ pub struct PoolConfig {
 impl Default for PoolConfig {
     /// Lease 15 s renewed every 3 s, 3 attempts, retry 250 ms, 64 tasks per
     /// grant, open admission, no publishers or admins, 60 challenges per
-    /// client per hour, 10 s and 64 KiB to say hello, nodes of at most 256
-    /// slots and 256 queued leases.
+    /// client per hour, 10 s and 64 KiB to say hello, 10 s to read an
+    /// answer, nodes of at most 256 slots and 256 queued leases.
     fn default() -> Self {
         Self {
             lease_ttl: Duration::from_secs(15),
@@ -106,6 +110,7 @@ impl Default for PoolConfig {
             challenges_per_hour: 60,
             hello_timeout: Duration::from_secs(10),
             max_hello_bytes: 64 * 1024,
+            write_timeout: Duration::from_secs(10),
             capabilities: CapabilityLimits::default(),
             verify: VerifyPolicy::default(),
         }
@@ -140,6 +145,9 @@ pub struct PoolFile {
     /// Largest frame before a hello is accepted, bytes.
     #[serde(default = "default_hello_bytes")]
     pub max_hello_bytes: usize,
+    /// How long a peer has to read an answer, ms.
+    #[serde(default = "default_write_timeout")]
+    pub write_timeout_ms: u64,
     /// Most slots a node may claim.
     #[serde(default = "default_node_slots")]
     pub node_max_slots: u32,
@@ -239,6 +247,9 @@ fn default_attempts() -> u32 {
 fn default_challenges() -> u32 {
     60
 }
+fn default_write_timeout() -> u64 {
+    10_000
+}
 fn default_hello_bytes() -> usize {
     64 * 1024
 }
@@ -329,6 +340,9 @@ impl PoolFile {
                 ),
             ));
         }
+        if self.write_timeout_ms == 0 {
+            return Err(bad("write_timeout_ms", "write_timeout_ms must be positive"));
+        }
         if self.node_max_slots == 0 {
             return Err(bad("node_max_slots", "node_max_slots must be at least 1"));
         }
@@ -402,6 +416,7 @@ impl PoolFile {
             admins: self.admins.clone(),
             challenges_per_hour: self.challenges_per_hour,
             max_hello_bytes: self.max_hello_bytes,
+            write_timeout: Duration::from_millis(self.write_timeout_ms),
             capabilities: CapabilityLimits {
                 max_slots: self.node_max_slots,
                 max_queue: self.node_max_queue,

@@ -209,6 +209,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<RunningPool, ServeError> {
         blobs,
         hello_timeout: cfg.pool.hello_timeout,
         max_hello_bytes: cfg.pool.max_hello_bytes,
+        write_timeout: cfg.pool.write_timeout,
     });
     let ep = endpoint.clone();
     let accept = tokio::spawn(async move {
@@ -244,6 +245,9 @@ struct Shared {
     hello_timeout: Duration,
     /// Largest frame before the hello is accepted.
     max_hello_bytes: usize,
+    /// How long a peer has to take an answer before its connection is
+    /// closed.
+    write_timeout: Duration,
 }
 
 impl Shared {
@@ -353,12 +357,20 @@ async fn serve_stream(
         .unwrap_or_else(|p| p.into_inner())
         .handle_request(Instant::now(), &req);
     if let Err(r) = checked {
-        return refuse(&mut send, r).await;
+        return refuse(&mut send, session, r, shared.write_timeout).await;
     }
+    let is_hello = matches!(req, Request::NodeHello { .. } | Request::ClientHello { .. });
     let name = req.name();
     let resp = match req {
         Request::FetchBlob { digest, offset } => {
-            return serve_blob(&mut send, &shared.blobs, digest, offset).await;
+            return serve_blob(
+                &mut send,
+                &shared.blobs,
+                digest,
+                offset,
+                shared.write_timeout,
+            )
+            .await;
         }
         Request::PutBlob {
             digest,
@@ -374,8 +386,18 @@ async fn serve_stream(
                 other => Incoming::Request(Box::new(other)),
             };
             match shared.ask(|r| Cmd::Request(peer, incoming, r)).await {
-                Some(Ok(resp)) => resp,
-                Some(Err(r)) => return refuse(&mut send, r).await,
+                Some(Ok(resp)) => {
+                    if is_hello {
+                        // The role starts only now that the coordinator
+                        // admitted the key.
+                        session
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .handle_admitted();
+                    }
+                    resp
+                }
+                Some(Err(r)) => return refuse(&mut send, session, r, shared.write_timeout).await,
                 None => error(ErrorCode::Internal, "pool is stopping"),
             }
         }
@@ -383,9 +405,14 @@ async fn serve_stream(
     if let Response::Error { message, .. } = &resp {
         debug!(peer = %peer.short(), request = name, "refused: {message}");
     }
-    // If writing fails the peer is gone; it will retry its request.
-    let _ = write_frame(&mut send, &resp).await;
-    let _ = send.finish();
+    // If writing fails the peer is gone; it will retry its request. A peer
+    // that does not read within the write timeout loses its connection.
+    match tokio::time::timeout(shared.write_timeout, write_frame(&mut send, &resp)).await {
+        Err(_) => return Err("the peer did not read its answer in time".into()),
+        Ok(_) => {
+            let _ = send.finish();
+        }
+    }
     Ok(())
 }
 
@@ -437,6 +464,7 @@ async fn serve_blob(
     blobs: &BlobDir,
     digest: Digest,
     mut offset: u64,
+    write_timeout: Duration,
 ) -> Result<(), String> {
     if !blobs.has(&digest) {
         let _ = write_frame(
@@ -465,8 +493,10 @@ async fn serve_blob(
             total,
             data: Bytes(data),
         };
-        if write_frame(send, &chunk).await.is_err() {
-            return Ok(()); // the fetcher went away; it can resume
+        match tokio::time::timeout(write_timeout, write_frame(send, &chunk)).await {
+            Ok(Ok(())) => {}
+            // The fetcher went away or stopped reading; it can resume.
+            _ => return Ok(()),
         }
         offset += n;
         if offset >= total || n == 0 {
@@ -477,22 +507,45 @@ async fn serve_blob(
     Ok(())
 }
 
+/// How long a closing answer may take to be written and read before the
+/// connection is closed anyway.
+const CLOSING_ANSWER: Duration = Duration::from_secs(1);
+
 /// Send the answer and give the peer a moment to read it before the
-/// connection is closed (closing at once would discard it in flight).
+/// connection is closed (closing at once would discard it in flight); a
+/// peer that does not read gets no longer than [`CLOSING_ANSWER`].
 async fn answer_then_close(send: &mut quinn::SendStream, resp: &Response) {
-    let _ = write_frame(send, resp).await;
-    let _ = send.finish();
-    let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+    let _ = tokio::time::timeout(CLOSING_ANSWER, async {
+        let _ = write_frame(send, resp).await;
+        let _ = send.finish();
+        let _ = send.stopped().await;
+    })
+    .await;
 }
 
-/// Answer with a refusal; `Err` (close the connection) if it says so.
-async fn refuse(send: &mut quinn::SendStream, r: Refusal) -> Result<(), String> {
+/// Answer with a refusal; `Err` (close the connection) if it says so. A
+/// closing refusal marks the connection refused first, so nothing more is
+/// served on it even while the answer waits for a peer that never reads.
+async fn refuse(
+    send: &mut quinn::SendStream,
+    session: &Mutex<PoolConn>,
+    r: Refusal,
+    write_timeout: Duration,
+) -> Result<(), String> {
     if r.close {
+        session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .handle_refused();
         answer_then_close(send, &from_refusal(r.clone())).await;
         Err(r.message)
     } else {
-        let _ = write_frame(send, &from_refusal(r)).await;
-        let _ = send.finish();
-        Ok(())
+        match tokio::time::timeout(write_timeout, write_frame(send, &from_refusal(r))).await {
+            Err(_) => Err("the peer did not read its answer in time".into()),
+            Ok(_) => {
+                let _ = send.finish();
+                Ok(())
+            }
+        }
     }
 }

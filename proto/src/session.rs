@@ -227,11 +227,17 @@ pub struct Refusal {
     pub close: bool,
 }
 
-/// The pool's view of one connection.
+/// The pool's view of one connection. A hello only asks for a role: the
+/// role is granted by [`handle_admitted`](PoolConn::handle_admitted) once
+/// the coordinator admits the key, and a refusal closes the connection
+/// ([`handle_refused`](PoolConn::handle_refused)) whatever the peer does
+/// next.
 #[derive(Debug)]
 pub struct PoolConn {
-    /// `None` until the hello; then the role.
+    /// `None` until the coordinator admits the hello; then the role.
     role: Option<Role>,
+    /// The role a hello asked for, while the coordinator decides.
+    asked: Option<Role>,
     /// Until when a hello may arrive.
     hello_deadline: Instant,
     /// Whether the connection is to be closed.
@@ -243,6 +249,7 @@ impl PoolConn {
     pub fn new(now: Instant, hello_timeout: Duration) -> Self {
         Self {
             role: None,
+            asked: None,
             hello_deadline: now + hello_timeout,
             closed: false,
         }
@@ -264,6 +271,15 @@ impl PoolConn {
             ));
         }
         match (self.role, req) {
+            (None, Request::NodeHello { .. } | Request::ClientHello { .. })
+                if self.asked.is_some() =>
+            {
+                Err(refuse(
+                    ErrorCode::Protocol,
+                    "a second hello while the first is decided".into(),
+                    false,
+                ))
+            }
             (None, Request::NodeHello { protocol, .. } | Request::ClientHello { protocol, .. }) => {
                 if now > self.hello_deadline {
                     self.closed = true;
@@ -281,13 +297,18 @@ impl PoolConn {
                         true,
                     ));
                 }
-                self.role = Some(if matches!(req, Request::NodeHello { .. }) {
+                self.asked = Some(if matches!(req, Request::NodeHello { .. }) {
                     Role::Node
                 } else {
                     Role::Client
                 });
                 Ok(())
             }
+            (None, other) if self.asked.is_some() => Err(refuse(
+                ErrorCode::Protocol,
+                format!("{} before the hello was accepted", other.name()),
+                false,
+            )),
             (None, other) => {
                 self.closed = true;
                 Err(refuse(
@@ -320,6 +341,27 @@ impl PoolConn {
                 }
             }
         }
+    }
+
+    /// The coordinator admitted the hello: the connection has the role it
+    /// asked for from now on.
+    pub fn handle_admitted(&mut self) {
+        if !self.closed {
+            self.role = self.asked.take();
+        }
+    }
+
+    /// The coordinator refused the hello (or anything else that closes the
+    /// connection): no request on it is served from now on, whether or not
+    /// the peer ever reads the refusal.
+    pub fn handle_refused(&mut self) {
+        self.asked = None;
+        self.closed = true;
+    }
+
+    /// Whether the connection is to be closed.
+    pub fn is_closed(&self) -> bool {
+        self.closed
     }
 
     /// The role, once the hello was accepted.
@@ -534,6 +576,12 @@ mod tests {
         let mut c = PoolConn::new(t0, Duration::from_secs(5));
         c.handle_request(t0, &hello(PROTOCOL_VERSION))
             .expect("hello");
+        assert_eq!(c.role(), None, "no role until the coordinator admits");
+        let r = c
+            .handle_request(t0, &Request::PoolStatus)
+            .expect_err("while the hello is decided");
+        assert!(!r.close && r.message.contains("before the hello was accepted"));
+        c.handle_admitted();
         assert_eq!(c.role(), Some(Role::Node));
         c.handle_request(
             t0,
@@ -548,5 +596,32 @@ mod tests {
             .expect_err("node cannot read pool status");
         assert_eq!(r.code, ErrorCode::Forbidden);
         assert!(!c.handle_timeout(t0 + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn a_refused_hello_leaves_no_role_whatever_comes_next() {
+        let t0 = Instant::now();
+        let mut c = PoolConn::new(t0, Duration::from_secs(5));
+        c.handle_request(
+            t0,
+            &Request::ClientHello {
+                protocol: PROTOCOL_VERSION,
+                agent: "t".into(),
+            },
+        )
+        .expect("hello");
+        c.handle_refused();
+        c.handle_admitted();
+        assert_eq!(c.role(), None);
+        assert!(c.is_closed());
+        let r = c
+            .handle_request(
+                t0,
+                &Request::JobStatus {
+                    job: crate::wire::JobId(1),
+                },
+            )
+            .expect_err("refused connection");
+        assert!(r.close);
     }
 }

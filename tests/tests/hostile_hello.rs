@@ -100,3 +100,50 @@ async fn hello_bombs_and_impossible_claims_are_refused_and_closed() -> Result<()
     pool.shutdown().await;
     Ok(())
 }
+
+/// A key the pool does not admit says hello as a client and never reads the
+/// refusal; its next requests on the same connection (made while the
+/// refusal waits to be read) are not served, and the connection is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_client_that_never_reads_gets_nothing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys = Keys::new(52);
+    let pool = start_pool(
+        dir.path(),
+        &keys,
+        test_pool_config(&keys),
+        "127.0.0.1:0".parse()?,
+    )
+    .await?;
+    let stranger = SecretKey::from_seed(KeyRole::Client, &[53; 32]);
+    let ep = tidepool_net::client(&stranger, keys.pool.public())?;
+    let conn = tidepool_net::connect(&ep, pool.addr).await?;
+    // The hello, on a stream whose answer is never read.
+    let (mut send, _never_read) = conn.open_bi().await?;
+    tidepool_net::write_frame(
+        &mut send,
+        &Request::ClientHello {
+            protocol: PROTOCOL_VERSION,
+            agent: "stranger".into(),
+        },
+    )
+    .await?;
+    let _ = send.finish();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // While the refusal waits, ask for the pool's status and a job.
+    for req in [
+        Request::PoolStatus,
+        Request::JobStatus {
+            job: tidepool_proto::wire::JobId(1),
+        },
+    ] {
+        match tidepool_net::call::<_, Response>(&conn, &req).await {
+            Ok(Response::Error { .. }) | Err(_) => {}
+            Ok(other) => anyhow::bail!("a refused client was served: {other:?}"),
+        }
+    }
+    let reason = closed_reason(&conn).await;
+    assert!(reason.contains("may not use this pool"), "{reason}");
+    pool.shutdown().await;
+    Ok(())
+}
