@@ -35,8 +35,7 @@ fn key(dir: &Path, name: &str, role: KeyRole) -> anyhow::Result<SecretKey> {
     }
     let key = SecretKey::generate(role, &ring::rand::SystemRandom::new())
         .with_context(|| format!("cannot generate the {name} key"))?;
-    std::fs::write(&path, key.to_text())
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    crate::cmd::common::write_key(&path, &key, false)?;
     Ok(key)
 }
 

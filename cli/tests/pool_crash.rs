@@ -177,7 +177,13 @@ async fn sigkilled_pool_loses_and_duplicates_nothing() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let publisher = SecretKey::from_seed(KeyRole::Publisher, &[31; 32]);
     let pool_key = SecretKey::generate(KeyRole::Pool, &ring::rand::SystemRandom::new())?;
-    std::fs::write(dir.path().join("pool.key"), pool_key.to_text())?;
+    let pool_key_path = dir.path().join("pool.key");
+    std::fs::write(&pool_key_path, pool_key.to_text())?;
+    // Key files must be private (the CLI refuses others).
+    std::fs::set_permissions(
+        &pool_key_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
     let port = std::net::UdpSocket::bind("127.0.0.1:0")?
         .local_addr()?
         .port();

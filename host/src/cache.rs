@@ -8,12 +8,16 @@
 //! replaced.
 //!
 //! Trust: loading a compiled artifact runs native code produced by Cranelift;
-//! the cache directory must be writable only by the node's user (it lives
-//! under the node's own home). It is a cache of our own output, never of
-//! bytes received from elsewhere.
+//! the cache directory must be writable only by the node's user. [`open`]
+//! checks that before anything is read from it: the directory is created
+//! 0700, a directory of another user (or a link) is refused, and group or
+//! other permission bits on our own are removed. It is a cache of our own
+//! output, never of bytes received from elsewhere.
+//!
+//! [`open`]: ComponentCache::open
 
 use std::hash::{Hash, Hasher};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tidepool_proto::Digest;
 use wasmtime::component::Component;
 use wasmtime::Engine;
@@ -29,9 +33,80 @@ pub struct ComponentCache {
     engine_key: String,
 }
 
+/// Why a cache directory is not used.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The directory could not be created or inspected.
+    #[error("compiled-code cache {}: {source}", dir.display())]
+    Io {
+        /// The directory.
+        dir: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Someone else could have written what is in it.
+    #[error("compiled-code cache {} is not used: {why} (loading it would run code another user could have written)", dir.display())]
+    NotPrivate {
+        /// The directory.
+        dir: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// Make `dir` (creating it 0700) a directory only this process's user may
+/// write, or say why it cannot be.
+fn private_dir(dir: &Path) -> Result<(), CacheError> {
+    let io = |source| CacheError::Io {
+        dir: dir.to_owned(),
+        source,
+    };
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(io)?;
+    let meta = std::fs::symlink_metadata(dir).map_err(io)?;
+    let refuse = |why: String| {
+        Err(CacheError::NotPrivate {
+            dir: dir.to_owned(),
+            why,
+        })
+    };
+    if !meta.is_dir() {
+        return refuse("it is a link or not a directory".into());
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        // The process's user: the owner of what it just created.
+        let me = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+        if let Some(me) = me {
+            if meta.uid() != me {
+                return refuse(format!(
+                    "it belongs to user {}, not to this process's user {me}",
+                    meta.uid()
+                ));
+            }
+        }
+        if meta.mode() & 0o077 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+        }
+    }
+    Ok(())
+}
+
 impl ComponentCache {
-    /// A cache in `dir` for components compiled by `engine`.
-    pub fn new(dir: PathBuf, engine: &Engine) -> Self {
+    /// A cache in `dir` for components compiled by `engine`, after checking
+    /// that only this user can write there.
+    pub fn open(dir: PathBuf, engine: &Engine) -> Result<Self, CacheError> {
+        private_dir(&dir)?;
+        Ok(Self::new(dir, engine))
+    }
+
+    /// A cache in `dir` for components compiled by `engine` (unchecked:
+    /// [`open`](Self::open) checks the directory first).
+    fn new(dir: PathBuf, engine: &Engine) -> Self {
         // DefaultHasher::new() uses fixed keys: stable for a given build, which is all a cache key needs.
         let mut h = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut h);

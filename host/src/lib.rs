@@ -9,6 +9,7 @@ pub mod backend;
 pub mod cache;
 pub mod determinism;
 pub mod gpu;
+pub mod guest_text;
 pub mod local;
 pub use tidepool_models as models;
 pub mod registry;

@@ -241,6 +241,7 @@ impl TaskRegistry {
 impl GraphRegistry for TaskRegistry {
     fn get(&self, name: &str) -> Option<&Graph> {
         if !valid_name(name) {
+            let name = crate::guest_text::escape(name, 64);
             tracing::warn!(name, "guest asked for an invalid model name");
             return None;
         }

@@ -269,15 +269,8 @@ impl bindings::tidepool::job::host::Host for TaskState {
             return;
         }
         self.log_budget -= 1;
-        let mut message = message;
-        if message.len() > 4096 {
-            let mut cut = 4096;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-            message.push('…');
-        }
+        // A guest's line may not forge a node log line or drive a terminal.
+        let message = crate::guest_text::escape(&message, 4096);
         let task = self.task_id.as_str();
         match level {
             Level::Trace => tracing::trace!(target: "tidepool::job", task, "{message}"),
@@ -407,10 +400,11 @@ impl Sandbox {
             WasiNnView::new(&mut s.table, &mut s.nn)
         })?;
         bindings::JobCore::add_to_linker::<_, HasSelf<TaskState>>(&mut linker, |s| s)?;
-        let cache = config
-            .cache_dir
-            .as_ref()
-            .map(|d| ComponentCache::new(d.clone(), &engine));
+        let cache = config.cache_dir.as_ref().and_then(|d| {
+            ComponentCache::open(d.clone(), &engine)
+                .map_err(|e| tracing::warn!("{e}; compiling without a cache"))
+                .ok()
+        });
         let stop_ticker = Arc::new(AtomicBool::new(false));
         {
             let engine = engine.weak();

@@ -554,22 +554,31 @@ fn nodes_with_better_uptime_are_preferred() {
 }
 
 /// A node that claims `u32::MAX` slots and queue (the sum overflowed and
-/// panicked the coordinator thread) gets at most one grant's worth of
-/// tasks, and the coordinator keeps serving others.
+/// panicked the coordinator thread) is refused at hello by default; with
+/// the bounds lifted it gets at most one grant's worth of tasks, and the
+/// coordinator keeps serving others.
 #[test]
 fn a_node_claiming_every_slot_there_is_gets_one_grant() {
     let dir = tempfile::tempdir().expect("tempdir");
     let w = world();
-    let mut c = open(&dir.path().join("pool.db"), &w.cfg);
-    let (bundle, _) = publish(&mut c, &w);
-    c.handle_submit(NOW_UNIX, &submitter(), &bundle, "k", &inputs(300))
-        .expect("submit");
-    let t0 = Instant::now();
     let greedy = Capabilities {
         slots: u32::MAX,
         queue: u32::MAX,
         ..caps()
     };
+    let mut c = open(&dir.path().join("default.db"), &w.cfg);
+    let r = c
+        .handle_node_hello(Instant::now(), w.node_a.public(), greedy.clone())
+        .expect_err("refused at hello");
+    assert!(r.close && r.message.contains("`slots`"), "{r:?}");
+    let mut cfg = w.cfg.clone();
+    cfg.capabilities.max_slots = u32::MAX;
+    cfg.capabilities.max_queue = u32::MAX;
+    let mut c = open(&dir.path().join("pool.db"), &cfg);
+    let (bundle, _) = publish(&mut c, &w);
+    c.handle_submit(NOW_UNIX, &submitter(), &bundle, "k", &inputs(300))
+        .expect("submit");
+    let t0 = Instant::now();
     c.handle_node_hello(t0, w.node_a.public(), greedy)
         .expect("hello");
     let (g, _) = c

@@ -40,6 +40,36 @@ fn second_sandbox_loads_from_cache_and_corrupt_entries_are_recompiled() {
     assert_eq!(out1.result.expect("ok"), out3.result.expect("ok"));
 }
 
+/// The cache holds native code the node will run: a cache directory of
+/// another user is not read, and our own with loose permissions is made
+/// private (0700) before use.
+#[cfg(unix)]
+#[test]
+fn a_cache_directory_anyone_else_could_write_is_not_trusted() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = dir.path().join("compiled");
+    let config = SandboxConfig {
+        cache_dir: Some(cache.clone()),
+        ..test_config()
+    };
+    let sb = sandbox(config.clone());
+    assert!(!sb.load(&guest("echo")).expect("compile").from_cache());
+    let mode = |p: &std::path::Path| std::fs::metadata(p).expect("stat").mode() & 0o777;
+    assert_eq!(mode(&cache), 0o700, "created private");
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let sb = sandbox(config.clone());
+    assert!(sb.load(&guest("echo")).expect("load").from_cache());
+    assert_eq!(mode(&cache), 0o700, "made private again");
+    // Another user's directory (only root can make one here; CI runs as
+    // root): its entries are not loaded, the component is compiled afresh.
+    if std::fs::metadata("/proc/self").expect("proc").uid() == 0 {
+        std::os::unix::fs::chown(&cache, Some(4242), None).expect("chown");
+        let sb = sandbox(config);
+        assert!(!sb.load(&guest("echo")).expect("compiles").from_cache());
+    }
+}
+
 /// Every crate under jobs/ is a guest the tests know (and so run).
 #[test]
 fn every_guest_is_known() {

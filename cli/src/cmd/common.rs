@@ -7,11 +7,88 @@ use std::sync::Arc;
 use tidepool_client::PoolClient;
 use tidepool_proto::{PublicKey, SecretKey};
 
-/// Read a key file written by `tidepool keygen`.
+/// Read a key file written by `tidepool keygen`. On Unix a key file that
+/// its group or others may read is refused: a secret key another local user
+/// can read is not secret.
 pub fn read_key(path: &Path) -> anyhow::Result<SecretKey> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .with_context(|| format!("cannot read key file {}", path.display()))?
+            .permissions()
+            .mode();
+        anyhow::ensure!(
+            mode & 0o077 == 0,
+            "key file {} may be read by other users (mode {:03o}); run `chmod 600 {}`",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        );
+    }
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read key file {}", path.display()))?;
     SecretKey::from_text(&text).with_context(|| format!("key file {}", path.display()))
+}
+
+/// Write `key` to `path`, readable by its owner only (mode 0600 on Unix,
+/// also when an existing file is overwritten). Without `overwrite`, an
+/// existing file is an error.
+pub fn write_key(path: &Path, key: &SecretKey, overwrite: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true);
+    if overwrite {
+        opts.create(true).truncate(true);
+    } else {
+        opts.create_new(true);
+    }
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path).with_context(|| {
+        format!(
+            "cannot create {} (use --force to overwrite)",
+            path.display()
+        )
+    })?;
+    // An existing file keeps its mode through `open`: set it.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot make {} private", path.display()))?;
+    }
+    f.write_all(key.to_text().as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use tidepool_proto::KeyRole;
+
+    #[test]
+    fn key_files_are_private_and_readable_ones_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("k.key");
+        let key = SecretKey::from_seed(KeyRole::Node, &[3; 32]);
+        // An existing world-readable file overwritten becomes private.
+        std::fs::write(&path, "old").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        assert!(
+            write_key(&path, &key, false).is_err(),
+            "no overwrite without force"
+        );
+        write_key(&path, &key, true).expect("overwrite");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(read_key(&path).expect("read").public(), key.public());
+        // A key others may read is refused, with the fix in the message.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        let err = read_key(&path).expect_err("group-readable").to_string();
+        assert!(err.contains("chmod 600") && err.contains("640"), "{err}");
+    }
 }
 
 /// How to reach a pool as a client.

@@ -1,7 +1,5 @@
 //! `tidepool keygen`: write a new Ed25519 key file and print its public key.
 
-use anyhow::Context;
-use std::io::Write;
 use std::path::PathBuf;
 use tidepool_proto::{KeyRole, SecretKey};
 
@@ -23,22 +21,7 @@ pub struct Args {
 
 pub fn main(a: Args) -> anyhow::Result<std::process::ExitCode> {
     let key = SecretKey::generate(a.role, &ring::rand::SystemRandom::new())?;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true);
-    if a.force {
-        opts.create(true).truncate(true);
-    } else {
-        opts.create_new(true);
-    }
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts.open(&a.out).with_context(|| {
-        format!(
-            "cannot create {} (use --force to overwrite)",
-            a.out.display()
-        )
-    })?;
-    f.write_all(key.to_text().as_bytes())?;
+    super::common::write_key(&a.out, &key, a.force)?;
     if a.json {
         println!(
             "{}",
