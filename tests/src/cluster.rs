@@ -271,3 +271,15 @@ pub fn record_output(r: &tidepool_proto::wire::TaskRecord) -> Vec<u8> {
 pub fn record_outputs(records: &[tidepool_proto::wire::TaskRecord]) -> Vec<Vec<u8>> {
     records.iter().map(record_output).collect()
 }
+
+/// The reason the pool closed `conn` with (waiting up to 5 s), or what
+/// else happened.
+pub async fn closed_reason(conn: &quinn::Connection) -> String {
+    match tokio::time::timeout(Duration::from_secs(5), conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+            String::from_utf8_lossy(&c.reason).into_owned()
+        }
+        Ok(other) => format!("{other}"),
+        Err(_) => "still open after 5 s".into(),
+    }
+}

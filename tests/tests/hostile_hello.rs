@@ -8,17 +8,6 @@ use tidepool_proto::wire::{Capabilities, ErrorCode, Request, Response, PROTOCOL_
 use tidepool_proto::{KeyRole, SecretKey};
 use tidepool_tests::cluster::*;
 
-/// The reason a connection was closed with, or what else happened.
-async fn closed_reason(conn: &quinn::Connection) -> String {
-    match tokio::time::timeout(Duration::from_secs(5), conn.closed()).await {
-        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
-            String::from_utf8_lossy(&c.reason).into_owned()
-        }
-        Ok(other) => format!("{other}"),
-        Err(_) => "still open after 5 s".into(),
-    }
-}
-
 fn hello(caps: Capabilities) -> Request {
     Request::NodeHello {
         protocol: PROTOCOL_VERSION,

@@ -138,16 +138,6 @@ async fn a_killed_node_leases_are_requeued_and_finished_by_the_others() -> Resul
     Ok(())
 }
 
-async fn closed_reason(conn: &quinn::Connection) -> String {
-    match tokio::time::timeout(Duration::from_secs(5), conn.closed()).await {
-        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
-            String::from_utf8_lossy(&c.reason).into_owned()
-        }
-        Ok(other) => format!("{other}"),
-        Err(_) => "still open after 5 s".into(),
-    }
-}
-
 /// Garbage datagrams, garbage and oversized frames, requests before the
 /// hello, silent connections and a wrong pinned key: each such peer gets its
 /// connection closed (or never connects) and the pool goes on serving.
