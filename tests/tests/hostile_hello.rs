@@ -25,10 +25,19 @@ fn caps() -> Capabilities {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hello_bombs_and_impossible_claims_are_refused_and_closed() -> Result<()> {
+/// A pool on loopback and an endpoint for a stranger with a fresh key of
+/// `role` (the temporary directory lives as long as the pool).
+async fn pool_and_stranger(
+    seed: u8,
+    role: KeyRole,
+) -> Result<(
+    tempfile::TempDir,
+    Keys,
+    tidepool_pool::server::RunningPool,
+    quinn::Endpoint,
+)> {
     let dir = tempfile::tempdir()?;
-    let keys = Keys::new(48);
+    let keys = Keys::new(seed);
     let pool = start_pool(
         dir.path(),
         &keys,
@@ -36,8 +45,14 @@ async fn hello_bombs_and_impossible_claims_are_refused_and_closed() -> Result<()
         "127.0.0.1:0".parse()?,
     )
     .await?;
-    let stranger = SecretKey::from_seed(KeyRole::Node, &[49; 32]);
+    let stranger = SecretKey::from_seed(role, &[seed.wrapping_add(1); 32]);
     let ep = tidepool_net::client(&stranger, keys.pool.public())?;
+    Ok((dir, keys, pool, ep))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_bombs_and_impossible_claims_are_refused_and_closed() -> Result<()> {
+    let (_dir, keys, pool, ep) = pool_and_stranger(48, KeyRole::Node).await?;
 
     // A 1 MiB hello of empty strings (it used to be decoded and its
     // capabilities kept for good): refused from its length prefix.
@@ -95,17 +110,7 @@ async fn hello_bombs_and_impossible_claims_are_refused_and_closed() -> Result<()
 /// refusal waits to be read) are not served, and the connection is closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_client_that_never_reads_gets_nothing() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let keys = Keys::new(52);
-    let pool = start_pool(
-        dir.path(),
-        &keys,
-        test_pool_config(&keys),
-        "127.0.0.1:0".parse()?,
-    )
-    .await?;
-    let stranger = SecretKey::from_seed(KeyRole::Client, &[53; 32]);
-    let ep = tidepool_net::client(&stranger, keys.pool.public())?;
+    let (_dir, _keys, pool, ep) = pool_and_stranger(52, KeyRole::Client).await?;
     let conn = tidepool_net::connect(&ep, pool.addr).await?;
     // The hello, on a stream whose answer is never read.
     let (mut send, _never_read) = conn.open_bi().await?;
