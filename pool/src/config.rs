@@ -31,6 +31,28 @@
 //! lookback = 256                   # a caught node's latest unverified results re-checked
 //! trusted = []                     # pool-owned node keys, preferred to decide disagreements
 //! canary_rate = 0.01               # share of lease grants that also carry a canary
+//!
+//! [leasing]                        # how much work a node gets: the pool decides, not the node
+//! start_leases = 8                 # leases a node may hold before it has delivered anything
+//!                                  # ... plus one per result it delivered (since its last strike or cut-off)
+//! max_leases = 64                  # most leases any node may hold, whatever it claims
+//! grace_ms = 60000                 # a lease ends at the bundle's timeout_ms per task ahead of it
+//!                                  # on the node's slots plus this, renewed or not
+//! breaker_window = 20              # a node's latest finished tasks looked at by the circuit breaker
+//! breaker_failures = 5             # ... at least this many failed, and more failed than not:
+//! breaker_quarantine_secs = 300    # ... it gets no tasks this long (its failed tasks go elsewhere)
+//!
+//! [limits]                         # what one peer may make the pool hold
+//! max_lease_bytes = 65536          # largest lease request (renewals name every running lease)
+//! max_results_bytes = 16842752     # largest results frame (the outputs)
+//! max_submit_bytes = 16842752      # largest submission or canary list (the inputs)
+//! max_request_bytes = 65536        # largest of any other request (status, fetch, publish, challenge)
+//! connections_per_ip = 64          # open connections from one IP address
+//! connections_per_key = 8          # open connections from one key
+//! streams_per_connection = 32      # requests one connection may have open at once
+//! in_flight_per_connection = 8     # requests of one connection waiting for the coordinator
+//! buffered_bytes_per_connection = 33554432   # request bytes one connection may have in memory
+//! buffered_bytes_total = 536870912 # request bytes all connections together may have in memory
 //! ```
 
 use crate::store::Durability;
@@ -89,6 +111,88 @@ pub struct PoolConfig {
     pub capabilities: CapabilityLimits,
     /// Reputation, re-execution, quarantine, canaries.
     pub verify: VerifyPolicy,
+    /// How much a node may hold, how long a lease may last, the circuit
+    /// breaker.
+    pub leasing: LeasePolicy,
+    /// What one peer may make the pool hold (frame sizes by request,
+    /// connections, streams, buffered bytes); used by the network shell.
+    pub limits: NetLimits,
+}
+
+/// How much work a node gets and for how long: the pool's decision, not the
+/// node's claim. Defaults in the module docs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeasePolicy {
+    /// Leases a node may hold before it has delivered a result.
+    pub start_leases: u32,
+    /// Most leases any node may hold.
+    pub max_leases: u32,
+    /// Added to the bundle's timeout(s) to make a lease's deadline.
+    pub grace: Duration,
+    /// Finished tasks per node the circuit breaker looks at.
+    pub breaker_window: u32,
+    /// Failures in that window (and more failures than successes) that cut
+    /// a node off.
+    pub breaker_failures: u32,
+    /// How long a cut-off node gets no tasks.
+    pub breaker_quarantine: Duration,
+}
+
+impl Default for LeasePolicy {
+    fn default() -> Self {
+        Self {
+            start_leases: 8,
+            max_leases: 64,
+            grace: Duration::from_secs(60),
+            breaker_window: 20,
+            breaker_failures: 5,
+            breaker_quarantine: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Budgets of the network shell: what one peer may make the pool read and
+/// hold. Defaults in the module docs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetLimits {
+    /// Largest `Lease` frame.
+    pub max_lease_bytes: usize,
+    /// Largest `Results` frame.
+    pub max_results_bytes: usize,
+    /// Largest `Submit` or `AddCanaries` frame.
+    pub max_submit_bytes: usize,
+    /// Largest frame of any other request after the hello (`PutBlob` is
+    /// always allowed one chunk).
+    pub max_request_bytes: usize,
+    /// Open connections from one IP address.
+    pub connections_per_ip: u32,
+    /// Open connections from one key.
+    pub connections_per_key: u32,
+    /// Streams (requests) one connection may have open at once.
+    pub streams_per_connection: u32,
+    /// Requests of one connection queued for the coordinator thread at once.
+    pub in_flight_per_connection: u32,
+    /// Request bytes one connection may have in memory at once.
+    pub buffered_bytes_per_connection: usize,
+    /// Request bytes all connections together may have in memory at once.
+    pub buffered_bytes_total: usize,
+}
+
+impl Default for NetLimits {
+    fn default() -> Self {
+        Self {
+            max_lease_bytes: 64 * 1024,
+            max_results_bytes: tidepool_proto::wire::MAX_FRAME_BYTES,
+            max_submit_bytes: tidepool_proto::wire::MAX_FRAME_BYTES,
+            max_request_bytes: 64 * 1024,
+            connections_per_ip: 64,
+            connections_per_key: 8,
+            streams_per_connection: 32,
+            in_flight_per_connection: 8,
+            buffered_bytes_per_connection: 32 * 1024 * 1024,
+            buffered_bytes_total: 512 * 1024 * 1024,
+        }
+    }
 }
 
 impl Default for PoolConfig {
@@ -113,6 +217,8 @@ impl Default for PoolConfig {
             write_timeout: Duration::from_secs(10),
             capabilities: CapabilityLimits::default(),
             verify: VerifyPolicy::default(),
+            leasing: LeasePolicy::default(),
+            limits: NetLimits::default(),
         }
     }
 }
@@ -172,6 +278,127 @@ pub struct PoolFile {
     /// Verification policy.
     #[serde(default)]
     pub verification: VerificationFile,
+    /// Leasing policy.
+    #[serde(default)]
+    pub leasing: LeasingFile,
+    /// Network budgets.
+    #[serde(default)]
+    pub limits: LimitsFile,
+}
+
+/// The `[leasing]` table (see [`LeasePolicy`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeasingFile {
+    /// Leases before any delivered result.
+    #[serde(default = "default_start_leases")]
+    pub start_leases: u32,
+    /// Most leases per node.
+    #[serde(default = "default_max_leases")]
+    pub max_leases: u32,
+    /// Grace past the bundle's timeout, ms.
+    #[serde(default = "default_grace")]
+    pub grace_ms: u64,
+    /// Finished tasks the breaker looks at.
+    #[serde(default = "default_breaker_window")]
+    pub breaker_window: u32,
+    /// Failures that trip it.
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// How long a tripped node waits, seconds.
+    #[serde(default = "default_breaker_quarantine")]
+    pub breaker_quarantine_secs: u64,
+}
+
+impl Default for LeasingFile {
+    fn default() -> Self {
+        toml::from_str("").expect("an empty table takes every default")
+    }
+}
+
+/// The `[limits]` table (see [`NetLimits`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    /// Largest lease request, bytes.
+    #[serde(default = "default_small_frame")]
+    pub max_lease_bytes: usize,
+    /// Largest results frame, bytes.
+    #[serde(default = "default_big_frame")]
+    pub max_results_bytes: usize,
+    /// Largest submission, bytes.
+    #[serde(default = "default_big_frame")]
+    pub max_submit_bytes: usize,
+    /// Largest other request, bytes.
+    #[serde(default = "default_small_frame")]
+    pub max_request_bytes: usize,
+    /// Connections per IP address.
+    #[serde(default = "default_per_ip")]
+    pub connections_per_ip: u32,
+    /// Connections per key.
+    #[serde(default = "default_per_key")]
+    pub connections_per_key: u32,
+    /// Open streams per connection.
+    #[serde(default = "default_streams")]
+    pub streams_per_connection: u32,
+    /// Requests per connection waiting for the coordinator.
+    #[serde(default = "default_in_flight")]
+    pub in_flight_per_connection: u32,
+    /// Buffered request bytes per connection.
+    #[serde(default = "default_conn_bytes")]
+    pub buffered_bytes_per_connection: usize,
+    /// Buffered request bytes in total.
+    #[serde(default = "default_total_bytes")]
+    pub buffered_bytes_total: usize,
+}
+
+impl Default for LimitsFile {
+    fn default() -> Self {
+        toml::from_str("").expect("an empty table takes every default")
+    }
+}
+
+fn default_start_leases() -> u32 {
+    LeasePolicy::default().start_leases
+}
+fn default_max_leases() -> u32 {
+    LeasePolicy::default().max_leases
+}
+fn default_grace() -> u64 {
+    LeasePolicy::default().grace.as_millis() as u64
+}
+fn default_breaker_window() -> u32 {
+    LeasePolicy::default().breaker_window
+}
+fn default_breaker_failures() -> u32 {
+    LeasePolicy::default().breaker_failures
+}
+fn default_breaker_quarantine() -> u64 {
+    LeasePolicy::default().breaker_quarantine.as_secs()
+}
+fn default_small_frame() -> usize {
+    NetLimits::default().max_request_bytes
+}
+fn default_big_frame() -> usize {
+    NetLimits::default().max_results_bytes
+}
+fn default_per_ip() -> u32 {
+    NetLimits::default().connections_per_ip
+}
+fn default_per_key() -> u32 {
+    NetLimits::default().connections_per_key
+}
+fn default_streams() -> u32 {
+    NetLimits::default().streams_per_connection
+}
+fn default_in_flight() -> u32 {
+    NetLimits::default().in_flight_per_connection
+}
+fn default_conn_bytes() -> usize {
+    NetLimits::default().buffered_bytes_per_connection
+}
+fn default_total_bytes() -> usize {
+    NetLimits::default().buffered_bytes_total
 }
 
 /// The `[verification]` table.
@@ -360,6 +587,66 @@ impl PoolFile {
             return Err(bad("max_attempts", "max_attempts must be at least 1"));
         }
         self.durability()?;
+        let l = &self.leasing;
+        if l.start_leases == 0 || l.max_leases < l.start_leases {
+            return Err(bad(
+                "leasing.max_leases",
+                format!(
+                    "leasing.start_leases ({}) must be at least 1 and at most leasing.max_leases ({})",
+                    l.start_leases, l.max_leases
+                ),
+            ));
+        }
+        if l.breaker_failures == 0 || l.breaker_failures > l.breaker_window {
+            return Err(bad(
+                "leasing.breaker_failures",
+                format!(
+                    "leasing.breaker_failures ({}) must be between 1 and leasing.breaker_window ({})",
+                    l.breaker_failures, l.breaker_window
+                ),
+            ));
+        }
+        let n = &self.limits;
+        let max = tidepool_proto::wire::MAX_FRAME_BYTES;
+        for (setting, v) in [
+            ("limits.max_lease_bytes", n.max_lease_bytes),
+            ("limits.max_results_bytes", n.max_results_bytes),
+            ("limits.max_submit_bytes", n.max_submit_bytes),
+            ("limits.max_request_bytes", n.max_request_bytes),
+        ] {
+            if !(1024..=max).contains(&v) {
+                return Err(bad(
+                    setting,
+                    format!("{setting} ({v}) must be between 1024 and {max}"),
+                ));
+            }
+        }
+        for (setting, v) in [
+            ("limits.connections_per_ip", n.connections_per_ip),
+            ("limits.connections_per_key", n.connections_per_key),
+            ("limits.streams_per_connection", n.streams_per_connection),
+            (
+                "limits.in_flight_per_connection",
+                n.in_flight_per_connection,
+            ),
+        ] {
+            if v == 0 {
+                return Err(bad(setting, format!("{setting} must be at least 1")));
+            }
+        }
+        let biggest = n.max_results_bytes.max(n.max_submit_bytes);
+        if n.buffered_bytes_per_connection < biggest
+            || n.buffered_bytes_total < n.buffered_bytes_per_connection
+        {
+            return Err(bad(
+                "limits.buffered_bytes_per_connection",
+                format!(
+                    "limits.buffered_bytes_per_connection ({}) must hold the largest frame ({biggest}) \
+                     and be at most limits.buffered_bytes_total ({})",
+                    n.buffered_bytes_per_connection, n.buffered_bytes_total
+                ),
+            ));
+        }
         let v = &self.verification;
         if v.initial_reputation > crate::verify::FULL {
             return Err(bad(
@@ -431,6 +718,26 @@ impl PoolFile {
                 trusted: self.verification.trusted.clone(),
                 canary_rate: self.verification.canary_rate,
                 secret: None,
+            },
+            leasing: LeasePolicy {
+                start_leases: self.leasing.start_leases,
+                max_leases: self.leasing.max_leases,
+                grace: Duration::from_millis(self.leasing.grace_ms),
+                breaker_window: self.leasing.breaker_window,
+                breaker_failures: self.leasing.breaker_failures,
+                breaker_quarantine: Duration::from_secs(self.leasing.breaker_quarantine_secs),
+            },
+            limits: NetLimits {
+                max_lease_bytes: self.limits.max_lease_bytes,
+                max_results_bytes: self.limits.max_results_bytes,
+                max_submit_bytes: self.limits.max_submit_bytes,
+                max_request_bytes: self.limits.max_request_bytes,
+                connections_per_ip: self.limits.connections_per_ip,
+                connections_per_key: self.limits.connections_per_key,
+                streams_per_connection: self.limits.streams_per_connection,
+                in_flight_per_connection: self.limits.in_flight_per_connection,
+                buffered_bytes_per_connection: self.limits.buffered_bytes_per_connection,
+                buffered_bytes_total: self.limits.buffered_bytes_total,
             },
             ..PoolConfig::default()
         }

@@ -111,6 +111,16 @@ fn actor(
                     "node caught with a wrong result"
                 ),
                 PoolEvent::Replaced { task } => info!(%task, "wrong result replaced"),
+                PoolEvent::CutOff {
+                    node,
+                    failures,
+                    until,
+                } => warn!(
+                    node = %node.short(),
+                    failures,
+                    for_secs = until.saturating_duration_since(now).as_secs(),
+                    "node cut off: too many of its latest tasks failed"
+                ),
             }
             let _ = events.send(ev);
         }

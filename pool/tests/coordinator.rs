@@ -513,7 +513,7 @@ fn nodes_with_better_uptime_are_preferred() {
     let dir = tempfile::tempdir().expect("tempdir");
     let w = world();
     let mut c = open(&dir.path().join("pool.db"), &w.cfg);
-    let (bundle, _) = publish(&mut c, &w);
+    let (bundle, component) = publish(&mut c, &w);
     c.handle_submit(NOW_UNIX, &submitter(), &bundle, "k", &inputs(40))
         .expect("submit");
     let t0 = Instant::now();
@@ -522,7 +522,17 @@ fn nodes_with_better_uptime_are_preferred() {
         .expect("a");
     c.handle_node_hello(t0, w.node_b.public(), eight.clone())
         .expect("b");
-    // B is away half the time.
+    // B delivers a result (a node that never did is forgotten when it
+    // goes), then is away half the time.
+    let (g, _) = c
+        .handle_lease(t0, &w.node_b.public(), 1, &[])
+        .expect("b's first lease");
+    c.handle_results(
+        t0,
+        &w.node_b.public(),
+        vec![honest(&w.node_b, &g[0], component)],
+    )
+    .expect("b's result");
     c.handle_node_gone(t0 + Duration::from_secs(10), &w.node_b.public());
     let t20 = t0 + Duration::from_secs(20);
     c.handle_node_hello(t20, w.node_b.public(), eight)
@@ -555,10 +565,11 @@ fn nodes_with_better_uptime_are_preferred() {
 
 /// A node that claims `u32::MAX` slots and queue (the sum overflowed and
 /// panicked the coordinator thread) is refused at hello by default; with
-/// the bounds lifted it gets at most one grant's worth of tasks, and the
-/// coordinator keeps serving others.
+/// the bounds lifted it gets what a fresh node has earned (the pool's
+/// `start_leases`, not its claim), and the coordinator keeps serving
+/// others.
 #[test]
-fn a_node_claiming_every_slot_there_is_gets_one_grant() {
+fn a_node_claiming_every_slot_there_is_gets_what_it_earned() {
     let dir = tempfile::tempdir().expect("tempdir");
     let w = world();
     let greedy = Capabilities {
@@ -584,7 +595,7 @@ fn a_node_claiming_every_slot_there_is_gets_one_grant() {
     let (g, _) = c
         .handle_lease(t0, &w.node_a.public(), u32::MAX, &[])
         .expect("lease");
-    assert_eq!(g.len(), w.cfg.max_grant as usize);
+    assert_eq!(g.len(), w.cfg.leasing.start_leases as usize);
     c.handle_node_hello(t0, w.node_b.public(), caps())
         .expect("b");
     let (g, _) = c
@@ -776,4 +787,226 @@ fn gpu_tier_tasks_and_their_checks_go_only_to_gpus_that_fit() {
     let checks = lease(&mut c, &second, with_gpu(16384, &["onnx"]));
     assert_eq!(checks.len(), 3, "{checks:?}");
     assert!(checks.iter().all(|g| g.bundle == gpu_bundle));
+}
+
+fn failed(g: &TaskGrant) -> TaskResult {
+    TaskResult {
+        transcript: Default::default(),
+        lease: g.lease,
+        outcome: Outcome::Failed {
+            reason: "it always fails".into(),
+        },
+        receipt: None,
+    }
+}
+
+/// A node claiming 256 slots and 256 queued leases holds what the pool lets
+/// a fresh node hold, and renewing forever does not keep a lease past its
+/// deadline (the bundle's timeout per task ahead of it plus the grace):
+/// its tasks go back to the queue and an honest node finishes them.
+#[test]
+fn a_hoarding_node_holds_what_it_earned_and_no_lease_outlives_its_deadline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut w = world();
+    w.cfg.leasing.start_leases = 4;
+    w.cfg.leasing.grace = Duration::from_secs(5);
+    w.cfg.verify.initial_reputation = 0;
+    let mut c = open(&dir.path().join("pool.db"), &w.cfg);
+    let (bundle, component) = publish_with(&mut c, &w, "slow", "[limits]\ntimeout_ms = 2000\n");
+    let (job, _) = c
+        .handle_submit(NOW_UNIX, &submitter(), &bundle, "k", &inputs(20))
+        .expect("submit");
+    let t0 = Instant::now();
+    let hoarder = w.node_a.public();
+    let greedy = Capabilities {
+        slots: 256,
+        queue: 256,
+        ..caps()
+    };
+    c.handle_node_hello(t0, hoarder, greedy).expect("hello");
+    let (held, _) = c.handle_lease(t0, &hoarder, 10_000, &[]).expect("lease");
+    assert_eq!(
+        held.len(),
+        4,
+        "a fresh node holds start_leases, not its claim"
+    );
+    let ids: Vec<LeaseId> = held.iter().map(|g| g.lease).collect();
+    let (more, lost) = c.handle_lease(t0, &hoarder, 10_000, &ids).expect("renew");
+    assert!(more.is_empty() && lost.is_empty());
+    // Renewed every 3 s: the leases still end at 2 s + 5 s grace.
+    for s in [3, 6] {
+        let t = t0 + Duration::from_secs(s);
+        c.handle_timeout(t).expect("timeouts");
+        let (_, lost) = c.handle_lease(t, &hoarder, 0, &ids).expect("renew");
+        assert!(lost.is_empty(), "still held at {s} s");
+    }
+    let t7 = t0 + Duration::from_secs(7);
+    c.handle_timeout(t7).expect("deadline");
+    let (_, lost) = c.handle_lease(t7, &hoarder, 0, &ids).expect("renew");
+    assert_eq!(lost, ids, "every lease ended at its deadline");
+    let recs = c.job_results(job, 0, 20).expect("records");
+    let ended: Vec<_> = recs.iter().filter(|r| !r.reasons.is_empty()).collect();
+    assert_eq!(ended.len(), 4);
+    assert!(
+        ended.iter().all(|r| r.reasons[0].contains("deadline")),
+        "{:?}",
+        ended[0].reasons
+    );
+    // An honest node finishes everything (the hoarder's four included),
+    // earning a larger allowance as it delivers.
+    let honest_key = w.node_b.public();
+    c.handle_node_hello(t7, honest_key, Capabilities { slots: 8, ..caps() })
+        .expect("honest hello");
+    let mut grants_seen = Vec::new();
+    for _ in 0..20 {
+        let (g, _) = c.handle_lease(t7, &honest_key, 8, &[]).expect("lease");
+        if g.is_empty() {
+            break;
+        }
+        grants_seen.push(g.len());
+        let results = g.iter().map(|g| honest(&w.node_b, g, component)).collect();
+        c.handle_results(t7, &honest_key, results).expect("results");
+    }
+    assert_eq!(
+        grants_seen[0], 4,
+        "the honest node starts at start_leases too"
+    );
+    assert!(
+        grants_seen.iter().any(|n| *n == 8),
+        "and is let hold its claim once it delivered: {grants_seen:?}"
+    );
+    assert_eq!(c.job_status(job).expect("status").done, 20);
+}
+
+/// Leases further back on a node's slots get later deadlines: a node with
+/// one slot holding four leases has until 1, 2, 3 and 4 timeouts (plus the
+/// grace) for them.
+#[test]
+fn a_lease_waiting_behind_others_on_a_node_gets_their_time_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut w = world();
+    w.cfg.leasing.grace = Duration::from_secs(1);
+    w.cfg.lease_ttl = Duration::from_secs(60);
+    let mut c = open(&dir.path().join("pool.db"), &w.cfg);
+    let (bundle, _) = publish_with(&mut c, &w, "slow", "[limits]\ntimeout_ms = 10000\n");
+    c.handle_submit(NOW_UNIX, &submitter(), &bundle, "k", &inputs(4))
+        .expect("submit");
+    let t0 = Instant::now();
+    let one_slot = Capabilities {
+        slots: 1,
+        queue: 3,
+        ..caps()
+    };
+    c.handle_node_hello(t0, w.node_a.public(), one_slot)
+        .expect("hello");
+    let (g, _) = c
+        .handle_lease(t0, &w.node_a.public(), 4, &[])
+        .expect("lease");
+    assert_eq!(g.len(), 4);
+    let mut ended = Vec::new();
+    for s in [11, 21, 31, 41] {
+        c.handle_timeout(t0 + Duration::from_secs(s))
+            .expect("timeouts");
+        ended.push(c.pool_status(t0).expect("status").leased);
+    }
+    assert_eq!(ended, vec![3, 2, 1, 0]);
+}
+
+/// A node that reports `Failed` for everything: each failed task goes to
+/// the honest node next, the failing node's circuit breaker trips after
+/// `breaker_failures` (it gets nothing while cut off), and every task ends
+/// done — none dead-lettered.
+#[test]
+fn a_failing_node_is_cut_off_and_its_tasks_finish_on_an_honest_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut w = world();
+    w.cfg.verify.initial_reputation = 0;
+    let mut c = open(&dir.path().join("pool.db"), &w.cfg);
+    let (bundle, component) = publish(&mut c, &w);
+    let (job, _) = c
+        .handle_submit(NOW_UNIX, &submitter(), &bundle, "k", &inputs(30))
+        .expect("submit");
+    let t = Instant::now();
+    let (bad, good) = (w.node_a.public(), w.node_b.public());
+    c.handle_node_hello(t, bad, caps()).expect("bad hello");
+    c.handle_node_hello(t, good, caps()).expect("good hello");
+    let mut failed_on_bad = BTreeSet::new();
+    let mut bad_grants = 0;
+    let mut cut_off = false;
+    for _ in 0..100 {
+        let (g, _) = c.handle_lease(t, &bad, 4, &[]).expect("bad lease");
+        for grant in &g {
+            assert!(
+                !failed_on_bad.contains(&grant.lease.task),
+                "a task that failed on a node is not given back to it while another can run it"
+            );
+            failed_on_bad.insert(grant.lease.task);
+        }
+        bad_grants += g.len();
+        let results = g.iter().map(failed).collect();
+        c.handle_results(t, &bad, results).expect("failures");
+        while let Some(ev) = c.poll_event() {
+            if let PoolEvent::CutOff { node, failures, .. } = ev {
+                assert_eq!(node, bad);
+                assert!(failures >= w.cfg.leasing.breaker_failures, "{failures}");
+                cut_off = true;
+            }
+        }
+        let (g, _) = c.handle_lease(t, &good, 4, &[]).expect("good lease");
+        let results: Vec<_> = g.iter().map(|g| honest(&w.node_b, g, component)).collect();
+        if results.is_empty() && cut_off {
+            break;
+        }
+        c.handle_results(t, &good, results).expect("results");
+    }
+    assert!(cut_off, "the failing node's breaker tripped");
+    assert!(
+        bad_grants < 2 * w.cfg.leasing.breaker_failures as usize,
+        "cut off after a handful of failures, not the whole queue: {bad_grants}"
+    );
+    let (g, _) = c.handle_lease(t, &bad, 4, &[]).expect("cut off");
+    assert!(g.is_empty(), "a cut-off node gets nothing");
+    let s = c.job_status(job).expect("status");
+    assert_eq!((s.done, s.dead), (30, 0));
+    let recs = c.job_results(job, 0, 30).expect("records");
+    assert!(recs.iter().all(|r| r.node == Some(good)));
+}
+
+/// Fresh keys that say hello and go, delivering nothing, leave nothing in
+/// memory; a node that delivered keeps its record across a reconnect.
+#[test]
+fn nodes_that_go_without_delivering_anything_are_forgotten() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world();
+    let mut c = open(&dir.path().join("pool.db"), &w.cfg);
+    let (bundle, component) = publish(&mut c, &w);
+    c.handle_submit(NOW_UNIX, &submitter(), &bundle, "k", &inputs(2))
+        .expect("submit");
+    let t = Instant::now();
+    for i in 0..500u32 {
+        let mut seed = [9u8; 32];
+        seed[..4].copy_from_slice(&i.to_le_bytes());
+        let k = SecretKey::from_seed(KeyRole::Node, &seed).public();
+        c.handle_node_hello(t, k, caps()).expect("hello");
+        c.handle_node_gone(t, &k);
+    }
+    assert_eq!(c.nodes_in_memory(), 0);
+    // A node that leases and goes keeps its entry while it holds the lease;
+    // when the lease ends it is forgotten.
+    let a = w.node_a.public();
+    c.handle_node_hello(t, a, caps()).expect("a");
+    let (g, _) = c.handle_lease(t, &a, 1, &[]).expect("lease");
+    c.handle_node_gone(t, &a);
+    assert_eq!(c.nodes_in_memory(), 1);
+    c.handle_timeout(t + w.cfg.lease_ttl).expect("expire");
+    assert_eq!(c.nodes_in_memory(), 0);
+    // One that delivered is remembered.
+    let b = w.node_b.public();
+    c.handle_node_hello(t, b, caps()).expect("b");
+    let (g2, _) = c.handle_lease(t, &b, 1, &[]).expect("lease");
+    assert_eq!(g.len() + g2.len(), 2);
+    c.handle_results(t, &b, vec![honest(&w.node_b, &g2[0], component)])
+        .expect("result");
+    c.handle_node_gone(t, &b);
+    assert_eq!(c.nodes_in_memory(), 1);
 }

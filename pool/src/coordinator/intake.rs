@@ -12,6 +12,22 @@ use tidepool_proto::wire::TaskState;
 use tidepool_proto::wire::{ErrorCode, LeaseId, Outcome, TaskResult, Verdict};
 use tidepool_proto::{Digest, PublicKey};
 
+/// Most bytes of a node's failure reason kept (in the task's record).
+const MAX_REASON_BYTES: usize = 1024;
+
+/// A node's failure reason as stored: at most [`MAX_REASON_BYTES`], cut at
+/// a character boundary.
+fn bounded(reason: &str) -> &str {
+    if reason.len() <= MAX_REASON_BYTES {
+        return reason;
+    }
+    let mut end = MAX_REASON_BYTES;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
+
 /// An accepted result's outcome, signed receipt and transcript, serialised
 /// for the store.
 type StoredResult = (Vec<u8>, Vec<u8>, Vec<u8>);
@@ -164,15 +180,24 @@ impl<S: Store> Coordinator<S> {
                     });
                 }
                 Ok(Checked::Failed(reason)) => {
-                    // A reported failure: the attempt failed.
-                    self.release(id.task, &format!("node {}: {reason}", key.short()))?;
+                    // A reported failure: the attempt failed, the task goes
+                    // to another node, and it counts toward the node's
+                    // circuit breaker.
+                    self.release(
+                        id.task,
+                        &format!("node {}: {}", key.short(), bounded(&reason)),
+                        Some(*key),
+                    )?;
+                    self.node_finished(now, key, true);
                     verdicts.push((id, Some(Verdict::Accepted)));
                 }
                 Err(why) => {
                     self.release(
                         id.task,
                         &format!("node {}: refused result: {why}", key.short()),
+                        Some(*key),
                     )?;
+                    self.node_finished(now, key, true);
                     verdicts.push((id, Some(Verdict::Refused(why))));
                 }
             }
@@ -188,6 +213,7 @@ impl<S: Store> Coordinator<S> {
                 if ok {
                     if let Some(lease) = self.leases.remove(a.task) {
                         self.nodes.drop_lease(key, a.task);
+                        self.node_finished(now, key, false);
                         self.count(lease.job, TaskState::Leased, TaskState::Done);
                         if let Err(e) = self.after_accept(now, a, &lease) {
                             // The result stands; only its check is lost.

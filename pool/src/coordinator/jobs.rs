@@ -168,6 +168,7 @@ impl<S: Store> Coordinator<S> {
                         task: t.task,
                         job,
                         attempts: 0,
+                        failed_on: None,
                     },
                 );
             }

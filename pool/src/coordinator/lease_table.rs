@@ -23,10 +23,21 @@ pub(super) struct Lease {
     pub(super) bundle: Digest,
     /// Digest of its input (receipts must name it).
     pub(super) input: Digest,
-    /// When it expires unless renewed.
+    /// When it expires unless renewed (never after `deadline`).
     pub(super) expires: Instant,
     /// Last renewal (or grant).
     pub(super) renewed: Instant,
+    /// When it ends whatever the node says: the bundle's `timeout_ms` for
+    /// each task ahead of it on the node's slots, plus the pool's grace.
+    /// Renewals never move it.
+    pub(super) deadline: Instant,
+}
+
+impl Lease {
+    /// Whether it ended at its deadline rather than for want of renewal.
+    pub(super) fn at_deadline(&self) -> bool {
+        self.expires >= self.deadline
+    }
 }
 
 /// Leased tasks and when each expires. Lives as long as the coordinator;
@@ -68,8 +79,8 @@ impl LeaseTable {
             .copied()
     }
 
-    /// Renew the leases `node` names to `now + ttl`; returns those it does
-    /// not hold (any more).
+    /// Renew the leases `node` names to `now + ttl` (at most to each one's
+    /// deadline); returns those it does not hold (any more).
     pub(super) fn renew(
         &mut self,
         now: Instant,
@@ -82,7 +93,7 @@ impl LeaseTable {
             match self.by_task.get_mut(&l.task) {
                 Some(lease) if lease.attempt == l.attempt && lease.node == *node => {
                     self.expiry.remove(&(lease.expires, l.task));
-                    lease.expires = now + ttl;
+                    lease.expires = (now + ttl).min(lease.deadline);
                     lease.renewed = now;
                     self.expiry.insert((lease.expires, l.task));
                 }
@@ -127,6 +138,7 @@ mod tests {
             input: Digest::of(b"i"),
             expires,
             renewed: expires,
+            deadline: expires + Duration::from_secs(3600),
         }
     }
 
@@ -164,5 +176,30 @@ mod tests {
         assert!(t.current(id(1, 1), &a).is_some() && t.current(id(1, 1), &b).is_none());
         assert!(t.remove(TaskId(1)).is_some());
         assert_eq!((t.len(), t.next_expiry()), (0, None));
+    }
+
+    #[test]
+    fn renewals_never_move_a_lease_past_its_deadline() {
+        let t0 = Instant::now();
+        let a = SecretKey::from_seed(KeyRole::Node, &[1; 32]).public();
+        let mut t = LeaseTable::default();
+        let mut l = lease(a, 1, t0 + Duration::from_secs(5));
+        l.deadline = t0 + Duration::from_secs(12);
+        t.insert(TaskId(1), l);
+        let id = [LeaseId {
+            task: TaskId(1),
+            attempt: 1,
+        }];
+        let ttl = Duration::from_secs(5);
+        for s in [4, 8, 11] {
+            assert!(t
+                .renew(t0 + Duration::from_secs(s), ttl, &a, &id)
+                .is_empty());
+        }
+        assert_eq!(t.next_expiry(), Some(t0 + Duration::from_secs(12)));
+        let (_, due) = t
+            .due(t0 + Duration::from_secs(12))
+            .expect("due at the deadline");
+        assert!(due.at_deadline());
     }
 }

@@ -10,7 +10,7 @@ use super::verification::CHECK_ATTEMPTS_FACTOR;
 use super::{refusal, Coordinator, PoolEvent};
 use crate::store::{GrantRow, GrantedInput, Store, StoreError, Verified};
 use std::collections::HashSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tidepool_proto::session::Refusal;
 use tidepool_proto::wire::TaskState;
 use tidepool_proto::wire::{ErrorCode, LeaseId, TaskGrant, TaskId};
@@ -43,7 +43,10 @@ impl<S: Store> Coordinator<S> {
         let Some(node) = self.nodes.get(key) else {
             return Err(refusal(ErrorCode::Protocol, "lease request before hello"));
         };
-        let room = node.capacity().saturating_sub(node.leases.len());
+        // What the node may hold is the pool's decision: its claim, capped
+        // by what it has earned (see `Node::allowance`).
+        let policy = &self.cfg.leasing;
+        let room = node.allowance(policy).saturating_sub(node.leases.len());
         let mut want = (want as usize).min(room).min(self.cfg.max_grant as usize);
         // Prefer nodes with a better uptime record: while a connected node
         // that stays up clearly more has free slots, a flakier node gets a
@@ -52,7 +55,7 @@ impl<S: Store> Coordinator<S> {
         let better_has_room = self
             .nodes
             .iter()
-            .any(|(k, n)| k != key && n.has_room() && n.uptime(now) > mine + UPTIME_MARGIN);
+            .any(|(k, n)| k != key && n.has_room(policy) && n.uptime(now) > mine + UPTIME_MARGIN);
         if better_has_room {
             want = want.div_ceil(4);
         }
@@ -78,11 +81,33 @@ impl<S: Store> Coordinator<S> {
         let Some(caps) = nodes.get(key).map(|n| &n.caps) else {
             return Ok((Vec::new(), lost)); // checked above
         };
-        let rest = self.queues.take(want - picked.len(), |digest| {
-            bundles
-                .get(digest)
-                .is_some_and(|b| b.missing.is_empty() && can_run(caps, &b.manifest))
-        });
+        // A task that failed on this node goes to another one while another
+        // connected, unquarantined node can run it (with no other node, it
+        // is retried here).
+        let quarantine = &self.quarantine;
+        let elsewhere: std::cell::RefCell<std::collections::HashMap<Digest, bool>> =
+            Default::default();
+        let others_can_run = |digest: &Digest| {
+            *elsewhere.borrow_mut().entry(*digest).or_insert_with(|| {
+                bundles.get(digest).is_some_and(|b| {
+                    nodes.iter().any(|(k, n)| {
+                        k != key
+                            && n.is_connected()
+                            && quarantine.get(k).is_none_or(|until| *until <= now)
+                            && can_run(&n.caps, &b.manifest)
+                    })
+                })
+            })
+        };
+        let rest = self.queues.take(
+            want - picked.len(),
+            |digest| {
+                bundles
+                    .get(digest)
+                    .is_some_and(|b| b.missing.is_empty() && can_run(caps, &b.manifest))
+            },
+            |q, digest| q.failed_on != Some(*key) || !others_can_run(digest),
+        );
         picked.extend(rest);
         if picked.is_empty() {
             return Ok((Vec::new(), lost));
@@ -106,6 +131,14 @@ impl<S: Store> Coordinator<S> {
                 return Err(e.into());
             }
         };
+        // A lease's deadline: the bundle's timeout for each task ahead of it
+        // on the node's slots (its place in what the node holds), plus the
+        // grace. Renewals never move it.
+        let slots = self
+            .nodes
+            .get(key)
+            .map_or(1, |n| n.caps.slots.max(1) as usize);
+        let mut place = self.nodes.get(key).map_or(0, |n| n.leases.len());
         let mut grants = Vec::with_capacity(picked.len());
         for (
             (q, bundle),
@@ -115,14 +148,21 @@ impl<S: Store> Coordinator<S> {
             },
         ) in picked.into_iter().zip(inputs)
         {
+            let timeout = self.bundles.get(&bundle).map_or(Duration::ZERO, |b| {
+                Duration::from_millis(b.manifest.limits.timeout_ms)
+            });
+            let waves = u32::try_from(place / slots + 1).unwrap_or(u32::MAX);
+            let deadline = now + timeout.saturating_mul(waves) + self.cfg.leasing.grace;
+            place += 1;
             let lease = Lease {
                 attempt: q.attempts + 1,
                 node: *key,
                 job: q.job,
                 bundle,
                 input: input_digest,
-                expires: now + self.cfg.lease_ttl,
+                expires: (now + self.cfg.lease_ttl).min(deadline),
                 renewed: now,
+                deadline,
             };
             self.leases.insert(q.task, lease);
             self.nodes.hold(key, q.task);
@@ -183,11 +223,19 @@ impl<S: Store> Coordinator<S> {
     }
 
     /// End a lease: back to the queue (front) or to the dead letters.
-    pub(super) fn release(&mut self, task: TaskId, reason: &str) -> Result<(), StoreError> {
+    /// `failed_on`: the node the attempt failed on, which the task avoids
+    /// next while another node can run it.
+    pub(super) fn release(
+        &mut self,
+        task: TaskId,
+        reason: &str,
+        failed_on: Option<PublicKey>,
+    ) -> Result<(), StoreError> {
         let Some(lease) = self.leases.remove(task) else {
             return Ok(());
         };
         self.nodes.drop_lease(&lease.node, task);
+        self.forget_if_idle(&lease.node);
         let is_check = self.checks.contains_key(&task);
         // A re-execution is the pool's own work: it is retried longer (its
         // nodes may be liars that get banned mid-task).
@@ -215,6 +263,7 @@ impl<S: Store> Coordinator<S> {
                     task,
                     job: lease.job,
                     attempts: lease.attempt,
+                    failed_on,
                 });
             }
             return Ok(());
@@ -233,6 +282,7 @@ impl<S: Store> Coordinator<S> {
                     task,
                     job: lease.job,
                     attempts: lease.attempt,
+                    failed_on,
                 },
             );
         }

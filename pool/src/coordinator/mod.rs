@@ -111,6 +111,17 @@ pub enum PoolEvent {
         /// The task.
         task: TaskId,
     },
+    /// A node's circuit breaker tripped: too many of its latest tasks
+    /// failed, so it gets no tasks for a while (no strike: failing is not
+    /// lying, but its failures must not empty the queue).
+    CutOff {
+        /// The node.
+        node: PublicKey,
+        /// Failures in its window.
+        failures: u32,
+        /// When it may have tasks again.
+        until: Instant,
+    },
 }
 
 /// Errors of client requests, as refusals to send back.
@@ -289,6 +300,7 @@ impl<S: Store> Coordinator<S> {
                 task,
                 job,
                 attempts: attempt,
+                failed_on: None,
             };
             match check_of {
                 Some(target) => {
@@ -356,12 +368,21 @@ impl<S: Store> Coordinator<S> {
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), StoreError> {
         while let Some((task, lease)) = self.leases.due(now) {
             let held = lease.expires.saturating_duration_since(lease.renewed);
-            let reason = format!(
-                "lease expired on node {} ({} ms without renewal)",
-                lease.node.short(),
-                held.as_millis()
-            );
-            self.release(task, &reason)?;
+            let reason = if lease.at_deadline() {
+                format!(
+                    "lease on node {} reached its deadline (the bundle's timeout for each task \
+                     ahead of it, plus {} ms grace), renewed or not",
+                    lease.node.short(),
+                    self.cfg.leasing.grace.as_millis()
+                )
+            } else {
+                format!(
+                    "lease expired on node {} ({} ms without renewal)",
+                    lease.node.short(),
+                    held.as_millis()
+                )
+            };
+            self.release(task, &reason, Some(lease.node))?;
             self.store.node_seen(&lease.node, 0, 1, self.unix(now))?;
             self.events.push_back(PoolEvent::Requeued {
                 lease: LeaseId {

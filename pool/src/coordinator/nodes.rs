@@ -2,9 +2,10 @@
 //! connections and uptime, and the tasks it holds (the `Nodes` sub-state);
 //! hello and goodbye.
 
-use super::Coordinator;
+use super::{Coordinator, PoolEvent};
+use crate::config::LeasePolicy;
 use crate::store::Store;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use tidepool_proto::session::Refusal;
 use tidepool_proto::wire::{Capabilities, ErrorCode, TaskId};
@@ -26,6 +27,13 @@ pub(super) struct Node {
     pub(super) connected_since: Option<Instant>,
     /// Tasks it holds.
     pub(super) leases: BTreeSet<TaskId>,
+    /// Results accepted from it since it was first seen by this process or
+    /// last caught or cut off: each one lets it hold one more lease (up to
+    /// the policy's maximum).
+    pub(super) delivered: u64,
+    /// Its latest finished tasks, newest last (`true`: failed or refused),
+    /// at most the breaker's window; cleared when the breaker trips.
+    pub(super) recent: VecDeque<bool>,
 }
 
 /// How much better another node's uptime must be for it to be preferred.
@@ -41,6 +49,8 @@ impl Node {
             connected_total: Duration::ZERO,
             connected_since: None,
             leases: BTreeSet::new(),
+            delivered: 0,
+            recent: VecDeque::new(),
         }
     }
 
@@ -55,9 +65,41 @@ impl Node {
         (self.caps.slots.max(1) as usize).saturating_add(self.caps.queue as usize)
     }
 
-    /// Connected and holding fewer leases than its capacity.
-    pub(super) fn has_room(&self) -> bool {
-        self.is_connected() && self.leases.len() < self.capacity()
+    /// Leases the pool lets it hold: its own claim, but no more than the
+    /// policy's start plus one per delivered result, and never more than
+    /// the policy's maximum (a claim of 256 slots from a fresh key gets
+    /// `start_leases`).
+    pub(super) fn allowance(&self, p: &LeasePolicy) -> usize {
+        let earned = (p.start_leases as u64).saturating_add(self.delivered);
+        let cap = earned.min(p.max_leases as u64) as usize;
+        self.capacity().min(cap)
+    }
+
+    /// Connected and holding fewer leases than its allowance.
+    pub(super) fn has_room(&self, p: &LeasePolicy) -> bool {
+        self.is_connected() && self.leases.len() < self.allowance(p)
+    }
+
+    /// Record a finished task (`failed`: failed or refused) in the
+    /// breaker's window; `true` when the breaker trips: at least
+    /// `breaker_failures` failures in the window and more failures than
+    /// successes. A trip clears the window and what it had earned.
+    pub(super) fn finished(&mut self, failed: bool, p: &LeasePolicy) -> bool {
+        if !failed {
+            self.delivered += 1;
+        }
+        self.recent.push_back(failed);
+        while self.recent.len() > p.breaker_window.max(1) as usize {
+            self.recent.pop_front();
+        }
+        let failures = self.recent.iter().filter(|f| **f).count();
+        let tripped =
+            failures >= p.breaker_failures.max(1) as usize && failures * 2 > self.recent.len();
+        if tripped {
+            self.recent.clear();
+            self.delivered = 0;
+        }
+        tripped
     }
 
     /// Share of the time since first seen that the node was connected.
@@ -123,9 +165,33 @@ impl Nodes {
         }
     }
 
+    /// The node `key`, to record what it did.
+    pub(super) fn get_mut(&mut self, key: &PublicKey) -> Option<&mut Node> {
+        self.by_key.get_mut(key)
+    }
+
     /// Every node seen.
     pub(super) fn iter(&self) -> impl Iterator<Item = (&PublicKey, &Node)> {
         self.by_key.iter()
+    }
+
+    /// Forget `key` if nothing ties the pool to it: no open connection, no
+    /// lease, no result delivered (nodes that did work keep their uptime
+    /// record across reconnects). Returns whether it was forgotten.
+    pub(super) fn evict_if_idle(&mut self, key: &PublicKey) -> bool {
+        let idle = self
+            .by_key
+            .get(key)
+            .is_some_and(|n| !n.is_connected() && n.leases.is_empty() && n.delivered == 0);
+        if idle {
+            self.by_key.remove(key);
+        }
+        idle
+    }
+
+    /// Nodes held in memory.
+    pub(super) fn len(&self) -> usize {
+        self.by_key.len()
     }
 }
 
@@ -180,8 +246,58 @@ impl<S: Store> Coordinator<S> {
     }
 
     /// A node's connection closed. Its leases stay until they expire: a
-    /// node that reconnects in time keeps them.
+    /// node that reconnects in time keeps them. A node that holds nothing,
+    /// delivered nothing and was never judged is forgotten at once (a
+    /// stranger making fresh keys leaves nothing behind in memory).
     pub fn handle_node_gone(&mut self, now: Instant, key: &PublicKey) {
         self.nodes.disconnect(now, key);
+        self.forget_if_idle(key);
+    }
+
+    /// Forget `key`'s in-memory node state if it is disconnected, holds no
+    /// lease, delivered nothing and was never judged (called on disconnect
+    /// and when a lease of a disconnected node ends).
+    pub(super) fn forget_if_idle(&mut self, key: &PublicKey) {
+        if !self.standing.contains_key(key) {
+            self.nodes.evict_if_idle(key);
+        }
+    }
+
+    /// Nodes held in memory (connected, or disconnected with leases).
+    pub fn nodes_in_memory(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// A task ended on `key`: successfully or not. Failures send the task
+    /// elsewhere (the caller re-queues it with `failed_on`); enough of them
+    /// trip the node's circuit breaker, which quarantines it.
+    pub(super) fn node_finished(&mut self, now: Instant, key: &PublicKey, failed: bool) {
+        let p = self.cfg.leasing.clone();
+        let Some(node) = self.nodes.get_mut(key) else {
+            return;
+        };
+        let failures = node.recent.iter().filter(|f| **f).count() as u32 + u32::from(failed);
+        if !node.finished(failed, &p) {
+            return;
+        }
+        let until = now + p.breaker_quarantine;
+        self.quarantine.insert(*key, until);
+        let now_unix = self.unix(now);
+        let st = self
+            .standing
+            .entry(*key)
+            .or_insert_with(|| crate::verify::Standing::new(&self.cfg.verify));
+        st.quarantined_until = st
+            .quarantined_until
+            .max(now_unix + p.breaker_quarantine.as_secs());
+        let st = st.clone();
+        if let Err(e) = self.store.put_standing(key, &st) {
+            tracing::warn!(node = %key.short(), "saving a cut-off: {e}");
+        }
+        self.events.push_back(PoolEvent::CutOff {
+            node: *key,
+            failures,
+            until,
+        });
     }
 }

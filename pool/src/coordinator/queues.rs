@@ -7,7 +7,12 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use tidepool_proto::wire::{JobId, TaskId};
-use tidepool_proto::Digest;
+use tidepool_proto::{Digest, PublicKey};
+
+/// Most tasks a take looks past in one bundle queue (tasks a node may not
+/// retry stay where they are), so one lease request costs a bounded scan
+/// however long the queue.
+const SCAN_PAST: usize = 256;
 
 /// A task waiting in a queue.
 #[derive(Debug, Clone, Copy)]
@@ -18,6 +23,9 @@ pub(super) struct Queued {
     pub(super) job: JobId,
     /// Attempts made so far.
     pub(super) attempts: u32,
+    /// The node its last attempt failed on: it is retried elsewhere while
+    /// another node can run it. `None` for fresh tasks (and after a restart).
+    pub(super) failed_on: Option<PublicKey>,
 }
 
 /// Waiting tasks. Lives as long as the coordinator; rebuilt from the store
@@ -72,11 +80,14 @@ impl Queues {
     }
 
     /// Take up to `want` tasks from the queues of bundles that `runs`
-    /// allows, oldest bundle first, each queue in order.
+    /// allows, oldest bundle first, each queue in order, skipping tasks that
+    /// `may_take` refuses (they keep their places; at most [`SCAN_PAST`]
+    /// are looked past per queue).
     pub(super) fn take(
         &mut self,
         want: usize,
         runs: impl Fn(&Digest) -> bool,
+        may_take: impl Fn(&Queued, &Digest) -> bool,
     ) -> Vec<(Queued, Digest)> {
         let mut taken = Vec::new();
         for (digest, queue) in self.by_bundle.iter_mut() {
@@ -86,9 +97,17 @@ impl Queues {
             if !runs(digest) {
                 continue;
             }
-            while taken.len() < want {
+            let mut skipped = Vec::new();
+            while taken.len() < want && skipped.len() < SCAN_PAST {
                 let Some(q) = queue.pop_front() else { break };
-                taken.push((q, *digest));
+                if may_take(&q, digest) {
+                    taken.push((q, *digest));
+                } else {
+                    skipped.push(q);
+                }
+            }
+            for q in skipped.into_iter().rev() {
+                queue.push_front(q);
             }
         }
         self.by_bundle.retain(|_, q| !q.is_empty());
@@ -110,6 +129,7 @@ mod tests {
             task: TaskId(task),
             job: JobId(1),
             attempts: 0,
+            failed_on: None,
         }
     }
 
@@ -123,10 +143,10 @@ mod tests {
         qs.push_back(first, q(2));
         qs.push_front(first, q(0));
         let tasks = |v: Vec<(Queued, Digest)>| v.iter().map(|(q, _)| q.task.0).collect::<Vec<_>>();
-        assert_eq!(tasks(qs.take(3, |d| *d == second)), vec![3]);
-        assert_eq!(tasks(qs.take(2, |_| true)), vec![0, 1]);
+        assert_eq!(tasks(qs.take(3, |d| *d == second, |_, _| true)), vec![3]);
+        assert_eq!(tasks(qs.take(2, |_| true, |_, _| true)), vec![0, 1]);
         assert_eq!(qs.len(), 1);
-        assert_eq!(tasks(qs.take(5, |_| true)), vec![2]);
+        assert_eq!(tasks(qs.take(5, |_| true, |_, _| true)), vec![2]);
         assert_eq!(qs.len(), 0);
     }
 
@@ -149,5 +169,38 @@ mod tests {
             .map(|x| x.task.0)
             .collect();
         assert_eq!(rest, vec![0, 2, 4]);
+    }
+
+    #[test]
+    fn refused_tasks_keep_their_places_and_the_scan_is_bounded() {
+        let d = Digest::of(b"a");
+        let mut qs = Queues::default();
+        for t in 0..(SCAN_PAST as u64 + 10) {
+            qs.push_back(d, q(t));
+        }
+        // Odd tasks refused: the even ones are taken, the odd ones stay in order.
+        let got: Vec<u64> = qs
+            .take(3, |_| true, |x, _| x.task.0 % 2 == 0)
+            .iter()
+            .map(|(x, _)| x.task.0)
+            .collect();
+        assert_eq!(got, vec![0, 2, 4]);
+        let next: Vec<u64> = qs
+            .take(2, |_| true, |_, _| true)
+            .iter()
+            .map(|(x, _)| x.task.0)
+            .collect();
+        assert_eq!(next, vec![1, 3]);
+        // Everything refused: one take looks past at most SCAN_PAST tasks
+        // and leaves the queue as it was.
+        let before = qs.len();
+        assert!(qs.take(1, |_| true, |_, _| false).is_empty());
+        assert_eq!(qs.len(), before);
+        let first: Vec<u64> = qs
+            .take(1, |_| true, |_, _| true)
+            .iter()
+            .map(|(x, _)| x.task.0)
+            .collect();
+        assert_eq!(first, vec![5]);
     }
 }

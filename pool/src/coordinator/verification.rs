@@ -115,10 +115,9 @@ impl<S: Store> Coordinator<S> {
                 })
         };
         if same_class(node) {
-            let other_class = self
-                .nodes
-                .iter()
-                .any(|(k, n)| k != key && n.has_room() && basic(k, n) && !same_class(n));
+            let other_class = self.nodes.iter().any(|(k, n)| {
+                k != key && n.has_room(&self.cfg.leasing) && basic(k, n) && !same_class(n)
+            });
             if other_class {
                 return false;
             }
@@ -215,6 +214,7 @@ impl<S: Store> Coordinator<S> {
             task,
             job,
             attempts: 0,
+            failed_on: None,
         };
         if decider {
             self.queues.push_check_front(q);
@@ -419,7 +419,7 @@ impl<S: Store> Coordinator<S> {
                 .map(|n| n.leases.iter().copied().collect())
                 .unwrap_or_default();
             for t in held {
-                self.release(t, &format!("node {} was banned", node.short()))?;
+                self.release(t, &format!("node {} was banned", node.short()), Some(*node))?;
             }
         }
         let recent = self
@@ -485,6 +485,7 @@ impl<S: Store> Coordinator<S> {
                     task,
                     job,
                     attempts: 0,
+                    failed_on: None,
                 },
                 bundle,
             ),
