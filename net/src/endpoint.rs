@@ -31,8 +31,31 @@ pub enum NetError {
     },
 }
 
+/// What a pool lets one connection make it buffer in QUIC itself.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// Bidirectional streams (requests) a peer may have open at once.
+    pub streams: u32,
+    /// Bytes a peer may have sent that the pool has not read yet, over all
+    /// its streams (QUIC flow control holds the rest back at the peer).
+    pub receive_window: u64,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            streams: 256,
+            receive_window: 16 * 1024 * 1024,
+        }
+    }
+}
+
 /// Transport settings shared by both sides.
 fn transport() -> Arc<quinn::TransportConfig> {
+    Arc::new(base_transport())
+}
+
+fn base_transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     // A peer that vanishes (killed, asleep) is noticed within the idle
     // timeout; keep-alives hold a healthy but quiet connection open.
@@ -44,15 +67,25 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.keep_alive_interval(Some(Duration::from_secs(4)));
     t.max_concurrent_bidi_streams(256u32.into());
     t.max_concurrent_uni_streams(0u32.into());
-    Arc::new(t)
+    t
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A pool's endpoint, listening on `addr`.
+/// A pool's endpoint, listening on `addr`, with the default limits.
 pub fn server(addr: SocketAddr, key: &SecretKey) -> Result<quinn::Endpoint, NetError> {
+    server_with(addr, key, ServerLimits::default())
+}
+
+/// A pool's endpoint, listening on `addr`, holding each connection to
+/// `limits`.
+pub fn server_with(
+    addr: SocketAddr,
+    key: &SecretKey,
+    limits: ServerLimits,
+) -> Result<quinn::Endpoint, NetError> {
     let (cert, secret) = certificate(key).map_err(|e| NetError::Tls(e.to_string()))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -63,7 +96,10 @@ pub fn server(addr: SocketAddr, key: &SecretKey) -> Result<quinn::Endpoint, NetE
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicServerConfig::try_from(tls).map_err(|e| NetError::Tls(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    cfg.transport_config(transport());
+    let mut t = base_transport();
+    t.max_concurrent_bidi_streams(limits.streams.into());
+    t.receive_window(quinn::VarInt::from_u64(limits.receive_window).unwrap_or(quinn::VarInt::MAX));
+    cfg.transport_config(Arc::new(t));
     quinn::Endpoint::server(cfg, addr).map_err(|source| NetError::Bind { addr, source })
 }
 

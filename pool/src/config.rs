@@ -178,6 +178,24 @@ pub struct NetLimits {
     pub buffered_bytes_total: usize,
 }
 
+impl NetLimits {
+    /// The largest frame accepted after the hello for a request named
+    /// `name` (see [`tidepool_proto::wire::message_name`]); an unnamed or
+    /// unknown frame gets the small limit (it will be refused as malformed).
+    pub fn frame_limit(&self, name: Option<&str>) -> usize {
+        match name {
+            Some("Lease") => self.max_lease_bytes,
+            Some("Results") => self.max_results_bytes,
+            Some("Submit" | "AddCanaries") => self.max_submit_bytes,
+            // One chunk of a blob, whatever the small limit.
+            Some("PutBlob") => self
+                .max_request_bytes
+                .max(tidepool_proto::wire::BLOB_CHUNK_BYTES + 4096),
+            _ => self.max_request_bytes,
+        }
+    }
+}
+
 impl Default for NetLimits {
     fn default() -> Self {
         Self {

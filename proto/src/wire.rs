@@ -652,6 +652,11 @@ pub struct PoolSummary {
     /// What verification did since the pool started.
     #[serde(default)]
     pub verification: VerificationStats,
+    /// What the pool refused since it started, by kind (`oversized frame`,
+    /// `connections per IP`, `Challenge: Busy`, ...): how a pool owner sees
+    /// an attack.
+    #[serde(default)]
+    pub refusals: std::collections::BTreeMap<String, u64>,
 }
 
 /// Counters of the pool's verification.
@@ -827,6 +832,28 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     Ok(out)
 }
 
+/// Body bytes [`message_name`] looks at: enough for a one-entry map marker,
+/// a string header and the longest message name.
+pub const NAME_HEAD_BYTES: usize = 40;
+
+/// The name of the enum variant a frame body holds (`"Lease"`,
+/// `"Results"`, ...), read from its first bytes: a MessagePack message is a
+/// one-entry map keyed by the variant's name, or the bare name of a unit
+/// variant. Lets a server choose a size limit by kind before it reads the
+/// rest of the frame. `None` when the head is not shaped like a message.
+pub fn message_name(head: &[u8]) -> Option<&str> {
+    let rest = match head.first()? {
+        0x81 => &head[1..],
+        _ => head,
+    };
+    let (len, from) = match *rest.first()? {
+        b @ 0xa0..=0xbf => (usize::from(b & 0x1f), 1),
+        0xd9 => (usize::from(*rest.get(1)?), 2),
+        _ => return None,
+    };
+    std::str::from_utf8(rest.get(from..from + len)?).ok()
+}
+
 /// Decode the body of a frame (without its length prefix).
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
     rmp_serde::from_slice(body).map_err(|e| FrameError::Malformed(e.to_string()))
@@ -895,6 +922,41 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_request_is_named_from_the_head_of_its_frame() {
+        let d = Digest::of(b"x");
+        let requests = vec![
+            Request::ClientHello {
+                protocol: 1,
+                agent: "t".into(),
+            },
+            Request::Lease {
+                want: 1,
+                running: vec![],
+            },
+            Request::Results { results: vec![] },
+            Request::Draining,
+            Request::PoolStatus,
+            Request::PutBlob {
+                digest: d,
+                offset: 0,
+                data: Bytes(vec![0; 100]),
+            },
+            Request::AddCanaries {
+                bundle: d,
+                items: vec![],
+            },
+        ];
+        for r in requests {
+            let frame = encode(&r).expect("encodes");
+            let head = &frame[4..(4 + NAME_HEAD_BYTES).min(frame.len())];
+            assert_eq!(message_name(head), Some(r.name()));
+        }
+        assert_eq!(message_name(&[]), None);
+        assert_eq!(message_name(&[0x81, 0xd9, 200, b'a']), None);
+        assert_eq!(message_name(&[0x92, 1, 2]), None);
+    }
 
     #[test]
     fn capabilities_past_any_bound_are_refused_naming_the_field() {

@@ -107,6 +107,14 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
                     "verification: {} re-executions run, {} pending; {} confirmed, {} mismatches, {} replaced, {} canaries",
                     v.executed, v.pending, v.confirmed, v.mismatches, v.replaced, v.canaries
                 );
+                if s.refusals.is_empty() {
+                    println!("refused: nothing");
+                } else {
+                    println!("refused since start:");
+                    for (kind, n) in &s.refusals {
+                        println!("  {n:>8}  {kind}");
+                    }
+                }
                 println!(
                     "{:<10} {:<11} {:>7} {:>8} {:>10} {:>8} {:>6} {:>8} {:>7}",
                     "node",

@@ -176,6 +176,8 @@ impl<S: Store> Coordinator<S> {
                 pending: self.checks.len() as u64,
                 ..self.vstats
             },
+            // Filled in by the network shell, which does the refusing.
+            refusals: Default::default(),
         })
     }
 

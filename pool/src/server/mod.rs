@@ -7,19 +7,30 @@
 //! directory. Each request arrives on its own QUIC stream; a peer that sends
 //! a malformed or oversized frame, or no hello in time, has its connection
 //! closed and nothing else is affected.
+//!
+//! What one peer may make the pool hold is bounded here (`budgets`): frame
+//! sizes by request kind, connections per IP and per key, streams and
+//! buffered bytes per connection and in total, requests waiting for the
+//! coordinator; results for leases a node does not hold are answered
+//! without the coordinator (`held`). Every refusal is counted by kind for
+//! `pool status` and logged, rate-limited.
+
+mod budgets;
+mod held;
 
 use crate::coordinator::{Answer, Coordinator, Incoming, PoolConfig, PoolEvent};
 use crate::store::{Durability, SqliteStore, StoreError};
+use budgets::{Budgets, Refusals};
+use held::HeldLeases;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
-use tidepool_net::{frames::StreamError, peer_key, read_frame_within, write_frame, BlobDir};
+use tidepool_net::{frames::StreamError, peer_key, read_frame_head, write_frame, BlobDir};
 use tidepool_proto::session::{PoolConn, Refusal, Role};
-use tidepool_proto::wire::{
-    Bytes, ErrorCode, Request, Response, BLOB_CHUNK_BYTES, MAX_FRAME_BYTES,
-};
+use tidepool_proto::wire::{message_name, Bytes, ErrorCode, Request, Response, BLOB_CHUNK_BYTES};
 use tidepool_proto::{Digest, PublicKey, SecretKey};
+use tokio::sync::Semaphore;
 use tokio::sync::{broadcast, oneshot};
 use tracing::{debug, info, warn};
 
@@ -65,8 +76,10 @@ pub enum ServeError {
 
 /// A command for the coordinator thread.
 enum Cmd {
-    /// A request from an admitted connection (or its hello).
-    Request(PublicKey, Incoming, oneshot::Sender<Answer>),
+    /// A request from an admitted connection (or its hello), with when it
+    /// arrived (renewals are judged by that, not by when the coordinator
+    /// gets to them).
+    Request(PublicKey, Incoming, Instant, oneshot::Sender<Answer>),
     /// A node's connection closed.
     NodeGone(PublicKey),
     /// The size of a blob this peer may upload, if a bundle it published
@@ -77,7 +90,13 @@ enum Cmd {
     Stop,
 }
 
-/// The coordinator thread: serve commands, expire leases on time.
+/// Most commands served before lease expiries are looked at again.
+const DRAIN_AT_MOST: usize = 1024;
+
+/// The coordinator thread: serve commands, expire leases on time. Commands
+/// that already arrived are served before expiries are judged, each with
+/// its arrival time, so a renewal waiting behind other work still counts
+/// from when it came.
 fn actor(
     mut c: Coordinator<SqliteStore>,
     blobs: BlobDir,
@@ -85,66 +104,91 @@ fn actor(
     events: broadcast::Sender<PoolEvent>,
 ) {
     loop {
+        for _ in 0..DRAIN_AT_MOST {
+            match rx.try_recv() {
+                Ok(cmd) => {
+                    if !serve_cmd(&mut c, &blobs, cmd) {
+                        return;
+                    }
+                }
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => return,
+            }
+        }
         let now = Instant::now();
         if let Err(e) = c.handle_timeout(now) {
             warn!("expiring leases: {e}");
         }
         while let Some(ev) = c.poll_event() {
-            match &ev {
-                PoolEvent::Requeued { lease, node, .. } => {
-                    info!(%lease, node = %node.short(), "lease expired; task queued again")
-                }
-                PoolEvent::DeadLettered { task, reason } => {
-                    warn!(%task, reason, "task dead-lettered")
-                }
-                PoolEvent::JobFinished { job } => info!(%job, "job finished"),
-                PoolEvent::Caught {
-                    node,
-                    task,
-                    strikes,
-                    banned,
-                } => warn!(
-                    node = %node.short(),
-                    %task,
-                    strikes,
-                    banned,
-                    "node caught with a wrong result"
-                ),
-                PoolEvent::Replaced { task } => info!(%task, "wrong result replaced"),
-                PoolEvent::CutOff {
-                    node,
-                    failures,
-                    until,
-                } => warn!(
-                    node = %node.short(),
-                    failures,
-                    for_secs = until.saturating_duration_since(now).as_secs(),
-                    "node cut off: too many of its latest tasks failed"
-                ),
-            }
+            log_event(&ev, now);
             let _ = events.send(ev);
         }
         let wait = c.poll_timeout().map_or(Duration::from_secs(3600), |t| {
             t.saturating_duration_since(now)
         });
-        let cmd = match rx.recv_timeout(wait) {
-            Ok(cmd) => cmd,
-            Err(mpsc::RecvTimeoutError::Timeout) => continue,
-            Err(mpsc::RecvTimeoutError::Disconnected) => return,
-        };
-        let now = Instant::now();
-        // A dropped reply channel means the connection went away: nothing to do.
-        match cmd {
-            Cmd::Request(k, incoming, r) => {
-                drop(r.send(
-                    c.handle_request(now, crate::unix_now(), &k, incoming, &|d| blobs.has(d)),
-                ))
+        match rx.recv_timeout(wait) {
+            Ok(cmd) => {
+                if !serve_cmd(&mut c, &blobs, cmd) {
+                    return;
+                }
             }
-            Cmd::NodeGone(k) => c.handle_node_gone(now, &k),
-            Cmd::UploadSize(k, d, r) => drop(r.send(c.upload_size(&k, &d))),
-            Cmd::BlobStored(d) => c.handle_blob_stored(&d),
-            Cmd::Stop => return,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
         }
+    }
+}
+
+/// Serve one command; `false` to stop.
+fn serve_cmd(c: &mut Coordinator<SqliteStore>, blobs: &BlobDir, cmd: Cmd) -> bool {
+    let now = Instant::now();
+    // A dropped reply channel means the connection went away: nothing to do.
+    match cmd {
+        Cmd::Request(k, incoming, arrived, r) => {
+            drop(r.send(
+                c.handle_request(arrived, crate::unix_now(), &k, incoming, &|d| blobs.has(d)),
+            ))
+        }
+        Cmd::NodeGone(k) => c.handle_node_gone(now, &k),
+        Cmd::UploadSize(k, d, r) => drop(r.send(c.upload_size(&k, &d))),
+        Cmd::BlobStored(d) => c.handle_blob_stored(&d),
+        Cmd::Stop => return false,
+    }
+    true
+}
+
+/// One log line per coordinator event.
+fn log_event(ev: &PoolEvent, now: Instant) {
+    match ev {
+        PoolEvent::Requeued { lease, node, .. } => {
+            info!(%lease, node = %node.short(), "lease expired; task queued again")
+        }
+        PoolEvent::DeadLettered { task, reason } => {
+            warn!(%task, reason, "task dead-lettered")
+        }
+        PoolEvent::JobFinished { job } => info!(%job, "job finished"),
+        PoolEvent::Caught {
+            node,
+            task,
+            strikes,
+            banned,
+        } => warn!(
+            node = %node.short(),
+            %task,
+            strikes,
+            banned,
+            "node caught with a wrong result"
+        ),
+        PoolEvent::Replaced { task } => info!(%task, "wrong result replaced"),
+        PoolEvent::CutOff {
+            node,
+            failures,
+            until,
+        } => warn!(
+            node = %node.short(),
+            failures,
+            for_secs = until.saturating_duration_since(now).as_secs(),
+            "node cut off: too many of its latest tasks failed"
+        ),
     }
 }
 
@@ -209,7 +253,17 @@ pub async fn serve(cfg: ServeConfig) -> Result<RunningPool, ServeError> {
             path: cfg.data_dir.clone(),
             source,
         })?;
-    let endpoint = tidepool_net::server(cfg.listen, &cfg.key)?;
+    let limits = cfg.pool.limits.clone();
+    let endpoint = tidepool_net::server_with(
+        cfg.listen,
+        &cfg.key,
+        tidepool_net::ServerLimits {
+            streams: limits.streams_per_connection,
+            // Unread bytes QUIC holds for one connection: no more than the
+            // connection may have in requests.
+            receive_window: limits.buffered_bytes_per_connection as u64,
+        },
+    )?;
     let addr = endpoint.local_addr().map_err(|source| ServeError::Dir {
         path: cfg.data_dir.clone(),
         source,
@@ -220,12 +274,30 @@ pub async fn serve(cfg: ServeConfig) -> Result<RunningPool, ServeError> {
         hello_timeout: cfg.pool.hello_timeout,
         max_hello_bytes: cfg.pool.max_hello_bytes,
         write_timeout: cfg.pool.write_timeout,
+        // Well above what the coordinator lets a node hold.
+        held: HeldLeases::new(4 * cfg.pool.leasing.max_leases.max(1) as usize),
+        budgets: Budgets::new(limits),
+        refusals: Refusals::default(),
     });
     let ep = endpoint.clone();
     let accept = tokio::spawn(async move {
         while let Some(incoming) = ep.accept().await {
+            // Counted before the handshake costs anything.
+            let ip = incoming.remote_address().ip();
+            let Some(counted) = shared.budgets.per_ip.admit(ip) else {
+                shared.refusals.note(
+                    "connections per IP",
+                    &format!(
+                        "{ip} already has {} connections (limits.connections_per_ip)",
+                        shared.budgets.limits.connections_per_ip
+                    ),
+                );
+                incoming.refuse();
+                continue;
+            };
             let shared = shared.clone();
             tokio::spawn(async move {
+                let _counted = counted;
                 match incoming.await {
                     Ok(conn) => serve_connection(conn, shared).await,
                     Err(e) => debug!("handshake failed: {e}"),
@@ -258,11 +330,42 @@ struct Shared {
     /// How long a peer has to take an answer before its connection is
     /// closed.
     write_timeout: Duration,
+    /// Leases each node key holds, to answer results for others here.
+    held: HeldLeases,
+    /// Connections per IP and key, buffered bytes, requests in flight.
+    budgets: Budgets,
+    /// What was refused, by kind.
+    refusals: Refusals,
+}
+
+/// What a connection's streams share. Lives as long as the connection.
+struct ConnState {
+    /// The peer's key.
+    peer: PublicKey,
+    /// The peer's address, for log lines.
+    remote: SocketAddr,
+    /// Admission and role (the sans-IO connection state machine).
+    session: Mutex<PoolConn>,
+    /// Request bytes this connection may have in memory (KiB permits).
+    bytes: Arc<Semaphore>,
+    /// Requests of this connection that may wait for the coordinator at
+    /// once: one connection cannot fill the coordinator's queue.
+    in_flight: Arc<Semaphore>,
 }
 
 impl Shared {
     fn send(&self, cmd: Cmd) {
         let _ = self.tx.send(cmd);
+    }
+
+    /// Ask the coordinator on behalf of `conn`, within its in-flight budget.
+    async fn ask_for<T>(
+        &self,
+        conn: &ConnState,
+        make: impl FnOnce(oneshot::Sender<T>) -> Cmd,
+    ) -> Option<T> {
+        let _slot = conn.in_flight.clone().acquire_owned().await.ok()?;
+        self.ask(make).await
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Option<T> {
@@ -289,15 +392,31 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
         return;
     };
     let remote = conn.remote_address();
+    let Some(_counted) = shared.budgets.per_key.admit(peer) else {
+        shared.refusals.note(
+            "connections per key",
+            &format!(
+                "{} ({remote}) already has {} connections (limits.connections_per_key)",
+                peer.short(),
+                shared.budgets.limits.connections_per_key
+            ),
+        );
+        conn.close(4u32.into(), b"too many connections from this key");
+        return;
+    };
     debug!(%remote, peer = %peer.short(), "connection");
-    let session = Arc::new(Mutex::new(PoolConn::new(
-        Instant::now(),
-        shared.hello_timeout,
-    )));
+    let state = Arc::new(ConnState {
+        peer,
+        remote,
+        session: Mutex::new(PoolConn::new(Instant::now(), shared.hello_timeout)),
+        bytes: shared.budgets.connection(),
+        in_flight: shared.budgets.in_flight(),
+    });
     // Half-open handshakes: no hello within the timeout closes the connection.
     {
         let conn = conn.clone();
-        let session = session.clone();
+        let state = state.clone();
+        let shared = shared.clone();
         let timeout = shared.hello_timeout;
         tokio::spawn(async move {
             // Ends early when the connection does, so it never keeps a
@@ -306,11 +425,15 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
                 _ = tokio::time::sleep(timeout) => {}
                 _ = conn.closed() => return,
             }
-            let close = session
+            let close = state
+                .session
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .handle_timeout(Instant::now());
             if close {
+                shared
+                    .refusals
+                    .note("no hello in time", &format!("{} ({remote})", peer.short()));
                 conn.close(2u32.into(), b"no hello in time");
             }
         });
@@ -321,16 +444,20 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
             Err(_) => break,
         };
         let shared = shared.clone();
-        let session = session.clone();
+        let state = state.clone();
         let conn2 = conn.clone();
         tokio::spawn(async move {
-            if let Err(why) = serve_stream(peer, send, recv, &shared, &session).await {
-                warn!(%remote, peer = %peer.short(), "closing connection: {why}");
+            if let Err(why) = serve_stream(send, recv, &shared, &state).await {
+                debug!(%remote, peer = %peer.short(), "closing connection: {why}");
                 conn2.close(3u32.into(), why.as_bytes());
             }
         });
     }
-    let role = session.lock().unwrap_or_else(|p| p.into_inner()).role();
+    let role = state
+        .session
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .role();
     if role == Some(Role::Node) {
         shared.send(Cmd::NodeGone(peer));
     }
@@ -339,38 +466,81 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
 
 /// Serve one stream. An `Err` closes the whole connection.
 async fn serve_stream(
-    peer: PublicKey,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     shared: &Shared,
-    session: &Mutex<PoolConn>,
+    conn: &ConnState,
 ) -> Result<(), String> {
+    let peer = conn.peer;
+    let session = &conn.session;
+    let who = || format!("{} ({})", peer.short(), conn.remote);
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    let late = |shared: &Shared| {
+        shared.refusals.note("request not sent in time", &who());
+        Err::<(), String>("no request on a stream in time".into())
+    };
+    let head = match tokio::time::timeout_at(deadline, read_frame_head(&mut recv)).await {
+        Err(_) => return late(shared),
+        Ok(Ok(Some(h))) => h,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(StreamError::Frame(e))) => {
+            shared
+                .refusals
+                .note("bad frame", &format!("{}: {e}", who()));
+            answer_then_close(&mut send, &error(ErrorCode::Protocol, e.to_string())).await;
+            return Err(e.to_string());
+        }
+        Ok(Err(e)) => return Err(e.to_string()),
+    };
     // Before the hello is accepted a peer is a stranger: its frames are
-    // bounded far below what results need.
+    // bounded far below what results need. After it, by request kind.
+    let name = message_name(&head.head);
     let limit = match session.lock().unwrap_or_else(|p| p.into_inner()).role() {
         None => shared.max_hello_bytes,
-        Some(_) => MAX_FRAME_BYTES,
+        Some(_) => shared.budgets.limits.frame_limit(name),
     };
-    let req: Request =
-        match tokio::time::timeout(REQUEST_TIMEOUT, read_frame_within(&mut recv, limit)).await {
-            Err(_) => return Err("no request on a stream in time".into()),
-            Ok(Ok(Some(r))) => r,
-            Ok(Ok(None)) => return Ok(()),
-            Ok(Err(StreamError::Frame(e))) => {
-                answer_then_close(&mut send, &error(ErrorCode::Protocol, e.to_string())).await;
-                return Err(e.to_string());
-            }
-            Ok(Err(e)) => return Err(e.to_string()),
-        };
+    if let Err(e) = head.check(limit) {
+        shared.refusals.note(
+            "oversized frame",
+            &format!("{}: {} {e}", who(), name.unwrap_or("unnamed frame")),
+        );
+        answer_then_close(&mut send, &error(ErrorCode::Protocol, e.to_string())).await;
+        return Err(e.to_string());
+    }
+    // Memory for the frame is reserved before it is read; a peer that
+    // cannot get it in time (its own budget or everyone's spent) waits
+    // for nothing more.
+    let Ok(Some(_reserved)) =
+        tokio::time::timeout_at(deadline, shared.budgets.reserve(&conn.bytes, head.len)).await
+    else {
+        shared.refusals.note(
+            "buffer budget",
+            &format!("{}: no room for a {} byte frame in time", who(), head.len),
+        );
+        return Err("no room for the request in time".into());
+    };
+    let req: Request = match tokio::time::timeout_at(deadline, head.read_rest(&mut recv)).await {
+        Err(_) => return late(shared),
+        Ok(Ok(r)) => r,
+        Ok(Err(StreamError::Frame(e))) => {
+            shared
+                .refusals
+                .note("bad frame", &format!("{}: {e}", who()));
+            answer_then_close(&mut send, &error(ErrorCode::Protocol, e.to_string())).await;
+            return Err(e.to_string());
+        }
+        Ok(Err(e)) => return Err(e.to_string()),
+    };
+    let arrived = Instant::now();
     let checked = session
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .handle_request(Instant::now(), &req);
+        .handle_request(arrived, &req);
+    let name = req.name();
     if let Err(r) = checked {
-        return refuse(&mut send, session, r, shared.write_timeout).await;
+        return refuse(&mut send, shared, conn, name, r).await;
     }
     let is_hello = matches!(req, Request::NodeHello { .. } | Request::ClientHello { .. });
-    let name = req.name();
     let resp = match req {
         Request::FetchBlob { digest, offset } => {
             return serve_blob(
@@ -386,16 +556,44 @@ async fn serve_stream(
             digest,
             offset,
             data,
-        } => put_blob(shared, peer, digest, offset, &data.0).await,
-        other => {
-            let incoming = match other {
-                // Hashing and signature checks here, in parallel, not on the coordinator thread.
-                Request::Results { results } => {
-                    Incoming::Results(crate::coordinator::open_results(&peer, results))
+        } => put_blob(shared, conn, digest, offset, &data.0).await,
+        Request::Results { results } => {
+            // Results for leases this key does not hold are answered here:
+            // they never cost the coordinator thread anything.
+            let (pass, mut here) = shared.held.sort(&peer, results);
+            if !here.is_empty() {
+                shared.refusals.note(
+                    "results for leases not held",
+                    &format!("{}: {} result(s)", who(), here.len()),
+                );
+            }
+            if !pass.is_empty() {
+                // Hashing and signature checks here, in parallel, not on
+                // the coordinator thread.
+                let opened = crate::coordinator::open_results(&peer, pass);
+                match shared
+                    .ask_for(conn, |r| {
+                        Cmd::Request(peer, Incoming::Results(opened), arrived, r)
+                    })
+                    .await
+                {
+                    Some(Ok(Response::Verdicts(v))) => {
+                        shared.held.judged(&peer, &v);
+                        here.extend(v);
+                    }
+                    Some(Ok(other)) => return Err(format!("unexpected answer {other:?}")),
+                    Some(Err(r)) => return refuse(&mut send, shared, conn, name, r).await,
+                    None => return stopping(&mut send).await,
                 }
-                other => Incoming::Request(Box::new(other)),
-            };
-            match shared.ask(|r| Cmd::Request(peer, incoming, r)).await {
+            }
+            Response::Verdicts(here)
+        }
+        other => {
+            let incoming = Incoming::Request(Box::new(other));
+            match shared
+                .ask_for(conn, |r| Cmd::Request(peer, incoming, arrived, r))
+                .await
+            {
                 Some(Ok(resp)) => {
                     if is_hello {
                         // The role starts only now that the coordinator
@@ -405,24 +603,55 @@ async fn serve_stream(
                             .unwrap_or_else(|p| p.into_inner())
                             .handle_admitted();
                     }
-                    resp
+                    match resp {
+                        Response::Leases {
+                            grants,
+                            lost,
+                            retry_ms,
+                        } => {
+                            shared.held.granted(&peer, &grants, &lost);
+                            Response::Leases {
+                                grants,
+                                lost,
+                                retry_ms,
+                            }
+                        }
+                        Response::Pool(mut s) => {
+                            s.refusals = shared.refusals.counts();
+                            Response::Pool(s)
+                        }
+                        other => other,
+                    }
                 }
-                Some(Err(r)) => return refuse(&mut send, session, r, shared.write_timeout).await,
-                None => error(ErrorCode::Internal, "pool is stopping"),
+                Some(Err(r)) => return refuse(&mut send, shared, conn, name, r).await,
+                None => return stopping(&mut send).await,
             }
         }
     };
-    if let Response::Error { message, .. } = &resp {
-        debug!(peer = %peer.short(), request = name, "refused: {message}");
+    if let Response::Error { code, message } = &resp {
+        shared.refusals.note(
+            &format!("{name}: {code:?}"),
+            &format!("{}: {message}", who()),
+        );
     }
     // If writing fails the peer is gone; it will retry its request. A peer
     // that does not read within the write timeout loses its connection.
     match tokio::time::timeout(shared.write_timeout, write_frame(&mut send, &resp)).await {
-        Err(_) => return Err("the peer did not read its answer in time".into()),
+        Err(_) => {
+            shared.refusals.note("answer not read in time", &who());
+            return Err("the peer did not read its answer in time".into());
+        }
         Ok(_) => {
             let _ = send.finish();
         }
     }
+    Ok(())
+}
+
+/// Answer that the pool is stopping.
+async fn stopping(send: &mut quinn::SendStream) -> Result<(), String> {
+    let _ = write_frame(send, &error(ErrorCode::Internal, "pool is stopping")).await;
+    let _ = send.finish();
     Ok(())
 }
 
@@ -432,13 +661,14 @@ async fn serve_stream(
 /// upload resumes there.
 async fn put_blob(
     shared: &Shared,
-    peer: PublicKey,
+    conn: &ConnState,
     digest: Digest,
     offset: u64,
     data: &[u8],
 ) -> Response {
+    let peer = conn.peer;
     let Some(size) = shared
-        .ask(|r| Cmd::UploadSize(peer, digest, r))
+        .ask_for(conn, |r| Cmd::UploadSize(peer, digest, r))
         .await
         .flatten()
     else {
@@ -538,20 +768,30 @@ async fn answer_then_close(send: &mut quinn::SendStream, resp: &Response) {
 /// served on it even while the answer waits for a peer that never reads.
 async fn refuse(
     send: &mut quinn::SendStream,
-    session: &Mutex<PoolConn>,
+    shared: &Shared,
+    conn: &ConnState,
+    request: &str,
     r: Refusal,
-    write_timeout: Duration,
 ) -> Result<(), String> {
+    let who = format!("{} ({})", conn.peer.short(), conn.remote);
+    shared.refusals.note(
+        &format!("{request}: {:?}", r.code),
+        &format!("{who}: {}", r.message),
+    );
     if r.close {
-        session
+        conn.session
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .handle_refused();
         answer_then_close(send, &from_refusal(r.clone())).await;
         Err(r.message)
     } else {
-        match tokio::time::timeout(write_timeout, write_frame(send, &from_refusal(r))).await {
-            Err(_) => Err("the peer did not read its answer in time".into()),
+        match tokio::time::timeout(shared.write_timeout, write_frame(send, &from_refusal(r))).await
+        {
+            Err(_) => {
+                shared.refusals.note("answer not read in time", &who);
+                Err("the peer did not read its answer in time".into())
+            }
             Ok(_) => {
                 let _ = send.finish();
                 Ok(())
