@@ -872,7 +872,7 @@ fn a_hoarding_node_holds_what_it_earned_and_no_lease_outlives_its_deadline() {
         "the honest node starts at start_leases too"
     );
     assert!(
-        grants_seen.iter().any(|n| *n == 8),
+        grants_seen.contains(&8),
         "and is let hold its claim once it delivered: {grants_seen:?}"
     );
     assert_eq!(c.job_status(job).expect("status").done, 20);

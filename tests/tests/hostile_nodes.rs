@@ -300,7 +300,9 @@ async fn frames_past_their_kinds_limit_and_extra_connections_are_refused() -> Re
     let reason = closed_reason(&extra.conn).await;
     assert!(reason.contains("too many connections"), "{reason}");
     // Closing one makes room again.
-    open.pop().map(|n| n.conn.close(0u32.into(), b"bye"));
+    if let Some(n) = open.pop() {
+        n.conn.close(0u32.into(), b"bye");
+    }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let again = RawNode::connect(&keys, 69, pool.addr).await?;
     again.hello(2, 0).await?;

@@ -138,7 +138,7 @@ impl<S: Store> Coordinator<S> {
             .nodes
             .get(key)
             .map_or(1, |n| n.caps.slots.max(1) as usize);
-        let mut place = self.nodes.get(key).map_or(0, |n| n.leases.len());
+        let held_before = self.nodes.get(key).map_or(0, |n| n.leases.len());
         let mut grants = Vec::with_capacity(picked.len());
         for (
             (q, bundle),
@@ -151,9 +151,9 @@ impl<S: Store> Coordinator<S> {
             let timeout = self.bundles.get(&bundle).map_or(Duration::ZERO, |b| {
                 Duration::from_millis(b.manifest.limits.timeout_ms)
             });
+            let place = held_before + grants.len();
             let waves = u32::try_from(place / slots + 1).unwrap_or(u32::MAX);
             let deadline = now + timeout.saturating_mul(waves) + self.cfg.leasing.grace;
-            place += 1;
             let lease = Lease {
                 attempt: q.attempts + 1,
                 node: *key,

@@ -290,7 +290,7 @@ impl<S: Store> Coordinator<S> {
         st.quarantined_until = st
             .quarantined_until
             .max(now_unix + p.breaker_quarantine.as_secs());
-        let st = st.clone();
+        let st = *st;
         if let Err(e) = self.store.put_standing(key, &st) {
             tracing::warn!(node = %key.short(), "saving a cut-off: {e}");
         }

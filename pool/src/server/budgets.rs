@@ -145,9 +145,19 @@ impl Budgets {
 /// [`LOG_EVERY`] with how many were not logged. Lives as long as the server.
 #[derive(Debug, Default)]
 pub(super) struct Refusals {
-    /// Per kind: the count since start, when last logged, and how many
-    /// since that line.
-    kinds: Mutex<BTreeMap<String, (u64, Option<Instant>, u64)>>,
+    /// Per kind.
+    kinds: Mutex<BTreeMap<String, KindCount>>,
+}
+
+/// One refusal kind's counts.
+#[derive(Debug, Default)]
+struct KindCount {
+    /// Since start.
+    total: u64,
+    /// When last logged.
+    logged: Option<Instant>,
+    /// Since that line.
+    unlogged: u64,
 }
 
 impl Refusals {
@@ -155,13 +165,15 @@ impl Refusals {
     pub(super) fn note(&self, kind: &str, detail: &str) {
         let now = Instant::now();
         let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
-        let e = kinds.entry(kind.to_owned()).or_insert((0, None, 0));
-        e.0 += 1;
-        e.2 += 1;
-        if e.1.is_none_or(|last| now.duration_since(last) >= LOG_EVERY) {
-            let unlogged = e.2 - 1;
-            e.1 = Some(now);
-            e.2 = 0;
+        let e = kinds.entry(kind.to_owned()).or_default();
+        e.total += 1;
+        e.unlogged += 1;
+        if e.logged
+            .is_none_or(|last| now.duration_since(last) >= LOG_EVERY)
+        {
+            let unlogged = e.unlogged - 1;
+            e.logged = Some(now);
+            e.unlogged = 0;
             drop(kinds);
             warn!(kind, unlogged, "refused: {detail}");
         }
@@ -173,7 +185,7 @@ impl Refusals {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|(k, (n, _, _))| (k.clone(), *n))
+            .map(|(k, c)| (k.clone(), c.total))
             .collect()
     }
 }
