@@ -178,13 +178,12 @@ async fn nodes_refuse_tampered_blobs_and_rollbacks_across_restarts() -> Result<(
     let dir = tempfile::tempdir()?;
     let keys = Keys::new(50);
     let pool_dir = dir.path().join("pool");
-    let pool = start_pool(
-        &pool_dir,
-        &keys,
-        test_pool_config(&keys),
-        "127.0.0.1:0".parse()?,
-    )
-    .await?;
+    // Every attempt fails here by design (a corrupt blob): the circuit
+    // breaker, which would cut the only node off before the last attempts,
+    // is not what this test is about.
+    let mut cfg = test_pool_config(&keys);
+    cfg.leasing.breaker_failures = cfg.leasing.breaker_window;
+    let pool = start_pool(&pool_dir, &keys, cfg, "127.0.0.1:0".parse()?).await?;
     let inputs = embed_inputs(&fortunes(2)?);
 
     for (what, version) in [("component", "1.0.1"), ("model minilm-l3", "1.0.2")] {
@@ -208,7 +207,11 @@ async fn nodes_refuse_tampered_blobs_and_rollbacks_across_restarts() -> Result<(
         std::fs::write(&path, &bytes)?;
 
         let node_dir = dir.path().join(format!("node-tamper-{version}"));
-        let mut cfg = node_config(dir.path(), &keys, 7, pool.addr);
+        // A node key per round: the first round's failures count toward
+        // its node's breaker (the pool cannot tell a corrupt blob from a
+        // broken node).
+        let i = if what == "component" { 7 } else { 9 };
+        let mut cfg = node_config(dir.path(), &keys, i, pool.addr);
         cfg.data_dir = node_dir.clone();
         let node = start_node(cfg);
         let (job, _) = client
