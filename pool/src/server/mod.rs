@@ -484,11 +484,7 @@ async fn serve_stream(
         Ok(Ok(Some(h))) => h,
         Ok(Ok(None)) => return Ok(()),
         Ok(Err(StreamError::Frame(e))) => {
-            shared
-                .refusals
-                .note("bad frame", &format!("{}: {e}", who()));
-            answer_then_close(&mut send, &error(ErrorCode::Protocol, e.to_string())).await;
-            return Err(e.to_string());
+            return refuse_frame(&mut send, shared, "bad frame", &who(), e).await
         }
         Ok(Err(e)) => return Err(e.to_string()),
     };
@@ -500,12 +496,8 @@ async fn serve_stream(
         Some(_) => shared.budgets.limits.frame_limit(name),
     };
     if let Err(e) = head.check(limit) {
-        shared.refusals.note(
-            "oversized frame",
-            &format!("{}: {} {e}", who(), name.unwrap_or("unnamed frame")),
-        );
-        answer_then_close(&mut send, &error(ErrorCode::Protocol, e.to_string())).await;
-        return Err(e.to_string());
+        let what = format!("{} {}", who(), name.unwrap_or("unnamed frame"));
+        return refuse_frame(&mut send, shared, "oversized frame", &what, e).await;
     }
     // Memory for the frame is reserved before it is read; a peer that
     // cannot get it in time (its own budget or everyone's spent) waits
@@ -523,11 +515,7 @@ async fn serve_stream(
         Err(_) => return late(shared),
         Ok(Ok(r)) => r,
         Ok(Err(StreamError::Frame(e))) => {
-            shared
-                .refusals
-                .note("bad frame", &format!("{}: {e}", who()));
-            answer_then_close(&mut send, &error(ErrorCode::Protocol, e.to_string())).await;
-            return Err(e.to_string());
+            return refuse_frame(&mut send, shared, "bad frame", &who(), e).await
         }
         Ok(Err(e)) => return Err(e.to_string()),
     };
@@ -646,6 +634,20 @@ async fn serve_stream(
         }
     }
     Ok(())
+}
+
+/// Refuse a frame (`kind` for the refusal log, `who` names the peer): say
+/// why, then close the connection.
+async fn refuse_frame(
+    send: &mut quinn::SendStream,
+    shared: &Shared,
+    kind: &str,
+    who: &str,
+    e: tidepool_proto::wire::FrameError,
+) -> Result<(), String> {
+    shared.refusals.note(kind, &format!("{who}: {e}"));
+    answer_then_close(send, &error(ErrorCode::Protocol, e.to_string())).await;
+    Err(e.to_string())
 }
 
 /// Answer that the pool is stopping.
