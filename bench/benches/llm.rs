@@ -210,6 +210,7 @@ fn main() -> anyhow::Result<()> {
                         deadline: Instant::now() + Duration::from_secs(600),
                     },
                     llm: std::sync::Arc::new(tidepool_host::backend::LlmTask::new()),
+                    nn: Default::default(),
                 };
                 let mut ctx = graph.context(&env).expect("context");
                 let opts = format!(r#"{{"max_tokens": {max}, "stop": ["\n"]}}"#);

@@ -150,6 +150,7 @@ fn main() -> anyhow::Result<()> {
                         deadline: std::time::Instant::now() + Duration::from_secs(600),
                     },
                     llm: std::sync::Arc::new(tidepool_host::backend::LlmTask::new()),
+                    nn: Default::default(),
                 };
                 let mut ctx = graph.context(&env).expect("context");
                 for t in &ids {

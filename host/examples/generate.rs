@@ -35,6 +35,7 @@ fn main() -> anyhow::Result<()> {
             deadline: std::time::Instant::now() + std::time::Duration::from_secs(600),
         },
         llm: Arc::new(LlmTask::new()),
+        nn: Default::default(),
     };
     let mut ctx = graph.context(&env).map_err(|e| anyhow::anyhow!("{e}"))?;
     for p in prompt.split("\n=====\n") {

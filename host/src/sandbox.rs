@@ -17,6 +17,7 @@
 //! It never decides what to run or where results go: that is the node agent's
 //! and the pool's business.
 
+use crate::backend::budget::{BudgetHit, NnLimits, NnUsage};
 use crate::backend::{LlmTask, RefuseGuestBytes, TaskBudget, TaskEnv};
 use crate::cache::ComponentCache;
 use crate::determinism::{SeededRng, VirtualMonotonicClock, VirtualWallClock};
@@ -27,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tidepool_proto::{Digest, ModelUse, Receipt};
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Component, HasSelf, Linker, Resource, ResourceTable, ResourceType};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -70,6 +71,9 @@ pub struct SandboxConfig {
     pub max_stdio_bytes: usize,
     /// Log lines a task may write through `host.log`.
     pub max_log_lines: u32,
+    /// What a task may hold and spend in wasi-nn (tensor bytes, contexts,
+    /// working memory per compute, resources).
+    pub nn: NnLimits,
 }
 
 impl Default for SandboxConfig {
@@ -85,6 +89,7 @@ impl Default for SandboxConfig {
             cache_dir: Some(crate::models::home_dir().join("compiled")),
             max_stdio_bytes: 64 << 10,
             max_log_lines: 1000,
+            nn: NnLimits::default(),
         }
     }
 }
@@ -135,6 +140,10 @@ pub enum TaskError {
     /// The guest trapped (a panic, `unreachable`, out-of-bounds access...).
     #[error("task trapped: {0}")]
     Trap(String),
+    /// A wasi-nn budget (tensor bytes, execution contexts, working memory
+    /// of a compute) or the task's resource table was exhausted.
+    #[error("task exceeded its budget: {0}")]
+    Budget(String),
     /// The sandbox itself failed (instantiation, resources).
     #[error("sandbox error: {0:#}")]
     Host(anyhow::Error),
@@ -250,6 +259,8 @@ struct TaskState {
     params: Vec<(String, String)>,
     /// Log lines left before further lines are dropped.
     log_budget: u32,
+    /// What the task holds in wasi-nn (shared with its execution contexts).
+    nn_usage: Arc<NnUsage>,
 }
 
 impl WasiView for TaskState {
@@ -399,6 +410,7 @@ impl Sandbox {
         wasmtime_wasi_nn::wit::add_to_linker(&mut linker, |s: &mut TaskState| {
             WasiNnView::new(&mut s.table, &mut s.nn)
         })?;
+        add_tensor_budget(&mut linker)?;
         bindings::JobCore::add_to_linker::<_, HasSelf<TaskState>>(&mut linker, |s| s)?;
         let cache = config.cache_dir.as_ref().and_then(|d| {
             ComponentCache::open(d.clone(), &engine)
@@ -520,9 +532,11 @@ impl Sandbox {
             task.replay.map(<[_]>::to_vec),
             task.accept,
         ));
+        let nn_usage = Arc::new(NnUsage::new(self.config.nn));
         let env = TaskEnv {
             budget,
             llm: llm.clone(),
+            nn: nn_usage.clone(),
         };
         let (registry, used) = self.models.for_task(&env);
         let refusals = [
@@ -536,9 +550,11 @@ impl Sandbox {
         ]
         .into_iter()
         .map(|e| wasmtime_wasi_nn::Backend::from(RefuseGuestBytes(e)));
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(self.config.nn.max_resources);
         let state = TaskState {
             wasi: b.build(),
-            table: ResourceTable::new(),
+            table,
             nn: WasiNnCtx::new(refusals, registry.into()),
             limiter: TaskLimiter {
                 max_memory: self.config.max_memory_bytes,
@@ -551,6 +567,7 @@ impl Sandbox {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             log_budget: self.config.max_log_lines,
+            nn_usage,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -583,6 +600,10 @@ impl Sandbox {
             .and_then(|inst| inst.call_run(&mut store, task.input));
         let wall = start.elapsed();
         let fuel_used = self.config.fuel.map(|f| f - store.get_fuel().unwrap_or(0));
+        if let Some(hit) = store.data().nn_usage.budget_hit() {
+            // Over budget, whatever the guest made of the error it was given.
+            return Err(TaskError::Budget(hit.to_string()));
+        }
         if wall >= self.config.timeout {
             // Over time, whatever the guest returned (a backend refuses work
             // past the deadline, and the guest may have reported that as an error).
@@ -685,6 +706,17 @@ impl Sandbox {
                 limit: self.config.max_memory_bytes,
             };
         }
+        if let Some(hit) = store.data().nn_usage.budget_hit() {
+            return TaskError::Budget(hit.to_string());
+        }
+        if let Some(wasmtime::component::ResourceTableError::Full) =
+            e.downcast_ref::<wasmtime::component::ResourceTableError>()
+        {
+            return TaskError::Budget(format!(
+                "more than {} live resources (tensors, graphs, contexts, streams)",
+                self.config.nn.max_resources
+            ));
+        }
         match e.downcast_ref::<Trap>() {
             Some(Trap::Interrupt) => TaskError::Deadline {
                 limit: self.config.timeout,
@@ -698,6 +730,58 @@ impl Sandbox {
             _ => TaskError::Trap(format!("{e:?}")),
         }
     }
+}
+
+/// The wasi-nn interface that holds tensors (the vendored WIT's version).
+const WASI_NN_TENSOR: &str = "wasi:nn/tensor@0.2.0-rc-2024-10-28";
+
+/// Replace wasmtime-wasi-nn's tensor constructor and destructor with ones
+/// that count the task's tensor bytes: a guest creating tensors in a loop
+/// copies its memory into the host's each time, and nothing else bounds that.
+/// The constructor has no error to return, so a tensor over the budget traps
+/// (and the task ends with [`TaskError::Budget`]).
+fn add_tensor_budget(linker: &mut Linker<TaskState>) -> anyhow::Result<()> {
+    use wasmtime_wasi_nn::wit::TensorType;
+    use wasmtime_wasi_nn::Tensor;
+    linker.allow_shadowing(true);
+    let mut inst = linker.instance(WASI_NN_TENSOR)?;
+    inst.resource(
+        "tensor",
+        ResourceType::host::<Tensor>(),
+        |mut cx, rep| {
+            let state = cx.data_mut();
+            let t = state.table.delete(Resource::<Tensor>::new_own(rep))?;
+            state.nn_usage.tensor_dropped(t.data.len() as u64);
+            Ok(())
+        },
+    )?;
+    inst.func_wrap(
+        "[constructor]tensor",
+        |mut cx, (dimensions, ty, data): (Vec<u32>, TensorType, Vec<u8>)| {
+            let state = cx.data_mut();
+            if let Err(hit) = state.nn_usage.tensor_created(data.len() as u64) {
+                return Err(budget_trap(hit));
+            }
+            let bytes = data.len() as u64;
+            match state.table.push(Tensor {
+                dimensions,
+                ty,
+                data,
+            }) {
+                Ok(r) => Ok((r,)),
+                Err(e) => {
+                    state.nn_usage.tensor_dropped(bytes);
+                    Err(e.into())
+                }
+            }
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+fn budget_trap(hit: BudgetHit) -> wasmtime::Error {
+    wasmtime::Error::msg(hit.to_string())
 }
 
 /// Refuse core modules and garbage with a message that says which.

@@ -26,6 +26,7 @@ pub const GUESTS: &[&str] = &[
     "membomb",
     "big-output",
     "nn-probe",
+    "nn-abuse",
     "trap-mid-inference",
     "other-world",
 ];
@@ -229,4 +230,15 @@ pub fn native_embedding(
         .collect();
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
     v.iter().map(|x| x / norm).collect()
+}
+
+/// This process's resident memory, bytes (Linux `/proc/self/status`).
+pub fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
 }

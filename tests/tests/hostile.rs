@@ -148,13 +148,3 @@ fn fuel_metering_counts_deterministically_and_stops_runaways() {
     let err = run(&tight, &spin, "spin", b"").expect_err("out of fuel");
     assert!(matches!(err, TaskError::Fuel { limit: 10_000 }), "{err:?}");
 }
-
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
-        .expect("VmRSS")
-        * 1024
-}

@@ -140,6 +140,7 @@ fn bad_inputs_and_options_get_clear_errors() -> Result<()> {
             deadline: std::time::Instant::now() + std::time::Duration::from_secs(120),
         },
         llm: Arc::new(LlmTask::new()),
+        nn: Default::default(),
     };
     let t = |name: &str, data: &[u8]| NamedTensor {
         name: name.into(),

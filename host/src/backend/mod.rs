@@ -15,6 +15,8 @@
 pub mod llama;
 #[cfg(feature = "onnxruntime")]
 pub mod onnxruntime;
+pub mod budget;
+pub mod shapes;
 pub mod tract;
 
 use std::sync::{Arc, Mutex};
@@ -54,6 +56,8 @@ pub struct TaskEnv {
     pub budget: TaskBudget,
     /// The task's generations (recorded) and the claim it replays, if any.
     pub llm: Arc<LlmTask>,
+    /// What the task holds in wasi-nn, against its limits.
+    pub nn: Arc<budget::NnUsage>,
 }
 
 /// A task's text generations: what it produced, and for a check, the
@@ -173,6 +177,12 @@ pub trait NnEngine: Send + Sync + std::fmt::Debug {
 pub trait ModelGraph: Send + Sync {
     /// A fresh execution context for one task.
     fn context(&self, env: &TaskEnv) -> Result<Box<dyn BackendExecutionContext>, BackendError>;
+    /// The model's declared input dimensions and working-memory estimate,
+    /// checked before every compute (`None`: the engine bounds its memory
+    /// itself, as llama.cpp does with its fixed context).
+    fn shapes(&self) -> Option<&shapes::ShapeBudget> {
+        None
+    }
 }
 
 /// A task's handle on a shared model: the model plus the task's budget.
@@ -194,7 +204,7 @@ impl std::fmt::Debug for TaskGraph {
 impl BackendGraph for TaskGraph {
     fn init_execution_context(&self) -> Result<ExecutionContext, BackendError> {
         self.env.budget.check("init-execution-context")?;
-        Ok(self.model.context(&self.env)?.into())
+        Ok(budget::BudgetedContext::open(self.model.clone(), &self.env)?.into())
     }
 }
 
@@ -204,7 +214,7 @@ impl From<TaskGraph> for Graph {
     }
 }
 
-fn engine_err(msg: String) -> BackendError {
+pub(crate) fn engine_err(msg: String) -> BackendError {
     BackendError::BackendAccess(wasmtime::Error::msg(msg))
 }
 

@@ -261,10 +261,19 @@ impl NnEngine for OrtEngine {
             .iter()
             .map(|o| o.name().to_owned())
             .collect();
+        // The shapes a guest may ask for, from tract's analysis of the same
+        // file (its weights are dropped once the estimate is built).
+        let shapes = super::shapes::ShapeBudget::of_onnx_file(path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot analyse the input shapes of {} (needed to bound a compute's memory): {e:#}",
+                path.display()
+            )
+        })?;
         Ok(Arc::new(OrtModel {
             session: Arc::new(Mutex::new(session)),
             inputs,
             outputs,
+            shapes,
         }))
     }
 }
@@ -278,6 +287,8 @@ struct OrtModel {
     inputs: Vec<String>,
     /// Output names in the model's order.
     outputs: Vec<String>,
+    /// Declared input dimensions and the working-memory estimate.
+    shapes: super::shapes::ShapeBudget,
 }
 
 impl ModelGraph for OrtModel {
@@ -288,6 +299,9 @@ impl ModelGraph for OrtModel {
             outputs: self.outputs.clone(),
             budget: env.budget,
         }))
+    }
+    fn shapes(&self) -> Option<&super::shapes::ShapeBudget> {
+        Some(&self.shapes)
     }
 }
 

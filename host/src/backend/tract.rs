@@ -33,6 +33,8 @@ pub struct TractModel {
     inputs: Vec<String>,
     /// Output names in the model's order.
     outputs: Vec<String>,
+    /// Declared input dimensions and the working-memory estimate.
+    shapes: super::shapes::ShapeBudget,
 }
 
 impl std::fmt::Debug for TractModel {
@@ -70,11 +72,14 @@ impl TractModel {
                     .unwrap_or_else(|| typed.node(o.node).name.clone())
             })
             .collect();
+        let shapes = super::shapes::ShapeBudget::of_typed(&typed)
+            .with_context(|| format!("tract cannot analyse the shapes of {}", path.display()))?;
         let plan = typed.into_runnable()?;
         Ok(Self {
             plan,
             inputs,
             outputs,
+            shapes,
         })
     }
 
@@ -102,6 +107,9 @@ impl ModelGraph for TractModel {
             outputs: self.outputs.clone(),
             budget: env.budget,
         }))
+    }
+    fn shapes(&self) -> Option<&super::shapes::ShapeBudget> {
+        Some(&self.shapes)
     }
 }
 

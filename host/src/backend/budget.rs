@@ -1,0 +1,337 @@
+//! What one task may hold and spend in wasi-nn, outside its linear memory.
+//!
+//! A guest's linear memory is bounded by the sandbox; what it asks the host
+//! to hold is not, unless counted here. Every tensor a guest creates is
+//! copied into host memory; every execution context may hold engine state;
+//! every `compute` makes the engine allocate for the shapes the guest chose,
+//! and an engine call cannot be interrupted. Per task:
+//!
+//! - **tensor bytes**: the bytes of the task's live tensors (created by the
+//!   guest or returned by `compute`), counted when made and released when
+//!   dropped or consumed ([`NnUsage::tensor_created`],
+//!   [`NnUsage::tensor_dropped`]);
+//! - **execution contexts**: live contexts ([`NnUsage::open_context`]);
+//! - **working memory per compute**: the model's estimate for the given
+//!   shapes ([`super::shapes::ShapeBudget`]), refused before the engine runs;
+//! - **time**: a compute still running at the task's deadline is abandoned:
+//!   the task ends with `Deadline` at once and the engine's thread is let go
+//!   to finish on its own ([`abandoned_computes`] counts those still running).
+//!
+//! Resources of every kind (tensors, graphs, contexts, errors, streams) are
+//! also bounded in number by the task's resource table (`max_resources`).
+//! A budget that is hit ends the task with `TaskError::Budget` whatever the
+//! guest does next; the guest sees a wasi-nn error (or a trap, for a tensor
+//! constructor, which has no error to return) at the call that hit it.
+//!
+//! Never decides what a task is for or where its result goes.
+
+use super::{engine_err, ModelGraph, TaskEnv};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
+use wasmtime_wasi_nn::backend::{BackendError, BackendExecutionContext, Id, NamedTensor};
+
+/// Per-task wasi-nn limits (node settings, `[sandbox]` in `node.toml`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NnLimits {
+    /// Bytes of live tensors a task may hold on the host (inputs it made
+    /// and outputs it was given).
+    pub max_tensor_bytes: u64,
+    /// Live execution contexts per task.
+    pub max_contexts: u32,
+    /// Estimated working memory of one `compute`, bytes.
+    pub max_compute_bytes: u64,
+    /// Live resources of every kind in a task's table.
+    pub max_resources: usize,
+}
+
+impl Default for NnLimits {
+    fn default() -> Self {
+        Self {
+            max_tensor_bytes: 256 << 20,
+            max_contexts: 16,
+            max_compute_bytes: 4 << 30,
+            max_resources: 16_384,
+        }
+    }
+}
+
+/// Which budget a task hit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetHit {
+    /// The budget's name (`tensor bytes`, `execution contexts`, `compute memory`).
+    pub what: &'static str,
+    /// Its limit.
+    pub limit: u64,
+    /// What the task asked for when it hit it.
+    pub wanted: u64,
+}
+
+impl std::fmt::Display for BudgetHit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "wasi-nn {} budget of {} exceeded (wanted {})",
+            self.what, self.limit, self.wanted
+        )
+    }
+}
+
+/// One task's wasi-nn accounting; shared by its store and every context it
+/// opens, lives as long as the task.
+#[derive(Debug, Default)]
+pub struct NnUsage {
+    /// The limits (fixed for the task).
+    limits: NnLimits,
+    /// What is held now, and the first budget hit.
+    state: Mutex<UsageState>,
+}
+
+#[derive(Debug, Default)]
+struct UsageState {
+    /// Bytes of the task's live tensors.
+    tensor_bytes: u64,
+    /// The task's live execution contexts.
+    contexts: u32,
+    /// The first budget the task hit (it ends the task).
+    hit: Option<BudgetHit>,
+}
+
+impl NnUsage {
+    /// Accounting under `limits`.
+    pub fn new(limits: NnLimits) -> Self {
+        Self {
+            limits,
+            state: Mutex::default(),
+        }
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> &NnLimits {
+        &self.limits
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, UsageState> {
+        // Only counters change under the lock; a poisoned one is still consistent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn hit(&self, state: &mut UsageState, what: &'static str, limit: u64, wanted: u64) -> BudgetHit {
+        let hit = BudgetHit {
+            what,
+            limit,
+            wanted,
+        };
+        state.hit.get_or_insert_with(|| hit.clone());
+        hit
+    }
+
+    /// A tensor of `bytes` is about to be held for the task.
+    pub fn tensor_created(&self, bytes: u64) -> Result<(), BudgetHit> {
+        let mut s = self.lock();
+        let wanted = s.tensor_bytes.saturating_add(bytes);
+        if wanted > self.limits.max_tensor_bytes {
+            return Err(self.hit(&mut s, "tensor bytes", self.limits.max_tensor_bytes, wanted));
+        }
+        s.tensor_bytes = wanted;
+        Ok(())
+    }
+
+    /// A tensor of `bytes` is no longer held (dropped, or consumed by `compute`).
+    pub fn tensor_dropped(&self, bytes: u64) {
+        let mut s = self.lock();
+        s.tensor_bytes = s.tensor_bytes.saturating_sub(bytes);
+    }
+
+    /// Bytes of live tensors now.
+    pub fn tensor_bytes(&self) -> u64 {
+        self.lock().tensor_bytes
+    }
+
+    /// An execution context is about to be opened.
+    pub fn open_context(&self) -> Result<(), BudgetHit> {
+        let mut s = self.lock();
+        if s.contexts >= self.limits.max_contexts {
+            let wanted = u64::from(s.contexts) + 1;
+            return Err(self.hit(
+                &mut s,
+                "execution contexts",
+                u64::from(self.limits.max_contexts),
+                wanted,
+            ));
+        }
+        s.contexts += 1;
+        Ok(())
+    }
+
+    fn close_context(&self) {
+        let mut s = self.lock();
+        s.contexts = s.contexts.saturating_sub(1);
+    }
+
+    fn compute_refused(&self, estimate: u64) -> BudgetHit {
+        let mut s = self.lock();
+        self.hit(
+            &mut s,
+            "compute memory",
+            self.limits.max_compute_bytes,
+            estimate,
+        )
+    }
+
+    /// The first budget the task hit, if any.
+    pub fn budget_hit(&self) -> Option<BudgetHit> {
+        self.lock().hit.clone()
+    }
+}
+
+fn tensors_bytes(ts: &[NamedTensor]) -> u64 {
+    ts.iter().map(|t| t.tensor.data.len() as u64).sum()
+}
+
+/// Engine computes let go at a task's deadline that are still running.
+static ABANDONED_RUNNING: AtomicUsize = AtomicUsize::new(0);
+
+/// How many abandoned computes are still running in this process (each holds
+/// a thread and its engine's memory until it finishes).
+pub fn abandoned_computes() -> usize {
+    ABANDONED_RUNNING.load(Ordering::Relaxed)
+}
+
+/// A compute's thread: running, finished, or let go by its task.
+const RUNNING: u8 = 0;
+const FINISHED: u8 = 1;
+const ABANDONED: u8 = 2;
+
+/// Every execution context a task opens, around the engine's own: checks
+/// shapes and budgets before the engine runs, counts what it returns, and
+/// lets a compute go at the deadline.
+pub(crate) struct BudgetedContext {
+    /// The engine's context; `None` once a compute on it was abandoned.
+    inner: Option<Box<dyn BackendExecutionContext>>,
+    /// The model (for its declared shapes); shared, outlives the task.
+    model: Arc<dyn ModelGraph>,
+    /// The task's deadline, accounting and generation record.
+    env: TaskEnv,
+}
+
+impl BudgetedContext {
+    /// Open a context on `model` for the task `env`, counted against its budget.
+    pub(crate) fn open(
+        model: Arc<dyn ModelGraph>,
+        env: &TaskEnv,
+    ) -> Result<Box<dyn BackendExecutionContext>, BackendError> {
+        env.nn.open_context().map_err(|h| engine_err(h.to_string()))?;
+        match model.context(env) {
+            Ok(inner) => Ok(Box::new(Self {
+                inner: Some(inner),
+                model,
+                env: env.clone(),
+            })),
+            Err(e) => {
+                env.nn.close_context();
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for BudgetedContext {
+    fn drop(&mut self) {
+        self.env.nn.close_context();
+    }
+}
+
+impl BackendExecutionContext for BudgetedContext {
+    fn set_input(&mut self, _id: Id, _tensor: &wasmtime_wasi_nn::Tensor) -> Result<(), BackendError> {
+        Err(super::witx_set_input())
+    }
+    fn get_output(&mut self, _id: Id) -> Result<wasmtime_wasi_nn::Tensor, BackendError> {
+        Err(super::witx_get_output())
+    }
+    fn compute(
+        &mut self,
+        inputs: Option<Vec<NamedTensor>>,
+    ) -> Result<Option<Vec<NamedTensor>>, BackendError> {
+        let nn = &self.env.nn;
+        // wasi-nn took the inputs out of the task's table: they are ours now.
+        if let Some(ins) = &inputs {
+            nn.tensor_dropped(tensors_bytes(ins));
+        }
+        if let (Some(ins), Some(shapes)) = (&inputs, self.model.shapes()) {
+            match shapes.check(ins, nn.limits().max_compute_bytes) {
+                Ok(_) => {}
+                Err(super::shapes::ShapeRefusal::OverBudget { estimate, .. }) => {
+                    return Err(engine_err(nn.compute_refused(estimate).to_string()))
+                }
+                Err(e) => return Err(engine_err(e.to_string())),
+            }
+        }
+        self.env.budget.check("compute")?;
+        let Some(mut inner) = self.inner.take() else {
+            return Err(engine_err(
+                "this execution context was let go at the task's deadline".into(),
+            ));
+        };
+        let state = Arc::new(AtomicU8::new(RUNNING));
+        let (tx, rx) = mpsc::sync_channel(1);
+        let thread_state = state.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tidepool-compute".into())
+            .spawn(move || {
+                let r = inner.compute(inputs);
+                if thread_state
+                    .compare_exchange(RUNNING, FINISHED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_err()
+                {
+                    // Our task let us go at its deadline; nobody waits for the result.
+                    ABANDONED_RUNNING.fetch_sub(1, Ordering::Relaxed);
+                    return;
+                }
+                let _ = tx.send((inner, r));
+            });
+        if let Err(e) = spawned {
+            return Err(engine_err(format!("cannot start a compute thread: {e}")));
+        }
+        let wait = self
+            .env
+            .budget
+            .deadline
+            .saturating_duration_since(Instant::now());
+        let (inner, result) = match rx.recv_timeout(wait) {
+            Ok(done) => done,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if state
+                    .compare_exchange(RUNNING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    let running = ABANDONED_RUNNING.fetch_add(1, Ordering::Relaxed) + 1;
+                    tracing::warn!(
+                        still_running = running,
+                        "a compute ran past its task's deadline; the task ends and the engine's thread is let go"
+                    );
+                    return Err(engine_err(
+                        "compute abandoned: the task's deadline passed while it ran".into(),
+                    ));
+                }
+                // It finished just as the deadline passed: take the result.
+                rx.recv().map_err(|_| {
+                    engine_err("the compute thread ended without a result".into())
+                })?
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(engine_err(
+                    "the compute thread ended without a result".into(),
+                ))
+            }
+        };
+        self.inner = Some(inner);
+        let outputs = result?;
+        if let Some(outs) = &outputs {
+            if let Err(hit) = nn.tensor_created(tensors_bytes(outs)) {
+                return Err(engine_err(hit.to_string()));
+            }
+        }
+        Ok(outputs)
+    }
+}
