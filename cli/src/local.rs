@@ -103,6 +103,7 @@ impl Network {
                     onnx: tidepool_host::OnnxEngine::Tract,
                     llm_threads,
                     gpu: None,
+                    nn: tidepool_host::NnLimits::default(),
                     tamper: None,
                 };
                 let (tx, rx) = oneshot::channel::<()>();

@@ -55,7 +55,9 @@ fn main() -> ExitCode {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TIDEPOOL_LOG")
                 // llama.cpp warns about model quirks at every load; not the user's concern.
-                .unwrap_or_else(|_| "warn,llama-cpp-2=error".into()),
+                // wasmtime-wasi-nn logs every wasi-nn error a guest causes, unbounded;
+                // the host logs the reasons itself, a bounded number per task.
+                .unwrap_or_else(|_| "warn,llama-cpp-2=error,wasmtime_wasi_nn=off".into()),
         )
         .with_writer(std::io::stderr)
         .init();

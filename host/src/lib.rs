@@ -15,6 +15,7 @@ pub use tidepool_models as models;
 pub mod registry;
 pub mod sandbox;
 
+pub use backend::budget::NnLimits;
 pub use backend::tract::TractEngine;
 pub use registry::{ModelRegistry, RegistryBuilder, RegistryError};
 pub use sandbox::{

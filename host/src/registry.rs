@@ -205,6 +205,7 @@ impl ModelRegistry {
         (
             TaskRegistry {
                 graphs,
+                nn: env.nn.clone(),
                 used: used.clone(),
             },
             used,
@@ -218,6 +219,8 @@ pub struct TaskRegistry {
     graphs: BTreeMap<String, Graph>,
     /// Names the task loaded, in order, deduplicated.
     used: Arc<Mutex<Vec<String>>>,
+    /// The task's wasi-nn accounting (bounds what its failures log).
+    nn: Arc<crate::backend::budget::NnUsage>,
 }
 
 impl std::fmt::Debug for TaskRegistry {
@@ -241,8 +244,10 @@ impl TaskRegistry {
 impl GraphRegistry for TaskRegistry {
     fn get(&self, name: &str) -> Option<&Graph> {
         if !valid_name(name) {
-            let name = crate::guest_text::escape(name, 64);
-            tracing::warn!(name, "guest asked for an invalid model name");
+            if let Some(more) = self.nn.may_log() {
+                let name = crate::guest_text::escape(name, 64);
+                tracing::warn!(name, "guest asked for an invalid model name{more}");
+            }
             return None;
         }
         let g = self.graphs.get(name);

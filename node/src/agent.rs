@@ -29,6 +29,8 @@ pub(crate) struct Ctx {
     pub(crate) publishers: BTreeSet<PublicKey>,
     /// Node memory limit per task.
     pub(crate) memory_mib: u32,
+    /// What a task may hold and spend in wasi-nn (`[sandbox]`).
+    pub(crate) nn: tidepool_host::NnLimits,
     /// Slots (sizes each sandbox's instance pool).
     pub(crate) slots: u32,
     /// Blob cache.
@@ -215,6 +217,7 @@ pub async fn run(
         key: cfg.key.clone(),
         publishers: cfg.publishers.clone(),
         memory_mib: cfg.memory_mib,
+        nn: cfg.nn,
         slots: cfg.slots,
         blobs,
         compiled: cfg.data_dir.join("compiled"),

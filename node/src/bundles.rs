@@ -219,6 +219,7 @@ impl Ctx {
             deterministic: true,
             max_concurrent: self.slots,
             cache_dir: Some(self.compiled.clone()),
+            nn: self.nn,
             ..SandboxConfig::default()
         };
         let sandbox = Sandbox::new(config, reg.build()).map_err(|e| format!("sandbox: {e:#}"))?;

@@ -44,6 +44,8 @@ pub struct NodeConfig {
     pub llm_threads: u32,
     /// The GPU to serve GPU-tier jobs on (`None`: a CPU-only node).
     pub gpu: Option<tidepool_host::gpu::GpuChoice>,
+    /// What one task may hold and spend in wasi-nn (`[sandbox]`).
+    pub nn: tidepool_host::NnLimits,
     /// Changes outputs before they are signed. Only for adversarial tests
     /// of the pool's verification (a node that lies); the `tidepool` binary
     /// never sets it.
@@ -99,6 +101,13 @@ pub fn hardware_class() -> String {
 /// onnxruntime_fallback = false  # true: run tract if ONNX Runtime cannot be used; false: refuse to start
 /// llm_threads = 1               # threads per llama.cpp task (fixed; default 1)
 ///
+/// [sandbox]                     # what one task may hold and spend outside its memory
+/// max_tensor_mib = 256          # live wasi-nn tensors (made by the job, or returned to it)
+/// max_contexts = 16             # live wasi-nn execution contexts
+/// max_compute_mib = 4096        # estimated working memory of one compute (every
+///                               #   intermediate tensor of the model for the given shapes)
+/// max_resources = 16384         # live resources of every kind (tensors, graphs, streams)
+///
 /// [gpu]                         # optional: serve GPU-tier jobs (docs/gpu-nodes.md)
 /// enabled = true
 /// device = 0                    # CUDA device index
@@ -150,9 +159,68 @@ pub struct NodeFile {
     /// Threads per llama.cpp task context.
     #[serde(default = "node_default_llm_threads")]
     pub llm_threads: u32,
+    /// Per-task budgets outside linear memory (`[sandbox]`).
+    #[serde(default)]
+    pub sandbox: SandboxFile,
     /// The GPU (`[gpu]`), if any.
     #[serde(default)]
     pub gpu: GpuFile,
+}
+
+/// `[sandbox]` in `node.toml`: what one task may hold and spend in wasi-nn.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxFile {
+    /// Live tensor bytes per task, MiB.
+    pub max_tensor_mib: u64,
+    /// Live execution contexts per task.
+    pub max_contexts: u32,
+    /// Estimated working memory of one compute, MiB.
+    pub max_compute_mib: u64,
+    /// Live resources of every kind per task.
+    pub max_resources: usize,
+}
+
+impl Default for SandboxFile {
+    fn default() -> Self {
+        let d = tidepool_host::NnLimits::default();
+        Self {
+            max_tensor_mib: d.max_tensor_bytes >> 20,
+            max_contexts: d.max_contexts,
+            max_compute_mib: d.max_compute_bytes >> 20,
+            max_resources: d.max_resources,
+        }
+    }
+}
+
+impl SandboxFile {
+    /// The limits, checked.
+    fn limits(&self) -> Result<tidepool_host::NnLimits, NodeError> {
+        let s = self;
+        let bad = |what: &str, v: u64, lo: u64, hi: u64| {
+            Err(NodeError::Config(format!(
+                "[sandbox] {what} = {v} is outside {lo}..={hi}"
+            )))
+        };
+        if !(1..=1 << 20).contains(&s.max_tensor_mib) {
+            return bad("max_tensor_mib", s.max_tensor_mib, 1, 1 << 20);
+        }
+        if !(1..=4096).contains(&s.max_contexts) {
+            return bad("max_contexts", s.max_contexts.into(), 1, 4096);
+        }
+        if !(1..=1 << 24).contains(&s.max_compute_mib) {
+            return bad("max_compute_mib", s.max_compute_mib, 1, 1 << 24);
+        }
+        if !(64..=1 << 20).contains(&s.max_resources) {
+            return bad("max_resources", s.max_resources as u64, 64, 1 << 20);
+        }
+        Ok(tidepool_host::NnLimits {
+            max_tensor_bytes: s.max_tensor_mib << 20,
+            max_contexts: s.max_contexts,
+            max_compute_bytes: s.max_compute_mib << 20,
+            max_resources: s.max_resources,
+        })
+    }
 }
 
 /// `[gpu]` in `node.toml`.
@@ -316,6 +384,7 @@ impl NodeFile {
             },
             llm_threads: self.llm_threads,
             gpu,
+            nn: self.sandbox.limits()?,
             tamper: None,
         })
     }
@@ -384,5 +453,20 @@ mod tests {
         }
         let err = with("onnx_engine = \"tensorrt\"\n").expect_err("unknown engine");
         assert!(err.to_string().contains("\"tensorrt\" is not"), "{err}");
+
+        // [sandbox]: documented defaults, settings in MiB, nonsense refused.
+        assert_eq!(with("").expect("config").nn, tidepool_host::NnLimits::default());
+        let nn = with("[sandbox]\nmax_tensor_mib = 64\nmax_contexts = 2\n")
+            .expect("config")
+            .nn;
+        assert_eq!((nn.max_tensor_bytes, nn.max_contexts), (64 << 20, 2));
+        let err = with("[sandbox]\nmax_contexts = 0\n").expect_err("zero contexts");
+        assert!(err.to_string().contains("[sandbox] max_contexts = 0"), "{err}");
+        let err = NodeFile::read(&{
+            std::fs::write(&path, format!("{pool}[sandbox]\nmax_tensors = 1\n")).expect("write");
+            path.clone()
+        })
+        .expect_err("unknown setting");
+        assert!(err.to_string().contains("max_tensors"), "{err}");
     }
 }

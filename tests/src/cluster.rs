@@ -114,6 +114,7 @@ pub fn node_config(dir: &Path, keys: &Keys, i: u8, pool: SocketAddr) -> NodeConf
         onnx: tidepool_host::OnnxEngine::Tract,
         llm_threads: 1,
         gpu: None,
+        nn: tidepool_host::NnLimits::default(),
         tamper: None,
     }
 }

@@ -95,7 +95,13 @@ struct UsageState {
     contexts: u32,
     /// The first budget the task hit (it ends the task).
     hit: Option<BudgetHit>,
+    /// Node log lines this task's wasi-nn failures have caused.
+    logged: u32,
 }
+
+/// Node log lines a task's wasi-nn failures may cause (a guest could
+/// otherwise fail a call in a loop and flood the node's log).
+pub const MAX_FAILURE_LOG_LINES: u32 = 16;
 
 impl NnUsage {
     /// Accounting under `limits`.
@@ -179,6 +185,21 @@ impl NnUsage {
         )
     }
 
+    /// Whether one more wasi-nn failure of this task may be logged; the
+    /// last allowed line says that further ones are dropped.
+    pub fn may_log(&self) -> Option<&'static str> {
+        let mut s = self.lock();
+        if s.logged >= MAX_FAILURE_LOG_LINES {
+            return None;
+        }
+        s.logged += 1;
+        Some(if s.logged == MAX_FAILURE_LOG_LINES {
+            " (further wasi-nn failures of this task are not logged)"
+        } else {
+            ""
+        })
+    }
+
     /// The first budget the task hit, if any.
     pub fn budget_hit(&self) -> Option<BudgetHit> {
         self.lock().hit.clone()
@@ -250,6 +271,24 @@ impl BackendExecutionContext for BudgetedContext {
         Err(super::witx_get_output())
     }
     fn compute(
+        &mut self,
+        inputs: Option<Vec<NamedTensor>>,
+    ) -> Result<Option<Vec<NamedTensor>>, BackendError> {
+        let r = self.compute_within_budget(inputs);
+        if let Err(e) = &r {
+            // The guest sees only wasi-nn's top-level text; the reason is the
+            // node owner's to read (bounded: the guest can fail in a loop).
+            if let Some(more) = self.env.nn.may_log() {
+                let reason = crate::guest_text::escape(&format!("{e:#}"), 1024);
+                tracing::warn!(target: "tidepool::job", "wasi-nn compute failed: {reason}{more}");
+            }
+        }
+        r
+    }
+}
+
+impl BudgetedContext {
+    fn compute_within_budget(
         &mut self,
         inputs: Option<Vec<NamedTensor>>,
     ) -> Result<Option<Vec<NamedTensor>>, BackendError> {
