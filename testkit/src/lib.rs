@@ -3,6 +3,8 @@
 //! - [`snapshot`]: the runner of snapshot tests (a folder of input files,
 //!   each with its `.expected` rendering; `TIDEPOOL_BLESS=1` rewrites them);
 //! - [`bundle`]: the signed stand-in bundle coordinator tests publish;
+//! - [`fuzz`]: byte mutations of valid encodings and an allocator that
+//!   remembers the largest allocation, for the fuzz targets;
 //! - [`fake_node`]: what a node sends back for a grant, with a receipt
 //!   signed as a real node signs it, for tests that drive the coordinator or
 //!   a real pool without running guests.
@@ -13,4 +15,5 @@
 
 pub mod bundle;
 pub mod fake_node;
+pub mod fuzz;
 pub mod snapshot;
