@@ -104,8 +104,18 @@ pub fn server_with(
 }
 
 /// A client endpoint (node or client) with `key` as its identity, trusting
-/// only a pool whose key is `pool`.
+/// only a pool whose key is `pool`, on any local address.
 pub fn client(key: &SecretKey, pool: PublicKey) -> Result<quinn::Endpoint, NetError> {
+    client_bound(key, pool, ([0, 0, 0, 0], 0).into())
+}
+
+/// [`client`] on the local address `bind` (a machine with several
+/// addresses; tests that must look like several hosts on loopback).
+pub fn client_bound(
+    key: &SecretKey,
+    pool: PublicKey,
+    bind: SocketAddr,
+) -> Result<quinn::Endpoint, NetError> {
     let (cert, secret) = certificate(key).map_err(|e| NetError::Tls(e.to_string()))?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -118,7 +128,6 @@ pub fn client(key: &SecretKey, pool: PublicKey) -> Result<quinn::Endpoint, NetEr
     let quic = QuicClientConfig::try_from(tls).map_err(|e| NetError::Tls(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     cfg.transport_config(transport());
-    let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
     let mut ep =
         quinn::Endpoint::client(bind).map_err(|source| NetError::Bind { addr: bind, source })?;
     ep.set_default_client_config(cfg);

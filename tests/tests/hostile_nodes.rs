@@ -5,7 +5,7 @@
 //! many connections. The honest work finishes every time, and `pool
 //! status` says what was refused.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use std::time::Duration;
 use tidepool_pool::PoolEvent;
 use tidepool_proto::wire::{
@@ -311,6 +311,69 @@ async fn frames_past_their_kinds_limit_and_extra_connections_are_refused() -> Re
     for kind in ["oversized frame", "connections per key"] {
         assert!(s.refusals.get(kind) >= Some(&1), "{kind}: {:?}", s.refusals);
     }
+    client.close().await;
+    pool.shutdown().await;
+    Ok(())
+}
+
+/// Connections from one address are bounded before their handshake costs
+/// anything (`connections_per_ip`): strangers with fresh keys on 127.0.0.2
+/// get three connections and the fourth is refused, while 127.0.0.3 (another
+/// host, as far as the pool can tell) still connects; closing one makes room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_from_one_address_are_bounded_before_the_handshake() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys = Keys::new(72);
+    let mut cfg = test_pool_config(&keys);
+    cfg.limits.connections_per_ip = 3;
+    let pool = start_pool(&dir.path().join("pool"), &keys, cfg, "127.0.0.1:0".parse()?).await?;
+    let from = |host: u8, seed: u8| {
+        let key = SecretKey::from_seed(KeyRole::Node, &[seed; 32]);
+        tidepool_net::client_bound(&key, keys.pool.public(), ([127, 0, 0, host], 0).into())
+    };
+    let mut open = Vec::new();
+    for seed in 0..3u8 {
+        let ep = from(2, 100 + seed)?;
+        let conn = tidepool_net::connect(&ep, pool.addr).await?;
+        open.push((conn, ep));
+    }
+    let extra = from(2, 110)?;
+    let refused = tidepool_net::connect(&extra, pool.addr).await;
+    assert!(refused.is_err(), "a fourth connection from 127.0.0.2 was accepted");
+
+    let other = from(3, 111)?;
+    let conn = tidepool_net::connect(&other, pool.addr)
+        .await
+        .context("another address is not affected")?;
+    let node = RawNode {
+        conn,
+        _ep: other,
+    };
+    node.hello(1, 0).await?;
+
+    let (conn, _ep) = open.pop().context("three open")?;
+    conn.close(0u32.into(), b"bye");
+    drop(conn);
+    let mut again = Err(anyhow::anyhow!("not tried"));
+    for _ in 0..50 {
+        // The pool notices the close on its side first.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        again = tidepool_net::connect(&from(2, 112)?, pool.addr)
+            .await
+            .map_err(Into::into);
+        if again.is_ok() {
+            break;
+        }
+    }
+    again.context("room again after one closed")?;
+
+    let client = tidepool_client::PoolClient::connect(pool.addr, &keys.publisher, keys.pool.public()).await?;
+    let s = client.pool_status().await?;
+    assert!(
+        s.refusals.get("connections per IP") >= Some(&1),
+        "{:?}",
+        s.refusals
+    );
     client.close().await;
     pool.shutdown().await;
     Ok(())
