@@ -745,16 +745,12 @@ fn add_tensor_budget(linker: &mut Linker<TaskState>) -> anyhow::Result<()> {
     use wasmtime_wasi_nn::Tensor;
     linker.allow_shadowing(true);
     let mut inst = linker.instance(WASI_NN_TENSOR)?;
-    inst.resource(
-        "tensor",
-        ResourceType::host::<Tensor>(),
-        |mut cx, rep| {
-            let state = cx.data_mut();
-            let t = state.table.delete(Resource::<Tensor>::new_own(rep))?;
-            state.nn_usage.tensor_dropped(t.data.len() as u64);
-            Ok(())
-        },
-    )?;
+    inst.resource("tensor", ResourceType::host::<Tensor>(), |mut cx, rep| {
+        let state = cx.data_mut();
+        let t = state.table.delete(Resource::<Tensor>::new_own(rep))?;
+        state.nn_usage.tensor_dropped(t.data.len() as u64);
+        Ok(())
+    })?;
     inst.func_wrap(
         "[constructor]tensor",
         |mut cx, (dimensions, ty, data): (Vec<u32>, TensorType, Vec<u8>)| {

@@ -11,7 +11,9 @@ pub mod frames;
 pub mod tls;
 
 pub use blobs::{BlobDir, BlobError};
-pub use endpoint::{client, client_bound, connect, peer_key, server, server_with, NetError, ServerLimits};
+pub use endpoint::{
+    client, client_bound, connect, peer_key, server, server_with, NetError, ServerLimits,
+};
 pub use frames::{
     call, read_frame, read_frame_head, read_frame_within, write_frame, FrameHead, StreamError,
 };

@@ -455,13 +455,19 @@ mod tests {
         assert!(err.to_string().contains("\"tensorrt\" is not"), "{err}");
 
         // [sandbox]: documented defaults, settings in MiB, nonsense refused.
-        assert_eq!(with("").expect("config").nn, tidepool_host::NnLimits::default());
+        assert_eq!(
+            with("").expect("config").nn,
+            tidepool_host::NnLimits::default()
+        );
         let nn = with("[sandbox]\nmax_tensor_mib = 64\nmax_contexts = 2\n")
             .expect("config")
             .nn;
         assert_eq!((nn.max_tensor_bytes, nn.max_contexts), (64 << 20, 2));
         let err = with("[sandbox]\nmax_contexts = 0\n").expect_err("zero contexts");
-        assert!(err.to_string().contains("[sandbox] max_contexts = 0"), "{err}");
+        assert!(
+            err.to_string().contains("[sandbox] max_contexts = 0"),
+            "{err}"
+        );
         let err = NodeFile::read(&{
             std::fs::write(&path, format!("{pool}[sandbox]\nmax_tensors = 1\n")).expect("write");
             path.clone()

@@ -174,7 +174,11 @@ fn frame_seeds() -> Vec<Vec<u8>> {
         .iter()
         .map(|r| wire::encode(r).expect("encodes"))
         .collect();
-    out.extend(responses().iter().map(|r| wire::encode(r).expect("encodes")));
+    out.extend(
+        responses()
+            .iter()
+            .map(|r| wire::encode(r).expect("encodes")),
+    );
     // Several frames back to back, as a stream carries them.
     out.push(out.concat());
     out

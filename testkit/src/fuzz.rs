@@ -85,8 +85,8 @@ pub enum Mutation {
 /// Bytes that mean something to MessagePack: markers of maps, arrays,
 /// strings and binaries with 8/16/32-bit lengths, nil, bools, ints.
 const MARKERS: &[u8] = &[
-    0x00, 0x7f, 0x80, 0x8f, 0x90, 0x9f, 0xa0, 0xbf, 0xc0, 0xc2, 0xc3, 0xc4, 0xc5, 0xc6, 0xcc,
-    0xcf, 0xd9, 0xda, 0xdb, 0xdc, 0xdd, 0xde, 0xdf, 0xff, b'"', b'[', b']', b'=', b'\n', b'\\',
+    0x00, 0x7f, 0x80, 0x8f, 0x90, 0x9f, 0xa0, 0xbf, 0xc0, 0xc2, 0xc3, 0xc4, 0xc5, 0xc6, 0xcc, 0xcf,
+    0xd9, 0xda, 0xdb, 0xdc, 0xdd, 0xde, 0xdf, 0xff, b'"', b'[', b']', b'=', b'\n', b'\\',
 ];
 
 fn mutation() -> impl Strategy<Value = Mutation> {
@@ -95,13 +95,22 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         (any::<usize>(), proptest::sample::select(MARKERS)).prop_map(|(i, b)| Mutation::Set(i, b)),
         (
             any::<usize>(),
-            prop_oneof![Just(u32::MAX), Just(0x7fff_ffff), Just(0x0100_0000), any::<u32>()]
+            prop_oneof![
+                Just(u32::MAX),
+                Just(0x7fff_ffff),
+                Just(0x0100_0000),
+                any::<u32>()
+            ]
         )
             .prop_map(|(i, n)| Mutation::Length(i, n)),
         any::<usize>().prop_map(Mutation::Truncate),
-        (any::<usize>(), proptest::collection::vec(any::<u8>(), 1..16))
+        (
+            any::<usize>(),
+            proptest::collection::vec(any::<u8>(), 1..16)
+        )
             .prop_map(|(i, b)| Mutation::Insert(i, b)),
-        (any::<usize>(), any::<usize>(), 1usize..64).prop_map(|(a, b, n)| Mutation::Splice(a, b, n)),
+        (any::<usize>(), any::<usize>(), 1usize..64)
+            .prop_map(|(a, b, n)| Mutation::Splice(a, b, n)),
     ]
 }
 

@@ -38,8 +38,7 @@ impl Logs {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn hostile_guests_are_stopped_by_a_real_node_which_then_serves_the_next_task() -> Result<()>
-{
+async fn hostile_guests_are_stopped_by_a_real_node_which_then_serves_the_next_task() -> Result<()> {
     let logs = Logs::default();
     let writer = logs.clone();
     tracing_subscriber::fmt()
@@ -118,22 +117,29 @@ async fn hostile_guests_are_stopped_by_a_real_node_which_then_serves_the_next_ta
     let text = logs.text();
     let forged = "2026-12-01T00:00:00.000000Z  INFO tidepool::node: result accepted";
     assert!(
-        text.contains(&format!("line 0\\n{forged}\\r\\u{{1b}}[2J\\u{{1b}}]0;owned\\u{{7}}")),
+        text.contains(&format!(
+            "line 0\\n{forged}\\r\\u{{1b}}[2J\\u{{1b}}]0;owned\\u{{7}}"
+        )),
         "escaped guest line missing from:\n{text}"
     );
     assert!(
         !text.lines().any(|l| l.starts_with(forged)),
         "a guest forged a node log line:\n{text}"
     );
-    assert!(!text.contains('\u{1b}'), "a terminal escape reached the log");
+    assert!(
+        !text.contains('\u{1b}'),
+        "a terminal escape reached the log"
+    );
 
     // The same node serves the next task of the same bundle.
     let (job, _) = client
         .submit(
             digest,
-            vec![json!({"shape": {"model": "minilm-l3", "dims": [1, 8], "inputs": inputs}})
-                .to_string()
-                .into_bytes()],
+            vec![
+                json!({"shape": {"model": "minilm-l3", "dims": [1, 8], "inputs": inputs}})
+                    .to_string()
+                    .into_bytes(),
+            ],
             "after".into(),
         )
         .await?;
@@ -141,7 +147,10 @@ async fn hostile_guests_are_stopped_by_a_real_node_which_then_serves_the_next_ta
     assert_eq!(s.done, 1, "{s:?}");
     let out = record_output(&client.job_results(job).await?[0]);
     let out: serde_json::Value = serde_json::from_slice(&out).context("output JSON")?;
-    assert!(out["ok"].as_str().is_some_and(|s| s.ends_with("outputs")), "{out}");
+    assert!(
+        out["ok"].as_str().is_some_and(|s| s.ends_with("outputs")),
+        "{out}"
+    );
 
     node.drain().await?;
     client.close().await;

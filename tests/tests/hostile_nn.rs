@@ -104,7 +104,10 @@ fn a_huge_input_shape_is_refused_before_the_engine_runs() {
         json!({"shape": {"model": MODEL, "dims": [2, 16], "inputs": inputs}}),
     )
     .expect("runs");
-    assert!(out["ok"].as_str().is_some_and(|s| s.ends_with("outputs")), "{out}");
+    assert!(
+        out["ok"].as_str().is_some_and(|s| s.ends_with("outputs")),
+        "{out}"
+    );
     assert_healthy(&sb);
 }
 
@@ -168,7 +171,12 @@ fn execution_contexts_are_bounded_per_task() {
     };
     assert!(why.contains("execution contexts"), "{why}");
     // Four are allowed.
-    let out = abuse(&sb, "four", json!({"contexts": {"model": MODEL, "count": 4}})).expect("runs");
+    let out = abuse(
+        &sb,
+        "four",
+        json!({"contexts": {"model": MODEL, "count": 4}}),
+    )
+    .expect("runs");
     assert_eq!(out["ok"], "4 contexts open", "{out}");
     assert_healthy(&sb);
 }

@@ -339,16 +339,16 @@ async fn connections_from_one_address_are_bounded_before_the_handshake() -> Resu
     }
     let extra = from(2, 110)?;
     let refused = tidepool_net::connect(&extra, pool.addr).await;
-    assert!(refused.is_err(), "a fourth connection from 127.0.0.2 was accepted");
+    assert!(
+        refused.is_err(),
+        "a fourth connection from 127.0.0.2 was accepted"
+    );
 
     let other = from(3, 111)?;
     let conn = tidepool_net::connect(&other, pool.addr)
         .await
         .context("another address is not affected")?;
-    let node = RawNode {
-        conn,
-        _ep: other,
-    };
+    let node = RawNode { conn, _ep: other };
     node.hello(1, 0).await?;
 
     let (conn, _ep) = open.pop().context("three open")?;
@@ -367,7 +367,9 @@ async fn connections_from_one_address_are_bounded_before_the_handshake() -> Resu
     }
     again.context("room again after one closed")?;
 
-    let client = tidepool_client::PoolClient::connect(pool.addr, &keys.publisher, keys.pool.public()).await?;
+    let client =
+        tidepool_client::PoolClient::connect(pool.addr, &keys.publisher, keys.pool.public())
+            .await?;
     let s = client.pool_status().await?;
     assert!(
         s.refusals.get("connections per IP") >= Some(&1),

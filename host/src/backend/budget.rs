@@ -122,7 +122,13 @@ impl NnUsage {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn hit(&self, state: &mut UsageState, what: &'static str, limit: u64, wanted: u64) -> BudgetHit {
+    fn hit(
+        &self,
+        state: &mut UsageState,
+        what: &'static str,
+        limit: u64,
+        wanted: u64,
+    ) -> BudgetHit {
         let hit = BudgetHit {
             what,
             limit,
@@ -242,7 +248,9 @@ impl BudgetedContext {
         model: Arc<dyn ModelGraph>,
         env: &TaskEnv,
     ) -> Result<Box<dyn BackendExecutionContext>, BackendError> {
-        env.nn.open_context().map_err(|h| engine_err(h.to_string()))?;
+        env.nn
+            .open_context()
+            .map_err(|h| engine_err(h.to_string()))?;
         match model.context(env) {
             Ok(inner) => Ok(Box::new(Self {
                 inner: Some(inner),
@@ -264,7 +272,11 @@ impl Drop for BudgetedContext {
 }
 
 impl BackendExecutionContext for BudgetedContext {
-    fn set_input(&mut self, _id: Id, _tensor: &wasmtime_wasi_nn::Tensor) -> Result<(), BackendError> {
+    fn set_input(
+        &mut self,
+        _id: Id,
+        _tensor: &wasmtime_wasi_nn::Tensor,
+    ) -> Result<(), BackendError> {
         Err(super::witx_set_input())
     }
     fn get_output(&mut self, _id: Id) -> Result<wasmtime_wasi_nn::Tensor, BackendError> {
@@ -354,9 +366,8 @@ impl BudgetedContext {
                     ));
                 }
                 // It finished just as the deadline passed: take the result.
-                rx.recv().map_err(|_| {
-                    engine_err("the compute thread ended without a result".into())
-                })?
+                rx.recv()
+                    .map_err(|_| engine_err("the compute thread ended without a result".into()))?
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 return Err(engine_err(

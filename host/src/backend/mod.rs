@@ -11,11 +11,11 @@
 //! become wasi-nn errors (`runtime-error` with a message, or `timeout`),
 //! never traps; panics inside an engine are caught and reported the same way.
 
+pub mod budget;
 #[cfg(feature = "llama")]
 pub mod llama;
 #[cfg(feature = "onnxruntime")]
 pub mod onnxruntime;
-pub mod budget;
 pub mod shapes;
 pub mod tract;
 

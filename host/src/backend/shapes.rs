@@ -64,7 +64,7 @@ impl ShapeBudget {
             .model_for_path(path)?
             .into_typed()?
             .into_decluttered()?;
-        Ok(Self::of_typed(&model)?)
+        Self::of_typed(&model)
     }
 
     /// Analyse a typed model.
@@ -88,7 +88,7 @@ impl ShapeBudget {
                     // Fixed by the model (weights, constants): not the guest's doing.
                     continue;
                 }
-                working = working + volume * out.fact.datum_type.size_of() as i64;
+                working += volume * out.fact.datum_type.size_of() as i64;
             }
         }
         Ok(Self {
@@ -114,9 +114,9 @@ impl ShapeBudget {
                 input: t.name.clone(),
                 reason,
             };
-            let elements = dims
-                .iter()
-                .try_fold(element_bytes(t.tensor.ty), |n, &d| n.checked_mul(u64::from(d)));
+            let elements = dims.iter().try_fold(element_bytes(t.tensor.ty), |n, &d| {
+                n.checked_mul(u64::from(d))
+            });
             if elements != Some(t.tensor.data.len() as u64) {
                 return Err(invalid(format!(
                     "dimensions {dims:?} of {}-byte elements do not match the {} bytes given",
