@@ -225,17 +225,70 @@ pub fn abandoned_computes() -> usize {
     ABANDONED_RUNNING.load(Ordering::Relaxed)
 }
 
-/// A compute's thread: running, finished, or let go by its task.
+/// One compute on a context's thread: running, finished, or let go by its task.
 const RUNNING: u8 = 0;
 const FINISHED: u8 = 1;
 const ABANDONED: u8 = 2;
 
+/// What a context's thread is asked: the inputs, and the compute's state
+/// (shared, so either side learns whether the other gave up first).
+type Job = (Option<Vec<NamedTensor>>, Arc<AtomicU8>);
+/// What it answers.
+type Done = Result<Option<Vec<NamedTensor>>, BackendError>;
+
+/// Where the engine's context is.
+enum Engine {
+    /// Not computed on yet (no thread started).
+    Idle(Box<dyn BackendExecutionContext>),
+    /// On its own thread, which lives until the context is dropped.
+    Thread {
+        /// Computes to run, in order.
+        jobs: mpsc::Sender<Job>,
+        /// Their results, in order (in a mutex only because contexts must
+        /// be `Sync`; one compute at a time uses it).
+        done: Mutex<mpsc::Receiver<Done>>,
+    },
+    /// A compute was let go at the deadline (its thread ends after it).
+    LetGo,
+}
+
+/// Start the thread an engine context computes on. It ends when the
+/// context is dropped (its job channel closes), or after a compute its task
+/// let go.
+fn start(mut inner: Box<dyn BackendExecutionContext>) -> std::io::Result<Engine> {
+    let (jobs, job_rx) = mpsc::channel::<Job>();
+    let (done_tx, done) = mpsc::channel::<Done>();
+    std::thread::Builder::new()
+        .name("tidepool-compute".into())
+        .spawn(move || {
+            while let Ok((inputs, state)) = job_rx.recv() {
+                let r = inner.compute(inputs);
+                if state
+                    .compare_exchange(RUNNING, FINISHED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_err()
+                {
+                    // The task let this compute go at its deadline; nobody waits.
+                    ABANDONED_RUNNING.fetch_sub(1, Ordering::Relaxed);
+                    return;
+                }
+                if done_tx.send(r).is_err() {
+                    return;
+                }
+            }
+        })?;
+    Ok(Engine::Thread {
+        jobs,
+        done: Mutex::new(done),
+    })
+}
+
 /// Every execution context a task opens, around the engine's own: checks
 /// shapes and budgets before the engine runs, counts what it returns, and
-/// lets a compute go at the deadline.
+/// lets a compute go at the deadline. Lives as long as the guest's context
+/// resource.
 pub(crate) struct BudgetedContext {
-    /// The engine's context; `None` once a compute on it was abandoned.
-    inner: Option<Box<dyn BackendExecutionContext>>,
+    /// The engine's context, or the thread it lives on.
+    engine: Engine,
     /// The model (for its declared shapes); shared, outlives the task.
     model: Arc<dyn ModelGraph>,
     /// The task's deadline, accounting and generation record.
@@ -253,7 +306,7 @@ impl BudgetedContext {
             .map_err(|h| engine_err(h.to_string()))?;
         match model.context(env) {
             Ok(inner) => Ok(Box::new(Self {
-                inner: Some(inner),
+                engine: Engine::Idle(inner),
                 model,
                 env: env.clone(),
             })),
@@ -319,63 +372,29 @@ impl BudgetedContext {
             }
         }
         self.env.budget.check("compute")?;
-        let Some(mut inner) = self.inner.take() else {
-            return Err(engine_err(
-                "this execution context was let go at the task's deadline".into(),
-            ));
-        };
-        let state = Arc::new(AtomicU8::new(RUNNING));
-        let (tx, rx) = mpsc::sync_channel(1);
-        let thread_state = state.clone();
-        let spawned = std::thread::Builder::new()
-            .name("tidepool-compute".into())
-            .spawn(move || {
-                let r = inner.compute(inputs);
-                if thread_state
-                    .compare_exchange(RUNNING, FINISHED, Ordering::AcqRel, Ordering::Acquire)
-                    .is_err()
-                {
-                    // Our task let us go at its deadline; nobody waits for the result.
-                    ABANDONED_RUNNING.fetch_sub(1, Ordering::Relaxed);
-                    return;
-                }
-                let _ = tx.send((inner, r));
-            });
-        if let Err(e) = spawned {
-            return Err(engine_err(format!("cannot start a compute thread: {e}")));
+        if let Engine::Idle(_) = self.engine {
+            let Engine::Idle(inner) = std::mem::replace(&mut self.engine, Engine::LetGo) else {
+                unreachable!("matched Idle just above")
+            };
+            self.engine = start(inner)
+                .map_err(|e| engine_err(format!("cannot start a compute thread: {e}")))?;
         }
-        let wait = self
-            .env
-            .budget
-            .deadline
-            .saturating_duration_since(Instant::now());
-        let (inner, result) = match rx.recv_timeout(wait) {
-            Ok(done) => done,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if state
-                    .compare_exchange(RUNNING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    let running = ABANDONED_RUNNING.fetch_add(1, Ordering::Relaxed) + 1;
-                    tracing::warn!(
-                        still_running = running,
-                        "a compute ran past its task's deadline; the task ends and the engine's thread is let go"
-                    );
-                    return Err(engine_err(
-                        "compute abandoned: the task's deadline passed while it ran".into(),
-                    ));
-                }
-                // It finished just as the deadline passed: take the result.
-                rx.recv()
-                    .map_err(|_| engine_err("the compute thread ended without a result".into()))?
+        let outcome = match &self.engine {
+            Engine::Thread { jobs, done } => {
+                run_on_thread(jobs, done, inputs, self.env.budget.deadline)
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(engine_err(
-                    "the compute thread ended without a result".into(),
-                ))
+            _ => Err(engine_err(
+                "this execution context was let go at the task's deadline".into(),
+            )),
+        };
+        let result = match outcome {
+            Ok(r) => r,
+            Err(e) => {
+                // The thread is gone or busy past the deadline: never use it again.
+                self.engine = Engine::LetGo;
+                return Err(e);
             }
         };
-        self.inner = Some(inner);
         let outputs = result?;
         if let Some(outs) = &outputs {
             if let Err(hit) = nn.tensor_created(tensors_bytes(outs)) {
@@ -383,5 +402,44 @@ impl BudgetedContext {
             }
         }
         Ok(outputs)
+    }
+}
+
+/// Run one compute on a context's thread and wait for it until `deadline`.
+/// `Err`: the thread is gone, or the compute was let go at the deadline
+/// (the context must not be used again); `Ok`: the engine's own result.
+fn run_on_thread(
+    jobs: &mpsc::Sender<Job>,
+    done: &Mutex<mpsc::Receiver<Done>>,
+    inputs: Option<Vec<NamedTensor>>,
+    deadline: Instant,
+) -> Result<Done, BackendError> {
+    // Poisoning needs a panic while receiving, which does not happen.
+    let done = done.lock().unwrap_or_else(|p| p.into_inner());
+    let state = Arc::new(AtomicU8::new(RUNNING));
+    if jobs.send((inputs, state.clone())).is_err() {
+        return Err(engine_err("the compute thread has ended".into()));
+    }
+    let gone = || engine_err("the compute thread ended without a result".into());
+    match done.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        Ok(r) => Ok(r),
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            if state
+                .compare_exchange(RUNNING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                let running = ABANDONED_RUNNING.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::warn!(
+                    still_running = running,
+                    "a compute ran past its task's deadline; the task ends and the engine's thread is let go"
+                );
+                return Err(engine_err(
+                    "compute abandoned: the task's deadline passed while it ran".into(),
+                ));
+            }
+            // It finished just as the deadline passed: take the result.
+            done.recv().map_err(|_| gone())
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => Err(gone()),
     }
 }
