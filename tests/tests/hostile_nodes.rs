@@ -380,3 +380,47 @@ async fn connections_from_one_address_are_bounded_before_the_handshake() -> Resu
     pool.shutdown().await;
     Ok(())
 }
+
+/// A result accepted just before the pool restarted, resent by its node
+/// after: the new process's network shell has never seen that lease, but
+/// the node is told `Duplicate` (the coordinator knows it was accepted), not
+/// `Stale` — a lie that would tell an honest node its work was thrown away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_resent_after_a_pool_restart_is_a_duplicate_not_stale() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys = Keys::new(76);
+    let pool_dir = dir.path().join("pool");
+    let cfg = || {
+        let mut c = test_pool_config(&keys);
+        c.verify.initial_reputation = 0;
+        c
+    };
+    let pool = start_pool(&pool_dir, &keys, cfg(), "127.0.0.1:0".parse()?).await?;
+    let bundle = echo_bundle(&dir.path().join("author"), &keys)?;
+    let component = bundle.manifest()?.component.sha256;
+    let (client, digest) = publish(pool.addr, &keys, &bundle).await?;
+    client
+        .submit(digest, vec![b"hello".to_vec()], "restart".into())
+        .await?;
+    client.close().await;
+
+    let node = RawNode::connect(&keys, 77, pool.addr).await?;
+    node.hello(1, 0).await?;
+    let (grants, _) = node.lease(1, &[]).await?;
+    let grant = grants.first().context("one grant")?;
+    let key = SecretKey::from_seed(KeyRole::Node, &[77; 32]);
+    let result =
+        tidepool_testkit::fake_node::answer(&key, grant, component, grant.input.0.clone(), "t");
+    let verdicts = node.results(vec![result.clone()]).await?;
+    assert_eq!(verdicts, vec![(grant.lease, Verdict::Accepted)]);
+    drop(node);
+    pool.shutdown().await;
+
+    let pool = start_pool(&pool_dir, &keys, cfg(), "127.0.0.1:0".parse()?).await?;
+    let node = RawNode::connect(&keys, 77, pool.addr).await?;
+    node.hello(1, 0).await?;
+    let verdicts = node.results(vec![result]).await?;
+    assert_eq!(verdicts, vec![(grant.lease, Verdict::Duplicate)]);
+    pool.shutdown().await;
+    Ok(())
+}

@@ -6,7 +6,12 @@
 //!
 //! It only mirrors grants, losses and verdicts that passed through this
 //! process; the coordinator's lease table stays the authority (a result
-//! let through here is still checked there).
+//! let through here is still checked there). After a pool restart a node
+//! resends results for leases granted before it, some of them accepted
+//! just before the crash: the coordinator alone knows, so each key may
+//! send that many results for leases unknown here (`cap`, more than the
+//! pool lets a node hold) through to it once per process; past that they
+//! are answered here.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
@@ -24,6 +29,16 @@ struct Held {
     leases: BTreeSet<LeaseId>,
     /// Recently accepted, newest last (at most [`ACCEPTED_KEPT`]).
     accepted: VecDeque<LeaseId>,
+    /// Results for leases unknown here already let through to the
+    /// coordinator (at most the cap, for the life of the process).
+    unknown_passed: usize,
+}
+
+impl Held {
+    /// Whether nothing about the key needs remembering.
+    fn is_empty(&self) -> bool {
+        self.leases.is_empty() && self.accepted.is_empty() && self.unknown_passed == 0
+    }
 }
 
 /// Leases per node key. Lives as long as the server; a key's entry goes
@@ -32,9 +47,9 @@ struct Held {
 pub(super) struct HeldLeases {
     /// The leases, by node key.
     by_key: Mutex<HashMap<PublicKey, Held>>,
-    /// Most leases remembered per key (the oldest are forgotten past it;
-    /// results for them are then answered `Stale`). Well above what the
-    /// pool lets a node hold.
+    /// Most leases remembered per key (the oldest are forgotten past it),
+    /// and most results for unknown leases a key may send through to the
+    /// coordinator. Well above what the pool lets a node hold.
     cap: usize,
 }
 
@@ -60,31 +75,38 @@ impl HeldLeases {
         while held.leases.len() > self.cap {
             held.leases.pop_first();
         }
-        if held.leases.is_empty() && held.accepted.is_empty() {
+        if held.is_empty() {
             map.remove(key);
         }
     }
 
-    /// Split `key`'s results into those for leases it holds (for the
-    /// coordinator) and verdicts answered here, with how many were not
-    /// held.
+    /// Split `key`'s results into those for the coordinator (leases it
+    /// holds, and unknown ones within the key's allowance) and verdicts
+    /// answered here.
     pub(super) fn sort(
         &self,
         key: &PublicKey,
         results: Vec<TaskResult>,
     ) -> (Vec<TaskResult>, Vec<(LeaseId, Verdict)>) {
-        let map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
-        let held = map.get(key);
+        let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        let held = map.entry(*key).or_default();
         let mut pass = Vec::with_capacity(results.len());
         let mut here = Vec::new();
         for r in results {
-            match held {
-                Some(h) if h.leases.contains(&r.lease) => pass.push(r),
-                Some(h) if h.accepted.contains(&r.lease) => {
-                    here.push((r.lease, Verdict::Duplicate))
-                }
-                _ => here.push((r.lease, Verdict::Stale)),
+            if held.leases.contains(&r.lease) {
+                pass.push(r);
+            } else if held.accepted.contains(&r.lease) {
+                here.push((r.lease, Verdict::Duplicate));
+            } else if held.unknown_passed < self.cap {
+                // Perhaps granted (even accepted) before a restart: ask.
+                held.unknown_passed += 1;
+                pass.push(r);
+            } else {
+                here.push((r.lease, Verdict::Stale));
             }
+        }
+        if held.is_empty() {
+            map.remove(key);
         }
         (pass, here)
     }
@@ -144,11 +166,18 @@ mod tests {
         let a = SecretKey::from_seed(KeyRole::Node, &[1; 32]).public();
         let b = SecretKey::from_seed(KeyRole::Node, &[2; 32]).public();
         let h = HeldLeases::new(3);
+        // Results for leases unknown here (granted before a restart) reach
+        // the coordinator, three per key for the life of the process.
+        let (pass, here) = h.sort(&a, vec![result(7), result(8), result(9), result(10)]);
+        assert_eq!(pass.len(), 3);
+        assert_eq!(here, vec![(id(10), Verdict::Stale)]);
         h.granted(&a, &[grant(1), grant(2)], &[]);
         let (pass, here) = h.sort(&a, vec![result(1), result(9)]);
         assert_eq!(pass.len(), 1);
         assert_eq!(here, vec![(id(9), Verdict::Stale)]);
-        // Another key holds nothing.
+        // Another key has its own allowance, then holds nothing.
+        let (pass, _) = h.sort(&b, vec![result(1); 3]);
+        assert_eq!(pass.len(), 3);
         let (pass, _) = h.sort(&b, vec![result(1)]);
         assert!(pass.is_empty());
         h.judged(&a, &[(id(1), Verdict::Accepted)]);
