@@ -113,6 +113,41 @@ fn main() {
         ),
     ));
 
+    // 2b. The working-memory check every compute passes before the engine
+    //     runs (issue #16), vs one text's inference natively.
+    let shapes =
+        tidepool_host::backend::shapes::ShapeBudget::of_onnx_file(&model_path("minilm-l3"))
+            .expect("shapes");
+    let ids = tok.encode(&texts[0], 128);
+    let tensor = |name: &str| wasmtime_wasi_nn::backend::NamedTensor {
+        name: name.into(),
+        tensor: wasmtime_wasi_nn::Tensor::new(
+            vec![1, ids.len() as u32],
+            wasmtime_wasi_nn::wit::TensorType::I64,
+            vec![0; ids.len() * 8],
+        ),
+    };
+    let inputs = [tensor("input_ids"), tensor("attention_mask")];
+    let (check, one_text) = measure_pair(
+        it(100),
+        it(2000),
+        || {
+            std::hint::black_box(shapes.check(&inputs, u64::MAX).expect("fits"));
+        },
+        || {
+            std::hint::black_box(native_embedding(|i| model.run(i), pooled, &ids));
+        },
+    );
+    rows.push((
+        "working-memory check before each compute".into(),
+        us(check.median()),
+        format!("one text natively: {}", us(one_text.median())),
+        format!(
+            "{:.2}% of it",
+            100.0 * check.median().as_secs_f64() / one_text.median().as_secs_f64()
+        ),
+    ));
+
     // 3. Cold start: compile vs load from the disk cache (fresh sandbox each time).
     let dir = std::env::temp_dir().join(format!("tidepool-bench-cache-{}", std::process::id()));
     let cfg = SandboxConfig {
