@@ -6,7 +6,7 @@
 //! show that no input makes a decoder allocate what a length prefix claims.
 //!
 //! Each target runs [`config`]'s 2048 cases in `cargo xtask test`; a long
-//! run sets `PROPTEST_CASES` higher (README, development).
+//! run sets `PROPTEST_CASES` higher (README, Development).
 
 use proptest::prelude::*;
 use std::alloc::{GlobalAlloc, Layout, System};
