@@ -29,7 +29,7 @@ use super::{engine_err, ModelGraph, TaskEnv};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
-use wasmtime_wasi_nn::backend::{BackendError, BackendExecutionContext, Id, NamedTensor};
+use wasmtime_wasi_nn::backend::{BackendError, BackendExecutionContext, NamedTensor};
 
 /// Per-task wasi-nn limits (node settings, `[sandbox]` in `node.toml`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -325,16 +325,7 @@ impl Drop for BudgetedContext {
 }
 
 impl BackendExecutionContext for BudgetedContext {
-    fn set_input(
-        &mut self,
-        _id: Id,
-        _tensor: &wasmtime_wasi_nn::Tensor,
-    ) -> Result<(), BackendError> {
-        Err(super::witx_set_input())
-    }
-    fn get_output(&mut self, _id: Id) -> Result<wasmtime_wasi_nn::Tensor, BackendError> {
-        Err(super::witx_get_output())
-    }
+    refuse_witx!();
     fn compute(
         &mut self,
         inputs: Option<Vec<NamedTensor>>,

@@ -41,7 +41,7 @@ use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 use tidepool_proto::llm::Generation;
-use wasmtime_wasi_nn::backend::{BackendError, BackendExecutionContext, Id, NamedTensor};
+use wasmtime_wasi_nn::backend::{BackendError, BackendExecutionContext, NamedTensor};
 use wasmtime_wasi_nn::wit::{GraphEncoding, TensorType};
 
 /// The llama-cpp-2 release this engine is built on (receipts name it).
@@ -332,12 +332,7 @@ fn bytes_out(name: &str, data: Vec<u8>) -> NamedTensor {
 }
 
 impl BackendExecutionContext for LlamaTask {
-    fn set_input(&mut self, _id: Id, _t: &wasmtime_wasi_nn::Tensor) -> Result<(), BackendError> {
-        Err(super::witx_set_input())
-    }
-    fn get_output(&mut self, _id: Id) -> Result<wasmtime_wasi_nn::Tensor, BackendError> {
-        Err(super::witx_get_output())
-    }
+    refuse_witx!();
     fn compute(
         &mut self,
         inputs: Option<Vec<NamedTensor>>,

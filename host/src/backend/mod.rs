@@ -11,6 +11,27 @@
 //! become wasi-nn errors (`runtime-error` with a message, or `timeout`),
 //! never traps; panics inside an engine are caught and reported the same way.
 
+/// The WITX methods of an execution context (`set-input`, `get-output`),
+/// refused the same way by every context: tasks pass named tensors to
+/// `compute`, which returns named tensors.
+macro_rules! refuse_witx {
+    () => {
+        fn set_input(
+            &mut self,
+            _id: wasmtime_wasi_nn::backend::Id,
+            _tensor: &wasmtime_wasi_nn::Tensor,
+        ) -> Result<(), wasmtime_wasi_nn::backend::BackendError> {
+            Err($crate::backend::witx_set_input())
+        }
+        fn get_output(
+            &mut self,
+            _id: wasmtime_wasi_nn::backend::Id,
+        ) -> Result<wasmtime_wasi_nn::Tensor, wasmtime_wasi_nn::backend::BackendError> {
+            Err($crate::backend::witx_get_output())
+        }
+    };
+}
+
 pub mod budget;
 #[cfg(feature = "llama")]
 pub mod llama;

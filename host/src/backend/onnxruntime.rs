@@ -24,7 +24,7 @@
 use super::{guarded, ModelGraph, NnEngine, TaskBudget, TaskEnv};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
-use wasmtime_wasi_nn::backend::{BackendError, BackendExecutionContext, Id, NamedTensor};
+use wasmtime_wasi_nn::backend::{BackendError, BackendExecutionContext, NamedTensor};
 use wasmtime_wasi_nn::wit::{GraphEncoding, TensorType};
 
 /// The ONNX Runtime release this build speaks to (C API 31).
@@ -407,12 +407,7 @@ fn from_ort(
 }
 
 impl BackendExecutionContext for OrtContext {
-    fn set_input(&mut self, _id: Id, _t: &wasmtime_wasi_nn::Tensor) -> Result<(), BackendError> {
-        Err(super::witx_set_input())
-    }
-    fn get_output(&mut self, _id: Id) -> Result<wasmtime_wasi_nn::Tensor, BackendError> {
-        Err(super::witx_get_output())
-    }
+    refuse_witx!();
     fn compute(
         &mut self,
         inputs: Option<Vec<NamedTensor>>,

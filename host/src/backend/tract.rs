@@ -6,7 +6,7 @@ use super::{guarded, ModelGraph, NnEngine, TaskBudget, TaskEnv};
 use anyhow::Context as _;
 use std::sync::Arc;
 use tract_onnx::prelude::*;
-use wasmtime_wasi_nn::backend::{BackendError, BackendExecutionContext, Id, NamedTensor};
+use wasmtime_wasi_nn::backend::{BackendError, BackendExecutionContext, NamedTensor};
 use wasmtime_wasi_nn::wit::{GraphEncoding, TensorType};
 
 /// The tract engine.
@@ -193,16 +193,7 @@ pub fn from_tract(name: &str, t: &Tensor) -> Result<wasmtime_wasi_nn::Tensor, Ba
 }
 
 impl BackendExecutionContext for TractContext {
-    fn set_input(
-        &mut self,
-        _id: Id,
-        _tensor: &wasmtime_wasi_nn::Tensor,
-    ) -> Result<(), BackendError> {
-        Err(super::witx_set_input())
-    }
-    fn get_output(&mut self, _id: Id) -> Result<wasmtime_wasi_nn::Tensor, BackendError> {
-        Err(super::witx_get_output())
-    }
+    refuse_witx!();
     fn compute(
         &mut self,
         inputs: Option<Vec<NamedTensor>>,
