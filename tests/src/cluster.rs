@@ -145,23 +145,38 @@ pub fn embed_bundle_with(
     version: &str,
     extra: &str,
 ) -> Result<(PathBuf, BundleFile)> {
+    let b = minilm_bundle(dir, keys, "embed", version, 256, extra)?;
+    let path = dir.join(format!("embed-{version}.bundle"));
+    b.write(&path)?;
+    Ok((path, b))
+}
+
+/// Write a `tidepool.toml` for the guest `job` (`target/jobs/<job>.wasm`)
+/// with the MiniLM model, `memory_mib` and a 20 s timeout, plus `extra`
+/// tables, into `dir`; pack it and sign it as the test publisher.
+pub fn minilm_bundle(
+    dir: &Path,
+    keys: &Keys,
+    job: &str,
+    version: &str,
+    memory_mib: u32,
+    extra: &str,
+) -> Result<BundleFile> {
     std::fs::create_dir_all(dir)?;
     let manifest = dir.join("tidepool.toml");
     let entry = tidepool_host::models::catalog_entry("minilm-l3")?;
     std::fs::write(
         &manifest,
         format!(
-            "name = \"embed\"\nversion = \"{version}\"\ncomponent = \"{}\"\n\n[models.minilm-l3]\nencoding = \"onnx\"\nsource = \"{}\"\nsha256 = \"{}\"\n\n[limits]\nmemory_mib = 256\ntimeout_ms = 20000\n\n{extra}",
-            jobs_dir().join("embed.wasm").display(),
+            "name = \"{job}\"\nversion = \"{version}\"\ncomponent = \"{}\"\n\n[models.minilm-l3]\nencoding = \"onnx\"\nsource = \"{}\"\nsha256 = \"{}\"\n\n[limits]\nmemory_mib = {memory_mib}\ntimeout_ms = 20000\n\n{extra}",
+            jobs_dir().join(format!("{job}.wasm")).display(),
             model_path("minilm-l3").display(),
             entry.sha256,
         ),
     )?;
     let mut b = tidepool_client::bundle::pack(&manifest, keys.publisher.public())?;
     b.sign(&keys.publisher)?;
-    let path = dir.join(format!("embed-{version}.bundle"));
-    b.write(&path)?;
-    Ok((path, b))
+    Ok(b)
 }
 
 /// Write a `tidepool.toml` for the summarize job (Gemma 3 270M, `llm`

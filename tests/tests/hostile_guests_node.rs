@@ -56,21 +56,14 @@ async fn hostile_guests_are_stopped_by_a_real_node_which_then_serves_the_next_ta
     cfg.leasing.breaker_failures = cfg.leasing.breaker_window;
     let pool = start_pool(&dir.path().join("pool"), &keys, cfg, "127.0.0.1:0".parse()?).await?;
 
-    let author = dir.path().join("author");
-    std::fs::create_dir_all(&author)?;
-    let manifest = author.join("tidepool.toml");
-    let entry = tidepool_host::models::catalog_entry("minilm-l3")?;
-    std::fs::write(
-        &manifest,
-        format!(
-            "name = \"nn-abuse\"\nversion = \"1.0.0\"\ncomponent = \"{}\"\n\n[models.minilm-l3]\nencoding = \"onnx\"\nsource = \"{}\"\nsha256 = \"{}\"\n\n[limits]\nmemory_mib = 128\ntimeout_ms = 20000\n",
-            jobs_dir().join("nn-abuse.wasm").display(),
-            model_path("minilm-l3").display(),
-            entry.sha256,
-        ),
+    let bundle = minilm_bundle(
+        &dir.path().join("author"),
+        &keys,
+        "nn-abuse",
+        "1.0.0",
+        128,
+        "",
     )?;
-    let mut bundle = tidepool_client::bundle::pack(&manifest, keys.publisher.public())?;
-    bundle.sign(&keys.publisher)?;
     let (client, digest) = publish(pool.addr, &keys, &bundle).await?;
 
     let tensor_budget = 32u64 << 20;
