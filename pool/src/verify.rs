@@ -129,6 +129,13 @@ pub fn audit_draw(secret: &[u8; 32], lease: LeaseId, node: &PublicKey) -> f64 {
     (u64::from_be_bytes(first) >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// Defaults for a `tolerance` tier that sets only `cosine`: every number
+/// that is not an element of a vector (a scalar, a one-element array) is
+/// still compared, within this absolute difference...
+pub const DEFAULT_ABS: f64 = 1e-6;
+/// ... or this relative difference.
+pub const DEFAULT_REL: f64 = 1e-5;
+
 /// Do two outcomes of the same task agree under `tier`?
 ///
 /// - `exact`: same bytes.
@@ -137,9 +144,14 @@ pub fn audit_draw(secret: &[u8; 32], lease: LeaseId, node: &PublicKey) -> f64 {
 ///   output exactly when every claimed token was within the manifest's
 ///   policy, and is the checker's own generation from the first token that
 ///   was not.
-/// - `tolerance`: job errors must be equal; outputs that are both JSON are
-///   walked together (same structure, equal strings, numbers within `abs`
-///   or `rel`, arrays of numbers also within `cosine`); outputs that are not
+/// - `tolerance`: job errors must be equal; outputs that are both JSON
+///   (strict: a repeated key in an object makes it not JSON) are walked
+///   together: same structure, equal strings and booleans, two integers
+///   equal, other numbers within `abs` or `rel`; an array of two or more
+///   numbers is a vector, its elements within `abs` or `rel` when either is
+///   set and the whole within `cosine` when set. With neither `abs` nor
+///   `rel` set, numbers outside vectors use [`DEFAULT_ABS`] and
+///   [`DEFAULT_REL`], so no number goes uncompared. Outputs that are not
 ///   JSON but a whole number of little-endian `f32`s are compared as one
 ///   vector; anything else must be the same bytes.
 pub fn agree(tier: &Determinism, a: &Outcome, b: &Outcome) -> bool {
@@ -153,12 +165,9 @@ pub fn agree(tier: &Determinism, a: &Outcome, b: &Outcome) -> bool {
             if x.0 == y.0 {
                 return true;
             }
-            match (
-                serde_json::from_slice::<serde_json::Value>(&x.0),
-                serde_json::from_slice::<serde_json::Value>(&y.0),
-            ) {
-                (Ok(x), Ok(y)) => t.json(&x, &y),
-                (Err(_), Err(_)) if x.0.len() == y.0.len() && x.0.len() % 4 == 0 => {
+            match (strict_json(&x.0), strict_json(&y.0)) {
+                (Some(x), Some(y)) => t.json(&x, &y),
+                (None, None) if x.0.len() == y.0.len() && x.0.len() % 4 == 0 => {
                     let f = |b: &[u8]| -> Vec<f64> {
                         b.chunks_exact(4)
                             .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
@@ -173,6 +182,69 @@ pub fn agree(tier: &Determinism, a: &Outcome, b: &Outcome) -> bool {
     }
 }
 
+/// Parse JSON, refusing an object with a repeated key (which parsers
+/// resolve differently, so two outputs could "agree" while meaning
+/// different things). `None`: not strict JSON.
+fn strict_json(bytes: &[u8]) -> Option<serde_json::Value> {
+    use serde::de::{Deserialize, Deserializer, Error, MapAccess, SeqAccess, Visitor};
+    use serde_json::Value as V;
+
+    struct Strict(V);
+    impl<'de> Deserialize<'de> for Strict {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(StrictVisitor).map(Strict)
+        }
+    }
+    struct StrictVisitor;
+    impl<'de> Visitor<'de> for StrictVisitor {
+        type Value = V;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_bool<E>(self, v: bool) -> Result<V, E> {
+            Ok(V::Bool(v))
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<V, E> {
+            Ok(V::from(v))
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<V, E> {
+            Ok(V::from(v))
+        }
+        fn visit_f64<E: Error>(self, v: f64) -> Result<V, E> {
+            serde_json::Number::from_f64(v)
+                .map(V::Number)
+                .ok_or_else(|| E::custom("not a finite number"))
+        }
+        fn visit_str<E>(self, v: &str) -> Result<V, E> {
+            Ok(V::String(v.to_owned()))
+        }
+        fn visit_string<E>(self, v: String) -> Result<V, E> {
+            Ok(V::String(v))
+        }
+        fn visit_unit<E>(self) -> Result<V, E> {
+            Ok(V::Null)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<V, A::Error> {
+            let mut v = Vec::new();
+            while let Some(Strict(x)) = seq.next_element()? {
+                v.push(x);
+            }
+            Ok(V::Array(v))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<V, A::Error> {
+            let mut m = serde_json::Map::new();
+            while let Some(k) = map.next_key::<String>()? {
+                let Strict(x) = map.next_value()?;
+                if m.insert(k, x).is_some() {
+                    return Err(A::Error::custom("repeated key"));
+                }
+            }
+            Ok(V::Object(m))
+        }
+    }
+    serde_json::from_slice::<Strict>(bytes).ok().map(|s| s.0)
+}
+
 /// Parsed tolerance thresholds.
 #[derive(Debug, Clone, Copy)]
 struct Tol {
@@ -182,17 +254,33 @@ struct Tol {
 }
 
 impl Tol {
-    fn number(&self, x: f64, y: f64) -> bool {
-        let d = (x - y).abs();
-        // With only a cosine threshold, elements are judged by the cosine.
+    /// Two numbers outside a vector: within `abs` or `rel` (their defaults
+    /// when neither is set).
+    fn scalar(&self, x: f64, y: f64) -> bool {
+        let (abs, rel) = match (self.abs, self.rel) {
+            (None, None) => (Some(DEFAULT_ABS), Some(DEFAULT_REL)),
+            set => set,
+        };
+        within(abs, rel, x, y)
+    }
+
+    /// Two elements of a vector: within `abs` or `rel` when either is set
+    /// (with only `cosine` set, the cosine judges the vector).
+    fn element(&self, x: f64, y: f64) -> bool {
         if self.abs.is_none() && self.rel.is_none() {
             return x.is_finite() == y.is_finite();
         }
-        self.abs.is_some_and(|a| d <= a) || self.rel.is_some_and(|r| d <= r * x.abs().max(y.abs()))
+        within(self.abs, self.rel, x, y)
     }
 
     fn vector(&self, x: &[f64], y: &[f64]) -> bool {
-        if x.len() != y.len() || !x.iter().zip(y).all(|(a, b)| self.number(*a, *b)) {
+        if x.len() != y.len() {
+            return false;
+        }
+        if x.len() == 1 {
+            return self.scalar(x[0], y[0]);
+        }
+        if !x.iter().zip(y).all(|(a, b)| self.element(*a, *b)) {
             return false;
         }
         match self.cosine {
@@ -212,10 +300,16 @@ impl Tol {
     fn json(&self, x: &serde_json::Value, y: &serde_json::Value) -> bool {
         use serde_json::Value as V;
         match (x, y) {
-            (V::Number(a), V::Number(b)) => match (a.as_f64(), b.as_f64()) {
-                (Some(a), Some(b)) => self.number(a, b),
-                _ => a == b,
-            },
+            (V::Number(a), V::Number(b)) => {
+                let int = |n: &serde_json::Number| n.is_i64() || n.is_u64();
+                if int(a) && int(b) {
+                    return a == b;
+                }
+                match (a.as_f64(), b.as_f64()) {
+                    (Some(a), Some(b)) => self.scalar(a, b),
+                    _ => a == b,
+                }
+            }
             (V::Array(a), V::Array(b)) => {
                 if a.len() != b.len() {
                     return false;
@@ -227,7 +321,7 @@ impl Tol {
                     .collect::<Option<Vec<_>>>()
                     .map(|v| v.into_iter().unzip());
                 match nums {
-                    Some((p, q)) if !p.is_empty() => self.vector(&p, &q),
+                    Some((p, q)) if p.len() >= 2 => self.vector(&p, &q),
                     _ => a.iter().zip(b).all(|(p, q)| self.json(p, q)),
                 }
             }
@@ -239,6 +333,16 @@ impl Tol {
             _ => x == y,
         }
     }
+}
+
+/// `|x - y|` within `abs`, or within `rel` of the larger magnitude; a
+/// non-finite number equals only itself.
+fn within(abs: Option<f64>, rel: Option<f64>, x: f64, y: f64) -> bool {
+    if !x.is_finite() || !y.is_finite() {
+        return x == y;
+    }
+    let d = (x - y).abs();
+    abs.is_some_and(|a| d <= a) || rel.is_some_and(|r| d <= r * x.abs().max(y.abs()))
 }
 
 #[cfg(test)]
@@ -284,6 +388,52 @@ mod tests {
         let r = tol(None, Some("0.01"), None);
         assert!(agree(&r, &out("[100]"), &out("[100.5]")));
         assert!(!agree(&r, &out("[100]"), &out("[102]")));
+    }
+
+    #[test]
+    fn with_only_cosine_every_scalar_is_still_compared() {
+        let c = tol(None, None, Some("0.999"));
+        // Scalars and one-element vectors: the defaults apply.
+        assert!(!agree(
+            &c,
+            &out(r#"{"score":0.5}"#),
+            &out(r#"{"score":0.9}"#)
+        ));
+        assert!(agree(
+            &c,
+            &out(r#"{"score":0.5}"#),
+            &out(r#"{"score":0.5000001}"#)
+        ));
+        assert!(!agree(&c, &out("[0.5]"), &out("[-0.5]")));
+        assert!(!agree(&c, &out("0.25"), &out("0.75")));
+        // Integers are counts and ids: equal or not.
+        assert!(!agree(
+            &c,
+            &out(r#"{"n":1000000}"#),
+            &out(r#"{"n":1000001}"#)
+        ));
+        let loose = tol(Some("10"), None, None);
+        assert!(!agree(&loose, &out(r#"{"n":3}"#), &out(r#"{"n":4}"#)));
+        assert!(agree(&loose, &out(r#"{"x":3.0}"#), &out(r#"{"x":4.5}"#)));
+    }
+
+    #[test]
+    fn repeated_keys_are_not_json_so_only_equal_bytes_agree() {
+        let t = tol(Some("1"), None, None);
+        // Parsed last-wins these would be {"a":2}: they must not agree.
+        assert!(!agree(&t, &out(r#"{"a":1,"a":2}"#), &out(r#"{"a":2}"#)));
+        assert!(!agree(
+            &t,
+            &out(r#"{"a":2}"#),
+            &out(r#"{"b":{"a":1,"a":2}}"#)
+        ));
+        assert!(agree(
+            &t,
+            &out(r#"{"a":1,"a":2}"#),
+            &out(r#"{"a":1,"a":2}"#)
+        ));
+        assert!(strict_json(br#"{"a":{"b":1,"b":1}}"#).is_none());
+        assert!(strict_json(br#"[{"a":1},{"a":1}]"#).is_some());
     }
 
     #[test]

@@ -123,13 +123,17 @@ pub enum Determinism {
     /// floating point). Thresholds are written as decimal strings so the
     /// locked bytes do not depend on float formatting.
     Tolerance {
-        /// Largest absolute difference per element.
+        /// Largest absolute difference per number (two integers must be
+        /// equal). With neither `abs` nor `rel`, numbers outside vectors use
+        /// `1e-6` and `1e-5` (the pool's `DEFAULT_ABS`/`DEFAULT_REL`) and
+        /// vectors are judged by `cosine` alone.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         abs: Option<String>,
-        /// Largest relative difference per element.
+        /// Largest relative difference per number (of the larger magnitude).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         rel: Option<String>,
-        /// Smallest cosine similarity per vector.
+        /// Smallest cosine similarity per vector (an array of two or more
+        /// numbers).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cosine: Option<String>,
     },
