@@ -74,6 +74,13 @@ impl Ctx {
                 None,
             )
         };
+        if g.identity.len() > tidepool_proto::wire::MAX_IDENTITY_BYTES {
+            return failed(format!(
+                "the grant's task identity is {} bytes (at most {})",
+                g.identity.len(),
+                tidepool_proto::wire::MAX_IDENTITY_BYTES
+            ));
+        }
         let p = match self.prepare(&conn, g.bundle).await {
             Ok(p) => p,
             Err(why) => return failed(why.to_string()),
@@ -81,6 +88,7 @@ impl Ctx {
         let lease = g.lease;
         let input = g.input.0;
         let replay = g.replay;
+        let id = g.identity;
         // Only an adversarial test's filter needs the input afterwards.
         let input_copy = self.tamper.as_ref().map(|_| input.clone());
         let p2 = p.clone();
@@ -89,7 +97,6 @@ impl Ctx {
         };
         let ran = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let id = lease.task.to_string();
             p2.sandbox.run(
                 &p2.job,
                 TaskSpec {
@@ -257,6 +264,11 @@ pub async fn run(
         fetch_models: cfg.fetch_models,
         operator: cfg.operator,
         hardware: Some(hardware.clone()),
+        engines: engines
+            .iter()
+            .chain(gpu.iter().flat_map(|g| g.engines.iter()))
+            .map(|e| e.describe())
+            .collect(),
     };
     'connect: loop {
         if draining && session.is_drained() {

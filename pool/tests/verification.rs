@@ -14,7 +14,7 @@ use tidepool_pool::verify::{audit_draw, VerifyPolicy};
 
 use tidepool_proto::wire::{
     Bytes, Canary, Capabilities, ChallengeState, ErrorCode, JobId, LeaseId, Outcome, TaskGrant,
-    TaskId, TaskRecord, TaskResult, TaskState,
+    TaskId, TaskRecord, TaskResult, TaskState, Verdict,
 };
 use tidepool_proto::{Digest, KeyRole, PublicKey, SecretKey};
 use tidepool_testkit::{bundle, fake_node};
@@ -25,6 +25,12 @@ const NOW_UNIX: u64 = 1_800_000_000;
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Kind {
     Honest,
+    /// Honest, and its output names the task identity it was given (as a
+    /// job that reads its task id, a hash seed or a virtual clock does).
+    HonestSeeded,
+    /// Honest on this engine, whose bytes differ from other engines' (as
+    /// tract's and ONNX Runtime's do); its hello and receipts name it.
+    Engine(&'static str),
     AlwaysWrong,
     /// Wrong with this probability.
     WrongP(f64),
@@ -40,7 +46,7 @@ impl Kind {
     /// Chance that one answer is wrong (`c` in the detection model).
     fn c(self) -> f64 {
         match self {
-            Kind::Honest => 0.0,
+            Kind::Honest | Kind::HonestSeeded | Kind::Engine(_) => 0.0,
             Kind::WrongP(p) => p,
             _ => 1.0,
         }
@@ -82,6 +88,15 @@ impl SimNode {
         self.key.public()
     }
 
+    /// Its hello: [`caps`], with its engine if it has one.
+    fn caps(&self) -> Capabilities {
+        let mut c = caps();
+        if let Kind::Engine(e) = self.kind {
+            c.engines = vec![e.to_owned()];
+        }
+        c
+    }
+
     /// xorshift64*: the node's private coin.
     fn coin(&mut self) -> f64 {
         self.rng ^= self.rng >> 12;
@@ -91,9 +106,23 @@ impl SimNode {
     }
 
     fn answer(&mut self, g: &TaskGrant, component: Digest) -> TaskResult {
-        let right = honest_output(&g.input.0);
+        let mut right = honest_output(&g.input.0);
+        if self.kind == Kind::HonestSeeded {
+            right.extend_from_slice(g.identity.as_bytes());
+        }
+        if let Kind::Engine(e) = self.kind {
+            // Numbers from the input, off in the 8th digit on "ort" engines.
+            let noise = if e.starts_with("ort") { 1e-7 } else { 0.0 };
+            let x = g.input.0.iter().map(|b| f64::from(*b)).sum::<f64>() / 1000.0;
+            right = format!(
+                "{{\"n\":{},\"v\":[{x:?},{:?}]}}",
+                g.input.0.len(),
+                0.5 + noise
+            )
+            .into_bytes();
+        }
         let output = match self.kind {
-            Kind::Honest => right.clone(),
+            Kind::Honest | Kind::HonestSeeded | Kind::Engine(_) => right.clone(),
             Kind::AlwaysWrong => {
                 let mut o = right.clone();
                 o[0] ^= 1;
@@ -116,7 +145,11 @@ impl SimNode {
         };
         self.answered.push((g.lease, output != right));
         self.last = right;
-        fake_node::answer(&self.key, g, component, output, "sim")
+        let engine = match self.kind {
+            Kind::Engine(e) => Some(e),
+            _ => None,
+        };
+        fake_node::answer_on(&self.key, g, component, output, "sim", engine)
     }
 }
 
@@ -189,7 +222,8 @@ impl Sim {
             .map(|(i, k)| SimNode::new(10 + i as u8, *k, seed.wrapping_mul(7919) + i as u64))
             .collect();
         for n in &nodes {
-            c.handle_node_hello(now, n.public(), caps()).expect("hello");
+            c.handle_node_hello(now, n.public(), n.caps())
+                .expect("hello");
         }
         Self {
             c,
@@ -769,15 +803,23 @@ fn detection_follows_the_sampling_model() {
                     }
                 }
                 if let Some((_, task)) = sim.caught().into_iter().find(|(k, _)| *k == cheater) {
+                    // The node saw leases by their wire names; the pool
+                    // draws and reports by row.
+                    let row = |l: &LeaseId| LeaseId {
+                        task: sim.c.task_of_wire(l.task),
+                        attempt: l.attempt,
+                    };
                     let answered = &sim.nodes[0].answered;
                     let idx = answered
                         .iter()
-                        .position(|(l, _)| l.task == task)
+                        .position(|(l, _)| row(l).task == task)
                         .expect("caught on one of its own results");
                     // Caught exactly at its first lie that the audit draw sampled.
                     let first = answered
                         .iter()
-                        .position(|(l, lied)| *lied && audit_draw(&secret(seed), *l, &cheater) < s)
+                        .position(|(l, lied)| {
+                            *lied && audit_draw(&secret(seed), row(l), &cheater) < s
+                        })
                         .expect("a sampled lie");
                     assert_eq!(idx, first, "{name}, run {seed}");
                     n = Some(idx as u64 + 1);
@@ -924,7 +966,7 @@ fn a_banned_node_leases_go_to_others_at_once() {
         .handle_results(sim.now, &liar, vec![answer])
         .expect("results");
     sim.c
-        .handle_challenge(sim.now, grants[0].lease.task)
+        .handle_challenge(sim.now, sim.c.task_of_wire(grants[0].lease.task))
         .expect("challenge");
     sim.work(1, 1);
     sim.work(2, 1);
@@ -938,4 +980,211 @@ fn a_banned_node_leases_go_to_others_at_once() {
         "{:?}",
         recs[1]
     );
+}
+
+/// Every execution of a task sees the original's identity: a job whose
+/// output depends on its task id (as `env-probe`'s does, or any job that
+/// seeds from it) is confirmed by every re-execution under `exact` with
+/// every result checked.
+#[test]
+fn re_executions_see_the_original_task_identity() {
+    let mut sim = Sim::with_tier(
+        VerifyPolicy {
+            secret: Some(secret(21)),
+            ..VerifyPolicy::default()
+        },
+        &[Kind::HonestSeeded, Kind::HonestSeeded, Kind::HonestSeeded],
+        21,
+        "[verification]\nsampling = \"always\"\n",
+    );
+    let job = sim.submit("j", &inputs("seeded", 20));
+    sim.settle();
+    let stats = sim.c.pool_status(sim.now).expect("status").verification;
+    assert_eq!(
+        (
+            stats.executed,
+            stats.confirmed,
+            stats.mismatches,
+            stats.replaced
+        ),
+        (20, 20, 0, 0),
+        "{stats:?}"
+    );
+    assert!(sim.caught().is_empty(), "{:?}", sim.caught());
+    let recs = sim.records(job);
+    assert!(
+        recs.iter().all(|r| r.verification == "verified"),
+        "{recs:?}"
+    );
+    // Twenty tasks, twenty identities; each named by two executions.
+    let mut seen = std::collections::BTreeMap::<Vec<u8>, usize>::new();
+    for r in &recs {
+        let out = output_of(r);
+        *seen.entry(out[out.len() - 32..].to_vec()).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 20);
+}
+
+/// A receipt must name the identity the pool gave the task: one that names
+/// another is refused, and the task goes to another node.
+#[test]
+fn a_receipt_naming_another_identity_is_refused() {
+    let mut sim = Sim::new(
+        VerifyPolicy {
+            secret: Some(secret(22)),
+            ..VerifyPolicy::default()
+        },
+        &[Kind::Honest, Kind::Honest],
+        22,
+    );
+    sim.submit("j", &inputs("named", 2));
+    let key = sim.nodes[0].public();
+    let (grants, _) = sim.c.handle_lease(sim.now, &key, 2, &[]).expect("lease");
+    assert_eq!(grants.len(), 2);
+    assert_ne!(grants[0].identity, grants[1].identity);
+    let mut forged = grants[0].clone();
+    forged.identity = grants[1].identity.clone();
+    let wrong = sim.nodes[0].answer(&forged, sim.component);
+    let right = sim.nodes[0].answer(&grants[1], sim.component);
+    let verdicts = sim
+        .c
+        .handle_results(sim.now, &key, vec![wrong, right])
+        .expect("results");
+    match &verdicts[0].1 {
+        Verdict::Refused(why) => assert!(why.contains("task identity"), "{why}"),
+        v => panic!("a receipt naming another identity was {v:?}"),
+    }
+    assert_eq!(verdicts[1].1, Verdict::Accepted);
+}
+
+/// Nodes never see row ids: the tasks of one batch arrive under unordered
+/// names, and a re-execution's name says nothing about when it was made.
+#[test]
+fn task_ids_on_the_wire_are_not_row_ids() {
+    let mut sim = Sim::new(
+        VerifyPolicy {
+            secret: Some(secret(23)),
+            ..VerifyPolicy::default()
+        },
+        &[Kind::Honest],
+        23,
+    );
+    sim.submit("j", &inputs("opaque", 8));
+    let key = sim.nodes[0].public();
+    let (grants, _) = sim.c.handle_lease(sim.now, &key, 8, &[]).expect("lease");
+    let wire: Vec<u64> = grants.iter().map(|g| g.lease.task.0).collect();
+    let rows: Vec<u64> = grants
+        .iter()
+        .map(|g| sim.c.task_of_wire(g.lease.task).0)
+        .collect();
+    assert_eq!(
+        rows,
+        (1..=4).collect::<Vec<u64>>(),
+        "granted in order (a new node's allowance)"
+    );
+    assert!(wire.iter().zip(&rows).all(|(w, r)| w != r), "{wire:?}");
+    assert!(
+        !wire.windows(2).all(|w| w[0] < w[1]),
+        "names in row order: {wire:?}"
+    );
+}
+
+/// Under `exact`, a check runs only on a node with the engines the result's
+/// receipt names: two engines whose honest bytes differ never meet, so
+/// nobody is struck. A result whose engine no connected node has waits,
+/// and pool status says why, until such a node connects.
+#[test]
+fn exact_checks_run_only_on_the_producers_engines() {
+    let always = "[verification]\nsampling = \"always\"\n";
+    let mut sim = Sim::with_tier(
+        VerifyPolicy {
+            secret: Some(secret(24)),
+            ..VerifyPolicy::default()
+        },
+        &[
+            Kind::Engine("tract-sim"),
+            Kind::Engine("tract-sim"),
+            Kind::Engine("ort-sim"),
+        ],
+        24,
+        always,
+    );
+    let job = sim.submit("j", &inputs("engines", 24));
+    sim.settle();
+    let ort = sim.nodes[2].public();
+    let status = sim.c.pool_status(sim.now).expect("status");
+    let v = status.verification;
+    assert_eq!((v.mismatches, v.replaced), (0, 0), "{v:?}");
+    assert!(sim.caught().is_empty(), "{:?}", sim.caught());
+    let recs = sim.records(job);
+    let ort_results = recs.iter().filter(|r| r.node == Some(ort)).count();
+    assert!(ort_results > 0, "the ort node took part");
+    assert_eq!(v.pending as usize, ort_results, "its results' checks wait");
+    assert_eq!(
+        status.checks_waiting.len(),
+        1,
+        "{:?}",
+        status.checks_waiting
+    );
+    assert!(
+        status.checks_waiting[0].contains("engines: ort-sim"),
+        "{:?}",
+        status.checks_waiting
+    );
+    // A second node on that engine connects: the checks run and confirm.
+    let second = SimNode::new(40, Kind::Engine("ort-sim"), 24);
+    sim.c
+        .handle_node_hello(sim.now, second.public(), second.caps())
+        .expect("hello");
+    sim.nodes.push(second);
+    sim.settle();
+    let status = sim.c.pool_status(sim.now).expect("status");
+    let v = status.verification;
+    assert_eq!(
+        (v.pending, v.executed, v.confirmed, v.mismatches),
+        (0, 24, 24, 0),
+        "{v:?}"
+    );
+    assert!(status.checks_waiting.is_empty());
+    assert!(sim.caught().is_empty());
+    assert!(sim
+        .records(job)
+        .iter()
+        .all(|r| r.verification == "verified"));
+}
+
+/// Under `tolerance` a check may cross engines (the tier is for engines
+/// that differ in floating point).
+#[test]
+fn tolerance_checks_may_cross_engines() {
+    let mut sim = Sim::with_tier(
+        VerifyPolicy {
+            secret: Some(secret(25)),
+            ..VerifyPolicy::default()
+        },
+        &[Kind::Engine("tract-sim"), Kind::Engine("ort-sim")],
+        25,
+        "[determinism]\ntier = \"tolerance\"\nabs = \"1e-3\"\n\n[verification]\nsampling = \"always\"\n",
+    );
+    let job = sim.submit("j", &inputs("cross", 8));
+    sim.settle();
+    let status = sim.c.pool_status(sim.now).expect("status");
+    // Every check ran on the other engine (the only other node): the bytes
+    // differ, the numbers agree within the tier, every result confirms.
+    let v = status.verification;
+    assert_eq!(
+        (v.pending, v.executed, v.confirmed, v.mismatches),
+        (0, 8, 8, 0),
+        "{v:?}"
+    );
+    let recs = sim.records(job);
+    let outputs: std::collections::BTreeSet<Vec<u8>> = recs.iter().map(output_of).collect();
+    assert!(recs.iter().all(|r| r.verification == "verified"));
+    assert!(sim.caught().is_empty());
+    // Two nodes: each check ran on the engine that did not produce the
+    // result, and both engines ran something.
+    let (a, b) = (sim.nodes[0].answered.len(), sim.nodes[1].answered.len());
+    assert_eq!(a + b, 16, "8 results and 8 checks");
+    assert!(a > 0 && b > 0, "{a} and {b}");
+    assert_eq!(outputs.len(), 8);
 }

@@ -392,6 +392,7 @@ mod tests {
 
     fn grant(task: u64) -> TaskGrant {
         TaskGrant {
+            identity: "t".into(),
             replay: None,
             lease: LeaseId {
                 task: crate::wire::TaskId(task),

@@ -19,6 +19,9 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest frame accepted or sent: a maximal task output (16 MiB) plus room
 /// for its receipt.
 pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024 + 64 * 1024;
+/// Longest task identity a node runs ([`TaskGrant::identity`]; the pool's
+/// are 32 hex digits).
+pub const MAX_IDENTITY_BYTES: usize = 128;
 /// Size of a blob chunk in a fetch or an upload.
 pub const BLOB_CHUNK_BYTES: usize = 1024 * 1024;
 
@@ -199,6 +202,13 @@ pub struct Capabilities {
     /// prefer another class, so a fault of one kind of machine shows up.
     #[serde(default)]
     pub hardware: Option<String>,
+    /// The node's engines, each as its receipts name it (engine, version,
+    /// device and settings: `tract-onnx 0.23.9 (cpu)`): an `exact`-tier
+    /// re-execution goes only to a node with every engine the producer's
+    /// receipt names, and a bundle that pins an engine only to nodes
+    /// that have it.
+    #[serde(default)]
+    pub engines: Vec<String>,
 }
 
 /// What a pool accepts in a node's [`Capabilities`]: every count and
@@ -209,10 +219,11 @@ pub struct CapabilityLimits {
     pub max_slots: u32,
     /// Most leases a node may hold waiting beyond its slots.
     pub max_queue: u32,
-    /// Most entries in each list (encodings, models, publishers, GPU
-    /// encodings).
+    /// Most entries in each list (encodings, engines, models, publishers,
+    /// GPU encodings).
     pub max_list: usize,
-    /// Longest string (an encoding, the hardware class, the GPU's name), bytes.
+    /// Longest string (an encoding, an engine, the hardware class, the
+    /// GPU's name), bytes.
     pub max_string: usize,
 }
 
@@ -254,8 +265,9 @@ impl Capabilities {
                 format!("= {} is over {}", self.queue, limits.max_queue),
             );
         }
-        let lists: [(&'static str, usize); 3] = [
+        let lists: [(&'static str, usize); 4] = [
             ("encodings", self.encodings.len()),
+            ("engines", self.engines.len()),
             ("models", self.models.len()),
             ("publishers", self.publishers.len()),
         ];
@@ -268,6 +280,7 @@ impl Capabilities {
             .encodings
             .iter()
             .map(|s| ("encodings", s.len()))
+            .chain(self.engines.iter().map(|s| ("engines", s.len())))
             .chain(self.hardware.iter().map(|s| ("hardware", s.len())));
         for (field, len) in strings {
             if len > limits.max_string {
@@ -471,8 +484,15 @@ pub struct Canary {
 /// A task given to a node under a lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskGrant {
-    /// Task and attempt.
+    /// Task and attempt. The task id is the pool's name for this execution:
+    /// opaque, unordered, different for every execution.
     pub lease: LeaseId,
+    /// The task's identity: what the job sees as its task id (and the seed
+    /// of its virtual randomness), and what the receipt names. The same for
+    /// every execution of one task — the original, a re-execution, a
+    /// decider, a challenge — so a deterministic job gives the same bytes
+    /// on every honest node. Opaque (the pool derives it from a secret).
+    pub identity: String,
     /// Bundle to run (fetch its manifest and blobs if unknown).
     pub bundle: Digest,
     /// The input bytes.
@@ -652,6 +672,10 @@ pub struct PoolSummary {
     /// What verification did since the pool started.
     #[serde(default)]
     pub verification: VerificationStats,
+    /// Re-executions that no connected node may run now, grouped by why
+    /// (`2 exact-tier checks wait for a node with engines: ...`).
+    #[serde(default)]
+    pub checks_waiting: Vec<String>,
     /// What the pool refused since it started, by kind (`oversized frame`,
     /// `connections per IP`, `Challenge: Busy`, ...): how a pool owner sees
     /// an attack.

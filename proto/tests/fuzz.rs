@@ -39,6 +39,7 @@ fn manifest() -> SignedManifest {
 
 fn grant() -> TaskGrant {
     TaskGrant {
+        identity: "t".into(),
         lease: LeaseId {
             task: TaskId(7),
             attempt: 2,

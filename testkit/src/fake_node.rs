@@ -3,7 +3,7 @@
 //! grant's lease and bundle, signed with the node's key as a real node
 //! signs it. Honest or lying is the caller's choice of output.
 
-use tidepool_proto::receipt::{LeaseReceipt, Receipt};
+use tidepool_proto::receipt::{LeaseReceipt, ModelUse, Receipt};
 use tidepool_proto::wire::{Bytes, Outcome, TaskGrant, TaskResult};
 use tidepool_proto::{Digest, SecretKey};
 
@@ -21,13 +21,35 @@ pub fn answer(
     output: Vec<u8>,
     runtime: &str,
 ) -> TaskResult {
-    let receipt = Receipt::plain(
-        grant.lease.task.to_string(),
+    answer_on(key, grant, component, output, runtime, None)
+}
+
+/// [`answer`], with a receipt that says the stand-in bundle's model `m`
+/// ran on `engine` (when given).
+pub fn answer_on(
+    key: &SecretKey,
+    grant: &TaskGrant,
+    component: Digest,
+    output: Vec<u8>,
+    runtime: &str,
+    engine: Option<&str>,
+) -> TaskResult {
+    let mut receipt = Receipt::plain(
+        grant.identity.clone(),
         component,
         &grant.input.0,
         &output,
         runtime,
     );
+    if let Some(engine) = engine {
+        receipt.models.insert(
+            "m".into(),
+            ModelUse {
+                sha256: Digest::of(b"model"),
+                engine: engine.into(),
+            },
+        );
+    }
     TaskResult {
         transcript: Default::default(),
         lease: grant.lease,

@@ -242,13 +242,20 @@ pub async fn wait_job(
 
 /// Pack and sign the echo fixture (no models) as bundle `echo`.
 pub fn echo_bundle(dir: &Path, keys: &Keys) -> Result<BundleFile> {
+    guest_bundle(dir, keys, "echo", "")
+}
+
+/// Pack and sign guest `guest` (one that loads no model) as a bundle of
+/// the same name, version 1.0.0, 64 MiB and 5 s per task, with `extra`
+/// TOML after the limits (`[determinism]`, `[verification]`...).
+pub fn guest_bundle(dir: &Path, keys: &Keys, guest: &str, extra: &str) -> Result<BundleFile> {
     std::fs::create_dir_all(dir)?;
     let manifest = dir.join("tidepool.toml");
     std::fs::write(
         &manifest,
         format!(
-            "name = \"echo\"\nversion = \"1.0.0\"\ncomponent = \"{}\"\n\n[limits]\nmemory_mib = 64\ntimeout_ms = 5000\n",
-            jobs_dir().join("echo.wasm").display()
+            "name = \"{guest}\"\nversion = \"1.0.0\"\ncomponent = \"{}\"\n\n[limits]\nmemory_mib = 64\ntimeout_ms = 5000\n\n{extra}",
+            jobs_dir().join(format!("{guest}.wasm")).display()
         ),
     )?;
     let mut b = tidepool_client::bundle::pack(&manifest, keys.publisher.public())?;

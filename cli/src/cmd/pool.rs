@@ -107,6 +107,9 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
                     "verification: {} re-executions run, {} pending; {} confirmed, {} mismatches, {} replaced, {} canaries",
                     v.executed, v.pending, v.confirmed, v.mismatches, v.replaced, v.canaries
                 );
+                for why in &s.checks_waiting {
+                    println!("  waiting: {why}");
+                }
                 if s.refusals.is_empty() {
                     println!("refused: nothing");
                 } else {

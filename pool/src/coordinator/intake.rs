@@ -29,8 +29,8 @@ fn bounded(reason: &str) -> &str {
 }
 
 /// An accepted result's outcome, signed receipt and transcript, serialised
-/// for the store.
-type StoredResult = (Vec<u8>, Vec<u8>, Vec<u8>);
+/// for the store, and the engines its receipt names.
+type StoredResult = (Vec<u8>, Vec<u8>, Vec<u8>, Vec<String>);
 
 /// What checking a result against its lease found.
 #[derive(Debug)]
@@ -156,20 +156,23 @@ impl<S: Store> Coordinator<S> {
                     "results opened for another node",
                 ));
             }
-            let id = r.lease;
+            // Verdicts name the lease as the node did; the coordinator
+            // works in rows.
+            let wire = r.lease;
+            let id = self.lease_row(wire);
             let Some(lease) = self.leases.current(id, key) else {
                 let v = if self.store.done_by(id.task, id.attempt, key)? {
                     Verdict::Duplicate
                 } else {
                     Verdict::Stale
                 };
-                verdicts.push((id, Some(v)));
+                verdicts.push((wire, Some(v)));
                 continue;
             };
             match self.check_result(&lease, r) {
-                Ok(Checked::Accept((outcome, receipt, transcript))) => {
+                Ok(Checked::Accept((outcome, receipt, transcript, engines))) => {
                     batch_idx.push(verdicts.len());
-                    verdicts.push((id, None));
+                    verdicts.push((wire, None));
                     batch.push(Acceptance {
                         task: id.task,
                         attempt: id.attempt,
@@ -177,6 +180,7 @@ impl<S: Store> Coordinator<S> {
                         outcome,
                         receipt,
                         transcript,
+                        engines,
                     });
                 }
                 Ok(Checked::Failed(reason)) => {
@@ -189,7 +193,7 @@ impl<S: Store> Coordinator<S> {
                         Some(*key),
                     )?;
                     self.node_finished(now, key, true);
-                    verdicts.push((id, Some(Verdict::Accepted)));
+                    verdicts.push((wire, Some(Verdict::Accepted)));
                 }
                 Err(why) => {
                     self.release(
@@ -198,7 +202,7 @@ impl<S: Store> Coordinator<S> {
                         Some(*key),
                     )?;
                     self.node_finished(now, key, true);
-                    verdicts.push((id, Some(Verdict::Refused(why))));
+                    verdicts.push((wire, Some(Verdict::Refused(why))));
                 }
             }
         }
@@ -262,6 +266,13 @@ impl<S: Store> Coordinator<S> {
                 rc.bundle, lease.bundle
             ));
         }
+        let identity = self.names.identity(lease.origin);
+        if rc.receipt.task_id != identity {
+            return Err(format!(
+                "receipt names task identity {:?}, the task's is {identity}",
+                bounded(&rc.receipt.task_id)
+            ));
+        }
         if rc.receipt.input != lease.input {
             return Err(format!(
                 "receipt's input digest {} is not the task's",
@@ -288,7 +299,58 @@ impl<S: Store> Coordinator<S> {
                     rc.receipt.component
                 ));
             }
+            receipt_fits_manifest(&rc.receipt, &b.manifest)?;
         }
-        Ok(Checked::Accept((outcome, receipt, transcript)))
+        let mut engines: Vec<String> = rc
+            .receipt
+            .models
+            .values()
+            .map(|m| m.engine.clone())
+            .collect();
+        engines.sort();
+        engines.dedup();
+        Ok(Checked::Accept((outcome, receipt, transcript, engines)))
     }
+}
+
+/// Longest engine identity a receipt may name, bytes.
+pub const MAX_ENGINE_BYTES: usize = 256;
+
+/// Does a receipt agree with the bundle it ran? Every model it names is
+/// one of the manifest's, with the manifest's digest, run by an engine
+/// whose name is bounded; and a bundle of a reproducible tier (`exact`,
+/// `tolerance`, `llm`: all of them) ran with virtual clocks and seeded
+/// randomness. A receipt that contradicts the manifest is a refused result.
+fn receipt_fits_manifest(
+    r: &tidepool_proto::receipt::Receipt,
+    m: &tidepool_proto::manifest::LockedManifest,
+) -> Result<(), String> {
+    if !r.deterministic {
+        return Err(
+            "receipt says the task ran without virtual clocks and seeded randomness; \
+             every tier needs them"
+                .into(),
+        );
+    }
+    for (name, used) in &r.models {
+        let Some(model) = m.models.get(name) else {
+            return Err(format!(
+                "receipt names model {:?}, which the bundle does not declare",
+                bounded(name)
+            ));
+        };
+        if used.sha256 != model.blob.sha256 {
+            return Err(format!(
+                "receipt says model {name} was {}, the bundle's is {}",
+                used.sha256, model.blob.sha256
+            ));
+        }
+        if used.engine.is_empty() || used.engine.len() > MAX_ENGINE_BYTES {
+            return Err(format!(
+                "receipt's engine for model {name} is {} bytes (1..={MAX_ENGINE_BYTES})",
+                used.engine.len()
+            ));
+        }
+    }
+    Ok(())
 }

@@ -23,6 +23,9 @@ pub(super) struct Lease {
     pub(super) bundle: Digest,
     /// Digest of its input (receipts must name it).
     pub(super) input: Digest,
+    /// The task whose identity this execution has (itself, or the task a
+    /// re-execution checks): its receipt must name that identity.
+    pub(super) origin: TaskId,
     /// When it expires unless renewed (never after `deadline`).
     pub(super) expires: Instant,
     /// Last renewal (or grant).
@@ -136,6 +139,7 @@ mod tests {
             job: JobId(1),
             bundle: Digest::of(b"b"),
             input: Digest::of(b"i"),
+            origin: TaskId(1),
             expires,
             renewed: expires,
             deadline: expires + Duration::from_secs(3600),

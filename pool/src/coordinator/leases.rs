@@ -18,8 +18,50 @@ use tidepool_proto::{Digest, PublicKey};
 
 impl<S: Store> Coordinator<S> {
     /// A node asks for `want` tasks and renews `running`. Returns new grants
-    /// and the leases it named that are not its own any more.
+    /// and the leases it named that are not its own any more. Lease ids in
+    /// and out are the node's names of tasks (`names.rs`), never row ids.
     pub fn handle_lease(
+        &mut self,
+        now: Instant,
+        key: &PublicKey,
+        want: u32,
+        running: &[LeaseId],
+    ) -> Result<(Vec<TaskGrant>, Vec<LeaseId>), Refusal> {
+        let running: Vec<LeaseId> = running.iter().map(|l| self.lease_row(*l)).collect();
+        let (mut grants, mut lost) = self.grant(now, key, want, &running)?;
+        for g in &mut grants {
+            g.lease = self.lease_wire(g.lease);
+        }
+        for l in &mut lost {
+            *l = self.lease_wire(*l);
+        }
+        Ok((grants, lost))
+    }
+
+    /// A lease id as a node names it.
+    pub(super) fn lease_wire(&self, l: LeaseId) -> LeaseId {
+        LeaseId {
+            task: self.names.wire(l.task),
+            attempt: l.attempt,
+        }
+    }
+
+    /// The lease a node's id names, by row.
+    pub(super) fn lease_row(&self, l: LeaseId) -> LeaseId {
+        LeaseId {
+            task: self.names.row(l.task),
+            attempt: l.attempt,
+        }
+    }
+
+    /// The row a task id from a node names (for tests and tools that hold
+    /// a grant and want the pool's record of it).
+    pub fn task_of_wire(&self, wire: TaskId) -> TaskId {
+        self.names.row(wire)
+    }
+
+    /// [`handle_lease`](Self::handle_lease) in row ids.
+    fn grant(
         &mut self,
         now: Instant,
         key: &PublicKey,
@@ -154,7 +196,9 @@ impl<S: Store> Coordinator<S> {
             let place = held_before + grants.len();
             let waves = u32::try_from(place / slots + 1).unwrap_or(u32::MAX);
             let deadline = now + timeout.saturating_mul(waves) + self.cfg.leasing.grace;
+            let origin = self.checks.get(&q.task).map_or(q.task, |c| c.target);
             let lease = Lease {
+                origin,
                 attempt: q.attempts + 1,
                 node: *key,
                 job: q.job,
@@ -167,6 +211,7 @@ impl<S: Store> Coordinator<S> {
             self.leases.insert(q.task, lease);
             self.nodes.hold(key, q.task);
             grants.push(TaskGrant {
+                identity: self.names.identity(origin),
                 replay: None,
                 lease: LeaseId {
                     task: q.task,

@@ -32,6 +32,9 @@
 //! - `jobs`: bundles, blobs, submissions, job counts;
 //! - `fit`: which node can run which bundle;
 //! - `status`: views for `job status`, `job results` and `pool status`;
+//! - `names` (sub-state `TaskNames`): the ids nodes see for tasks (a keyed
+//!   permutation of row ids) and the identity every execution of one task
+//!   sees;
 //! - `requests`: one handler per wire request (`handle_request`), so the
 //!   server only moves bytes.
 
@@ -40,6 +43,7 @@ mod intake;
 mod jobs;
 mod lease_table;
 mod leases;
+mod names;
 mod nodes;
 mod queues;
 mod requests;
@@ -74,7 +78,8 @@ use verification::Check;
 pub enum PoolEvent {
     /// A lease expired; the task is queued again.
     Requeued {
-        /// The expired lease.
+        /// The expired lease, as the node names it (so it matches the
+        /// node's log).
         lease: LeaseId,
         /// The node that held it.
         node: PublicKey,
@@ -185,8 +190,12 @@ pub struct Coordinator<S: Store> {
     canaries_given: HashSet<(CanaryId, PublicKey)>,
     /// Lease grants made, numbering the canary draws.
     grants_made: u64,
-    /// Key of the audit draw; never leaves the process.
+    /// Key of the audit draw; never leaves the process (kept in the store
+    /// unless the configuration sets one).
     secret: [u8; 32],
+    /// The names of tasks on the wire and their identities, keyed by the
+    /// secret (sub-state, `names.rs`).
+    names: names::TaskNames,
     /// Verification counters since start.
     vstats: VerificationStats,
     /// An `Instant` and the Unix time it stands for, to stamp stored rows
@@ -228,6 +237,7 @@ impl<S: Store> Coordinator<S> {
             canaries_given: HashSet::new(),
             grants_made: 0,
             secret: [0; 32],
+            names: names::TaskNames::new([0; 32]),
             vstats: VerificationStats::default(),
             clock: None,
         };
@@ -242,9 +252,12 @@ impl<S: Store> Coordinator<S> {
                         what: "audit secret",
                         why: "the system random source failed".into(),
                     })?;
-                s
+                // The stored one if there is one: task identities and
+                // wire names must survive a restart.
+                me.store.secret(s)?
             }
         };
+        me.names = names::TaskNames::new(me.secret);
         me.standing = me.store.standings()?.into_iter().collect();
         me.kinds = me.store.job_kinds()?.into_iter().collect();
         for CanaryRow { id, bundle } in me.store.canaries()? {
@@ -385,10 +398,10 @@ impl<S: Store> Coordinator<S> {
             self.release(task, &reason, Some(lease.node))?;
             self.store.node_seen(&lease.node, 0, 1, self.unix(now))?;
             self.events.push_back(PoolEvent::Requeued {
-                lease: LeaseId {
+                lease: self.lease_wire(LeaseId {
                     task,
                     attempt: lease.attempt,
-                },
+                }),
                 node: lease.node,
                 at: lease.expires,
                 last_renewed: lease.renewed,

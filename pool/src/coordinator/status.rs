@@ -70,6 +70,41 @@ impl<S: Store> Coordinator<S> {
         Some(format!("no connected node can run it ({})", why.join("; ")))
     }
 
+    /// Why queued re-executions wait: those no connected node may run,
+    /// grouped by reason.
+    fn checks_waiting(&self) -> Vec<String> {
+        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+        for (task, check) in &self.checks {
+            if self.leases.get(*task).is_some()
+                || self
+                    .nodes
+                    .iter()
+                    .any(|(k, n)| n.is_connected() && self.may_check(k, check))
+            {
+                continue;
+            }
+            let exact = self.bundles.get(&check.bundle).is_some_and(|b| {
+                b.manifest.determinism == tidepool_proto::manifest::Determinism::Exact
+            });
+            let why = if exact && !check.engines.is_empty() {
+                format!(
+                    "wait for a node with engines: {} (an exact-tier check runs only on the engines that produced the result)",
+                    check.engines.join(", ")
+                )
+            } else {
+                "wait for a connected node that did not run the task and can run its bundle".into()
+            };
+            *reasons.entry(why).or_default() += 1;
+        }
+        reasons
+            .into_iter()
+            .map(|(why, n)| match n {
+                1 => format!("1 check: {why}"),
+                n => format!("{n} checks: {why}"),
+            })
+            .collect()
+    }
+
     /// A job's progress.
     pub fn job_status(&mut self, job: JobId) -> Result<JobSummary, Refusal> {
         let (bundle, c) = *self
@@ -176,6 +211,7 @@ impl<S: Store> Coordinator<S> {
                 pending: self.checks.len() as u64,
                 ..self.vstats
             },
+            checks_waiting: self.checks_waiting(),
             // Filled in by the network shell, which does the refusing.
             refusals: Default::default(),
         })

@@ -13,7 +13,7 @@ use crate::store::{
 };
 use crate::verify::{agree, audit_draw, Standing, VerifyPolicy};
 use std::time::Instant;
-use tidepool_proto::manifest::Sampling;
+use tidepool_proto::manifest::{Determinism, Sampling};
 use tidepool_proto::session::Refusal;
 use tidepool_proto::wire::{
     Canary, ChallengeState, Challenged, ErrorCode, JobId, LeaseId, Outcome, TaskId,
@@ -42,6 +42,10 @@ pub(super) struct Check {
     /// Whether this execution decides between two that disagree (prefers
     /// trusted nodes).
     pub(super) decider: bool,
+    /// The engines the checked result's receipt names: under `exact` only
+    /// a node with every one of them may run the check (bit-identical
+    /// outputs need the same engine, version and settings). Empty: any.
+    pub(super) engines: Vec<String>,
 }
 
 impl<S: Store> Coordinator<S> {
@@ -87,9 +91,12 @@ impl<S: Store> Coordinator<S> {
                     return false;
                 }
             }
-            self.bundles
-                .get(&check.bundle)
-                .is_some_and(|b| b.missing.is_empty() && can_run(&n.caps, &b.manifest))
+            self.bundles.get(&check.bundle).is_some_and(|b| {
+                b.missing.is_empty()
+                    && can_run(&n.caps, &b.manifest)
+                    && (b.manifest.determinism != Determinism::Exact
+                        || check.engines.iter().all(|e| n.caps.engines.contains(e)))
+            })
         };
         if !basic(key, node) {
             return false;
@@ -170,6 +177,7 @@ impl<S: Store> Coordinator<S> {
             bundle,
             exclude,
             decider,
+            engines: row.map(|r| r.engines).unwrap_or_default(),
         })
     }
 
@@ -195,6 +203,11 @@ impl<S: Store> Coordinator<S> {
         decider: bool,
         mark: Verified,
     ) -> Result<TaskId, StoreError> {
+        let engines = self
+            .store
+            .result(target)?
+            .map(|r| r.engines)
+            .unwrap_or_default();
         let job = self.hidden_job(bundle, JobKind::Check)?;
         let task = self.store.insert_check(job, target, mark)?;
         if let Some((_, c)) = self.jobs.get_mut(&job) {
@@ -208,6 +221,7 @@ impl<S: Store> Coordinator<S> {
                 bundle,
                 exclude,
                 decider,
+                engines,
             },
         );
         let q = Queued {
@@ -307,10 +321,37 @@ impl<S: Store> Coordinator<S> {
         let Some(original) = target.node else {
             return Ok(());
         };
+        let exact = self
+            .bundles
+            .get(&check.bundle)
+            .is_some_and(|b| b.manifest.determinism == Determinism::Exact);
+        if exact && a.engines != target.engines {
+            // Bytes from another engine say nothing under `exact` (the
+            // grant rule prevents it; a node whose hello lied about its
+            // engines gets here): no mismatch, no strike; run it again on
+            // a node with the producer's engines.
+            tracing::warn!(
+                task = %check.target,
+                node = %a.node.short(),
+                "an exact-tier check ran on other engines ({:?}, the result's are {:?}); run again",
+                a.engines,
+                target.engines
+            );
+            let mut exclude = check.exclude.clone();
+            exclude.push(a.node);
+            let mark = if target.verified == Verified::Suspect {
+                Verified::Suspect
+            } else {
+                Verified::Checking
+            };
+            self.spawn_check(check.target, check.bundle, exclude, check.decider, mark)?;
+            return Ok(());
+        }
         let mine = ResultRow {
             task: a.task,
             node: Some(a.node),
             outcome: Some(a.outcome.clone()),
+            engines: a.engines.clone(),
             ..target.clone()
         };
         // Earlier re-executions of this result in this dispute: those since

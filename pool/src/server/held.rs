@@ -138,6 +138,7 @@ mod tests {
 
     fn grant(task: u64) -> TaskGrant {
         TaskGrant {
+            identity: "t".into(),
             replay: None,
             lease: id(task),
             bundle: Digest::of(b"b"),

@@ -84,6 +84,8 @@ pub struct Acceptance {
     /// MessagePack of the task's text-generation transcript; empty when it
     /// generated nothing. Kept so an `llm`-tier check can replay it.
     pub transcript: Vec<u8>,
+    /// The engine identities the receipt names (sorted, no repeats).
+    pub engines: Vec<String>,
 }
 
 /// A stored task row for status and results.
@@ -221,6 +223,9 @@ pub struct ResultRow {
     pub challenge: Option<ChallengeState>,
     /// Index in its job.
     pub index: u32,
+    /// The engine identities its receipt names (sorted; empty: none or
+    /// not done).
+    pub engines: Vec<String>,
 }
 
 /// Counts of one job's tasks by state.
@@ -344,6 +349,10 @@ pub trait Store: Send {
     /// previous process) and return the bundles, the tasks to queue, and the
     /// next free job id.
     fn recover(&mut self) -> Result<Recovered, StoreError>;
+    /// The pool's secret (32 bytes), made and stored on first use: it keys
+    /// the audit draw and the names tasks have on the wire, and must be the
+    /// same after a restart (a check made before sees the same identity).
+    fn secret(&mut self, fresh: [u8; 32]) -> Result<[u8; 32], StoreError>;
     /// Store a published bundle (idempotent).
     fn put_bundle(&mut self, b: &StoredBundle, name: &str, version: &str)
         -> Result<(), StoreError>;

@@ -44,6 +44,12 @@ CREATE TABLE IF NOT EXISTS nodes (
     completed INTEGER NOT NULL DEFAULT 0,
     expired INTEGER NOT NULL DEFAULT 0
 );
+-- The pool's own values that must outlive a process (the secret that
+-- names tasks to nodes and draws audits).
+CREATE TABLE IF NOT EXISTS pool_meta (
+    name TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS canaries (
     id INTEGER PRIMARY KEY,
     bundle TEXT NOT NULL REFERENCES bundles(digest),
@@ -75,6 +81,10 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     // The client key that submitted a job (NULL: hidden, or stored before
     // owners; jobs.key is then `<owner>/<client's key>`).
     ("jobs", "owner", "TEXT"),
+    // The engines the result's receipt names (JSON list of engine
+    // identities; NULL: none), so an `exact` check goes to a node with
+    // the same ones.
+    ("tasks", "engines", "TEXT"),
 ];
 
 /// Bring a database file to the current schema.

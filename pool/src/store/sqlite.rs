@@ -291,7 +291,8 @@ impl Store for SqliteStore {
         let mut stored = Vec::with_capacity(results.len());
         {
             let mut st = tx.prepare_cached(
-                "UPDATE tasks SET state = 2, outcome = ?4, receipt = ?5, done_at = ?6, transcript = ?7
+                "UPDATE tasks SET state = 2, outcome = ?4, receipt = ?5, done_at = ?6, transcript = ?7,
+                    engines = ?8
                  WHERE id = ?1 AND attempt = ?2 AND node = ?3 AND state = 1",
             )?;
             for a in results {
@@ -302,7 +303,8 @@ impl Store for SqliteStore {
                     a.outcome,
                     a.receipt,
                     now_unix as i64,
-                    (!a.transcript.is_empty()).then_some(&a.transcript)
+                    (!a.transcript.is_empty()).then_some(&a.transcript),
+                    engines_text(&a.engines)
                 ])?;
                 stored.push(n == 1);
             }
@@ -559,15 +561,15 @@ impl Store for SqliteStore {
     fn replace_result(&mut self, target: TaskId, from: TaskId) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         tx.execute(
-            "UPDATE tasks SET (node, outcome, receipt, transcript) =
-                (SELECT node, outcome, receipt, transcript FROM tasks WHERE id = ?2), verified = 3
+            "UPDATE tasks SET (node, outcome, receipt, transcript, engines) =
+                (SELECT node, outcome, receipt, transcript, engines FROM tasks WHERE id = ?2), verified = 3
              WHERE id = ?1",
             params![target.0 as i64, from.0 as i64],
         )?;
         // The cache's copies carry the same result.
         tx.execute(
-            "UPDATE tasks SET (node, outcome, receipt, transcript) =
-                (SELECT node, outcome, receipt, transcript FROM tasks WHERE id = ?1)
+            "UPDATE tasks SET (node, outcome, receipt, transcript, engines) =
+                (SELECT node, outcome, receipt, transcript, engines FROM tasks WHERE id = ?1)
              WHERE cached_from = ?1",
             params![target.0 as i64],
         )?;
@@ -633,6 +635,18 @@ impl Store for SqliteStore {
             ));
         }
         Ok(out)
+    }
+
+    fn secret(&mut self, fresh: [u8; 32]) -> Result<[u8; 32], StoreError> {
+        self.conn
+            .prepare_cached("INSERT OR IGNORE INTO pool_meta (name, value) VALUES ('secret', ?1)")?
+            .execute([&fresh[..]])?;
+        let v: Vec<u8> = self
+            .conn
+            .prepare_cached("SELECT value FROM pool_meta WHERE name = 'secret'")?
+            .query_row([], |r| r.get(0))?;
+        v.try_into()
+            .map_err(|v: Vec<u8>| corrupt("pool secret", format!("{} bytes, not 32", v.len())))
     }
 
     fn put_standing(&mut self, node: &PublicKey, s: &Standing) -> Result<(), StoreError> {
@@ -713,8 +727,8 @@ impl Store for SqliteStore {
     }
 }
 
-const RESULT_SELECT_BY_ID: &str = "SELECT id, job, state, node, outcome, COALESCE(done_at, 0), verified, check_of, expect, cached_from, challenge, idx FROM tasks WHERE id = ?1";
-const RESULT_SELECT_CHECKS: &str = "SELECT id, job, state, node, outcome, COALESCE(done_at, 0), verified, check_of, expect, cached_from, challenge, idx FROM tasks WHERE check_of = ?1 AND state = 2 ORDER BY id";
+const RESULT_SELECT_BY_ID: &str = "SELECT id, job, state, node, outcome, COALESCE(done_at, 0), verified, check_of, expect, cached_from, challenge, idx, engines FROM tasks WHERE id = ?1";
+const RESULT_SELECT_CHECKS: &str = "SELECT id, job, state, node, outcome, COALESCE(done_at, 0), verified, check_of, expect, cached_from, challenge, idx, engines FROM tasks WHERE check_of = ?1 AND state = 2 ORDER BY id";
 
 /// Read a row selected by [`RESULT_SELECT_BY_ID`] or [`RESULT_SELECT_CHECKS`].
 fn result_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<ResultRow, StoreError>> {
@@ -744,5 +758,18 @@ fn result_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<ResultRow, Store
             Err(e) => return Ok(Err(e)),
         },
         index: r.get(11)?,
+        engines: match r.get::<_, Option<String>>(12)? {
+            None => Vec::new(),
+            Some(t) => match serde_json::from_str(&t) {
+                Ok(v) => v,
+                Err(e) => return Ok(Err(corrupt("engine list", e))),
+            },
+        },
     }))
+}
+
+/// The `engines` column of a list (NULL when empty).
+fn engines_text(engines: &[String]) -> Option<String> {
+    // A list of strings always serialises.
+    (!engines.is_empty()).then(|| serde_json::to_string(engines).unwrap_or_default())
 }
