@@ -29,7 +29,10 @@
 //! quarantine_secs = 600            # a node caught with a wrong result gets no tasks this long
 //! ban_after_strikes = 3            # ... and is refused for good at this many strikes
 //! lookback = 256                   # a caught node's latest unverified results re-checked
-//! trusted = []                     # pool-owned node keys, preferred to decide disagreements
+//! trusted = []                     # pool-owned node keys: a strike needs one of them to decide
+//! decide_after = 100               # confirmed results (and no strike) before an untrusted node
+//!                                  # may decide a disagreement; without a trusted node in the
+//!                                  # agreeing pair the result is `disputed`, nobody is struck
 //! canary_rate = 0.01               # share of lease grants that also carry a canary
 //!
 //! [leasing]                        # how much work a node gets: the pool decides, not the node
@@ -441,6 +444,9 @@ pub struct VerificationFile {
     /// Pool-owned nodes.
     #[serde(default)]
     pub trusted: BTreeSet<PublicKey>,
+    /// Confirmed results before an untrusted node may decide.
+    #[serde(default = "default_decide_after")]
+    pub decide_after: u64,
     /// Share of grants carrying a canary.
     #[serde(default = "default_canary_rate")]
     pub canary_rate: f64,
@@ -466,6 +472,9 @@ fn default_ban() -> u32 {
 }
 fn default_lookback() -> u32 {
     256
+}
+fn default_decide_after() -> u64 {
+    100
 }
 fn default_canary_rate() -> f64 {
     0.01
@@ -734,6 +743,7 @@ impl PoolFile {
                 ban_after: self.verification.ban_after_strikes,
                 lookback: self.verification.lookback,
                 trusted: self.verification.trusted.clone(),
+                decide_after: self.verification.decide_after,
                 canary_rate: self.verification.canary_rate,
                 secret: None,
             },

@@ -33,8 +33,14 @@ pub struct VerifyPolicy {
     /// How many of a caught node's most recent unverified results are
     /// re-checked.
     pub lookback: u32,
-    /// Pool-owned nodes, preferred for deciding executions.
+    /// Pool-owned nodes, preferred for deciding executions. A strike needs
+    /// a decision whose agreeing executions include one of them (or a
+    /// canary's known answer): keys anyone can make never convict alone.
     pub trusted: BTreeSet<PublicKey>,
+    /// Confirmed results (with no strike) before an untrusted node may
+    /// decide a disagreement at all; below it a node may check, never
+    /// decide.
+    pub decide_after: u64,
     /// Chance that a lease grant also carries a canary (known-answer task),
     /// when canaries exist that the node has not been given.
     pub canary_rate: f64,
@@ -46,7 +52,8 @@ pub struct VerifyPolicy {
 impl Default for VerifyPolicy {
     /// New nodes at 10000, −50 per confirmed result, 10 minutes of
     /// quarantine, banned at the 3rd strike, look back 256 results, no
-    /// trusted nodes, canaries on 1% of grants.
+    /// trusted nodes, untrusted deciders after 100 confirmed results,
+    /// canaries on 1% of grants.
     fn default() -> Self {
         Self {
             initial_reputation: FULL,
@@ -55,6 +62,7 @@ impl Default for VerifyPolicy {
             ban_after: 3,
             lookback: 256,
             trusted: BTreeSet::new(),
+            decide_after: 100,
             canary_rate: 0.01,
             secret: None,
         }

@@ -184,6 +184,15 @@ fn config(policy: VerifyPolicy) -> PoolConfig {
     cfg
 }
 
+/// The keys of sim nodes `indexes` (for `trusted`: a strike needs a
+/// trusted node among the executions that agree).
+fn trust(indexes: &[u8]) -> std::collections::BTreeSet<PublicKey> {
+    indexes
+        .iter()
+        .map(|i| SecretKey::from_seed(KeyRole::Node, &[10 + i; 32]).public())
+        .collect()
+}
+
 fn secret(seed: u64) -> [u8; 32] {
     Digest::of(&seed.to_be_bytes()).0
 }
@@ -397,6 +406,7 @@ fn a_liar_is_caught_replaced_quarantined_and_its_recent_results_rechecked() {
             secret: Some(secret(3)),
             initial_reputation: 0,
             lookback: 50,
+            trusted: trust(&[1, 2]),
             ..VerifyPolicy::default()
         },
         &[Kind::AlwaysWrong, Kind::Honest, Kind::Honest],
@@ -461,6 +471,7 @@ fn suspect_results_are_not_served_from_the_cache() {
         VerifyPolicy {
             secret: Some(secret(4)),
             initial_reputation: 0,
+            trusted: trust(&[1, 2]),
             ..VerifyPolicy::default()
         },
         &[Kind::AlwaysWrong, Kind::Honest, Kind::Honest],
@@ -597,6 +608,7 @@ fn repeated_strikes_ban_a_node() {
             quarantine: Duration::ZERO,
             ban_after: 2,
             lookback: 0,
+            trusted: trust(&[1, 2]),
             ..VerifyPolicy::default()
         },
         &[Kind::AlwaysWrong, Kind::Honest, Kind::Honest],
@@ -628,6 +640,7 @@ fn tolerance_tier_accepts_float_noise_that_exact_flags() {
         let mut sim = Sim::with_tier(
             VerifyPolicy {
                 secret: Some(secret(8)),
+                trusted: trust(&[1, 2]),
                 ..VerifyPolicy::default()
             },
             &[Kind::Honest, Kind::Honest, Kind::Honest],
@@ -763,6 +776,7 @@ fn detection_follows_the_sampling_model() {
                     initial_reputation: r,
                     step: 0,
                     lookback: 0,
+                    trusted: trust(&[1, 2]),
                     ..VerifyPolicy::default()
                 },
                 &[kind, Kind::Honest, Kind::Honest],
@@ -915,6 +929,7 @@ fn results_on_which_no_two_executions_agree_are_disputed() {
     let mut sim = Sim::new(
         VerifyPolicy {
             secret: Some(secret(13)),
+            decide_after: 0,
             ..VerifyPolicy::default()
         },
         &[
@@ -951,6 +966,7 @@ fn a_banned_node_leases_go_to_others_at_once() {
             initial_reputation: 0,
             ban_after: 1,
             lookback: 0,
+            trusted: trust(&[1, 2]),
             ..VerifyPolicy::default()
         },
         &[Kind::AlwaysWrong, Kind::Honest, Kind::Honest],
@@ -1187,4 +1203,88 @@ fn tolerance_checks_may_cross_engines() {
     assert_eq!(a + b, 16, "8 results and 8 checks");
     assert!(a > 0 && b > 0, "{a} and {b}");
     assert_eq!(outputs.len(), 8);
+}
+
+/// Two or three colluding fresh keys that tell the same lie take every
+/// check of an honest node's results while no trusted node is connected:
+/// whether or not fresh keys may decide (`decide_after` 0 or the default),
+/// the honest node is never struck and no result is replaced — the results
+/// stay `checking` or end `disputed`. Once a trusted node connects it
+/// decides: every result `verified`, the colluders struck, the honest node
+/// still clean.
+#[test]
+fn colluding_fresh_keys_cannot_frame_an_honest_node() {
+    for colluders in [2u8, 3] {
+        for decide_after in [0, VerifyPolicy::default().decide_after] {
+            let case = format!("{colluders} colluders, decide_after {decide_after}");
+            let trusted_idx = colluders + 1;
+            let mut kinds = vec![Kind::Honest];
+            kinds.extend((0..colluders).map(|_| Kind::AlwaysWrong));
+            let mut sim = Sim::new(
+                VerifyPolicy {
+                    secret: Some(secret(30 + u64::from(colluders))),
+                    trusted: trust(&[trusted_idx]),
+                    decide_after,
+                    canary_rate: 0.0,
+                    ..VerifyPolicy::default()
+                },
+                &kinds,
+                30,
+            );
+            let job = sim.submit("j", &inputs("framed", 6));
+            let victim = sim.nodes[0].public();
+            while sim.work(0, 8) > 0 {}
+            let honest: Vec<Vec<u8>> = sim.records(job).iter().map(output_of).collect();
+            // The colluders take every check (and decide when they may).
+            for _ in 0..50 {
+                for i in 1..=usize::from(colluders) {
+                    sim.work(i, 8);
+                }
+            }
+            let st = sim.c.node_standing(&victim);
+            assert_eq!((st.strikes, st.banned), (0, false), "{case}");
+            assert!(sim.caught().is_empty(), "{case}: {:?}", sim.caught());
+            for (r, h) in sim.records(job).iter().zip(&honest) {
+                assert_eq!(&output_of(r), h, "{case}: a right result was replaced");
+                assert!(
+                    r.verification == "checking" || r.verification == "disputed",
+                    "{case}: {r:?}"
+                );
+            }
+            if decide_after == 0 {
+                assert!(
+                    sim.records(job)
+                        .iter()
+                        .all(|r| r.verification == "disputed"),
+                    "{case}"
+                );
+            }
+            // A trusted node connects and decides.
+            let t = SimNode::new(10 + trusted_idx, Kind::Honest, 99);
+            sim.c
+                .handle_node_hello(sim.now, t.public(), t.caps())
+                .expect("hello");
+            sim.nodes.push(t);
+            sim.settle();
+            let st = sim.c.node_standing(&victim);
+            assert_eq!((st.strikes, st.banned), (0, false), "{case}");
+            for (r, h) in sim.records(job).iter().zip(&honest) {
+                assert_eq!(&output_of(r), h, "{case}");
+                assert_eq!(r.verification, "verified", "{case}: {r:?}");
+            }
+            let caught: std::collections::BTreeSet<PublicKey> =
+                sim.caught().into_iter().map(|(k, _)| k).collect();
+            assert!(!caught.contains(&victim), "{case}");
+            assert!(
+                !caught.is_empty(),
+                "{case}: the colluders that checked are struck"
+            );
+            assert!(
+                caught.iter().all(|k| sim.nodes[1..=usize::from(colluders)]
+                    .iter()
+                    .any(|n| n.public() == *k)),
+                "{case}: only colluders struck"
+            );
+        }
+    }
 }

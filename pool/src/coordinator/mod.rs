@@ -111,6 +111,13 @@ pub enum PoolEvent {
         /// Whether it is now banned.
         banned: bool,
     },
+    /// Two untrusted executions agreed against a result: it is
+    /// `disputed` (nobody struck, nothing replaced) until a trusted node
+    /// decides.
+    Disputed {
+        /// The task.
+        task: TaskId,
+    },
     /// A wrong result was replaced by the agreed one.
     Replaced {
         /// The task.

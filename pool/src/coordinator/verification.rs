@@ -40,8 +40,12 @@ pub(super) struct Check {
     /// Nodes that already ran the target (never given it again).
     pub(super) exclude: Vec<PublicKey>,
     /// Whether this execution decides between two that disagree (prefers
-    /// trusted nodes).
+    /// trusted nodes; an untrusted node only after `decide_after`
+    /// confirmed results and no strike).
     pub(super) decider: bool,
+    /// Whether only a trusted node may run it: the disagreement was
+    /// decided without one, so the result is `disputed` until one does.
+    pub(super) trusted_only: bool,
     /// The engines the checked result's receipt names: under `exact` only
     /// a node with every one of them may run the check (bit-identical
     /// outputs need the same engine, version and settings). Empty: any.
@@ -102,6 +106,12 @@ impl<S: Store> Coordinator<S> {
             return false;
         }
         let trusted = &self.cfg.verify.trusted;
+        if check.trusted_only && !trusted.contains(key) {
+            return false;
+        }
+        if check.decider && !self.may_decide(key) {
+            return false;
+        }
         if check.decider && !trusted.contains(key) {
             // A disagreement waits for a connected trusted node that may
             // run it, even a busy one.
@@ -130,6 +140,25 @@ impl<S: Store> Coordinator<S> {
             }
         }
         true
+    }
+
+    /// May `key` decide a disagreement? A trusted node, or one with
+    /// `decide_after` confirmed results and no strike (a fresh key never).
+    pub(super) fn may_decide(&self, key: &PublicKey) -> bool {
+        if self.cfg.verify.trusted.contains(key) {
+            return true;
+        }
+        let st = self.standing_of(key);
+        st.strikes == 0 && st.confirmed >= self.cfg.verify.decide_after
+    }
+
+    /// Does a decision by these agreeing executions convict? Only when
+    /// one of them ran on a trusted node.
+    fn convicts(&self, agreeing: &[Option<PublicKey>]) -> bool {
+        agreeing
+            .iter()
+            .flatten()
+            .any(|k| self.cfg.verify.trusted.contains(k))
     }
 
     /// The hidden job of `kind` for `bundle`.
@@ -172,11 +201,16 @@ impl<S: Store> Coordinator<S> {
             (Some(r), Some(last)) => !self.rows_agree(bundle, r, last),
             _ => false,
         };
+        let trusted_only = decider
+            && row
+                .as_ref()
+                .is_some_and(|r| r.verified == Verified::Disputed);
         Ok(Check {
             target,
             bundle,
             exclude,
             decider,
+            trusted_only,
             engines: row.map(|r| r.engines).unwrap_or_default(),
         })
     }
@@ -221,6 +255,7 @@ impl<S: Store> Coordinator<S> {
                 bundle,
                 exclude,
                 decider,
+                trusted_only: false,
                 engines,
             },
         );
@@ -373,8 +408,9 @@ impl<S: Store> Coordinator<S> {
         let verdict: ChallengeState;
         if self.rows_agree(check.bundle, &target, &mine) {
             // The stored result stands. A decider also convicts the
-            // executions of this dispute that disagreed with it.
-            if check.decider {
+            // executions of this dispute that disagreed with it, when the
+            // agreeing pair includes a trusted node.
+            if check.decider && self.convicts(&[target.node, Some(a.node)]) {
                 let liars: Vec<PublicKey> = prior
                     .iter()
                     .filter(|c| !self.rows_agree(check.bundle, &target, c))
@@ -393,6 +429,43 @@ impl<S: Store> Coordinator<S> {
             self.vstats.confirmed += 1;
             self.store.set_verified(check.target, Verified::Verified)?;
             verdict = ChallengeState::Rejected;
+        } else if check.decider && {
+            let agreeing: Vec<&ResultRow> = prior
+                .iter()
+                .filter(|c| self.rows_agree(check.bundle, c, &mine))
+                .collect();
+            !agreeing.is_empty()
+                && !agreeing
+                    .iter()
+                    .any(|c| self.convicts(&[c.node, Some(a.node)]))
+        } {
+            // Two executions agree against the stored result, but neither
+            // ran on a trusted node: fresh keys could be colluding to frame
+            // the producer. Nobody is struck and nothing is replaced; the
+            // result is `disputed` (never served from the cache) until a
+            // trusted node decides.
+            self.store.set_verified(check.target, Verified::Disputed)?;
+            self.events
+                .push_back(PoolEvent::Disputed { task: check.target });
+            if !self.cfg.verify.trusted.is_empty() && 1 + prior.len() + 1 < MAX_EXECUTIONS {
+                let mut exclude = check.exclude.clone();
+                exclude.push(a.node);
+                let task = self.spawn_check(
+                    check.target,
+                    check.bundle,
+                    exclude,
+                    true,
+                    Verified::Disputed,
+                )?;
+                if let Some(c) = self.checks.get_mut(&task) {
+                    c.trusted_only = true;
+                }
+            }
+            if challenged {
+                self.store
+                    .set_challenge(check.target, ChallengeState::Undecided)?;
+            }
+            return Ok(());
         } else if let Some(second) = prior
             .iter()
             .rev()

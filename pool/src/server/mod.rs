@@ -179,6 +179,10 @@ fn log_event(ev: &PoolEvent, now: Instant) {
             "node caught with a wrong result"
         ),
         PoolEvent::Replaced { task } => info!(%task, "wrong result replaced"),
+        PoolEvent::Disputed { task } => warn!(
+            %task,
+            "two untrusted executions disagree with the result: disputed until a trusted node decides"
+        ),
         PoolEvent::CutOff {
             node,
             failures,
