@@ -1288,3 +1288,46 @@ fn colluding_fresh_keys_cannot_frame_an_honest_node() {
         }
     }
 }
+
+/// The pool chooses who checks, not whoever asks first: three colluding
+/// fresh keys that tell the same lie and always ask before two trusted
+/// honest nodes never get each other's results to check, so none of their
+/// lies is confirmed — every one is replaced by the honest answer. (Under
+/// first come, the colluders took each other's checks and confirmed.)
+#[test]
+fn colluders_do_not_get_to_check_each_other() {
+    let mut sim = Sim::new(
+        VerifyPolicy {
+            secret: Some(secret(33)),
+            trusted: trust(&[3, 4]),
+            canary_rate: 0.0,
+            ..VerifyPolicy::default()
+        },
+        &[
+            Kind::AlwaysWrong,
+            Kind::AlwaysWrong,
+            Kind::AlwaysWrong,
+            Kind::Honest,
+            Kind::Honest,
+        ],
+        33,
+    );
+    let ins = inputs("chosen", 12);
+    let job = sim.submit("j", &ins);
+    // The colluders take the first results.
+    for i in 0..3 {
+        sim.work(i, 4);
+    }
+    sim.settle();
+    let recs = sim.records(job);
+    for (r, input) in recs.iter().zip(&ins) {
+        assert_eq!(output_of(r), honest_output(input), "{r:?}");
+        assert!(
+            r.verification == "replaced" || r.verification == "verified",
+            "{r:?}"
+        );
+    }
+    assert!(recs.iter().any(|r| r.verification == "replaced"));
+    let honest = [sim.nodes[3].public(), sim.nodes[4].public()];
+    assert!(sim.caught().iter().all(|(k, _)| !honest.contains(k)));
+}

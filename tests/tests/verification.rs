@@ -221,9 +221,10 @@ async fn honest_re_executions_of_a_seeded_job_all_confirm() -> Result<()> {
 /// connected: the honest node is never struck or banned and none of its
 /// results is replaced (they wait, `checking` or `disputed`); once the
 /// trusted node connects it decides, every one of the honest node's
-/// results is `verified`, and the colluders that checked against it are
-/// struck. (Colluders confirming each other's own lies is not prevented
-/// yet: see issue #17's note.)
+/// results is `verified`, the colluders that checked against it are
+/// struck, and their own lies — some confirmed by each other while no
+/// node with a record was about — are re-checked when they are struck and
+/// end replaced (or `disputed`, never confirmed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn colluding_fresh_keys_cannot_frame_an_honest_node() -> Result<()> {
     for colluders in [2u8, 3] {
@@ -231,7 +232,7 @@ async fn colluding_fresh_keys_cannot_frame_an_honest_node() -> Result<()> {
         let keys = Keys::new(40 + colluders);
         let mut cfg = test_pool_config(&keys);
         cfg.verify = policy(40 + colluders);
-        cfg.verify.trusted = [keys.node(0).public()].into();
+        cfg.verify.trusted = [keys.node(0).public(), keys.node(8).public()].into();
         let pool = start_pool(&dir.path().join("pool"), &keys, cfg, "127.0.0.1:0".parse()?).await?;
         let mut events = pool.events();
         let bundle = guest_bundle(&dir.path().join("author"), &keys, "env-probe", "")?;
@@ -283,8 +284,10 @@ async fn colluding_fresh_keys_cannot_frame_an_honest_node() -> Result<()> {
                 "{colluders}: {r:?}"
             );
         }
-        // The trusted node connects and decides.
-        nodes.push(start_node(node_config(dir.path(), &keys, 0, pool.addr)));
+        // The trusted nodes connect and decide.
+        for i in [0, 8] {
+            nodes.push(start_node(node_config(dir.path(), &keys, i, pool.addr)));
+        }
         let status = settle(&client, Duration::from_secs(120)).await?;
         let v = status
             .nodes
@@ -298,6 +301,17 @@ async fn colluding_fresh_keys_cannot_frame_an_honest_node() -> Result<()> {
             assert_eq!(now.node, Some(victim), "{colluders}: replaced: {now:?}");
             assert_eq!(now.outcome, r.outcome, "{colluders}");
             assert_eq!(now.verification, "verified", "{colluders}: {now:?}");
+        }
+        // The colluders' own results (always lies): none stands confirmed.
+        let colluder_keys: Vec<PublicKey> =
+            (0..colluders).map(|i| keys.node(2 + i).public()).collect();
+        for r in &after {
+            if r.node.is_some_and(|k| colluder_keys.contains(&k)) {
+                assert!(
+                    r.verification == "disputed" || r.verification == "checking",
+                    "{colluders}: a colluder's lie stands: {r:?}"
+                );
+            }
         }
         let mut caught = std::collections::BTreeSet::new();
         while let Ok(e) = events.try_recv() {

@@ -34,6 +34,9 @@ pub(super) struct Node {
     /// Its latest finished tasks, newest last (`true`: failed or refused),
     /// at most the breaker's window; cleared when the breaker trips.
     pub(super) recent: VecDeque<bool>,
+    /// It said it is draining (takes no new work) since its last hello:
+    /// the pool chooses no check for it.
+    pub(super) draining: bool,
 }
 
 /// How much better another node's uptime must be for it to be preferred.
@@ -51,6 +54,7 @@ impl Node {
             leases: BTreeSet::new(),
             delivered: 0,
             recent: VecDeque::new(),
+            draining: false,
         }
     }
 
@@ -130,8 +134,16 @@ impl Nodes {
     pub(super) fn connect(&mut self, now: Instant, key: PublicKey, caps: Capabilities) {
         let n = self.by_key.entry(key).or_insert_with(|| Node::new(now));
         n.caps = caps;
+        n.draining = false;
         n.connections += 1;
         n.connected_since.get_or_insert(now);
+    }
+
+    /// `key` said it is draining.
+    pub(super) fn drain(&mut self, key: &PublicKey) {
+        if let Some(n) = self.by_key.get_mut(key) {
+            n.draining = true;
+        }
     }
 
     /// A connection from `key` closed at `now`.

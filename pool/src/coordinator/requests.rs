@@ -104,7 +104,10 @@ impl<S: Store> Coordinator<S> {
                 self.handle_opened_results(now, peer, opened)
                     .map(Response::Verdicts)
             }
-            Request::Draining => Ok(Response::Ok),
+            Request::Draining => {
+                self.nodes.drain(peer);
+                Ok(Response::Ok)
+            }
             Request::FetchManifest { bundle } => match self.manifest(&bundle) {
                 Some(m) => Ok(Response::Manifest(m.clone())),
                 None => Err(super::refusal(

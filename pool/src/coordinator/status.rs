@@ -79,7 +79,7 @@ impl<S: Store> Coordinator<S> {
                 || self
                     .nodes
                     .iter()
-                    .any(|(k, n)| n.is_connected() && self.may_check(k, check))
+                    .any(|(k, n)| n.is_connected() && self.eligible_for_check(k, check))
             {
                 continue;
             }

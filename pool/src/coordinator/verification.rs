@@ -20,6 +20,11 @@ use tidepool_proto::wire::{
 };
 use tidepool_proto::{Digest, PublicKey};
 
+/// How much more likely a trusted node is to be chosen for a check than a
+/// fresh one (one with a record of `decide_after` confirmations weighs
+/// `1 + decide_after`).
+pub const TRUSTED_WEIGHT: f64 = 1000.0;
+
 /// A re-execution may take this many times `max_attempts` attempts.
 pub const CHECK_ATTEMPTS_FACTOR: u32 = 4;
 
@@ -74,11 +79,57 @@ impl<S: Store> Coordinator<S> {
         Ok(st)
     }
 
+    /// Does `key` run re-execution `check` now? Among the connected nodes
+    /// with room, not draining or quarantined, that [may run
+    /// it](Self::eligible_for_check), the pool
+    /// chooses one — not whoever asks first — by a draw keyed with its
+    /// secret and weighted by standing (a trusted node weighs
+    /// [`TRUSTED_WEIGHT`], another `1 + min(confirmed, decide_after)`), so
+    /// fresh keys made to take checks rarely get them while nodes with a
+    /// record are about. The draw is the same for the same check and node,
+    /// so asking again changes nothing. (Cost: nodes² per check and lease
+    /// request; checks pending are few at steady state.)
+    pub(super) fn may_check(&self, key: &PublicKey, check: &Check) -> bool {
+        if !self.eligible_for_check(key, check) {
+            return false;
+        }
+        let mine = self.check_draw(key, check);
+        !self.nodes.iter().any(|(k, n)| {
+            k != key
+                && n.has_room(&self.cfg.leasing)
+                && !n.draining
+                && !self.quarantine.contains_key(k)
+                && self.check_draw(k, check) < mine
+                && self.eligible_for_check(k, check)
+        })
+    }
+
+    /// The weighted draw of `key` for `check` (smallest wins): `-ln(u)/w`
+    /// with `u` keyed by the secret, the checked task and the round.
+    fn check_draw(&self, key: &PublicKey, check: &Check) -> f64 {
+        let w = if self.cfg.verify.trusted.contains(key) {
+            TRUSTED_WEIGHT
+        } else {
+            let st = self.standing_of(key);
+            1.0 + st.confirmed.min(self.cfg.verify.decide_after) as f64
+        };
+        let u = audit_draw(
+            &self.secret,
+            LeaseId {
+                task: check.target,
+                attempt: u32::MAX / 2 - u32::try_from(check.exclude.len()).unwrap_or(0),
+            },
+            key,
+        );
+        // u in [0, 1): 1 - u in (0, 1], its log finite.
+        -(1.0 - u).ln() / w
+    }
+
     /// May `key` run re-execution `check` now? Never a node that ran the
     /// task before, nor one of the same operator; a node of the same
     /// hardware class only if no other suitable node has room; a decider
     /// goes to a trusted node whenever one is connected that may run it.
-    pub(super) fn may_check(&self, key: &PublicKey, check: &Check) -> bool {
+    pub(super) fn eligible_for_check(&self, key: &PublicKey, check: &Check) -> bool {
         let Some(node) = self.nodes.get(key) else {
             return false;
         };
@@ -109,7 +160,11 @@ impl<S: Store> Coordinator<S> {
         if check.trusted_only && !trusted.contains(key) {
             return false;
         }
-        if check.decider && !self.may_decide(key) {
+        // A fresh key may decide only between a trusted node's execution
+        // and another: then any agreeing pair it makes either includes the
+        // trusted node (and convicts) or does not (and only disputes).
+        let trusted_ran = check.exclude.iter().any(|k| trusted.contains(k));
+        if check.decider && !trusted_ran && !self.may_decide(key) {
             return false;
         }
         if check.decider && !trusted.contains(key) {
@@ -538,7 +593,7 @@ impl<S: Store> Coordinator<S> {
         }
         let recent = self
             .store
-            .unverified_recent(node, self.cfg.verify.lookback)?;
+            .recent_to_recheck(node, self.cfg.verify.lookback)?;
         for (t, job) in recent {
             let Some(&(bundle, _)) = self.jobs.get(&job) else {
                 continue;

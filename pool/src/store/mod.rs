@@ -430,9 +430,11 @@ pub trait Store: Send {
     fn replace_result(&mut self, target: TaskId, from: TaskId) -> Result<(), StoreError>;
     /// Record a challenge's state.
     fn set_challenge(&mut self, task: TaskId, state: ChallengeState) -> Result<(), StoreError>;
-    /// A node's most recent results of user jobs that were never checked,
-    /// newest first, with their jobs.
-    fn unverified_recent(
+    /// A node's most recent results of user jobs that were never checked
+    /// or were confirmed (a confirmation may have come from a colluding
+    /// key), newest first, with their jobs: what is re-checked when the
+    /// node is caught.
+    fn recent_to_recheck(
         &mut self,
         node: &PublicKey,
         limit: u32,

@@ -593,14 +593,14 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn unverified_recent(
+    fn recent_to_recheck(
         &mut self,
         node: &PublicKey,
         limit: u32,
     ) -> Result<Vec<(TaskId, JobId)>, StoreError> {
         let mut st = self.conn.prepare_cached(
             "SELECT t.id, t.job FROM tasks t JOIN jobs j ON j.id = t.job
-             WHERE t.node = ?1 AND t.state = 2 AND t.verified = 0 AND t.cached_from IS NULL AND j.kind = 0
+             WHERE t.node = ?1 AND t.state = 2 AND t.verified IN (0, 2) AND t.cached_from IS NULL AND j.kind = 0
              ORDER BY t.id DESC LIMIT ?2",
         )?;
         let v = st
