@@ -106,10 +106,11 @@ impl<S: Store> Coordinator<S> {
         }
         // Re-executions first: the sooner a wrong result is found, the less
         // is built on it.
+        let rivals = self.check_rivals(key);
         let mine: HashSet<TaskId> = self
             .checks
             .iter()
-            .filter(|(_, c)| self.may_check(key, c))
+            .filter(|(_, c)| self.may_check_among(key, c, &rivals))
             .map(|(t, _)| *t)
             .collect();
         let (checks, bundles, nodes) = (&self.checks, &self.bundles, &self.nodes);

@@ -79,50 +79,67 @@ impl<S: Store> Coordinator<S> {
         Ok(st)
     }
 
-    /// Does `key` run re-execution `check` now? Among the connected nodes
-    /// with room, not draining or quarantined, that [may run
-    /// it](Self::eligible_for_check), the pool
-    /// chooses one — not whoever asks first — by a draw keyed with its
-    /// secret and weighted by standing (a trusted node weighs
-    /// [`TRUSTED_WEIGHT`], another `1 + min(confirmed, decide_after)`), so
-    /// fresh keys made to take checks rarely get them while nodes with a
-    /// record are about. The draw is the same for the same check and node,
-    /// so asking again changes nothing. (Cost: nodes² per check and lease
-    /// request; checks pending are few at steady state.)
-    pub(super) fn may_check(&self, key: &PublicKey, check: &Check) -> bool {
+    /// The nodes that could be chosen for a check instead of `key`, each
+    /// with its weight (computed once per lease request).
+    pub(super) fn check_rivals(&self, key: &PublicKey) -> Vec<(PublicKey, f64)> {
+        self.nodes
+            .iter()
+            .filter(|(k, n)| {
+                *k != key
+                    && n.has_room(&self.cfg.leasing)
+                    && !n.draining
+                    && !self.quarantine.contains_key(k)
+            })
+            .map(|(k, _)| (*k, self.check_weight(k)))
+            .collect()
+    }
+
+    /// Does `key` run re-execution `check` now? Among `key` and its
+    /// `rivals` (connected nodes with room, not draining or quarantined)
+    /// that [may run it](Self::eligible_for_check), the pool chooses one —
+    /// not whoever asks first — by a draw keyed with its secret and
+    /// weighted by standing (a trusted node weighs [`TRUSTED_WEIGHT`],
+    /// another `1 + min(confirmed, decide_after)`), so fresh keys made to
+    /// take checks rarely get them while nodes with a record are about.
+    /// The draw is the same for the same check and node, so asking again
+    /// changes nothing. Cost per check: one SHA-256, a multiply-xor per
+    /// rival, and the eligibility of the rivals that draw better than `key`.
+    pub(super) fn may_check_among(
+        &self,
+        key: &PublicKey,
+        check: &Check,
+        rivals: &[(PublicKey, f64)],
+    ) -> bool {
         if !self.eligible_for_check(key, check) {
             return false;
         }
-        let mine = self.check_draw(key, check);
-        !self.nodes.iter().any(|(k, n)| {
-            k != key
-                && n.has_room(&self.cfg.leasing)
-                && !n.draining
-                && !self.quarantine.contains_key(k)
-                && self.check_draw(k, check) < mine
-                && self.eligible_for_check(k, check)
-        })
+        let seed = self.check_seed(check);
+        let mine = check_draw(seed, key, self.check_weight(key));
+        !rivals
+            .iter()
+            .any(|(k, w)| check_draw(seed, k, *w) < mine && self.eligible_for_check(k, check))
     }
 
-    /// The weighted draw of `key` for `check` (smallest wins): `-ln(u)/w`
-    /// with `u` keyed by the secret, the checked task and the round.
-    fn check_draw(&self, key: &PublicKey, check: &Check) -> f64 {
-        let w = if self.cfg.verify.trusted.contains(key) {
+    /// A node's weight in the choice of checkers.
+    fn check_weight(&self, key: &PublicKey) -> f64 {
+        if self.cfg.verify.trusted.contains(key) {
             TRUSTED_WEIGHT
         } else {
             let st = self.standing_of(key);
             1.0 + st.confirmed.min(self.cfg.verify.decide_after) as f64
-        };
-        let u = audit_draw(
-            &self.secret,
-            LeaseId {
-                task: check.target,
-                attempt: u32::MAX / 2 - u32::try_from(check.exclude.len()).unwrap_or(0),
-            },
-            key,
-        );
-        // u in [0, 1): 1 - u in (0, 1], its log finite.
-        -(1.0 - u).ln() / w
+        }
+    }
+
+    /// The secret seed of the choice for one round of one check.
+    fn check_seed(&self, check: &Check) -> u64 {
+        use sha2::{Digest as _, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"tidepool/check-choice/v1");
+        h.update(self.secret);
+        h.update(check.target.0.to_be_bytes());
+        h.update((check.exclude.len() as u64).to_be_bytes());
+        let d = h.finalize();
+        u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
     }
 
     /// May `key` run re-execution `check` now? Never a node that ran the
@@ -828,4 +845,44 @@ impl<S: Store> Coordinator<S> {
 /// Decode a stored outcome.
 pub(super) fn decode_outcome(bytes: &Option<Vec<u8>>) -> Option<Outcome> {
     bytes.as_ref().and_then(|b| rmp_serde::from_slice(b).ok())
+}
+
+/// One node's draw for a check (smallest wins): `-ln(u)/w`, `u` uniform in
+/// `(0, 1]` from the check's secret seed mixed with the node's key
+/// (splitmix64's finaliser), so the weighted choice is an exponential
+/// race no node can predict without the seed.
+fn check_draw(seed: u64, key: &PublicKey, weight: f64) -> f64 {
+    let mut k = [0u8; 8];
+    k.copy_from_slice(&key.0[..8]);
+    let mut z = seed ^ u64::from_le_bytes(k);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    let u = ((z >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+    -u.ln() / weight
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_check_draw_is_a_weighted_race() {
+        let a = PublicKey([1; 32]);
+        let b = PublicKey([2; 32]);
+        let n = 20_000u64;
+        let wins = |wa: f64, wb: f64| {
+            (0..n)
+                .filter(|s| {
+                    let seed = s.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                    check_draw(seed, &a, wa) < check_draw(seed, &b, wb)
+                })
+                .count() as f64
+                / n as f64
+        };
+        // Equal weights: half each; weight 100 against 1: ~100/101.
+        assert!((wins(1.0, 1.0) - 0.5).abs() < 0.02);
+        assert!((wins(100.0, 1.0) - 100.0 / 101.0).abs() < 0.01);
+        assert!(wins(1.0, 1000.0) < 0.005);
+    }
 }
