@@ -1030,6 +1030,20 @@ mod tests {
                 },
             ),
             (
+                "engines",
+                Capabilities {
+                    engines: vec![String::new(); 100_000],
+                    ..ok.clone()
+                },
+            ),
+            (
+                "engines",
+                Capabilities {
+                    engines: vec!["e".repeat(10_000)],
+                    ..ok.clone()
+                },
+            ),
+            (
                 "gpu",
                 Capabilities {
                     gpu: Some(Gpu {
