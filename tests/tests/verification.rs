@@ -251,18 +251,23 @@ async fn colluding_fresh_keys_cannot_frame_an_honest_node() -> Result<()> {
         // The colluders take the checks of the honest node's results; the
         // decisions wait for a node that may decide.
         let start = std::time::Instant::now();
+        let mut last = None;
         loop {
             let s = client.pool_status().await?;
-            if s.queued == 0 && s.leased == 0 && !s.checks_waiting.is_empty() {
+            // Settled: nothing leased, checks waiting, and nothing moved
+            // for half a second (nodes ask every 50 ms).
+            let now = (s.queued, s.verification.executed);
+            if s.leased == 0 && !s.checks_waiting.is_empty() && last == Some(now) {
                 break;
             }
+            last = Some(now);
             anyhow::ensure!(
                 start.elapsed() < Duration::from_secs(60),
                 "checks did not settle: {:?} {:?}",
                 s.verification,
                 s.checks_waiting
             );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let before = client.job_results(job).await?;
         let victims: Vec<_> = before

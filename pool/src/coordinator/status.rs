@@ -86,7 +86,18 @@ impl<S: Store> Coordinator<S> {
             let exact = self.bundles.get(&check.bundle).is_some_and(|b| {
                 b.manifest.determinism == tidepool_proto::manifest::Determinism::Exact
             });
-            let why = if exact && !check.engines.is_empty() {
+            let trusted_ran = check
+                .exclude
+                .iter()
+                .any(|k| self.cfg.verify.trusted.contains(k));
+            let why = if check.trusted_only {
+                "wait for a trusted node to decide (two untrusted executions disagree with the result)".to_owned()
+            } else if check.decider && !trusted_ran {
+                format!(
+                    "wait for a node that may decide (trusted, or {} confirmed results and no strike)",
+                    self.cfg.verify.decide_after
+                )
+            } else if exact && !check.engines.is_empty() {
                 format!(
                     "wait for a node with engines: {} (an exact-tier check runs only on the engines that produced the result)",
                     check.engines.join(", ")
