@@ -14,8 +14,9 @@ use crate::receipt::SignedReceipt;
 use crate::{Digest, PublicKey};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version this build speaks. 2: grants carry the task
+/// identity and task ids on the wire are opaque; hellos list engines.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame accepted or sent: a maximal task output (16 MiB) plus room
 /// for its receipt.
 pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024 + 64 * 1024;
