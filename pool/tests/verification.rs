@@ -455,6 +455,20 @@ fn a_liar_is_caught_replaced_quarantined_and_its_recent_results_rechecked() {
     }
     assert_eq!(recs[7].challenge, Some(ChallengeState::Upheld));
     assert_eq!(output_of(&sim.records(again)[0]), honest_output(&ins[0]));
+    // Each replaced result is kept as evidence: the liar's signed receipt
+    // for its wrong output, and the two executions that agreed against it.
+    for (r, i) in recs.iter().zip(&ins) {
+        let ev = sim.c.evidence(r.task).expect("evidence");
+        assert_eq!(ev.len(), 1, "task {}", r.task);
+        assert_eq!(ev[0].node, liar);
+        assert_eq!(ev[0].decided_by.len(), 2);
+        let signed: tidepool_proto::receipt::SignedReceipt =
+            rmp_serde::from_slice(ev[0].receipt.as_deref().expect("receipt")).expect("receipt");
+        let receipt = signed.open(&liar).expect("signed by the liar");
+        let mut lie = honest_output(i);
+        lie[0] ^= 1;
+        assert_eq!(receipt.receipt.output, Digest::of(&lie), "task {}", r.task);
+    }
     // Quarantined: no tasks for the liar while honest nodes get them.
     sim.submit("more", &inputs("more", 4));
     assert_eq!(sim.work(0, 8), 0, "quarantined node got work");

@@ -546,7 +546,9 @@ impl<S: Store> Coordinator<S> {
         {
             // Two independent executions agree against the stored result:
             // replace it with the agreed one and penalise its node.
-            self.store.replace_result(check.target, a.task)?;
+            let now_unix = self.unix(now);
+            self.store
+                .replace_result(check.target, a.task, &[second.task, a.task], now_unix)?;
             self.vstats.replaced += 1;
             self.events
                 .push_back(PoolEvent::Replaced { task: check.target });
@@ -829,6 +831,12 @@ impl<S: Store> Coordinator<S> {
         let list = self.canaries.entry(*bundle).or_default();
         list.extend(ids);
         Ok(u32::try_from(list.len()).unwrap_or(u32::MAX))
+    }
+
+    /// The evidence kept for a task's replaced results (the replaced
+    /// outcome, its signed receipt, the executions that agreed against it).
+    pub fn evidence(&mut self, task: TaskId) -> Result<Vec<crate::store::Evidence>, StoreError> {
+        self.store.evidence(task)
     }
 
     /// A node's standing, for tests and status.

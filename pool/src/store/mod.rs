@@ -228,6 +228,24 @@ pub struct ResultRow {
     pub engines: Vec<String>,
 }
 
+/// A replaced result as it was: who produced it, what it said, its signed
+/// receipt, and the executions that agreed against it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evidence {
+    /// The task whose result it was.
+    pub task: TaskId,
+    /// The node that produced it.
+    pub node: PublicKey,
+    /// MessagePack of its outcome.
+    pub outcome: Option<Vec<u8>>,
+    /// Its signed receipt (MessagePack of `SignedReceipt`).
+    pub receipt: Option<Vec<u8>>,
+    /// The re-executions (check tasks) whose agreeing outcomes replaced it.
+    pub decided_by: Vec<TaskId>,
+    /// Unix time it was replaced.
+    pub at: u64,
+}
+
 /// Counts of one job's tasks by state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct JobCounts {
@@ -425,9 +443,19 @@ pub trait Store: Send {
     fn checks_of(&mut self, target: TaskId) -> Result<Vec<ResultRow>, StoreError>;
     /// Set a result's verification state.
     fn set_verified(&mut self, task: TaskId, v: Verified) -> Result<(), StoreError>;
-    /// Replace `target`'s result by `from`'s (node, outcome, receipt), mark it
-    /// replaced, and update the cache's copies of it; one transaction.
-    fn replace_result(&mut self, target: TaskId, from: TaskId) -> Result<(), StoreError>;
+    /// Replace `target`'s result with re-execution `from`'s (and its cached
+    /// copies'), keeping the replaced result, its receipt and the executions
+    /// that agreed against it (`decided_by`) as evidence, in one
+    /// transaction.
+    fn replace_result(
+        &mut self,
+        target: TaskId,
+        from: TaskId,
+        decided_by: &[TaskId],
+        now_unix: u64,
+    ) -> Result<(), StoreError>;
+    /// The evidence kept for `task`'s replaced results, oldest first.
+    fn evidence(&mut self, task: TaskId) -> Result<Vec<Evidence>, StoreError>;
     /// Record a challenge's state.
     fn set_challenge(&mut self, task: TaskId, state: ChallengeState) -> Result<(), StoreError>;
     /// A node's most recent results of user jobs that were never checked

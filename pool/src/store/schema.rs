@@ -50,6 +50,20 @@ CREATE TABLE IF NOT EXISTS pool_meta (
     name TEXT PRIMARY KEY,
     value BLOB NOT NULL
 );
+-- A result that was replaced, kept as it was (the node's signed receipt
+-- is the evidence), with the executions that agreed against it.
+CREATE TABLE IF NOT EXISTS evidence (
+    id INTEGER PRIMARY KEY,
+    task INTEGER NOT NULL REFERENCES tasks(id),
+    node TEXT NOT NULL,
+    outcome BLOB,
+    receipt BLOB,
+    transcript BLOB,
+    decided_by TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS evidence_task ON evidence(task);
+CREATE INDEX IF NOT EXISTS evidence_node ON evidence(node);
 CREATE TABLE IF NOT EXISTS canaries (
     id INTEGER PRIMARY KEY,
     bundle TEXT NOT NULL REFERENCES bundles(digest),

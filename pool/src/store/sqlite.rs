@@ -558,8 +558,23 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn replace_result(&mut self, target: TaskId, from: TaskId) -> Result<(), StoreError> {
+    fn replace_result(
+        &mut self,
+        target: TaskId,
+        from: TaskId,
+        decided_by: &[TaskId],
+        now_unix: u64,
+    ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
+        let decided: Vec<u64> = decided_by.iter().map(|t| t.0).collect();
+        // A list of numbers always serialises.
+        let decided = serde_json::to_string(&decided).unwrap_or_default();
+        tx.execute(
+            "INSERT INTO evidence (task, node, outcome, receipt, transcript, decided_by, at)
+             SELECT id, node, outcome, receipt, transcript, ?2, ?3 FROM tasks
+             WHERE id = ?1 AND node IS NOT NULL",
+            params![target.0 as i64, decided, now_unix as i64],
+        )?;
         tx.execute(
             "UPDATE tasks SET (node, outcome, receipt, transcript, engines) =
                 (SELECT node, outcome, receipt, transcript, engines FROM tasks WHERE id = ?2), verified = 3
@@ -575,6 +590,39 @@ impl Store for SqliteStore {
         )?;
         tx.commit()?;
         Ok(())
+    }
+
+    fn evidence(&mut self, task: TaskId) -> Result<Vec<Evidence>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT task, node, outcome, receipt, decided_by, at FROM evidence
+             WHERE task = ?1 ORDER BY id",
+        )?;
+        let rows = st
+            .query_map([task.0 as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<Vec<u8>>>(2)?,
+                    r.get::<_, Option<Vec<u8>>>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, i64>(5)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(task, node, outcome, receipt, decided, at)| {
+                let decided: Vec<u64> =
+                    serde_json::from_str(&decided).map_err(|e| corrupt("evidence", e))?;
+                Ok(Evidence {
+                    task: TaskId(task as u64),
+                    node: PublicKey::parse(&node).map_err(|e| corrupt("node key", e))?,
+                    outcome,
+                    receipt,
+                    decided_by: decided.into_iter().map(TaskId).collect(),
+                    at: at as u64,
+                })
+            })
+            .collect()
     }
 
     fn transcript(&mut self, task: TaskId) -> Result<Option<Vec<u8>>, StoreError> {
