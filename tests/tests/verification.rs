@@ -348,6 +348,8 @@ async fn challenges_replace_a_wrong_result_and_leave_a_right_one() -> Result<()>
     let mut cfg = test_pool_config(&keys);
     cfg.verify = VerifyPolicy {
         initial_reputation: 0, // as if long trusted: results are rarely checked
+        // The honest nodes are the pool owner's: a strike needs one of them.
+        trusted: [keys.node(1).public(), keys.node(2).public()].into(),
         ..policy(22)
     };
     let pool = start_pool(&dir.path().join("pool"), &keys, cfg, "127.0.0.1:0".parse()?).await?;
