@@ -1249,6 +1249,9 @@ fn colluding_fresh_keys_cannot_frame_an_honest_node() {
             let victim = sim.nodes[0].public();
             while sim.work(0, 8) > 0 {}
             let honest: Vec<Vec<u8>> = sim.records(job).iter().map(output_of).collect();
+            // The submitter challenges one of them too.
+            let first = sim.records(job)[0].task;
+            sim.c.handle_challenge(sim.now, first).expect("challenge");
             // The colluders take every check (and decide when they may).
             for _ in 0..50 {
                 for i in 1..=usize::from(colluders) {
@@ -1273,6 +1276,12 @@ fn colluding_fresh_keys_cannot_frame_an_honest_node() {
                     "{case}"
                 );
             }
+            // The challenge waits for the trusted node's decision.
+            assert_eq!(
+                sim.records(job)[0].challenge,
+                Some(ChallengeState::Pending),
+                "{case}"
+            );
             // A trusted node connects and decides.
             let t = SimNode::new(10 + trusted_idx, Kind::Honest, 99);
             sim.c
@@ -1286,6 +1295,11 @@ fn colluding_fresh_keys_cannot_frame_an_honest_node() {
                 assert_eq!(&output_of(r), h, "{case}");
                 assert_eq!(r.verification, "verified", "{case}: {r:?}");
             }
+            assert_eq!(
+                sim.records(job)[0].challenge,
+                Some(ChallengeState::Rejected),
+                "{case}"
+            );
             let caught: std::collections::BTreeSet<PublicKey> =
                 sim.caught().into_iter().map(|(k, _)| k).collect();
             assert!(!caught.contains(&victim), "{case}");

@@ -519,7 +519,9 @@ impl<S: Store> Coordinator<S> {
             self.store.set_verified(check.target, Verified::Disputed)?;
             self.events
                 .push_back(PoolEvent::Disputed { task: check.target });
-            if !self.cfg.verify.trusted.is_empty() && 1 + prior.len() + 1 < MAX_EXECUTIONS {
+            let decides_later =
+                !self.cfg.verify.trusted.is_empty() && 1 + prior.len() + 1 < MAX_EXECUTIONS;
+            if decides_later {
                 let mut exclude = check.exclude.clone();
                 exclude.push(a.node);
                 let task = self.spawn_check(
@@ -533,7 +535,8 @@ impl<S: Store> Coordinator<S> {
                     c.trusted_only = true;
                 }
             }
-            if challenged {
+            // A challenge stays pending while a trusted node is to decide.
+            if challenged && !decides_later {
                 self.store
                     .set_challenge(check.target, ChallengeState::Undecided)?;
             }
