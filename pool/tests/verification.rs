@@ -469,6 +469,26 @@ fn a_liar_is_caught_replaced_quarantined_and_its_recent_results_rechecked() {
         lie[0] ^= 1;
         assert_eq!(receipt.receipt.output, Digest::of(&lie), "task {}", r.task);
     }
+    // The liar earns nothing: its 30 results are withdrawn, and the
+    // honest nodes whose executions replaced them hold them, credited.
+    let credits = sim
+        .c
+        .credits(0, NOW_UNIX + 1_000_000, NOW_UNIX + 1_000_000)
+        .expect("credits");
+    let l = &credits[&liar];
+    assert_eq!((l.results, l.credited, l.withdrawn), (0, 0, 30), "{l:?}");
+    assert!(l.strikes >= 1);
+    let honest_credit: u64 = [1, 2]
+        .iter()
+        .map(|i| {
+            credits
+                .get(&sim.nodes[*i].public())
+                .map_or(0, |c| c.credited)
+        })
+        .sum();
+    // The 30 replaced results, the cached copy is not a result, plus what
+    // the honest nodes answered of other jobs (none here).
+    assert_eq!(honest_credit, 30, "{credits:?}");
     // Quarantined: no tasks for the liar while honest nodes get them.
     sim.submit("more", &inputs("more", 4));
     assert_eq!(sim.work(0, 8), 0, "quarantined node got work");
@@ -1358,4 +1378,49 @@ fn colluders_do_not_get_to_check_each_other() {
     assert!(recs.iter().any(|r| r.verification == "replaced"));
     let honest = [sim.nodes[3].public(), sim.nodes[4].public()];
     assert!(sim.caught().iter().all(|(k, _)| !honest.contains(k)));
+}
+
+/// A result never checked is credited only once its bundle's challenge
+/// window has closed with no challenge pending.
+#[test]
+fn unchecked_results_are_credited_when_the_challenge_window_closes() {
+    let mut sim = Sim::with_tier(
+        VerifyPolicy {
+            secret: Some(secret(34)),
+            canary_rate: 0.0,
+            ..VerifyPolicy::default()
+        },
+        &[Kind::Honest],
+        34,
+        "[verification]\nsampling = \"none\"\nchallenge_window_secs = 100\n",
+    );
+    let job = sim.submit("j", &inputs("window", 5));
+    sim.settle();
+    let node = sim.nodes[0].public();
+    let at = |sim: &mut Sim, now: u64| {
+        sim.c.credits(0, NOW_UNIX + 1000, now).expect("credits")[&node].clone()
+    };
+    let open = at(&mut sim, NOW_UNIX + 10);
+    assert_eq!(
+        (open.results, open.credited, open.pending),
+        (5, 0, 5),
+        "{open:?}"
+    );
+    let closed = at(&mut sim, NOW_UNIX + 200);
+    assert_eq!(
+        (closed.results, closed.credited, closed.pending),
+        (5, 5, 0),
+        "{closed:?}"
+    );
+    // A challenge made in the window holds its result back until decided.
+    let first = sim.records(job)[0].task;
+    sim.c.handle_challenge(sim.now, first).expect("challenge");
+    let held = at(&mut sim, NOW_UNIX + 200);
+    assert_eq!((held.credited, held.pending), (4, 1), "{held:?}");
+    // Nothing was stored in another period.
+    let later = sim
+        .c
+        .credits(NOW_UNIX + 1000, NOW_UNIX + 2000, NOW_UNIX + 3000)
+        .expect("credits");
+    assert!(later.is_empty(), "{later:?}");
 }

@@ -31,6 +31,7 @@
 //! - `verification`: re-executions, decisions, strikes, canaries, challenges;
 //! - `jobs`: bundles, blobs, submissions, job counts;
 //! - `fit`: which node can run which bundle;
+//! - `credit`: what each node's results in a period may be paid for;
 //! - `status`: views for `job status`, `job results` and `pool status`;
 //! - `names` (sub-state `TaskNames`): the ids nodes see for tasks (a keyed
 //!   permutation of row ids) and the identity every execution of one task
@@ -38,6 +39,7 @@
 //! - `requests`: one handler per wire request (`handle_request`), so the
 //!   server only moves bytes.
 
+mod credit;
 mod fit;
 mod intake;
 mod jobs;
@@ -51,6 +53,7 @@ mod status;
 mod verification;
 
 pub use crate::config::{Admission, PoolConfig};
+pub use credit::NodeCredit;
 pub use fit::{can_run, cannot_run, Unfit};
 pub use intake::{open_results, Opened};
 pub use nodes::UPTIME_MARGIN;

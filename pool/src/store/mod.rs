@@ -246,6 +246,21 @@ pub struct Evidence {
     pub at: u64,
 }
 
+/// How many of one job's results a node has in one standing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResultCount {
+    /// The node whose result it is now.
+    pub node: PublicKey,
+    /// Its verification state.
+    pub verified: Verified,
+    /// Whether a challenge of it is pending.
+    pub challenged: bool,
+    /// Whether it was stored before the challenge window's cut-off.
+    pub window_closed: bool,
+    /// How many.
+    pub count: u64,
+}
+
 /// Counts of one job's tasks by state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct JobCounts {
@@ -456,6 +471,22 @@ pub trait Store: Send {
     ) -> Result<(), StoreError>;
     /// The evidence kept for `task`'s replaced results, oldest first.
     fn evidence(&mut self, task: TaskId) -> Result<Vec<Evidence>, StoreError>;
+    /// One job's results stored in `[since, until)` (Unix seconds), counted
+    /// per node and standing (cached copies are not results).
+    fn result_counts(
+        &mut self,
+        job: JobId,
+        since: u64,
+        until: u64,
+        window_closed_before: u64,
+    ) -> Result<Vec<ResultCount>, StoreError>;
+    /// Results replaced in `[since, until)`, counted per node that had
+    /// produced them.
+    fn replaced_counts(
+        &mut self,
+        since: u64,
+        until: u64,
+    ) -> Result<Vec<(PublicKey, u64)>, StoreError>;
     /// Record a challenge's state.
     fn set_challenge(&mut self, task: TaskId, state: ChallengeState) -> Result<(), StoreError>;
     /// A node's most recent results of user jobs that were never checked

@@ -625,6 +625,75 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    fn result_counts(
+        &mut self,
+        job: JobId,
+        since: u64,
+        until: u64,
+        window_closed_before: u64,
+    ) -> Result<Vec<ResultCount>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT node, verified, COALESCE(challenge = 'pending', 0), done_at < ?4, COUNT(*)
+             FROM tasks
+             WHERE job = ?1 AND state = 2 AND cached_from IS NULL AND node IS NOT NULL
+               AND done_at >= ?2 AND done_at < ?3
+             GROUP BY 1, 2, 3, 4",
+        )?;
+        let rows = st
+            .query_map(
+                params![
+                    job.0 as i64,
+                    since as i64,
+                    until as i64,
+                    window_closed_before as i64
+                ],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, bool>(2)?,
+                        r.get::<_, bool>(3)?,
+                        r.get::<_, i64>(4)?,
+                    ))
+                },
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(node, v, challenged, window_closed, count)| {
+                Ok(ResultCount {
+                    node: PublicKey::parse(&node).map_err(|e| corrupt("node key", e))?,
+                    verified: Verified::from_code(v),
+                    challenged,
+                    window_closed,
+                    count: count as u64,
+                })
+            })
+            .collect()
+    }
+
+    fn replaced_counts(
+        &mut self,
+        since: u64,
+        until: u64,
+    ) -> Result<Vec<(PublicKey, u64)>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT node, COUNT(*) FROM evidence WHERE at >= ?1 AND at < ?2 GROUP BY node",
+        )?;
+        let rows = st
+            .query_map(params![since as i64, until as i64], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(node, n)| {
+                Ok((
+                    PublicKey::parse(&node).map_err(|e| corrupt("node key", e))?,
+                    n as u64,
+                ))
+            })
+            .collect()
+    }
+
     fn transcript(&mut self, task: TaskId) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
             .conn
