@@ -18,7 +18,7 @@ use tidepool_client::PoolClient;
 use tidepool_proto::wire::{
     Bytes, Capabilities, Outcome, Request, Response, TaskResult, Verdict, PROTOCOL_VERSION,
 };
-use tidepool_proto::wire::{JobId, TaskId, TaskState};
+use tidepool_proto::wire::{JobId, LeaseId, TaskState};
 use tidepool_proto::{Digest, KeyRole, SecretKey};
 use tidepool_testkit::fake_node;
 
@@ -53,11 +53,14 @@ fn start_pool(dir: &std::path::Path, port: u16, publisher: &SecretKey) -> Result
     Ok(Pool { child })
 }
 
-/// What the worker heard back, per task: attempts answered Accepted or Duplicate.
+/// What the worker heard back, per task (named by its input: every input
+/// of the test is distinct, and task ids on the wire are the pool's opaque
+/// names, not the row ids clients see): attempts answered Accepted or
+/// Duplicate.
 #[derive(Default)]
 struct Ledger {
-    accepted: BTreeMap<TaskId, BTreeSet<u32>>,
-    acknowledged: BTreeMap<TaskId, BTreeSet<u32>>,
+    accepted: BTreeMap<Vec<u8>, BTreeSet<u32>>,
+    acknowledged: BTreeMap<Vec<u8>, BTreeSet<u32>>,
 }
 
 async fn worker(
@@ -70,6 +73,9 @@ async fn worker(
 ) {
     let ep = tidepool_net::client(&key, pool).expect("endpoint");
     let mut pending: Vec<TaskResult> = Vec::new();
+    // The input of each lease answered (lease ids are stable across pool
+    // restarts: the pool keeps the secret that names them).
+    let mut input_of: BTreeMap<LeaseId, Vec<u8>> = BTreeMap::new();
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let Ok(conn) = tidepool_net::connect(&ep, addr).await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -104,20 +110,23 @@ async fn worker(
                     Ok(Response::Verdicts(v)) => {
                         let mut l = ledger.lock().expect("ledger");
                         for (lease, verdict) in v {
+                            let Some(input) = input_of.get(&lease).cloned() else {
+                                continue;
+                            };
                             match verdict {
                                 Verdict::Accepted => {
                                     l.accepted
-                                        .entry(lease.task)
+                                        .entry(input.clone())
                                         .or_default()
                                         .insert(lease.attempt);
                                     l.acknowledged
-                                        .entry(lease.task)
+                                        .entry(input)
                                         .or_default()
                                         .insert(lease.attempt);
                                 }
                                 Verdict::Duplicate => {
                                     l.acknowledged
-                                        .entry(lease.task)
+                                        .entry(input)
                                         .or_default()
                                         .insert(lease.attempt);
                                 }
@@ -143,6 +152,7 @@ async fn worker(
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                     for g in grants {
+                        input_of.insert(g.lease, g.input.0.clone());
                         pending.push(fake_node::answer(
                             &key,
                             &g,
@@ -307,7 +317,8 @@ async fn sigkilled_pool_loses_and_duplicates_nothing() -> Result<()> {
             if r.attempts > 1 {
                 retried += 1;
             }
-            let accepted = ledger.accepted.get(&r.task);
+            let input = &inputs[r.index as usize];
+            let accepted = ledger.accepted.get(input);
             if accepted.is_some_and(|a| a.len() > 1) {
                 duplicated += 1;
             }
@@ -319,12 +330,12 @@ async fn sigkilled_pool_loses_and_duplicates_nothing() -> Result<()> {
             if r.state == TaskState::Done
                 && !ledger
                     .acknowledged
-                    .get(&r.task)
+                    .get(input)
                     .is_some_and(|a| a.contains(&r.attempts))
             {
                 unexpected += 1;
             }
-            let want: Vec<u8> = inputs[r.index as usize].iter().rev().copied().collect();
+            let want: Vec<u8> = input.iter().rev().copied().collect();
             if r.outcome != Some(Outcome::Output(Bytes(want))) {
                 wrong += 1;
             }
