@@ -446,11 +446,7 @@ impl<S: Store> Coordinator<S> {
             );
             let mut exclude = check.exclude.clone();
             exclude.push(a.node);
-            let mark = if target.verified == Verified::Suspect {
-                Verified::Suspect
-            } else {
-                Verified::Checking
-            };
+            let mark = while_checked(target.verified);
             self.spawn_check(check.target, check.bundle, exclude, check.decider, mark)?;
             return Ok(());
         }
@@ -567,11 +563,7 @@ impl<S: Store> Coordinator<S> {
             }
             let mut exclude = check.exclude.clone();
             exclude.push(a.node);
-            let mark = if target.verified == Verified::Suspect {
-                Verified::Suspect
-            } else {
-                Verified::Checking
-            };
+            let mark = while_checked(target.verified);
             self.spawn_check(check.target, check.bundle, exclude, true, mark)?;
             return Ok(());
         } else {
@@ -782,11 +774,7 @@ impl<S: Store> Coordinator<S> {
         }
         // Any node but the one that produced the result.
         let exclude: Vec<PublicKey> = row.node.into_iter().collect();
-        let mark = if row.verified == Verified::Suspect {
-            Verified::Suspect
-        } else {
-            Verified::Checking
-        };
+        let mark = while_checked(row.verified);
         self.store.set_challenge(target, ChallengeState::Pending)?;
         self.spawn_check(target, bundle, exclude, false, mark)?;
         Ok(answer)
@@ -850,6 +838,16 @@ impl<S: Store> Coordinator<S> {
     /// Re-executions not yet decided.
     pub fn checks_pending(&self) -> usize {
         self.checks.len()
+    }
+}
+
+/// What a result is marked while a re-execution checks it: a suspect one
+/// stays suspect (not served from the cache), any other is `checking`.
+fn while_checked(now: Verified) -> Verified {
+    if now == Verified::Suspect {
+        Verified::Suspect
+    } else {
+        Verified::Checking
     }
 }
 
