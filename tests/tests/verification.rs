@@ -217,10 +217,10 @@ async fn honest_re_executions_of_a_seeded_job_all_confirm() -> Result<()> {
 }
 
 /// Two, then three, colluding fresh keys that tell the same lie, against
-/// an honest fresh node, over QUIC, with the pool's trusted node not yet
-/// connected: the honest node is never struck or banned and none of its
-/// results is replaced (they wait, `checking` or `disputed`); once the
-/// trusted node connects it decides, every one of the honest node's
+/// an honest fresh node, over QUIC, with the pool's two trusted nodes not
+/// yet connected: the honest node is never struck or banned and none of
+/// its results is replaced (they wait, `checking` or `disputed`); once the
+/// trusted nodes connect they decide, every one of the honest node's
 /// results is `verified`, the colluders that checked against it are
 /// struck, and their own lies — some confirmed by each other while no
 /// node with a record was about — are re-checked when they are struck and

@@ -354,3 +354,57 @@ fn receipt_fits_manifest(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidepool_proto::receipt::{ModelUse, Receipt};
+    use tidepool_proto::{KeyRole, SecretKey};
+
+    /// The stand-in bundle's locked manifest (one model `m`).
+    fn manifest() -> tidepool_proto::manifest::LockedManifest {
+        let publisher = SecretKey::from_seed(KeyRole::Publisher, &[1; 32]);
+        let signed = tidepool_testkit::bundle::signed(&publisher, "rev", "", 1);
+        rmp_serde::from_slice(&signed.manifest).expect("locked manifest")
+    }
+
+    #[test]
+    fn a_receipt_that_contradicts_the_manifest_is_refused() {
+        let m = manifest();
+        let base = Receipt::plain("id".into(), m.component.sha256, b"i", b"o", "t");
+        let with = |name: &str, sha: Digest, engine: &str| {
+            let mut r = base.clone();
+            r.models.insert(
+                name.into(),
+                ModelUse {
+                    sha256: sha,
+                    engine: engine.into(),
+                },
+            );
+            r
+        };
+        let model = m.models["m"].blob.sha256;
+        assert_eq!(receipt_fits_manifest(&base, &m), Ok(()));
+        assert_eq!(
+            receipt_fits_manifest(&with("m", model, "tract"), &m),
+            Ok(())
+        );
+        let cases = [
+            (with("other", model, "tract"), "does not declare"),
+            (with("m", Digest::of(b"x"), "tract"), "the bundle's is"),
+            (with("m", model, &"e".repeat(MAX_ENGINE_BYTES + 1)), "bytes"),
+            (with("m", model, ""), "bytes"),
+            (
+                Receipt {
+                    deterministic: false,
+                    ..base.clone()
+                },
+                "virtual clocks",
+            ),
+        ];
+        for (r, why) in cases {
+            let e = receipt_fits_manifest(&r, &m).expect_err(why);
+            assert!(e.contains(why), "{e}");
+        }
+    }
+}
