@@ -70,7 +70,11 @@ async fn worker(
     component: Digest,
     ledger: Arc<Mutex<Ledger>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    unanswered: Arc<std::sync::atomic::AtomicUsize>,
 ) {
+    // A killed pool sends no close: without a bound, a call on its dead
+    // connection would wait out the 20 s idle timeout.
+    const CALL: Duration = Duration::from_secs(2);
     let ep = tidepool_net::client(&key, pool).expect("endpoint");
     let mut pending: Vec<TaskResult> = Vec::new();
     // The input of each lease answered (lease ids are stable across pool
@@ -92,22 +96,25 @@ async fn worker(
             caps,
         };
         if !matches!(
-            tidepool_net::call::<_, Response>(&conn, &hello).await,
-            Ok(Response::Welcome { .. })
+            tokio::time::timeout(CALL, tidepool_net::call::<_, Response>(&conn, &hello)).await,
+            Ok(Ok(Response::Welcome { .. }))
         ) {
             continue;
         }
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             if !pending.is_empty() {
-                match tidepool_net::call::<_, Response>(
-                    &conn,
-                    &Request::Results {
-                        results: pending.clone(),
-                    },
+                match tokio::time::timeout(
+                    CALL,
+                    tidepool_net::call::<_, Response>(
+                        &conn,
+                        &Request::Results {
+                            results: pending.clone(),
+                        },
+                    ),
                 )
                 .await
                 {
-                    Ok(Response::Verdicts(v)) => {
+                    Ok(Ok(Response::Verdicts(v))) => {
                         let mut l = ledger.lock().expect("ledger");
                         for (lease, verdict) in v {
                             let Some(input) = input_of.get(&lease).cloned() else {
@@ -134,20 +141,24 @@ async fn worker(
                             }
                         }
                         pending.clear();
+                        unanswered.store(0, std::sync::atomic::Ordering::SeqCst);
                     }
                     _ => break, // pool gone: keep the results and resend after reconnecting
                 }
             }
-            match tidepool_net::call::<_, Response>(
-                &conn,
-                &Request::Lease {
-                    want: 64,
-                    running: vec![],
-                },
+            match tokio::time::timeout(
+                CALL,
+                tidepool_net::call::<_, Response>(
+                    &conn,
+                    &Request::Lease {
+                        want: 64,
+                        running: vec![],
+                    },
+                ),
             )
             .await
             {
-                Ok(Response::Leases { grants, .. }) => {
+                Ok(Ok(Response::Leases { grants, .. })) => {
                     if grants.is_empty() {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
@@ -161,6 +172,7 @@ async fn worker(
                             "crash-test",
                         ));
                     }
+                    unanswered.store(pending.len(), std::sync::atomic::Ordering::SeqCst);
                 }
                 _ => break,
             }
@@ -218,6 +230,9 @@ async fn sigkilled_pool_loses_and_duplicates_nothing() -> Result<()> {
 
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Per worker: results it sent (or holds) without a verdict yet.
+    let unanswered: Vec<Arc<std::sync::atomic::AtomicUsize>> =
+        (0..2).map(|_| Arc::default()).collect();
     let workers: Vec<_> = (0..2u8)
         .map(|i| {
             let key = SecretKey::from_seed(KeyRole::Node, &[40 + i; 32]);
@@ -228,6 +243,7 @@ async fn sigkilled_pool_loses_and_duplicates_nothing() -> Result<()> {
                 Digest::of(&component),
                 ledger.clone(),
                 stop.clone(),
+                unanswered[usize::from(i)].clone(),
             ))
         })
         .collect();
@@ -285,8 +301,19 @@ async fn sigkilled_pool_loses_and_duplicates_nothing() -> Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Give the workers a moment to collect the last verdicts, then stop them.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Nothing is queued or leased: every result is on the pool's disk. A
+    // worker may still wait for the verdicts of its last batch (the pool
+    // was killed before answering): let it resend and hear them.
+    while unanswered
+        .iter()
+        .any(|u| u.load(std::sync::atomic::Ordering::SeqCst) > 0)
+    {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(120),
+            "workers still wait for verdicts"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for w in workers {
         let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
