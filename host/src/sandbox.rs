@@ -27,6 +27,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tidepool_proto::receipt::Metering;
 use tidepool_proto::{Digest, ModelUse, Receipt};
 use wasmtime::component::{Component, HasSelf, Linker, Resource, ResourceTable, ResourceType};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
@@ -652,6 +653,11 @@ impl Sandbox {
             })
             .collect();
         let transcript = llm.transcript();
+        let metering = Metering {
+            bytes_in: task.input.len() as u64,
+            bytes_out: bytes_for_digest.len() as u64,
+            ..store.data().nn_usage.metered()
+        };
         let receipt = Receipt {
             task_id: task.id.to_owned(),
             component: job.digest,
@@ -666,6 +672,7 @@ impl Sandbox {
             runtime: self.runtime.clone(),
             transcript: (!transcript.is_empty())
                 .then(|| tidepool_proto::llm::transcript_digest(&transcript)),
+            metering,
         };
         Ok(TaskOutput {
             result,

@@ -15,6 +15,32 @@ pub struct ModelUse {
     pub engine: String,
 }
 
+/// What one task used, measured by the host that ran it (never by the
+/// guest). The pool checks what it can recompute (bytes against the input
+/// and output, tokens out against the transcript) and the ledger totals
+/// them per node. Zero for tasks run without a sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metering {
+    /// Bytes of the task's input.
+    pub bytes_in: u64,
+    /// Bytes of what the task returned (its output, or its error as JSON).
+    pub bytes_out: u64,
+    /// wasi-nn `compute` calls that reached an engine.
+    pub computes: u32,
+    /// Time engines spent in those calls, microseconds (measured around
+    /// each compute on the host; informational, not deterministic).
+    pub compute_us: u64,
+    /// Tensor bytes the task passed to engines.
+    pub tensor_bytes_in: u64,
+    /// Tensor bytes engines returned to the task.
+    pub tensor_bytes_out: u64,
+    /// Prompt tokens of the task's text generations.
+    pub tokens_in: u64,
+    /// Tokens the task's text generations produced (the transcript's
+    /// tokens, so a pool can recount them).
+    pub tokens_out: u64,
+}
+
 /// The record of one task run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Receipt {
@@ -44,6 +70,9 @@ pub struct Receipt {
     /// ([`crate::llm::transcript_digest`]), when it generated text.
     #[serde(default)]
     pub transcript: Option<Digest>,
+    /// What the task used.
+    #[serde(default)]
+    pub metering: Metering,
 }
 
 impl Receipt {
@@ -69,6 +98,11 @@ impl Receipt {
             models: BTreeMap::new(),
             runtime: runtime.to_owned(),
             transcript: None,
+            metering: Metering {
+                bytes_in: input.len() as u64,
+                bytes_out: output.len() as u64,
+                ..Metering::default()
+            },
         }
     }
 }

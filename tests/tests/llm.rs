@@ -89,6 +89,21 @@ fn summaries_are_english_tags_listed_and_runs_identical() -> Result<()> {
             Some(transcript_digest(&first.transcript)),
             "the receipt commits to the transcript"
         );
+        // The host meters what the task used: the same counts on both runs
+        // (they are deterministic), tokens out are the transcript's.
+        let (m, n) = (&first.receipt.metering, &again.receipt.metering);
+        let generated: usize = first.transcript.iter().map(|g| g.tokens.len()).sum();
+        assert_eq!(m.tokens_out, generated as u64);
+        assert!(
+            m.tokens_in > 0 && m.computes as usize >= first.transcript.len() && m.compute_us > 0,
+            "{m:?}"
+        );
+        assert!(m.compute_us <= first.receipt.wall_time_us, "{m:?}");
+        assert_eq!(m.bytes_in, input.len() as u64);
+        assert_eq!(
+            (m.tokens_in, m.tokens_out, m.computes, m.bytes_out),
+            (n.tokens_in, n.tokens_out, n.computes, n.bytes_out)
+        );
         let v = parse(&output(&first));
         let summary = v["summary"].as_str().expect("summary");
         if looks_like_english(summary) {

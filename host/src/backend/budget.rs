@@ -97,6 +97,8 @@ struct UsageState {
     hit: Option<BudgetHit>,
     /// Node log lines this task's wasi-nn failures have caused.
     logged: u32,
+    /// What the task's computes used so far (goes into its receipt).
+    metered: tidepool_proto::receipt::Metering,
 }
 
 /// Node log lines a task's wasi-nn failures may cause (a guest could
@@ -204,6 +206,32 @@ impl NnUsage {
         } else {
             ""
         })
+    }
+
+    /// One compute reached an engine: `bytes_in` tensor bytes went in,
+    /// `bytes_out` came back, and the engine took `took`.
+    fn computed(&self, bytes_in: u64, bytes_out: u64, took: std::time::Duration) {
+        let mut s = self.lock();
+        let m = &mut s.metered;
+        m.computes = m.computes.saturating_add(1);
+        m.compute_us = m
+            .compute_us
+            .saturating_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
+        m.tensor_bytes_in = m.tensor_bytes_in.saturating_add(bytes_in);
+        m.tensor_bytes_out = m.tensor_bytes_out.saturating_add(bytes_out);
+    }
+
+    /// A text generation read `prompt` tokens and produced `generated`.
+    pub fn generated(&self, prompt: u64, generated: u64) {
+        let mut s = self.lock();
+        s.metered.tokens_in = s.metered.tokens_in.saturating_add(prompt);
+        s.metered.tokens_out = s.metered.tokens_out.saturating_add(generated);
+    }
+
+    /// What the task's computes used (the byte counts of the task's own
+    /// input and output are the sandbox's to fill in).
+    pub fn metered(&self) -> tidepool_proto::receipt::Metering {
+        self.lock().metered.clone()
     }
 
     /// The first budget the task hit, if any.
@@ -350,9 +378,8 @@ impl BudgetedContext {
     ) -> Result<Option<Vec<NamedTensor>>, BackendError> {
         let nn = &self.env.nn;
         // wasi-nn took the inputs out of the task's table: they are ours now.
-        if let Some(ins) = &inputs {
-            nn.tensor_dropped(tensors_bytes(ins));
-        }
+        let bytes_in = inputs.as_deref().map_or(0, tensors_bytes);
+        nn.tensor_dropped(bytes_in);
         if let (Some(ins), Some(shapes)) = (&inputs, self.model.shapes()) {
             match shapes.check(ins, nn.limits().max_compute_bytes) {
                 Ok(_) => {}
@@ -370,6 +397,7 @@ impl BudgetedContext {
             self.engine = start(inner)
                 .map_err(|e| engine_err(format!("cannot start a compute thread: {e}")))?;
         }
+        let started = Instant::now();
         let outcome = match &self.engine {
             Engine::Thread { jobs, done } => {
                 run_on_thread(jobs, done, inputs, self.env.budget.deadline)
@@ -386,11 +414,12 @@ impl BudgetedContext {
                 return Err(e);
             }
         };
+        let took = started.elapsed();
         let outputs = result?;
-        if let Some(outs) = &outputs {
-            if let Err(hit) = nn.tensor_created(tensors_bytes(outs)) {
-                return Err(engine_err(hit.to_string()));
-            }
+        let bytes_out = outputs.as_deref().map_or(0, tensors_bytes);
+        nn.computed(bytes_in, bytes_out, took);
+        if let Err(hit) = nn.tensor_created(bytes_out) {
+            return Err(engine_err(hit.to_string()));
         }
         Ok(outputs)
     }

@@ -626,6 +626,9 @@ impl Run<'_> {
             prompt: prompt_digest,
             tokens: progress.tokens.iter().map(|t| t.0 as u32).collect(),
         });
+        self.env
+            .nn
+            .generated(p as u64, progress.tokens.len() as u64);
         let info = GenerateInfo {
             prompt_tokens: p as u32,
             generated_tokens: progress.tokens.len() as u32,

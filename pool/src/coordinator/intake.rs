@@ -6,7 +6,7 @@ use super::lease_table::Lease;
 use super::{refusal, Coordinator};
 use crate::store::{Acceptance, Store};
 use std::time::Instant;
-use tidepool_proto::receipt::LeaseReceipt;
+use tidepool_proto::receipt::{LeaseReceipt, Receipt};
 use tidepool_proto::session::Refusal;
 use tidepool_proto::wire::TaskState;
 use tidepool_proto::wire::{ErrorCode, LeaseId, Outcome, TaskResult, Verdict};
@@ -64,6 +64,10 @@ enum OpenedKind {
         receipt: Result<Box<LeaseReceipt>, String>,
         /// Digest of the output (or of the job error's JSON).
         output_digest: Digest,
+        /// Bytes of the output (or of the job error's JSON).
+        output_len: u64,
+        /// Tokens the transcript's generations produced.
+        transcript_tokens: u64,
         /// MessagePack of the outcome.
         outcome: Vec<u8>,
         /// MessagePack of the signed receipt.
@@ -85,10 +89,11 @@ pub fn open_results(key: &PublicKey, results: Vec<TaskResult>) -> Vec<Opened> {
             let kind = match &r.outcome {
                 Outcome::Failed { reason } => OpenedKind::Failed(reason.clone()),
                 outcome => {
-                    let output_digest = match outcome {
-                        Outcome::Output(b) => Digest::of(&b.0),
+                    let (output_digest, output_len) = match outcome {
+                        Outcome::Output(b) => (Digest::of(&b.0), b.0.len() as u64),
                         Outcome::JobError { code, message } => {
-                            tidepool_proto::receipt::job_error_digest(code, message)
+                            let json = tidepool_proto::receipt::job_error_json(code, message);
+                            (Digest::of(&json), json.len() as u64)
                         }
                         Outcome::Failed { .. } => unreachable!("handled above"),
                     };
@@ -103,6 +108,8 @@ pub fn open_results(key: &PublicKey, results: Vec<TaskResult>) -> Vec<Opened> {
                     OpenedKind::Checked {
                         receipt,
                         output_digest,
+                        output_len,
+                        transcript_tokens: r.transcript.iter().map(|g| g.tokens.len() as u64).sum(),
                         outcome: rmp_serde::to_vec_named(&r.outcome).expect("outcome serialises"),
                         receipt_bytes: rmp_serde::to_vec_named(&r.receipt)
                             .expect("receipt serialises"),
@@ -236,24 +243,32 @@ impl<S: Store> Coordinator<S> {
     /// Check an opened result against its lease: a reported failure, a
     /// result to store, or why it is refused (sent back to the node).
     fn check_result(&self, lease: &Lease, r: Opened) -> Result<Checked, String> {
-        let (rc, output_digest, outcome, receipt, transcript_digest, transcript) = match r.kind {
-            OpenedKind::Failed(reason) => return Ok(Checked::Failed(reason)),
-            OpenedKind::Checked {
-                receipt,
-                output_digest,
-                outcome,
-                receipt_bytes,
-                transcript_digest,
-                transcript,
-            } => (
-                receipt?,
-                output_digest,
-                outcome,
-                receipt_bytes,
-                transcript_digest,
-                transcript,
-            ),
-        };
+        let (rc, output_digest, outcome, receipt, transcript_digest, transcript, measured) =
+            match r.kind {
+                OpenedKind::Failed(reason) => return Ok(Checked::Failed(reason)),
+                OpenedKind::Checked {
+                    receipt,
+                    output_digest,
+                    output_len,
+                    transcript_tokens,
+                    outcome,
+                    receipt_bytes,
+                    transcript_digest,
+                    transcript,
+                } => (
+                    receipt?,
+                    output_digest,
+                    outcome,
+                    receipt_bytes,
+                    transcript_digest,
+                    transcript,
+                    Measured {
+                        input_len: lease.input_len,
+                        output_len,
+                        transcript_tokens,
+                    },
+                ),
+            };
         if rc.lease != r.lease {
             return Err(format!(
                 "receipt is for {}, result for {}",
@@ -300,6 +315,7 @@ impl<S: Store> Coordinator<S> {
                 ));
             }
             receipt_fits_manifest(&rc.receipt, &b.manifest)?;
+            metering_fits(&rc.receipt, &measured, b.manifest.limits.timeout_ms)?;
         }
         let mut engines: Vec<String> = rc
             .receipt
@@ -313,6 +329,49 @@ impl<S: Store> Coordinator<S> {
     }
 }
 
+/// What the pool measured itself about a result, to hold its receipt's
+/// metering against.
+struct Measured {
+    /// Bytes of the task's input.
+    input_len: u64,
+    /// Bytes of the output (or of the job error's JSON).
+    output_len: u64,
+    /// Tokens in the transcript's generations.
+    transcript_tokens: u64,
+}
+
+/// Does a receipt's metering agree with what the pool can count itself?
+/// Bytes in and out are the input's and the output's, tokens out are the
+/// transcript's, and neither the call nor its engine time exceeds the
+/// bundle's timeout (the host ends a task at its timeout). What the pool
+/// cannot count (compute time within that bound, prompt tokens, tensor
+/// bytes) is the node's signed word, and a re-execution of the task
+/// measures it again.
+fn metering_fits(r: &Receipt, seen: &Measured, timeout_ms: u64) -> Result<(), String> {
+    let m = &r.metering;
+    let counted = [
+        ("bytes in", m.bytes_in, seen.input_len),
+        ("bytes out", m.bytes_out, seen.output_len),
+        ("output length", r.output_len, seen.output_len),
+        ("tokens out", m.tokens_out, seen.transcript_tokens),
+    ];
+    for (what, claimed, real) in counted {
+        if claimed != real {
+            return Err(format!(
+                "receipt meters {claimed} {what}, the result has {real}"
+            ));
+        }
+    }
+    let limit_us = timeout_ms.saturating_mul(1000);
+    if r.wall_time_us > limit_us || m.compute_us > r.wall_time_us {
+        return Err(format!(
+            "receipt meters {} µs of compute in a {} µs call; the bundle's timeout is {limit_us} µs",
+            m.compute_us, r.wall_time_us
+        ));
+    }
+    Ok(())
+}
+
 /// Longest engine identity a receipt may name, bytes.
 pub const MAX_ENGINE_BYTES: usize = 256;
 
@@ -322,7 +381,7 @@ pub const MAX_ENGINE_BYTES: usize = 256;
 /// `tolerance`, `llm`: all of them) ran with virtual clocks and seeded
 /// randomness. A receipt that contradicts the manifest is a refused result.
 fn receipt_fits_manifest(
-    r: &tidepool_proto::receipt::Receipt,
+    r: &Receipt,
     m: &tidepool_proto::manifest::LockedManifest,
 ) -> Result<(), String> {
     if !r.deterministic {
@@ -358,7 +417,7 @@ fn receipt_fits_manifest(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tidepool_proto::receipt::{ModelUse, Receipt};
+    use tidepool_proto::receipt::ModelUse;
     use tidepool_proto::{KeyRole, SecretKey};
 
     /// The stand-in bundle's locked manifest (one model `m`).
@@ -366,6 +425,39 @@ mod tests {
         let publisher = SecretKey::from_seed(KeyRole::Publisher, &[1; 32]);
         let signed = tidepool_testkit::bundle::signed(&publisher, "rev", "", 1);
         rmp_serde::from_slice(&signed.manifest).expect("locked manifest")
+    }
+
+    #[test]
+    fn metering_the_pool_can_count_must_be_true() {
+        let r = Receipt::plain("id".into(), Digest::of(b"c"), b"in", b"out", "t");
+        let seen = Measured {
+            input_len: 2,
+            output_len: 3,
+            transcript_tokens: 0,
+        };
+        assert_eq!(metering_fits(&r, &seen, 1000), Ok(()));
+        let mut more_in = r.clone();
+        more_in.metering.bytes_in = 1 << 40;
+        let mut more_out = r.clone();
+        more_out.metering.bytes_out = 4;
+        let mut tokens = r.clone();
+        tokens.metering.tokens_out = 7;
+        let mut slow = r.clone();
+        slow.wall_time_us = 1_000_001;
+        let mut busy = r.clone();
+        busy.wall_time_us = 10;
+        busy.metering.compute_us = 11;
+        let cases = [
+            (more_in, "1099511627776 bytes in, the result has 2"),
+            (more_out, "4 bytes out, the result has 3"),
+            (tokens, "7 tokens out, the result has 0"),
+            (slow, "timeout is 1000000"),
+            (busy, "11 µs of compute in a 10 µs call"),
+        ];
+        for (r, why) in cases {
+            let e = metering_fits(&r, &seen, 1000).expect_err(why);
+            assert!(e.contains(why), "{e}");
+        }
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub(super) struct Lease {
     pub(super) bundle: Digest,
     /// Digest of its input (receipts must name it).
     pub(super) input: Digest,
+    /// Bytes of its input (receipts must meter that many in).
+    pub(super) input_len: u64,
     /// The task whose identity this execution has (itself, or the task a
     /// re-execution checks): its receipt must name that identity.
     pub(super) origin: TaskId,
@@ -139,6 +141,7 @@ mod tests {
             job: JobId(1),
             bundle: Digest::of(b"b"),
             input: Digest::of(b"i"),
+            input_len: 1,
             origin: TaskId(1),
             expires,
             renewed: expires,

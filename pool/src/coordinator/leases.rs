@@ -205,6 +205,7 @@ impl<S: Store> Coordinator<S> {
                 job: q.job,
                 bundle,
                 input: input_digest,
+                input_len: input.len() as u64,
                 expires: (now + self.cfg.lease_ttl).min(deadline),
                 renewed: now,
                 deadline,
