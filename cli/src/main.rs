@@ -36,10 +36,10 @@ enum Command {
     /// Pack, sign, verify and publish job bundles.
     #[command(subcommand)]
     Bundle(cmd::bundle::Command),
-    /// Run a pool, or show its status.
+    /// Run a pool, show its status, export its ledger.
     #[command(subcommand)]
     Pool(cmd::pool::Command),
-    /// Run a node.
+    /// Run a node, or read what it earned.
     #[command(subcommand)]
     Node(cmd::node::Command),
     /// Submit batches and read their results.
@@ -48,6 +48,9 @@ enum Command {
     /// Check and run pipelines of stages over a feed of items.
     #[command(subcommand)]
     Pipeline(cmd::pipeline::Command),
+    /// Check settlement statements offline.
+    #[command(subcommand)]
+    Ledger(cmd::ledger::Command),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
         Command::Node(c) => cmd::node::main(c),
         Command::Job(c) => cmd::job::main(c),
         Command::Pipeline(c) => cmd::pipeline::main(c),
+        Command::Ledger(c) => cmd::ledger::main(c),
     };
     match result {
         Ok(code) => code,

@@ -4,6 +4,7 @@
 use crate::bundle::BundleFile;
 use std::net::SocketAddr;
 use tidepool_net::{call, StreamError};
+use tidepool_proto::ledger::{LedgerError, LedgerQuery, StatementFile, MAX_PAGE_ROWS};
 use tidepool_proto::wire::{
     Bytes, Canary, ErrorCode, JobId, JobSummary, PoolSummary, Request, Response, TaskId,
     TaskRecord, BLOB_CHUNK_BYTES, PROTOCOL_VERSION,
@@ -41,6 +42,9 @@ pub enum ClientError {
     /// The bundle is not signed.
     #[error("bundle is not signed")]
     Unsigned,
+    /// A ledger page from the pool does not check out.
+    #[error("the pool's ledger: {0}")]
+    Ledger(#[from] LedgerError),
 }
 
 /// A connection to a pool as a client. Lives for one CLI command or test.
@@ -50,7 +54,12 @@ pub struct PoolClient {
     endpoint: quinn::Endpoint,
     /// The connection.
     conn: quinn::Connection,
+    /// The pool's key (pinned by the handshake; checks ledger pages).
+    pool: PublicKey,
 }
+
+/// What the client calls itself in its hello.
+const AGENT: &str = concat!("tidepool ", env!("CARGO_PKG_VERSION"));
 
 fn unexpected(r: &Response) -> ClientError {
     let s = format!("{r:?}");
@@ -64,19 +73,98 @@ impl PoolClient {
         key: &SecretKey,
         pool: PublicKey,
     ) -> Result<Self, ClientError> {
+        Self::connect_with(
+            addr,
+            key,
+            pool,
+            Request::ClientHello {
+                protocol: PROTOCOL_VERSION,
+                agent: AGENT.into(),
+            },
+        )
+        .await
+    }
+
+    /// Connect with a node's key to read its account (its ledger rows);
+    /// the connection takes no work.
+    pub async fn connect_account(
+        addr: SocketAddr,
+        node_key: &SecretKey,
+        pool: PublicKey,
+    ) -> Result<Self, ClientError> {
+        Self::connect_with(
+            addr,
+            node_key,
+            pool,
+            Request::AccountHello {
+                protocol: PROTOCOL_VERSION,
+                agent: AGENT.into(),
+            },
+        )
+        .await
+    }
+
+    async fn connect_with(
+        addr: SocketAddr,
+        key: &SecretKey,
+        pool: PublicKey,
+        hello: Request,
+    ) -> Result<Self, ClientError> {
         let endpoint = tidepool_net::client(key, pool)?;
         let conn = tidepool_net::connect(&endpoint, addr).await?;
-        let me = Self { endpoint, conn };
-        match me
-            .call(&Request::ClientHello {
-                protocol: PROTOCOL_VERSION,
-                agent: concat!("tidepool ", env!("CARGO_PKG_VERSION")).into(),
-            })
-            .await?
-        {
+        let me = Self {
+            endpoint,
+            conn,
+            pool,
+        };
+        match me.call(&hello).await? {
             Response::Welcome { .. } => Ok(me),
             other => Err(unexpected(&other)),
         }
+    }
+
+    /// Every page of the ledger for `query`, checked (the pool's signature
+    /// on each page, the chain, every receipt), as a statement file.
+    /// `progress` is told the rows fetched so far.
+    pub async fn ledger(
+        &self,
+        query: LedgerQuery,
+        mut progress: impl FnMut(usize),
+    ) -> Result<StatementFile, ClientError> {
+        let mut pages = Vec::new();
+        let mut as_of = None;
+        let mut after = None;
+        let mut rows = 0;
+        loop {
+            let page = match self
+                .call(&Request::Ledger {
+                    query: query.clone(),
+                    as_of,
+                    after,
+                    limit: MAX_PAGE_ROWS,
+                })
+                .await?
+            {
+                Response::LedgerPage(p) => p,
+                other => return Err(unexpected(&other)),
+            };
+            let opened = page.open(&self.pool, pages.len() + 1)?;
+            if opened.next.is_some() && (opened.next == after || opened.rows.is_empty()) {
+                return Err(ClientError::Ledger(LedgerError::Chain {
+                    page: pages.len() + 1,
+                    why: "the pool's pages stopped moving forward".into(),
+                }));
+            }
+            rows += opened.rows.len();
+            progress(rows);
+            as_of = Some(opened.as_of);
+            after = opened.next;
+            pages.push(page);
+            if after.is_none() {
+                break;
+            }
+        }
+        Ok(StatementFile::from_pages(&self.pool, &pages)?)
     }
 
     async fn call(&self, req: &Request) -> Result<Response, ClientError> {

@@ -10,7 +10,7 @@
 //! data_dir = "pool-data"           # pool.db and blobs/ (relative to this file)
 //! publishers = []                  # keys whose bundles are accepted
 //! clients = []                     # keys that may submit besides publishers
-//! admins = []                      # the pool owner's keys: see every job, canaries and challenges anywhere
+//! admins = []                      # the pool owner's keys: see every job, canaries and challenges anywhere, export the ledger
 //! challenges_per_hour = 60         # challenges one client may make per hour
 //! max_hello_bytes = 65536          # largest frame a connection may send before its hello is accepted
 //! write_timeout_ms = 10000         # a peer that does not read an answer this long loses its connection

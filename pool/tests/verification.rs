@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use tidepool_pool::coordinator::{Coordinator, PoolConfig, PoolEvent};
 use tidepool_pool::store::SqliteStore;
 use tidepool_pool::verify::{audit_draw, VerifyPolicy};
+use tidepool_proto::ledger::{check_pages, LedgerQuery, RowState};
 
 use tidepool_proto::wire::{
     Bytes, Canary, Capabilities, ChallengeState, ErrorCode, JobId, LeaseId, Outcome, TaskGrant,
@@ -1423,4 +1424,109 @@ fn unchecked_results_are_credited_when_the_challenge_window_closes() {
         .credits(NOW_UNIX + 1000, NOW_UNIX + 2000, NOW_UNIX + 3000)
         .expect("credits");
     assert!(later.is_empty(), "{later:?}");
+}
+
+/// The ledger's signed pages, fetched a few rows at a time, hold every
+/// result once, in the states `credits` counts, and the liar's replaced
+/// results as withdrawn; a node reads only its own rows; bad periods and
+/// times are refused with what is wrong.
+#[test]
+fn ledger_pages_chain_agree_with_credits_and_stay_private() {
+    let admin = SecretKey::from_seed(KeyRole::Client, &[77; 32]);
+    let pool_key = SecretKey::from_seed(KeyRole::Pool, &[78; 32]);
+    let mut cfg = config(VerifyPolicy {
+        secret: Some(secret(35)),
+        trusted: trust(&[1, 2]),
+        canary_rate: 0.0,
+        ..VerifyPolicy::default()
+    });
+    cfg.admins.insert(admin.public());
+    let mut c = Coordinator::new(SqliteStore::in_memory().expect("db"), cfg, &|_| true)
+        .expect("coordinator");
+    c.set_signer(pool_key.clone());
+    let mut sim = Sim::on(
+        c,
+        &[Kind::WrongP(0.5), Kind::Honest, Kind::Honest],
+        35,
+        "[verification]\nsampling = \"always\"\n",
+    );
+    sim.submit("j", &inputs("ledger", 24));
+    sim.settle();
+    let query = |node| LedgerQuery {
+        since: 0,
+        until: NOW_UNIX + 1000,
+        node,
+    };
+    let fetch = |sim: &mut Sim, who: &PublicKey, q: LedgerQuery| {
+        let mut pages = Vec::new();
+        let (mut as_of, mut after) = (None, None);
+        loop {
+            let p = sim
+                .c
+                .ledger_page(who, NOW_UNIX + 5, q.clone(), as_of, after, 5)
+                .expect("page");
+            let opened = p.open(&pool_key.public(), pages.len() + 1).expect("open");
+            assert!(opened.rows.len() <= 5);
+            as_of = Some(opened.as_of);
+            after = opened.next;
+            pages.push(p);
+            if after.is_none() {
+                return pages;
+            }
+        }
+    };
+    let pages = fetch(&mut sim, &admin.public(), query(None));
+    assert!(pages.len() > 3, "{} pages", pages.len());
+    let checked = check_pages(&pool_key.public(), &pages).expect("checks out");
+    let credits = sim
+        .c
+        .credits(0, NOW_UNIX + 1000, NOW_UNIX + 5)
+        .expect("credits");
+    for (node, t) in &checked.totals {
+        let c = credits.get(node).cloned().unwrap_or_default();
+        assert_eq!(
+            (t.credited, t.pending, t.disputed, t.withdrawn),
+            (c.credited, c.pending, c.disputed, c.withdrawn),
+            "{node}"
+        );
+    }
+    let liar = sim.nodes[0].public();
+    assert!(checked.totals[&liar].withdrawn > 0, "{:?}", checked.totals);
+    let standing = checked
+        .rows
+        .iter()
+        .filter(|r| r.state != RowState::Withdrawn)
+        .count();
+    assert_eq!(standing, 24);
+
+    // A node reads its own rows, the same ones.
+    let mine = fetch(&mut sim, &liar, query(Some(liar)));
+    let own = check_pages(&pool_key.public(), &mine).expect("own");
+    assert_eq!(own.totals.get(&liar), checked.totals.get(&liar));
+    assert_eq!(own.totals.len(), 1);
+
+    // Refusals say what is wrong.
+    let refused = |sim: &mut Sim, who: &PublicKey, q: LedgerQuery, as_of| {
+        sim.c
+            .ledger_page(who, NOW_UNIX + 5, q, as_of, None, 5)
+            .expect_err("refused")
+    };
+    let e = refused(&mut sim, &liar, query(None), None);
+    assert_eq!(e.code, ErrorCode::Forbidden, "{e:?}");
+    let other = sim.nodes[1].public();
+    let e = refused(&mut sim, &liar, query(Some(other)), None);
+    assert_eq!(e.code, ErrorCode::Forbidden, "{e:?}");
+    let e = refused(
+        &mut sim,
+        &admin.public(),
+        LedgerQuery {
+            since: 10,
+            until: 10,
+            node: None,
+        },
+        None,
+    );
+    assert!(e.message.contains("the period is empty"), "{e:?}");
+    let e = refused(&mut sim, &admin.public(), query(None), Some(NOW_UNIX + 60));
+    assert!(e.message.contains("in the future"), "{e:?}");
 }

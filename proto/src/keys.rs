@@ -20,6 +20,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub const MANIFEST_TAG: &[u8] = b"tidepool/manifest/v1\0";
 /// Tag for signatures over receipts.
 pub const RECEIPT_TAG: &[u8] = b"tidepool/receipt/v1\0";
+/// Tag for a pool's signatures over pages of its settlement ledger.
+pub const LEDGER_TAG: &[u8] = b"tidepool/ledger/v1\0";
 
 /// Errors reading or using keys.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -8,6 +8,7 @@
 
 pub mod digest;
 pub mod keys;
+pub mod ledger;
 pub mod llm;
 pub mod manifest;
 pub mod receipt;

@@ -214,6 +214,8 @@ pub enum Role {
     Node,
     /// A client that publishes, submits and reads status.
     Client,
+    /// A node owner reading the node's account (ledger rows only).
+    Account,
 }
 
 /// A refusal: the error to send back, and whether to close the connection.
@@ -271,16 +273,22 @@ impl PoolConn {
             ));
         }
         match (self.role, req) {
-            (None, Request::NodeHello { .. } | Request::ClientHello { .. })
-                if self.asked.is_some() =>
-            {
-                Err(refuse(
-                    ErrorCode::Protocol,
-                    "a second hello while the first is decided".into(),
-                    false,
-                ))
-            }
-            (None, Request::NodeHello { protocol, .. } | Request::ClientHello { protocol, .. }) => {
+            (
+                None,
+                Request::NodeHello { .. }
+                | Request::ClientHello { .. }
+                | Request::AccountHello { .. },
+            ) if self.asked.is_some() => Err(refuse(
+                ErrorCode::Protocol,
+                "a second hello while the first is decided".into(),
+                false,
+            )),
+            (
+                None,
+                Request::NodeHello { protocol, .. }
+                | Request::ClientHello { protocol, .. }
+                | Request::AccountHello { protocol, .. },
+            ) => {
                 if now > self.hello_deadline {
                     self.closed = true;
                     return Err(refuse(
@@ -297,10 +305,10 @@ impl PoolConn {
                         true,
                     ));
                 }
-                self.asked = Some(if matches!(req, Request::NodeHello { .. }) {
-                    Role::Node
-                } else {
-                    Role::Client
+                self.asked = Some(match req {
+                    Request::NodeHello { .. } => Role::Node,
+                    Request::AccountHello { .. } => Role::Account,
+                    _ => Role::Client,
                 });
                 Ok(())
             }
@@ -317,7 +325,12 @@ impl PoolConn {
                     true,
                 ))
             }
-            (Some(_), Request::NodeHello { .. } | Request::ClientHello { .. }) => Err(refuse(
+            (
+                Some(_),
+                Request::NodeHello { .. }
+                | Request::ClientHello { .. }
+                | Request::AccountHello { .. },
+            ) => Err(refuse(
                 ErrorCode::Protocol,
                 "second hello on one connection".into(),
                 false,
@@ -327,7 +340,12 @@ impl PoolConn {
                     Request::Lease { .. } | Request::Results { .. } | Request::Draining => {
                         role == Role::Node
                     }
-                    Request::FetchManifest { .. } | Request::FetchBlob { .. } => true,
+                    // Anyone admitted may read ledger rows; the coordinator
+                    // decides whose.
+                    Request::Ledger { .. } => true,
+                    Request::FetchManifest { .. } | Request::FetchBlob { .. } => {
+                        role != Role::Account
+                    }
                     _ => role == Role::Client,
                 };
                 if allowed {

@@ -354,6 +354,15 @@ pub enum Request {
         /// Software and version.
         agent: String,
     },
+    /// First request of a node owner's connection that only reads the
+    /// node's account (its ledger rows) and takes no work; signed in with
+    /// the node's key.
+    AccountHello {
+        /// Protocol version.
+        protocol: u32,
+        /// Software and version.
+        agent: String,
+    },
     /// A node asks for up to `want` tasks and renews the leases it holds
     /// (the heartbeat).
     Lease {
@@ -435,6 +444,19 @@ pub enum Request {
         /// Inputs with their known outcomes.
         items: Vec<Canary>,
     },
+    /// A page of the settlement ledger, signed by the pool. A node reads
+    /// only its own results; the pool's admins read anyone's.
+    Ledger {
+        /// Period and node.
+        query: crate::ledger::LedgerQuery,
+        /// The time the first page was judged at (`None` on the first page).
+        as_of: Option<u64>,
+        /// Where the previous page ended (`None` on the first page).
+        after: Option<crate::ledger::LedgerCursor>,
+        /// At most this many rows (capped at
+        /// [`MAX_PAGE_ROWS`](crate::ledger::MAX_PAGE_ROWS)).
+        limit: u32,
+    },
 }
 
 impl Request {
@@ -443,6 +465,7 @@ impl Request {
         match self {
             Request::NodeHello { .. } => "NodeHello",
             Request::ClientHello { .. } => "ClientHello",
+            Request::AccountHello { .. } => "AccountHello",
             Request::Lease { .. } => "Lease",
             Request::Results { .. } => "Results",
             Request::Draining => "Draining",
@@ -456,6 +479,7 @@ impl Request {
             Request::PoolStatus => "PoolStatus",
             Request::Challenge { .. } => "Challenge",
             Request::AddCanaries { .. } => "AddCanaries",
+            Request::Ledger { .. } => "Ledger",
         }
     }
 }
@@ -804,6 +828,8 @@ pub enum Response {
         /// Canaries stored for the bundle.
         count: u32,
     },
+    /// Answer to `Ledger`: one signed page.
+    LedgerPage(crate::ledger::SignedPage),
     /// Plain success (`Draining`).
     Ok,
     /// The request failed.

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tidepool_client::PoolClient;
 use tidepool_pool::verify::VerifyPolicy;
 use tidepool_pool::PoolEvent;
+use tidepool_proto::ledger::{LedgerQuery, RowState};
 use tidepool_proto::wire::ChallengeState;
 use tidepool_proto::wire::PoolSummary;
 use tidepool_proto::PublicKey;
@@ -56,6 +57,8 @@ async fn lying_nodes_are_caught_and_every_wrong_result_replaced() -> Result<()> 
     // measured in pool/tests/verification.rs).
     cfg.verify.step = 0;
     cfg.verify.trusted = [keys.node(0).public(), keys.node(1).public()].into();
+    // The publisher is the pool's owner here: it exports the ledger.
+    cfg.admins.insert(keys.publisher.public());
     let pool = start_pool(&dir.path().join("pool"), &keys, cfg, "127.0.0.1:0".parse()?).await?;
     let mut events = pool.events();
     let (_, bundle) = embed_bundle(&dir.path().join("author"), &keys, "1.0.0")?;
@@ -152,6 +155,97 @@ async fn lying_nodes_are_caught_and_every_wrong_result_replaced() -> Result<()> 
         status.verification
     );
     eprintln!("verification: {:?}", status.verification);
+
+    // The ledger of the run, as the pool's owner exports it.
+    let query = LedgerQuery {
+        since: 0,
+        until: u64::MAX,
+        node: None,
+    };
+    let statement = client.ledger(query.clone(), |_| {}).await?;
+    let checked = statement.verify(Some(&keys.pool.public()))?;
+    // Every task's standing result is one row; every row of a liar that
+    // stands is a right answer, and its wrong ones are withdrawn.
+    let standing = checked
+        .rows
+        .iter()
+        .filter(|r| r.state != RowState::Withdrawn)
+        .count();
+    assert_eq!(standing, inputs.len(), "one standing result per task");
+    for r in &checked.rows {
+        let body = r.receipt.open(&r.node)?;
+        let right = tidepool_proto::Digest::of(&want[r.index as usize]);
+        match r.state {
+            RowState::Withdrawn => {
+                assert!(
+                    liar_keys.contains_key(&r.node),
+                    "honest result withdrawn: {r:?}"
+                );
+                assert_ne!(body.receipt.output, right, "a right result withdrawn");
+            }
+            _ => assert_eq!(body.receipt.output, right, "a wrong result earns: {r:?}"),
+        }
+    }
+    for (node, t) in &checked.totals {
+        eprintln!(
+            "ledger {}: {t:?}",
+            liar_keys.get(node).map_or("honest", String::as_str)
+        );
+        if !liar_keys.contains_key(node) {
+            assert_eq!(t.withdrawn, 0, "honest node lost credit: {t:?}");
+        }
+    }
+    let withdrawn: u64 = checked.totals.values().map(|t| t.withdrawn).sum();
+    assert!(withdrawn >= 1, "{:?}", checked.totals);
+    // Credited work is metered: the engine ran for each credited result.
+    for t in checked.totals.values().filter(|t| t.credited > 0) {
+        assert!(
+            t.metering.computes as u64 >= t.credited && t.metering.compute_us > 0,
+            "{t:?}"
+        );
+    }
+    // A row changed after signing does not check out.
+    let mut tampered = statement.clone();
+    let row = tampered
+        .rows
+        .iter_mut()
+        .find(|r| r.state == RowState::Withdrawn)
+        .expect("a withdrawn row");
+    row.state = RowState::Credited;
+    let e = tampered.verify(None).expect_err("tampered row");
+    assert!(e.to_string().contains("not what the pool signed"), "{e}");
+
+    // A liar reads its own statement with its own key: the same totals.
+    let (liar, _) = liar_keys.iter().next().expect("a liar");
+    let liar_key = (2..7)
+        .map(|i| keys.node(i))
+        .find(|k| k.public() == *liar)
+        .expect("liar key");
+    let own = PoolClient::connect_account(pool.addr, &liar_key, keys.pool.public()).await?;
+    let mine = own
+        .ledger(
+            LedgerQuery {
+                node: Some(*liar),
+                ..query.clone()
+            },
+            |_| {},
+        )
+        .await?;
+    mine.verify(Some(&keys.pool.public()))?;
+    assert_eq!(mine.totals.get(liar), checked.totals.get(liar));
+    // ... and nobody else's, nor can it do anything else on that connection.
+    let e = own
+        .ledger(query.clone(), |_| {})
+        .await
+        .expect_err("another node's rows");
+    assert!(e.to_string().contains("only the pool's admins"), "{e}");
+    let e = own
+        .pool_status()
+        .await
+        .expect_err("status on an account connection");
+    assert!(e.to_string().contains("not allowed"), "{e}");
+    own.close().await;
+
     for n in nodes {
         n.kill();
     }

@@ -6,6 +6,7 @@ pub mod common;
 pub mod demo;
 pub mod job;
 pub mod keygen;
+pub mod ledger;
 pub mod models;
 pub mod node;
 pub mod pipeline;

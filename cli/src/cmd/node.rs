@@ -1,4 +1,5 @@
-//! `tidepool node run`: run a node until SIGTERM, then drain.
+//! `tidepool node run`: run a node until SIGTERM, then drain;
+//! `tidepool node statement`: what the node earned, signed by the pool.
 
 use super::common::{read_key, runtime, stop_signal};
 use std::net::SocketAddr;
@@ -11,6 +12,9 @@ use tidepool_proto::PublicKey;
 pub enum Command {
     /// Connect to a pool and run its tasks (SIGTERM drains: finish, return, exit).
     Run(RunArgs),
+    /// This node's results in a period and what they earned, signed by the
+    /// pool (read with the node's key; takes no work).
+    Statement(super::ledger::StatementArgs),
 }
 
 #[derive(clap::Args)]
@@ -63,7 +67,10 @@ pub struct RunArgs {
 }
 
 pub fn main(c: Command) -> anyhow::Result<ExitCode> {
-    let Command::Run(a) = c;
+    let a = match c {
+        Command::Run(a) => a,
+        Command::Statement(a) => return super::ledger::statement(a),
+    };
     let mut f = match &a.config {
         Some(p) => NodeFile::read(p)?,
         None => NodeFile::default(),

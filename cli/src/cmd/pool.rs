@@ -1,4 +1,4 @@
-//! `tidepool pool serve|status`.
+//! `tidepool pool serve|status|canary|ledger`.
 
 use super::common::{read_key, runtime, stop_signal, PoolArgs};
 use std::net::SocketAddr;
@@ -14,6 +14,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Add known-answer tasks (canaries) for a bundle from a trusted job's results.
     Canary(super::canary::Args),
+    /// The settlement ledger: what each node earned, signed by the pool.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
     /// Nodes (with reputation, sampling rate, strikes), queue depth, dead letters and jobs.
     Status {
         #[command(flatten)]
@@ -22,6 +25,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(clap::Subcommand)]
+pub enum LedgerCommand {
+    /// Every node's results in a period (credited, pending, disputed,
+    /// withdrawn) with metering totals and the receipts behind them, signed
+    /// by the pool (needs one of the pool's admin keys; a node reads its
+    /// own with `tidepool node statement`).
+    Export(super::ledger::ExportArgs),
 }
 
 #[derive(clap::Args)]
@@ -93,6 +105,7 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
             super::canary::main(a)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Ledger(LedgerCommand::Export(a)) => super::ledger::export(a),
         Command::Status { pool, json } => {
             let s = pool.call(|c| async move { Ok(c.pool_status().await?) })?;
             if json {

@@ -45,6 +45,7 @@ mod intake;
 mod jobs;
 mod lease_table;
 mod leases;
+mod ledger;
 mod names;
 mod nodes;
 mod queues;
@@ -212,6 +213,10 @@ pub struct Coordinator<S: Store> {
     /// and measure challenge windows and quarantines in wall-clock time;
     /// set by the shell with [`set_clock`](Self::set_clock) (unset: 0).
     clock: Option<(Instant, u64)>,
+    /// The pool's key, to sign ledger pages with; set by the shell with
+    /// [`set_signer`](Self::set_signer) (unset: ledger requests are
+    /// refused). Lives as long as the coordinator.
+    signer: Option<tidepool_proto::SecretKey>,
 }
 
 impl<S: Store> Coordinator<S> {
@@ -250,6 +255,7 @@ impl<S: Store> Coordinator<S> {
             names: names::TaskNames::new([0; 32]),
             vstats: VerificationStats::default(),
             clock: None,
+            signer: None,
         };
         me.secret = match me.cfg.verify.secret {
             Some(s) => s,
@@ -342,6 +348,11 @@ impl<S: Store> Coordinator<S> {
     /// any time.
     pub fn set_clock(&mut self, now: Instant, unix_secs: u64) {
         self.clock = Some((now, unix_secs));
+    }
+
+    /// Sign ledger pages with `key` (the pool's own key).
+    pub fn set_signer(&mut self, key: tidepool_proto::SecretKey) {
+        self.signer = Some(key);
     }
 
     /// Unix seconds at `now` (0 when no clock was set).

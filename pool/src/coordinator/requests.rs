@@ -55,6 +55,7 @@ impl<S: Store> Coordinator<S> {
                 .handle_node_hello(now, *peer, caps)
                 .map(|()| self.welcome()),
             Request::ClientHello { .. } => self.handle_client_hello(peer),
+            Request::AccountHello { .. } => self.handle_account_hello(peer),
             other => self.handle_after_hello(now, now_unix, peer, other, have_blob),
         }
     }
@@ -69,6 +70,22 @@ impl<S: Store> Coordinator<S> {
                 message: format!(
                     "client {peer} may not use this pool (not a publisher or client key)"
                 ),
+                close: true,
+            })
+        }
+    }
+
+    /// A node owner said hello to read the node's account: admitted if the
+    /// pool admits the key as a node (banned or not: a banned node may read
+    /// why it earned nothing). Nothing is registered: the connection takes
+    /// no work.
+    fn handle_account_hello(&self, peer: &PublicKey) -> Answer {
+        if self.admits_node(peer) {
+            Ok(self.welcome())
+        } else {
+            Err(Refusal {
+                code: tidepool_proto::wire::ErrorCode::Forbidden,
+                message: format!("node {peer} is not on this pool's allowlist"),
                 close: true,
             })
         }
@@ -150,6 +167,14 @@ impl<S: Store> Coordinator<S> {
                         state: c.state,
                     })
             }
+            Request::Ledger {
+                query,
+                as_of,
+                after,
+                limit,
+            } => self
+                .ledger_page(peer, now_unix, query, as_of, after, limit)
+                .map(Response::LedgerPage),
             Request::AddCanaries { bundle, items } => self
                 .handle_add_canaries(peer, &bundle, items)
                 .map(|count| Response::Canaries { count }),
@@ -160,7 +185,9 @@ impl<S: Store> Coordinator<S> {
                 tidepool_proto::wire::ErrorCode::Internal,
                 "blob transfers are served by the connection, not the coordinator",
             )),
-            Request::NodeHello { .. } | Request::ClientHello { .. } => Err(super::refusal(
+            Request::NodeHello { .. }
+            | Request::ClientHello { .. }
+            | Request::AccountHello { .. } => Err(super::refusal(
                 tidepool_proto::wire::ErrorCode::Protocol,
                 "second hello on one connection",
             )),

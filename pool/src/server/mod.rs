@@ -245,6 +245,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<RunningPool, ServeError> {
     let store = SqliteStore::open(&cfg.data_dir.join("pool.db"), cfg.durability)?;
     let mut coordinator = Coordinator::new(store, cfg.pool.clone(), &|d| blobs.has(d))?;
     coordinator.set_clock(Instant::now(), crate::unix_now());
+    coordinator.set_signer(cfg.key.clone());
     info!(queued = coordinator.queued(), "pool state recovered");
     let (tx, rx) = mpsc::channel();
     let (events, _) = broadcast::channel(4096);
@@ -532,7 +533,10 @@ async fn serve_stream(
     if let Err(r) = checked {
         return refuse(&mut send, shared, conn, name, r).await;
     }
-    let is_hello = matches!(req, Request::NodeHello { .. } | Request::ClientHello { .. });
+    let is_hello = matches!(
+        req,
+        Request::NodeHello { .. } | Request::ClientHello { .. } | Request::AccountHello { .. }
+    );
     let resp = match req {
         Request::FetchBlob { digest, offset } => {
             return serve_blob(

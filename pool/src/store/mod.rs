@@ -246,6 +246,44 @@ pub struct Evidence {
     pub at: u64,
 }
 
+/// One accepted result of a user job, as the ledger lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerResult {
+    /// Its task row (the ledger's cursor).
+    pub task: TaskId,
+    /// Its job.
+    pub job: JobId,
+    /// Its input index.
+    pub index: u32,
+    /// The node whose result it is now.
+    pub node: PublicKey,
+    /// Its verification state.
+    pub verified: Verified,
+    /// Whether a challenge of it is pending.
+    pub challenged: bool,
+    /// When it was accepted (Unix seconds).
+    pub done_at: u64,
+    /// Its signed receipt (MessagePack of `SignedReceipt`).
+    pub receipt: Vec<u8>,
+}
+
+/// One replaced result, as the ledger lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerWithdrawn {
+    /// The evidence record (the ledger's cursor).
+    pub id: u64,
+    /// Its job.
+    pub job: JobId,
+    /// Its input index.
+    pub index: u32,
+    /// The node that had produced it.
+    pub node: PublicKey,
+    /// When it was replaced (Unix seconds).
+    pub at: u64,
+    /// Its signed receipt (MessagePack of `SignedReceipt`).
+    pub receipt: Vec<u8>,
+}
+
 /// How many of one job's results a node has in one standing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResultCount {
@@ -487,6 +525,27 @@ pub trait Store: Send {
         since: u64,
         until: u64,
     ) -> Result<Vec<(PublicKey, u64)>, StoreError>;
+    /// Accepted results of user jobs (not cached copies) in `[since,
+    /// until)`, of `node` if given, ordered by acceptance time then task,
+    /// after `after` (a `(done_at, task)` pair), at most `limit`.
+    fn ledger_results(
+        &mut self,
+        since: u64,
+        until: u64,
+        node: Option<&PublicKey>,
+        after: Option<(u64, TaskId)>,
+        limit: u32,
+    ) -> Result<Vec<LedgerResult>, StoreError>;
+    /// Results of user jobs replaced in `[since, until)`, of `node` if
+    /// given, by evidence record after `after`, at most `limit`.
+    fn ledger_withdrawn(
+        &mut self,
+        since: u64,
+        until: u64,
+        node: Option<&PublicKey>,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<LedgerWithdrawn>, StoreError>;
     /// Record a challenge's state.
     fn set_challenge(&mut self, task: TaskId, state: ChallengeState) -> Result<(), StoreError>;
     /// A node's most recent results of user jobs that were never checked

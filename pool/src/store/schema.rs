@@ -116,6 +116,8 @@ pub(super) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     }
     conn.execute_batch(
         "CREATE INDEX IF NOT EXISTS tasks_check ON tasks(check_of) WHERE check_of IS NOT NULL;
-         CREATE INDEX IF NOT EXISTS tasks_node_done ON tasks(node, state, verified);",
+         CREATE INDEX IF NOT EXISTS tasks_node_done ON tasks(node, state, verified);
+         CREATE INDEX IF NOT EXISTS tasks_done_at ON tasks(done_at, id) WHERE state = 2;
+         CREATE INDEX IF NOT EXISTS tasks_node_done_at ON tasks(node, done_at, id) WHERE state = 2;",
     )
 }

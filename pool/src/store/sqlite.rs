@@ -694,6 +694,117 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    fn ledger_results(
+        &mut self,
+        since: u64,
+        until: u64,
+        node: Option<&PublicKey>,
+        after: Option<(u64, TaskId)>,
+        limit: u32,
+    ) -> Result<Vec<LedgerResult>, StoreError> {
+        let (after_at, after_task) =
+            after.map_or((-1i64, -1i64), |(at, t)| (at as i64, t.0 as i64));
+        let mut st = self.conn.prepare_cached(
+            "SELECT t.id, t.job, t.idx, t.node, t.verified, COALESCE(t.challenge = 'pending', 0),
+                    t.done_at, t.receipt
+             FROM tasks t JOIN jobs j ON j.id = t.job
+             WHERE t.state = 2 AND t.done_at >= ?1 AND t.done_at < ?2
+               AND (?3 IS NULL OR t.node = ?3)
+               AND (t.done_at, t.id) > (?4, ?5)
+               AND t.cached_from IS NULL AND t.node IS NOT NULL AND t.receipt IS NOT NULL
+               AND j.kind = 0
+             ORDER BY t.done_at, t.id LIMIT ?6",
+        )?;
+        let rows = st
+            .query_map(
+                params![
+                    since as i64,
+                    until as i64,
+                    node.map(|k| k.to_string()),
+                    after_at,
+                    after_task,
+                    i64::from(limit)
+                ],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, bool>(5)?,
+                        r.get::<_, i64>(6)?,
+                        r.get::<_, Vec<u8>>(7)?,
+                    ))
+                },
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(task, job, idx, node, v, challenged, at, receipt)| {
+                Ok(LedgerResult {
+                    task: TaskId(task as u64),
+                    job: JobId(job as u64),
+                    index: idx as u32,
+                    node: PublicKey::parse(&node).map_err(|e| corrupt("node key", e))?,
+                    verified: Verified::from_code(v),
+                    challenged,
+                    done_at: at as u64,
+                    receipt,
+                })
+            })
+            .collect()
+    }
+
+    fn ledger_withdrawn(
+        &mut self,
+        since: u64,
+        until: u64,
+        node: Option<&PublicKey>,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<LedgerWithdrawn>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT e.id, t.job, t.idx, e.node, e.at, e.receipt
+             FROM evidence e JOIN tasks t ON t.id = e.task JOIN jobs j ON j.id = t.job
+             WHERE e.at >= ?1 AND e.at < ?2 AND (?3 IS NULL OR e.node = ?3) AND e.id > ?4
+               AND e.receipt IS NOT NULL AND j.kind = 0
+             ORDER BY e.id LIMIT ?5",
+        )?;
+        let rows = st
+            .query_map(
+                params![
+                    since as i64,
+                    until as i64,
+                    node.map(|k| k.to_string()),
+                    after as i64,
+                    i64::from(limit)
+                ],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, Vec<u8>>(5)?,
+                    ))
+                },
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(id, job, idx, node, at, receipt)| {
+                Ok(LedgerWithdrawn {
+                    id: id as u64,
+                    job: JobId(job as u64),
+                    index: idx as u32,
+                    node: PublicKey::parse(&node).map_err(|e| corrupt("node key", e))?,
+                    at: at as u64,
+                    receipt,
+                })
+            })
+            .collect()
+    }
+
     fn transcript(&mut self, task: TaskId) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
             .conn
