@@ -74,12 +74,8 @@ impl Ctx {
                 None,
             )
         };
-        if g.identity.len() > tidepool_proto::wire::MAX_IDENTITY_BYTES {
-            return failed(format!(
-                "the grant's task identity is {} bytes (at most {})",
-                g.identity.len(),
-                tidepool_proto::wire::MAX_IDENTITY_BYTES
-            ));
+        if let Err(why) = g.check() {
+            return failed(why);
         }
         let p = match self.prepare(&conn, g.bundle).await {
             Ok(p) => p,

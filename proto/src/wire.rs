@@ -528,6 +528,24 @@ pub struct TaskGrant {
     pub replay: Option<crate::llm::Transcript>,
 }
 
+impl TaskGrant {
+    /// Check what a node takes from the pool before it costs anything: the
+    /// identity (which the guest reads and the receipt names) is at most
+    /// [`MAX_IDENTITY_BYTES`] of printable ASCII.
+    pub fn check(&self) -> Result<(), String> {
+        if self.identity.is_empty() || self.identity.len() > MAX_IDENTITY_BYTES {
+            return Err(format!(
+                "the grant's task identity is {} bytes (1..={MAX_IDENTITY_BYTES})",
+                self.identity.len()
+            ));
+        }
+        if !self.identity.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("the grant's task identity is not printable ASCII".into());
+        }
+        Ok(())
+    }
+}
+
 /// How a task ended on a node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
@@ -973,6 +991,33 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_grant_identity_is_short_printable_ascii() {
+        let grant = |identity: &str| TaskGrant {
+            lease: LeaseId {
+                task: TaskId(1),
+                attempt: 1,
+            },
+            identity: identity.into(),
+            bundle: crate::Digest::of(b"b"),
+            input: Bytes(Vec::new()),
+            replay: None,
+        };
+        assert_eq!(grant(&"a".repeat(32)).check(), Ok(()));
+        for bad in [
+            String::new(),
+            "a".repeat(MAX_IDENTITY_BYTES + 1),
+            "a\u{1b}[2J".into(),
+            "ünïcode".into(),
+            "two words".into(),
+        ] {
+            assert!(grant(&bad).check().is_err(), "{bad:?}");
+        }
+        // A megabyte identity is refused by its length, before anything else.
+        let e = grant(&"x".repeat(1 << 20)).check().expect_err("huge");
+        assert!(e.contains("1048576 bytes"), "{e}");
+    }
 
     #[test]
     fn every_request_is_named_from_the_head_of_its_frame() {
