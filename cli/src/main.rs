@@ -48,6 +48,8 @@ enum Command {
     /// Check and run pipelines of stages over a feed of items.
     #[command(subcommand)]
     Pipeline(cmd::pipeline::Command),
+    /// Run an exported result again in the node sandbox: does it reproduce?
+    Replay(cmd::replay::Args),
     /// Check settlement statements offline.
     #[command(subcommand)]
     Ledger(cmd::ledger::Command),
@@ -76,6 +78,7 @@ fn main() -> ExitCode {
         Command::Job(c) => cmd::job::main(c),
         Command::Pipeline(c) => cmd::pipeline::main(c),
         Command::Ledger(c) => cmd::ledger::main(c),
+        Command::Replay(a) => cmd::replay::main(a),
     };
     match result {
         Ok(code) => code,

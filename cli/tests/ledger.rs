@@ -21,12 +21,6 @@ fn tidepool(args: &[&str]) -> Output {
         .expect("run tidepool")
 }
 
-fn write_key(path: &Path, key: &SecretKey) -> Result<()> {
-    std::fs::write(path, key.to_text())?;
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    Ok(())
-}
-
 /// Answer every task the pool leases to `key` (output: the input
 /// reversed) until it has none left for a while.
 async fn work(
@@ -117,7 +111,7 @@ async fn a_node_and_the_owner_get_statements_that_verify_and_a_tampered_one_fail
         ("admin.key", &admin),
         ("node.key", &node),
     ] {
-        write_key(&d.join(name), key)?;
+        tidepool_tests::cluster::write_key_file(&d.join(name), key)?;
     }
     std::fs::write(
         d.join("pool.toml"),

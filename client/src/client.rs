@@ -279,6 +279,18 @@ impl PoolClient {
         }
     }
 
+    /// Input `index` of `job`, with everything needed to run it again.
+    pub async fn replayable(
+        &self,
+        job: JobId,
+        index: u32,
+    ) -> Result<tidepool_proto::replay::Replayable, ClientError> {
+        match self.call(&Request::Replayable { job, index }).await? {
+            Response::Replayable(r) => Ok(*r),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Nodes, queue and jobs.
     pub async fn pool_status(&self) -> Result<PoolSummary, ClientError> {
         match self.call(&Request::PoolStatus).await? {

@@ -42,6 +42,45 @@ pub(crate) enum PrepareError {
     Local(String),
 }
 
+/// The sandbox a node runs a bundle's tasks in: the manifest's models
+/// (each file found by `model_file`) on `engines`, the manifest's limits
+/// with memory capped at `memory_mib`, `slots` tasks at once, virtual
+/// clocks and seeded randomness. Shared by the agent and `tidepool replay`,
+/// so a replay runs a task exactly as a node does.
+pub fn bundle_sandbox(
+    manifest: &LockedManifest,
+    engines: Vec<Arc<dyn tidepool_host::backend::NnEngine>>,
+    model_file: &dyn Fn(&tidepool_proto::manifest::BlobRef) -> std::path::PathBuf,
+    memory_mib: u32,
+    slots: u32,
+    cache_dir: Option<std::path::PathBuf>,
+    nn: tidepool_host::NnLimits,
+) -> Result<Sandbox, String> {
+    let mut reg = RegistryBuilder::new(engines);
+    for (name, m) in &manifest.models {
+        reg.add(
+            name,
+            &m.encoding,
+            &model_file(&m.blob),
+            &m.blob.sha256.hex(),
+        )
+        .map_err(|e| format!("model {name}: {e}"))?;
+    }
+    let memory = manifest.limits.memory_mib.min(memory_mib.max(16));
+    let config = SandboxConfig {
+        max_memory_bytes: (memory as usize) << 20,
+        timeout: Duration::from_millis(manifest.limits.timeout_ms),
+        max_output_bytes: (manifest.limits.max_output_kib as usize) << 10,
+        fuel: manifest.limits.fuel,
+        deterministic: true,
+        max_concurrent: slots,
+        cache_dir,
+        nn,
+        ..SandboxConfig::default()
+    };
+    Sandbox::new(config, reg.build()).map_err(|e| format!("sandbox: {e:#}"))
+}
+
 impl Ctx {
     pub(crate) async fn prepare(
         self: &Arc<Self>,
@@ -200,29 +239,15 @@ impl Ctx {
                 )
             })?,
         };
-        let mut reg = RegistryBuilder::new(engines);
-        for (name, m) in &manifest.models {
-            reg.add(
-                name,
-                &m.encoding,
-                &self.blobs.path(&m.blob.sha256),
-                &m.blob.sha256.hex(),
-            )
-            .map_err(|e| format!("model {name}: {e}"))?;
-        }
-        let memory = manifest.limits.memory_mib.min(self.memory_mib.max(16));
-        let config = SandboxConfig {
-            max_memory_bytes: (memory as usize) << 20,
-            timeout: Duration::from_millis(manifest.limits.timeout_ms),
-            max_output_bytes: (manifest.limits.max_output_kib as usize) << 10,
-            fuel: manifest.limits.fuel,
-            deterministic: true,
-            max_concurrent: self.slots,
-            cache_dir: Some(self.compiled.clone()),
-            nn: self.nn,
-            ..SandboxConfig::default()
-        };
-        let sandbox = Sandbox::new(config, reg.build()).map_err(|e| format!("sandbox: {e:#}"))?;
+        let sandbox = bundle_sandbox(
+            &manifest,
+            engines,
+            &|m| self.blobs.path(&m.sha256),
+            self.memory_mib,
+            self.slots,
+            Some(self.compiled.clone()),
+            self.nn,
+        )?;
         let job = sandbox
             .load(component)
             .map_err(|e| format!("component: {e}"))?;

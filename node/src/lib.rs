@@ -24,7 +24,9 @@
 
 mod agent;
 mod bundles;
+pub use bundles::bundle_sandbox;
 pub mod config;
+pub mod replay;
 
 pub use agent::run;
 pub use config::{hardware_class, GpuFile, NodeConfig, NodeFile, Tamper};

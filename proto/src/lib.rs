@@ -6,12 +6,14 @@
 //! passed in, bytes are passed in and out. So every type here can be built,
 //! serialised and checked anywhere, including in tests with no runtime.
 
+pub mod compare;
 pub mod digest;
 pub mod keys;
 pub mod ledger;
 pub mod llm;
 pub mod manifest;
 pub mod receipt;
+pub mod replay;
 pub mod session;
 pub mod wire;
 

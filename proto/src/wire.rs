@@ -428,6 +428,14 @@ pub enum Request {
         /// At most this many.
         limit: u32,
     },
+    /// One accepted result with everything needed to run it again (its
+    /// bundle's signed manifest, input, outcome, receipt, transcript).
+    Replayable {
+        /// The job.
+        job: JobId,
+        /// The input's index.
+        index: u32,
+    },
     /// The pool's nodes, queue and dead letters.
     PoolStatus,
     /// The submitter disputes a result: the pool re-executes the task on
@@ -476,6 +484,7 @@ impl Request {
             Request::Submit { .. } => "Submit",
             Request::JobStatus { .. } => "JobStatus",
             Request::JobResults { .. } => "JobResults",
+            Request::Replayable { .. } => "Replayable",
             Request::PoolStatus => "PoolStatus",
             Request::Challenge { .. } => "Challenge",
             Request::AddCanaries { .. } => "AddCanaries",
@@ -827,6 +836,8 @@ pub enum Response {
     Job(JobSummary),
     /// Answer to `JobResults`.
     Records(Vec<TaskRecord>),
+    /// Answer to `Replayable` (boxed: it holds a manifest and a receipt).
+    Replayable(Box<crate::replay::Replayable>),
     /// Answer to `PoolStatus`.
     Pool(PoolSummary),
     /// Answer to `Challenge`: where the check stands.

@@ -199,6 +199,14 @@ pub fn summarize_bundle(dir: &Path, keys: &Keys, extra: &str) -> Result<BundleFi
     Ok(b)
 }
 
+/// Write `key` to `path` as `tidepool keygen` does (private to its owner:
+/// the CLI refuses key files others may read).
+pub fn write_key_file(path: &Path, key: &SecretKey) -> Result<()> {
+    std::fs::write(path, key.to_text())?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(())
+}
+
 /// Connect as the publisher and publish.
 pub async fn publish(
     addr: SocketAddr,

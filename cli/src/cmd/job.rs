@@ -51,6 +51,10 @@ pub enum Command {
         /// One JSON object per line (outputs that are JSON are embedded, others base64).
         #[arg(long)]
         json: bool,
+        /// Also write each done result with its receipt, bundle manifest,
+        /// input and transcript to DIR/job-<job>-<index>.json, for `tidepool replay`.
+        #[arg(long, value_name = "DIR")]
+        export: Option<std::path::PathBuf>,
     },
     /// Dispute a result: the pool re-executes the task on another node.
     Challenge(super::challenge::Args),
@@ -151,8 +155,19 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Results { job, pool, json } => {
-            let records = pool.call(|c| async move { Ok(c.job_results(job).await?) })?;
+        Command::Results {
+            job,
+            pool,
+            json,
+            export,
+        } => {
+            let records = pool.call(|c| async move {
+                let records = c.job_results(job).await?;
+                if let Some(dir) = &export {
+                    export_replays(&c, job, &records, dir).await?;
+                }
+                Ok(records)
+            })?;
             let mut out = std::io::stdout().lock();
             if !json {
                 let _ = writeln!(
@@ -235,4 +250,38 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Write every done result of `job` as a replay file in `dir`.
+async fn export_replays(
+    c: &tidepool_client::PoolClient,
+    job: tidepool_proto::wire::JobId,
+    records: &[tidepool_proto::wire::TaskRecord],
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let done: Vec<u32> = records
+        .iter()
+        .filter(|r| r.state == tidepool_proto::wire::TaskState::Done)
+        .map(|r| r.index)
+        .collect();
+    let bar = indicatif::ProgressBar::new(done.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("exporting [{bar:30}] {pos}/{len}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    for index in done {
+        let r = c
+            .replayable(job, index)
+            .await
+            .with_context(|| format!("job {job} input {index}"))?;
+        let path = dir.join(format!("job-{}-{index}.json", job.0));
+        let text = serde_json::to_vec_pretty(&tidepool_proto::replay::ReplayFile::new(&r))?;
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(())
 }

@@ -11,4 +11,5 @@ pub mod models;
 pub mod node;
 pub mod pipeline;
 pub mod pool;
+pub mod replay;
 pub mod run;

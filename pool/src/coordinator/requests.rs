@@ -152,6 +152,10 @@ impl<S: Store> Coordinator<S> {
                 .visible(peer, job)
                 .and_then(|()| self.job_results(job, from, limit))
                 .map(Response::Records),
+            Request::Replayable { job, index } => self
+                .visible(peer, job)
+                .and_then(|()| self.replayable(job, index))
+                .map(|r| Response::Replayable(Box::new(r))),
             Request::PoolStatus => self.pool_status(now).map(|mut s| {
                 if !self.is_admin(peer) {
                     s.jobs.retain(|j| self.sees(peer, j.job));

@@ -125,6 +125,46 @@ impl<S: Store> Coordinator<S> {
         Ok(self.summary(job, bundle, c))
     }
 
+    /// Input `index` of `job` with everything needed to run it again.
+    pub fn replayable(
+        &mut self,
+        job: JobId,
+        index: u32,
+    ) -> Result<tidepool_proto::replay::Replayable, Refusal> {
+        let not_done = || {
+            refusal(
+                ErrorCode::NotFound,
+                format!("job {job} has no result for input {index}"),
+            )
+        };
+        let (bundle, _) = self.jobs.get(&job).ok_or_else(not_done)?;
+        let manifest = self
+            .bundles
+            .get(bundle)
+            .map(|b| b.signed.clone())
+            .ok_or_else(not_done)?;
+        let row = self.store.replay_row(job, index)?.ok_or_else(not_done)?;
+        let corrupt = |what: &str, e: rmp_serde::decode::Error| {
+            refusal(
+                ErrorCode::Internal,
+                format!("stored {what} of job {job} input {index}: {e}"),
+            )
+        };
+        Ok(tidepool_proto::replay::Replayable {
+            job,
+            index,
+            node: row.node,
+            manifest,
+            input: tidepool_proto::wire::Bytes(row.input),
+            outcome: rmp_serde::from_slice(&row.outcome).map_err(|e| corrupt("outcome", e))?,
+            receipt: rmp_serde::from_slice(&row.receipt).map_err(|e| corrupt("receipt", e))?,
+            transcript: match row.transcript {
+                Some(t) => rmp_serde::from_slice(&t).map_err(|e| corrupt("transcript", e))?,
+                None => Vec::new(),
+            },
+        })
+    }
+
     /// A job's results from index `from`.
     pub fn job_results(
         &mut self,

@@ -267,6 +267,21 @@ pub struct LedgerResult {
     pub receipt: Vec<u8>,
 }
 
+/// A done task's result with what it needs to be run again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayRow {
+    /// The node whose result it is.
+    pub node: PublicKey,
+    /// The input.
+    pub input: Vec<u8>,
+    /// MessagePack of the outcome.
+    pub outcome: Vec<u8>,
+    /// MessagePack of the signed receipt.
+    pub receipt: Vec<u8>,
+    /// MessagePack of the transcript (None: none).
+    pub transcript: Option<Vec<u8>>,
+}
+
 /// One replaced result, as the ledger lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerWithdrawn {
@@ -546,6 +561,9 @@ pub trait Store: Send {
         after: u64,
         limit: u32,
     ) -> Result<Vec<LedgerWithdrawn>, StoreError>;
+    /// Input `index` of `job`, if done: its result, receipt and
+    /// transcript (a cached result's are those of the task it copies).
+    fn replay_row(&mut self, job: JobId, index: u32) -> Result<Option<ReplayRow>, StoreError>;
     /// Record a challenge's state.
     fn set_challenge(&mut self, task: TaskId, state: ChallengeState) -> Result<(), StoreError>;
     /// A node's most recent results of user jobs that were never checked

@@ -694,6 +694,37 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    fn replay_row(&mut self, job: JobId, index: u32) -> Result<Option<ReplayRow>, StoreError> {
+        let row = self
+            .conn
+            .prepare_cached(
+                "SELECT COALESCE(o.node, t.node), t.input, COALESCE(o.outcome, t.outcome),
+                        COALESCE(o.receipt, t.receipt), COALESCE(o.transcript, t.transcript)
+                 FROM tasks t LEFT JOIN tasks o ON o.id = t.cached_from
+                 WHERE t.job = ?1 AND t.idx = ?2 AND t.state = 2",
+            )?
+            .query_row(params![job.0 as i64, i64::from(index)], |r| {
+                Ok((
+                    r.get::<_, Option<String>>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, Option<Vec<u8>>>(2)?,
+                    r.get::<_, Option<Vec<u8>>>(3)?,
+                    r.get::<_, Option<Vec<u8>>>(4)?,
+                ))
+            })
+            .optional()?;
+        let Some((Some(node), input, Some(outcome), Some(receipt), transcript)) = row else {
+            return Ok(None);
+        };
+        Ok(Some(ReplayRow {
+            node: PublicKey::parse(&node).map_err(|e| corrupt("node key", e))?,
+            input,
+            outcome,
+            receipt,
+            transcript,
+        }))
+    }
+
     fn ledger_results(
         &mut self,
         since: u64,
