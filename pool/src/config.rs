@@ -34,6 +34,10 @@
 //!                                  # may decide a disagreement; without a trusted node in the
 //!                                  # agreeing pair the result is `disputed`, nobody is struck
 //! canary_rate = 0.01               # share of lease grants that also carry a canary
+//! decoy_rate = 0.05                # per llm-tier check granted, the chance of one more: a decoy
+//!                                  # whose replayed tokens the pool corrupted; a verifier that
+//!                                  # accepts the corrupted token is struck (a lazy verifier that
+//!                                  # echoes claims survives n checks with chance (1 - rate)^n)
 //!
 //! [leasing]                        # how much work a node gets: the pool decides, not the node
 //! start_leases = 8                 # leases a node may hold before it has delivered anything
@@ -450,6 +454,9 @@ pub struct VerificationFile {
     /// Share of grants carrying a canary.
     #[serde(default = "default_canary_rate")]
     pub canary_rate: f64,
+    /// Chance of a decoy per llm-tier check granted.
+    #[serde(default = "default_decoy_rate")]
+    pub decoy_rate: f64,
 }
 
 impl Default for VerificationFile {
@@ -478,6 +485,9 @@ fn default_decide_after() -> u64 {
 }
 fn default_canary_rate() -> f64 {
     0.01
+}
+fn default_decoy_rate() -> f64 {
+    0.05
 }
 
 fn default_listen() -> SocketAddr {
@@ -684,6 +694,15 @@ impl PoolFile {
                 ),
             ));
         }
+        if !(0.0..=1.0).contains(&v.decoy_rate) {
+            return Err(bad(
+                "verification.decoy_rate",
+                format!(
+                    "verification.decoy_rate ({}) must be between 0 and 1",
+                    v.decoy_rate
+                ),
+            ));
+        }
         if !(0.0..=1.0).contains(&v.canary_rate) {
             return Err(bad(
                 "verification.canary_rate",
@@ -745,6 +764,7 @@ impl PoolFile {
                 trusted: self.verification.trusted.clone(),
                 decide_after: self.verification.decide_after,
                 canary_rate: self.verification.canary_rate,
+                decoy_rate: self.verification.decoy_rate,
                 secret: None,
             },
             leasing: LeasePolicy {

@@ -43,6 +43,13 @@ pub struct VerifyPolicy {
     /// Chance that a lease grant also carries a canary (known-answer task),
     /// when canaries exist that the node has not been given.
     pub canary_rate: f64,
+    /// Chance, per `llm`-tier check granted, that the node is also given a
+    /// decoy: a check of an already verified result whose replayed tokens
+    /// the pool corrupted at one place. An honest verifier rejects the
+    /// corrupted token; one that accepts it (a lazy verifier echoing the
+    /// claim) is struck. A lazy verifier survives `n` checks with chance
+    /// `(1 - decoy_rate)^n`.
+    pub decoy_rate: f64,
     /// Secret for the audit draw; `None`: a random one per process. Tests
     /// fix it to make runs reproducible.
     pub secret: Option<[u8; 32]>,
@@ -52,7 +59,7 @@ impl Default for VerifyPolicy {
     /// New nodes at 10000, −50 per confirmed result, 10 minutes of
     /// quarantine, banned at the 3rd strike, look back 256 results, no
     /// trusted nodes, untrusted deciders after 100 confirmed results,
-    /// canaries on 1% of grants.
+    /// canaries on 1% of grants, decoys on 5% of llm checks.
     fn default() -> Self {
         Self {
             initial_reputation: FULL,
@@ -63,6 +70,7 @@ impl Default for VerifyPolicy {
             trusted: BTreeSet::new(),
             decide_after: 100,
             canary_rate: 0.01,
+            decoy_rate: 0.05,
             secret: None,
         }
     }

@@ -41,6 +41,13 @@ enum Kind {
     Truncate,
     /// Runs "another model": a different function of the input.
     OtherModel,
+    /// An `llm`-tier node: its "model" generates the input's bytes as
+    /// tokens, and its output is that text reversed; replaying a claim, it
+    /// accepts claimed tokens while they are the ones it would choose.
+    LlmHonest,
+    /// An `llm`-tier verifier that never runs its model on a check: it
+    /// returns the claimed tokens and the text they make.
+    LazyVerifier,
 }
 
 impl Kind {
@@ -70,6 +77,8 @@ struct SimNode {
     kind: Kind,
     rng: u64,
     last: Vec<u8>,
+    /// Checks (grants with a transcript to replay) it answered.
+    checks_answered: u64,
     /// The leases it answered, in order, and whether it lied.
     answered: Vec<(LeaseId, bool)>,
 }
@@ -81,12 +90,35 @@ impl SimNode {
             kind,
             rng: rng | 1,
             last: honest_output(b"an earlier input"),
+            checks_answered: 0,
             answered: Vec::new(),
         }
     }
 
     fn public(&self) -> PublicKey {
         self.key.public()
+    }
+
+    /// An `llm`-tier answer (see [`Kind::LlmHonest`]).
+    fn generate(&mut self, g: &TaskGrant, component: Digest) -> TaskResult {
+        let own: Vec<u32> = g.input.0.iter().map(|b| u32::from(*b)).collect();
+        let tokens = match (&g.replay, self.kind) {
+            (Some(claim), Kind::LazyVerifier) => {
+                self.checks_answered += 1;
+                claim.first().map(|c| c.tokens.clone()).unwrap_or_default()
+            }
+            (Some(_), _) => {
+                self.checks_answered += 1;
+                own
+            }
+            (None, _) => own,
+        };
+        let output: Vec<u8> = tokens.iter().rev().map(|t| *t as u8).collect();
+        let transcript = vec![tidepool_proto::llm::Generation {
+            prompt: Digest::of(&g.input.0),
+            tokens,
+        }];
+        fake_node::answer_generated(&self.key, g, component, output, transcript)
     }
 
     /// Its hello: [`caps`], with its engine if it has one.
@@ -107,6 +139,9 @@ impl SimNode {
     }
 
     fn answer(&mut self, g: &TaskGrant, component: Digest) -> TaskResult {
+        if matches!(self.kind, Kind::LlmHonest | Kind::LazyVerifier) {
+            return self.generate(g, component);
+        }
         let mut right = honest_output(&g.input.0);
         if self.kind == Kind::HonestSeeded {
             right.extend_from_slice(g.identity.as_bytes());
@@ -143,6 +178,7 @@ impl SimNode {
                 o.extend_from_slice(&g.input.0);
                 o
             }
+            Kind::LlmHonest | Kind::LazyVerifier => unreachable!("answered by generate"),
         };
         self.answered.push((g.lease, output != right));
         self.last = right;
@@ -1529,4 +1565,80 @@ fn ledger_pages_chain_agree_with_credits_and_stay_private() {
     assert!(e.message.contains("the period is empty"), "{e:?}");
     let e = refused(&mut sim, &admin.public(), query(None), Some(NOW_UNIX + 60));
     assert!(e.message.contains("in the future"), "{e:?}");
+}
+
+/// Decoys catch a lazy `llm` verifier (one that returns the claimed tokens
+/// without running its model) at the rate the model gives: with decoy rate
+/// d per check, it is still uncaught after n checks with chance (1 − d)^n.
+/// An honest verifier that answers the same decoys is never struck, and
+/// the results the lazy one "confirmed" were all right anyway here (the
+/// producer is honest): what decoys measure is the verifier alone.
+#[test]
+fn decoys_catch_a_lazy_llm_verifier_at_the_modelled_rate() {
+    let runs: u64 = std::env::var("TIDEPOOL_DECOY_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    let mut table = String::from(
+        "| decoy rate d | runs | mean checks to catch (measured) | 1/d (model) | caught within n₉₅ = ln 0.05 / ln(1 − d) | model |\n|---|---|---|---|---|---|\n",
+    );
+    let mut failures = Vec::new();
+    for (k, d) in [0.05f64, 0.1, 0.2].into_iter().enumerate() {
+        let mut ns = Vec::new();
+        for run in 0..runs {
+            let seed = 5000 + 1000 * k as u64 + run;
+            let mut sim = Sim::with_tier(
+                VerifyPolicy {
+                    secret: Some(secret(seed)),
+                    canary_rate: 0.0,
+                    decoy_rate: d,
+                    trusted: trust(&[0]),
+                    ..VerifyPolicy::default()
+                },
+                &[Kind::LlmHonest, Kind::LazyVerifier, Kind::LlmHonest],
+                seed,
+                "[determinism]\ntier = \"llm\"\n\n[verification]\nsampling = \"always\"\n",
+            );
+            let lazy = sim.nodes[1].public();
+            let honest_verifier = sim.nodes[2].public();
+            let mut caught_after = None;
+            for step in 0..4000 {
+                // The producer takes new work; the verifiers take the checks.
+                if sim.work(0, 4) == 0 {
+                    sim.submit(
+                        &format!("j{step}"),
+                        &inputs(&format!("decoy {seed} {step}"), 20),
+                    );
+                    sim.work(0, 4);
+                }
+                sim.work(1, 1);
+                sim.work(2, 1);
+                if sim.caught().iter().any(|(n, _)| *n == lazy) {
+                    caught_after = Some(sim.nodes[1].checks_answered);
+                    break;
+                }
+            }
+            assert!(
+                !sim.caught()
+                    .iter()
+                    .any(|(n, _)| *n == honest_verifier || *n == sim.nodes[0].public()),
+                "an honest node struck (d = {d}, run {run})"
+            );
+            ns.push(caught_after.unwrap_or_else(|| panic!("d = {d}: not caught in run {run}")));
+        }
+        let mean = ns.iter().sum::<u64>() as f64 / ns.len() as f64;
+        let n95 = (0.05f64.ln() / (1.0 - d).ln()).ceil() as u64;
+        let within = ns.iter().filter(|&&n| n <= n95).count() as f64 / ns.len() as f64;
+        table.push_str(&format!(
+            "| {d} | {runs} | {mean:.1} | {:.1} | {:.0}% (n₉₅ = {n95}) | 95% |\n",
+            1.0 / d,
+            within * 100.0
+        ));
+        // A loose band: 60 runs put the share within n₉₅ at 95% ± ~6%.
+        if within < 0.85 {
+            failures.push(format!("d = {d}: {within:.2} caught within {n95} checks"));
+        }
+    }
+    println!("{table}");
+    assert!(failures.is_empty(), "{failures:?}\n{table}");
 }

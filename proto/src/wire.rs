@@ -750,6 +750,12 @@ pub struct VerificationStats {
     pub replaced: u64,
     /// Canaries answered (right or wrong).
     pub canaries: u64,
+    /// Decoy checks answered (an honest verifier rejects each).
+    #[serde(default)]
+    pub decoys: u64,
+    /// Of those, decoys a verifier accepted (each one a strike).
+    #[serde(default)]
+    pub decoys_accepted: u64,
 }
 
 /// Error codes a pool returns.

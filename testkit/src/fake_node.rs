@@ -64,3 +64,37 @@ pub fn answer_on(
         ),
     }
 }
+
+/// [`answer`] for a task that generated text: the receipt commits to
+/// `transcript` (its digest, its tokens metered out) and the result
+/// carries it.
+pub fn answer_generated(
+    key: &SecretKey,
+    grant: &TaskGrant,
+    component: Digest,
+    output: Vec<u8>,
+    transcript: tidepool_proto::llm::Transcript,
+) -> TaskResult {
+    let mut receipt = Receipt::plain(
+        grant.identity.clone(),
+        component,
+        &grant.input.0,
+        &output,
+        "sim",
+    );
+    receipt.transcript = Some(tidepool_proto::llm::transcript_digest(&transcript));
+    receipt.metering.tokens_out = transcript.iter().map(|g| g.tokens.len() as u64).sum();
+    TaskResult {
+        transcript,
+        lease: grant.lease,
+        outcome: Outcome::Output(Bytes(output)),
+        receipt: Some(
+            LeaseReceipt {
+                lease: grant.lease,
+                bundle: grant.bundle,
+                receipt,
+            }
+            .sign(key),
+        ),
+    }
+}

@@ -156,6 +156,7 @@ impl<S: Store> Coordinator<S> {
             return Ok((Vec::new(), lost));
         }
         self.maybe_add_canary(key, &mut picked)?;
+        self.maybe_add_decoys(key, &mut picked)?;
         let rows: Vec<_> = picked
             .iter()
             .map(|(q, _)| GrantRow {
@@ -254,11 +255,12 @@ impl<S: Store> Coordinator<S> {
         if !llm {
             return Ok(None);
         }
-        let target = check.target;
+        let (target, decoy) = (check.target, check.decoy);
         let Some(bytes) = self.store.transcript(target)? else {
             return Ok(None);
         };
         match rmp_serde::from_slice(&bytes) {
+            Ok(t) if decoy => Ok(Some(self.decoy_transcript(task, t))),
             Ok(t) => Ok(Some(t)),
             Err(e) => {
                 // Stored by this pool after checking its digest: should not

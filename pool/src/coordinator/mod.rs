@@ -40,6 +40,7 @@
 //!   server only moves bytes.
 
 mod credit;
+mod decoys;
 mod fit;
 mod intake;
 mod jobs;
@@ -322,6 +323,7 @@ impl<S: Store> Coordinator<S> {
             bundle,
             attempt,
             check_of,
+            decoy,
             ..
         } in pending
         {
@@ -333,7 +335,12 @@ impl<S: Store> Coordinator<S> {
             };
             match check_of {
                 Some(target) => {
-                    let check = me.check_context(target, bundle, task)?;
+                    let mut check = me.check_context(target, bundle, task)?;
+                    if decoy {
+                        check.decoy = true;
+                        check.decider = false;
+                        check.trusted_only = false;
+                    }
                     me.checks.insert(task, check);
                     me.queues.push_check_back(q);
                 }

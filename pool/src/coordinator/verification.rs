@@ -55,6 +55,9 @@ pub(super) struct Check {
     /// a node with every one of them may run the check (bit-identical
     /// outputs need the same engine, version and settings). Empty: any.
     pub(super) engines: Vec<String>,
+    /// Whether it is a decoy (`decoys.rs`): its replayed transcript is
+    /// corrupted on purpose and it audits the verifier, not the target.
+    pub(super) decoy: bool,
 }
 
 impl<S: Store> Coordinator<S> {
@@ -284,6 +287,7 @@ impl<S: Store> Coordinator<S> {
             decider,
             trusted_only,
             engines: row.map(|r| r.engines).unwrap_or_default(),
+            decoy: false,
         })
     }
 
@@ -329,6 +333,7 @@ impl<S: Store> Coordinator<S> {
                 decider,
                 trusted_only: false,
                 engines,
+                decoy: false,
             },
         );
         let q = Queued {
@@ -384,7 +389,11 @@ impl<S: Store> Coordinator<S> {
             JobKind::Check => {
                 if let Some(check) = self.checks.remove(&a.task) {
                     self.vstats.executed += 1;
-                    self.decide(now, a, check)?;
+                    if check.decoy {
+                        self.judge_decoy(now, a, &check)?;
+                    } else {
+                        self.decide(now, a, check)?;
+                    }
                 }
             }
             JobKind::Canary => {

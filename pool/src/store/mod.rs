@@ -57,6 +57,8 @@ pub struct PendingTask {
     pub reasons: Vec<String>,
     /// For a re-execution: the task whose result it checks.
     pub check_of: Option<TaskId>,
+    /// Whether that re-execution is a decoy.
+    pub decoy: bool,
 }
 
 /// A published bundle as stored.
@@ -561,6 +563,18 @@ pub trait Store: Send {
         after: u64,
         limit: u32,
     ) -> Result<Vec<LedgerWithdrawn>, StoreError>;
+    /// Add a decoy check of `target` to the hidden job `job` (the target's
+    /// verification state is left as it is).
+    fn insert_decoy(&mut self, job: JobId, target: TaskId) -> Result<TaskId, StoreError>;
+    /// Up to `limit` recent verified results of user jobs of `bundle` with
+    /// a transcript, produced by another node than `node` and never checked
+    /// by it: what a decoy for `node` may be made from.
+    fn decoy_targets(
+        &mut self,
+        bundle: &Digest,
+        node: &PublicKey,
+        limit: u32,
+    ) -> Result<Vec<TaskId>, StoreError>;
     /// Input `index` of `job`, if done: its result, receipt and
     /// transcript (a cached result's are those of the task it copies).
     fn replay_row(&mut self, job: JobId, index: u32) -> Result<Option<ReplayRow>, StoreError>;

@@ -99,6 +99,9 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     // identities; NULL: none), so an `exact` check goes to a node with
     // the same ones.
     ("tasks", "engines", "TEXT"),
+    // 1: a decoy check (its replayed transcript corrupted on purpose);
+    // never one of the target's checks in a dispute.
+    ("tasks", "decoy", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 /// Bring a database file to the current schema.

@@ -94,7 +94,7 @@ impl Store for SqliteStore {
         let mut pending = Vec::new();
         {
             let mut st = tx.prepare(
-                "SELECT t.id, t.job, j.bundle, t.attempt, t.reasons, t.check_of FROM tasks t JOIN jobs j ON j.id = t.job
+                "SELECT t.id, t.job, j.bundle, t.attempt, t.reasons, t.check_of, t.decoy FROM tasks t JOIN jobs j ON j.id = t.job
                  WHERE t.state = 0 ORDER BY t.id",
             )?;
             let mut rows = st.query([])?;
@@ -108,6 +108,7 @@ impl Store for SqliteStore {
                     attempt: r.get(3)?,
                     reasons: reasons_col(&reasons)?,
                     check_of: r.get::<_, Option<i64>>(5)?.map(|t| TaskId(t as u64)),
+                    decoy: r.get::<_, i64>(6)? != 0,
                 });
             }
         }
@@ -532,6 +533,46 @@ impl Store for SqliteStore {
         };
         tx.commit()?;
         Ok(TaskId(id as u64))
+    }
+
+    fn insert_decoy(&mut self, job: JobId, target: TaskId) -> Result<TaskId, StoreError> {
+        let n = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO tasks (job, idx, input, input_digest, check_of, decoy)
+                 SELECT ?1, (SELECT COALESCE(MAX(idx) + 1, 0) FROM tasks WHERE job = ?1), input, input_digest, id, 1
+                 FROM tasks WHERE id = ?2",
+            )?
+            .execute(params![job.0 as i64, target.0 as i64])?;
+        if n != 1 {
+            return Err(corrupt(
+                "task",
+                format!("no task {target} to make a decoy of"),
+            ));
+        }
+        Ok(TaskId(self.conn.last_insert_rowid() as u64))
+    }
+
+    fn decoy_targets(
+        &mut self,
+        bundle: &Digest,
+        node: &PublicKey,
+        limit: u32,
+    ) -> Result<Vec<TaskId>, StoreError> {
+        let node = node.to_string();
+        let mut st = self.conn.prepare_cached(
+            "SELECT t.id FROM tasks t JOIN jobs j ON j.id = t.job
+             WHERE j.bundle = ?1 AND j.kind = 0 AND t.state = 2 AND t.verified = 2
+               AND t.transcript IS NOT NULL AND t.cached_from IS NULL AND t.node != ?2
+               AND NOT EXISTS (SELECT 1 FROM tasks c WHERE c.check_of = t.id AND c.node = ?2)
+             ORDER BY t.id DESC LIMIT ?3",
+        )?;
+        let rows = st
+            .query_map(params![bundle.to_string(), node, i64::from(limit)], |r| {
+                r.get::<_, i64>(0)
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows.into_iter().map(|t| TaskId(t as u64)).collect())
     }
 
     fn result(&mut self, task: TaskId) -> Result<Option<ResultRow>, StoreError> {
@@ -987,7 +1028,7 @@ impl Store for SqliteStore {
 }
 
 const RESULT_SELECT_BY_ID: &str = "SELECT id, job, state, node, outcome, COALESCE(done_at, 0), verified, check_of, expect, cached_from, challenge, idx, engines FROM tasks WHERE id = ?1";
-const RESULT_SELECT_CHECKS: &str = "SELECT id, job, state, node, outcome, COALESCE(done_at, 0), verified, check_of, expect, cached_from, challenge, idx, engines FROM tasks WHERE check_of = ?1 AND state = 2 ORDER BY id";
+const RESULT_SELECT_CHECKS: &str = "SELECT id, job, state, node, outcome, COALESCE(done_at, 0), verified, check_of, expect, cached_from, challenge, idx, engines FROM tasks WHERE check_of = ?1 AND state = 2 AND decoy = 0 ORDER BY id";
 
 /// Read a row selected by [`RESULT_SELECT_BY_ID`] or [`RESULT_SELECT_CHECKS`].
 fn result_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<ResultRow, StoreError>> {
