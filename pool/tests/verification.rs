@@ -14,8 +14,8 @@ use tidepool_pool::verify::{audit_draw, VerifyPolicy};
 use tidepool_proto::ledger::{check_pages, LedgerQuery, RowState};
 
 use tidepool_proto::wire::{
-    Bytes, Canary, Capabilities, ChallengeState, ErrorCode, JobId, LeaseId, Outcome, TaskGrant,
-    TaskId, TaskRecord, TaskResult, TaskState, Verdict,
+    Canary, Capabilities, ChallengeState, ErrorCode, JobId, LeaseId, Outcome, TaskGrant, TaskId,
+    TaskRecord, TaskResult, TaskState, Verdict,
 };
 use tidepool_proto::{Digest, KeyRole, PublicKey, SecretKey};
 use tidepool_testkit::{bundle, fake_node};
@@ -618,25 +618,52 @@ fn a_challenge_of_a_right_result_leaves_it() {
     assert!(e.message.contains("challenge window"), "{}", e.message);
 }
 
+/// Canaries are made from verified results and run with their identity:
+/// on a job that prints its task identity (`HonestSeeded`), an honest node
+/// answers a canary exactly as the original, a liar is caught by one, and
+/// an unconfirmed result never becomes one.
 #[test]
 fn canaries_catch_a_liar_and_confirm_honest_nodes() {
-    let mut sim = Sim::new(
+    let mut sim = Sim::with_tier(
         VerifyPolicy {
             secret: Some(secret(6)),
             initial_reputation: 0,
             canary_rate: 1.0,
+            trusted: trust(&[0, 2]),
             ..VerifyPolicy::default()
         },
-        &[Kind::Honest, Kind::Truncate],
+        &[Kind::HonestSeeded, Kind::Truncate, Kind::HonestSeeded],
         6,
+        "[verification]\nsampling = \"always\"\n",
     );
-    let items: Vec<Canary> = inputs("canary", 3)
-        .into_iter()
-        .map(|i| Canary {
-            expect: Outcome::Output(Bytes(honest_output(&i))),
-            input: Bytes(i),
-        })
-        .collect();
+    // Known answers: a job run by the two honest nodes, each result checked.
+    let known = sim.submit("known", &inputs("canary", 3));
+    while sim.work(0, 8) + sim.work(2, 8) > 0 {}
+    let records = sim.records(known);
+    assert!(
+        records.iter().all(|r| r.verification == "verified"),
+        "{records:?}"
+    );
+    let items: Vec<Canary> = (0..3).map(|index| Canary { job: known, index }).collect();
+    // An unconfirmed result does not become a canary.
+    let open = sim.submit("open", &inputs("unchecked", 1));
+    sim.c
+        .handle_lease(sim.now, &sim.nodes[0].public(), 0, &[])
+        .expect("lease");
+    let publisher = sim.publisher.public();
+    let bundle = sim.bundle;
+    let e = sim
+        .c
+        .handle_add_canaries(
+            &publisher,
+            &bundle,
+            vec![Canary {
+                job: open,
+                index: 0,
+            }],
+        )
+        .expect_err("no result yet");
+    assert!(e.message.contains("no result"), "{e:?}");
     // Only publishers may add them.
     let stranger = SecretKey::from_seed(KeyRole::Client, &[9; 32]).public();
     assert_eq!(
@@ -646,8 +673,6 @@ fn canaries_catch_a_liar_and_confirm_honest_nodes() {
             .code,
         ErrorCode::Forbidden
     );
-    let publisher = sim.publisher.public();
-    let bundle = sim.bundle;
     assert_eq!(
         sim.c
             .handle_add_canaries(&publisher, &bundle, items)
@@ -668,7 +693,9 @@ fn canaries_catch_a_liar_and_confirm_honest_nodes() {
     assert_eq!(sim.records(job).len(), 20);
     let status = sim.c.pool_status(sim.now).expect("status");
     assert!(status.verification.canaries >= 2);
-    assert_eq!(status.jobs.len(), 1, "hidden jobs are not listed");
+    assert_eq!(status.jobs.len(), 3, "hidden jobs are not listed");
+    // The other honest node answered canaries too, with their identity.
+    assert!(caught.iter().all(|(n, _)| *n != sim.nodes[2].public()));
 }
 
 #[test]

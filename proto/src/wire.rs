@@ -444,8 +444,9 @@ pub enum Request {
         /// The task whose result is disputed.
         task: TaskId,
     },
-    /// The pool owner adds known-answer tasks for a bundle; they are handed
-    /// out among ordinary tasks and a wrong answer counts as a mismatch.
+    /// The pool owner adds known-answer tasks for a bundle, made from its
+    /// verified results; they are handed out among ordinary tasks and a
+    /// wrong answer counts as a mismatch.
     AddCanaries {
         /// The bundle they run.
         bundle: Digest,
@@ -506,13 +507,16 @@ pub struct Challenged {
     pub state: ChallengeState,
 }
 
-/// A known-answer task.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A known-answer task made from a verified result: its input and outcome
+/// become a task that runs with that result's identity (so a job that
+/// reads its task id or seeds gives the same bytes), handed out like any
+/// other task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Canary {
-    /// The input.
-    pub input: Bytes,
-    /// The outcome an honest node produces.
-    pub expect: Outcome,
+    /// A job of the bundle.
+    pub job: JobId,
+    /// The index of a result in it that an independent execution confirmed.
+    pub index: u32,
 }
 
 /// A task given to a node under a lease.

@@ -14,8 +14,8 @@ use std::collections::BTreeSet;
 use tidepool_proto::manifest::{AuthoredManifest, SignedManifest};
 use tidepool_proto::receipt::{sign_batch, LeaseReceipt, Receipt, SignedReceipt};
 use tidepool_proto::wire::{
-    self, Bytes, Canary, Capabilities, FrameDecoder, JobId, LeaseId, Outcome, Request, Response,
-    TaskGrant, TaskId,
+    self, Bytes, Canary, Capabilities, FrameDecoder, JobId, LeaseId, Request, Response, TaskGrant,
+    TaskId,
 };
 use tidepool_proto::{Digest, KeyRole, SecretKey};
 use tidepool_testkit::fuzz::{assert_bounded_allocations, damaged, CountingAlloc};
@@ -116,8 +116,8 @@ fn requests() -> Vec<Request> {
         Request::AddCanaries {
             bundle: d,
             items: vec![Canary {
-                input: Bytes(b"in".to_vec()),
-                expect: Outcome::Output(Bytes(b"out".to_vec())),
+                job: JobId(3),
+                index: 1,
             }],
         },
     ]

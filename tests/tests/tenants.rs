@@ -6,9 +6,7 @@
 use anyhow::{Context, Result};
 use std::time::Duration;
 use tidepool_client::{ClientError, PoolClient};
-use tidepool_proto::wire::{
-    Bytes, Canary, ErrorCode, JobId, Outcome, Request, Response, PROTOCOL_VERSION,
-};
+use tidepool_proto::wire::{Bytes, Canary, ErrorCode, JobId, Request, Response, PROTOCOL_VERSION};
 use tidepool_proto::{KeyRole, SecretKey};
 use tidepool_tests::cluster::*;
 
@@ -141,25 +139,29 @@ async fn a_squatted_submission_key_does_not_capture_the_victims_submission() -> 
 async fn a_rivals_canaries_and_unlimited_challenges_are_refused() -> Result<()> {
     let w = world(44, 3).await?;
     let rival = w.connect(&w.rival).await?;
-    // Wrong answers planted on the victim's bundle would strike honest nodes.
-    let lie = Canary {
-        input: Bytes(b"x".to_vec()),
-        expect: Outcome::Output(Bytes(b"wrong".to_vec())),
-    };
-    assert_eq!(
-        refused(rival.add_canaries(w.digest, vec![lie.clone()]).await)?,
-        ErrorCode::Forbidden
-    );
-    // The bundle's own publisher may.
-    let right = Canary {
-        input: Bytes(b"ab".to_vec()),
-        expect: Outcome::Output(Bytes(b"ab".to_vec())),
-    };
-    assert_eq!(w.victim.add_canaries(w.digest, vec![right]).await?, 1);
-    // Challenges: three an hour here, then refused as busy.
     let inputs: Vec<Vec<u8>> = (0..5).map(|i| format!("c {i}").into_bytes()).collect();
     let (job, _) = w.victim.submit(w.digest, inputs, "ch".into()).await?;
     wait_job(&w.victim, job, Duration::from_secs(60)).await?;
+    // Known answers planted on the victim's bundle convict whoever
+    // disagrees: a rival may not add them.
+    let canary = Canary { job, index: 0 };
+    assert_eq!(
+        refused(rival.add_canaries(w.digest, vec![canary]).await)?,
+        ErrorCode::Forbidden
+    );
+    // The bundle's own publisher may, from results an independent
+    // execution confirmed only (one node here: none is).
+    let e = w
+        .victim
+        .add_canaries(w.digest, vec![canary])
+        .await
+        .expect_err("unconfirmed");
+    assert!(
+        e.to_string()
+            .contains("not confirmed by an independent execution"),
+        "{e}"
+    );
+    // Challenges: three an hour here, then refused as busy.
     let tasks: Vec<_> = w
         .victim
         .job_results(job)

@@ -198,7 +198,7 @@ impl<S: Store> Coordinator<S> {
             let place = held_before + grants.len();
             let waves = u32::try_from(place / slots + 1).unwrap_or(u32::MAX);
             let deadline = now + timeout.saturating_mul(waves) + self.cfg.leasing.grace;
-            let origin = self.checks.get(&q.task).map_or(q.task, |c| c.target);
+            let origin = self.origin_of(q.task);
             let lease = Lease {
                 origin,
                 attempt: q.attempts + 1,
@@ -238,6 +238,16 @@ impl<S: Store> Coordinator<S> {
     /// result's own (so the verifier runs one teacher-forced pass instead of
     /// generating). `None` for other tasks and tiers, or when the result
     /// generated nothing.
+    /// The task whose identity `task` runs with: the result a check
+    /// checks, the verified result a canary was made from, or itself.
+    pub(super) fn origin_of(&self, task: TaskId) -> TaskId {
+        self.checks
+            .get(&task)
+            .map(|c| c.target)
+            .or_else(|| self.canary_origins.get(&task).copied())
+            .unwrap_or(task)
+    }
+
     pub(super) fn replay_for(
         &mut self,
         task: TaskId,

@@ -195,6 +195,9 @@ pub struct Coordinator<S: Store> {
     hidden: HashMap<(Digest, JobKind), JobId>,
     /// Re-executions not yet decided, by their own task id.
     checks: HashMap<TaskId, Check>,
+    /// Canary tasks not yet answered, and the verified task each was made
+    /// from (whose identity it runs with). Restored from the store.
+    canary_origins: HashMap<TaskId, TaskId>,
     /// Canary ids per bundle.
     canaries: BTreeMap<Digest, Vec<CanaryId>>,
     /// Canaries given to each node (each node gets a canary at most once,
@@ -250,6 +253,7 @@ impl<S: Store> Coordinator<S> {
             hidden: HashMap::new(),
             checks: HashMap::new(),
             canaries: BTreeMap::new(),
+            canary_origins: HashMap::new(),
             canaries_given: HashSet::new(),
             grants_made: 0,
             secret: [0; 32],
@@ -324,6 +328,7 @@ impl<S: Store> Coordinator<S> {
             attempt,
             check_of,
             decoy,
+            origin,
             ..
         } in pending
         {
@@ -344,7 +349,12 @@ impl<S: Store> Coordinator<S> {
                     me.checks.insert(task, check);
                     me.queues.push_check_back(q);
                 }
-                None => me.queues.push_back(bundle, q),
+                None => {
+                    if let Some(origin) = origin {
+                        me.canary_origins.insert(task, origin);
+                    }
+                    me.queues.push_back(bundle, q)
+                }
             }
         }
         Ok(me)

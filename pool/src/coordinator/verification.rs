@@ -397,6 +397,7 @@ impl<S: Store> Coordinator<S> {
                 }
             }
             JobKind::Canary => {
+                self.canary_origins.remove(&a.task);
                 let Some(row) = self.store.result(a.task)? else {
                     return Ok(());
                 };
@@ -663,7 +664,10 @@ impl<S: Store> Coordinator<S> {
             return Ok(());
         };
         let job = self.hidden_job(bundle, JobKind::Canary)?;
-        let task = self.store.insert_canary_task(job, canary)?;
+        let (task, origin) = self.store.insert_canary_task(job, canary)?;
+        if let Some(origin) = origin {
+            self.canary_origins.insert(task, origin);
+        }
         self.canaries_given.insert((canary, *key));
         if let Some((_, c)) = self.jobs.get_mut(&job) {
             c.tasks += 1;
@@ -810,23 +814,37 @@ impl<S: Store> Coordinator<S> {
                 "only the bundle's publisher or the pool owner may add canaries to it",
             ));
         }
-        if items
-            .iter()
-            .any(|c| matches!(c.expect, Outcome::Failed { .. }))
-        {
-            return Err(refusal(
-                ErrorCode::Invalid,
-                "a canary's expected outcome must be an output or a job error",
-            ));
+        // Only results an independent execution confirmed become known
+        // answers: a canary's answer convicts whoever disagrees with it.
+        let mut rows: Vec<NewCanary> = Vec::with_capacity(items.len());
+        for Canary { job, index } in items {
+            let refuse = |why: &str| {
+                Err(refusal(
+                    ErrorCode::Invalid,
+                    format!("job {job} input {index}: {why}"),
+                ))
+            };
+            let of_bundle = self.jobs.get(&job).is_some_and(|(b, _)| b == bundle)
+                && self.kinds.get(&job).is_none();
+            if !of_bundle {
+                return refuse("not a job of this bundle");
+            }
+            let Some((task, verified, input, outcome)) = self.store.canary_source(job, index)?
+            else {
+                return refuse("no result (or a cached copy)");
+            };
+            if !matches!(verified, Verified::Verified | Verified::Replaced) {
+                return refuse(&format!(
+                    "its result is {}, not confirmed by an independent execution",
+                    verified.name()
+                ));
+            }
+            rows.push(NewCanary {
+                input,
+                expect: outcome,
+                origin: task,
+            });
         }
-        let rows: Vec<NewCanary> = items
-            .into_iter()
-            .map(|c| NewCanary {
-                input: c.input.0,
-                // Serialising plain data to a Vec cannot fail.
-                expect: rmp_serde::to_vec_named(&c.expect).expect("outcome serialises"),
-            })
-            .collect();
         let ids = self.store.add_canaries(bundle, &rows)?;
         let list = self.canaries.entry(*bundle).or_default();
         list.extend(ids);

@@ -59,6 +59,8 @@ pub struct PendingTask {
     pub check_of: Option<TaskId>,
     /// Whether that re-execution is a decoy.
     pub decoy: bool,
+    /// For a canary: the task whose identity it runs with.
+    pub origin: Option<TaskId>,
 }
 
 /// A published bundle as stored.
@@ -415,6 +417,8 @@ pub struct NewCanary {
     pub input: Vec<u8>,
     /// MessagePack of the expected [`Outcome`].
     pub expect: Vec<u8>,
+    /// The verified task it is made from (whose identity it runs with).
+    pub origin: TaskId,
 }
 
 /// A stored canary's id (pool-internal: never on the wire, so a node cannot
@@ -563,6 +567,13 @@ pub trait Store: Send {
         after: u64,
         limit: u32,
     ) -> Result<Vec<LedgerWithdrawn>, StoreError>;
+    /// Input `index` of `job` if done and not a cached copy: its task,
+    /// verification state, input and outcome (what a canary is made from).
+    fn canary_source(
+        &mut self,
+        job: JobId,
+        index: u32,
+    ) -> Result<Option<(TaskId, Verified, Vec<u8>, Vec<u8>)>, StoreError>;
     /// Add a decoy check of `target` to the hidden job `job` (the target's
     /// verification state is left as it is).
     fn insert_decoy(&mut self, job: JobId, target: TaskId) -> Result<TaskId, StoreError>;
@@ -602,7 +613,11 @@ pub trait Store: Send {
     /// Every canary.
     fn canaries(&mut self) -> Result<Vec<CanaryRow>, StoreError>;
     /// Make a task of canary `canary` in `job`.
-    fn insert_canary_task(&mut self, job: JobId, canary: CanaryId) -> Result<TaskId, StoreError>;
+    fn insert_canary_task(
+        &mut self,
+        job: JobId,
+        canary: CanaryId,
+    ) -> Result<(TaskId, Option<TaskId>), StoreError>;
 }
 
 mod schema;

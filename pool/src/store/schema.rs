@@ -102,6 +102,10 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     // 1: a decoy check (its replayed transcript corrupted on purpose);
     // never one of the target's checks in a dispute.
     ("tasks", "decoy", "INTEGER NOT NULL DEFAULT 0"),
+    // The verified task a canary was made from; a canary task runs with
+    // its identity.
+    ("canaries", "origin", "INTEGER"),
+    ("tasks", "origin", "INTEGER"),
 ];
 
 /// Bring a database file to the current schema.

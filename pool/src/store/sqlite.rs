@@ -94,7 +94,7 @@ impl Store for SqliteStore {
         let mut pending = Vec::new();
         {
             let mut st = tx.prepare(
-                "SELECT t.id, t.job, j.bundle, t.attempt, t.reasons, t.check_of, t.decoy FROM tasks t JOIN jobs j ON j.id = t.job
+                "SELECT t.id, t.job, j.bundle, t.attempt, t.reasons, t.check_of, t.decoy, t.origin FROM tasks t JOIN jobs j ON j.id = t.job
                  WHERE t.state = 0 ORDER BY t.id",
             )?;
             let mut rows = st.query([])?;
@@ -109,6 +109,7 @@ impl Store for SqliteStore {
                     reasons: reasons_col(&reasons)?,
                     check_of: r.get::<_, Option<i64>>(5)?.map(|t| TaskId(t as u64)),
                     decoy: r.get::<_, i64>(6)? != 0,
+                    origin: r.get::<_, Option<i64>>(7)?.map(|t| TaskId(t as u64)),
                 });
             }
         }
@@ -533,6 +534,31 @@ impl Store for SqliteStore {
         };
         tx.commit()?;
         Ok(TaskId(id as u64))
+    }
+
+    fn canary_source(
+        &mut self,
+        job: JobId,
+        index: u32,
+    ) -> Result<Option<(TaskId, Verified, Vec<u8>, Vec<u8>)>, StoreError> {
+        let row = self
+            .conn
+            .prepare_cached(
+                "SELECT id, verified, input, outcome FROM tasks
+                 WHERE job = ?1 AND idx = ?2 AND state = 2 AND cached_from IS NULL",
+            )?
+            .query_row(params![job.0 as i64, i64::from(index)], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, Option<Vec<u8>>>(3)?,
+                ))
+            })
+            .optional()?;
+        Ok(row.and_then(|(t, v, input, outcome)| {
+            Some((TaskId(t as u64), Verified::from_code(v), input, outcome?))
+        }))
     }
 
     fn insert_decoy(&mut self, job: JobId, target: TaskId) -> Result<TaskId, StoreError> {
@@ -977,11 +1003,16 @@ impl Store for SqliteStore {
         let mut ids = Vec::with_capacity(items.len());
         {
             let mut st = tx.prepare_cached(
-                "INSERT INTO canaries (bundle, input, expect) VALUES (?1, ?2, ?3)",
+                "INSERT INTO canaries (bundle, input, expect, origin) VALUES (?1, ?2, ?3, ?4)",
             )?;
             let b = bundle.to_string();
-            for NewCanary { input, expect } in items {
-                st.execute(params![b, input, expect])?;
+            for NewCanary {
+                input,
+                expect,
+                origin,
+            } in items
+            {
+                st.execute(params![b, input, expect, origin.0 as i64])?;
                 ids.push(CanaryId(tx.last_insert_rowid()));
             }
         }
@@ -1005,25 +1036,32 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    fn insert_canary_task(&mut self, job: JobId, canary: CanaryId) -> Result<TaskId, StoreError> {
-        let input: Vec<u8> = self
+    fn insert_canary_task(
+        &mut self,
+        job: JobId,
+        canary: CanaryId,
+    ) -> Result<(TaskId, Option<TaskId>), StoreError> {
+        let (input, origin): (Vec<u8>, Option<i64>) = self
             .conn
             .query_row(
-                "SELECT input FROM canaries WHERE id = ?1",
+                "SELECT input, origin FROM canaries WHERE id = ?1",
                 [canary.0],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?
             .ok_or_else(|| corrupt("canary", format!("no canary {}", canary.0)))?;
         let digest = Digest::of(&input);
         self.conn
             .prepare_cached(
-                "INSERT INTO tasks (job, idx, input, input_digest, expect)
-                 SELECT ?1, (SELECT COALESCE(MAX(idx) + 1, 0) FROM tasks WHERE job = ?1), input, ?3, expect
+                "INSERT INTO tasks (job, idx, input, input_digest, expect, origin)
+                 SELECT ?1, (SELECT COALESCE(MAX(idx) + 1, 0) FROM tasks WHERE job = ?1), input, ?3, expect, origin
                  FROM canaries WHERE id = ?2",
             )?
             .execute(params![job.0 as i64, canary.0, digest.0.as_slice()])?;
-        Ok(TaskId(self.conn.last_insert_rowid() as u64))
+        Ok((
+            TaskId(self.conn.last_insert_rowid() as u64),
+            origin.map(|t| TaskId(t as u64)),
+        ))
     }
 }
 
