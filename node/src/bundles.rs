@@ -239,6 +239,21 @@ impl Ctx {
                 )
             })?,
         };
+        // A model pinned to an engine runs only on that engine.
+        for (name, m) in &manifest.models {
+            let Some(pin) = &m.engine else { continue };
+            let mine = engines
+                .iter()
+                .find(|e| e.encoding().to_string() == m.encoding)
+                .map(|e| e.describe())
+                .unwrap_or_default();
+            if !tidepool_proto::manifest::engine_fits(Some(pin), &mine) {
+                return Err(format!(
+                    "bundle {} pins model {name} to {pin:?}; this node runs {mine:?}",
+                    manifest.name
+                ));
+            }
+        }
         let sandbox = bundle_sandbox(
             &manifest,
             engines,

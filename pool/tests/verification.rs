@@ -1669,3 +1669,79 @@ fn decoys_catch_a_lazy_llm_verifier_at_the_modelled_rate() {
     println!("{table}");
     assert!(failures.is_empty(), "{failures:?}\n{table}");
 }
+
+/// A bundle may pin a model to an engine: its tasks go only to nodes that
+/// run it, and a receipt that says another engine ran it is refused.
+#[test]
+fn a_pinned_engine_gets_only_its_own_nodes() {
+    let mut sim = Sim::new(
+        VerifyPolicy {
+            secret: Some(secret(36)),
+            canary_rate: 0.0,
+            ..VerifyPolicy::default()
+        },
+        &[Kind::Engine("tract-sim 1"), Kind::Engine("ort-sim 2")],
+        36,
+    );
+    let publisher = sim.publisher.clone();
+    let (pinned, _) = sim
+        .c
+        .handle_publish(
+            NOW_UNIX,
+            bundle::signed_with_model(
+                &publisher,
+                "pinned",
+                "[verification]\nsampling = \"none\"\n",
+                "engine = \"ort-sim\"\n",
+                NOW_UNIX,
+            ),
+            &|_| true,
+        )
+        .expect("publish");
+    sim.c
+        .handle_submit(NOW_UNIX, &submitter(), &pinned, "pinned", &inputs("pin", 4))
+        .expect("submit");
+    // The tract node gets nothing of it, and is told why in the job's status.
+    let tract = sim.nodes[0].public();
+    let (grants, _) = sim.c.handle_lease(sim.now, &tract, 8, &[]).expect("lease");
+    assert!(grants.is_empty(), "{grants:?}");
+    let manifest = sim.c.manifest(&pinned).expect("published").clone();
+    let locked: tidepool_proto::manifest::LockedManifest =
+        rmp_serde::from_slice(&manifest.manifest).expect("locked");
+    let why = tidepool_pool::coordinator::cannot_run(&sim.nodes[0].caps(), &locked)
+        .expect("unfit")
+        .to_string();
+    assert_eq!(why, "does not run ort-sim, which model m is pinned to");
+    // The ort node runs it; a receipt naming another engine is refused.
+    let ort = sim.nodes[1].public();
+    let (grants, _) = sim.c.handle_lease(sim.now, &ort, 8, &[]).expect("lease");
+    assert_eq!(grants.len(), 4);
+    let component = bundle::component().sha256;
+    let key = sim.nodes[1].key.clone();
+    let liar = fake_node::answer_on(
+        &key,
+        &grants[0],
+        component,
+        b"x".to_vec(),
+        "sim",
+        Some("tract-sim 1"),
+    );
+    let rest: Vec<TaskResult> = grants[1..]
+        .iter()
+        .map(|g| sim.nodes[1].answer(g, component))
+        .collect();
+    let mut results = vec![liar];
+    results.extend(rest);
+    let verdicts = sim
+        .c
+        .handle_results(sim.now, &ort, results)
+        .expect("results");
+    match &verdicts[0].1 {
+        Verdict::Refused(why) => assert!(why.contains("pins it to"), "{why}"),
+        v => panic!("a receipt from another engine was {v:?}"),
+    }
+    assert!(
+        verdicts[1..].iter().all(|(_, v)| *v == Verdict::Accepted),
+        "{verdicts:?}"
+    );
+}

@@ -352,6 +352,15 @@ impl Default for VerificationPolicy {
     }
 }
 
+/// Longest engine pin a model may have, bytes.
+pub const MAX_ENGINE_PIN_BYTES: usize = 128;
+
+/// Whether an engine identity (`tract-onnx 0.23.9 (cpu)`) satisfies a
+/// model's pin (none: any engine).
+pub fn engine_fits(pin: Option<&str>, engine: &str) -> bool {
+    pin.is_none_or(|p| engine.starts_with(p))
+}
+
 /// A model as the author names it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -363,6 +372,11 @@ pub struct AuthoredModel {
     pub source: String,
     /// Expected sha256 of the file (hex, optionally `sha256:`-prefixed).
     pub sha256: String,
+    /// Pin the engine: only nodes whose engine for this model's encoding
+    /// names itself with this prefix (`tract-onnx`, `tract-onnx 0.23.9`,
+    /// `onnxruntime`) run the job, and receipts must say so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
 }
 
 /// `tidepool.toml` as written by a job author.
@@ -478,6 +492,19 @@ impl AuthoredManifest {
             if m.source.trim().is_empty() {
                 return Err(invalid(format!("models.{name}.source"), "is empty"));
             }
+            if let Some(e) = &m.engine {
+                if e.is_empty()
+                    || e.len() > MAX_ENGINE_PIN_BYTES
+                    || !e.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+                {
+                    return Err(invalid(
+                        format!("models.{name}.engine"),
+                        format!(
+                            "{e:?} must be 1-{MAX_ENGINE_PIN_BYTES} printable ASCII characters (an engine name, e.g. \"tract-onnx\" or \"onnxruntime\")"
+                        ),
+                    ));
+                }
+            }
         }
         for k in self.params.keys() {
             if k.is_empty() || k.len() > 64 {
@@ -513,6 +540,10 @@ pub struct LockedModel {
     pub blob: BlobRef,
     /// Where the author took it from (informational).
     pub source: String,
+    /// The engine it is pinned to (a prefix of the engine's identity);
+    /// left out when none, so older signed manifests keep their bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
 }
 
 /// The manifest with every digest; the only form that is signed.
@@ -580,6 +611,7 @@ impl LockedManifest {
                     encoding: m.encoding.clone(),
                     blob: *blob,
                     source: m.source.clone(),
+                    engine: m.engine.clone(),
                 },
             );
         }

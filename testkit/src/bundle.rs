@@ -18,9 +18,20 @@ pub fn component() -> BlobRef {
 /// manifest text (top-level keys or tables) before its models table, locked
 /// at `now_unix`.
 pub fn signed(publisher: &SecretKey, name: &str, extra: &str, now_unix: u64) -> SignedManifest {
+    signed_with_model(publisher, name, extra, "", now_unix)
+}
+
+/// [`signed`], with `model_extra` lines in the model's table (`engine = ...`).
+pub fn signed_with_model(
+    publisher: &SecretKey,
+    name: &str,
+    extra: &str,
+    model_extra: &str,
+    now_unix: u64,
+) -> SignedManifest {
     let authored = AuthoredManifest::parse(&format!(
         "name = \"{name}\"\nversion = \"1.0.0\"\ncomponent = \"{name}.wasm\"\n{extra}\
-         [models.m]\nencoding = \"onnx\"\nsource = \"m.onnx\"\nsha256 = \"{}\"\n",
+         [models.m]\nencoding = \"onnx\"\nsource = \"m.onnx\"\nsha256 = \"{}\"\n{model_extra}",
         Digest::of(b"model").hex()
     ))
     .expect("the stand-in manifest parses");

@@ -48,6 +48,13 @@ pub enum Unfit<'m> {
     },
     /// The node neither has the model nor fetches models.
     NoModel(&'m str),
+    /// The bundle pins a model to an engine the node does not run.
+    PinnedEngine {
+        /// The model.
+        model: &'m str,
+        /// The engine it is pinned to.
+        engine: &'m str,
+    },
 }
 
 impl std::fmt::Display for Unfit<'_> {
@@ -69,6 +76,9 @@ impl std::fmt::Display for Unfit<'_> {
                 write!(f, "no engine for {encoding} (model {model})")
             }
             Unfit::NoModel(m) => write!(f, "does not have model {m} and does not fetch models"),
+            Unfit::PinnedEngine { model, engine } => {
+                write!(f, "does not run {engine}, which model {model} is pinned to")
+            }
         }
     }
 }
@@ -112,6 +122,18 @@ pub fn cannot_run<'m>(caps: &Capabilities, m: &'m LockedManifest) -> Option<Unfi
         }
         if !caps.fetch_models && !caps.models.contains(&model.blob.sha256) {
             return Some(Unfit::NoModel(name));
+        }
+        if let Some(pin) = &model.engine {
+            if !caps
+                .engines
+                .iter()
+                .any(|e| tidepool_proto::manifest::engine_fits(Some(pin), e))
+            {
+                return Some(Unfit::PinnedEngine {
+                    model: name,
+                    engine: pin,
+                });
+            }
         }
     }
     None

@@ -410,6 +410,13 @@ fn receipt_fits_manifest(
                 used.engine.len()
             ));
         }
+        if !tidepool_proto::manifest::engine_fits(model.engine.as_deref(), &used.engine) {
+            return Err(format!(
+                "receipt says model {name} ran on {:?}; the bundle pins it to {:?}",
+                bounded(&used.engine),
+                model.engine.as_deref().unwrap_or_default()
+            ));
+        }
     }
     Ok(())
 }
