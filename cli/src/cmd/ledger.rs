@@ -102,7 +102,7 @@ pub fn parse_time(s: &str) -> Result<u64, String> {
     let doy = (153 * m + 2) / 5 + d - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
-    Ok(u64::try_from(days * 86_400).map_err(|_| bad())?)
+    u64::try_from(days * 86_400).map_err(|_| bad())
 }
 
 fn now_unix() -> u64 {

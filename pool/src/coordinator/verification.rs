@@ -9,7 +9,7 @@ use super::nodes::Node;
 use super::queues::Queued;
 use super::{refusal, Coordinator, PoolEvent};
 use crate::store::{
-    Acceptance, JobCounts, JobKind, NewCanary, ResultRow, Store, StoreError, Verified,
+    Acceptance, CanarySource, JobCounts, JobKind, NewCanary, ResultRow, Store, StoreError, Verified,
 };
 use crate::verify::{agree, audit_draw, Standing, VerifyPolicy};
 use std::time::Instant;
@@ -825,11 +825,16 @@ impl<S: Store> Coordinator<S> {
                 ))
             };
             let of_bundle = self.jobs.get(&job).is_some_and(|(b, _)| b == bundle)
-                && self.kinds.get(&job).is_none();
+                && !self.kinds.contains_key(&job);
             if !of_bundle {
                 return refuse("not a job of this bundle");
             }
-            let Some((task, verified, input, outcome)) = self.store.canary_source(job, index)?
+            let Some(CanarySource {
+                task,
+                verified,
+                input,
+                outcome,
+            }) = self.store.canary_source(job, index)?
             else {
                 return refuse("no result (or a cached copy)");
             };

@@ -271,6 +271,19 @@ pub struct LedgerResult {
     pub receipt: Vec<u8>,
 }
 
+/// A done result a canary may be made from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CanarySource {
+    /// Its task (whose identity the canary runs with).
+    pub task: TaskId,
+    /// Whether an independent execution confirmed it.
+    pub verified: Verified,
+    /// Its input.
+    pub input: Vec<u8>,
+    /// MessagePack of its outcome.
+    pub outcome: Vec<u8>,
+}
+
 /// A done task's result with what it needs to be run again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplayRow {
@@ -569,11 +582,8 @@ pub trait Store: Send {
     ) -> Result<Vec<LedgerWithdrawn>, StoreError>;
     /// Input `index` of `job` if done and not a cached copy: its task,
     /// verification state, input and outcome (what a canary is made from).
-    fn canary_source(
-        &mut self,
-        job: JobId,
-        index: u32,
-    ) -> Result<Option<(TaskId, Verified, Vec<u8>, Vec<u8>)>, StoreError>;
+    fn canary_source(&mut self, job: JobId, index: u32)
+        -> Result<Option<CanarySource>, StoreError>;
     /// Add a decoy check of `target` to the hidden job `job` (the target's
     /// verification state is left as it is).
     fn insert_decoy(&mut self, job: JobId, target: TaskId) -> Result<TaskId, StoreError>;

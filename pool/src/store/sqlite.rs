@@ -540,7 +540,7 @@ impl Store for SqliteStore {
         &mut self,
         job: JobId,
         index: u32,
-    ) -> Result<Option<(TaskId, Verified, Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Option<CanarySource>, StoreError> {
         let row = self
             .conn
             .prepare_cached(
@@ -557,7 +557,12 @@ impl Store for SqliteStore {
             })
             .optional()?;
         Ok(row.and_then(|(t, v, input, outcome)| {
-            Some((TaskId(t as u64), Verified::from_code(v), input, outcome?))
+            Some(CanarySource {
+                task: TaskId(t as u64),
+                verified: Verified::from_code(v),
+                input,
+                outcome: outcome?,
+            })
         }))
     }
 
