@@ -1,7 +1,8 @@
 //! Fuzz targets for everything `proto` decodes from a peer or a file:
 //! frames, every wire message (requests and responses, which carry hellos,
 //! grants, results, receipts, manifests and records), authored manifests,
-//! signed (locked) manifests and signed receipts. Each target takes valid
+//! signed (locked) manifests, signed receipts, and the ledger statement and
+//! replay files `tidepool ledger verify` and `tidepool replay` read. Each target takes valid
 //! encodings, damages them the way a hostile peer would (or makes up bytes),
 //! and checks that decoding never panics, never allocates what a length
 //! prefix claims, and never accepts a damaged signed object.
@@ -120,6 +121,24 @@ fn requests() -> Vec<Request> {
                 index: 1,
             }],
         },
+        Request::AccountHello {
+            protocol: wire::PROTOCOL_VERSION,
+            agent: "node owner".into(),
+        },
+        Request::Ledger {
+            query: tidepool_proto::ledger::LedgerQuery {
+                since: 0,
+                until: 100,
+                node: None,
+            },
+            as_of: Some(50),
+            after: Some(tidepool_proto::ledger::LedgerCursor::Result { at: 7, task: 9 }),
+            limit: 256,
+        },
+        Request::Replayable {
+            job: JobId(3),
+            index: 2,
+        },
     ]
 }
 
@@ -162,6 +181,21 @@ fn responses() -> Vec<Response> {
             state: wire::ChallengeState::Pending,
         },
         Response::Canaries { count: 1 },
+        Response::LedgerPage(
+            tidepool_proto::ledger::LedgerPage {
+                pool: SecretKey::from_seed(KeyRole::Pool, &[3; 32]).public(),
+                query: tidepool_proto::ledger::LedgerQuery {
+                    since: 0,
+                    until: 100,
+                    node: None,
+                },
+                as_of: 50,
+                after: None,
+                rows: vec![],
+                next: Some(tidepool_proto::ledger::LedgerCursor::Withdrawn { id: 4 }),
+            }
+            .sign(&SecretKey::from_seed(KeyRole::Pool, &[3; 32])),
+        ),
         Response::Ok,
         Response::Error {
             code: wire::ErrorCode::Protocol,
@@ -285,6 +319,105 @@ proptest! {
         }
         let _ = rmp_serde::from_slice::<LeaseReceipt>(&bytes);
         let _ = rmp_serde::from_slice::<Receipt>(&bytes);
+        assert_bounded_allocations();
+    }
+}
+
+/// A statement file of two pages signed by the pool, over the fuzz
+/// node's receipts (what `tidepool ledger verify` reads from disk).
+fn statement() -> tidepool_proto::ledger::StatementFile {
+    use tidepool_proto::ledger::*;
+    let pool = SecretKey::from_seed(KeyRole::Pool, &[3; 32]);
+    let rows: Vec<LedgerRow> = receipts_batch()
+        .into_iter()
+        .enumerate()
+        .map(|(i, receipt)| LedgerRow {
+            node: node().public(),
+            job: JobId(1),
+            index: i as u32,
+            state: if i == 2 {
+                RowState::Withdrawn
+            } else {
+                RowState::Credited
+            },
+            at: 10 + i as u64,
+            receipt,
+        })
+        .collect();
+    let query = LedgerQuery {
+        since: 0,
+        until: 100,
+        node: None,
+    };
+    let cut = LedgerCursor::Result { at: 11, task: 1 };
+    let pages = [
+        LedgerPage {
+            pool: pool.public(),
+            query: query.clone(),
+            as_of: 50,
+            after: None,
+            rows: rows[..2].to_vec(),
+            next: Some(cut),
+        },
+        LedgerPage {
+            pool: pool.public(),
+            query,
+            as_of: 50,
+            after: Some(cut),
+            rows: rows[2..].to_vec(),
+            next: None,
+        },
+    ]
+    .map(|p| p.sign(&pool));
+    StatementFile::from_pages(&pool.public(), &pages).expect("a statement")
+}
+
+/// A replay file of one of the fuzz node's results.
+fn replay_file() -> tidepool_proto::replay::ReplayFile {
+    let g = grant();
+    let r = tidepool_testkit::fake_node::answer(&node(), &g, Digest::of(b"c"), vec![1], "fuzz");
+    tidepool_proto::replay::ReplayFile::new(&tidepool_proto::replay::Replayable {
+        job: JobId(1),
+        index: 0,
+        node: node().public(),
+        manifest: manifest(),
+        input: g.input,
+        outcome: r.outcome,
+        receipt: r.receipt.expect("signed"),
+        transcript: vec![],
+    })
+}
+
+proptest! {
+    #![proptest_config(tidepool_testkit::fuzz::config())]
+
+    /// Statement files from disk: a damaged one fails to parse or to
+    /// verify, unless it says exactly what the pool signed.
+    #[test]
+    fn statement_files(text in damaged(vec![serde_json::to_vec(&statement()).expect("json")])) {
+        let original = statement();
+        if let Ok(f) = serde_json::from_slice::<tidepool_proto::ledger::StatementFile>(&text) {
+            if let Ok(checked) = f.verify(None) {
+                prop_assert_eq!(checked.totals, original.totals);
+                prop_assert_eq!(f.rows, original.rows);
+            }
+        }
+        assert_bounded_allocations();
+    }
+
+    /// Replay files from disk: a damaged one fails to parse or its parts
+    /// do not check, unless its signed parts are the original's.
+    #[test]
+    fn replay_files(text in damaged(vec![serde_json::to_vec(&replay_file()).expect("json")])) {
+        let original = replay_file();
+        if let Ok(f) = serde_json::from_slice::<tidepool_proto::replay::ReplayFile>(&text) {
+            if let Ok(r) = f.replayable() {
+                if r.check().is_ok() {
+                    prop_assert_eq!(f.receipt, original.receipt);
+                    prop_assert_eq!(f.manifest, original.manifest);
+                }
+            }
+        }
         assert_bounded_allocations();
     }
 }
