@@ -185,6 +185,15 @@ fn expired_lease_requeues_with_a_new_attempt_and_fences_the_old_one() {
         }
         other => panic!("expected a requeue, got {other:?}"),
     }
+    // The retry goes to another node: A, asking first, gets nothing while
+    // B can run it.
+    let (again, _) = c
+        .handle_lease(t15, &w.node_a.public(), 1, &[])
+        .expect("lease a again");
+    assert!(
+        again.is_empty(),
+        "the expired task went back to A: {again:?}"
+    );
     let (gb, _) = c
         .handle_lease(t15, &w.node_b.public(), 1, &[])
         .expect("lease b");
