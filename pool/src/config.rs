@@ -48,6 +48,7 @@
 //! breaker_window = 20              # a node's latest finished tasks looked at by the circuit breaker
 //! breaker_failures = 5             # ... at least this many failed, and more failed than not:
 //! breaker_quarantine_secs = 300    # ... it gets no tasks this long (its failed tasks go elsewhere)
+//! grant_bytes = 8388608            # input bytes one lease answer carries (at least one task)
 //!
 //! [limits]                         # what one peer may make the pool hold
 //! max_lease_bytes = 65536          # largest lease request (renewals name every running lease)
@@ -143,6 +144,10 @@ pub struct LeasePolicy {
     pub breaker_failures: u32,
     /// How long a cut-off node gets no tasks.
     pub breaker_quarantine: Duration,
+    /// Most input bytes one lease answer carries (at least one task,
+    /// whatever its size), so a batch of large inputs is spread over
+    /// answers that fit a frame.
+    pub grant_bytes: u64,
 }
 
 impl Default for LeasePolicy {
@@ -154,6 +159,7 @@ impl Default for LeasePolicy {
             breaker_window: 20,
             breaker_failures: 5,
             breaker_quarantine: Duration::from_secs(300),
+            grant_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -333,6 +339,9 @@ pub struct LeasingFile {
     /// How long a tripped node waits, seconds.
     #[serde(default = "default_breaker_quarantine")]
     pub breaker_quarantine_secs: u64,
+    /// Input bytes per lease answer.
+    #[serde(default = "default_grant_bytes")]
+    pub grant_bytes: u64,
 }
 
 impl Default for LeasingFile {
@@ -400,6 +409,9 @@ fn default_breaker_failures() -> u32 {
 }
 fn default_breaker_quarantine() -> u64 {
     LeasePolicy::default().breaker_quarantine.as_secs()
+}
+fn default_grant_bytes() -> u64 {
+    LeasePolicy::default().grant_bytes
 }
 fn default_small_frame() -> usize {
     NetLimits::default().max_request_bytes
@@ -634,6 +646,17 @@ impl PoolFile {
                 ),
             ));
         }
+        let frame = tidepool_proto::wire::MAX_FRAME_BYTES as u64;
+        if !(1024..=frame / 2).contains(&l.grant_bytes) {
+            return Err(bad(
+                "leasing.grant_bytes",
+                format!(
+                    "leasing.grant_bytes ({}) must be between 1024 and {}",
+                    l.grant_bytes,
+                    frame / 2
+                ),
+            ));
+        }
         if l.breaker_failures == 0 || l.breaker_failures > l.breaker_window {
             return Err(bad(
                 "leasing.breaker_failures",
@@ -774,6 +797,7 @@ impl PoolFile {
                 breaker_window: self.leasing.breaker_window,
                 breaker_failures: self.leasing.breaker_failures,
                 breaker_quarantine: Duration::from_secs(self.leasing.breaker_quarantine_secs),
+                grant_bytes: self.leasing.grant_bytes,
             },
             limits: NetLimits {
                 max_lease_bytes: self.limits.max_lease_bytes,

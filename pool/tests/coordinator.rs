@@ -1019,3 +1019,47 @@ fn nodes_that_go_without_delivering_anything_are_forgotten() {
     c.handle_node_gone(t, &b);
     assert_eq!(c.nodes_in_memory(), 1);
 }
+
+/// A lease answer carries at most `leasing.grant_bytes` of inputs (and
+/// always one task, whatever its size): a batch of large inputs is spread
+/// over several answers that each fit a frame, in queue order, and every
+/// task is granted exactly once.
+#[test]
+fn lease_answers_stay_within_their_byte_budget() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut w = world();
+    w.cfg.leasing.grant_bytes = 1024;
+    let mut c = open(&dir.path().join("pool.db"), &w.cfg);
+    let (bundle, _) = publish(&mut c, &w);
+    let sizes = [300usize, 300, 300, 300, 5000, 300, 300];
+    let inputs: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| vec![i as u8; *n])
+        .collect();
+    c.handle_submit(NOW_UNIX, &submitter(), &bundle, "big", &inputs)
+        .expect("submit");
+    let t0 = Instant::now();
+    let mut big_caps = caps();
+    big_caps.slots = 64;
+    c.handle_node_hello(t0, w.node_a.public(), big_caps)
+        .expect("hello");
+    let mut answers: Vec<Vec<usize>> = Vec::new();
+    let mut running = Vec::new();
+    for _ in 0..10 {
+        let (grants, _) = c
+            .handle_lease(t0, &w.node_a.public(), 64, &running)
+            .expect("lease");
+        if grants.is_empty() {
+            break;
+        }
+        running.extend(grants.iter().map(|g| g.lease));
+        answers.push(grants.iter().map(|g| g.input.0.len()).collect());
+    }
+    assert_eq!(
+        answers,
+        vec![vec![300, 300, 300], vec![300], vec![5000], vec![300, 300]],
+        "each answer within 1024 bytes, the 5000-byte input alone"
+    );
+    assert_eq!(c.leased(), sizes.len());
+}

@@ -15,6 +15,13 @@ use std::time::{Duration, Instant};
 /// Most results sent in one `Results` request.
 pub const MAX_RESULTS_PER_REQUEST: usize = 256;
 
+/// Most bytes of results (outputs, transcripts, receipts, as
+/// [`TaskResult::approx_bytes`] counts them) in one `Results` request; a
+/// result larger than this alone goes in a request of its own. Below the
+/// pool's `max_results_bytes` (16 MiB + 64 KiB by default), so a node
+/// holding several large outputs returns them all.
+pub const MAX_RESULTS_REQUEST_BYTES: usize = 12 * 1024 * 1024;
+
 /// What a node's session asks the node to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeEvent {
@@ -97,7 +104,18 @@ impl NodeSession {
             return None;
         }
         if self.sending.is_empty() && !self.finished.is_empty() {
-            let n = self.finished.len().min(MAX_RESULTS_PER_REQUEST);
+            // As many as fit the byte budget (at least one), at most the count.
+            let mut bytes = 0usize;
+            let n = self
+                .finished
+                .iter()
+                .take(MAX_RESULTS_PER_REQUEST)
+                .take_while(|r| {
+                    bytes = bytes.saturating_add(r.approx_bytes());
+                    bytes <= MAX_RESULTS_REQUEST_BYTES
+                })
+                .count()
+                .max(1);
             self.sending = self.finished.drain(..n).collect();
             return Some(Request::Results {
                 results: self.sending.clone(),
@@ -431,6 +449,36 @@ mod tests {
             outcome: Outcome::Output(Bytes(vec![1])),
             receipt: None,
         }
+    }
+
+    /// Large outputs go in several requests, each within the byte budget
+    /// (one alone if it is larger), so a node holding several returns them
+    /// all; small ones share a request.
+    #[test]
+    fn results_are_sent_in_requests_within_the_byte_budget() {
+        let t0 = Instant::now();
+        let mut s = NodeSession::new(8, t0);
+        s.handle_welcome(t0, Duration::from_secs(5));
+        let _ = s.poll_request(t0);
+        s.handle_leases(t0, (1..=6).map(grant).collect(), vec![], Duration::ZERO);
+        let big = |task: u64, mib: usize| TaskResult {
+            outcome: Outcome::Output(Bytes(vec![7; mib << 20])),
+            ..done(task)
+        };
+        s.handle_task_done(t0, big(1, 9));
+        s.handle_task_done(t0, big(2, 9));
+        s.handle_task_done(t0, big(3, 20));
+        s.handle_task_done(t0, done(4));
+        s.handle_task_done(t0, done(5));
+        let mut sizes = Vec::new();
+        while let Some(Request::Results { results }) = s.poll_request(t0) {
+            let bytes: usize = results.iter().map(TaskResult::approx_bytes).sum();
+            assert!(results.len() == 1 || bytes <= MAX_RESULTS_REQUEST_BYTES);
+            sizes.push(results.len());
+            s.handle_verdicts(t0);
+        }
+        // 9 MiB, 9 MiB, 20 MiB alone, then the two small ones together.
+        assert_eq!(sizes, vec![1, 1, 1, 2]);
     }
 
     #[test]

@@ -559,6 +559,24 @@ impl TaskGrant {
     }
 }
 
+impl TaskResult {
+    /// About how many bytes it takes on the wire: its output (or error),
+    /// its transcript's tokens, and a receipt's worth.
+    pub fn approx_bytes(&self) -> usize {
+        let outcome = match &self.outcome {
+            Outcome::Output(b) => b.0.len(),
+            Outcome::JobError { code, message } => code.len() + message.len(),
+            Outcome::Failed { reason } => reason.len(),
+        };
+        let tokens: usize = self
+            .transcript
+            .iter()
+            .map(|g| g.tokens.len() * 5 + 40)
+            .sum();
+        outcome + tokens + 2048
+    }
+}
+
 /// How a task ended on a node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {

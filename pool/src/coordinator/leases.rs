@@ -165,16 +165,18 @@ impl<S: Store> Coordinator<S> {
                 node: *key,
             })
             .collect();
-        let inputs = match self.store.grant(&rows) {
+        let inputs = match self.store.grant(&rows, self.cfg.leasing.grant_bytes) {
             Ok(i) => i,
             Err(e) => {
                 // Nothing was granted: put the tasks back where they were.
-                for (q, d) in picked.into_iter().rev() {
-                    self.queues.push_front(d, q);
-                }
+                self.requeue_front(picked);
                 return Err(e.into());
             }
         };
+        // Past the answer's byte budget: back to the front of their queues,
+        // for the next answer.
+        let ungranted = picked.split_off(inputs.len().min(picked.len()));
+        self.requeue_front(ungranted);
         // A lease's deadline: the bundle's timeout for each task ahead of it
         // on the node's slots (its place in what the node holds), plus the
         // grace. Renewals never move it.
@@ -238,6 +240,18 @@ impl<S: Store> Coordinator<S> {
     /// result's own (so the verifier runs one teacher-forced pass instead of
     /// generating). `None` for other tasks and tiers, or when the result
     /// generated nothing.
+    /// Put picked tasks back at the front of their queues (re-executions
+    /// into the queue of checks), in their order.
+    fn requeue_front(&mut self, picked: Vec<(Queued, Digest)>) {
+        for (q, d) in picked.into_iter().rev() {
+            if self.checks.contains_key(&q.task) {
+                self.queues.push_check_front(q);
+            } else {
+                self.queues.push_front(d, q);
+            }
+        }
+    }
+
     /// The task whose identity `task` runs with: the result a check
     /// checks, the verified result a canary was made from, or itself.
     pub(super) fn origin_of(&self, task: TaskId) -> TaskId {

@@ -476,8 +476,13 @@ pub trait Store: Send {
         now_unix: u64,
     ) -> Result<InsertedJob, StoreError>;
     /// Record leases (task, new attempt, node) and return each task's input
-    /// and its digest.
-    fn grant(&mut self, grants: &[GrantRow]) -> Result<Vec<GrantedInput>, StoreError>;
+    /// and its digest, in order, for as many of `grants` as fit in
+    /// `max_bytes` of input (always the first): the rest are not recorded.
+    fn grant(
+        &mut self,
+        grants: &[GrantRow],
+        max_bytes: u64,
+    ) -> Result<Vec<GrantedInput>, StoreError>;
     /// A failed or expired attempt: back to the queue with its reason, or dead
     /// when `dead` is set.
     fn release(

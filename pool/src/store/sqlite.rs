@@ -231,7 +231,11 @@ impl Store for SqliteStore {
         })
     }
 
-    fn grant(&mut self, grants: &[GrantRow]) -> Result<Vec<GrantedInput>, StoreError> {
+    fn grant(
+        &mut self,
+        grants: &[GrantRow],
+        max_bytes: u64,
+    ) -> Result<Vec<GrantedInput>, StoreError> {
         let tx = self.conn.transaction()?;
         let mut inputs = Vec::with_capacity(grants.len());
         {
@@ -240,12 +244,19 @@ impl Store for SqliteStore {
             )?;
             let mut get =
                 tx.prepare_cached("SELECT input, input_digest FROM tasks WHERE id = ?1")?;
+            let mut len = tx.prepare_cached("SELECT length(input) FROM tasks WHERE id = ?1")?;
+            let mut bytes = 0u64;
             for GrantRow {
                 task,
                 attempt,
                 node,
             } in grants
             {
+                let n: i64 = len.query_row([task.0 as i64], |r| r.get(0))?;
+                bytes = bytes.saturating_add(n.max(0) as u64);
+                if bytes > max_bytes && !inputs.is_empty() {
+                    break;
+                }
                 up.execute(params![task.0 as i64, attempt, node.to_string()])?;
                 let (input, digest): (Vec<u8>, Vec<u8>) =
                     get.query_row([task.0 as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
