@@ -1063,3 +1063,55 @@ fn lease_answers_stay_within_their_byte_budget() {
     );
     assert_eq!(c.leased(), sizes.len());
 }
+
+/// A page of job results holds at most `RECORDS_PAGE_BYTES` of outputs
+/// (a larger one alone): reading from where the last page stopped until a
+/// page is empty gives every result once, in order.
+#[test]
+fn result_pages_stay_within_their_byte_budget() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world();
+    let mut c = open(&dir.path().join("pool.db"), &w.cfg);
+    let (bundle, component) = publish(&mut c, &w);
+    let mib = 1 << 20;
+    let sizes = [3 * mib, 3 * mib, 3 * mib, 10 * mib, 1, 1];
+    let inputs: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| vec![i as u8; *n])
+        .collect();
+    let (job, _) = c
+        .handle_submit(NOW_UNIX, &submitter(), &bundle, "pages", &inputs)
+        .expect("submit");
+    let t0 = Instant::now();
+    c.handle_node_hello(t0, w.node_a.public(), caps())
+        .expect("hello");
+    while c.queued() > 0 {
+        let (grants, _) = c
+            .handle_lease(t0, &w.node_a.public(), 4, &[])
+            .expect("lease");
+        let results = grants
+            .iter()
+            .map(|g| honest(&w.node_a, g, component))
+            .collect();
+        c.handle_results(t0, &w.node_a.public(), results)
+            .expect("results");
+    }
+    let mut pages = Vec::new();
+    let mut got = Vec::new();
+    loop {
+        let page = c.job_results(job, got.len() as u32, 1000).expect("page");
+        if page.is_empty() {
+            break;
+        }
+        pages.push(page.len());
+        got.extend(page);
+    }
+    assert_eq!(
+        pages,
+        vec![2, 1, 1, 2],
+        "8 MiB a page, the 10 MiB output alone"
+    );
+    let indexes: Vec<u32> = got.iter().map(|r| r.index).collect();
+    assert_eq!(indexes, (0..6).collect::<Vec<u32>>());
+}

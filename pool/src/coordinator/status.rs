@@ -14,6 +14,10 @@ use tidepool_proto::wire::{
 };
 use tidepool_proto::Digest;
 
+/// Most output bytes in one page of job results (a record larger than
+/// this comes alone): pages stay well inside the 16 MiB frame.
+pub const RECORDS_PAGE_BYTES: usize = 8 * 1024 * 1024;
+
 impl<S: Store> Coordinator<S> {
     pub(super) fn summary(&self, job: JobId, bundle: Digest, c: JobCounts) -> JobSummary {
         let bundle_name = self
@@ -165,7 +169,12 @@ impl<S: Store> Coordinator<S> {
         })
     }
 
-    /// A job's results from index `from`.
+    /// A job's results from index `from`: at most `limit` (and 10,000),
+    /// and no more outcome bytes than [`RECORDS_PAGE_BYTES`] (at least one
+    /// record, whatever its size), read from the store a few rows at a time
+    /// so a page of large outputs never sits in memory whole. A short page
+    /// is not the end: the client asks from where it stopped until a page
+    /// is empty.
     pub fn job_results(
         &mut self,
         job: JobId,
@@ -175,7 +184,31 @@ impl<S: Store> Coordinator<S> {
         if !self.jobs.contains_key(&job) {
             return Err(refusal(ErrorCode::NotFound, format!("no job {job}")));
         }
-        let rows = self.store.tasks(job, from, limit.min(10_000))?;
+        let limit = limit.min(10_000) as usize;
+        let mut rows = Vec::new();
+        let mut bytes = 0usize;
+        let mut next = from;
+        'pages: while rows.len() < limit {
+            let want = (limit - rows.len()).min(64) as u32;
+            let chunk = self.store.tasks(job, next, want)?;
+            let Some(last) = chunk.last() else { break };
+            next = last.index + 1;
+            let short = chunk.len() < want as usize;
+            for r in chunk {
+                let size = match &r.outcome {
+                    Some(tidepool_proto::wire::Outcome::Output(b)) => b.0.len(),
+                    _ => 0,
+                };
+                if !rows.is_empty() && bytes + size > RECORDS_PAGE_BYTES {
+                    break 'pages;
+                }
+                bytes += size;
+                rows.push(r);
+            }
+            if short {
+                break;
+            }
+        }
         Ok(rows
             .into_iter()
             .map(|r| TaskRecord {
