@@ -148,21 +148,27 @@ async fn a_node_and_the_owner_get_statements_that_verify_and_a_tampered_one_fail
 
     let a = addr.to_string();
     let pk = pool_key.public().to_string();
+    // A verb against the pool, signed in with `key`.
+    let keyed = |verb: &[&str], key: &Path, rest: &[&str]| -> Output {
+        let key = key.to_str().expect("utf-8 path");
+        let mut args = verb.to_vec();
+        args.extend([
+            "--pool",
+            a.as_str(),
+            "--pool-key",
+            pk.as_str(),
+            "--key",
+            key,
+        ]);
+        args.extend(rest);
+        tidepool(&args)
+    };
     let owner_file = d.join("owner.json");
-    let out = tidepool(&[
-        "pool",
-        "ledger",
-        "export",
-        "--pool",
-        &a,
-        "--pool-key",
-        &pk,
-        "--key",
-        d.join("admin.key").to_str().context("path")?,
-        "--json",
-        "-o",
-        owner_file.to_str().context("path")?,
-    ]);
+    let out = keyed(
+        &["pool", "ledger", "export"],
+        &d.join("admin.key"),
+        &["--json", "-o", owner_file.to_str().context("path")?],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -198,17 +204,7 @@ async fn a_node_and_the_owner_get_statements_that_verify_and_a_tampered_one_fail
 
     // The node's own statement, with its own key, as CSV and as JSON.
     let nk = d.join("node.key");
-    let out = tidepool(&[
-        "node",
-        "statement",
-        "--pool",
-        &a,
-        "--pool-key",
-        &pk,
-        "--key",
-        nk.to_str().context("path")?,
-        "--csv",
-    ]);
+    let out = keyed(&["node", "statement"], &nk, &["--csv"]);
     assert!(
         out.status.success(),
         "{}",
@@ -221,19 +217,11 @@ async fn a_node_and_the_owner_get_statements_that_verify_and_a_tampered_one_fail
         "{csv}"
     );
     let node_file = d.join("node.json");
-    let out = tidepool(&[
-        "node",
-        "statement",
-        "--pool",
-        &a,
-        "--pool-key",
-        &pk,
-        "--key",
-        nk.to_str().context("path")?,
-        "--json",
-        "-o",
-        node_file.to_str().context("path")?,
-    ]);
+    let out = keyed(
+        &["node", "statement"],
+        &nk,
+        &["--json", "-o", node_file.to_str().context("path")?],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -253,17 +241,7 @@ async fn a_node_and_the_owner_get_statements_that_verify_and_a_tampered_one_fail
     );
 
     // The node may not read the pool's whole ledger.
-    let out = tidepool(&[
-        "pool",
-        "ledger",
-        "export",
-        "--pool",
-        &a,
-        "--pool-key",
-        &pk,
-        "--key",
-        nk.to_str().context("path")?,
-    ]);
+    let out = keyed(&["pool", "ledger", "export"], &nk, &[]);
     assert!(!out.status.success());
 
     // One row changed: verify fails and says which.

@@ -50,8 +50,20 @@ pub fn answer_on(
             },
         );
     }
+    signed(key, grant, receipt, output, Default::default())
+}
+
+/// The result for `grant`: `output` and `transcript`, with `receipt` for
+/// the grant's lease and bundle signed by `key`.
+fn signed(
+    key: &SecretKey,
+    grant: &TaskGrant,
+    receipt: Receipt,
+    output: Vec<u8>,
+    transcript: tidepool_proto::llm::Transcript,
+) -> TaskResult {
     TaskResult {
-        transcript: Default::default(),
+        transcript,
         lease: grant.lease,
         outcome: Outcome::Output(Bytes(output)),
         receipt: Some(
@@ -84,17 +96,5 @@ pub fn answer_generated(
     );
     receipt.transcript = Some(tidepool_proto::llm::transcript_digest(&transcript));
     receipt.metering.tokens_out = transcript.iter().map(|g| g.tokens.len() as u64).sum();
-    TaskResult {
-        transcript,
-        lease: grant.lease,
-        outcome: Outcome::Output(Bytes(output)),
-        receipt: Some(
-            LeaseReceipt {
-                lease: grant.lease,
-                bundle: grant.bundle,
-                receipt,
-            }
-            .sign(key),
-        ),
-    }
+    signed(key, grant, receipt, output, transcript)
 }

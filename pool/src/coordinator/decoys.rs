@@ -177,10 +177,6 @@ impl<S: Store> Coordinator<S> {
             let row = self.store.result(target)?;
             let job = self.hidden_job(bundle, JobKind::Check)?;
             let task = self.store.insert_decoy(job, target)?;
-            if let Some((_, c)) = self.jobs.get_mut(&job) {
-                c.tasks += 1;
-                c.queued += 1;
-            }
             self.checks.insert(
                 task,
                 Check {
@@ -193,19 +189,7 @@ impl<S: Store> Coordinator<S> {
                     decoy: true,
                 },
             );
-            let at = ((place * (picked.len() + 1) as f64) as usize).min(picked.len());
-            picked.insert(
-                at,
-                (
-                    Queued {
-                        task,
-                        job,
-                        attempts: 0,
-                        failed_on: None,
-                    },
-                    bundle,
-                ),
-            );
+            self.insert_hidden_task(picked, task, job, bundle, place);
         }
         Ok(())
     }

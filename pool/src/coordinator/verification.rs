@@ -669,24 +669,33 @@ impl<S: Store> Coordinator<S> {
             self.canary_origins.insert(task, origin);
         }
         self.canaries_given.insert((canary, *key));
+        self.insert_hidden_task(picked, task, job, bundle, place);
+        Ok(())
+    }
+
+    /// A hidden task (canary, decoy) just made for this grant: counted in
+    /// its job and put at `place` (a draw in [0, 1)) among the picked tasks,
+    /// so its position says nothing.
+    pub(super) fn insert_hidden_task(
+        &mut self,
+        picked: &mut Vec<(Queued, Digest)>,
+        task: TaskId,
+        job: JobId,
+        bundle: Digest,
+        place: f64,
+    ) {
         if let Some((_, c)) = self.jobs.get_mut(&job) {
             c.tasks += 1;
             c.queued += 1;
         }
         let at = ((place * (picked.len() + 1) as f64) as usize).min(picked.len());
-        picked.insert(
-            at,
-            (
-                Queued {
-                    task,
-                    job,
-                    attempts: 0,
-                    failed_on: None,
-                },
-                bundle,
-            ),
-        );
-        Ok(())
+        let q = Queued {
+            task,
+            job,
+            attempts: 0,
+            failed_on: None,
+        };
+        picked.insert(at, (q, bundle));
     }
 
     /// A client disputes a result: only of its own jobs (the pool owner's
