@@ -61,6 +61,14 @@ pub struct PoolClient {
 /// What the client calls itself in its hello.
 const AGENT: &str = concat!("tidepool ", env!("CARGO_PKG_VERSION"));
 
+/// Input bytes one submission message carries at most (half the pool's
+/// default frame limit: room for the encoding and for pools that set it
+/// lower).
+pub const SUBMIT_CHUNK_BYTES: usize = 8 * 1024 * 1024;
+
+/// Bytes an input adds to a message besides its own (MessagePack header).
+const INPUT_OVERHEAD: usize = 8;
+
 fn unexpected(r: &Response) -> ClientError {
     let s = format!("{r:?}");
     ClientError::Unexpected(s.chars().take(120).collect())
@@ -230,13 +238,27 @@ impl PoolClient {
         Ok(digest)
     }
 
-    /// Submit a batch. `key` makes the submission idempotent.
+    /// Submit a batch. `key` makes the submission idempotent. A batch whose
+    /// inputs fit in one chunk of [`SUBMIT_CHUNK_BYTES`] goes in one
+    /// message; a larger one in chunks ([`submit_chunked`](Self::submit_chunked)).
     pub async fn submit(
         &self,
         bundle: Digest,
         inputs: Vec<Vec<u8>>,
         key: String,
     ) -> Result<(JobId, u32), ClientError> {
+        let bytes: usize = inputs.iter().map(|i| i.len() + INPUT_OVERHEAD).sum();
+        if bytes > SUBMIT_CHUNK_BYTES {
+            return self
+                .submit_chunked(
+                    bundle,
+                    key,
+                    inputs.into_iter().map(Ok),
+                    SUBMIT_CHUNK_BYTES,
+                    |_| {},
+                )
+                .await;
+        }
         let inputs = inputs.into_iter().map(Bytes).collect();
         match self
             .call(&Request::Submit {
@@ -247,6 +269,121 @@ impl PoolClient {
             .await?
         {
             Response::Submitted { job, tasks } => Ok((job, tasks)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Submit inputs read lazily from `inputs`, in chunks of at most
+    /// `chunk_bytes` (an input larger than that goes alone): open the job
+    /// `key` names (or find it), skip the inputs the pool already holds —
+    /// so running this again after a lost connection resumes where the
+    /// pool stopped — append the rest, and seal. `progress` gets the number
+    /// of inputs the pool holds after each chunk. Memory: one chunk.
+    pub async fn submit_chunked<I>(
+        &self,
+        bundle: Digest,
+        key: String,
+        inputs: I,
+        chunk_bytes: usize,
+        mut progress: impl FnMut(u32),
+    ) -> Result<(JobId, u32), ClientError>
+    where
+        I: IntoIterator<Item = Result<Vec<u8>, ClientError>>,
+    {
+        let (job, have, sealed) = self.open_job(bundle, key).await?;
+        progress(have);
+        let mut inputs = inputs.into_iter();
+        // Inputs the pool holds: read past them (the pool compared them
+        // when they arrived; it compares again any that are re-sent).
+        let mut total: u32 = 0;
+        while total < have {
+            match inputs.next() {
+                Some(i) => {
+                    i?;
+                    total += 1;
+                }
+                None => break,
+            }
+        }
+        if sealed {
+            if total != have || inputs.next().is_some() {
+                return Err(ClientError::Refused {
+                    code: ErrorCode::Invalid,
+                    message: format!(
+                        "job {job} was sealed with {have} inputs; these are not the same batch"
+                    ),
+                });
+            }
+            return Ok((job, have));
+        }
+        let mut chunk: Vec<Bytes> = Vec::new();
+        let mut chunk_size = 0usize;
+        let mut from = total;
+        loop {
+            let next = inputs.next().transpose()?;
+            let flush = match &next {
+                Some(i) => !chunk.is_empty() && chunk_size + i.len() + INPUT_OVERHEAD > chunk_bytes,
+                None => !chunk.is_empty(),
+            };
+            if flush {
+                let sent = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
+                let held = self
+                    .append_inputs(job, from, std::mem::take(&mut chunk))
+                    .await?;
+                from += sent;
+                if held != from {
+                    return Err(ClientError::Unexpected(format!(
+                        "job {job} holds {held} inputs after {from} were sent"
+                    )));
+                }
+                chunk_size = 0;
+                progress(held);
+            }
+            match next {
+                Some(i) => {
+                    chunk_size += i.len() + INPUT_OVERHEAD;
+                    chunk.push(Bytes(i));
+                }
+                None => break,
+            }
+        }
+        let tasks = self.seal_job(job, from).await?;
+        Ok((job, tasks))
+    }
+
+    /// Open a job to be filled in chunks, or find the one `key` names:
+    /// `(job, inputs the pool holds, sealed)`.
+    pub async fn open_job(
+        &self,
+        bundle: Digest,
+        key: String,
+    ) -> Result<(JobId, u32, bool), ClientError> {
+        match self.call(&Request::OpenJob { bundle, key }).await? {
+            Response::JobOpened { job, have, sealed } => Ok((job, have, sealed)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Send inputs `from..` of an open job; returns the inputs it holds.
+    pub async fn append_inputs(
+        &self,
+        job: JobId,
+        from: u32,
+        inputs: Vec<Bytes>,
+    ) -> Result<u32, ClientError> {
+        match self
+            .call(&Request::AppendInputs { job, from, inputs })
+            .await?
+        {
+            Response::Appended { have, .. } => Ok(have),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Seal an open job holding `total` inputs; returns its tasks.
+    pub async fn seal_job(&self, job: JobId, total: u32) -> Result<u32, ClientError> {
+        match self.call(&Request::SealJob { job, total }).await? {
+            Response::Submitted { tasks, .. } => Ok(tasks),
             other => Err(unexpected(&other)),
         }
     }

@@ -53,7 +53,7 @@
 //! [limits]                         # what one peer may make the pool hold
 //! max_lease_bytes = 65536          # largest lease request (renewals name every running lease)
 //! max_results_bytes = 16842752     # largest results frame (the outputs)
-//! max_submit_bytes = 16842752      # largest submission or canary list (the inputs)
+//! max_submit_bytes = 16842752      # largest submission, chunk of inputs or canary list
 //! max_request_bytes = 65536        # largest of any other request (status, fetch, publish, challenge)
 //! connections_per_ip = 64          # open connections from one IP address
 //! connections_per_key = 8          # open connections from one key
@@ -199,7 +199,7 @@ impl NetLimits {
         match name {
             Some("Lease") => self.max_lease_bytes,
             Some("Results") => self.max_results_bytes,
-            Some("Submit" | "AddCanaries") => self.max_submit_bytes,
+            Some("Submit" | "AppendInputs" | "AddCanaries") => self.max_submit_bytes,
             // One chunk of a blob, whatever the small limit.
             Some("PutBlob") => self
                 .max_request_bytes

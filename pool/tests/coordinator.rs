@@ -1115,3 +1115,149 @@ fn result_pages_stay_within_their_byte_budget() {
     let indexes: Vec<u32> = got.iter().map(|r| r.index).collect();
     assert_eq!(indexes, (0..6).collect::<Vec<u32>>());
 }
+
+/// A job sent in chunks: tasks are queued and run as chunks arrive; a
+/// chunk sent again changes nothing, one that differs from what the pool
+/// holds or leaves a gap is refused; another client cannot append; the job
+/// is not finished until sealed with the right count, and a sealed job
+/// takes nothing more. After a restart the open job is still open and
+/// resumes where it stopped.
+#[test]
+fn a_job_sent_in_chunks_resumes_and_finishes_only_when_sealed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("pool.db");
+    let w = world();
+    let mut c = open(&path, &w.cfg);
+    let (bundle, component) = publish(&mut c, &w);
+    let me = submitter();
+    let all = inputs(10);
+    let (job, have, sealed) = c
+        .handle_open_job(NOW_UNIX, &me, &bundle, "chunks")
+        .expect("open");
+    assert_eq!((have, sealed), (0, false));
+    assert_eq!(
+        c.handle_append_inputs(NOW_UNIX, &me, job, 0, &all[..4])
+            .expect("chunk 1"),
+        4
+    );
+    // Sent again (the answer was lost): nothing new.
+    assert_eq!(
+        c.handle_append_inputs(NOW_UNIX, &me, job, 0, &all[..4])
+            .expect("again"),
+        4
+    );
+    // Overlapping the held part and going on: only the new part is added.
+    assert_eq!(
+        c.handle_append_inputs(NOW_UNIX, &me, job, 2, &all[2..6])
+            .expect("overlap"),
+        6
+    );
+    let gap = c
+        .handle_append_inputs(NOW_UNIX, &me, job, 7, &all[7..8])
+        .expect_err("gap");
+    assert!(gap.message.contains("gap"), "{}", gap.message);
+    let differs = c
+        .handle_append_inputs(NOW_UNIX, &me, job, 5, &[b"not input 5".to_vec()])
+        .expect_err("differs");
+    assert!(
+        differs.message.contains("input 5 of job"),
+        "{}",
+        differs.message
+    );
+    let stranger = SecretKey::from_seed(KeyRole::Client, &[8; 32]).public();
+    assert!(c
+        .handle_append_inputs(NOW_UNIX, &stranger, job, 6, &all[6..])
+        .is_err());
+    // The six held run now, before the rest arrive.
+    let t0 = Instant::now();
+    c.handle_node_hello(t0, w.node_a.public(), caps())
+        .expect("hello");
+    let (grants, _) = c
+        .handle_lease(t0, &w.node_a.public(), 10, &[])
+        .expect("lease");
+    assert_eq!(grants.len(), 4, "the node's slots");
+    let results: Vec<_> = grants
+        .iter()
+        .map(|g| honest(&w.node_a, g, component))
+        .collect();
+    c.handle_results(t0, &w.node_a.public(), results)
+        .expect("results");
+    let (grants, _) = c
+        .handle_lease(t0, &w.node_a.public(), 10, &[])
+        .expect("lease");
+    let results: Vec<_> = grants
+        .iter()
+        .map(|g| honest(&w.node_a, g, component))
+        .collect();
+    c.handle_results(t0, &w.node_a.public(), results)
+        .expect("results");
+    let s = c.job_status(job).expect("status");
+    assert_eq!((s.tasks, s.done, s.open), (6, 6, true));
+    assert!(
+        !s.finished(),
+        "every task so far is done, but more may come"
+    );
+    while let Some(e) = c.poll_event() {
+        assert!(!matches!(e, PoolEvent::JobFinished { .. }), "{e:?}");
+    }
+
+    // The pool restarts; the client opens the same key and resumes.
+    drop(c);
+    let mut c = open(&path, &w.cfg);
+    assert_eq!(
+        c.handle_open_job(NOW_UNIX, &me, &bundle, "chunks")
+            .expect("reopen"),
+        (job, 6, false)
+    );
+    assert_eq!(
+        c.handle_append_inputs(NOW_UNIX, &me, job, 6, &all[6..])
+            .expect("rest"),
+        10
+    );
+    let short = c.handle_seal_job(&me, job, 9).expect_err("count");
+    assert!(
+        short.message.contains("holds 10 inputs, not 9"),
+        "{}",
+        short.message
+    );
+    assert_eq!(c.handle_seal_job(&me, job, 10).expect("seal"), 10);
+    assert_eq!(c.handle_seal_job(&me, job, 10).expect("seal again"), 10);
+    let late = c
+        .handle_append_inputs(NOW_UNIX, &me, job, 10, &[b"late".to_vec()])
+        .expect_err("sealed");
+    assert!(late.message.contains("sealed"), "{}", late.message);
+    assert_eq!(
+        c.handle_open_job(NOW_UNIX, &me, &bundle, "chunks")
+            .expect("reopen sealed"),
+        (job, 10, true)
+    );
+    let t1 = Instant::now();
+    c.handle_node_hello(t1, w.node_a.public(), caps())
+        .expect("hello");
+    let (grants, _) = c
+        .handle_lease(t1, &w.node_a.public(), 10, &[])
+        .expect("lease");
+    assert_eq!(grants.len(), 4);
+    let results: Vec<_> = grants
+        .iter()
+        .map(|g| honest(&w.node_a, g, component))
+        .collect();
+    c.handle_results(t1, &w.node_a.public(), results)
+        .expect("results");
+    let s = c.job_status(job).expect("status");
+    assert!(s.finished() && !s.open && s.done == 10, "{s:?}");
+    let mut finished = false;
+    while let Some(e) = c.poll_event() {
+        finished |= matches!(e, PoolEvent::JobFinished { job: j } if j == job);
+    }
+    assert!(finished);
+    let recs = c.job_results(job, 0, 100).expect("results");
+    for (r, input) in recs.iter().zip(&all) {
+        assert_eq!(
+            r.outcome,
+            Some(Outcome::Output(Bytes(fake_node::reversed(input)))),
+            "{r:?}"
+        );
+    }
+    assert_eq!(recs.len(), 10);
+}

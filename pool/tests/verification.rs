@@ -1444,6 +1444,90 @@ fn colluders_do_not_get_to_check_each_other() {
     assert!(sim.caught().iter().all(|(k, _)| !honest.contains(k)));
 }
 
+/// A confirmation is only as good as the node that gave it. Two colluding
+/// fresh keys, alone in the pool: one (A) produces, the other (B) checks
+/// and confirms the same lie, so A's results read `verified`. Later B is
+/// caught (checking an honest node's results, decided by a trusted node)
+/// while A is never checked by anyone else: the results B confirmed are
+/// re-checked when B is struck, found wrong, and replaced, and A is struck
+/// too. (Before, A's lies stood `verified` for good.)
+#[test]
+fn results_confirmed_by_a_struck_checker_are_rechecked() {
+    let mut sim = Sim::new(
+        VerifyPolicy {
+            secret: Some(secret(34)),
+            trusted: trust(&[3]),
+            canary_rate: 0.0,
+            ..VerifyPolicy::default()
+        },
+        &[Kind::AlwaysWrong, Kind::AlwaysWrong],
+        34,
+    );
+    let ins = inputs("confirmed", 6);
+    let job = sim.submit("j", &ins);
+    while sim.work(0, 8) > 0 {}
+    for _ in 0..20 {
+        sim.work(1, 8);
+    }
+    let recs = sim.records(job);
+    assert!(
+        recs.iter().all(|r| r.verification == "verified"),
+        "the colluders confirm each other while nobody else is about: {recs:?}"
+    );
+    // A leaves. An honest node joins and works; B checks its results and
+    // lies; a trusted node joins and decides against B.
+    let (a, b) = (sim.nodes[0].public(), sim.nodes[1].public());
+    sim.c.handle_node_gone(sim.now, &a);
+    let join = |sim: &mut Sim, seed: u8| {
+        let n = SimNode::new(seed, Kind::Honest, u64::from(seed));
+        sim.c
+            .handle_node_hello(sim.now, n.public(), n.caps())
+            .expect("hello");
+        sim.nodes.push(n);
+    };
+    join(&mut sim, 12);
+    let other = sim.submit("k", &inputs("honest", 6));
+    while sim.work(2, 8) > 0 {}
+    for _ in 0..20 {
+        sim.work(1, 8);
+    }
+    join(&mut sim, 13);
+    let b_caught = |sim: &Sim| sim.caught().iter().any(|(k, _)| *k == b);
+    for _ in 0..50 {
+        for i in 1..4 {
+            if !b_caught(&sim) {
+                sim.work(i, 8);
+            }
+        }
+    }
+    assert!(b_caught(&sim), "B is struck: {:?}", sim.caught());
+    assert!(
+        !sim.caught().iter().any(|(k, _)| *k == a),
+        "A has not been checked by anyone else yet"
+    );
+    // Struck, B's confirmations no longer stand: A's results are
+    // re-checked and not served from the cache meanwhile.
+    for r in sim.records(job) {
+        assert_ne!(r.verification, "verified", "{r:?}");
+    }
+    // A comes back; everyone works (A is excluded from checks of its own
+    // results).
+    sim.c
+        .handle_node_hello(sim.now, a, sim.nodes[0].caps())
+        .expect("hello");
+    sim.settle();
+    let recs = sim.records(job);
+    for (r, i) in recs.iter().zip(&ins) {
+        assert_eq!(
+            output_of(r),
+            honest_output(i),
+            "a confirmed lie stands: {r:?}"
+        );
+        assert_eq!(r.verification, "replaced", "{r:?}");
+    }
+    assert!(sim.caught().iter().any(|(k, _)| *k == a), "A is struck");
+}
+
 /// A result never checked is credited only once its bundle's challenge
 /// window has closed with no challenge pending.
 #[test]

@@ -29,6 +29,25 @@ impl Digest {
     }
 }
 
+/// A [`Digest`] of bytes that arrive in pieces: the same as
+/// [`Digest::of`] their concatenation, without holding it.
+#[derive(Debug, Clone, Default)]
+pub struct Hasher(Sha256);
+
+impl Hasher {
+    /// Add the next piece.
+    pub fn update(&mut self, bytes: &[u8]) {
+        use sha2::Digest as _;
+        self.0.update(bytes);
+    }
+
+    /// The digest of everything added.
+    pub fn finish(self) -> Digest {
+        use sha2::Digest as _;
+        Digest(self.0.finalize().into())
+    }
+}
+
 /// A string that is not a sha256 digest.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("not a sha256 digest (64 hex characters): {0:?}")]
@@ -73,5 +92,14 @@ mod tests {
         );
         assert_eq!(Digest::parse(&d.to_string()).expect("parse"), d);
         assert!(Digest::parse("sha256:xyz").is_err());
+    }
+
+    #[test]
+    fn a_hasher_fed_in_pieces_gives_the_digest_of_the_whole() {
+        let mut h = Hasher::default();
+        h.update(b"a");
+        h.update(b"");
+        h.update(b"bc");
+        assert_eq!(h.finish(), Digest::of(b"abc"));
     }
 }

@@ -414,6 +414,38 @@ pub enum Request {
         /// returns the first job.
         key: String,
     },
+    /// Open a job to be filled in chunks ([`AppendInputs`](Self::AppendInputs)
+    /// then [`SealJob`](Self::SealJob)), or find the one `key` opened
+    /// before: the answer says how many inputs the pool holds, so a client
+    /// that lost its connection resumes from there. Tasks are queued as
+    /// their chunks arrive.
+    OpenJob {
+        /// Bundle digest.
+        bundle: Digest,
+        /// The client's idempotency key (as for `Submit`).
+        key: String,
+    },
+    /// Inputs `from..from + inputs.len()` of an open job. Idempotent: inputs
+    /// the pool holds already are compared (by digest) and skipped, so a
+    /// chunk may be sent again; a chunk that starts past what the pool holds
+    /// is refused (nothing may be skipped).
+    AppendInputs {
+        /// The job.
+        job: JobId,
+        /// Index of the first input in this chunk.
+        from: u32,
+        /// The inputs, one per task.
+        inputs: Vec<Bytes>,
+    },
+    /// No more inputs: the job holds exactly `total` and finishes when its
+    /// tasks do. Idempotent.
+    SealJob {
+        /// The job.
+        job: JobId,
+        /// The number of inputs the client sent (a check: the pool refuses
+        /// to seal a job holding another number).
+        total: u32,
+    },
     /// A job's progress.
     JobStatus {
         /// The job.
@@ -483,6 +515,9 @@ impl Request {
             Request::Publish { .. } => "Publish",
             Request::PutBlob { .. } => "PutBlob",
             Request::Submit { .. } => "Submit",
+            Request::OpenJob { .. } => "OpenJob",
+            Request::AppendInputs { .. } => "AppendInputs",
+            Request::SealJob { .. } => "SealJob",
             Request::JobStatus { .. } => "JobStatus",
             Request::JobResults { .. } => "JobResults",
             Request::Replayable { .. } => "Replayable",
@@ -651,6 +686,17 @@ pub struct JobSummary {
     /// when some node could.
     #[serde(default)]
     pub waiting: Option<String>,
+    /// Still taking inputs (opened, not sealed): not finished even when
+    /// every task so far is.
+    #[serde(default)]
+    pub open: bool,
+}
+
+impl JobSummary {
+    /// Sealed, and every task done or dead-lettered.
+    pub fn finished(&self) -> bool {
+        !self.open && self.done + self.dead >= self.tasks
+    }
 }
 
 /// One task's result as a client sees it.
@@ -859,6 +905,22 @@ pub enum Response {
         job: JobId,
         /// Its tasks.
         tasks: u32,
+    },
+    /// Answer to `OpenJob`.
+    JobOpened {
+        /// The job.
+        job: JobId,
+        /// Inputs the pool holds (resume from here).
+        have: u32,
+        /// Whether it was sealed already.
+        sealed: bool,
+    },
+    /// Answer to `AppendInputs`.
+    Appended {
+        /// The job.
+        job: JobId,
+        /// Inputs the pool holds now.
+        have: u32,
     },
     /// Answer to `JobStatus`.
     Job(JobSummary),

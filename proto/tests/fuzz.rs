@@ -106,6 +106,19 @@ fn requests() -> Vec<Request> {
             inputs: vec![Bytes(b"a".to_vec()), Bytes(b"b".to_vec())],
             key: "k".into(),
         },
+        Request::OpenJob {
+            bundle: d,
+            key: "k".into(),
+        },
+        Request::AppendInputs {
+            job: JobId(3),
+            from: 2,
+            inputs: vec![Bytes(b"c".to_vec())],
+        },
+        Request::SealJob {
+            job: JobId(3),
+            total: 3,
+        },
         Request::JobStatus { job: JobId(3) },
         Request::JobResults {
             job: JobId(3),

@@ -237,7 +237,7 @@ pub async fn wait_job(
     let start = std::time::Instant::now();
     loop {
         let s = client.job_status(job).await?;
-        if s.done + s.dead == s.tasks {
+        if s.finished() {
             return Ok(s);
         }
         anyhow::ensure!(

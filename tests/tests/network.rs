@@ -102,7 +102,7 @@ async fn a_killed_node_leases_are_requeued_and_finished_by_the_others() -> Resul
             }
         }
         let s = client.job_status(job).await?;
-        if s.done + s.dead == s.tasks {
+        if s.finished() {
             break s;
         }
         anyhow::ensure!(
@@ -368,6 +368,102 @@ async fn cache_hits_return_the_original_bytes_without_any_node() -> Result<()> {
     for (c, o) in cached.iter().zip(&original) {
         assert_eq!(c.cached_from, Some(o.task));
     }
+    client.close().await;
+    pool.shutdown().await;
+    Ok(())
+}
+
+/// A batch larger than one frame (4,000 inputs of 5 KB: 20 MB) goes in
+/// chunks over QUIC. The first client fails part-way (its input source
+/// breaks after 1,500 inputs) and its connection closes; a second
+/// connection with the same key finds the job holding what arrived,
+/// sends only the rest, and seals it. Nodes run it meanwhile; every
+/// result comes back exactly once, in order, equal to its input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_larger_than_a_frame_is_sent_in_chunks_and_resumed() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys = Keys::new(7);
+    let pool = start_pool(
+        &dir.path().join("pool"),
+        &keys,
+        test_pool_config(&keys),
+        "127.0.0.1:0".parse()?,
+    )
+    .await?;
+    let bundle = echo_bundle(&dir.path().join("author"), &keys)?;
+    let (client, digest) = publish(pool.addr, &keys, &bundle).await?;
+    let inputs: Vec<Vec<u8>> = (0..4000u32)
+        .map(|i| {
+            let mut line = format!("{{\"n\":{i},\"text\":\"").into_bytes();
+            line.resize(5000 - 2, b'a' + (i % 26) as u8);
+            line.extend_from_slice(b"\"}");
+            line
+        })
+        .collect();
+    let total: usize = inputs.iter().map(Vec::len).sum();
+    assert!(total > tidepool_proto::wire::MAX_FRAME_BYTES, "{total}");
+    let node = start_node(node_config(dir.path(), &keys, 0, pool.addr));
+    // The source breaks after 1,500 inputs (chunks of 1 MiB: 209 inputs).
+    let broken = inputs
+        .iter()
+        .take(1500)
+        .cloned()
+        .map(Ok)
+        .chain(std::iter::once(Err(
+            tidepool_client::ClientError::Unexpected("the input file went away".into()),
+        )));
+    let mut held = Vec::new();
+    let err = client
+        .submit_chunked(digest, "big".into(), broken, 1 << 20, |h| held.push(h))
+        .await
+        .expect_err("the source broke");
+    assert!(err.to_string().contains("went away"), "{err}");
+    let reached = *held.last().expect("progress");
+    assert!(reached > 0 && reached < 1500, "{held:?}");
+    client.close().await;
+
+    let client =
+        tidepool_client::PoolClient::connect(pool.addr, &keys.publisher, keys.pool.public())
+            .await?;
+    let mut resumed = Vec::new();
+    let (job, n) = client
+        .submit_chunked(
+            digest,
+            "big".into(),
+            inputs.iter().cloned().map(Ok),
+            1 << 20,
+            |h| resumed.push(h),
+        )
+        .await?;
+    assert_eq!(n, 4000);
+    assert_eq!(
+        resumed.first(),
+        Some(&reached),
+        "resumed where the pool stopped"
+    );
+    // The same batch again: the same job, nothing sent.
+    let again = client
+        .submit_chunked(
+            digest,
+            "big".into(),
+            inputs.iter().cloned().map(Ok),
+            1 << 20,
+            |_| {},
+        )
+        .await?;
+    assert_eq!(again, (job, 4000));
+    let s = wait_job(&client, job, Duration::from_secs(300)).await?;
+    assert_eq!((s.done, s.dead, s.open), (4000, 0, false), "{s:?}");
+    let records = client.job_results(job).await?;
+    assert_eq!(records.len(), 4000);
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r.index as usize, i);
+    }
+    assert!(
+        record_outputs(&records) == inputs,
+        "every output equals its input"
+    );
+    node.drain().await?;
     client.close().await;
     pool.shutdown().await;
     Ok(())

@@ -82,29 +82,38 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let digest = bundle_digest(&bundle)?;
-            let file = std::fs::File::open(&inputs)
-                .with_context(|| format!("cannot read {}", inputs.display()))?;
-            let mut lines = Vec::new();
-            for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-                let line = line.with_context(|| format!("{}: line {}", inputs.display(), i + 1))?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                serde_json::from_str::<serde_json::Value>(&line)
-                    .with_context(|| format!("{}: line {} is not JSON", inputs.display(), i + 1))?;
-                lines.push(line.into_bytes());
+            // First pass: every line is JSON; count them and make the
+            // default key. Nothing is held: the file may be any size.
+            let mut count: u64 = 0;
+            let mut keyed = tidepool_proto::digest::Hasher::default();
+            keyed.update(&digest.0);
+            for line in jsonl_inputs(&inputs)? {
+                keyed.update(&Digest::of(&line?).0);
+                count += 1;
             }
-            anyhow::ensure!(!lines.is_empty(), "{}: no inputs", inputs.display());
-            let key = submit_key.unwrap_or_else(|| {
-                let mut all = digest.0.to_vec();
-                for l in &lines {
-                    all.extend(Digest::of(l).0);
-                }
-                Digest::of(&all).hex()
-            });
+            anyhow::ensure!(count > 0, "{}: no inputs", inputs.display());
+            let key = submit_key.unwrap_or_else(|| keyed.finish().hex());
             runtime()?.block_on(async {
                 let client = pool.connect().await?;
-                let (job, tasks) = client.submit(digest, lines, key).await?;
+                // Second pass: sent in chunks as it is read; a run after a
+                // lost connection sends only what the pool lacks.
+                let bar = upload_bar(count, json)?;
+                let lines = jsonl_inputs(&inputs)?.map(|l| {
+                    l.map_err(|e| tidepool_client::ClientError::Io {
+                        path: inputs.clone(),
+                        source: std::io::Error::other(format!("{e:#}")),
+                    })
+                });
+                let (job, tasks) = client
+                    .submit_chunked(
+                        digest,
+                        key,
+                        lines,
+                        tidepool_client::SUBMIT_CHUNK_BYTES,
+                        |held| bar.set_position(u64::from(held)),
+                    )
+                    .await?;
+                bar.finish_and_clear();
                 if !json {
                     eprintln!("job {job}: {tasks} tasks stored by the pool");
                 }
@@ -121,7 +130,7 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
                             Some(why) => format!("(waiting: {why})"),
                             None => format!("({} running, {} dead)", last.running, last.dead),
                         });
-                        if last.done + last.dead == last.tasks {
+                        if last.finished() {
                             break;
                         }
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -284,4 +293,49 @@ async fn export_replays(
     }
     bar.finish_and_clear();
     Ok(())
+}
+
+/// The inputs of a JSONL file, read lazily: each non-blank line, checked
+/// to be JSON (an error names the file and line).
+fn jsonl_inputs(
+    path: &std::path::Path,
+) -> anyhow::Result<impl Iterator<Item = anyhow::Result<Vec<u8>>>> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let path = path.to_owned();
+    Ok(std::io::BufReader::new(file)
+        .lines()
+        .enumerate()
+        .filter_map(move |(i, line)| {
+            let line = match line {
+                Ok(l) => l,
+                Err(e) => {
+                    return Some(Err(anyhow::Error::new(e).context(format!(
+                        "{}: line {}",
+                        path.display(),
+                        i + 1
+                    ))))
+                }
+            };
+            if line.trim().is_empty() {
+                return None;
+            }
+            Some(
+                serde_json::from_str::<serde_json::Value>(&line)
+                    .with_context(|| format!("{}: line {} is not JSON", path.display(), i + 1))
+                    .map(|_| line.into_bytes()),
+            )
+        }))
+}
+
+/// The upload's progress bar (hidden for `--json`).
+fn upload_bar(inputs: u64, json: bool) -> anyhow::Result<indicatif::ProgressBar> {
+    if json {
+        return Ok(indicatif::ProgressBar::hidden());
+    }
+    let bar = indicatif::ProgressBar::new(inputs);
+    bar.set_style(indicatif::ProgressStyle::with_template(
+        "{bar:40} {pos}/{len} inputs sent [{elapsed}]",
+    )?);
+    Ok(bar)
 }

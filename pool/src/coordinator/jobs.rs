@@ -4,7 +4,7 @@
 
 use super::queues::Queued;
 use super::{refusal, Coordinator, PoolEvent};
-use crate::store::{InsertedJob, JobCounts, Store, StoredBundle};
+use crate::store::{InsertedJob, InsertedTask, JobCounts, Store, StoredBundle};
 use std::collections::BTreeSet;
 use tidepool_proto::manifest::{LockedManifest, SignedManifest};
 use tidepool_proto::session::Refusal;
@@ -41,6 +41,7 @@ impl<S: Store> Coordinator<S> {
             && c.queued == 0
             && c.leased == 0
             && !self.kinds.contains_key(&job)
+            && !self.open.contains(&job)
         {
             self.events.push_back(PoolEvent::JobFinished { job });
         }
@@ -120,7 +121,7 @@ impl<S: Store> Coordinator<S> {
         }
     }
 
-    /// Submit a batch; it is on disk when this returns.
+    /// Submit a batch in one message; it is on disk when this returns.
     pub fn handle_submit(
         &mut self,
         now_unix: u64,
@@ -129,6 +130,155 @@ impl<S: Store> Coordinator<S> {
         key: &str,
         inputs: &[Vec<u8>],
     ) -> Result<(JobId, u32), Refusal> {
+        self.submittable(bundle, key)?;
+        if inputs.is_empty() {
+            return Err(refusal(
+                ErrorCode::Invalid,
+                "a job needs at least one input",
+            ));
+        }
+        let InsertedJob { job, tasks, fresh } = self
+            .store
+            .insert_job(bundle, owner, key, inputs, now_unix)?;
+        if fresh {
+            self.owners.insert(job, *owner);
+            self.jobs.insert(job, (*bundle, JobCounts::default()));
+            self.queue_inserted(job, *bundle, &tasks);
+        }
+        Ok((job, u32::try_from(tasks.len()).unwrap_or(u32::MAX)))
+    }
+
+    /// Open a job to be filled in chunks, or find the one `owner` opened
+    /// (or submitted) with `key`: `(job, inputs held, sealed)`.
+    pub fn handle_open_job(
+        &mut self,
+        now_unix: u64,
+        owner: &PublicKey,
+        bundle: &Digest,
+        key: &str,
+    ) -> Result<(JobId, u32, bool), Refusal> {
+        self.submittable(bundle, key)?;
+        let o = self.store.open_job(bundle, owner, key, now_unix)?;
+        if o.bundle != *bundle {
+            return Err(refusal(
+                ErrorCode::Invalid,
+                format!(
+                    "key {key:?} names job {} of bundle {}, not {bundle}",
+                    o.job, o.bundle
+                ),
+            ));
+        }
+        if o.fresh {
+            self.owners.insert(o.job, *owner);
+            self.open.insert(o.job);
+            self.jobs.insert(o.job, (*bundle, JobCounts::default()));
+        }
+        Ok((o.job, o.have, o.sealed))
+    }
+
+    /// Inputs `from..` of an open job of `owner`: those held already are
+    /// compared by digest and skipped (a chunk sent again changes nothing),
+    /// the rest stored and queued. Returns the inputs held now.
+    pub fn handle_append_inputs(
+        &mut self,
+        now_unix: u64,
+        owner: &PublicKey,
+        job: JobId,
+        from: u32,
+        inputs: &[Vec<u8>],
+    ) -> Result<u32, Refusal> {
+        let (bundle, have) = self.open_job_of(owner, job)?;
+        let end = u64::from(from) + inputs.len() as u64;
+        if end > u64::from(MAX_JOB_TASKS) {
+            return Err(refusal(
+                ErrorCode::Invalid,
+                format!("a job holds at most {MAX_JOB_TASKS} inputs; this chunk ends at {end}"),
+            ));
+        }
+        if from > have {
+            return Err(refusal(
+                ErrorCode::Invalid,
+                format!("job {job} holds {have} inputs; a chunk from {from} would leave a gap"),
+            ));
+        }
+        // The part the pool holds already must be the same inputs.
+        let overlap = (have - from).min(u32::try_from(inputs.len()).unwrap_or(u32::MAX));
+        if overlap > 0 {
+            let held = self.store.input_digests(job, from, overlap)?;
+            for (i, (h, input)) in held.iter().zip(inputs).enumerate() {
+                if *h != Digest::of(input) {
+                    return Err(refusal(
+                        ErrorCode::Invalid,
+                        format!(
+                            "input {} of job {job} differs from the one the pool holds",
+                            u64::from(from) + i as u64
+                        ),
+                    ));
+                }
+            }
+        }
+        let new = &inputs[overlap as usize..];
+        if new.is_empty() {
+            return Ok(have);
+        }
+        let tasks = self
+            .store
+            .append_inputs(job, &bundle, have, new, now_unix)?;
+        self.queue_inserted(job, bundle, &tasks);
+        Ok(have + u32::try_from(tasks.len()).unwrap_or(u32::MAX))
+    }
+
+    /// Seal an open job of `owner` holding exactly `total` inputs; it
+    /// finishes when its tasks do. Sealing a sealed job is a no-op.
+    pub fn handle_seal_job(
+        &mut self,
+        owner: &PublicKey,
+        job: JobId,
+        total: u32,
+    ) -> Result<u32, Refusal> {
+        let Some(&(_, counts)) = self.jobs.get(&job).filter(|_| self.sees(owner, job)) else {
+            return Err(refusal(ErrorCode::NotFound, format!("no job {job}")));
+        };
+        if counts.tasks != total {
+            return Err(refusal(
+                ErrorCode::Invalid,
+                format!(
+                    "job {job} holds {} inputs, not {total}: send the rest before sealing",
+                    counts.tasks
+                ),
+            ));
+        }
+        if total == 0 {
+            return Err(refusal(
+                ErrorCode::Invalid,
+                "a job needs at least one input",
+            ));
+        }
+        if self.open.remove(&job) {
+            self.store.seal_job(job)?;
+            if counts.queued == 0 && counts.leased == 0 {
+                self.events.push_back(PoolEvent::JobFinished { job });
+            }
+        }
+        Ok(total)
+    }
+
+    /// The bundle and inputs held of `owner`'s open job `job`.
+    fn open_job_of(&self, owner: &PublicKey, job: JobId) -> Result<(Digest, u32), Refusal> {
+        let Some(&(bundle, counts)) = self.jobs.get(&job).filter(|_| self.sees(owner, job)) else {
+            return Err(refusal(ErrorCode::NotFound, format!("no job {job}")));
+        };
+        if !self.open.contains(&job) {
+            return Err(refusal(
+                ErrorCode::Invalid,
+                format!("job {job} is sealed: it takes no more inputs"),
+            ));
+        }
+        Ok((bundle, counts.tasks))
+    }
+
+    /// May a job of `bundle` be submitted with `key`?
+    fn submittable(&self, bundle: &Digest, key: &str) -> Result<(), Refusal> {
         let b = self.bundles.get(bundle).ok_or_else(|| {
             refusal(
                 ErrorCode::NotFound,
@@ -144,49 +294,43 @@ impl<S: Store> Coordinator<S> {
                 ),
             ));
         }
-        if inputs.is_empty() {
-            return Err(refusal(
-                ErrorCode::Invalid,
-                "a job needs at least one input",
-            ));
-        }
         if key.is_empty() || key.len() > 200 {
             return Err(refusal(
                 ErrorCode::Invalid,
                 "submission key must be 1-200 characters",
             ));
         }
-        let InsertedJob { job, tasks, fresh } = self
-            .store
-            .insert_job(bundle, owner, key, inputs, now_unix)?;
-        if fresh {
-            self.owners.insert(job, *owner);
-            for t in tasks.iter().filter(|t| !t.cached) {
-                self.queues.push_back(
-                    *bundle,
-                    Queued {
-                        task: t.task,
-                        job,
-                        attempts: 0,
-                        failed_on: None,
-                    },
-                );
-            }
-            let n = u32::try_from(tasks.len()).unwrap_or(u32::MAX);
-            let cached =
-                u32::try_from(tasks.iter().filter(|t| t.cached).count()).unwrap_or(u32::MAX);
-            let counts = JobCounts {
-                tasks: n,
-                queued: n - cached,
-                done: cached,
-                cached,
-                ..JobCounts::default()
-            };
-            self.jobs.insert(job, (*bundle, counts));
-            if counts.queued == 0 {
-                self.events.push_back(PoolEvent::JobFinished { job });
-            }
+        Ok(())
+    }
+
+    /// Queue tasks just stored for `job` (those the cache answered are
+    /// done) and count them; a sealed job with nothing left is finished.
+    fn queue_inserted(&mut self, job: JobId, bundle: Digest, tasks: &[InsertedTask]) {
+        for t in tasks.iter().filter(|t| !t.cached) {
+            self.queues.push_back(
+                bundle,
+                Queued {
+                    task: t.task,
+                    job,
+                    attempts: 0,
+                    failed_on: None,
+                },
+            );
         }
-        Ok((job, u32::try_from(tasks.len()).unwrap_or(u32::MAX)))
+        let n = u32::try_from(tasks.len()).unwrap_or(u32::MAX);
+        let cached = u32::try_from(tasks.iter().filter(|t| t.cached).count()).unwrap_or(u32::MAX);
+        let Some((_, c)) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        c.tasks += n;
+        c.queued += n - cached;
+        c.done += cached;
+        c.cached += cached;
+        if c.queued == 0 && c.leased == 0 && !self.open.contains(&job) {
+            self.events.push_back(PoolEvent::JobFinished { job });
+        }
     }
 }
+
+/// Most inputs one job may hold (task indexes are `u32` on the wire).
+pub const MAX_JOB_TASKS: u32 = u32::MAX - 1;

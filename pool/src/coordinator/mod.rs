@@ -177,6 +177,10 @@ pub struct Coordinator<S: Store> {
     /// The client that submitted each user job (hidden jobs have none).
     /// Loaded at start, added to on submission.
     owners: HashMap<JobId, PublicKey>,
+    /// User jobs opened for chunked submission and not yet sealed: they
+    /// take inputs and are not finished while here. Loaded at start, left
+    /// on seal.
+    open: HashSet<JobId>,
     /// When each client's recent challenges were made (at most
     /// `challenges_per_hour` each, within the last hour).
     challenge_times: HashMap<PublicKey, VecDeque<Instant>>,
@@ -244,6 +248,7 @@ impl<S: Store> Coordinator<S> {
             leases: LeaseTable::default(),
             jobs: BTreeMap::new(),
             owners: HashMap::new(),
+            open: HashSet::new(),
             challenge_times: HashMap::new(),
             nodes: Nodes::default(),
             events: VecDeque::new(),
@@ -313,6 +318,9 @@ impl<S: Store> Coordinator<S> {
         for r in me.store.jobs()? {
             if let Some(owner) = r.owner {
                 me.owners.insert(r.job, owner);
+            }
+            if !r.sealed {
+                me.open.insert(r.job);
             }
             me.jobs.insert(r.job, (r.bundle, r.counts));
         }

@@ -144,6 +144,17 @@ impl<S: Store> Coordinator<S> {
                 self.handle_submit(now_unix, peer, &bundle, &key, &inputs)
                     .map(|(job, tasks)| Response::Submitted { job, tasks })
             }
+            Request::OpenJob { bundle, key } => self
+                .handle_open_job(now_unix, peer, &bundle, &key)
+                .map(|(job, have, sealed)| Response::JobOpened { job, have, sealed }),
+            Request::AppendInputs { job, from, inputs } => {
+                let inputs: Vec<Vec<u8>> = inputs.into_iter().map(|b| b.0).collect();
+                self.handle_append_inputs(now_unix, peer, job, from, &inputs)
+                    .map(|have| Response::Appended { job, have })
+            }
+            Request::SealJob { job, total } => self
+                .handle_seal_job(peer, job, total)
+                .map(|tasks| Response::Submitted { job, tasks }),
             Request::JobStatus { job } => self
                 .visible(peer, job)
                 .and_then(|()| self.job_status(job))

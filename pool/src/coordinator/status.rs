@@ -35,6 +35,7 @@ impl<S: Store> Coordinator<S> {
             running: c.leased,
             cached: c.cached,
             waiting: self.waiting(&bundle, &c),
+            open: self.open.contains(&job),
         }
     }
 

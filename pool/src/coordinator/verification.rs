@@ -624,6 +624,31 @@ impl<S: Store> Coordinator<S> {
             };
             self.spawn_check(t, bundle, vec![*node], false, Verified::Suspect)?;
         }
+        // What it confirmed as a checker stands on its word alone unless a
+        // trusted node agreed too: re-check those on a third node.
+        let confirmed = self.store.confirmed_by(node, self.cfg.verify.lookback)?;
+        for (t, job) in confirmed {
+            let Some(&(bundle, _)) = self.jobs.get(&job) else {
+                continue;
+            };
+            let Some(target) = self.store.result(t)? else {
+                continue;
+            };
+            let Some(producer) = target.node else {
+                continue;
+            };
+            let agreeing: Vec<Option<PublicKey>> = self
+                .store
+                .checks_of(t)?
+                .into_iter()
+                .filter(|c| self.rows_agree(bundle, &target, c))
+                .map(|c| c.node)
+                .collect();
+            if !agreeing.contains(&Some(*node)) || self.convicts(&agreeing) {
+                continue;
+            }
+            self.spawn_check(t, bundle, vec![producer, *node], false, Verified::Suspect)?;
+        }
         Ok(())
     }
 

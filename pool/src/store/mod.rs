@@ -360,6 +360,21 @@ pub struct InsertedJob {
     pub fresh: bool,
 }
 
+/// A job opened for chunked submission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenedJob {
+    /// The job.
+    pub job: JobId,
+    /// The bundle it runs (the earlier job's, when the key was used before).
+    pub bundle: Digest,
+    /// Inputs stored so far.
+    pub have: u32,
+    /// Whether it takes no more inputs.
+    pub sealed: bool,
+    /// Whether this call created it.
+    pub fresh: bool,
+}
+
 /// One task of an [`InsertedJob`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InsertedTask {
@@ -410,6 +425,8 @@ pub struct JobRow {
     /// The client that submitted it (`None`: a hidden job of the pool's, or
     /// a job stored before jobs had owners: only admins see those).
     pub owner: Option<PublicKey>,
+    /// Whether it takes no more inputs.
+    pub sealed: bool,
 }
 
 /// A node's counters.
@@ -467,6 +484,36 @@ pub trait Store: Send {
     /// An input whose result for this bundle is already stored is answered
     /// from it at once (the result cache): its task is stored done, with the
     /// earlier task as provenance. Returns each task and whether it was cached.
+    /// Open a job of `owner` to be filled in chunks (stored unsealed), or
+    /// find the one it opened (or submitted) with `key` before: its bundle,
+    /// how many inputs it holds, and whether it is sealed.
+    fn open_job(
+        &mut self,
+        bundle: &Digest,
+        owner: &PublicKey,
+        key: &str,
+        now_unix: u64,
+    ) -> Result<OpenedJob, StoreError>;
+    /// Store inputs `from..` of an open job as tasks, in one transaction,
+    /// with the result cache as in [`insert_job`](Self::insert_job). The
+    /// caller has checked that the job holds exactly `from` inputs.
+    fn append_inputs(
+        &mut self,
+        job: JobId,
+        bundle: &Digest,
+        from: u32,
+        inputs: &[Vec<u8>],
+        now_unix: u64,
+    ) -> Result<Vec<InsertedTask>, StoreError>;
+    /// The digests of up to `count` inputs of `job` from index `from`.
+    fn input_digests(
+        &mut self,
+        job: JobId,
+        from: u32,
+        count: u32,
+    ) -> Result<Vec<Digest>, StoreError>;
+    /// Mark a job sealed: it takes no more inputs.
+    fn seal_job(&mut self, job: JobId) -> Result<(), StoreError>;
     fn insert_job(
         &mut self,
         bundle: &Digest,
@@ -613,6 +660,14 @@ pub trait Store: Send {
     fn recent_to_recheck(
         &mut self,
         node: &PublicKey,
+        limit: u32,
+    ) -> Result<Vec<(TaskId, JobId)>, StoreError>;
+    /// The most recent results of user jobs that stand `verified` and that
+    /// `checker` re-executed, newest check first, with their jobs: a caught
+    /// node's confirmations are worth nothing, so these are re-checked too.
+    fn confirmed_by(
+        &mut self,
+        checker: &PublicKey,
         limit: u32,
     ) -> Result<Vec<(TaskId, JobId)>, StoreError>;
     /// Every node's verification standing (nodes never judged are absent).

@@ -106,6 +106,8 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     // its identity.
     ("canaries", "origin", "INTEGER"),
     ("tasks", "origin", "INTEGER"),
+    // 0: opened for chunked submission and still taking inputs.
+    ("jobs", "sealed", "INTEGER NOT NULL DEFAULT 1"),
 ];
 
 /// Bring a database file to the current schema.

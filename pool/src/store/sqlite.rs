@@ -171,64 +171,103 @@ impl Store for SqliteStore {
             params![bundle.to_string(), key, now_unix as i64, owner.to_string()],
         )?;
         let job = tx.last_insert_rowid();
-        let mut ids = Vec::with_capacity(inputs.len());
-        {
-            let mut st = tx.prepare(
-                "INSERT INTO tasks (job, idx, input, input_digest) VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            let mut hit = tx.prepare(
-                "SELECT t.id, t.attempt, t.node, t.outcome, t.receipt FROM tasks t JOIN jobs j ON j.id = t.job
-                 WHERE t.input_digest = ?1 AND j.bundle = ?2 AND t.state = 2 AND t.cached_from IS NULL
-                   AND j.kind = 0 AND t.verified IN (0, 1, 2, 3) LIMIT 1",
-            )?;
-            let mut cached = tx.prepare(
-                "INSERT INTO tasks (job, idx, input, input_digest, state, attempt, node, outcome, receipt, done_at, cached_from)
-                 VALUES (?1, ?2, ?3, ?4, 2, ?5, ?6, ?7, ?8, ?9, ?10)",
-            )?;
-            let bundle_text = bundle.to_string();
-            for (i, input) in inputs.iter().enumerate() {
-                let digest = Digest::of(input);
-                type Hit = (i64, u32, Option<String>, Option<Vec<u8>>, Option<Vec<u8>>);
-                let earlier: Option<Hit> = hit
-                    .query_row(params![digest.0.as_slice(), bundle_text], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-                    })
-                    .optional()?;
-                match earlier {
-                    Some((from, attempt, node, outcome, receipt)) => {
-                        cached.execute(params![
-                            job,
-                            i as i64,
-                            input,
-                            digest.0.as_slice(),
-                            attempt,
-                            node,
-                            outcome,
-                            receipt,
-                            now_unix as i64,
-                            from
-                        ])?;
-                        ids.push(InsertedTask {
-                            task: TaskId(tx.last_insert_rowid() as u64),
-                            cached: true,
-                        });
-                    }
-                    None => {
-                        st.execute(params![job, i as i64, input, digest.0.as_slice()])?;
-                        ids.push(InsertedTask {
-                            task: TaskId(tx.last_insert_rowid() as u64),
-                            cached: false,
-                        });
-                    }
-                }
-            }
-        }
+        let ids = insert_tasks(&tx, JobId(job as u64), bundle, 0, inputs, now_unix)?;
         tx.commit()?;
         Ok(InsertedJob {
             job: JobId(job as u64),
             tasks: ids,
             fresh: true,
         })
+    }
+
+    fn open_job(
+        &mut self,
+        bundle: &Digest,
+        owner: &PublicKey,
+        key: &str,
+        now_unix: u64,
+    ) -> Result<OpenedJob, StoreError> {
+        let key = format!("{owner}/{key}");
+        let tx = self.conn.transaction()?;
+        type Row = (i64, String, bool);
+        let existing: Option<Row> = tx
+            .query_row(
+                "SELECT id, bundle, sealed FROM jobs WHERE key = ?1",
+                [&key],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let opened = if let Some((job, b, sealed)) = existing {
+            let have: u32 =
+                tx.query_row("SELECT COUNT(*) FROM tasks WHERE job = ?1", [job], |r| {
+                    r.get(0)
+                })?;
+            OpenedJob {
+                job: JobId(job as u64),
+                bundle: digest_col(&b)?,
+                have,
+                sealed,
+                fresh: false,
+            }
+        } else {
+            tx.execute(
+                "INSERT INTO jobs (bundle, key, created_at, owner, sealed) VALUES (?1, ?2, ?3, ?4, 0)",
+                params![bundle.to_string(), key, now_unix as i64, owner.to_string()],
+            )?;
+            OpenedJob {
+                job: JobId(tx.last_insert_rowid() as u64),
+                bundle: *bundle,
+                have: 0,
+                sealed: false,
+                fresh: true,
+            }
+        };
+        tx.commit()?;
+        Ok(opened)
+    }
+
+    fn append_inputs(
+        &mut self,
+        job: JobId,
+        bundle: &Digest,
+        from: u32,
+        inputs: &[Vec<u8>],
+        now_unix: u64,
+    ) -> Result<Vec<InsertedTask>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let ids = insert_tasks(&tx, job, bundle, from, inputs, now_unix)?;
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    fn input_digests(
+        &mut self,
+        job: JobId,
+        from: u32,
+        count: u32,
+    ) -> Result<Vec<Digest>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT input_digest FROM tasks WHERE job = ?1 AND idx >= ?2 ORDER BY idx LIMIT ?3",
+        )?;
+        let v = st
+            .query_map(params![job.0 as i64, from, count], |r| {
+                r.get::<_, Vec<u8>>(0)
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        v.into_iter()
+            .map(|d| {
+                <[u8; 32]>::try_from(d.as_slice())
+                    .map(Digest)
+                    .map_err(|_| corrupt("input digest", "not 32 bytes"))
+            })
+            .collect()
+    }
+
+    fn seal_job(&mut self, job: JobId) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("UPDATE jobs SET sealed = 1 WHERE id = ?1")?
+            .execute([job.0 as i64])?;
+        Ok(())
     }
 
     fn grant(
@@ -386,17 +425,17 @@ impl Store for SqliteStore {
     }
 
     fn jobs(&mut self) -> Result<Vec<JobRow>, StoreError> {
-        let ids: Vec<(i64, Option<String>)> = {
+        let ids: Vec<(i64, Option<String>, bool)> = {
             let mut st = self
                 .conn
-                .prepare("SELECT id, owner FROM jobs ORDER BY id")?;
+                .prepare("SELECT id, owner, sealed FROM jobs ORDER BY id")?;
             let v = st
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                 .collect::<Result<Vec<_>, _>>()?;
             v
         };
         let mut out = Vec::new();
-        for (id, owner) in ids {
+        for (id, owner, sealed) in ids {
             if let Some((bundle, counts)) = self.job(JobId(id as u64))? {
                 out.push(JobRow {
                     job: JobId(id as u64),
@@ -405,6 +444,7 @@ impl Store for SqliteStore {
                     owner: owner
                         .map(|k| PublicKey::parse(&k).map_err(|e| corrupt("job owner", e)))
                         .transpose()?,
+                    sealed,
                 });
             }
         }
@@ -956,6 +996,31 @@ impl Store for SqliteStore {
         Ok(v)
     }
 
+    fn confirmed_by(
+        &mut self,
+        checker: &PublicKey,
+        limit: u32,
+    ) -> Result<Vec<(TaskId, JobId)>, StoreError> {
+        // The checker's finished check rows (index tasks_node_done), then
+        // their targets.
+        let mut st = self.conn.prepare_cached(
+            "SELECT t.id, t.job FROM tasks c
+             JOIN tasks t ON t.id = c.check_of JOIN jobs j ON j.id = t.job
+             WHERE c.node = ?1 AND c.state = 2 AND c.check_of IS NOT NULL
+               AND t.state = 2 AND t.verified = 2 AND t.cached_from IS NULL AND j.kind = 0
+             ORDER BY c.id DESC LIMIT ?2",
+        )?;
+        let v = st
+            .query_map(params![checker.to_string(), limit], |r| {
+                Ok((
+                    TaskId(r.get::<_, i64>(0)? as u64),
+                    JobId(r.get::<_, i64>(1)? as u64),
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(v)
+    }
+
     fn standings(&mut self) -> Result<Vec<(PublicKey, Standing)>, StoreError> {
         let mut st = self.conn.prepare(
             "SELECT key, reputation, strikes, confirmed, quarantined_until, banned FROM nodes
@@ -1126,4 +1191,77 @@ fn result_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<ResultRow, Store
 fn engines_text(engines: &[String]) -> Option<String> {
     // A list of strings always serialises.
     (!engines.is_empty()).then(|| serde_json::to_string(engines).unwrap_or_default())
+}
+
+/// Store inputs `from..` of `job` as tasks, inside `tx`. An input whose
+/// result for `bundle` is already stored is answered from it at once (the
+/// result cache): its task is stored done, with the earlier task as
+/// provenance. Returns each task and whether it was cached.
+fn insert_tasks(
+    tx: &rusqlite::Transaction<'_>,
+    job: JobId,
+    bundle: &Digest,
+    from: u32,
+    inputs: &[Vec<u8>],
+    now_unix: u64,
+) -> Result<Vec<InsertedTask>, StoreError> {
+    let job = job.0 as i64;
+    let mut ids = Vec::with_capacity(inputs.len());
+    {
+        let mut st = tx.prepare_cached(
+            "INSERT INTO tasks (job, idx, input, input_digest) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        let mut hit = tx.prepare_cached(
+            "SELECT t.id, t.attempt, t.node, t.outcome, t.receipt FROM tasks t JOIN jobs j ON j.id = t.job
+             WHERE t.input_digest = ?1 AND j.bundle = ?2 AND t.state = 2 AND t.cached_from IS NULL
+               AND j.kind = 0 AND t.verified IN (0, 1, 2, 3) LIMIT 1",
+        )?;
+        let mut cached = tx.prepare_cached(
+            "INSERT INTO tasks (job, idx, input, input_digest, state, attempt, node, outcome, receipt, done_at, cached_from)
+             VALUES (?1, ?2, ?3, ?4, 2, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )?;
+        let bundle_text = bundle.to_string();
+        for (i, input) in inputs.iter().enumerate() {
+            let digest = Digest::of(input);
+            type Hit = (i64, u32, Option<String>, Option<Vec<u8>>, Option<Vec<u8>>);
+            let earlier: Option<Hit> = hit
+                .query_row(params![digest.0.as_slice(), bundle_text], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })
+                .optional()?;
+            match earlier {
+                Some((source, attempt, node, outcome, receipt)) => {
+                    cached.execute(params![
+                        job,
+                        i64::from(from) + i as i64,
+                        input,
+                        digest.0.as_slice(),
+                        attempt,
+                        node,
+                        outcome,
+                        receipt,
+                        now_unix as i64,
+                        source
+                    ])?;
+                    ids.push(InsertedTask {
+                        task: TaskId(tx.last_insert_rowid() as u64),
+                        cached: true,
+                    });
+                }
+                None => {
+                    st.execute(params![
+                        job,
+                        i64::from(from) + i as i64,
+                        input,
+                        digest.0.as_slice()
+                    ])?;
+                    ids.push(InsertedTask {
+                        task: TaskId(tx.last_insert_rowid() as u64),
+                        cached: false,
+                    });
+                }
+            }
+        }
+    }
+    Ok(ids)
 }
