@@ -253,6 +253,7 @@ impl PoolClient {
                 .submit_chunked(
                     bundle,
                     key,
+                    0,
                     inputs.into_iter().map(Ok),
                     SUBMIT_CHUNK_BYTES,
                     |_| {},
@@ -279,10 +280,12 @@ impl PoolClient {
     /// so running this again after a lost connection resumes where the
     /// pool stopped — append the rest, and seal. `progress` gets the number
     /// of inputs the pool holds after each chunk. Memory: one chunk.
+    /// `priority`: higher is served first (the pool caps it; 0 normal).
     pub async fn submit_chunked<I>(
         &self,
         bundle: Digest,
         key: String,
+        priority: i8,
         inputs: I,
         chunk_bytes: usize,
         mut progress: impl FnMut(u32),
@@ -290,7 +293,7 @@ impl PoolClient {
     where
         I: IntoIterator<Item = Result<Vec<u8>, ClientError>>,
     {
-        let (job, have, sealed) = self.open_job(bundle, key).await?;
+        let (job, have, sealed) = self.open_job(bundle, key, priority).await?;
         progress(have);
         let mut inputs = inputs.into_iter();
         // Inputs the pool holds: read past them (the pool compared them
@@ -357,8 +360,16 @@ impl PoolClient {
         &self,
         bundle: Digest,
         key: String,
+        priority: i8,
     ) -> Result<(JobId, u32, bool), ClientError> {
-        match self.call(&Request::OpenJob { bundle, key }).await? {
+        match self
+            .call(&Request::OpenJob {
+                bundle,
+                key,
+                priority,
+            })
+            .await?
+        {
             Response::JobOpened { job, have, sealed } => Ok((job, have, sealed)),
             other => Err(unexpected(&other)),
         }

@@ -50,6 +50,14 @@
 //! breaker_quarantine_secs = 300    # ... it gets no tasks this long (its failed tasks go elsewhere)
 //! grant_bytes = 8388608            # input bytes one lease answer carries (at least one task)
 //!
+//! [quotas]                         # what one client may make the pool hold and run
+//! queued_tasks = 2000000           # tasks of its jobs waiting at once (a submission past it is refused)
+//! running_tasks = 0                # tasks of its jobs running at once (0: no limit)
+//! open_jobs = 16                   # jobs opened for chunked submission and not sealed
+//! max_priority = 0                 # highest priority its jobs may ask for (admins: any)
+//! weights = {}                     # a client key's share of the nodes, relative (others: 1)
+//!                                  # e.g. { "ed25519:..." = 4 }
+//!
 //! [limits]                         # what one peer may make the pool hold
 //! max_lease_bytes = 65536          # largest lease request (renewals name every running lease)
 //! max_results_bytes = 16842752     # largest results frame (the outputs)
@@ -125,6 +133,46 @@ pub struct PoolConfig {
     /// What one peer may make the pool hold (frame sizes by request,
     /// connections, streams, buffered bytes); used by the network shell.
     pub limits: NetLimits,
+    /// What one client may queue, run and open, and its share of the
+    /// nodes.
+    pub quotas: Quotas,
+}
+
+/// What one client may make the pool hold and run, and its share of the
+/// nodes. Defaults in the module docs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quotas {
+    /// Tasks of one client's jobs waiting at once; a submission or chunk
+    /// that would pass it is refused (`Busy`) and nothing of it is stored.
+    pub queued_tasks: u64,
+    /// Tasks of one client's jobs running at once (0: no limit); the rest
+    /// wait while other clients' tasks are served.
+    pub running_tasks: u32,
+    /// Jobs one client may have open (chunked, not sealed) at once.
+    pub open_jobs: u32,
+    /// Highest priority a client's jobs may ask for; admins may ask any.
+    pub max_priority: i8,
+    /// A client's share of the nodes relative to others' (absent: 1).
+    pub weights: std::collections::BTreeMap<PublicKey, u32>,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Self {
+            queued_tasks: 2_000_000,
+            running_tasks: 0,
+            open_jobs: 16,
+            max_priority: 0,
+            weights: Default::default(),
+        }
+    }
+}
+
+impl Quotas {
+    /// `client`'s weight in the fair share.
+    pub fn weight(&self, client: &PublicKey) -> f64 {
+        f64::from(self.weights.get(client).copied().unwrap_or(1).max(1))
+    }
 }
 
 /// How much work a node gets and for how long: the pool's decision, not the
@@ -250,6 +298,7 @@ impl Default for PoolConfig {
             verify: VerifyPolicy::default(),
             leasing: LeasePolicy::default(),
             limits: NetLimits::default(),
+            quotas: Quotas::default(),
         }
     }
 }
@@ -315,6 +364,44 @@ pub struct PoolFile {
     /// Network budgets.
     #[serde(default)]
     pub limits: LimitsFile,
+    /// Per-client quotas and shares.
+    #[serde(default)]
+    pub quotas: QuotasFile,
+}
+
+/// The `[quotas]` table (see [`Quotas`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotasFile {
+    /// Tasks waiting per client.
+    #[serde(default = "default_queued_tasks")]
+    pub queued_tasks: u64,
+    /// Tasks running per client (0: no limit).
+    #[serde(default)]
+    pub running_tasks: u32,
+    /// Open jobs per client.
+    #[serde(default = "default_open_jobs")]
+    pub open_jobs: u32,
+    /// Highest priority a client may ask for.
+    #[serde(default)]
+    pub max_priority: i8,
+    /// Shares by client key.
+    #[serde(default)]
+    pub weights: std::collections::BTreeMap<PublicKey, u32>,
+}
+
+impl Default for QuotasFile {
+    fn default() -> Self {
+        toml::from_str("").expect("an empty table takes every default")
+    }
+}
+
+fn default_queued_tasks() -> u64 {
+    Quotas::default().queued_tasks
+}
+
+fn default_open_jobs() -> u32 {
+    Quotas::default().open_jobs
 }
 
 /// The `[leasing]` table (see [`LeasePolicy`]).
@@ -646,6 +733,19 @@ impl PoolFile {
                 ),
             ));
         }
+        let q = &self.quotas;
+        if q.queued_tasks == 0 || q.open_jobs == 0 {
+            return Err(bad(
+                "quotas.queued_tasks",
+                "quotas.queued_tasks and quotas.open_jobs must be at least 1",
+            ));
+        }
+        if let Some((k, _)) = q.weights.iter().find(|(_, w)| **w == 0) {
+            return Err(bad(
+                "quotas.weights",
+                format!("quotas.weights: the weight of {k} must be at least 1"),
+            ));
+        }
         let frame = tidepool_proto::wire::MAX_FRAME_BYTES as u64;
         if !(1024..=frame / 2).contains(&l.grant_bytes) {
             return Err(bad(
@@ -810,6 +910,13 @@ impl PoolFile {
                 in_flight_per_connection: self.limits.in_flight_per_connection,
                 buffered_bytes_per_connection: self.limits.buffered_bytes_per_connection,
                 buffered_bytes_total: self.limits.buffered_bytes_total,
+            },
+            quotas: Quotas {
+                queued_tasks: self.quotas.queued_tasks,
+                running_tasks: self.quotas.running_tasks,
+                open_jobs: self.quotas.open_jobs,
+                max_priority: self.quotas.max_priority,
+                weights: self.quotas.weights.clone(),
             },
             ..PoolConfig::default()
         }

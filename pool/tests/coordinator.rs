@@ -1132,7 +1132,7 @@ fn a_job_sent_in_chunks_resumes_and_finishes_only_when_sealed() {
     let me = submitter();
     let all = inputs(10);
     let (job, have, sealed) = c
-        .handle_open_job(NOW_UNIX, &me, &bundle, "chunks")
+        .handle_open_job(NOW_UNIX, &me, &bundle, "chunks", 0)
         .expect("open");
     assert_eq!((have, sealed), (0, false));
     assert_eq!(
@@ -1205,7 +1205,7 @@ fn a_job_sent_in_chunks_resumes_and_finishes_only_when_sealed() {
     drop(c);
     let mut c = open(&path, &w.cfg);
     assert_eq!(
-        c.handle_open_job(NOW_UNIX, &me, &bundle, "chunks")
+        c.handle_open_job(NOW_UNIX, &me, &bundle, "chunks", 0)
             .expect("reopen"),
         (job, 6, false)
     );
@@ -1227,7 +1227,7 @@ fn a_job_sent_in_chunks_resumes_and_finishes_only_when_sealed() {
         .expect_err("sealed");
     assert!(late.message.contains("sealed"), "{}", late.message);
     assert_eq!(
-        c.handle_open_job(NOW_UNIX, &me, &bundle, "chunks")
+        c.handle_open_job(NOW_UNIX, &me, &bundle, "chunks", 0)
             .expect("reopen sealed"),
         (job, 10, true)
     );
@@ -1260,4 +1260,143 @@ fn a_job_sent_in_chunks_resumes_and_finishes_only_when_sealed() {
         );
     }
     assert_eq!(recs.len(), 10);
+}
+
+/// Node `key` leases up to `want` tasks and answers them honestly; returns
+/// the inputs of the tasks it got, in grant order.
+fn work_once(
+    c: &mut Coordinator<SqliteStore>,
+    now: Instant,
+    key: &SecretKey,
+    component: Digest,
+    want: u32,
+) -> Vec<Vec<u8>> {
+    let (grants, _) = c
+        .handle_lease(now, &key.public(), want, &[])
+        .expect("lease");
+    let jobs = grants.iter().map(|g| g.input.0.clone()).collect();
+    let results: Vec<_> = grants.iter().map(|g| honest(key, g, component)).collect();
+    c.handle_results(now, &key.public(), results)
+        .expect("results");
+    jobs
+}
+
+/// Fair share: a client with a big job and another with a small one
+/// submitted later share the node — the small one is done after about
+/// twice its own size of tasks, not after the big one; with weight 3 the
+/// first client gets three tasks in four; a priority job goes first; the
+/// running-tasks quota holds a client to its number of leases.
+#[test]
+fn a_small_job_of_another_client_is_not_starved_by_a_big_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world();
+    let big_client = submitter();
+    let small_client = SecretKey::from_seed(KeyRole::Client, &[8; 32]).public();
+    for (weight, quota) in [(1u32, 0u32), (3, 0), (1, 2)] {
+        let mut cfg = w.cfg.clone();
+        cfg.quotas.weights.insert(big_client, weight);
+        cfg.quotas.running_tasks = quota;
+        cfg.leasing.start_leases = 64;
+        let mut c = open(&dir.path().join(format!("pool-{weight}-{quota}.db")), &cfg);
+        let (bundle, component) = publish(&mut c, &w);
+        let now = Instant::now();
+        c.handle_node_hello(now, w.node_a.public(), caps())
+            .expect("hello");
+        let (big, _) = c
+            .handle_submit(NOW_UNIX, &big_client, &bundle, "big", &inputs(2000))
+            .expect("big");
+        // The big job has the node to itself for a while.
+        for _ in 0..10 {
+            work_once(&mut c, now, &w.node_a, component, 4);
+        }
+        let small_inputs: Vec<Vec<u8>> = (0..100)
+            .map(|i| format!("small {i}").into_bytes())
+            .collect();
+        let (small, _) = c
+            .handle_submit(NOW_UNIX, &small_client, &bundle, "small", &small_inputs)
+            .expect("small");
+        let mut served = Vec::new();
+        while c.job_status(small).expect("status").done < 100 {
+            let got = work_once(&mut c, now, &w.node_a, component, 4);
+            assert!(!got.is_empty(), "work left");
+            if quota > 0 {
+                let s = c.job_status(big).expect("big");
+                assert!(s.running <= quota, "{s:?}");
+            }
+            served.extend(got);
+        }
+        let of_big = served.iter().filter(|i| !i.starts_with(b"small")).count();
+        let want = 100 * weight as usize;
+        assert!(
+            of_big.abs_diff(want) <= 4,
+            "weight {weight}: {of_big} of the big job's tasks ran while the small job's 100 did"
+        );
+        let big_done = c.job_status(big).expect("big").done;
+        assert!(big_done < 2000 / 2, "{big_done}");
+    }
+}
+
+/// Per-client quotas: tasks waiting, jobs open, priority; a refused
+/// submission stores nothing.
+#[test]
+fn client_quotas_refuse_what_is_over_them_and_store_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world();
+    let mut cfg = w.cfg.clone();
+    cfg.quotas.queued_tasks = 10;
+    cfg.quotas.open_jobs = 2;
+    cfg.quotas.max_priority = 1;
+    let mut c = open(&dir.path().join("pool.db"), &cfg);
+    let (bundle, _) = publish(&mut c, &w);
+    let me = submitter();
+    c.handle_submit(NOW_UNIX, &me, &bundle, "a", &inputs(8))
+        .expect("8 of 10");
+    let over = c
+        .handle_submit(NOW_UNIX, &me, &bundle, "b", &inputs(3))
+        .expect_err("11 of 10");
+    assert_eq!(over.code, tidepool_proto::wire::ErrorCode::Busy);
+    assert!(
+        over.message.contains("quotas.queued_tasks"),
+        "{}",
+        over.message
+    );
+    assert_eq!(c.queued(), 8, "nothing of the refused job stored");
+    // Chunks count too; a chunk sent again is not counted twice.
+    let (job, _, _) = c
+        .handle_open_job(NOW_UNIX, &me, &bundle, "c", 1)
+        .expect("open");
+    assert_eq!(
+        c.handle_append_inputs(NOW_UNIX, &me, job, 0, &inputs(2))
+            .expect("2"),
+        2
+    );
+    assert_eq!(
+        c.handle_append_inputs(NOW_UNIX, &me, job, 0, &inputs(2))
+            .expect("again"),
+        2
+    );
+    assert!(c
+        .handle_append_inputs(NOW_UNIX, &me, job, 2, &inputs(3)[2..])
+        .is_err());
+    // Jobs open: two; the third is refused, the first can still be named.
+    c.handle_open_job(NOW_UNIX, &me, &bundle, "d", 0)
+        .expect("second open");
+    let third = c
+        .handle_open_job(NOW_UNIX, &me, &bundle, "e", 0)
+        .expect_err("third");
+    assert!(
+        third.message.contains("quotas.open_jobs"),
+        "{}",
+        third.message
+    );
+    assert_eq!(
+        c.handle_open_job(NOW_UNIX, &me, &bundle, "c", 0)
+            .expect("named again")
+            .0,
+        job
+    );
+    let high = c
+        .handle_open_job(NOW_UNIX, &me, &bundle, "f", 2)
+        .expect_err("priority");
+    assert_eq!(high.code, tidepool_proto::wire::ErrorCode::Forbidden);
 }

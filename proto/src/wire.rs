@@ -424,6 +424,10 @@ pub enum Request {
         bundle: Digest,
         /// The client's idempotency key (as for `Submit`).
         key: String,
+        /// Higher is served first (0: normal; the pool caps what a client
+        /// may ask for). Ignored when the key names an existing job.
+        #[serde(default)]
+        priority: i8,
     },
     /// Inputs `from..from + inputs.len()` of an open job. Idempotent: inputs
     /// the pool holds already are compared (by digest) and skipped, so a

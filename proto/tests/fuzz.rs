@@ -109,6 +109,7 @@ fn requests() -> Vec<Request> {
         Request::OpenJob {
             bundle: d,
             key: "k".into(),
+            priority: 3,
         },
         Request::AppendInputs {
             job: JobId(3),

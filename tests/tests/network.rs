@@ -414,7 +414,7 @@ async fn a_batch_larger_than_a_frame_is_sent_in_chunks_and_resumed() -> Result<(
         )));
     let mut held = Vec::new();
     let err = client
-        .submit_chunked(digest, "big".into(), broken, 1 << 20, |h| held.push(h))
+        .submit_chunked(digest, "big".into(), 0, broken, 1 << 20, |h| held.push(h))
         .await
         .expect_err("the source broke");
     assert!(err.to_string().contains("went away"), "{err}");
@@ -430,6 +430,7 @@ async fn a_batch_larger_than_a_frame_is_sent_in_chunks_and_resumed() -> Result<(
         .submit_chunked(
             digest,
             "big".into(),
+            0,
             inputs.iter().cloned().map(Ok),
             1 << 20,
             |h| resumed.push(h),
@@ -446,6 +447,7 @@ async fn a_batch_larger_than_a_frame_is_sent_in_chunks_and_resumed() -> Result<(
         .submit_chunked(
             digest,
             "big".into(),
+            0,
             inputs.iter().cloned().map(Ok),
             1 << 20,
             |_| {},

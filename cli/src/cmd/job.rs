@@ -26,6 +26,9 @@ pub enum Command {
         /// Return after the pool has stored the job, without waiting.
         #[arg(long)]
         no_wait: bool,
+        /// Higher is served first (the pool caps what a client may ask for).
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i8,
         #[command(flatten)]
         pool: PoolArgs,
         /// Print JSON.
@@ -78,6 +81,7 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
             inputs,
             submit_key,
             no_wait,
+            priority,
             pool,
             json,
         } => {
@@ -108,6 +112,7 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
                     .submit_chunked(
                         digest,
                         key,
+                        priority,
                         lines,
                         tidepool_client::SUBMIT_CHUNK_BYTES,
                         |held| bar.set_position(u64::from(held)),

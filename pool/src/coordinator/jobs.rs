@@ -131,6 +131,7 @@ impl<S: Store> Coordinator<S> {
         inputs: &[Vec<u8>],
     ) -> Result<(JobId, u32), Refusal> {
         self.submittable(bundle, key)?;
+        self.within_queue_quota(owner, inputs.len())?;
         if inputs.is_empty() {
             return Err(refusal(
                 ErrorCode::Invalid,
@@ -149,16 +150,45 @@ impl<S: Store> Coordinator<S> {
     }
 
     /// Open a job to be filled in chunks, or find the one `owner` opened
-    /// (or submitted) with `key`: `(job, inputs held, sealed)`.
+    /// (or submitted) with `key`: `(job, inputs held, sealed)`. A client
+    /// may have `quotas.open_jobs` open at once and ask for a priority up
+    /// to `quotas.max_priority` (admins: any).
     pub fn handle_open_job(
         &mut self,
         now_unix: u64,
         owner: &PublicKey,
         bundle: &Digest,
         key: &str,
+        priority: i8,
     ) -> Result<(JobId, u32, bool), Refusal> {
         self.submittable(bundle, key)?;
-        let o = self.store.open_job(bundle, owner, key, now_unix)?;
+        let q = &self.cfg.quotas;
+        if priority > q.max_priority && !self.is_admin(owner) {
+            return Err(refusal(
+                ErrorCode::Forbidden,
+                format!(
+                    "priority {priority} is over this pool's limit for clients ({})",
+                    q.max_priority
+                ),
+            ));
+        }
+        let open = self
+            .open
+            .iter()
+            .filter(|j| self.owners.get(j) == Some(owner))
+            .count();
+        // At the quota, only a job it opened before may be named.
+        let create = open < q.open_jobs as usize;
+        let quota = q.open_jobs;
+        let Some(o) = self
+            .store
+            .open_job(bundle, owner, key, priority, create, now_unix)?
+        else {
+            return Err(refusal(
+                ErrorCode::Busy,
+                format!("client has {open} jobs open, this pool's quota (quotas.open_jobs = {quota}); seal one first"),
+            ));
+        };
         if o.bundle != *bundle {
             return Err(refusal(
                 ErrorCode::Invalid,
@@ -171,6 +201,9 @@ impl<S: Store> Coordinator<S> {
         if o.fresh {
             self.owners.insert(o.job, *owner);
             self.open.insert(o.job);
+            if priority != 0 {
+                self.priorities.insert(o.job, priority);
+            }
             self.jobs.insert(o.job, (*bundle, JobCounts::default()));
         }
         Ok((o.job, o.have, o.sealed))
@@ -188,6 +221,12 @@ impl<S: Store> Coordinator<S> {
         inputs: &[Vec<u8>],
     ) -> Result<u32, Refusal> {
         let (bundle, have) = self.open_job_of(owner, job)?;
+        self.within_queue_quota(
+            owner,
+            inputs
+                .len()
+                .saturating_sub(have.saturating_sub(from) as usize),
+        )?;
         let end = u64::from(from) + inputs.len() as u64;
         if end > u64::from(MAX_JOB_TASKS) {
             return Err(refusal(
@@ -277,6 +316,22 @@ impl<S: Store> Coordinator<S> {
         Ok((bundle, counts.tasks))
     }
 
+    /// May `owner` queue `more` tasks under its `quotas.queued_tasks`?
+    fn within_queue_quota(&self, owner: &PublicKey, more: usize) -> Result<(), Refusal> {
+        let quota = self.cfg.quotas.queued_tasks;
+        let queued = self.queues.queued_of(&Some(*owner)) as u64;
+        if queued + more as u64 > quota {
+            return Err(refusal(
+                ErrorCode::Busy,
+                format!(
+                    "client has {queued} tasks waiting and sends {more} more; this pool's quota \
+                     is {quota} (quotas.queued_tasks): wait for some to finish"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// May a job of `bundle` be submitted with `key`?
     fn submittable(&self, bundle: &Digest, key: &str) -> Result<(), Refusal> {
         let b = self.bundles.get(bundle).ok_or_else(|| {
@@ -307,8 +362,9 @@ impl<S: Store> Coordinator<S> {
     /// done) and count them; a sealed job with nothing left is finished.
     fn queue_inserted(&mut self, job: JobId, bundle: Digest, tasks: &[InsertedTask]) {
         for t in tasks.iter().filter(|t| !t.cached) {
+            let meta = self.job_meta(job, bundle);
             self.queues.push_back(
-                bundle,
+                meta,
                 Queued {
                     task: t.task,
                     job,

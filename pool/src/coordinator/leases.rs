@@ -5,11 +5,11 @@
 use super::fit::can_run;
 use super::lease_table::Lease;
 use super::nodes::UPTIME_MARGIN;
-use super::queues::Queued;
+use super::queues::{self, Queued};
 use super::verification::CHECK_ATTEMPTS_FACTOR;
 use super::{refusal, Coordinator, PoolEvent};
 use crate::store::{GrantRow, GrantedInput, Store, StoreError, Verified};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 use tidepool_proto::session::Refusal;
 use tidepool_proto::wire::TaskState;
@@ -142,8 +142,25 @@ impl<S: Store> Coordinator<S> {
                 })
             })
         };
+        // Each client's room under its running-tasks quota.
+        let quotas = &self.cfg.quotas;
+        let mut running: HashMap<queues::Share, usize> = HashMap::new();
+        if quotas.running_tasks > 0 {
+            for (job, (_, c)) in &self.jobs {
+                if c.leased > 0 {
+                    *running.entry(self.owners.get(job).copied()).or_default() += c.leased as usize;
+                }
+            }
+        }
         let rest = self.queues.take(
             want - picked.len(),
+            |share| share.as_ref().map_or(1.0, |k| quotas.weight(k)),
+            |share| match (quotas.running_tasks, share) {
+                (0, _) | (_, None) => usize::MAX,
+                (quota, Some(_)) => {
+                    (quota as usize).saturating_sub(running.get(share).copied().unwrap_or(0))
+                }
+            },
             |digest| {
                 bundles
                     .get(digest)
@@ -247,7 +264,8 @@ impl<S: Store> Coordinator<S> {
             if self.checks.contains_key(&q.task) {
                 self.queues.push_check_front(q);
             } else {
-                self.queues.push_front(d, q);
+                let meta = self.job_meta(q.job, d);
+                self.queues.push_front(meta, q);
             }
         }
     }
@@ -349,8 +367,9 @@ impl<S: Store> Coordinator<S> {
             self.count(lease.job, TaskState::Leased, TaskState::Dead);
         } else {
             self.count(lease.job, TaskState::Leased, TaskState::Queued);
+            let meta = self.job_meta(lease.job, lease.bundle);
             self.queues.push_front(
-                lease.bundle,
+                meta,
                 Queued {
                     task,
                     job: lease.job,

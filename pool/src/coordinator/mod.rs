@@ -181,6 +181,9 @@ pub struct Coordinator<S: Store> {
     /// take inputs and are not finished while here. Loaded at start, left
     /// on seal.
     open: HashSet<JobId>,
+    /// User jobs' priorities other than 0 (higher is served first).
+    /// Loaded at start, added to when a job is opened.
+    priorities: HashMap<JobId, i8>,
     /// When each client's recent challenges were made (at most
     /// `challenges_per_hour` each, within the last hour).
     challenge_times: HashMap<PublicKey, VecDeque<Instant>>,
@@ -249,6 +252,7 @@ impl<S: Store> Coordinator<S> {
             jobs: BTreeMap::new(),
             owners: HashMap::new(),
             open: HashSet::new(),
+            priorities: HashMap::new(),
             challenge_times: HashMap::new(),
             nodes: Nodes::default(),
             events: VecDeque::new(),
@@ -322,6 +326,9 @@ impl<S: Store> Coordinator<S> {
             if !r.sealed {
                 me.open.insert(r.job);
             }
+            if r.priority != 0 {
+                me.priorities.insert(r.job, r.priority);
+            }
             me.jobs.insert(r.job, (r.bundle, r.counts));
         }
         for (&job, (bundle, _)) in &me.jobs {
@@ -361,7 +368,8 @@ impl<S: Store> Coordinator<S> {
                     if let Some(origin) = origin {
                         me.canary_origins.insert(task, origin);
                     }
-                    me.queues.push_back(bundle, q)
+                    let meta = me.job_meta(job, bundle);
+                    me.queues.push_back(meta, q)
                 }
             }
         }
@@ -416,6 +424,15 @@ impl<S: Store> Coordinator<S> {
     /// owner, so only admins see them.
     pub fn sees(&self, key: &PublicKey, job: JobId) -> bool {
         self.is_admin(key) || self.owners.get(&job) == Some(key)
+    }
+
+    /// Where `job`'s tasks (of `bundle`) go in the queues.
+    fn job_meta(&self, job: JobId, bundle: Digest) -> queues::JobMeta {
+        queues::JobMeta {
+            bundle,
+            owner: self.owners.get(&job).copied(),
+            priority: self.priorities.get(&job).copied().unwrap_or(0),
+        }
     }
 
     /// When the next lease expires.

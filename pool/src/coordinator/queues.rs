@@ -1,15 +1,25 @@
-//! The queues: tasks waiting for a node, one queue per bundle (served
-//! oldest bundle first) and the re-executions, which go before them.
+//! The queues: tasks waiting for a node, and the fair share that decides
+//! whose go next.
 //!
-//! A sub-state of the coordinator. It only holds and hands out tasks in
-//! order; which node may take which task is decided by the caller's
-//! predicates. Invariant: no empty bundle queue is kept.
+//! A sub-state of the coordinator. User jobs' tasks wait per job; a take
+//! serves the highest priority first, and within it the client that has
+//! been served least for its weight (each task served adds `1 / weight`
+//! to the client's count; a client that comes back after its queue
+//! emptied starts level with the least-served waiting client, so idle time
+//! earns no credit), and within one client its oldest job first. So a big
+//! job cannot starve a small one of another client: with two clients
+//! waiting, each gets its weight's share of every node's grants. The
+//! re-executions wait in their own queue and go before everything.
+//!
+//! It only holds and orders tasks; which node may take which task is
+//! decided by the caller's predicates. Invariant: no empty job queue is
+//! kept, and `len` is the sum of the job queues' lengths.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use tidepool_proto::wire::{JobId, TaskId};
 use tidepool_proto::{Digest, PublicKey};
 
-/// Most tasks a take looks past in one bundle queue (tasks a node may not
+/// Most tasks a take looks past in one job's queue (tasks a node may not
 /// retry stay where they are), so one lease request costs a bounded scan
 /// however long the queue.
 const SCAN_PAST: usize = 256;
@@ -28,26 +38,88 @@ pub(super) struct Queued {
     pub(super) failed_on: Option<PublicKey>,
 }
 
+/// Who a job's tasks are charged to: its client, or `None` for the pool's
+/// own hidden tasks (canaries restored at start).
+pub(super) type Share = Option<PublicKey>;
+
+/// What the queues need to know of a job to place its tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct JobMeta {
+    /// The bundle its tasks run.
+    pub(super) bundle: Digest,
+    /// Whose share its tasks use.
+    pub(super) owner: Share,
+    /// Higher goes first; the same for all of a job's tasks.
+    pub(super) priority: i8,
+}
+
+/// One job's waiting tasks. Lives while it has any.
+#[derive(Debug)]
+struct JobQueue {
+    /// Where its tasks go.
+    meta: JobMeta,
+    /// Its tasks in order (retries at the front).
+    tasks: VecDeque<Queued>,
+}
+
+/// One client's place in the fair share. Lives as long as the queues (a
+/// few numbers per client that ever had waiting tasks).
+#[derive(Debug, Default)]
+struct Client {
+    /// Tasks served, each counted as `1 / weight`.
+    served: f64,
+    /// Tasks of its jobs waiting.
+    queued: usize,
+}
+
 /// Waiting tasks. Lives as long as the coordinator; rebuilt from the store
 /// at start.
 #[derive(Debug, Default)]
 pub(super) struct Queues {
-    /// Tasks of user jobs per bundle, in order.
-    by_bundle: BTreeMap<Digest, VecDeque<Queued>>,
+    /// Tasks of user jobs per job, oldest job (lowest id) first.
+    jobs: BTreeMap<JobId, JobQueue>,
+    /// The fair share's count per client.
+    clients: HashMap<Share, Client>,
     /// Re-executions waiting for a suitable node, oldest first (deciders
     /// are put at the front).
     checks: VecDeque<Queued>,
+    /// Tasks in `jobs`.
+    len: usize,
 }
 
 impl Queues {
-    /// Queue a task of `bundle` last.
-    pub(super) fn push_back(&mut self, bundle: Digest, q: Queued) {
-        self.by_bundle.entry(bundle).or_default().push_back(q);
+    /// Queue a task of a job last.
+    pub(super) fn push_back(&mut self, meta: JobMeta, q: Queued) {
+        self.place(meta, q.job).push_back(q);
     }
 
-    /// Queue a task of `bundle` first (a retry keeps its place).
-    pub(super) fn push_front(&mut self, bundle: Digest, q: Queued) {
-        self.by_bundle.entry(bundle).or_default().push_front(q);
+    /// Queue a task of a job first (a retry keeps its place).
+    pub(super) fn push_front(&mut self, meta: JobMeta, q: Queued) {
+        self.place(meta, q.job).push_front(q);
+    }
+
+    /// The queue a new task of `meta`'s job goes into, counted.
+    fn place(&mut self, meta: JobMeta, job: JobId) -> &mut VecDeque<Queued> {
+        self.len += 1;
+        let level = self
+            .clients
+            .iter()
+            .filter(|(s, c)| c.queued > 0 && **s != meta.owner)
+            .map(|(_, c)| c.served)
+            .reduce(f64::min);
+        let client = self.clients.entry(meta.owner).or_default();
+        if client.queued == 0 {
+            // Back from idle: level with the least served waiting client.
+            if let Some(level) = level {
+                client.served = client.served.max(level);
+            }
+        }
+        client.queued += 1;
+        let JobQueue { tasks, .. } = self.jobs.entry(job).or_insert_with(|| JobQueue {
+            meta,
+            tasks: VecDeque::new(),
+        });
+        tasks
     }
 
     /// Queue a re-execution last.
@@ -79,84 +151,246 @@ impl Queues {
         taken
     }
 
-    /// Take up to `want` tasks from the queues of bundles that `runs`
-    /// allows, oldest bundle first, each queue in order, skipping tasks that
-    /// `may_take` refuses (they keep their places; at most [`SCAN_PAST`]
-    /// are looked past per queue).
+    /// Take up to `want` tasks of jobs whose bundle `runs` allows, in fair
+    /// order (see the module docs), skipping tasks that `may_take` refuses
+    /// (they keep their places; at most [`SCAN_PAST`] are looked past per
+    /// job). `weight` gives a client's share (> 0); `room` how many more
+    /// of its tasks a client may have running (its quota).
     pub(super) fn take(
         &mut self,
         want: usize,
+        weight: impl Fn(&Share) -> f64,
+        room: impl Fn(&Share) -> usize,
         runs: impl Fn(&Digest) -> bool,
         may_take: impl Fn(&Queued, &Digest) -> bool,
     ) -> Vec<(Queued, Digest)> {
         let mut taken = Vec::new();
-        for (digest, queue) in self.by_bundle.iter_mut() {
-            if taken.len() == want {
+        // The jobs this node may serve, oldest first.
+        let mut live: Vec<(JobId, JobMeta)> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| runs(&j.meta.bundle))
+            .map(|(id, j)| (*id, j.meta))
+            .collect();
+        let mut skipped: HashMap<JobId, Vec<Queued>> = HashMap::new();
+        let mut granted: HashMap<Share, usize> = HashMap::new();
+        while taken.len() < want {
+            let Some(top) = live.iter().map(|(_, m)| m.priority).max() else {
                 break;
-            }
-            if !runs(digest) {
+            };
+            // The least served client at this priority; ties to the lower key.
+            let pick = live
+                .iter()
+                .filter(|(_, m)| m.priority == top)
+                .map(|(_, m)| m.owner)
+                .min_by(|a, b| {
+                    let served = |s: &Share| self.clients.get(s).map_or(0.0, |c| c.served);
+                    served(a).total_cmp(&served(b)).then(a.cmp(b))
+                });
+            let Some(owner) = pick else { break };
+            let given = granted.get(&owner).copied().unwrap_or(0);
+            if given >= room(&owner) {
+                live.retain(|(_, m)| m.owner != owner);
                 continue;
             }
-            let mut skipped = Vec::new();
-            while taken.len() < want && skipped.len() < SCAN_PAST {
-                let Some(q) = queue.pop_front() else { break };
-                if may_take(&q, digest) {
-                    taken.push((q, *digest));
-                } else {
-                    skipped.push(q);
+            // Its oldest job at this priority (live is in job order).
+            let Some(at) = live
+                .iter()
+                .position(|(_, m)| m.priority == top && m.owner == owner)
+            else {
+                break;
+            };
+            let (job, meta) = live[at];
+            let passed = skipped.entry(job).or_default();
+            let mut got = None;
+            if let Some(queue) = self.jobs.get_mut(&job) {
+                while passed.len() < SCAN_PAST {
+                    let Some(q) = queue.tasks.pop_front() else {
+                        break;
+                    };
+                    if may_take(&q, &meta.bundle) {
+                        got = Some(q);
+                        break;
+                    }
+                    passed.push(q);
                 }
             }
-            for q in skipped.into_iter().rev() {
-                queue.push_front(q);
+            match got {
+                Some(q) => {
+                    taken.push((q, meta.bundle));
+                    *granted.entry(owner).or_default() += 1;
+                    self.len -= 1;
+                    if let Some(c) = self.clients.get_mut(&owner) {
+                        c.served += 1.0 / weight(&owner).max(f64::MIN_POSITIVE);
+                        c.queued = c.queued.saturating_sub(1);
+                    }
+                }
+                None => {
+                    live.remove(at);
+                }
             }
         }
-        self.by_bundle.retain(|_, q| !q.is_empty());
+        // Tasks looked past go back first, in their order.
+        for (job, passed) in skipped {
+            if let Some(queue) = self.jobs.get_mut(&job) {
+                for q in passed.into_iter().rev() {
+                    queue.tasks.push_front(q);
+                }
+            }
+        }
+        self.jobs.retain(|_, j| !j.tasks.is_empty());
         taken
     }
 
     /// Tasks of user jobs waiting.
     pub(super) fn len(&self) -> usize {
-        self.by_bundle.values().map(VecDeque::len).sum()
+        self.len
+    }
+
+    /// Tasks of `owner`'s jobs waiting.
+    pub(super) fn queued_of(&self, owner: &Share) -> usize {
+        self.clients.get(owner).map_or(0, |c| c.queued)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tidepool_proto::{KeyRole, SecretKey};
 
-    fn q(task: u64) -> Queued {
+    fn q(job: u64, task: u64) -> Queued {
         Queued {
             task: TaskId(task),
-            job: JobId(1),
+            job: JobId(job),
             attempts: 0,
             failed_on: None,
         }
     }
 
+    fn client(n: u8) -> Share {
+        Some(SecretKey::from_seed(KeyRole::Client, &[n; 32]).public())
+    }
+
+    fn meta(owner: Share, priority: i8) -> JobMeta {
+        JobMeta {
+            bundle: Digest::of(b"b"),
+            owner,
+            priority,
+        }
+    }
+
+    fn tasks(v: &[(Queued, Digest)]) -> Vec<u64> {
+        v.iter().map(|(q, _)| q.task.0).collect()
+    }
+
+    fn take(qs: &mut Queues, want: usize) -> Vec<u64> {
+        tasks(&qs.take(want, |_| 1.0, |_| usize::MAX, |_| true, |_, _| true))
+    }
+
     #[test]
-    fn bundles_are_served_in_order_and_only_where_allowed() {
-        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
-        let (first, second) = if a < b { (a, b) } else { (b, a) };
+    fn one_client_oldest_job_first_and_only_runnable_bundles() {
         let mut qs = Queues::default();
-        qs.push_back(second, q(3));
-        qs.push_back(first, q(1));
-        qs.push_back(first, q(2));
-        qs.push_front(first, q(0));
-        let tasks = |v: Vec<(Queued, Digest)>| v.iter().map(|(q, _)| q.task.0).collect::<Vec<_>>();
-        assert_eq!(tasks(qs.take(3, |d| *d == second, |_, _| true)), vec![3]);
-        assert_eq!(tasks(qs.take(2, |_| true, |_, _| true)), vec![0, 1]);
+        let other = JobMeta {
+            bundle: Digest::of(b"other"),
+            ..meta(client(1), 0)
+        };
+        qs.push_back(meta(client(1), 0), q(2, 20));
+        qs.push_back(other, q(3, 30));
+        qs.push_back(meta(client(1), 0), q(1, 10));
+        qs.push_back(meta(client(1), 0), q(1, 11));
+        qs.push_front(meta(client(1), 0), q(1, 9));
+        let b = Digest::of(b"b");
+        let got = qs.take(9, |_| 1.0, |_| usize::MAX, |d| *d == b, |_, _| true);
+        assert_eq!(tasks(&got), vec![9, 10, 11, 20]);
         assert_eq!(qs.len(), 1);
-        assert_eq!(tasks(qs.take(5, |_| true, |_, _| true)), vec![2]);
+        assert_eq!(take(&mut qs, 9), vec![30]);
         assert_eq!(qs.len(), 0);
+    }
+
+    #[test]
+    fn a_big_job_shares_the_nodes_with_a_small_one_of_another_client() {
+        let mut qs = Queues::default();
+        for t in 0..1000 {
+            qs.push_back(meta(client(1), 0), q(1, t));
+        }
+        assert_eq!(take(&mut qs, 10), (0..10).collect::<Vec<_>>());
+        // A second client arrives: it is served at once, alternately.
+        for t in 0..4 {
+            qs.push_back(meta(client(2), 0), q(2, 5000 + t));
+        }
+        let got = take(&mut qs, 8);
+        assert_eq!(got.iter().filter(|t| **t >= 5000).count(), 4, "{got:?}");
+        assert_eq!(
+            got[..2].iter().filter(|t| **t >= 5000).count(),
+            1,
+            "{got:?}"
+        );
+        assert_eq!(qs.queued_of(&client(2)), 0);
+        assert_eq!(qs.queued_of(&client(1)), 986);
+    }
+
+    #[test]
+    fn weights_set_the_shares_and_idle_time_earns_nothing() {
+        let mut qs = Queues::default();
+        let (a, b) = (client(1), client(2));
+        let weight = |s: &Share| if *s == a { 3.0 } else { 1.0 };
+        for t in 0..2000 {
+            qs.push_back(meta(a, 0), q(1, t));
+        }
+        for t in 0..300 {
+            qs.push_back(meta(b, 0), q(2, 10_000 + t));
+        }
+        let got = qs.take(200, weight, |_| usize::MAX, |_| true, |_, _| true);
+        let of_a = got.iter().filter(|(q, _)| q.job == JobId(1)).count();
+        assert!((148..=152).contains(&of_a), "3:1 shares, got {of_a} of 200");
+        // b's queue empties; a is served alone for a long while.
+        let _ = qs.take(
+            1000,
+            weight,
+            |s| if *s == a { 0 } else { usize::MAX },
+            |_| true,
+            |_, _| true,
+        );
+        assert_eq!(qs.queued_of(&b), 0);
+        let _ = qs.take(900, weight, |_| usize::MAX, |_| true, |_, _| true);
+        // b comes back: 1 in 4 again, not a burst for the time it was away.
+        for t in 0..50 {
+            qs.push_back(meta(b, 0), q(3, 20_000 + t));
+        }
+        let got = qs.take(40, weight, |_| usize::MAX, |_| true, |_, _| true);
+        let of_b = got.iter().filter(|(q, _)| q.job == JobId(3)).count();
+        assert!((8..=12).contains(&of_b), "1 in 4 for b, got {of_b} of 40");
+    }
+
+    #[test]
+    fn priority_goes_first_and_quotas_hold_a_client_back() {
+        let mut qs = Queues::default();
+        for t in 0..10 {
+            qs.push_back(meta(client(1), 0), q(1, t));
+        }
+        for t in 0..3 {
+            qs.push_back(meta(client(2), 5), q(2, 100 + t));
+        }
+        assert_eq!(take(&mut qs, 4), vec![100, 101, 102, 0]);
+        // Client 1 may have 2 more running: the rest wait.
+        let got = qs.take(
+            9,
+            |_| 1.0,
+            |s| if *s == client(1) { 2 } else { usize::MAX },
+            |_| true,
+            |_, _| true,
+        );
+        assert_eq!(tasks(&got), vec![1, 2]);
+        assert_eq!(qs.len(), 7);
     }
 
     #[test]
     fn checks_are_taken_oldest_first_where_allowed_and_the_rest_keep_their_order() {
         let mut qs = Queues::default();
         for t in 1..=4 {
-            qs.push_check_back(q(t));
+            qs.push_check_back(q(1, t));
         }
-        qs.push_check_front(q(0));
+        qs.push_check_front(q(1, 0));
         let taken: Vec<u64> = qs
             .take_checks(2, |x| x.task.0 % 2 == 1)
             .iter()
@@ -173,34 +407,21 @@ mod tests {
 
     #[test]
     fn refused_tasks_keep_their_places_and_the_scan_is_bounded() {
-        let d = Digest::of(b"a");
         let mut qs = Queues::default();
         for t in 0..(SCAN_PAST as u64 + 10) {
-            qs.push_back(d, q(t));
+            qs.push_back(meta(client(1), 0), q(1, t));
         }
+        let some = |qs: &mut Queues, want: usize, ok: &dyn Fn(u64) -> bool| {
+            tasks(&qs.take(want, |_| 1.0, |_| usize::MAX, |_| true, |x, _| ok(x.task.0)))
+        };
         // Odd tasks refused: the even ones are taken, the odd ones stay in order.
-        let got: Vec<u64> = qs
-            .take(3, |_| true, |x, _| x.task.0 % 2 == 0)
-            .iter()
-            .map(|(x, _)| x.task.0)
-            .collect();
-        assert_eq!(got, vec![0, 2, 4]);
-        let next: Vec<u64> = qs
-            .take(2, |_| true, |_, _| true)
-            .iter()
-            .map(|(x, _)| x.task.0)
-            .collect();
-        assert_eq!(next, vec![1, 3]);
+        assert_eq!(some(&mut qs, 3, &|t| t % 2 == 0), vec![0, 2, 4]);
+        assert_eq!(some(&mut qs, 2, &|_| true), vec![1, 3]);
         // Everything refused: one take looks past at most SCAN_PAST tasks
         // and leaves the queue as it was.
         let before = qs.len();
-        assert!(qs.take(1, |_| true, |_, _| false).is_empty());
+        assert!(some(&mut qs, 1, &|_| false).is_empty());
         assert_eq!(qs.len(), before);
-        let first: Vec<u64> = qs
-            .take(1, |_| true, |_, _| true)
-            .iter()
-            .map(|(x, _)| x.task.0)
-            .collect();
-        assert_eq!(first, vec![5]);
+        assert_eq!(some(&mut qs, 1, &|_| true), vec![5]);
     }
 }

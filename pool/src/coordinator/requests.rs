@@ -144,8 +144,12 @@ impl<S: Store> Coordinator<S> {
                 self.handle_submit(now_unix, peer, &bundle, &key, &inputs)
                     .map(|(job, tasks)| Response::Submitted { job, tasks })
             }
-            Request::OpenJob { bundle, key } => self
-                .handle_open_job(now_unix, peer, &bundle, &key)
+            Request::OpenJob {
+                bundle,
+                key,
+                priority,
+            } => self
+                .handle_open_job(now_unix, peer, &bundle, &key, priority)
                 .map(|(job, have, sealed)| Response::JobOpened { job, have, sealed }),
             Request::AppendInputs { job, from, inputs } => {
                 let inputs: Vec<Vec<u8>> = inputs.into_iter().map(|b| b.0).collect();

@@ -371,6 +371,8 @@ pub struct OpenedJob {
     pub have: u32,
     /// Whether it takes no more inputs.
     pub sealed: bool,
+    /// Its priority (the earlier job's, when the key was used before).
+    pub priority: i8,
     /// Whether this call created it.
     pub fresh: bool,
 }
@@ -427,6 +429,8 @@ pub struct JobRow {
     pub owner: Option<PublicKey>,
     /// Whether it takes no more inputs.
     pub sealed: bool,
+    /// Higher is served first.
+    pub priority: i8,
 }
 
 /// A node's counters.
@@ -484,16 +488,19 @@ pub trait Store: Send {
     /// An input whose result for this bundle is already stored is answered
     /// from it at once (the result cache): its task is stored done, with the
     /// earlier task as provenance. Returns each task and whether it was cached.
-    /// Open a job of `owner` to be filled in chunks (stored unsealed), or
-    /// find the one it opened (or submitted) with `key` before: its bundle,
-    /// how many inputs it holds, and whether it is sealed.
+    /// Find the job `owner` opened (or submitted) with `key` before: its
+    /// bundle, how many inputs it holds, and whether it is sealed; or, if
+    /// there is none and `create`, open one to be filled in chunks (stored
+    /// unsealed). `None`: none, and not created.
     fn open_job(
         &mut self,
         bundle: &Digest,
         owner: &PublicKey,
         key: &str,
+        priority: i8,
+        create: bool,
         now_unix: u64,
-    ) -> Result<OpenedJob, StoreError>;
+    ) -> Result<Option<OpenedJob>, StoreError>;
     /// Store inputs `from..` of an open job as tasks, in one transaction,
     /// with the result cache as in [`insert_job`](Self::insert_job). The
     /// caller has checked that the job holds exactly `from` inputs.

@@ -108,6 +108,8 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("tasks", "origin", "INTEGER"),
     // 0: opened for chunked submission and still taking inputs.
     ("jobs", "sealed", "INTEGER NOT NULL DEFAULT 1"),
+    // Higher is served first.
+    ("jobs", "priority", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 /// Bring a database file to the current schema.

@@ -185,19 +185,21 @@ impl Store for SqliteStore {
         bundle: &Digest,
         owner: &PublicKey,
         key: &str,
+        priority: i8,
+        create: bool,
         now_unix: u64,
-    ) -> Result<OpenedJob, StoreError> {
+    ) -> Result<Option<OpenedJob>, StoreError> {
         let key = format!("{owner}/{key}");
         let tx = self.conn.transaction()?;
-        type Row = (i64, String, bool);
+        type Row = (i64, String, bool, i8);
         let existing: Option<Row> = tx
             .query_row(
-                "SELECT id, bundle, sealed FROM jobs WHERE key = ?1",
+                "SELECT id, bundle, sealed, priority FROM jobs WHERE key = ?1",
                 [&key],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()?;
-        let opened = if let Some((job, b, sealed)) = existing {
+        let opened = if let Some((job, b, sealed, priority)) = existing {
             let have: u32 =
                 tx.query_row("SELECT COUNT(*) FROM tasks WHERE job = ?1", [job], |r| {
                     r.get(0)
@@ -207,23 +209,34 @@ impl Store for SqliteStore {
                 bundle: digest_col(&b)?,
                 have,
                 sealed,
+                priority,
                 fresh: false,
             }
+        } else if !create {
+            return Ok(None);
         } else {
             tx.execute(
-                "INSERT INTO jobs (bundle, key, created_at, owner, sealed) VALUES (?1, ?2, ?3, ?4, 0)",
-                params![bundle.to_string(), key, now_unix as i64, owner.to_string()],
+                "INSERT INTO jobs (bundle, key, created_at, owner, sealed, priority)
+                 VALUES (?1, ?2, ?3, ?4, 0, ?5)",
+                params![
+                    bundle.to_string(),
+                    key,
+                    now_unix as i64,
+                    owner.to_string(),
+                    priority
+                ],
             )?;
             OpenedJob {
                 job: JobId(tx.last_insert_rowid() as u64),
                 bundle: *bundle,
                 have: 0,
                 sealed: false,
+                priority,
                 fresh: true,
             }
         };
         tx.commit()?;
-        Ok(opened)
+        Ok(Some(opened))
     }
 
     fn append_inputs(
@@ -425,17 +438,17 @@ impl Store for SqliteStore {
     }
 
     fn jobs(&mut self) -> Result<Vec<JobRow>, StoreError> {
-        let ids: Vec<(i64, Option<String>, bool)> = {
+        let ids: Vec<(i64, Option<String>, bool, i8)> = {
             let mut st = self
                 .conn
-                .prepare("SELECT id, owner, sealed FROM jobs ORDER BY id")?;
+                .prepare("SELECT id, owner, sealed, priority FROM jobs ORDER BY id")?;
             let v = st
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
                 .collect::<Result<Vec<_>, _>>()?;
             v
         };
         let mut out = Vec::new();
-        for (id, owner, sealed) in ids {
+        for (id, owner, sealed, priority) in ids {
             if let Some((bundle, counts)) = self.job(JobId(id as u64))? {
                 out.push(JobRow {
                     job: JobId(id as u64),
@@ -445,6 +458,7 @@ impl Store for SqliteStore {
                         .map(|k| PublicKey::parse(&k).map_err(|e| corrupt("job owner", e)))
                         .transpose()?,
                     sealed,
+                    priority,
                 });
             }
         }
