@@ -470,3 +470,63 @@ async fn a_batch_larger_than_a_frame_is_sent_in_chunks_and_resumed() -> Result<(
     pool.shutdown().await;
     Ok(())
 }
+
+/// Fair share over QUIC with real nodes: one client submits 100,000 echo
+/// tasks, another 100 a second later. The small job finishes after about
+/// its own size of the big job's tasks (plus what the nodes already held),
+/// not after the big job; then the big job is still mostly waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_small_job_finishes_beside_a_big_one_of_another_client() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys = Keys::new(9);
+    // Not the publisher's seed (a key is its seed, whatever its role).
+    let small_key =
+        tidepool_proto::SecretKey::from_seed(tidepool_proto::KeyRole::Client, &[77; 32]);
+    let mut cfg = test_pool_config(&keys);
+    cfg.clients.insert(small_key.public());
+    let max_leases = cfg.leasing.max_leases;
+    let pool = start_pool(&dir.path().join("pool"), &keys, cfg, "127.0.0.1:0".parse()?).await?;
+    let bundle = echo_bundle(&dir.path().join("author"), &keys)?;
+    let (big_client, digest) = publish(pool.addr, &keys, &bundle).await?;
+    let big_inputs: Vec<Vec<u8>> = (0..100_000u32)
+        .map(|i| format!("big {i}").into_bytes())
+        .collect();
+    let (big, _) = big_client.submit(digest, big_inputs, "big".into()).await?;
+    let nodes: Vec<_> = (0..2)
+        .map(|i| start_node(node_config(dir.path(), &keys, i, pool.addr)))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let small_client =
+        tidepool_client::PoolClient::connect(pool.addr, &small_key, keys.pool.public()).await?;
+    let small_inputs: Vec<Vec<u8>> = (0..100u32)
+        .map(|i| format!("small {i}").into_bytes())
+        .collect();
+    let before = big_client.job_status(big).await?.done;
+    let (small, _) = small_client
+        .submit(digest, small_inputs.clone(), "small".into())
+        .await?;
+    let s = wait_job(&small_client, small, Duration::from_secs(120)).await?;
+    let after = big_client.job_status(big).await?;
+    assert_eq!((s.done, s.dead), (100, 0), "{s:?}");
+    let between = after.done - before;
+    // Fair share: about 100 of the big job's tasks beside the small job's
+    // 100, plus the leases the two nodes held when it arrived.
+    let bound = 100 + 2 * max_leases + 100;
+    eprintln!("big job tasks done while the small job's 100 ran: {between} (bound {bound})");
+    assert!(
+        between <= bound,
+        "{between} > {bound}: the small job waited behind the big one"
+    );
+    assert!(after.done < 50_000, "{after:?}");
+    assert_eq!(
+        record_outputs(&small_client.job_results(small).await?),
+        small_inputs
+    );
+    for n in nodes {
+        n.kill();
+    }
+    small_client.close().await;
+    big_client.close().await;
+    pool.shutdown().await;
+    Ok(())
+}
