@@ -399,6 +399,16 @@ impl PoolClient {
         }
     }
 
+    /// Cancel a job: `(waiting, running)` tasks stopped.
+    pub async fn cancel_job(&self, job: JobId) -> Result<(u32, u32), ClientError> {
+        match self.call(&Request::CancelJob { job }).await? {
+            Response::Cancelled {
+                waiting, running, ..
+            } => Ok((waiting, running)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// A job's progress.
     pub async fn job_status(&self, job: JobId) -> Result<JobSummary, ClientError> {
         match self.call(&Request::JobStatus { job }).await? {

@@ -112,6 +112,9 @@ pub enum LoadError {
 /// Why a task ended without a result from the job.
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
+    /// The node stopped it (its lease was cancelled or lost).
+    #[error("task cancelled")]
+    Cancelled,
     /// The wall-clock bound passed.
     #[error("task exceeded its time limit of {limit:?}")]
     Deadline {
@@ -577,6 +580,19 @@ impl Sandbox {
 
     /// Run one task in a fresh instance.
     pub fn run(&self, job: &JobComponent, task: TaskSpec<'_>) -> Result<TaskOutput, TaskError> {
+        self.run_cancellable(job, task, None)
+    }
+
+    /// [`run`](Self::run), stopped with [`TaskError::Cancelled`] within an
+    /// epoch tick ([`EPOCH_TICK`]) of `cancel` being set while guest code
+    /// runs (a wasi-nn compute in progress finishes first, as at the
+    /// deadline).
+    pub fn run_cancellable(
+        &self,
+        job: &JobComponent,
+        task: TaskSpec<'_>,
+        cancel: Option<Arc<AtomicBool>>,
+    ) -> Result<TaskOutput, TaskError> {
         let start = Instant::now();
         let budget = TaskBudget {
             deadline: start + self.config.timeout,
@@ -588,8 +604,24 @@ impl Sandbox {
             .as_nanos()
             .div_ceil(EPOCH_TICK.as_nanos()) as u64
             + 1;
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
+        match cancel.clone() {
+            None => {
+                store.set_epoch_deadline(ticks);
+                store.epoch_deadline_trap();
+            }
+            Some(flag) => {
+                // Look at the flag every tick; trap at the deadline as above.
+                let mut left = ticks;
+                store.set_epoch_deadline(1);
+                store.epoch_deadline_callback(move |_| {
+                    left = left.saturating_sub(1);
+                    if flag.load(Ordering::Relaxed) || left == 0 {
+                        return Err(Trap::Interrupt.into());
+                    }
+                    Ok(wasmtime::UpdateDeadline::Continue(1))
+                });
+            }
+        }
         if let Some(fuel) = self.config.fuel {
             store
                 .set_fuel(fuel)
@@ -601,6 +633,10 @@ impl Sandbox {
             .and_then(|inst| inst.call_run(&mut store, task.input));
         let wall = start.elapsed();
         let fuel_used = self.config.fuel.map(|f| f - store.get_fuel().unwrap_or(0));
+        if cancel.is_some_and(|f| f.load(Ordering::Relaxed)) {
+            // Stopped on purpose: whatever it returned is not a result.
+            return Err(TaskError::Cancelled);
+        }
         if let Some(hit) = store.data().nn_usage.budget_hit() {
             // Over budget, whatever the guest made of the error it was given.
             return Err(TaskError::Budget(hit.to_string()));

@@ -58,10 +58,12 @@ pub(crate) struct Ctx {
 
 impl Ctx {
     /// Run one task; returns the result and its receipt body (unsigned).
+    /// Setting `cancel` stops it (the pool cancelled or lost its lease).
     async fn run_task(
         self: Arc<Self>,
         conn: quinn::Connection,
         g: TaskGrant,
+        cancel: Arc<std::sync::atomic::AtomicBool>,
     ) -> (TaskResult, Option<Vec<u8>>) {
         let failed = |reason: String| {
             (
@@ -93,7 +95,7 @@ impl Ctx {
         };
         let ran = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            p2.sandbox.run(
+            p2.sandbox.run_cancellable(
                 &p2.job,
                 TaskSpec {
                     replay: replay.as_deref(),
@@ -102,6 +104,7 @@ impl Ctx {
                     params: &p2.manifest.params,
                     input: &input,
                 },
+                Some(cancel),
             )
         })
         .await;
@@ -243,6 +246,10 @@ pub async fn run(
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(TaskResult, Option<Vec<u8>>)>();
     // Receipt bodies of finished tasks until the pool has answered for them.
     let mut bodies: HashMap<tidepool_proto::wire::LeaseId, Vec<u8>> = HashMap::new();
+    // The running tasks' stop flags, set when the pool cancels or loses
+    // their leases; an entry lives from the grant to the task's end.
+    let mut cancels: HashMap<tidepool_proto::wire::LeaseId, Arc<std::sync::atomic::AtomicBool>> =
+        HashMap::new();
     let (resp_tx, mut resp_rx) =
         mpsc::unbounded_channel::<(u64, Pending, Result<Response, String>)>();
     let mut generation = 0u64;
@@ -341,14 +348,18 @@ pub async fn run(
                     NodeEvent::Run(g) => {
                         debug!(lease = %g.lease, "running");
                         let (ctx, conn, tx) = (ctx.clone(), conn.clone(), done_tx.clone());
+                        let cancel = cancels.entry(g.lease).or_default().clone();
                         tokio::spawn(async move {
-                            let r = ctx.run_task(conn, g).await;
+                            let r = ctx.run_task(conn, g, cancel).await;
                             let _ = tx.send(r);
                         });
                     }
                     NodeEvent::Cancel(l) => {
                         bodies.remove(&l);
-                        info!(lease = %l, "lease lost; its result will be dropped");
+                        if let Some(flag) = cancels.remove(&l) {
+                            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        info!(lease = %l, "lease lost or cancelled; the task is stopped");
                     }
                 }
             }
@@ -363,6 +374,7 @@ pub async fn run(
             tokio::select! {
                 _ = tokio::time::sleep_until(wake.into()) => {}
                 Some((r, body)) = done_rx.recv() => {
+                    cancels.remove(&r.lease);
                     match r.outcome { Outcome::Failed { .. } => report.failed += 1, _ => report.completed += 1 }
                     if let Some(b) = body {
                         bodies.insert(r.lease, b);

@@ -1400,3 +1400,70 @@ fn client_quotas_refuse_what_is_over_them_and_store_nothing() {
         .expect_err("priority");
     assert_eq!(high.code, tidepool_proto::wire::ErrorCode::Forbidden);
 }
+
+/// `job cancel`: the waiting tasks are dead-lettered, the leases end at
+/// once (the node is told at its next renewal and its late results are
+/// stale), another client's job is untouched, a stranger cannot cancel,
+/// and cancelling again cancels nothing.
+#[test]
+fn a_cancelled_job_stops_its_queued_and_running_tasks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world();
+    let mut c = open(&dir.path().join("pool.db"), &w.cfg);
+    let (bundle, component) = publish(&mut c, &w);
+    let me = submitter();
+    let (job, _) = c
+        .handle_submit(NOW_UNIX, &me, &bundle, "doomed", &inputs(10))
+        .expect("submit");
+    let other_client = SecretKey::from_seed(KeyRole::Client, &[9; 32]).public();
+    let other_inputs: Vec<Vec<u8>> = (0..3).map(|i| format!("other {i}").into_bytes()).collect();
+    let (other, _) = c
+        .handle_submit(NOW_UNIX, &other_client, &bundle, "kept", &other_inputs)
+        .expect("other");
+    let t0 = Instant::now();
+    c.handle_node_hello(t0, w.node_a.public(), caps())
+        .expect("hello");
+    let (grants, _) = c
+        .handle_lease(t0, &w.node_a.public(), 4, &[])
+        .expect("lease");
+    assert_eq!(grants.len(), 4);
+    let running: Vec<LeaseId> = grants.iter().map(|g| g.lease).collect();
+    let stranger = SecretKey::from_seed(KeyRole::Client, &[10; 32]).public();
+    assert!(c.handle_cancel_job(&stranger, job).is_err());
+    let (waiting, stopped) = c.handle_cancel_job(&me, job).expect("cancel");
+    let mine = grants
+        .iter()
+        .filter(|g| !g.input.0.starts_with(b"other"))
+        .count() as u32;
+    assert_eq!((waiting, stopped), (10 - mine, mine));
+    let s = c.job_status(job).expect("status");
+    assert_eq!((s.done, s.dead, s.running), (0, 10, 0), "{s:?}");
+    assert!(s.finished());
+    // The node renews: the cancelled leases are lost, the other job's kept.
+    let (_, lost) = c
+        .handle_lease(t0, &w.node_a.public(), 0, &running)
+        .expect("renew");
+    assert_eq!(lost.len() as u32, mine, "{lost:?}");
+    let results: Vec<_> = grants
+        .iter()
+        .map(|g| honest(&w.node_a, g, component))
+        .collect();
+    let verdicts = c
+        .handle_results(t0, &w.node_a.public(), results)
+        .expect("results");
+    let stale = verdicts
+        .iter()
+        .filter(|(_, v)| *v == Verdict::Stale)
+        .count() as u32;
+    assert_eq!(stale, mine, "{verdicts:?}");
+    for r in c.job_results(job, 0, 100).expect("records") {
+        assert_eq!(r.state, TaskState::Dead);
+        assert!(
+            r.reasons.iter().any(|x| x.contains("cancelled by")),
+            "{r:?}"
+        );
+    }
+    while work_once(&mut c, t0, &w.node_a, component, 4).len() > 0 {}
+    assert_eq!(c.job_status(other).expect("other").done, 3);
+    assert_eq!(c.handle_cancel_job(&me, job).expect("again"), (0, 0));
+}

@@ -450,6 +450,12 @@ pub enum Request {
         /// to seal a job holding another number).
         total: u32,
     },
+    /// Stop a job: no more inputs, its waiting tasks dead-lettered, its
+    /// running ones stopped on their nodes (within a heartbeat).
+    CancelJob {
+        /// The job.
+        job: JobId,
+    },
     /// A job's progress.
     JobStatus {
         /// The job.
@@ -522,6 +528,7 @@ impl Request {
             Request::OpenJob { .. } => "OpenJob",
             Request::AppendInputs { .. } => "AppendInputs",
             Request::SealJob { .. } => "SealJob",
+            Request::CancelJob { .. } => "CancelJob",
             Request::JobStatus { .. } => "JobStatus",
             Request::JobResults { .. } => "JobResults",
             Request::Replayable { .. } => "Replayable",
@@ -925,6 +932,15 @@ pub enum Response {
         job: JobId,
         /// Inputs the pool holds now.
         have: u32,
+    },
+    /// Answer to `CancelJob`.
+    Cancelled {
+        /// The job.
+        job: JobId,
+        /// Waiting tasks dead-lettered.
+        waiting: u32,
+        /// Running tasks whose nodes are told to stop.
+        running: u32,
     },
     /// Answer to `JobStatus`.
     Job(JobSummary),

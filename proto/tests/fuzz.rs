@@ -120,6 +120,7 @@ fn requests() -> Vec<Request> {
             job: JobId(3),
             total: 3,
         },
+        Request::CancelJob { job: JobId(3) },
         Request::JobStatus { job: JobId(3) },
         Request::JobResults {
             job: JobId(3),

@@ -257,12 +257,23 @@ pub fn echo_bundle(dir: &Path, keys: &Keys) -> Result<BundleFile> {
 /// the same name, version 1.0.0, 64 MiB and 5 s per task, with `extra`
 /// TOML after the limits (`[determinism]`, `[verification]`...).
 pub fn guest_bundle(dir: &Path, keys: &Keys, guest: &str, extra: &str) -> Result<BundleFile> {
+    guest_bundle_timed(dir, keys, guest, 5000, extra)
+}
+
+/// [`guest_bundle`] with `timeout_ms` per task.
+pub fn guest_bundle_timed(
+    dir: &Path,
+    keys: &Keys,
+    guest: &str,
+    timeout_ms: u64,
+    extra: &str,
+) -> Result<BundleFile> {
     std::fs::create_dir_all(dir)?;
     let manifest = dir.join("tidepool.toml");
     std::fs::write(
         &manifest,
         format!(
-            "name = \"{guest}\"\nversion = \"1.0.0\"\ncomponent = \"{}\"\n\n[limits]\nmemory_mib = 64\ntimeout_ms = 5000\n\n{extra}",
+            "name = \"{guest}\"\nversion = \"1.0.0\"\ncomponent = \"{}\"\n\n[limits]\nmemory_mib = 64\ntimeout_ms = {timeout_ms}\n\n{extra}",
             jobs_dir().join(format!("{guest}.wasm")).display()
         ),
     )?;

@@ -3,7 +3,7 @@
 //! embed task correctly.
 
 use std::time::{Duration, Instant};
-use tidepool_host::{Sandbox, SandboxConfig, TaskError};
+use tidepool_host::{Sandbox, SandboxConfig, TaskError, TaskSpec};
 use tidepool_tests::*;
 
 /// After whatever happened, the sandbox must still embed correctly.
@@ -34,6 +34,44 @@ fn endless_loop_is_stopped_by_the_deadline() {
     assert!(matches!(err, TaskError::Deadline { .. }), "{err:?}");
     // Not a timing assertion on speed: only that it ended at all, well before a test timeout.
     assert!(t.elapsed() < Duration::from_secs(30));
+    assert_healthy(&sb);
+}
+
+/// A node cancels a running task (its lease was cancelled): the endless
+/// loop stops with `Cancelled` long before its 60 s deadline, and the same
+/// sandbox runs the next task. An unset flag changes nothing.
+#[test]
+fn a_running_task_stops_when_cancelled() {
+    let sb = sandbox(SandboxConfig {
+        timeout: Duration::from_secs(60),
+        ..test_config()
+    });
+    let job = sb.load(&guest("spin")).expect("load");
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let setter = flag.clone();
+    let t = Instant::now();
+    let cancel = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        setter.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let params = std::collections::BTreeMap::new();
+    let err = sb
+        .run_cancellable(&job, TaskSpec::new("spin", &params, b""), Some(flag))
+        .expect_err("must be stopped");
+    cancel.join().expect("join");
+    assert!(matches!(err, TaskError::Cancelled), "{err:?}");
+    // Not a timing assertion on speed: only that it ended before its deadline.
+    assert!(t.elapsed() < Duration::from_secs(30));
+    let echo = sb.load(&guest("echo")).expect("load");
+    let unset = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let out = sb
+        .run_cancellable(
+            &echo,
+            TaskSpec::new("echo", &params, b"still here"),
+            Some(unset),
+        )
+        .expect("runs");
+    assert_eq!(out.result.expect("output"), b"still here");
     assert_healthy(&sb);
 }
 

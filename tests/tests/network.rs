@@ -530,3 +530,65 @@ async fn a_small_job_finishes_beside_a_big_one_of_another_client() -> Result<()>
     pool.shutdown().await;
     Ok(())
 }
+
+/// `job cancel` over QUIC: a job of endless tasks (10 min each) fills the
+/// node's two slots; cancelled, its tasks are dead-lettered at once, the
+/// node hears it at its next renewal and stops them, and an echo job
+/// submitted next finishes on the same node long before the endless tasks'
+/// deadline — the slots were freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancelled_job_frees_its_nodes_slots() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys = Keys::new(11);
+    let pool = start_pool(
+        &dir.path().join("pool"),
+        &keys,
+        test_pool_config(&keys),
+        "127.0.0.1:0".parse()?,
+    )
+    .await?;
+    let spin = guest_bundle_timed(&dir.path().join("spin"), &keys, "spin", 600_000, "")?;
+    let echo = echo_bundle(&dir.path().join("echo"), &keys)?;
+    let (client, spin_digest) = publish(pool.addr, &keys, &spin).await?;
+    let echo_digest = client.publish(&echo, |_| {}).await?;
+    let node = start_node(node_config(dir.path(), &keys, 0, pool.addr));
+    let (job, _) = client
+        .submit(
+            spin_digest,
+            vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()],
+            "spin".into(),
+        )
+        .await?;
+    let start = Instant::now();
+    while client.job_status(job).await?.running < 2 {
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(120), "never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (waiting, running) = client.cancel_job(job).await?;
+    // The node may hold one waiting behind its slots.
+    assert!(
+        waiting + running == 3 && running >= 2,
+        "{waiting} {running}"
+    );
+    let s = client.job_status(job).await?;
+    assert_eq!((s.dead, s.running, s.done), (3, 0, 0), "{s:?}");
+    let inputs: Vec<Vec<u8>> = (0..6u8).map(|i| vec![i; 10]).collect();
+    let (next, _) = client
+        .submit(echo_digest, inputs.clone(), "after".into())
+        .await?;
+    // Well before the endless tasks' 10-minute deadline.
+    let s = wait_job(&client, next, Duration::from_secs(120)).await?;
+    assert_eq!((s.done, s.dead), (6, 0), "{s:?}");
+    assert_eq!(record_outputs(&client.job_results(next).await?), inputs);
+    for r in client.job_results(job).await? {
+        assert!(
+            r.reasons.iter().any(|x| x.contains("cancelled by")),
+            "{r:?}"
+        );
+    }
+    let report = node.drain().await?;
+    eprintln!("{report:?}");
+    client.close().await;
+    pool.shutdown().await;
+    Ok(())
+}

@@ -1,4 +1,4 @@
-//! `tidepool job submit|status|results`.
+//! `tidepool job submit|status|results|cancel|challenge`.
 
 use super::common::{runtime, PoolArgs};
 use anyhow::Context;
@@ -58,6 +58,17 @@ pub enum Command {
         /// input and transcript to DIR/job-<job>-<index>.json, for `tidepool replay`.
         #[arg(long, value_name = "DIR")]
         export: Option<std::path::PathBuf>,
+    },
+    /// Stop a job: its waiting tasks are dropped and its running ones
+    /// stopped on their nodes (within a heartbeat).
+    Cancel {
+        /// Job id.
+        job: tidepool_proto::wire::JobId,
+        #[command(flatten)]
+        pool: PoolArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Dispute a result: the pool re-executes the task on another node.
     Challenge(super::challenge::Args),
@@ -155,6 +166,17 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
             })?;
         }
         Command::Challenge(a) => super::challenge::main(a)?,
+        Command::Cancel { job, pool, json } => {
+            let (waiting, running) = pool.call(|c| async move { Ok(c.cancel_job(job).await?) })?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"job": job, "waiting": waiting, "running": running})
+                );
+            } else {
+                println!("job {job}: cancelled {waiting} waiting and {running} running tasks");
+            }
+        }
         Command::Status { job, pool, json } => {
             let s = pool.call(|c| async move { Ok(c.job_status(job).await?) })?;
             if json {

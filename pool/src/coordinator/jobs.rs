@@ -302,6 +302,50 @@ impl<S: Store> Coordinator<S> {
         Ok(total)
     }
 
+    /// Cancel `owner`'s job: it takes no more inputs, its waiting tasks are
+    /// dead-lettered and its leases end at once — a node hears that a
+    /// lease is gone at its next renewal (within a heartbeat) and stops the
+    /// task. Returns `(waiting, running)` tasks cancelled; a finished job
+    /// cancels nothing.
+    pub fn handle_cancel_job(
+        &mut self,
+        owner: &PublicKey,
+        job: JobId,
+    ) -> Result<(u32, u32), Refusal> {
+        let Some(&(_, counts)) = self
+            .jobs
+            .get(&job)
+            .filter(|_| self.sees(owner, job) && !self.kinds.contains_key(&job))
+        else {
+            return Err(refusal(ErrorCode::NotFound, format!("no job {job}")));
+        };
+        let was_open = self.open.contains(&job);
+        if counts.queued == 0 && counts.leased == 0 && !was_open {
+            return Ok((0, 0));
+        }
+        self.store
+            .cancel_job(job, &format!("cancelled by {}", owner.short()))?;
+        self.open.remove(&job);
+        let waiting = self.queues.remove_job(job);
+        let leased = self.leases.of_job(job);
+        for &task in &leased {
+            if let Some(lease) = self.leases.remove(task) {
+                self.nodes.drop_lease(&lease.node, task);
+                self.forget_if_idle(&lease.node);
+            }
+        }
+        if let Some((_, c)) = self.jobs.get_mut(&job) {
+            c.dead += c.queued + c.leased;
+            c.queued = 0;
+            c.leased = 0;
+        }
+        self.events.push_back(PoolEvent::JobFinished { job });
+        Ok((
+            u32::try_from(waiting).unwrap_or(u32::MAX),
+            u32::try_from(leased.len()).unwrap_or(u32::MAX),
+        ))
+    }
+
     /// The bundle and inputs held of `owner`'s open job `job`.
     fn open_job_of(&self, owner: &PublicKey, job: JobId) -> Result<(Digest, u32), Refusal> {
         let Some(&(bundle, counts)) = self.jobs.get(&job).filter(|_| self.sees(owner, job)) else {

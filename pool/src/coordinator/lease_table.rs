@@ -71,6 +71,15 @@ impl LeaseTable {
         Some(lease)
     }
 
+    /// The leased tasks of `job` (a scan: at most every node's holdings).
+    pub(super) fn of_job(&self, job: JobId) -> Vec<TaskId> {
+        self.by_task
+            .iter()
+            .filter(|(_, l)| l.job == job)
+            .map(|(t, _)| *t)
+            .collect()
+    }
+
     /// The lease of `task`, if it is leased.
     pub(super) fn get(&self, task: TaskId) -> Option<&Lease> {
         self.by_task.get(&task)

@@ -247,6 +247,20 @@ impl Queues {
         self.len
     }
 
+    /// Take every waiting task of `job` out (a cancelled job); returns how
+    /// many there were.
+    pub(super) fn remove_job(&mut self, job: JobId) -> usize {
+        let Some(j) = self.jobs.remove(&job) else {
+            return 0;
+        };
+        let n = j.tasks.len();
+        self.len -= n;
+        if let Some(c) = self.clients.get_mut(&j.meta.owner) {
+            c.queued = c.queued.saturating_sub(n);
+        }
+        n
+    }
+
     /// Tasks of `owner`'s jobs waiting.
     pub(super) fn queued_of(&self, owner: &Share) -> usize {
         self.clients.get(owner).map_or(0, |c| c.queued)

@@ -159,6 +159,14 @@ impl<S: Store> Coordinator<S> {
             Request::SealJob { job, total } => self
                 .handle_seal_job(peer, job, total)
                 .map(|tasks| Response::Submitted { job, tasks }),
+            Request::CancelJob { job } => {
+                self.handle_cancel_job(peer, job)
+                    .map(|(waiting, running)| Response::Cancelled {
+                        job,
+                        waiting,
+                        running,
+                    })
+            }
             Request::JobStatus { job } => self
                 .visible(peer, job)
                 .and_then(|()| self.job_status(job))

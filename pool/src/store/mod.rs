@@ -521,6 +521,9 @@ pub trait Store: Send {
     ) -> Result<Vec<Digest>, StoreError>;
     /// Mark a job sealed: it takes no more inputs.
     fn seal_job(&mut self, job: JobId) -> Result<(), StoreError>;
+    /// Cancel a job: sealed, and every task not done or dead dead-lettered
+    /// with `reason`, in one transaction.
+    fn cancel_job(&mut self, job: JobId, reason: &str) -> Result<(), StoreError>;
     fn insert_job(
         &mut self,
         bundle: &Digest,

@@ -276,6 +276,18 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    fn cancel_job(&mut self, job: JobId, reason: &str) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute("UPDATE jobs SET sealed = 1 WHERE id = ?1", [job.0 as i64])?;
+        tx.execute(
+            "UPDATE tasks SET state = 3, node = NULL, reasons = json_insert(reasons, '$[#]', ?2)
+             WHERE job = ?1 AND state < 2",
+            params![job.0 as i64, reason],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
     fn seal_job(&mut self, job: JobId) -> Result<(), StoreError> {
         self.conn
             .prepare_cached("UPDATE jobs SET sealed = 1 WHERE id = ?1")?
