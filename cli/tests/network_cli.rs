@@ -449,3 +449,147 @@ fn a_sigkilled_node_process_loses_no_task() {
     sigterm(&pool);
     assert!(pool.wait().expect("pool exit").success());
 }
+
+/// A batch over the frame limit with the CLI, as a user runs it: a 20 MB
+/// JSONL (4,000 lines of 5 KB) submitted with `job submit --no-wait`;
+/// `job results --follow`, started before any node runs, prints every
+/// result in order as they settle and exits when the job is done;
+/// `job results --out FILE` writes them all, and run again on a file cut
+/// in the middle of a line (an interrupted run) it writes the rest, so the
+/// file ends the same; `job cancel` of a finished job cancels nothing.
+#[test]
+fn a_twenty_megabyte_jsonl_goes_through_the_cli_and_its_results_stream_and_resume() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let publisher = stdout(&tidepool(
+        dir,
+        &["keygen", "--role", "publisher", "-o", "publisher.key"],
+    ));
+    let pool_pub = stdout(&tidepool(
+        dir,
+        &["keygen", "--role", "pool", "-o", "pool.key"],
+    ));
+    tidepool(dir, &["keygen", "--role", "node", "-o", "node.key"]);
+    std::fs::write(
+        dir.join("tidepool.toml"),
+        format!(
+            "name = \"echo\"\nversion = \"1.0.0\"\ncomponent = \"{}\"\n",
+            jobs_dir().join("echo.wasm").display()
+        ),
+    )
+    .expect("manifest");
+    let bundle = stdout(&tidepool(
+        dir,
+        &["bundle", "pack", "--key", "publisher.key", "--sign"],
+    ));
+    let (mut pool, line) = serve_pool(dir, &publisher, &[]);
+    let addr = line.split_whitespace().nth(1).expect("addr").to_owned();
+    let with_pool = |args: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        v.extend([
+            "--pool".into(),
+            addr.clone(),
+            "--pool-key".into(),
+            pool_pub.clone(),
+            "--key".into(),
+            "publisher.key".into(),
+        ]);
+        v
+    };
+    let run = |args: &[&str]| -> String {
+        let args = with_pool(args);
+        stdout(&tidepool(
+            dir,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        ))
+    };
+    run(&["bundle", "publish", &bundle]);
+    let mut jsonl = String::new();
+    for i in 0..4000 {
+        let mut line = format!("{{\"n\":{i},\"text\":\"");
+        let fill = char::from(b'a' + (i % 26) as u8);
+        line.extend(std::iter::repeat_n(fill, 5000 - line.len() - 2));
+        line.push_str("\"}\n");
+        jsonl.push_str(&line);
+    }
+    assert!(jsonl.len() > 20_000_000);
+    std::fs::write(dir.join("big.jsonl"), &jsonl).expect("inputs");
+    let job = run(&[
+        "job",
+        "submit",
+        &bundle,
+        "--inputs",
+        "big.jsonl",
+        "--no-wait",
+    ]);
+    let follow_args = with_pool(&["job", "results", &job, "--follow"]);
+    let follow = spawn(
+        dir,
+        &follow_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let node = spawn_node(
+        dir,
+        &addr,
+        &pool_pub,
+        &publisher,
+        "node.key",
+        "node-data",
+        "2",
+    );
+    let followed = follow.wait_with_output().expect("follow");
+    assert!(
+        followed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&followed.stderr)
+    );
+    let want: Vec<serde_json::Value> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let check = |text: &str| {
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect();
+        assert_eq!(lines.len(), 4000);
+        for (i, (got, want)) in lines.iter().zip(&want).enumerate() {
+            assert_eq!(got["index"], i, "in order, once each");
+            assert_eq!(&got["output"], want, "line {i}");
+        }
+    };
+    check(&String::from_utf8_lossy(&followed.stdout));
+    run(&["job", "results", &job, "--out", "out.jsonl"]);
+    let full = std::fs::read_to_string(dir.join("out.jsonl")).expect("out");
+    check(&full);
+    // Interrupted in the middle of line 1,001: run again.
+    let cut = full.match_indices('\n').nth(999).expect("1,000 lines").0 + 1 + 40;
+    std::fs::write(dir.join("out.jsonl"), &full[..cut]).expect("cut");
+    run(&["job", "results", &job, "--out", "out.jsonl"]);
+    assert!(
+        std::fs::read_to_string(dir.join("out.jsonl")).expect("out") == full,
+        "the resumed file is the same"
+    );
+    // A file that is not this job's is refused, not appended to.
+    std::fs::write(dir.join("other.jsonl"), "{\"index\":5}\n").expect("other");
+    let args = with_pool(&["job", "results", &job, "--out", "other.jsonl"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .current_dir(dir)
+        .args(&args)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not the result of input 0"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cancelled = run(&["job", "cancel", &job]);
+    assert!(
+        cancelled.contains("cancelled 0 waiting and 0 running"),
+        "{cancelled}"
+    );
+    sigterm(&node);
+    let _ = node.wait_with_output();
+    let _ = pool.kill();
+    let _ = pool.wait();
+}

@@ -422,18 +422,32 @@ impl PoolClient {
         let mut out = Vec::new();
         loop {
             let from = u32::try_from(out.len()).unwrap_or(u32::MAX);
-            match self
-                .call(&Request::JobResults {
-                    job,
-                    from,
-                    limit: 1000,
-                })
-                .await?
-            {
-                Response::Records(v) if v.is_empty() => return Ok(out),
-                Response::Records(v) => out.extend(v),
-                other => return Err(unexpected(&other)),
+            let page = self.results_page(job, from).await?;
+            if page.is_empty() {
+                return Ok(out);
             }
+            out.extend(page);
+        }
+    }
+
+    /// One page of a job's task records from input `from` (at most 1,000,
+    /// and at most the pool's page budget of output bytes; empty past the
+    /// last input).
+    pub async fn results_page(
+        &self,
+        job: JobId,
+        from: u32,
+    ) -> Result<Vec<TaskRecord>, ClientError> {
+        match self
+            .call(&Request::JobResults {
+                job,
+                from,
+                limit: 1000,
+            })
+            .await?
+        {
+            Response::Records(v) => Ok(v),
+            other => Err(unexpected(&other)),
         }
     }
 

@@ -58,6 +58,16 @@ pub enum Command {
         /// input and transcript to DIR/job-<job>-<index>.json, for `tidepool replay`.
         #[arg(long, value_name = "DIR")]
         export: Option<std::path::PathBuf>,
+        /// Write every result as a JSON line to FILE, in input order, as
+        /// they are settled, until the job is finished (with a progress
+        /// bar). Run again after an interruption, it resumes after the last
+        /// complete line. Memory: one page.
+        #[arg(long, value_name = "FILE", conflicts_with = "export")]
+        out: Option<PathBuf>,
+        /// Print results as JSON lines to stdout as they are settled, in
+        /// input order, until the job is finished.
+        #[arg(long, conflicts_with_all = ["export", "out"])]
+        follow: bool,
     },
     /// Stop a job: its waiting tasks are dropped and its running ones
     /// stopped on their nodes (within a heartbeat).
@@ -194,8 +204,51 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
         Command::Results {
             job,
             pool,
+            out: Some(path),
+            ..
+        } => {
+            let from = resume_point(&path)?;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            let mut sink = std::io::BufWriter::new(file);
+            let written = pool.call(|c| async move {
+                let total = c.job_status(job).await?.tasks;
+                let bar = indicatif::ProgressBar::new(u64::from(total));
+                bar.set_style(indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} results written [{elapsed}]",
+                )?);
+                bar.set_position(u64::from(from));
+                let n = stream_results(&c, job, from, &mut sink, &bar).await?;
+                bar.finish_and_clear();
+                Ok(n)
+            })?;
+            eprintln!(
+                "job {job}: {} results in {} ({written} written now)",
+                from + written,
+                path.display()
+            );
+        }
+        Command::Results {
+            job,
+            pool,
+            follow: true,
+            ..
+        } => {
+            pool.call(|c| async move {
+                let mut out = std::io::stdout().lock();
+                stream_results(&c, job, 0, &mut out, &indicatif::ProgressBar::hidden()).await?;
+                Ok(())
+            })?;
+        }
+        Command::Results {
+            job,
+            pool,
             json,
             export,
+            ..
         } => {
             let records = pool.call(|c| async move {
                 let records = c.job_results(job).await?;
@@ -245,39 +298,7 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             for r in records {
-                let mut line = serde_json::json!({
-                    "index": r.index, "task": r.task, "state": r.state, "attempts": r.attempts,
-                    "node": r.node.map(|k| k.to_string()),
-                });
-                match r.outcome {
-                    Some(Outcome::Output(b)) => {
-                        match serde_json::from_slice::<serde_json::Value>(&b.0) {
-                            Ok(v) => line["output"] = v,
-                            Err(_) => {
-                                line["output_base64"] = base64::engine::general_purpose::STANDARD
-                                    .encode(&b.0)
-                                    .into()
-                            }
-                        }
-                    }
-                    Some(Outcome::JobError { code, message }) => {
-                        line["error"] = serde_json::json!({ "code": code, "message": message })
-                    }
-                    Some(Outcome::Failed { reason }) => line["failed"] = reason.into(),
-                    None => {}
-                }
-                if !r.reasons.is_empty() {
-                    line["reasons"] = r.reasons.into();
-                }
-                if let Some(t) = r.cached_from {
-                    line["cached_from"] = t.0.into();
-                }
-                if !r.verification.is_empty() {
-                    line["verification"] = r.verification.into();
-                }
-                if let Some(c) = r.challenge {
-                    line["challenge"] = c.as_str().into();
-                }
+                let line = record_json(r);
                 // A closed pipe (`| head`) ends the listing quietly.
                 if writeln!(out, "{line}").is_err() {
                     break;
@@ -365,4 +386,112 @@ fn upload_bar(inputs: u64, json: bool) -> anyhow::Result<indicatif::ProgressBar>
         "{bar:40} {pos}/{len} inputs sent [{elapsed}]",
     )?);
     Ok(bar)
+}
+
+/// A task record as one JSON line: outputs that are JSON embedded, others
+/// base64.
+fn record_json(r: tidepool_proto::wire::TaskRecord) -> serde_json::Value {
+    let mut line = serde_json::json!({
+        "index": r.index, "task": r.task, "state": r.state, "attempts": r.attempts,
+        "node": r.node.map(|k| k.to_string()),
+    });
+    match r.outcome {
+        Some(Outcome::Output(b)) => match serde_json::from_slice::<serde_json::Value>(&b.0) {
+            Ok(v) => line["output"] = v,
+            Err(_) => {
+                line["output_base64"] = base64::engine::general_purpose::STANDARD
+                    .encode(&b.0)
+                    .into()
+            }
+        },
+        Some(Outcome::JobError { code, message }) => {
+            line["error"] = serde_json::json!({ "code": code, "message": message })
+        }
+        Some(Outcome::Failed { reason }) => line["failed"] = reason.into(),
+        None => {}
+    }
+    if !r.reasons.is_empty() {
+        line["reasons"] = r.reasons.into();
+    }
+    if let Some(t) = r.cached_from {
+        line["cached_from"] = t.0.into();
+    }
+    if !r.verification.is_empty() {
+        line["verification"] = r.verification.into();
+    }
+    if let Some(c) = r.challenge {
+        line["challenge"] = c.as_str().into();
+    }
+    line
+}
+
+/// Write `job`'s records from index `from` to `sink` as JSON lines, in
+/// input order, each once it is settled (done or dead), until the job is
+/// finished; flushes after each page. Returns how many were written.
+async fn stream_results(
+    c: &tidepool_client::PoolClient,
+    job: tidepool_proto::wire::JobId,
+    from: u32,
+    sink: &mut dyn Write,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<u32> {
+    use tidepool_proto::wire::TaskState;
+    let mut next = from;
+    loop {
+        let page = c.results_page(job, next).await?;
+        let before = next;
+        for r in page {
+            if r.index != next || !matches!(r.state, TaskState::Done | TaskState::Dead) {
+                break;
+            }
+            writeln!(sink, "{}", record_json(r))?;
+            next += 1;
+        }
+        sink.flush()?;
+        bar.set_position(u64::from(next));
+        if next == before {
+            let s = c.job_status(job).await?;
+            bar.set_length(u64::from(s.tasks));
+            if s.finished() && next >= s.tasks {
+                return Ok(next - from);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Where writing results to `path` resumes: after its last complete line
+/// (a partial last line, from an interrupted run, is cut off). Each line
+/// must be the record of the index it stands at.
+fn resume_point(path: &std::path::Path) -> anyhow::Result<u32> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let complete = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let mut count: u32 = 0;
+    for (i, line) in bytes[..complete].split(|b| *b == b'\n').enumerate() {
+        if i as u64 == u64::from(count) && line.is_empty() {
+            break; // the split after the last newline
+        }
+        let v: serde_json::Value = serde_json::from_slice(line)
+            .with_context(|| format!("{}: line {} is not a result", path.display(), i + 1))?;
+        anyhow::ensure!(
+            v["index"] == serde_json::json!(count),
+            "{}: line {} is not the result of input {count}; not a file this job wrote",
+            path.display(),
+            i + 1
+        );
+        count += 1;
+    }
+    if complete < bytes.len() {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        f.set_len(complete as u64)
+            .with_context(|| format!("cannot cut the partial line of {}", path.display()))?;
+    }
+    Ok(count)
 }
