@@ -409,6 +409,23 @@ impl PoolClient {
         }
     }
 
+    /// Tell the pool a finished job's results are safe here: it may
+    /// remove its inputs and outputs.
+    pub async fn forget_job(&self, job: JobId) -> Result<(), ClientError> {
+        match self.call(&Request::ForgetJob { job }).await? {
+            Response::Ok => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Ask the pool to collect now (admins): `(jobs, tasks, bytes)` removed.
+    pub async fn collect(&self) -> Result<(u32, u64, u64), ClientError> {
+        match self.call(&Request::Collect).await? {
+            Response::Collected { jobs, tasks, bytes } => Ok((jobs, tasks, bytes)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// A job's progress.
     pub async fn job_status(&self, job: JobId) -> Result<JobSummary, ClientError> {
         match self.call(&Request::JobStatus { job }).await? {

@@ -58,6 +58,12 @@
 //! weights = {}                     # a client key's share of the nodes, relative (others: 1)
 //!                                  # e.g. { "ed25519:..." = 4 }
 //!
+//! [retention]                      # how long the pool keeps what it computed
+//! keep_days = 30                   # a finished job's inputs and outputs are removed this long after
+//!                                  # its last result (at once once its client says `job forget`);
+//!                                  # receipts stay for the ledger; 0 = keep for ever
+//! gc_every_secs = 3600             # how often the pool removes them (also `tidepool pool gc`)
+//!
 //! [limits]                         # what one peer may make the pool hold
 //! max_lease_bytes = 65536          # largest lease request (renewals name every running lease)
 //! max_results_bytes = 16842752     # largest results frame (the outputs)
@@ -136,6 +142,28 @@ pub struct PoolConfig {
     /// What one client may queue, run and open, and its share of the
     /// nodes.
     pub quotas: Quotas,
+    /// How long finished jobs' inputs and outputs are kept.
+    pub retention: Retention,
+}
+
+/// How long the pool keeps finished jobs' inputs and outputs (receipts stay
+/// for the ledger). Defaults in the module docs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retention {
+    /// Kept this long after a job's last result (`None`: for ever); a job
+    /// its client forgot goes at the next collection.
+    pub keep: Option<Duration>,
+    /// How often the pool collects.
+    pub every: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            keep: Some(Duration::from_secs(30 * 86_400)),
+            every: Duration::from_secs(3600),
+        }
+    }
 }
 
 /// What one client may make the pool hold and run, and its share of the
@@ -299,6 +327,7 @@ impl Default for PoolConfig {
             leasing: LeasePolicy::default(),
             limits: NetLimits::default(),
             quotas: Quotas::default(),
+            retention: Retention::default(),
         }
     }
 }
@@ -367,6 +396,35 @@ pub struct PoolFile {
     /// Per-client quotas and shares.
     #[serde(default)]
     pub quotas: QuotasFile,
+    /// Retention.
+    #[serde(default)]
+    pub retention: RetentionFile,
+}
+
+/// The `[retention]` table (see [`Retention`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionFile {
+    /// Days a finished job's payloads are kept (0: for ever).
+    #[serde(default = "default_keep_days")]
+    pub keep_days: u64,
+    /// Seconds between collections.
+    #[serde(default = "default_gc_every")]
+    pub gc_every_secs: u64,
+}
+
+impl Default for RetentionFile {
+    fn default() -> Self {
+        toml::from_str("").expect("an empty table takes every default")
+    }
+}
+
+fn default_keep_days() -> u64 {
+    30
+}
+
+fn default_gc_every() -> u64 {
+    3600
 }
 
 /// The `[quotas]` table (see [`Quotas`]).
@@ -733,6 +791,12 @@ impl PoolFile {
                 ),
             ));
         }
+        if self.retention.gc_every_secs == 0 {
+            return Err(bad(
+                "retention.gc_every_secs",
+                "retention.gc_every_secs must be at least 1",
+            ));
+        }
         let q = &self.quotas;
         if q.queued_tasks == 0 || q.open_jobs == 0 {
             return Err(bad(
@@ -910,6 +974,11 @@ impl PoolFile {
                 in_flight_per_connection: self.limits.in_flight_per_connection,
                 buffered_bytes_per_connection: self.limits.buffered_bytes_per_connection,
                 buffered_bytes_total: self.limits.buffered_bytes_total,
+            },
+            retention: Retention {
+                keep: (self.retention.keep_days > 0)
+                    .then(|| Duration::from_secs(self.retention.keep_days * 86_400)),
+                every: Duration::from_secs(self.retention.gc_every_secs),
             },
             quotas: Quotas {
                 queued_tasks: self.quotas.queued_tasks,

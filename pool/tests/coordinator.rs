@@ -1467,3 +1467,84 @@ fn a_cancelled_job_stops_its_queued_and_running_tasks() {
     assert_eq!(c.job_status(other).expect("other").done, 3);
     assert_eq!(c.handle_cancel_job(&me, job).expect("again"), (0, 0));
 }
+
+/// Retention: a finished job's inputs and outputs are removed once its
+/// last result is older than `retention.keep`, or at the next collection
+/// once its client forgot it; a job within retention keeps them. A purged
+/// job says so, its results no longer answer the cache (the same inputs
+/// run again), cannot be replayed or challenged, and its receipts still
+/// count in the credits. The pool collects by itself at its timeouts.
+#[test]
+fn retention_removes_old_and_forgotten_results_and_keeps_receipts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world();
+    let mut cfg = w.cfg.clone();
+    cfg.retention.keep = Some(Duration::from_secs(30 * 86_400));
+    cfg.retention.every = Duration::from_secs(3600);
+    let mut c = open(&dir.path().join("pool.db"), &cfg);
+    let (bundle, component) = publish(&mut c, &w);
+    let me = submitter();
+    let t0 = Instant::now();
+    let day = Duration::from_secs(86_400);
+    c.set_clock(t0, NOW_UNIX);
+    c.handle_node_hello(t0, w.node_a.public(), caps())
+        .expect("hello");
+    let batch = |tag: &str| -> Vec<Vec<u8>> {
+        (0..3).map(|i| format!("{tag} {i}").into_bytes()).collect()
+    };
+    let mut finish = |c: &mut Coordinator<SqliteStore>, key: &str, at: Instant| {
+        let (job, _) = c
+            .handle_submit(NOW_UNIX, &me, &bundle, key, &batch(key))
+            .expect("submit");
+        while !work_once(c, at, &w.node_a, component, 4).is_empty() {}
+        assert!(c.job_status(job).expect("status").finished());
+        job
+    };
+    let old = finish(&mut c, "old", t0);
+    let forgotten = finish(&mut c, "forgotten", t0);
+    let recent = finish(&mut c, "recent", t0 + 20 * day);
+    let stranger = SecretKey::from_seed(KeyRole::Client, &[10; 32]).public();
+    assert!(c.handle_forget_job(&stranger, forgotten).is_err());
+    c.handle_forget_job(&me, forgotten).expect("forget");
+
+    let p = c.handle_gc(t0 + day).expect("gc");
+    assert_eq!(p.jobs, vec![forgotten]);
+    assert_eq!(p.tasks, 3);
+    assert!(p.bytes > 0);
+    let p = c.handle_gc(t0 + 31 * day).expect("gc");
+    assert_eq!(p.jobs, vec![old], "the recent job is within retention");
+    for job in [old, forgotten] {
+        let s = c.job_status(job).expect("status");
+        assert!(s.purged && s.done == 3, "{s:?}");
+        for r in c.job_results(job, 0, 10).expect("records") {
+            assert_eq!(r.outcome, None, "{r:?}");
+            let err = c.handle_challenge(t0 + 31 * day, r.task).expect_err("challenge");
+            assert!(err.message.contains("retention"), "{}", err.message);
+        }
+        let err = c.replayable(job, 0).expect_err("replay");
+        assert!(err.message.contains("retention"), "{}", err.message);
+    }
+    let kept = c.job_results(recent, 0, 10).expect("records");
+    assert!(kept.iter().all(|r| r.outcome.is_some()) && !c.job_status(recent).expect("s").purged);
+    // The same inputs again: not answered from the purged results.
+    let (again, _) = c
+        .handle_submit(NOW_UNIX, &me, &bundle, "again", &batch("old"))
+        .expect("again");
+    assert_eq!(c.job_status(again).expect("again").cached, 0);
+    // Receipts stay: the credits still count the purged results.
+    let credits = c
+        .credits(0, NOW_UNIX + 100 * 86_400, NOW_UNIX + 100 * 86_400)
+        .expect("credits");
+    assert_eq!(credits[&w.node_a.public()].results, 9, "{credits:?}");
+    // By itself: the recent job goes once its time comes.
+    c.handle_timeout(t0 + 31 * day).expect("timeout");
+    let next = c.poll_timeout().expect("a collection is due");
+    assert!(next <= t0 + 31 * day + cfg.retention.every);
+    c.handle_timeout(t0 + 51 * day).expect("timeout");
+    let mut collected = false;
+    while let Some(e) = c.poll_event() {
+        collected |= matches!(e, PoolEvent::Collected { jobs: 1, .. });
+    }
+    assert!(collected);
+    assert!(c.job_status(recent).expect("s").purged);
+}

@@ -456,6 +456,15 @@ pub enum Request {
         /// The job.
         job: JobId,
     },
+    /// The client has a finished job's results: the pool may remove its
+    /// inputs and outputs at its next collection (receipts stay).
+    ForgetJob {
+        /// The job.
+        job: JobId,
+    },
+    /// The pool owner asks the pool to collect now what its retention
+    /// allows (admins only).
+    Collect,
     /// A job's progress.
     JobStatus {
         /// The job.
@@ -529,6 +538,8 @@ impl Request {
             Request::AppendInputs { .. } => "AppendInputs",
             Request::SealJob { .. } => "SealJob",
             Request::CancelJob { .. } => "CancelJob",
+            Request::ForgetJob { .. } => "ForgetJob",
+            Request::Collect => "Collect",
             Request::JobStatus { .. } => "JobStatus",
             Request::JobResults { .. } => "JobResults",
             Request::Replayable { .. } => "Replayable",
@@ -701,6 +712,9 @@ pub struct JobSummary {
     /// every task so far is.
     #[serde(default)]
     pub open: bool,
+    /// Retention removed its inputs and outputs (receipts stay).
+    #[serde(default)]
+    pub purged: bool,
 }
 
 impl JobSummary {
@@ -941,6 +955,15 @@ pub enum Response {
         waiting: u32,
         /// Running tasks whose nodes are told to stop.
         running: u32,
+    },
+    /// Answer to `Collect`.
+    Collected {
+        /// Jobs whose inputs and outputs were removed.
+        jobs: u32,
+        /// Their tasks.
+        tasks: u64,
+        /// Bytes removed.
+        bytes: u64,
     },
     /// Answer to `JobStatus`.
     Job(JobSummary),

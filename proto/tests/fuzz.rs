@@ -121,6 +121,8 @@ fn requests() -> Vec<Request> {
             total: 3,
         },
         Request::CancelJob { job: JobId(3) },
+        Request::ForgetJob { job: JobId(3) },
+        Request::Collect,
         Request::JobStatus { job: JobId(3) },
         Request::JobResults {
             job: JobId(3),

@@ -1,4 +1,4 @@
-//! `tidepool job submit|status|results|cancel|challenge`.
+//! `tidepool job submit|status|results|cancel|forget|challenge`.
 
 use super::common::{runtime, PoolArgs};
 use anyhow::Context;
@@ -79,6 +79,14 @@ pub enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Tell the pool you have a finished job's results: it may remove
+    /// its inputs and outputs at its next collection (receipts stay).
+    Forget {
+        /// Job id.
+        job: tidepool_proto::wire::JobId,
+        #[command(flatten)]
+        pool: PoolArgs,
     },
     /// Dispute a result: the pool re-executes the task on another node.
     Challenge(super::challenge::Args),
@@ -176,6 +184,10 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
             })?;
         }
         Command::Challenge(a) => super::challenge::main(a)?,
+        Command::Forget { job, pool } => {
+            pool.call(|c| async move { Ok(c.forget_job(job).await?) })?;
+            eprintln!("job {job}: the pool may remove its inputs and outputs");
+        }
         Command::Cancel { job, pool, json } => {
             let (waiting, running) = pool.call(|c| async move { Ok(c.cancel_job(job).await?) })?;
             if json {

@@ -17,6 +17,16 @@ pub enum Command {
     /// The settlement ledger: what each node earned, signed by the pool.
     #[command(subcommand)]
     Ledger(LedgerCommand),
+    /// Remove now the inputs and outputs of finished jobs past the pool's
+    /// retention or forgotten by their clients (an admin key; the pool also
+    /// does this every `retention.gc_every_secs`).
+    Gc {
+        #[command(flatten)]
+        pool: PoolArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Nodes (with reputation, sampling rate, strikes), queue depth, dead letters and jobs.
     Status {
         #[command(flatten)]
@@ -106,6 +116,20 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ledger(LedgerCommand::Export(a)) => super::ledger::export(a),
+        Command::Gc { pool, json } => {
+            let (jobs, tasks, bytes) = pool.call(|c| async move { Ok(c.collect().await?) })?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"jobs": jobs, "tasks": tasks, "bytes": bytes})
+                );
+            } else {
+                println!(
+                    "removed the inputs and outputs of {jobs} jobs ({tasks} tasks, {bytes} bytes)"
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status { pool, json } => {
             let s = pool.call(|c| async move { Ok(c.pool_status().await?) })?;
             if json {

@@ -346,6 +346,26 @@ impl<S: Store> Coordinator<S> {
         ))
     }
 
+    /// `owner` has `job`'s results: the pool may remove its inputs and
+    /// outputs at the next collection. Only a finished job.
+    pub fn handle_forget_job(&mut self, owner: &PublicKey, job: JobId) -> Result<(), Refusal> {
+        let Some(&(_, counts)) = self
+            .jobs
+            .get(&job)
+            .filter(|_| self.sees(owner, job) && !self.kinds.contains_key(&job))
+        else {
+            return Err(refusal(ErrorCode::NotFound, format!("no job {job}")));
+        };
+        if self.open.contains(&job) || counts.queued + counts.leased > 0 {
+            return Err(refusal(
+                ErrorCode::Invalid,
+                format!("job {job} is not finished; cancel it first"),
+            ));
+        }
+        self.store.forget_job(job)?;
+        Ok(())
+    }
+
     /// The bundle and inputs held of `owner`'s open job `job`.
     fn open_job_of(&self, owner: &PublicKey, job: JobId) -> Result<(Digest, u32), Refusal> {
         let Some(&(bundle, counts)) = self.jobs.get(&job).filter(|_| self.sees(owner, job)) else {

@@ -100,6 +100,13 @@ pub enum PoolEvent {
         /// The last reason.
         reason: String,
     },
+    /// Retention removed the inputs and outputs of finished jobs.
+    Collected {
+        /// Jobs purged.
+        jobs: usize,
+        /// Bytes removed.
+        bytes: u64,
+    },
     /// A job has no more open tasks.
     JobFinished {
         /// The job.
@@ -184,6 +191,11 @@ pub struct Coordinator<S: Store> {
     /// User jobs' priorities other than 0 (higher is served first).
     /// Loaded at start, added to when a job is opened.
     priorities: HashMap<JobId, i8>,
+    /// User jobs whose inputs and outputs retention removed. Loaded at
+    /// start, added to by each collection.
+    purged: HashSet<JobId>,
+    /// When retention next collects (set at the first timeout).
+    next_gc: Option<Instant>,
     /// When each client's recent challenges were made (at most
     /// `challenges_per_hour` each, within the last hour).
     challenge_times: HashMap<PublicKey, VecDeque<Instant>>,
@@ -253,6 +265,8 @@ impl<S: Store> Coordinator<S> {
             owners: HashMap::new(),
             open: HashSet::new(),
             priorities: HashMap::new(),
+            purged: HashSet::new(),
+            next_gc: None,
             challenge_times: HashMap::new(),
             nodes: Nodes::default(),
             events: VecDeque::new(),
@@ -328,6 +342,9 @@ impl<S: Store> Coordinator<S> {
             }
             if r.priority != 0 {
                 me.priorities.insert(r.job, r.priority);
+            }
+            if r.purged {
+                me.purged.insert(r.job);
             }
             me.jobs.insert(r.job, (r.bundle, r.counts));
         }
@@ -435,13 +452,42 @@ impl<S: Store> Coordinator<S> {
         }
     }
 
-    /// When the next lease expires.
+    /// When the next lease expires or retention collects.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.leases.next_expiry()
+        match (self.leases.next_expiry(), self.next_gc) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
-    /// Expire the leases due by `now`.
+    /// Remove the inputs and outputs of finished jobs past retention (or
+    /// forgotten by their clients), at most 1,000 jobs per call.
+    pub fn handle_gc(&mut self, now: Instant) -> Result<crate::store::Purged, StoreError> {
+        let now_unix = self.unix(now);
+        let cutoff = self
+            .cfg
+            .retention
+            .keep
+            .map(|k| now_unix.saturating_sub(k.as_secs()));
+        let purged = self.store.purge(cutoff, now_unix, 1000)?;
+        self.purged.extend(purged.jobs.iter().copied());
+        if !purged.jobs.is_empty() {
+            self.events.push_back(PoolEvent::Collected {
+                jobs: purged.jobs.len(),
+                bytes: purged.bytes,
+            });
+        }
+        Ok(purged)
+    }
+
+    /// Expire the leases due by `now`; collect when retention is due.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), StoreError> {
+        let every = self.cfg.retention.every;
+        let due = *self.next_gc.get_or_insert(now + every);
+        if now >= due {
+            self.next_gc = Some(now + every);
+            self.handle_gc(now)?;
+        }
         while let Some((task, lease)) = self.leases.due(now) {
             let held = lease.expires.saturating_duration_since(lease.renewed);
             let reason = if lease.at_deadline() {

@@ -159,6 +159,20 @@ impl<S: Store> Coordinator<S> {
             Request::SealJob { job, total } => self
                 .handle_seal_job(peer, job, total)
                 .map(|tasks| Response::Submitted { job, tasks }),
+            Request::ForgetJob { job } => self.handle_forget_job(peer, job).map(|()| Response::Ok),
+            Request::Collect if !self.is_admin(peer) => Err(super::refusal(
+                tidepool_proto::wire::ErrorCode::Forbidden,
+                "only the pool's admins may ask it to collect",
+            )),
+            Request::Collect => {
+                self.handle_gc(now)
+                    .map_err(Into::into)
+                    .map(|p| Response::Collected {
+                        jobs: u32::try_from(p.jobs.len()).unwrap_or(u32::MAX),
+                        tasks: p.tasks,
+                        bytes: p.bytes,
+                    })
+            }
             Request::CancelJob { job } => {
                 self.handle_cancel_job(peer, job)
                     .map(|(waiting, running)| Response::Cancelled {

@@ -36,6 +36,7 @@ impl<S: Store> Coordinator<S> {
             cached: c.cached,
             waiting: self.waiting(&bundle, &c),
             open: self.open.contains(&job),
+            purged: self.purged.contains(&job),
         }
     }
 
@@ -142,6 +143,12 @@ impl<S: Store> Coordinator<S> {
                 format!("job {job} has no result for input {index}"),
             )
         };
+        if self.purged.contains(&job) {
+            return Err(refusal(
+                ErrorCode::NotFound,
+                format!("job {job}'s inputs and outputs were removed by the pool's retention"),
+            ));
+        }
         let (bundle, _) = self.jobs.get(&job).ok_or_else(not_done)?;
         let manifest = self
             .bundles

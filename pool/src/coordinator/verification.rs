@@ -773,6 +773,12 @@ impl<S: Store> Coordinator<S> {
         if self.kinds.contains_key(&row.job) {
             return Err(refusal(ErrorCode::NotFound, format!("no task {task}")));
         }
+        if self.purged.contains(&row.job) {
+            return Err(refusal(
+                ErrorCode::Invalid,
+                format!("task {task}'s input was removed by the pool's retention"),
+            ));
+        }
         if !row.done {
             return Err(refusal(
                 ErrorCode::Invalid,

@@ -166,6 +166,12 @@ fn log_event(ev: &PoolEvent, now: Instant) {
             warn!(%task, reason, "task dead-lettered")
         }
         PoolEvent::JobFinished { job } => info!(%job, "job finished"),
+        PoolEvent::Collected { jobs, bytes } => {
+            info!(
+                jobs,
+                bytes, "retention removed finished jobs' inputs and outputs"
+            )
+        }
         PoolEvent::Caught {
             node,
             task,

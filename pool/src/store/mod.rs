@@ -360,6 +360,17 @@ pub struct InsertedJob {
     pub fresh: bool,
 }
 
+/// What one [`Store::purge`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Purged {
+    /// The jobs purged.
+    pub jobs: Vec<JobId>,
+    /// Their tasks.
+    pub tasks: u64,
+    /// Bytes of inputs, outputs and transcripts removed.
+    pub bytes: u64,
+}
+
 /// A job opened for chunked submission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OpenedJob {
@@ -431,6 +442,8 @@ pub struct JobRow {
     pub sealed: bool,
     /// Higher is served first.
     pub priority: i8,
+    /// Whether retention removed its inputs and outputs.
+    pub purged: bool,
 }
 
 /// A node's counters.
@@ -521,6 +534,20 @@ pub trait Store: Send {
     ) -> Result<Vec<Digest>, StoreError>;
     /// Mark a job sealed: it takes no more inputs.
     fn seal_job(&mut self, job: JobId) -> Result<(), StoreError>;
+    /// Its client has the results: the job is collected at the next
+    /// [`purge`](Self::purge).
+    fn forget_job(&mut self, job: JobId) -> Result<(), StoreError>;
+    /// Remove the inputs, outputs and transcripts (receipts stay, for the
+    /// ledger) of up to `max_jobs` finished user jobs whose last result is
+    /// older than `cutoff_unix` (`None`: none by age) or whose client
+    /// forgot them; each is marked purged at `now_unix` and no longer
+    /// serves the result cache. One transaction.
+    fn purge(
+        &mut self,
+        cutoff_unix: Option<u64>,
+        now_unix: u64,
+        max_jobs: u32,
+    ) -> Result<Purged, StoreError>;
     /// Cancel a job: sealed, and every task not done or dead dead-lettered
     /// with `reason`, in one transaction.
     fn cancel_job(&mut self, job: JobId, reason: &str) -> Result<(), StoreError>;

@@ -110,6 +110,10 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("jobs", "sealed", "INTEGER NOT NULL DEFAULT 1"),
     // Higher is served first.
     ("jobs", "priority", "INTEGER NOT NULL DEFAULT 0"),
+    // 1: its client said it has the results (`job forget`): collected next.
+    ("jobs", "forgotten", "INTEGER NOT NULL DEFAULT 0"),
+    // When retention removed its inputs and outputs (NULL: not yet).
+    ("jobs", "purged_at", "INTEGER"),
 ];
 
 /// Bring a database file to the current schema.

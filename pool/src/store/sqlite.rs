@@ -276,6 +276,60 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    fn forget_job(&mut self, job: JobId) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("UPDATE jobs SET forgotten = 1 WHERE id = ?1")?
+            .execute([job.0 as i64])?;
+        Ok(())
+    }
+
+    fn purge(
+        &mut self,
+        cutoff_unix: Option<u64>,
+        now_unix: u64,
+        max_jobs: u32,
+    ) -> Result<Purged, StoreError> {
+        let tx = self.conn.transaction()?;
+        let jobs: Vec<i64> = {
+            let mut st = tx.prepare_cached(
+                "SELECT j.id FROM jobs j
+                 WHERE j.kind = 0 AND j.sealed = 1 AND j.purged_at IS NULL
+                   AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.job = j.id AND t.state < 2)
+                   AND (j.forgotten = 1 OR (?1 IS NOT NULL AND
+                        COALESCE((SELECT MAX(done_at) FROM tasks t WHERE t.job = j.id), j.created_at) < ?1))
+                 ORDER BY j.id LIMIT ?2",
+            )?;
+            let v = st
+                .query_map(params![cutoff_unix.map(|c| c as i64), max_jobs], |r| {
+                    r.get(0)
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            v
+        };
+        let mut out = Purged::default();
+        for job in jobs {
+            let (tasks, bytes): (u64, Option<i64>) = tx.query_row(
+                "SELECT COUNT(*), SUM(length(input) + IFNULL(length(outcome), 0) + IFNULL(length(transcript), 0))
+                 FROM tasks WHERE job = ?1",
+                [job],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            tx.execute(
+                "UPDATE tasks SET input = x'', outcome = NULL, transcript = NULL WHERE job = ?1",
+                [job],
+            )?;
+            tx.execute(
+                "UPDATE jobs SET purged_at = ?2 WHERE id = ?1",
+                params![job, now_unix as i64],
+            )?;
+            out.jobs.push(JobId(job as u64));
+            out.tasks += tasks;
+            out.bytes += bytes.unwrap_or(0).max(0) as u64;
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
     fn cancel_job(&mut self, job: JobId, reason: &str) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         tx.execute("UPDATE jobs SET sealed = 1 WHERE id = ?1", [job.0 as i64])?;
@@ -450,17 +504,20 @@ impl Store for SqliteStore {
     }
 
     fn jobs(&mut self) -> Result<Vec<JobRow>, StoreError> {
-        let ids: Vec<(i64, Option<String>, bool, i8)> = {
-            let mut st = self
-                .conn
-                .prepare("SELECT id, owner, sealed, priority FROM jobs ORDER BY id")?;
+        type Row = (i64, Option<String>, bool, i8, bool);
+        let ids: Vec<Row> = {
+            let mut st = self.conn.prepare(
+                "SELECT id, owner, sealed, priority, purged_at IS NOT NULL FROM jobs ORDER BY id",
+            )?;
             let v = st
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .query_map([], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?
                 .collect::<Result<Vec<_>, _>>()?;
             v
         };
         let mut out = Vec::new();
-        for (id, owner, sealed, priority) in ids {
+        for (id, owner, sealed, priority, purged) in ids {
             if let Some((bundle, counts)) = self.job(JobId(id as u64))? {
                 out.push(JobRow {
                     job: JobId(id as u64),
@@ -471,6 +528,7 @@ impl Store for SqliteStore {
                         .transpose()?,
                     sealed,
                     priority,
+                    purged,
                 });
             }
         }
@@ -1009,6 +1067,7 @@ impl Store for SqliteStore {
         let mut st = self.conn.prepare_cached(
             "SELECT t.id, t.job FROM tasks t JOIN jobs j ON j.id = t.job
              WHERE t.node = ?1 AND t.state = 2 AND t.verified IN (0, 2) AND t.cached_from IS NULL AND j.kind = 0
+               AND j.purged_at IS NULL
              ORDER BY t.id DESC LIMIT ?2",
         )?;
         let v = st
@@ -1034,6 +1093,7 @@ impl Store for SqliteStore {
              JOIN tasks t ON t.id = c.check_of JOIN jobs j ON j.id = t.job
              WHERE c.node = ?1 AND c.state = 2 AND c.check_of IS NOT NULL
                AND t.state = 2 AND t.verified = 2 AND t.cached_from IS NULL AND j.kind = 0
+               AND j.purged_at IS NULL
              ORDER BY c.id DESC LIMIT ?2",
         )?;
         let v = st
@@ -1240,6 +1300,7 @@ fn insert_tasks(
         let mut hit = tx.prepare_cached(
             "SELECT t.id, t.attempt, t.node, t.outcome, t.receipt FROM tasks t JOIN jobs j ON j.id = t.job
              WHERE t.input_digest = ?1 AND j.bundle = ?2 AND t.state = 2 AND t.cached_from IS NULL
+               AND j.purged_at IS NULL
                AND j.kind = 0 AND t.verified IN (0, 1, 2, 3) LIMIT 1",
         )?;
         let mut cached = tx.prepare_cached(
