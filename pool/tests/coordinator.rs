@@ -1489,10 +1489,9 @@ fn retention_removes_old_and_forgotten_results_and_keeps_receipts() {
     c.set_clock(t0, NOW_UNIX);
     c.handle_node_hello(t0, w.node_a.public(), caps())
         .expect("hello");
-    let batch = |tag: &str| -> Vec<Vec<u8>> {
-        (0..3).map(|i| format!("{tag} {i}").into_bytes()).collect()
-    };
-    let mut finish = |c: &mut Coordinator<SqliteStore>, key: &str, at: Instant| {
+    let batch =
+        |tag: &str| -> Vec<Vec<u8>> { (0..3).map(|i| format!("{tag} {i}").into_bytes()).collect() };
+    let finish = |c: &mut Coordinator<SqliteStore>, key: &str, at: Instant| {
         let (job, _) = c
             .handle_submit(NOW_UNIX, &me, &bundle, key, &batch(key))
             .expect("submit");
@@ -1518,7 +1517,9 @@ fn retention_removes_old_and_forgotten_results_and_keeps_receipts() {
         assert!(s.purged && s.done == 3, "{s:?}");
         for r in c.job_results(job, 0, 10).expect("records") {
             assert_eq!(r.outcome, None, "{r:?}");
-            let err = c.handle_challenge(t0 + 31 * day, r.task).expect_err("challenge");
+            let err = c
+                .handle_challenge(t0 + 31 * day, r.task)
+                .expect_err("challenge");
             assert!(err.message.contains("retention"), "{}", err.message);
         }
         let err = c.replayable(job, 0).expect_err("replay");
@@ -1547,4 +1548,47 @@ fn retention_removes_old_and_forgotten_results_and_keeps_receipts() {
     }
     assert!(collected);
     assert!(c.job_status(recent).expect("s").purged);
+}
+
+/// The pool's memory for waiting tasks grows with chunks and retries, not
+/// with tasks: 50,000 inputs sent in 10 chunks wait as at most 10 entries
+/// (here one: nothing came between the chunks); tasks whose leases
+/// expired come back one entry each.
+#[test]
+fn waiting_tasks_cost_an_entry_per_chunk_not_per_task() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world();
+    let mut c = open(&dir.path().join("pool.db"), &w.cfg);
+    let (bundle, _) = publish(&mut c, &w);
+    let me = submitter();
+    let (job, _, _) = c
+        .handle_open_job(NOW_UNIX, &me, &bundle, "many", 0)
+        .expect("open");
+    for chunk in 0..10u32 {
+        let inputs: Vec<Vec<u8>> = (0..5000)
+            .map(|i| format!("many {}", chunk * 5000 + i).into_bytes())
+            .collect();
+        c.handle_append_inputs(NOW_UNIX, &me, job, chunk * 5000, &inputs)
+            .expect("chunk");
+    }
+    c.handle_seal_job(&me, job, 50_000).expect("seal");
+    let entries = c.queue_entries();
+    assert_eq!(c.queued(), 50_000);
+    // One run per chunk at most (consecutive chunks' ids run on).
+    assert!((1..=10).contains(&entries), "{entries}");
+    let t0 = Instant::now();
+    c.handle_node_hello(t0, w.node_a.public(), caps())
+        .expect("hello");
+    let (grants, _) = c
+        .handle_lease(t0, &w.node_a.public(), 4, &[])
+        .expect("lease");
+    assert_eq!(grants.len(), 4);
+    c.handle_timeout(t0 + Duration::from_secs(3600))
+        .expect("expire");
+    assert_eq!(c.queued(), 50_000);
+    assert_eq!(
+        c.queue_entries(),
+        entries + 4,
+        "the four retried, one entry each"
+    );
 }

@@ -59,7 +59,100 @@ struct JobQueue {
     /// Where its tasks go.
     meta: JobMeta,
     /// Its tasks in order (retries at the front).
-    tasks: VecDeque<Queued>,
+    tasks: TaskList,
+}
+
+/// A job's waiting tasks in order. Fresh tasks with consecutive ids (a
+/// chunk of inputs) are kept as one range, so a job of a million waiting
+/// tasks costs a few entries, not a million; retried tasks (which carry
+/// attempts and the node they failed on) one entry each.
+#[derive(Debug, Default)]
+struct TaskList {
+    /// The entries, first to serve at the front.
+    entries: VecDeque<Entry>,
+    /// Tasks in them.
+    len: usize,
+}
+
+/// An entry of a [`TaskList`].
+#[derive(Debug)]
+enum Entry {
+    /// Fresh tasks `next..end` (no attempt yet).
+    Fresh {
+        /// The next to serve.
+        next: u64,
+        /// One past the last.
+        end: u64,
+    },
+    /// One task as it was queued.
+    One(Queued),
+}
+
+impl TaskList {
+    fn is_fresh(q: &Queued) -> bool {
+        q.attempts == 0 && q.failed_on.is_none()
+    }
+
+    fn push_back(&mut self, q: Queued) {
+        self.len += 1;
+        if Self::is_fresh(&q) {
+            if let Some(Entry::Fresh { end, .. }) = self.entries.back_mut() {
+                if *end == q.task.0 {
+                    *end += 1;
+                    return;
+                }
+            }
+            self.entries.push_back(Entry::Fresh {
+                next: q.task.0,
+                end: q.task.0 + 1,
+            });
+        } else {
+            self.entries.push_back(Entry::One(q));
+        }
+    }
+
+    fn push_front(&mut self, q: Queued) {
+        self.len += 1;
+        self.entries.push_front(Entry::One(q));
+    }
+
+    /// The first task (of `job`: fresh entries do not store it).
+    fn pop_front(&mut self, job: JobId) -> Option<Queued> {
+        let q = match self.entries.front_mut()? {
+            Entry::Fresh { next, end } => {
+                let task = *next;
+                *next += 1;
+                if *next == *end {
+                    self.entries.pop_front();
+                }
+                Queued {
+                    task: TaskId(task),
+                    job,
+                    attempts: 0,
+                    failed_on: None,
+                }
+            }
+            Entry::One(_) => match self.entries.pop_front() {
+                Some(Entry::One(q)) => q,
+                _ => return None, // matched One above
+            },
+        };
+        self.len -= 1;
+        Some(q)
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Entries held (memory: about 64 bytes each).
+    fn entries(&self) -> usize {
+        self.entries.len()
+    }
 }
 
 /// One client's place in the fair share. Lives as long as the queues (a
@@ -99,7 +192,7 @@ impl Queues {
     }
 
     /// The queue a new task of `meta`'s job goes into, counted.
-    fn place(&mut self, meta: JobMeta, job: JobId) -> &mut VecDeque<Queued> {
+    fn place(&mut self, meta: JobMeta, job: JobId) -> &mut TaskList {
         self.len += 1;
         let level = self
             .clients
@@ -117,7 +210,7 @@ impl Queues {
         client.queued += 1;
         let JobQueue { tasks, .. } = self.jobs.entry(job).or_insert_with(|| JobQueue {
             meta,
-            tasks: VecDeque::new(),
+            tasks: TaskList::default(),
         });
         tasks
     }
@@ -205,7 +298,7 @@ impl Queues {
             let mut got = None;
             if let Some(queue) = self.jobs.get_mut(&job) {
                 while passed.len() < SCAN_PAST {
-                    let Some(q) = queue.tasks.pop_front() else {
+                    let Some(q) = queue.tasks.pop_front(job) else {
                         break;
                     };
                     if may_take(&q, &meta.bundle) {
@@ -259,6 +352,12 @@ impl Queues {
             c.queued = c.queued.saturating_sub(n);
         }
         n
+    }
+
+    /// Entries the job queues hold (what their memory grows with: fresh
+    /// tasks in runs are one entry per run).
+    pub(super) fn entries(&self) -> usize {
+        self.jobs.values().map(|j| j.tasks.entries()).sum()
     }
 
     /// Tasks of `owner`'s jobs waiting.
@@ -319,6 +418,28 @@ mod tests {
         assert_eq!(qs.len(), 1);
         assert_eq!(take(&mut qs, 9), vec![30]);
         assert_eq!(qs.len(), 0);
+    }
+
+    #[test]
+    fn a_hundred_thousand_fresh_tasks_are_one_entry_and_retries_one_each() {
+        let mut qs = Queues::default();
+        for t in 1..=100_000 {
+            qs.push_back(meta(client(1), 0), q(1, t));
+        }
+        assert_eq!((qs.len(), qs.entries()), (100_000, 1));
+        assert_eq!(take(&mut qs, 3), vec![1, 2, 3]);
+        let mut retry = q(1, 2);
+        retry.attempts = 1;
+        qs.push_front(meta(client(1), 0), retry);
+        assert_eq!((qs.len(), qs.entries()), (99_998, 2));
+        assert_eq!(take(&mut qs, 3), vec![2, 4, 5]);
+        // Not consecutive (another job's ids between): a new run.
+        qs.push_back(meta(client(1), 0), q(1, 2_000_000));
+        assert_eq!(qs.entries(), 2);
+        let all = take(&mut qs, 2_000_000);
+        assert_eq!(all.len(), 99_996);
+        assert_eq!(all.last(), Some(&2_000_000));
+        assert_eq!((qs.len(), qs.entries()), (0, 0));
     }
 
     #[test]

@@ -314,6 +314,13 @@ impl<S: Store> Coordinator<S> {
         self.queues.len()
     }
 
+    /// Entries the queues of user jobs hold in memory: fresh tasks with
+    /// consecutive ids (a chunk of inputs) count once, retried tasks once
+    /// each. What the pool's memory grows with, not the tasks waiting.
+    pub fn queue_entries(&self) -> usize {
+        self.queues.entries()
+    }
+
     /// Tasks under lease.
     pub fn leased(&self) -> usize {
         self.leases.len()
