@@ -593,3 +593,209 @@ fn a_twenty_megabyte_jsonl_goes_through_the_cli_and_its_results_stream_and_resum
     let _ = pool.kill();
     let _ = pool.wait();
 }
+
+/// Lines of the big batch: `TIDEPOOL_BIG_BATCH` (the benchmark run sets
+/// 1,000,000), else 50,000.
+fn big_batch_items() -> usize {
+    std::env::var("TIDEPOOL_BIG_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000)
+}
+
+/// The pool process's peak resident memory (VmHWM), bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        .expect("VmHWM")
+        * 1024
+}
+
+/// Lines in a file (0 if missing).
+fn lines_in(path: &Path) -> usize {
+    std::fs::read(path).map_or(0, |b| b.iter().filter(|c| **c == b'\n').count())
+}
+
+/// The big batch, with the real CLI, pool and two nodes on the
+/// echo job: 50,000 lines of real text (about 220 bytes each; 1,000,000 and
+/// over 200 MB in the benchmark run) submitted with `job submit` in small
+/// chunks, the client killed (SIGKILL) part-way and run again — the pool
+/// holds one job of exactly the batch; the results read with `job results
+/// --out`, killed part-way and run again — every result exactly once, in
+/// order, equal to its line. The pool's peak memory stays under 400 MiB
+/// (waiting tasks cost an entry per chunk, pages and grants are
+/// byte-bounded; the rest is SQLite's cache and the QUIC buffers).
+#[test]
+#[ignore = "slow: 50,000 tasks through real processes (run by `cargo xtask test`)"]
+fn a_big_batch_is_submitted_and_read_back_through_kills() {
+    let n = big_batch_items();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let publisher = stdout(&tidepool(
+        dir,
+        &["keygen", "--role", "publisher", "-o", "publisher.key"],
+    ));
+    let pool_pub = stdout(&tidepool(
+        dir,
+        &["keygen", "--role", "pool", "-o", "pool.key"],
+    ));
+    for k in ["node-a", "node-b"] {
+        tidepool(
+            dir,
+            &["keygen", "--role", "node", "-o", &format!("{k}.key")],
+        );
+    }
+    std::fs::write(
+        dir.join("tidepool.toml"),
+        format!(
+            "name = \"echo\"\nversion = \"1.0.0\"\ncomponent = \"{}\"\n",
+            jobs_dir().join("echo.wasm").display()
+        ),
+    )
+    .expect("manifest");
+    let bundle = stdout(&tidepool(
+        dir,
+        &["bundle", "pack", "--key", "publisher.key", "--sign"],
+    ));
+    let (mut pool, line) = serve_pool(dir, &publisher, &[]);
+    let addr = line.split_whitespace().nth(1).expect("addr").to_owned();
+    let with_pool = |args: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        v.extend([
+            "--pool".into(),
+            addr.clone(),
+            "--pool-key".into(),
+            pool_pub.clone(),
+            "--key".into(),
+            "publisher.key".into(),
+        ]);
+        v
+    };
+    let run = |args: &[&str]| -> String {
+        let args = with_pool(args);
+        stdout(&tidepool(
+            dir,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        ))
+    };
+    let spawn_with_pool = |args: &[&str]| -> Child {
+        let args = with_pool(args);
+        spawn(dir, &args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let pool_status = || -> serde_json::Value {
+        serde_json::from_str(&run(&["pool", "status", "--json"])).expect("status json")
+    };
+    run(&["bundle", "publish", &bundle]);
+    let texts = tidepool_tests::corpus(2000).expect("texts");
+    let mut jsonl = String::with_capacity(n * 240);
+    for i in 0..n {
+        let mut text = texts[i % texts.len()].replace(['\n', '\t'], " ");
+        while text.len() < 200 {
+            text.push(' ');
+            text.push_str(&texts[(i * 7 + text.len()) % texts.len()].replace(['\n', '\t'], " "));
+        }
+        jsonl.push_str(&serde_json::json!({ "n": i, "text": text }).to_string());
+        jsonl.push('\n');
+    }
+    std::fs::write(dir.join("big.jsonl"), &jsonl).expect("inputs");
+    eprintln!("{n} lines, {} bytes", jsonl.len());
+
+    // Submit in 64 KiB chunks; kill the client once the pool holds a fifth.
+    let submit = [
+        "job",
+        "submit",
+        &bundle,
+        "--inputs",
+        "big.jsonl",
+        "--no-wait",
+        "--chunk-bytes",
+        "65536",
+    ];
+    let mut first = spawn_with_pool(&submit);
+    let start = std::time::Instant::now();
+    loop {
+        let held = pool_status()["jobs"]
+            .as_array()
+            .and_then(|j| j.first())
+            .and_then(|j| j["tasks"].as_u64())
+            .unwrap_or(0);
+        if held as usize >= n / 5 {
+            break;
+        }
+        if let Ok(Some(status)) = first.try_wait() {
+            panic!("the submission ended before it was killed: {status}");
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(600),
+            "no progress"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    first.kill().expect("kill the client");
+    let _ = first.wait();
+    let held = pool_status()["jobs"][0]["tasks"].as_u64().expect("tasks") as usize;
+    assert!(held < n, "killed part-way: {held} of {n}");
+    let job = run(&submit);
+    let jobs = pool_status()["jobs"].as_array().expect("jobs").clone();
+    assert_eq!(jobs.len(), 1, "one job: {jobs:?}");
+    assert_eq!(jobs[0]["tasks"].as_u64(), Some(n as u64));
+    assert_eq!(jobs[0]["open"].as_bool(), Some(false));
+
+    let nodes: Vec<Child> = ["node-a", "node-b"]
+        .iter()
+        .map(|k| {
+            spawn_node(
+                dir,
+                &addr,
+                &pool_pub,
+                &publisher,
+                &format!("{k}.key"),
+                &format!("{k}-data"),
+                "2",
+            )
+        })
+        .collect();
+    // Read the results as they come; kill the reader a third of the way.
+    let out = dir.join("out.jsonl");
+    let mut reader = spawn_with_pool(&["job", "results", &job, "--out", "out.jsonl"]);
+    let start = std::time::Instant::now();
+    while lines_in(&out) < n / 3 {
+        assert!(
+            reader.try_wait().expect("reader").is_none(),
+            "the reader ended early"
+        );
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(1800),
+            "no results"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    reader.kill().expect("kill the reader");
+    let _ = reader.wait();
+    assert!(lines_in(&out) < n, "killed part-way");
+    run(&["job", "results", &job, "--out", "out.jsonl"]);
+    let text = std::fs::read_to_string(&out).expect("out");
+    let mut count = 0;
+    for (i, (got, want)) in text.lines().zip(jsonl.lines()).enumerate() {
+        let got: serde_json::Value = serde_json::from_str(got).expect("a JSON line");
+        assert_eq!(got["index"], i, "in order, once each");
+        assert_eq!(
+            got["output"],
+            serde_json::from_str::<serde_json::Value>(want).expect("line")
+        );
+        count += 1;
+    }
+    assert_eq!((count, text.lines().count()), (n, n));
+    let peak = peak_rss(pool.id());
+    eprintln!("pool peak RSS: {} MiB for {n} tasks", peak >> 20);
+    assert!(peak < 400 << 20, "pool peak RSS {} MiB", peak >> 20);
+    for node in nodes {
+        sigterm(&node);
+        let _ = node.wait_with_output();
+    }
+    let _ = pool.kill();
+    let _ = pool.wait();
+}

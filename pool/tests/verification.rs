@@ -1526,6 +1526,10 @@ fn results_confirmed_by_a_struck_checker_are_rechecked() {
         assert_eq!(r.verification, "replaced", "{r:?}");
     }
     assert!(sim.caught().iter().any(|(k, _)| *k == a), "A is struck");
+    // The honest node's results stand, checked by the trusted node.
+    for r in sim.records(other) {
+        assert_eq!(r.verification, "verified", "{r:?}");
+    }
 }
 
 /// A result never checked is credited only once its bundle's challenge

@@ -29,6 +29,11 @@ pub enum Command {
         /// Higher is served first (the pool caps what a client may ask for).
         #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
         priority: i8,
+        /// Input bytes per message (smaller on a slow link: less to send
+        /// again after an interruption); at most 8 MiB.
+        #[arg(long, default_value_t = tidepool_client::SUBMIT_CHUNK_BYTES,
+              value_parser = clap::value_parser!(usize))]
+        chunk_bytes: usize,
         #[command(flatten)]
         pool: PoolArgs,
         /// Print JSON.
@@ -111,9 +116,15 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
             submit_key,
             no_wait,
             priority,
+            chunk_bytes,
             pool,
             json,
         } => {
+            anyhow::ensure!(
+                (1024..=tidepool_client::SUBMIT_CHUNK_BYTES).contains(&chunk_bytes),
+                "--chunk-bytes must be between 1024 and {}",
+                tidepool_client::SUBMIT_CHUNK_BYTES
+            );
             let digest = bundle_digest(&bundle)?;
             // First pass: every line is JSON; count them and make the
             // default key. Nothing is held: the file may be any size.
@@ -138,14 +149,9 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
                     })
                 });
                 let (job, tasks) = client
-                    .submit_chunked(
-                        digest,
-                        key,
-                        priority,
-                        lines,
-                        tidepool_client::SUBMIT_CHUNK_BYTES,
-                        |held| bar.set_position(u64::from(held)),
-                    )
+                    .submit_chunked(digest, key, priority, lines, chunk_bytes, |held| {
+                        bar.set_position(u64::from(held))
+                    })
                     .await?;
                 bar.finish_and_clear();
                 if !json {
