@@ -1463,7 +1463,7 @@ fn a_cancelled_job_stops_its_queued_and_running_tasks() {
             "{r:?}"
         );
     }
-    while work_once(&mut c, t0, &w.node_a, component, 4).len() > 0 {}
+    while !work_once(&mut c, t0, &w.node_a, component, 4).is_empty() {}
     assert_eq!(c.job_status(other).expect("other").done, 3);
     assert_eq!(c.handle_cancel_job(&me, job).expect("again"), (0, 0));
 }
