@@ -592,3 +592,49 @@ async fn a_cancelled_job_frees_its_nodes_slots() -> Result<()> {
     pool.shutdown().await;
     Ok(())
 }
+
+/// Inputs and outputs of 10 MiB each, over QUIC on the echo job, beside a
+/// job of 200 tiny tasks: the big inputs go in chunks of their own, a
+/// lease answer carries one of them at a time, and the node that holds
+/// several 10 MiB outputs sends them in requests under the frame limit —
+/// both jobs finish with no dead letter and every output equals its input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_megabyte_inputs_and_outputs_finish_beside_tiny_tasks() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys = Keys::new(12);
+    let pool = start_pool(
+        &dir.path().join("pool"),
+        &keys,
+        test_pool_config(&keys),
+        "127.0.0.1:0".parse()?,
+    )
+    .await?;
+    let bundle = guest_bundle_timed(&dir.path().join("author"), &keys, "echo", 60_000, "")?;
+    let (client, digest) = publish(pool.addr, &keys, &bundle).await?;
+    let big: Vec<Vec<u8>> = (0..4u8)
+        .map(|i| {
+            (0..10 << 20)
+                .map(|j: u32| (j as u8) ^ i.wrapping_mul(37))
+                .collect()
+        })
+        .collect();
+    let tiny: Vec<Vec<u8>> = (0..200u32)
+        .map(|i| format!("tiny {i}").into_bytes())
+        .collect();
+    let (big_job, _) = client.submit(digest, big.clone(), "big".into()).await?;
+    let (tiny_job, _) = client.submit(digest, tiny.clone(), "tiny".into()).await?;
+    let node = start_node(node_config(dir.path(), &keys, 0, pool.addr));
+    for (job, want) in [(big_job, &big), (tiny_job, &tiny)] {
+        let s = wait_job(&client, job, Duration::from_secs(300)).await?;
+        assert_eq!((s.done, s.dead), (want.len() as u32, 0), "{s:?}");
+        assert!(
+            record_outputs(&client.job_results(job).await?) == *want,
+            "outputs equal inputs"
+        );
+    }
+    let report = node.drain().await?;
+    assert_eq!((report.failed, report.rejected), (0, 0), "{report:?}");
+    client.close().await;
+    pool.shutdown().await;
+    Ok(())
+}
