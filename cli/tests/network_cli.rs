@@ -450,6 +450,121 @@ fn a_sigkilled_node_process_loses_no_task() {
     assert!(pool.wait().expect("pool exit").success());
 }
 
+/// A pool process serving a published echo bundle from a directory, with a
+/// publisher key and node keys made there: what the batch tests share.
+/// Lives as long as its test; the pool process is killed on drop.
+struct EchoPool {
+    /// The directory every command runs in.
+    dir: std::path::PathBuf,
+    /// The publisher's key, `ed25519:...`.
+    publisher: String,
+    /// The pool's key, `ed25519:...`.
+    pool_key: String,
+    /// The pool's address.
+    addr: String,
+    /// The signed bundle's file name.
+    bundle: String,
+    /// The `pool serve` process.
+    pool: Child,
+}
+
+impl EchoPool {
+    /// Keys (publisher, pool, `<name>.key` per node), the echo bundle
+    /// packed and signed, the pool serving, the bundle published.
+    fn start(dir: &Path, nodes: &[&str]) -> Self {
+        let publisher = stdout(&tidepool(
+            dir,
+            &["keygen", "--role", "publisher", "-o", "publisher.key"],
+        ));
+        let pool_key = stdout(&tidepool(
+            dir,
+            &["keygen", "--role", "pool", "-o", "pool.key"],
+        ));
+        for k in nodes {
+            tidepool(
+                dir,
+                &["keygen", "--role", "node", "-o", &format!("{k}.key")],
+            );
+        }
+        std::fs::write(
+            dir.join("tidepool.toml"),
+            format!(
+                "name = \"echo\"\nversion = \"1.0.0\"\ncomponent = \"{}\"\n",
+                jobs_dir().join("echo.wasm").display()
+            ),
+        )
+        .expect("manifest");
+        let bundle = stdout(&tidepool(
+            dir,
+            &["bundle", "pack", "--key", "publisher.key", "--sign"],
+        ));
+        let (pool, line) = serve_pool(dir, &publisher, &[]);
+        let addr = line.split_whitespace().nth(1).expect("addr").to_owned();
+        let me = Self {
+            dir: dir.to_owned(),
+            publisher,
+            pool_key,
+            addr,
+            bundle,
+            pool,
+        };
+        me.run(&["bundle", "publish", &me.bundle]);
+        me
+    }
+
+    /// `args` with the pool's address and key and the publisher's key.
+    fn args(&self, args: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        v.extend([
+            "--pool".into(),
+            self.addr.clone(),
+            "--pool-key".into(),
+            self.pool_key.clone(),
+            "--key".into(),
+            "publisher.key".into(),
+        ]);
+        v
+    }
+
+    /// Run a pool verb to success; its standard output.
+    fn run(&self, args: &[&str]) -> String {
+        let args = self.args(args);
+        stdout(&tidepool(
+            &self.dir,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        ))
+    }
+
+    /// Start a pool verb.
+    fn spawn(&self, args: &[&str]) -> Child {
+        let args = self.args(args);
+        spawn(
+            &self.dir,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    }
+
+    /// `tidepool node run` with key `<name>.key`, 2 slots.
+    fn node(&self, name: &str) -> Child {
+        spawn_node(
+            &self.dir,
+            &self.addr,
+            &self.pool_key,
+            &self.publisher,
+            &format!("{name}.key"),
+            &format!("{name}-data"),
+            "2",
+        )
+    }
+}
+
+impl Drop for EchoPool {
+    fn drop(&mut self) {
+        let _ = self.pool.kill();
+        let _ = self.pool.wait();
+    }
+}
+
 /// A batch over the frame limit with the CLI, as a user runs it: a 20 MB
 /// JSONL (4,000 lines of 5 KB) submitted with `job submit --no-wait`;
 /// `job results --follow`, started before any node runs, prints every
@@ -461,49 +576,9 @@ fn a_sigkilled_node_process_loses_no_task() {
 fn a_twenty_megabyte_jsonl_goes_through_the_cli_and_its_results_stream_and_resume() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    let publisher = stdout(&tidepool(
-        dir,
-        &["keygen", "--role", "publisher", "-o", "publisher.key"],
-    ));
-    let pool_pub = stdout(&tidepool(
-        dir,
-        &["keygen", "--role", "pool", "-o", "pool.key"],
-    ));
-    tidepool(dir, &["keygen", "--role", "node", "-o", "node.key"]);
-    std::fs::write(
-        dir.join("tidepool.toml"),
-        format!(
-            "name = \"echo\"\nversion = \"1.0.0\"\ncomponent = \"{}\"\n",
-            jobs_dir().join("echo.wasm").display()
-        ),
-    )
-    .expect("manifest");
-    let bundle = stdout(&tidepool(
-        dir,
-        &["bundle", "pack", "--key", "publisher.key", "--sign"],
-    ));
-    let (mut pool, line) = serve_pool(dir, &publisher, &[]);
-    let addr = line.split_whitespace().nth(1).expect("addr").to_owned();
-    let with_pool = |args: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        v.extend([
-            "--pool".into(),
-            addr.clone(),
-            "--pool-key".into(),
-            pool_pub.clone(),
-            "--key".into(),
-            "publisher.key".into(),
-        ]);
-        v
-    };
-    let run = |args: &[&str]| -> String {
-        let args = with_pool(args);
-        stdout(&tidepool(
-            dir,
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        ))
-    };
-    run(&["bundle", "publish", &bundle]);
+    let ep = EchoPool::start(dir, &["node"]);
+    let bundle = ep.bundle.clone();
+    let run = |args: &[&str]| ep.run(args);
     let mut jsonl = String::new();
     for i in 0..4000 {
         let mut line = format!("{{\"n\":{i},\"text\":\"");
@@ -522,20 +597,8 @@ fn a_twenty_megabyte_jsonl_goes_through_the_cli_and_its_results_stream_and_resum
         "big.jsonl",
         "--no-wait",
     ]);
-    let follow_args = with_pool(&["job", "results", &job, "--follow"]);
-    let follow = spawn(
-        dir,
-        &follow_args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    let node = spawn_node(
-        dir,
-        &addr,
-        &pool_pub,
-        &publisher,
-        "node.key",
-        "node-data",
-        "2",
-    );
+    let follow = ep.spawn(&["job", "results", &job, "--follow"]);
+    let node = ep.node("node");
     let followed = follow.wait_with_output().expect("follow");
     assert!(
         followed.status.success(),
@@ -571,7 +634,7 @@ fn a_twenty_megabyte_jsonl_goes_through_the_cli_and_its_results_stream_and_resum
     );
     // A file that is not this job's is refused, not appended to.
     std::fs::write(dir.join("other.jsonl"), "{\"index\":5}\n").expect("other");
-    let args = with_pool(&["job", "results", &job, "--out", "other.jsonl"]);
+    let args = ep.args(&["job", "results", &job, "--out", "other.jsonl"]);
     let out = Command::new(env!("CARGO_BIN_EXE_tidepool"))
         .current_dir(dir)
         .args(&args)
@@ -590,8 +653,6 @@ fn a_twenty_megabyte_jsonl_goes_through_the_cli_and_its_results_stream_and_resum
     );
     sigterm(&node);
     let _ = node.wait_with_output();
-    let _ = pool.kill();
-    let _ = pool.wait();
 }
 
 /// Lines of the big batch: `TIDEPOOL_BIG_BATCH` (the benchmark run sets
@@ -634,61 +695,12 @@ fn a_big_batch_is_submitted_and_read_back_through_kills() {
     let n = big_batch_items();
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    let publisher = stdout(&tidepool(
-        dir,
-        &["keygen", "--role", "publisher", "-o", "publisher.key"],
-    ));
-    let pool_pub = stdout(&tidepool(
-        dir,
-        &["keygen", "--role", "pool", "-o", "pool.key"],
-    ));
-    for k in ["node-a", "node-b"] {
-        tidepool(
-            dir,
-            &["keygen", "--role", "node", "-o", &format!("{k}.key")],
-        );
-    }
-    std::fs::write(
-        dir.join("tidepool.toml"),
-        format!(
-            "name = \"echo\"\nversion = \"1.0.0\"\ncomponent = \"{}\"\n",
-            jobs_dir().join("echo.wasm").display()
-        ),
-    )
-    .expect("manifest");
-    let bundle = stdout(&tidepool(
-        dir,
-        &["bundle", "pack", "--key", "publisher.key", "--sign"],
-    ));
-    let (mut pool, line) = serve_pool(dir, &publisher, &[]);
-    let addr = line.split_whitespace().nth(1).expect("addr").to_owned();
-    let with_pool = |args: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        v.extend([
-            "--pool".into(),
-            addr.clone(),
-            "--pool-key".into(),
-            pool_pub.clone(),
-            "--key".into(),
-            "publisher.key".into(),
-        ]);
-        v
-    };
-    let run = |args: &[&str]| -> String {
-        let args = with_pool(args);
-        stdout(&tidepool(
-            dir,
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        ))
-    };
-    let spawn_with_pool = |args: &[&str]| -> Child {
-        let args = with_pool(args);
-        spawn(dir, &args.iter().map(String::as_str).collect::<Vec<_>>())
-    };
+    let ep = EchoPool::start(dir, &["node-a", "node-b"]);
+    let bundle = ep.bundle.clone();
+    let run = |args: &[&str]| ep.run(args);
     let pool_status = || -> serde_json::Value {
         serde_json::from_str(&run(&["pool", "status", "--json"])).expect("status json")
     };
-    run(&["bundle", "publish", &bundle]);
     let texts = tidepool_tests::corpus(2000).expect("texts");
     let mut jsonl = String::with_capacity(n * 240);
     for i in 0..n {
@@ -714,7 +726,7 @@ fn a_big_batch_is_submitted_and_read_back_through_kills() {
         "--chunk-bytes",
         "65536",
     ];
-    let mut first = spawn_with_pool(&submit);
+    let mut first = ep.spawn(&submit);
     let start = std::time::Instant::now();
     loop {
         let held = pool_status()["jobs"]
@@ -744,23 +756,10 @@ fn a_big_batch_is_submitted_and_read_back_through_kills() {
     assert_eq!(jobs[0]["tasks"].as_u64(), Some(n as u64));
     assert_eq!(jobs[0]["open"].as_bool(), Some(false));
 
-    let nodes: Vec<Child> = ["node-a", "node-b"]
-        .iter()
-        .map(|k| {
-            spawn_node(
-                dir,
-                &addr,
-                &pool_pub,
-                &publisher,
-                &format!("{k}.key"),
-                &format!("{k}-data"),
-                "2",
-            )
-        })
-        .collect();
+    let nodes: Vec<Child> = ["node-a", "node-b"].iter().map(|k| ep.node(k)).collect();
     // Read the results as they come; kill the reader a third of the way.
     let out = dir.join("out.jsonl");
-    let mut reader = spawn_with_pool(&["job", "results", &job, "--out", "out.jsonl"]);
+    let mut reader = ep.spawn(&["job", "results", &job, "--out", "out.jsonl"]);
     let start = std::time::Instant::now();
     while lines_in(&out) < n / 3 {
         assert!(
@@ -789,13 +788,11 @@ fn a_big_batch_is_submitted_and_read_back_through_kills() {
         count += 1;
     }
     assert_eq!((count, text.lines().count()), (n, n));
-    let peak = peak_rss(pool.id());
+    let peak = peak_rss(ep.pool.id());
     eprintln!("pool peak RSS: {} MiB for {n} tasks", peak >> 20);
     assert!(peak < 400 << 20, "pool peak RSS {} MiB", peak >> 20);
     for node in nodes {
         sigterm(&node);
         let _ = node.wait_with_output();
     }
-    let _ = pool.kill();
-    let _ = pool.wait();
 }

@@ -52,6 +52,18 @@ pub fn test_pool_config(keys: &Keys) -> PoolConfig {
     cfg
 }
 
+/// Start a pool in `dir/pool` with [`test_pool_config`] on a free
+/// loopback port.
+pub async fn start_test_pool(dir: &Path, keys: &Keys) -> Result<RunningPool> {
+    start_pool(
+        &dir.join("pool"),
+        keys,
+        test_pool_config(keys),
+        "127.0.0.1:0".parse()?,
+    )
+    .await
+}
+
 /// Start a pool in `dir`.
 pub async fn start_pool(
     dir: &Path,

@@ -383,13 +383,7 @@ async fn cache_hits_return_the_original_bytes_without_any_node() -> Result<()> {
 async fn a_batch_larger_than_a_frame_is_sent_in_chunks_and_resumed() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let keys = Keys::new(7);
-    let pool = start_pool(
-        &dir.path().join("pool"),
-        &keys,
-        test_pool_config(&keys),
-        "127.0.0.1:0".parse()?,
-    )
-    .await?;
+    let pool = start_test_pool(dir.path(), &keys).await?;
     let bundle = echo_bundle(&dir.path().join("author"), &keys)?;
     let (client, digest) = publish(pool.addr, &keys, &bundle).await?;
     let inputs: Vec<Vec<u8>> = (0..4000u32)
@@ -540,13 +534,7 @@ async fn a_small_job_finishes_beside_a_big_one_of_another_client() -> Result<()>
 async fn a_cancelled_job_frees_its_nodes_slots() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let keys = Keys::new(11);
-    let pool = start_pool(
-        &dir.path().join("pool"),
-        &keys,
-        test_pool_config(&keys),
-        "127.0.0.1:0".parse()?,
-    )
-    .await?;
+    let pool = start_test_pool(dir.path(), &keys).await?;
     let spin = guest_bundle_timed(&dir.path().join("spin"), &keys, "spin", 600_000, "")?;
     let echo = echo_bundle(&dir.path().join("echo"), &keys)?;
     let (client, spin_digest) = publish(pool.addr, &keys, &spin).await?;
@@ -602,13 +590,7 @@ async fn a_cancelled_job_frees_its_nodes_slots() -> Result<()> {
 async fn ten_megabyte_inputs_and_outputs_finish_beside_tiny_tasks() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let keys = Keys::new(12);
-    let pool = start_pool(
-        &dir.path().join("pool"),
-        &keys,
-        test_pool_config(&keys),
-        "127.0.0.1:0".parse()?,
-    )
-    .await?;
+    let pool = start_test_pool(dir.path(), &keys).await?;
     let bundle = guest_bundle_timed(&dir.path().join("author"), &keys, "echo", 60_000, "")?;
     let (client, digest) = publish(pool.addr, &keys, &bundle).await?;
     let big: Vec<Vec<u8>> = (0..4u8)

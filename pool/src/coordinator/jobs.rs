@@ -275,9 +275,7 @@ impl<S: Store> Coordinator<S> {
         job: JobId,
         total: u32,
     ) -> Result<u32, Refusal> {
-        let Some(&(_, counts)) = self.jobs.get(&job).filter(|_| self.sees(owner, job)) else {
-            return Err(refusal(ErrorCode::NotFound, format!("no job {job}")));
-        };
+        let (_, counts) = self.user_job(owner, job)?;
         if counts.tasks != total {
             return Err(refusal(
                 ErrorCode::Invalid,
@@ -312,13 +310,7 @@ impl<S: Store> Coordinator<S> {
         owner: &PublicKey,
         job: JobId,
     ) -> Result<(u32, u32), Refusal> {
-        let Some(&(_, counts)) = self
-            .jobs
-            .get(&job)
-            .filter(|_| self.sees(owner, job) && !self.kinds.contains_key(&job))
-        else {
-            return Err(refusal(ErrorCode::NotFound, format!("no job {job}")));
-        };
+        let (_, counts) = self.user_job(owner, job)?;
         let was_open = self.open.contains(&job);
         if counts.queued == 0 && counts.leased == 0 && !was_open {
             return Ok((0, 0));
@@ -349,13 +341,7 @@ impl<S: Store> Coordinator<S> {
     /// `owner` has `job`'s results: the pool may remove its inputs and
     /// outputs at the next collection. Only a finished job.
     pub fn handle_forget_job(&mut self, owner: &PublicKey, job: JobId) -> Result<(), Refusal> {
-        let Some(&(_, counts)) = self
-            .jobs
-            .get(&job)
-            .filter(|_| self.sees(owner, job) && !self.kinds.contains_key(&job))
-        else {
-            return Err(refusal(ErrorCode::NotFound, format!("no job {job}")));
-        };
+        let (_, counts) = self.user_job(owner, job)?;
         if self.open.contains(&job) || counts.queued + counts.leased > 0 {
             return Err(refusal(
                 ErrorCode::Invalid,
@@ -366,11 +352,19 @@ impl<S: Store> Coordinator<S> {
         Ok(())
     }
 
+    /// The bundle and counts of a user job `owner` may act on (its own, or
+    /// any for an admin); hidden jobs and others' are not found.
+    fn user_job(&self, owner: &PublicKey, job: JobId) -> Result<(Digest, JobCounts), Refusal> {
+        self.jobs
+            .get(&job)
+            .filter(|_| self.sees(owner, job) && !self.kinds.contains_key(&job))
+            .copied()
+            .ok_or_else(|| refusal(ErrorCode::NotFound, format!("no job {job}")))
+    }
+
     /// The bundle and inputs held of `owner`'s open job `job`.
     fn open_job_of(&self, owner: &PublicKey, job: JobId) -> Result<(Digest, u32), Refusal> {
-        let Some(&(bundle, counts)) = self.jobs.get(&job).filter(|_| self.sees(owner, job)) else {
-            return Err(refusal(ErrorCode::NotFound, format!("no job {job}")));
-        };
+        let (bundle, counts) = self.user_job(owner, job)?;
         if !self.open.contains(&job) {
             return Err(refusal(
                 ErrorCode::Invalid,

@@ -194,18 +194,21 @@ impl Queues {
     /// The queue a new task of `meta`'s job goes into, counted.
     fn place(&mut self, meta: JobMeta, job: JobId) -> &mut TaskList {
         self.len += 1;
-        let level = self
-            .clients
-            .iter()
-            .filter(|(s, c)| c.queued > 0 && **s != meta.owner)
-            .map(|(_, c)| c.served)
-            .reduce(f64::min);
+        let idle = self.clients.get(&meta.owner).is_none_or(|c| c.queued == 0);
+        // Back from idle: level with the least served waiting client (a
+        // scan of the clients, only when one comes back).
+        let level = idle
+            .then(|| {
+                self.clients
+                    .iter()
+                    .filter(|(s, c)| c.queued > 0 && **s != meta.owner)
+                    .map(|(_, c)| c.served)
+                    .reduce(f64::min)
+            })
+            .flatten();
         let client = self.clients.entry(meta.owner).or_default();
-        if client.queued == 0 {
-            // Back from idle: level with the least served waiting client.
-            if let Some(level) = level {
-                client.served = client.served.max(level);
-            }
+        if let Some(level) = level {
+            client.served = client.served.max(level);
         }
         client.queued += 1;
         let JobQueue { tasks, .. } = self.jobs.entry(job).or_insert_with(|| JobQueue {

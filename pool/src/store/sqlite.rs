@@ -1071,12 +1071,7 @@ impl Store for SqliteStore {
              ORDER BY t.id DESC LIMIT ?2",
         )?;
         let v = st
-            .query_map(params![node.to_string(), limit], |r| {
-                Ok((
-                    TaskId(r.get::<_, i64>(0)? as u64),
-                    JobId(r.get::<_, i64>(1)? as u64),
-                ))
-            })?
+            .query_map(params![node.to_string(), limit], task_and_job)?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(v)
     }
@@ -1097,12 +1092,7 @@ impl Store for SqliteStore {
              ORDER BY c.id DESC LIMIT ?2",
         )?;
         let v = st
-            .query_map(params![checker.to_string(), limit], |r| {
-                Ok((
-                    TaskId(r.get::<_, i64>(0)? as u64),
-                    JobId(r.get::<_, i64>(1)? as u64),
-                ))
-            })?
+            .query_map(params![checker.to_string(), limit], task_and_job)?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(v)
     }
@@ -1351,4 +1341,12 @@ fn insert_tasks(
         }
     }
     Ok(ids)
+}
+
+/// A row of (task id, job id).
+fn task_and_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<(TaskId, JobId)> {
+    Ok((
+        TaskId(r.get::<_, i64>(0)? as u64),
+        JobId(r.get::<_, i64>(1)? as u64),
+    ))
 }
