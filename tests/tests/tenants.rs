@@ -291,3 +291,38 @@ async fn a_rivals_blob_chunk_is_refused_and_an_interrupted_upload_resumes() -> R
     assert_eq!((s.done, s.dead), (1, 0), "{s:?}");
     w.finish().await
 }
+
+/// The chunked-submission, cancel, forget and collect messages name jobs
+/// by id: a rival (a publisher of the same pool) that names the victim's
+/// open job gets `NotFound` for every one, may not ask the pool to
+/// collect, and the victim's job goes on untouched to finish with exactly
+/// its own inputs.
+#[tokio::test]
+async fn a_rival_cannot_append_to_seal_cancel_or_forget_the_victims_job() -> Result<()> {
+    let w = world(44, 60).await?;
+    let (job, have, _) = w.victim.open_job(w.digest, "chunks".into(), 0).await?;
+    assert_eq!(have, 0);
+    let mine: Vec<Vec<u8>> = (0..3).map(|i| format!("victim {i}").into_bytes()).collect();
+    w.victim
+        .append_inputs(job, 0, mine.iter().cloned().map(Bytes).collect())
+        .await?;
+    let rival = w.connect(&w.rival).await?;
+    let planted = vec![Bytes(b"planted".to_vec())];
+    assert_eq!(
+        refused(rival.append_inputs(job, 3, planted).await)?,
+        ErrorCode::NotFound
+    );
+    assert_eq!(refused(rival.seal_job(job, 3).await)?, ErrorCode::NotFound);
+    assert_eq!(refused(rival.cancel_job(job).await)?, ErrorCode::NotFound);
+    assert_eq!(refused(rival.forget_job(job).await)?, ErrorCode::NotFound);
+    assert_eq!(refused(rival.collect().await)?, ErrorCode::Forbidden);
+    // Opening the victim's key under its own name gives the rival its own job.
+    let (own, _, _) = rival.open_job(w.digest, "chunks".into(), 0).await?;
+    assert_ne!(own, job);
+    assert_eq!(w.victim.seal_job(job, 3).await?, 3);
+    let s = wait_job(&w.victim, job, Duration::from_secs(60)).await?;
+    assert_eq!((s.done, s.dead, s.open), (3, 0, false), "{s:?}");
+    assert_eq!(record_outputs(&w.victim.job_results(job).await?), mine);
+    rival.close().await;
+    w.finish().await
+}
