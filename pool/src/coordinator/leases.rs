@@ -9,7 +9,7 @@ use super::queues::{self, Queued};
 use super::verification::CHECK_ATTEMPTS_FACTOR;
 use super::{refusal, Coordinator, PoolEvent};
 use crate::store::{GrantRow, GrantedInput, Store, StoreError, Verified};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tidepool_proto::session::Refusal;
 use tidepool_proto::wire::TaskState;
@@ -90,33 +90,34 @@ impl<S: Store> Coordinator<S> {
         let policy = &self.cfg.leasing;
         let room = node.allowance(policy).saturating_sub(node.leases.len());
         let mut want = (want as usize).min(room).min(self.cfg.max_grant as usize);
+        if want == 0 || self.queues.is_empty() {
+            // Nothing to give (re-executions included): no comparison with
+            // other nodes is needed.
+            return Ok((Vec::new(), lost));
+        }
         // Prefer nodes with a better uptime record: while a connected node
         // that stays up clearly more has free slots, a flakier node gets a
         // quarter of what it asks for (at least one task).
         let mine = node.uptime(now);
-        let better_has_room = self
-            .nodes
-            .iter()
-            .any(|(k, n)| k != key && n.has_room(policy) && n.uptime(now) > mine + UPTIME_MARGIN);
+        let better_has_room = self.nodes.steadier_has_room(now, key, mine, UPTIME_MARGIN);
         if better_has_room {
             want = want.div_ceil(4);
         }
-        if want == 0 {
-            return Ok((Vec::new(), lost));
-        }
         // Re-executions first: the sooner a wrong result is found, the less
         // is built on it.
+        // Each waiting check is weighed (against the rivals) only until
+        // `want` are found, oldest first. The queues are lent out of `self`
+        // for that, so the weighing can read the rest of it.
         let rivals = self.check_rivals(key);
-        let mine: HashSet<TaskId> = self
-            .checks
-            .iter()
-            .filter(|(_, c)| self.may_check_among(key, c, &rivals))
-            .map(|(t, _)| *t)
-            .collect();
+        let mut queues = std::mem::take(&mut self.queues);
+        let mine = queues.take_checks(want, |q| {
+            self.checks
+                .get(&q.task)
+                .is_some_and(|c| self.may_check_among(key, c, &rivals))
+        });
+        self.queues = queues;
         let (checks, bundles, nodes) = (&self.checks, &self.bundles, &self.nodes);
-        let mut picked: Vec<(Queued, Digest)> = self
-            .queues
-            .take_checks(want, |q| mine.contains(&q.task))
+        let mut picked: Vec<(Queued, Digest)> = mine
             .into_iter()
             .filter_map(|q| checks.get(&q.task).map(|c| (q, c.bundle)))
             .collect();

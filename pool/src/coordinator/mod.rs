@@ -256,6 +256,7 @@ impl<S: Store> Coordinator<S> {
             pending,
         } = store.recover()?;
         let mut me = Self {
+            nodes: Nodes::new(cfg.leasing.clone()),
             store,
             cfg,
             bundles: HashMap::new(),
@@ -268,7 +269,6 @@ impl<S: Store> Coordinator<S> {
             purged: HashSet::new(),
             next_gc: None,
             challenge_times: HashMap::new(),
-            nodes: Nodes::default(),
             events: VecDeque::new(),
             standing: HashMap::new(),
             quarantine: HashMap::new(),

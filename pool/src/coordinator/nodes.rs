@@ -5,7 +5,7 @@
 use super::{Coordinator, PoolEvent};
 use crate::config::LeasePolicy;
 use crate::store::Store;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 use tidepool_proto::session::Refusal;
 use tidepool_proto::wire::{Capabilities, ErrorCode, TaskId};
@@ -37,10 +37,27 @@ pub(super) struct Node {
     /// It said it is draining (takes no new work) since its last hello:
     /// the pool chooses no check for it.
     pub(super) draining: bool,
+    /// Its uptime in hundredths as of its last hello or the last
+    /// re-bucketing of `Nodes` (at most [`REBUCKET_EVERY`] old while it has
+    /// room): where it counts in `Nodes::buckets`.
+    bucket: u8,
 }
 
 /// How much better another node's uptime must be for it to be preferred.
 pub const UPTIME_MARGIN: f64 = 0.1;
+
+/// How old the uptime buckets of the nodes with room may grow before the
+/// lease path counts them again (uptime moves by at most this over a
+/// node's age between two countings).
+pub const REBUCKET_EVERY: Duration = Duration::from_secs(1);
+
+/// Uptime buckets: hundredths, 0..=100.
+const BUCKETS: usize = 101;
+
+/// The bucket of an uptime in `0.0..=1.0`.
+fn bucket_of(uptime: f64) -> u8 {
+    (uptime.clamp(0.0, 1.0) * 100.0).floor() as u8
+}
 
 impl Node {
     /// A node first seen at `now`, not yet connected.
@@ -55,6 +72,7 @@ impl Node {
             delivered: 0,
             recent: VecDeque::new(),
             draining: false,
+            bucket: 100,
         }
     }
 
@@ -123,13 +141,105 @@ impl Node {
 /// Every node seen since this process started, by key. Lives as long as the
 /// coordinator (a node that disconnects keeps its entry, so its uptime
 /// record and held leases survive a reconnect).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Nodes {
     /// The nodes.
     by_key: HashMap<PublicKey, Node>,
+    /// Keys of the nodes that [have room](Node::has_room) under `policy`:
+    /// connected and holding less than their allowance. Kept in step with
+    /// every change of a node's connections, leases and record, so that
+    /// the lease path compares a node with the few that have room on a
+    /// busy pool rather than with every node connected (issue #18: 100,000
+    /// nodes).
+    room: HashSet<PublicKey>,
+    /// The pool's leasing policy, fixed for the coordinator's life: what
+    /// `room` is measured against.
+    policy: LeasePolicy,
+    /// How many nodes of `room` are in each uptime bucket (by their
+    /// `Node::bucket`): "is a clearly steadier node free?" in a hundred
+    /// steps, not one per node. Kept with `room`; counted again from the
+    /// nodes' uptimes at most every [`REBUCKET_EVERY`].
+    buckets: [u32; BUCKETS],
+    /// When `buckets` were last counted from the nodes' uptimes.
+    rebucketed: Option<Instant>,
 }
 
 impl Nodes {
+    /// No node yet; allowances under `policy`.
+    pub(super) fn new(policy: LeasePolicy) -> Self {
+        Self {
+            by_key: HashMap::new(),
+            room: HashSet::new(),
+            policy,
+            buckets: [0; BUCKETS],
+            rebucketed: None,
+        }
+    }
+
+    /// Bring `key`'s place in `room` (and its bucket's count) up to date
+    /// after a change.
+    fn refresh(&mut self, key: &PublicKey) {
+        let Some(n) = self.by_key.get(key) else {
+            // Evicted nodes leave `room` in `evict_if_idle`, which knows
+            // their bucket.
+            return;
+        };
+        let bucket = n.bucket as usize;
+        if n.has_room(&self.policy) {
+            if self.room.insert(*key) {
+                self.buckets[bucket] += 1;
+            }
+        } else if self.room.remove(key) {
+            self.buckets[bucket] -= 1;
+        }
+    }
+
+    /// Count the buckets again from the uptimes at `now` of the nodes with
+    /// room.
+    fn rebucket(&mut self, now: Instant) {
+        self.buckets = [0; BUCKETS];
+        for k in &self.room {
+            if let Some(n) = self.by_key.get_mut(k) {
+                n.bucket = bucket_of(n.uptime(now));
+                self.buckets[n.bucket as usize] += 1;
+            }
+        }
+        self.rebucketed = Some(now);
+    }
+
+    /// Does some node other than `key` have room with an uptime clearly
+    /// above `uptime` (by more than `margin`)? Uptimes of the others are
+    /// as of the last counting (at most [`REBUCKET_EVERY`] before `now`)
+    /// and in hundredths: a node within a hundredth of the line does not
+    /// count. Cost: a hundred additions, and every `REBUCKET_EVERY` one
+    /// step per node with room.
+    pub(super) fn steadier_has_room(
+        &mut self,
+        now: Instant,
+        key: &PublicKey,
+        uptime: f64,
+        margin: f64,
+    ) -> bool {
+        if self
+            .rebucketed
+            .is_none_or(|t| now.saturating_duration_since(t) >= REBUCKET_EVERY)
+        {
+            self.rebucket(now);
+        }
+        let line = uptime + margin;
+        if line >= 1.0 {
+            return false;
+        }
+        let from = bucket_of(line) as usize + 1;
+        let mut above: u32 = self.buckets[from.min(BUCKETS)..].iter().sum();
+        if let Some(me) = self.by_key.get(key) {
+            if self.room.contains(key) && me.bucket as usize >= from {
+                above -= 1;
+            }
+        }
+        above > 0
+    }
+
     /// A connection from `key` said hello with `caps` at `now`.
     pub(super) fn connect(&mut self, now: Instant, key: PublicKey, caps: Capabilities) {
         let n = self.by_key.entry(key).or_insert_with(|| Node::new(now));
@@ -137,6 +247,12 @@ impl Nodes {
         n.draining = false;
         n.connections += 1;
         n.connected_since.get_or_insert(now);
+        // Its uptime now, in its bucket now (out of `room` while it moves).
+        if self.room.remove(&key) {
+            self.buckets[n.bucket as usize] -= 1;
+        }
+        n.bucket = bucket_of(n.uptime(now));
+        self.refresh(&key);
     }
 
     /// `key` said it is draining.
@@ -156,6 +272,7 @@ impl Nodes {
                 }
             }
         }
+        self.refresh(key);
     }
 
     /// The node `key`, if seen.
@@ -168,6 +285,7 @@ impl Nodes {
         if let Some(n) = self.by_key.get_mut(key) {
             n.leases.insert(task);
         }
+        self.refresh(key);
     }
 
     /// `key` no longer holds `task`.
@@ -175,16 +293,31 @@ impl Nodes {
         if let Some(n) = self.by_key.get_mut(key) {
             n.leases.remove(&task);
         }
+        self.refresh(key);
     }
 
-    /// The node `key`, to record what it did.
-    pub(super) fn get_mut(&mut self, key: &PublicKey) -> Option<&mut Node> {
-        self.by_key.get_mut(key)
+    /// Record a finished task on `key` (see [`Node::finished`]): `None`
+    /// for a node not seen, else whether its breaker tripped, with the
+    /// failures in its window that tripped it.
+    pub(super) fn finished(&mut self, key: &PublicKey, failed: bool) -> Option<(bool, u32)> {
+        let n = self.by_key.get_mut(key)?;
+        let failures = n.recent.iter().filter(|f| **f).count() as u32 + u32::from(failed);
+        let tripped = n.finished(failed, &self.policy);
+        self.refresh(key);
+        Some((tripped, failures))
     }
 
     /// Every node seen.
     pub(super) fn iter(&self) -> impl Iterator<Item = (&PublicKey, &Node)> {
         self.by_key.iter()
+    }
+
+    /// The nodes that have room (connected, holding less than their
+    /// allowance): on a busy pool a few of the connected ones.
+    pub(super) fn with_room(&self) -> impl Iterator<Item = (&PublicKey, &Node)> {
+        self.room
+            .iter()
+            .filter_map(|k| self.by_key.get(k).map(|n| (k, n)))
     }
 
     /// Forget `key` if nothing ties the pool to it: no open connection, no
@@ -196,7 +329,11 @@ impl Nodes {
             .get(key)
             .is_some_and(|n| !n.is_connected() && n.leases.is_empty() && n.delivered == 0);
         if idle {
-            self.by_key.remove(key);
+            if let Some(n) = self.by_key.remove(key) {
+                if self.room.remove(key) {
+                    self.buckets[n.bucket as usize] -= 1;
+                }
+            }
         }
         idle
     }
@@ -284,14 +421,10 @@ impl<S: Store> Coordinator<S> {
     /// elsewhere (the caller re-queues it with `failed_on`); enough of them
     /// trip the node's circuit breaker, which quarantines it.
     pub(super) fn node_finished(&mut self, now: Instant, key: &PublicKey, failed: bool) {
-        let p = self.cfg.leasing.clone();
-        let Some(node) = self.nodes.get_mut(key) else {
+        let p = &self.cfg.leasing;
+        let Some((true, failures)) = self.nodes.finished(key, failed) else {
             return;
         };
-        let failures = node.recent.iter().filter(|f| **f).count() as u32 + u32::from(failed);
-        if !node.finished(failed, &p) {
-            return;
-        }
         let until = now + p.breaker_quarantine;
         self.quarantine.insert(*key, until);
         let now_unix = self.unix(now);
@@ -311,5 +444,109 @@ impl<S: Store> Coordinator<S> {
             failures,
             until,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidepool_proto::{KeyRole, SecretKey};
+
+    /// `room` is exactly the nodes that have room, after every kind of
+    /// change: connect, hold, drop, a breaker trip, disconnect, eviction.
+    #[test]
+    fn the_room_index_follows_every_change() {
+        let policy = LeasePolicy {
+            start_leases: 2,
+            max_leases: 4,
+            breaker_window: 4,
+            breaker_failures: 2,
+            ..LeasePolicy::default()
+        };
+        let mut nodes = Nodes::new(policy.clone());
+        let keys: Vec<PublicKey> = (1..=3u8)
+            .map(|i| SecretKey::from_seed(KeyRole::Node, &[i; 32]).public())
+            .collect();
+        let t0 = Instant::now();
+        let caps = Capabilities {
+            slots: 2,
+            queue: 2,
+            ..Capabilities::default()
+        };
+        let check = |nodes: &Nodes, step: &str| {
+            let mut indexed: Vec<PublicKey> = nodes.with_room().map(|(k, _)| *k).collect();
+            let mut want: Vec<PublicKey> = nodes
+                .iter()
+                .filter(|(_, n)| n.has_room(&policy))
+                .map(|(k, _)| *k)
+                .collect();
+            indexed.sort_by_key(|k| k.to_string());
+            want.sort_by_key(|k| k.to_string());
+            assert_eq!(indexed, want, "after {step}");
+            let counted: u32 = nodes.buckets.iter().sum();
+            assert_eq!(counted as usize, indexed.len(), "buckets after {step}");
+            indexed.len()
+        };
+        for k in &keys {
+            nodes.connect(t0, *k, caps.clone());
+        }
+        assert_eq!(check(&nodes, "connect"), 3);
+        // Two leases fill a fresh node's allowance (start_leases = 2).
+        nodes.hold(&keys[0], TaskId(1));
+        nodes.hold(&keys[0], TaskId(2));
+        assert_eq!(check(&nodes, "hold"), 2);
+        // A delivered result earns one more lease: room again.
+        assert_eq!(nodes.finished(&keys[0], false), Some((false, 0)));
+        assert_eq!(check(&nodes, "a delivered result"), 3);
+        nodes.hold(&keys[0], TaskId(3));
+        assert_eq!(check(&nodes, "hold"), 2);
+        nodes.drop_lease(&keys[0], TaskId(3));
+        assert_eq!(check(&nodes, "drop"), 3);
+        nodes.hold(&keys[0], TaskId(3));
+        // Two failures trip the breaker and take back what was earned.
+        nodes.drop_lease(&keys[0], TaskId(3));
+        assert_eq!(nodes.finished(&keys[0], true), Some((false, 1)));
+        assert_eq!(nodes.finished(&keys[0], true), Some((true, 2)));
+        assert_eq!(check(&nodes, "a breaker trip"), 2);
+        nodes.disconnect(t0, &keys[1]);
+        assert_eq!(check(&nodes, "disconnect"), 1);
+        assert!(nodes.evict_if_idle(&keys[1]));
+        assert_eq!(check(&nodes, "eviction"), 1);
+        nodes.connect(t0, keys[1], caps);
+        assert_eq!(check(&nodes, "reconnect"), 2);
+    }
+
+    /// A node away half the time sees the steady one while it has room,
+    /// and not once it is full; the steady one never sees a steadier one.
+    #[test]
+    fn a_steadier_node_with_room_is_seen_until_it_is_full() {
+        let policy = LeasePolicy {
+            start_leases: 1,
+            ..LeasePolicy::default()
+        };
+        let mut nodes = Nodes::new(policy);
+        let steady = SecretKey::from_seed(KeyRole::Node, &[1; 32]).public();
+        let flaky = SecretKey::from_seed(KeyRole::Node, &[2; 32]).public();
+        let t0 = Instant::now();
+        let caps = Capabilities {
+            slots: 1,
+            ..Capabilities::default()
+        };
+        nodes.connect(t0, steady, caps.clone());
+        nodes.connect(t0, flaky, caps.clone());
+        nodes.disconnect(t0 + Duration::from_secs(10), &flaky);
+        let t20 = t0 + Duration::from_secs(20);
+        nodes.connect(t20, flaky, caps);
+        let u = |k: &PublicKey| nodes.get(k).map(|n| n.uptime(t20)).unwrap_or_default();
+        let (us, uf) = (u(&steady), u(&flaky));
+        assert!((uf - 0.5).abs() < 0.01, "{uf}");
+        assert!(nodes.steadier_has_room(t20, &flaky, uf, UPTIME_MARGIN));
+        assert!(!nodes.steadier_has_room(t20, &steady, us, UPTIME_MARGIN));
+        // A margin the steady node does not clear.
+        assert!(!nodes.steadier_has_room(t20, &flaky, uf, 0.6));
+        nodes.hold(&steady, TaskId(1));
+        assert!(!nodes.steadier_has_room(t20, &flaky, uf, UPTIME_MARGIN));
+        nodes.drop_lease(&steady, TaskId(1));
+        assert!(nodes.steadier_has_room(t20, &flaky, uf, UPTIME_MARGIN));
     }
 }

@@ -343,6 +343,11 @@ impl Queues {
         self.len
     }
 
+    /// Nothing waits: no task of a user job, no re-execution.
+    pub(super) fn is_empty(&self) -> bool {
+        self.len == 0 && self.checks.is_empty()
+    }
+
     /// Take every waiting task of `job` out (a cancelled job); returns how
     /// many there were.
     pub(super) fn remove_job(&mut self, job: JobId) -> usize {

@@ -25,6 +25,10 @@ use tidepool_proto::{Digest, PublicKey};
 /// `1 + decide_after`).
 pub const TRUSTED_WEIGHT: f64 = 1000.0;
 
+/// How many other nodes with room a node is compared with for each waiting
+/// check when it asks for work (see `check_rivals`).
+pub const MAX_RIVALS: usize = 256;
+
 /// A re-execution may take this many times `max_attempts` attempts.
 pub const CHECK_ATTEMPTS_FACTOR: u32 = 4;
 
@@ -83,16 +87,20 @@ impl<S: Store> Coordinator<S> {
     }
 
     /// The nodes that could be chosen for a check instead of `key`, each
-    /// with its weight (computed once per lease request).
+    /// with its weight (computed once per lease request, and only while a
+    /// check waits): at most [`MAX_RIVALS`] of the nodes with room, taken
+    /// in the order of a set seeded at random by this process (so no node
+    /// can place itself among them), which keeps each node's chance of a
+    /// check in proportion to its weight while the cost of a lease stays
+    /// the same with 100,000 nodes as with 100.
     pub(super) fn check_rivals(&self, key: &PublicKey) -> Vec<(PublicKey, f64)> {
+        if self.checks.is_empty() {
+            return Vec::new();
+        }
         self.nodes
-            .iter()
-            .filter(|(k, n)| {
-                *k != key
-                    && n.has_room(&self.cfg.leasing)
-                    && !n.draining
-                    && !self.quarantine.contains_key(k)
-            })
+            .with_room()
+            .filter(|(k, n)| *k != key && !n.draining && !self.quarantine.contains_key(k))
+            .take(MAX_RIVALS)
             .map(|(k, _)| (*k, self.check_weight(k)))
             .collect()
     }
@@ -190,10 +198,13 @@ impl<S: Store> Coordinator<S> {
         if check.decider && !trusted.contains(key) {
             // A disagreement waits for a connected trusted node that may
             // run it, even a busy one.
-            let other_trusted = self
-                .nodes
-                .iter()
-                .any(|(k, n)| k != key && trusted.contains(k) && n.is_connected() && basic(k, n));
+            let other_trusted = trusted.iter().any(|k| {
+                k != key
+                    && self
+                        .nodes
+                        .get(k)
+                        .is_some_and(|n| n.is_connected() && basic(k, n))
+            });
             if other_trusted {
                 return false;
             }
@@ -207,9 +218,10 @@ impl<S: Store> Coordinator<S> {
                 })
         };
         if same_class(node) {
-            let other_class = self.nodes.iter().any(|(k, n)| {
-                k != key && n.has_room(&self.cfg.leasing) && basic(k, n) && !same_class(n)
-            });
+            let other_class = self
+                .nodes
+                .with_room()
+                .any(|(k, n)| k != key && basic(k, n) && !same_class(n));
             if other_class {
                 return false;
             }
