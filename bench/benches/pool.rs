@@ -1,10 +1,11 @@
 //! Pool throughput (issue #3): tasks per second through a pool and four
 //! nodes on loopback QUIC, trivial job (echo), with real signatures, real
 //! SQLite commits and a fresh sandbox instance per task; beside it, the same
-//! trivial job through Celery + Redis on the same machine, run in the same
-//! benchmark invocation.
+//! trivial job through Celery + Redis and through Ray (issue #18) on the
+//! same machine, run in the same benchmark invocation.
 //!
-//! Run: `cargo xtask bench` (installs redis-server and a Celery venv first).
+//! Run: `cargo xtask bench` (installs redis-server and a venv with Celery
+//! and Ray first).
 //! Without `--bench` (as in `cargo test --all-targets`) it runs a small smoke
 //! batch through the pool only. `BENCH_SLOTS` / `BENCH_QUEUE` change the
 //! nodes' slots (default 8) and queued leases (default = slots) to explore;
@@ -183,6 +184,32 @@ fn celery(n: usize, workers: u8) -> anyhow::Result<Option<f64>> {
     Ok(Some(n as f64 / secs))
 }
 
+/// Ray baseline (`bench/ray/run.py`: a local Ray with 4 CPUs, no-op tasks):
+/// `None` when not set up.
+fn ray(n: usize) -> anyhow::Result<Option<f64>> {
+    let Some(python) = std::env::var_os("TIDEPOOL_BENCH_PYTHON") else {
+        eprintln!("ray baseline skipped: TIDEPOOL_BENCH_PYTHON not set (run `cargo xtask bench`)");
+        return Ok(None);
+    };
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("ray/run.py");
+    let out = Command::new(&python)
+        .arg(script)
+        .arg(n.to_string())
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "ray baseline failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let secs: f64 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(f64::NAN);
+    Ok(Some(n as f64 / secs))
+}
+
 fn main() -> anyhow::Result<()> {
     let full = std::env::args().any(|a| a == "--bench");
     let n = if full { 20_000 } else { 300 };
@@ -191,14 +218,18 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let (tp_rate, cpu_us, hit, miss) = rt.block_on(tidepool(n, 4))?;
     let base = if full { celery(n, 4)? } else { None };
+    let ray_rate = if full { ray(n)? } else { None };
     println!("| what | measured | baseline (same run) | ratio |");
     println!("|---|---|---|---|");
-    match base {
-        Some(c) => println!(
-            "| {n} echo tasks, pool + 4 nodes on loopback QUIC | {tp_rate:.0} tasks/s, {cpu_us:.0} µs CPU/task | Celery + Redis, 4 prefork workers: {c:.0} tasks/s | {:.1}x |",
-            tp_rate / c
-        ),
-        None => println!("| {n} echo tasks, pool + 4 nodes on loopback QUIC | {tp_rate:.0} tasks/s, {cpu_us:.0} µs CPU/task | (not run) | |"),
+    let what = format!("| {n} echo tasks, pool + 4 nodes on loopback QUIC | {tp_rate:.0} tasks/s, {cpu_us:.0} µs CPU/task");
+    for (name, rate) in [
+        ("Celery + Redis, 4 prefork workers", base),
+        ("Ray, `ray.init(num_cpus=4)`, no-op tasks", ray_rate),
+    ] {
+        match rate {
+            Some(r) => println!("{what} | {name}: {r:.0} tasks/s | {:.1}x |", tp_rate / r),
+            None => println!("{what} | {name}: (not run) | |"),
+        }
     }
     println!(
         "| repeated (bundle, input), client submit → status, p50 | cache hit: {:.0} µs | new input computed by a node: {:.0} µs | {:.1}x faster |",

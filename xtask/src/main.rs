@@ -341,7 +341,7 @@ fn apt_install(what: &str, packages: &[(&str, &str)]) -> Result<()> {
     Ok(())
 }
 
-/// The benchmarks' baselines: Redis from Debian, Celery and onnxruntime from
+/// The benchmarks' baselines: Redis from Debian, Celery, Ray and onnxruntime from
 /// PyPI in a venv under target/. Returns the venv's python.
 fn bench_setup() -> Result<PathBuf> {
     apt_install(
@@ -386,6 +386,21 @@ fn bench_setup() -> Result<PathBuf> {
             .success();
         if !ok {
             bail!("could not install onnxruntime into target/bench-venv");
+        }
+    }
+    let has_ray = Command::new(&python)
+        .args(["-c", "import ray"])
+        .stderr(std::process::Stdio::null())
+        .status()?
+        .success();
+    if !has_ray {
+        say("installing Ray 2.60.0 (benchmark baseline) from PyPI into target/bench-venv");
+        let ok = Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "ray==2.60.0"])
+            .status()?
+            .success();
+        if !ok {
+            bail!("could not install ray into target/bench-venv");
         }
     }
     Ok(python)
