@@ -45,6 +45,32 @@ pub enum ClientError {
     /// A ledger page from the pool does not check out.
     #[error("the pool's ledger: {0}")]
     Ledger(#[from] LedgerError),
+    /// An input is larger than any task may take: nothing of it was sent.
+    #[error(
+        "input {index} is {bytes} bytes, over the largest a task may take \
+         ({max} bytes): split it, or pass it by reference"
+    )]
+    InputTooLarge {
+        /// Its place in the batch (from 0).
+        index: u64,
+        /// Its size.
+        bytes: usize,
+        /// [`MAX_ITEM_BYTES`](tidepool_proto::wire::MAX_ITEM_BYTES).
+        max: usize,
+    },
+}
+
+/// Refuse input `index` if it is larger than a task may take.
+pub fn check_input_size(index: u64, input: &[u8]) -> Result<(), ClientError> {
+    let max = tidepool_proto::wire::MAX_ITEM_BYTES;
+    if input.len() > max {
+        return Err(ClientError::InputTooLarge {
+            index,
+            bytes: input.len(),
+            max,
+        });
+    }
+    Ok(())
 }
 
 /// A connection to a pool as a client. Lives for one CLI command or test.
@@ -247,6 +273,9 @@ impl PoolClient {
         inputs: Vec<Vec<u8>>,
         key: String,
     ) -> Result<(JobId, u32), ClientError> {
+        for (index, input) in inputs.iter().enumerate() {
+            check_input_size(index as u64, input)?;
+        }
         let bytes: usize = inputs.iter().map(|i| i.len() + INPUT_OVERHEAD).sum();
         if bytes > SUBMIT_CHUNK_BYTES {
             return self
@@ -324,6 +353,11 @@ impl PoolClient {
         let mut from = total;
         loop {
             let next = inputs.next().transpose()?;
+            if let Some(i) = &next {
+                // Before anything of it is sent (what came before stays
+                // in the open job: fix the input and run this again).
+                check_input_size(u64::from(from) + chunk.len() as u64, i)?;
+            }
             let flush = match &next {
                 Some(i) => !chunk.is_empty() && chunk_size + i.len() + INPUT_OVERHEAD > chunk_bytes,
                 None => !chunk.is_empty(),

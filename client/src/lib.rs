@@ -15,7 +15,7 @@ pub mod bundle;
 mod client;
 pub mod pipeline;
 
-pub use client::{ClientError, PoolClient, SUBMIT_CHUNK_BYTES};
+pub use client::{check_input_size, ClientError, PoolClient, SUBMIT_CHUNK_BYTES};
 
 /// Seconds since the Unix epoch (0 if the clock is before it).
 pub(crate) fn unix_now() -> u64 {

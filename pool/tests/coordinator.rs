@@ -1592,3 +1592,48 @@ fn waiting_tasks_cost_an_entry_per_chunk_not_per_task() {
         "the four retried, one entry each"
     );
 }
+
+/// An input larger than a task may take (it could travel in no lease
+/// answer) is refused by place and size, in one message or in a chunk, and
+/// nothing of that submission is kept.
+#[test]
+fn an_input_over_the_largest_item_is_refused_by_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world();
+    let mut c = open(&dir.path().join("pool.db"), &w.cfg);
+    let (bundle, _) = publish(&mut c, &w);
+    let max = tidepool_proto::wire::MAX_ITEM_BYTES;
+    let inputs = vec![b"ok".to_vec(), vec![1; max + 1]];
+    let r = c
+        .handle_submit(NOW_UNIX, &submitter(), &bundle, "big", &inputs)
+        .expect_err("refused");
+    assert!(
+        r.message.contains("input 1 is 16777217 bytes"),
+        "{}",
+        r.message
+    );
+    assert_eq!(c.queued(), 0);
+    let (job, _, _) = c
+        .handle_open_job(NOW_UNIX, &submitter(), &bundle, "chunks", 0)
+        .expect("open");
+    assert_eq!(
+        c.handle_append_inputs(NOW_UNIX, &submitter(), job, 0, &inputs[..1])
+            .expect("a small chunk"),
+        1
+    );
+    let r = c
+        .handle_append_inputs(NOW_UNIX, &submitter(), job, 1, &inputs[1..])
+        .expect_err("refused");
+    assert!(
+        r.message.contains("input 1 is 16777217 bytes"),
+        "{}",
+        r.message
+    );
+    assert_eq!(c.queued(), 1, "the chunk before it stays, nothing of it");
+    // The largest allowed is taken.
+    assert_eq!(
+        c.handle_append_inputs(NOW_UNIX, &submitter(), job, 1, &[vec![2; max]])
+            .expect("the largest item"),
+        2
+    );
+}

@@ -85,10 +85,12 @@ impl Limits {
                 format!("{} is outside 10..=3600000", self.timeout_ms),
             ));
         }
-        if !(1..=16 * 1024).contains(&self.max_output_kib) {
+        // The largest output is the largest item a frame carries alone.
+        let most = (crate::wire::MAX_ITEM_BYTES / 1024) as u32;
+        if !(1..=most).contains(&self.max_output_kib) {
             return Err(invalid(
                 "limits.max_output_kib",
-                format!("{} is outside 1..=16384", self.max_output_kib),
+                format!("{} is outside 1..={most}", self.max_output_kib),
             ));
         }
         if self.fuel == Some(0) {

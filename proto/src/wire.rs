@@ -20,6 +20,12 @@ pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame accepted or sent: a maximal task output (16 MiB) plus room
 /// for its receipt.
 pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024 + 64 * 1024;
+/// Largest input or output of one task (16 MiB): what one frame carries
+/// alone with its envelope, so that every item travels in some request or
+/// answer, whatever else is batched with it (ADR 0015). A manifest's
+/// `max_output_kib` is capped at the same; the pool refuses a larger input
+/// at submission, the client before sending it.
+pub const MAX_ITEM_BYTES: usize = 16 * 1024 * 1024;
 /// Longest task identity a node runs ([`TaskGrant::identity`]; the pool's
 /// are 32 hex digits).
 pub const MAX_IDENTITY_BYTES: usize = 128;

@@ -620,3 +620,47 @@ async fn ten_megabyte_inputs_and_outputs_finish_beside_tiny_tasks() -> Result<()
     pool.shutdown().await;
     Ok(())
 }
+
+/// The largest item the limits allow (issue #18): an input of 16 MiB on
+/// the echo job, whose output is then the manifest's largest
+/// (`max_output_kib = 16384`), goes through chunked submission, a lease
+/// answer and a results request, each within the frame limit. An input
+/// that could not fit any frame is refused before anything is sent, with
+/// its place and size named, and the pool holds no job for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_largest_item_the_limits_allow_finishes_and_a_larger_one_is_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys = Keys::new(13);
+    let pool = start_test_pool(dir.path(), &keys).await?;
+    let bundle = guest_bundle_timed(&dir.path().join("author"), &keys, "echo", 60_000, "")?;
+    let (client, digest) = publish(pool.addr, &keys, &bundle).await?;
+    let largest: Vec<u8> = (0..16u32 << 20).map(|j| (j % 251) as u8).collect();
+    let (job, _) = client
+        .submit(digest, vec![largest.clone()], "largest".into())
+        .await?;
+    let node = start_node(node_config(dir.path(), &keys, 0, pool.addr));
+    let s = wait_job(&client, job, Duration::from_secs(300)).await?;
+    assert_eq!((s.done, s.dead), (1, 0), "{s:?}");
+    assert!(
+        record_outputs(&client.job_results(job).await?) == vec![largest],
+        "the output equals the input"
+    );
+
+    let over: Vec<u8> = vec![7; (16 << 20) + (64 << 10)];
+    let err = client
+        .submit(digest, vec![b"small".to_vec(), over], "over".into())
+        .await
+        .expect_err("an input over every frame is refused");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("input 1") && msg.contains("16842752"),
+        "the refusal names the input and its size: {msg}"
+    );
+    let status = client.pool_status().await?;
+    assert_eq!(status.jobs.len(), 1, "nothing was kept of the refused job");
+    let report = node.drain().await?;
+    assert_eq!((report.failed, report.rejected), (0, 0), "{report:?}");
+    client.close().await;
+    pool.shutdown().await;
+    Ok(())
+}

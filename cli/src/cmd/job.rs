@@ -386,6 +386,15 @@ fn jsonl_inputs(
             if line.trim().is_empty() {
                 return None;
             }
+            let max = tidepool_proto::wire::MAX_ITEM_BYTES;
+            if line.len() > max {
+                return Some(Err(anyhow::anyhow!(
+                    "{}: line {} is {} bytes, over the largest input a task may take ({max} bytes)",
+                    path.display(),
+                    i + 1,
+                    line.len()
+                )));
+            }
             Some(
                 serde_json::from_str::<serde_json::Value>(&line)
                     .with_context(|| format!("{}: line {} is not JSON", path.display(), i + 1))
@@ -512,4 +521,32 @@ fn resume_point(path: &std::path::Path) -> anyhow::Result<u32> {
             .with_context(|| format!("cannot cut the partial line of {}", path.display()))?;
     }
     Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A line larger than a task may take is refused with its file and
+    /// line when the batch is read (before anything is sent).
+    #[test]
+    fn a_line_over_the_largest_item_is_named() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("batch.jsonl");
+        let big = format!("\"{}\"", "x".repeat(tidepool_proto::wire::MAX_ITEM_BYTES));
+        std::fs::write(&path, format!("{{\"a\": 1}}\n\n{big}\n"))?;
+        let read: Vec<_> = jsonl_inputs(&path)?.collect();
+        assert_eq!(read.len(), 2);
+        assert!(
+            matches!(&read[0], Ok(l) if l == b"{\"a\": 1}"),
+            "{:?}",
+            read[0]
+        );
+        let err = read[1].as_ref().expect_err("refused").to_string();
+        assert!(
+            err.contains("batch.jsonl: line 3 is 16777218 bytes, over the largest"),
+            "{err}"
+        );
+        Ok(())
+    }
 }

@@ -132,6 +132,7 @@ impl<S: Store> Coordinator<S> {
     ) -> Result<(JobId, u32), Refusal> {
         self.submittable(bundle, key)?;
         self.within_queue_quota(owner, inputs.len())?;
+        items_fit(0, inputs)?;
         if inputs.is_empty() {
             return Err(refusal(
                 ErrorCode::Invalid,
@@ -221,6 +222,7 @@ impl<S: Store> Coordinator<S> {
         inputs: &[Vec<u8>],
     ) -> Result<u32, Refusal> {
         let (bundle, have) = self.open_job_of(owner, job)?;
+        items_fit(from, inputs)?;
         self.within_queue_quota(
             owner,
             inputs
@@ -448,3 +450,21 @@ impl<S: Store> Coordinator<S> {
 
 /// Most inputs one job may hold (task indexes are `u32` on the wire).
 pub const MAX_JOB_TASKS: u32 = u32::MAX - 1;
+
+/// Refuse inputs larger than a task may take
+/// ([`MAX_ITEM_BYTES`](tidepool_proto::wire::MAX_ITEM_BYTES)): they could
+/// not travel in a lease answer. `from`: the first one's place in its job.
+fn items_fit(from: u32, inputs: &[Vec<u8>]) -> Result<(), Refusal> {
+    let max = tidepool_proto::wire::MAX_ITEM_BYTES;
+    match inputs.iter().position(|i| i.len() > max) {
+        Some(k) => Err(refusal(
+            ErrorCode::Invalid,
+            format!(
+                "input {} is {} bytes, over the largest a task may take ({max} bytes)",
+                u64::from(from) + k as u64,
+                inputs[k].len()
+            ),
+        )),
+        None => Ok(()),
+    }
+}
