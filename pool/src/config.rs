@@ -50,13 +50,17 @@
 //! breaker_quarantine_secs = 300    # ... it gets no tasks this long (its failed tasks go elsewhere)
 //! grant_bytes = 8388608            # input bytes one lease answer carries (at least one task)
 //!
-//! [quotas]                         # what one client may make the pool hold and run
+//! [quotas]                         # what one client (or one publisher's bundles) may make the pool hold and run
 //! queued_tasks = 2000000           # tasks of its jobs waiting at once (a submission past it is refused)
 //! running_tasks = 0                # tasks of its jobs running at once (0: no limit)
 //! open_jobs = 16                   # jobs opened for chunked submission and not sealed
 //! max_priority = 0                 # highest priority its jobs may ask for (admins: any)
 //! weights = {}                     # a client key's share of the nodes, relative (others: 1)
 //!                                  # e.g. { "ed25519:..." = 4 }
+//! stored_bytes = 17179869184       # bytes of inputs and outputs its jobs hold (16 GiB; 0: no limit)
+//! publisher_queued_tasks = 0       # tasks waiting of jobs on one publisher's bundles, all clients (0: no limit)
+//! publisher_running_tasks = 0      # tasks running of jobs on one publisher's bundles (0: no limit)
+//! publisher_stored_bytes = 0       # bytes the jobs on one publisher's bundles hold (0: no limit)
 //!
 //! [retention]                      # how long the pool keeps what it computed
 //! keep_days = 30                   # a finished job's inputs and outputs are removed this long after
@@ -182,6 +186,17 @@ pub struct Quotas {
     pub max_priority: i8,
     /// A client's share of the nodes relative to others' (absent: 1).
     pub weights: std::collections::BTreeMap<PublicKey, u32>,
+    /// Bytes of inputs and outputs one client's jobs may hold (0: no
+    /// limit); a submission or chunk that would pass it is refused.
+    pub stored_bytes: u64,
+    /// Tasks waiting at once of jobs on one publisher's bundles, all
+    /// clients together (0: no limit).
+    pub publisher_queued_tasks: u64,
+    /// Tasks running at once of jobs on one publisher's bundles (0: no
+    /// limit); the rest wait while other publishers' tasks are served.
+    pub publisher_running_tasks: u32,
+    /// Bytes the jobs on one publisher's bundles may hold (0: no limit).
+    pub publisher_stored_bytes: u64,
 }
 
 impl Default for Quotas {
@@ -192,6 +207,10 @@ impl Default for Quotas {
             open_jobs: 16,
             max_priority: 0,
             weights: Default::default(),
+            stored_bytes: 16 << 30,
+            publisher_queued_tasks: 0,
+            publisher_running_tasks: 0,
+            publisher_stored_bytes: 0,
         }
     }
 }
@@ -446,6 +465,18 @@ pub struct QuotasFile {
     /// Shares by client key.
     #[serde(default)]
     pub weights: std::collections::BTreeMap<PublicKey, u32>,
+    /// Bytes held per client (0: no limit).
+    #[serde(default = "default_stored_bytes")]
+    pub stored_bytes: u64,
+    /// Tasks waiting per publisher (0: no limit).
+    #[serde(default)]
+    pub publisher_queued_tasks: u64,
+    /// Tasks running per publisher (0: no limit).
+    #[serde(default)]
+    pub publisher_running_tasks: u32,
+    /// Bytes held per publisher (0: no limit).
+    #[serde(default)]
+    pub publisher_stored_bytes: u64,
 }
 
 impl Default for QuotasFile {
@@ -460,6 +491,10 @@ fn default_queued_tasks() -> u64 {
 
 fn default_open_jobs() -> u32 {
     Quotas::default().open_jobs
+}
+
+fn default_stored_bytes() -> u64 {
+    Quotas::default().stored_bytes
 }
 
 /// The `[leasing]` table (see [`LeasePolicy`]).
@@ -986,6 +1021,10 @@ impl PoolFile {
                 open_jobs: self.quotas.open_jobs,
                 max_priority: self.quotas.max_priority,
                 weights: self.quotas.weights.clone(),
+                stored_bytes: self.quotas.stored_bytes,
+                publisher_queued_tasks: self.quotas.publisher_queued_tasks,
+                publisher_running_tasks: self.quotas.publisher_running_tasks,
+                publisher_stored_bytes: self.quotas.publisher_stored_bytes,
             },
             ..PoolConfig::default()
         }

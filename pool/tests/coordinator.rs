@@ -1637,3 +1637,99 @@ fn an_input_over_the_largest_item_is_refused_by_name() {
         2
     );
 }
+
+/// `quotas.stored_bytes`: a client's inputs and accepted outputs count; a
+/// submission past it is refused with nothing stored; forgetting a
+/// finished job gives its bytes back, and a restart counts the same.
+#[test]
+fn the_bytes_a_client_stores_are_bounded_and_forgetting_frees_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world();
+    let mut cfg = w.cfg.clone();
+    cfg.quotas.stored_bytes = 200;
+    let path = dir.path().join("pool.db");
+    let mut c = open(&path, &cfg);
+    let (bundle, component) = publish(&mut c, &w);
+    let me = submitter();
+    let twenty = |tag: u8| -> Vec<Vec<u8>> { (0..3).map(|i| vec![tag + i; 20]).collect() };
+    let (job, _) = c
+        .handle_submit(NOW_UNIX, &me, &bundle, "a", &twenty(0))
+        .expect("60 bytes of 200");
+    let t0 = Instant::now();
+    c.handle_node_hello(t0, w.node_a.public(), caps())
+        .expect("hello");
+    let (grants, _) = c
+        .handle_lease(t0, &w.node_a.public(), 3, &[])
+        .expect("lease");
+    let results = grants
+        .iter()
+        .map(|g| honest(&w.node_a, g, component))
+        .collect();
+    c.handle_results(t0, &w.node_a.public(), results)
+        .expect("results");
+    // 60 bytes in, 60 out (and the outcome's envelope): 80 more passes 200.
+    let over = c
+        .handle_submit(NOW_UNIX, &me, &bundle, "b", &[vec![9; 80]])
+        .expect_err("over the bytes quota");
+    assert_eq!(over.code, tidepool_proto::wire::ErrorCode::Busy);
+    assert!(
+        over.message.contains("quotas.stored_bytes"),
+        "{}",
+        over.message
+    );
+    assert_eq!(c.queued(), 0, "nothing of the refused job stored");
+    // Another client is not held back by this one's bytes.
+    let other = SecretKey::from_seed(KeyRole::Client, &[71; 32]).public();
+    c.handle_submit(NOW_UNIX, &other, &bundle, "o", &[vec![9; 80]])
+        .expect("another client's own quota");
+    drop(c);
+    // After a restart the same bytes count.
+    let mut c = open(&path, &cfg);
+    c.handle_submit(NOW_UNIX, &me, &bundle, "b", &[vec![9; 80]])
+        .expect_err("still over after a restart");
+    c.handle_forget_job(&me, job).expect("forget");
+    c.handle_submit(NOW_UNIX, &me, &bundle, "b", &[vec![9; 80]])
+        .expect("a forgotten job's bytes are free");
+    drop(c);
+    let mut c = open(&path, &cfg);
+    c.handle_submit(NOW_UNIX, &me, &bundle, "c", &[vec![8; 100]])
+        .expect("forgotten bytes stay free after a restart (80 + 100 of 200)");
+}
+
+/// Per-publisher quotas: tasks waiting of all clients' jobs on one
+/// publisher's bundles, and tasks running of them.
+#[test]
+fn publisher_quotas_bound_the_jobs_on_its_bundles() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world();
+    let mut cfg = w.cfg.clone();
+    cfg.quotas.publisher_queued_tasks = 5;
+    cfg.quotas.publisher_running_tasks = 2;
+    let mut c = open(&dir.path().join("pool.db"), &cfg);
+    let (bundle, _) = publish(&mut c, &w);
+    let other = SecretKey::from_seed(KeyRole::Client, &[72; 32]).public();
+    c.handle_submit(NOW_UNIX, &submitter(), &bundle, "a", &inputs(3))
+        .expect("3 of 5");
+    let over = c
+        .handle_submit(NOW_UNIX, &other, &bundle, "b", &inputs(3))
+        .expect_err("6 of 5 for the publisher, whoever submits");
+    assert!(
+        over.message.contains("quotas.publisher_queued_tasks"),
+        "{}",
+        over.message
+    );
+    c.handle_submit(NOW_UNIX, &other, &bundle, "b", &inputs(2))
+        .expect("5 of 5");
+    let t0 = Instant::now();
+    let eight = Capabilities { slots: 8, ..caps() };
+    c.handle_node_hello(t0, w.node_a.public(), eight)
+        .expect("hello");
+    let (grants, _) = c
+        .handle_lease(t0, &w.node_a.public(), 8, &[])
+        .expect("lease");
+    assert_eq!(grants.len(), 2, "the publisher's running quota");
+    let (more, _) = c
+        .handle_lease(t0, &w.node_a.public(), 8, &[])
+        .expect("lease again");
+    assert!(more.is_empty(), "still 2 running: {more:?}");
+}

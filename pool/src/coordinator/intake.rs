@@ -226,6 +226,9 @@ impl<S: Store> Coordinator<S> {
                         self.nodes.drop_lease(key, a.task);
                         self.node_finished(now, key, false);
                         self.count(lease.job, TaskState::Leased, TaskState::Done);
+                        if let Some((_, c)) = self.jobs.get_mut(&lease.job) {
+                            c.bytes += a.outcome.len() as u64;
+                        }
                         if let Err(e) = self.after_accept(now, a, &lease) {
                             // The result stands; only its check is lost.
                             tracing::warn!(task = %a.task, "verification step failed: {e}");

@@ -131,8 +131,9 @@ impl<S: Store> Coordinator<S> {
         inputs: &[Vec<u8>],
     ) -> Result<(JobId, u32), Refusal> {
         self.submittable(bundle, key)?;
-        self.within_queue_quota(owner, inputs.len())?;
         items_fit(0, inputs)?;
+        let bytes = inputs.iter().map(|i| i.len() as u64).sum();
+        self.within_quotas(owner, bundle, inputs.len(), bytes)?;
         if inputs.is_empty() {
             return Err(refusal(
                 ErrorCode::Invalid,
@@ -145,7 +146,7 @@ impl<S: Store> Coordinator<S> {
         if fresh {
             self.owners.insert(job, *owner);
             self.jobs.insert(job, (*bundle, JobCounts::default()));
-            self.queue_inserted(job, *bundle, &tasks);
+            self.queue_inserted(job, *bundle, &tasks, bytes);
         }
         Ok((job, u32::try_from(tasks.len()).unwrap_or(u32::MAX)))
     }
@@ -223,11 +224,12 @@ impl<S: Store> Coordinator<S> {
     ) -> Result<u32, Refusal> {
         let (bundle, have) = self.open_job_of(owner, job)?;
         items_fit(from, inputs)?;
-        self.within_queue_quota(
+        let fresh = &inputs[(have.saturating_sub(from) as usize).min(inputs.len())..];
+        self.within_quotas(
             owner,
-            inputs
-                .len()
-                .saturating_sub(have.saturating_sub(from) as usize),
+            &bundle,
+            fresh.len(),
+            fresh.iter().map(|i| i.len() as u64).sum(),
         )?;
         let end = u64::from(from) + inputs.len() as u64;
         if end > u64::from(MAX_JOB_TASKS) {
@@ -265,7 +267,8 @@ impl<S: Store> Coordinator<S> {
         let tasks = self
             .store
             .append_inputs(job, &bundle, have, new, now_unix)?;
-        self.queue_inserted(job, bundle, &tasks);
+        let bytes = new.iter().map(|i| i.len() as u64).sum();
+        self.queue_inserted(job, bundle, &tasks, bytes);
         Ok(have + u32::try_from(tasks.len()).unwrap_or(u32::MAX))
     }
 
@@ -351,6 +354,11 @@ impl<S: Store> Coordinator<S> {
             ));
         }
         self.store.forget_job(job)?;
+        // Its bytes no longer count toward quotas: the next collection
+        // removes them.
+        if let Some((_, c)) = self.jobs.get_mut(&job) {
+            c.bytes = 0;
+        }
         Ok(())
     }
 
@@ -377,17 +385,75 @@ impl<S: Store> Coordinator<S> {
     }
 
     /// May `owner` queue `more` tasks under its `quotas.queued_tasks`?
-    fn within_queue_quota(&self, owner: &PublicKey, more: usize) -> Result<(), Refusal> {
-        let quota = self.cfg.quotas.queued_tasks;
+    fn within_quotas(
+        &self,
+        owner: &PublicKey,
+        bundle: &Digest,
+        more: usize,
+        more_bytes: u64,
+    ) -> Result<(), Refusal> {
+        let q = &self.cfg.quotas;
         let queued = self.queues.queued_of(&Some(*owner)) as u64;
-        if queued + more as u64 > quota {
+        if queued + more as u64 > q.queued_tasks {
             return Err(refusal(
                 ErrorCode::Busy,
                 format!(
                     "client has {queued} tasks waiting and sends {more} more; this pool's quota \
-                     is {quota} (quotas.queued_tasks): wait for some to finish"
+                     is {} (quotas.queued_tasks): wait for some to finish",
+                    q.queued_tasks
                 ),
             ));
+        }
+        let publisher = self.bundles.get(bundle).map(|b| b.signed.signer);
+        let (mut client_bytes, mut pub_queued, mut pub_bytes) = (0u64, 0u64, 0u64);
+        if q.stored_bytes > 0 || q.publisher_queued_tasks > 0 || q.publisher_stored_bytes > 0 {
+            // One pass over the jobs in memory (quotas are checked per
+            // submission or chunk, not per task).
+            for (job, (b, c)) in &self.jobs {
+                if self.owners.get(job) == Some(owner) {
+                    client_bytes += c.bytes;
+                }
+                if publisher.is_some() && self.bundles.get(b).map(|x| x.signed.signer) == publisher
+                {
+                    pub_queued += u64::from(c.queued);
+                    pub_bytes += c.bytes;
+                }
+            }
+        }
+        if q.stored_bytes > 0 && client_bytes + more_bytes > q.stored_bytes {
+            return Err(refusal(
+                ErrorCode::Busy,
+                format!(
+                    "client's jobs hold {client_bytes} bytes and this sends {more_bytes} more; \
+                     this pool's quota is {} (quotas.stored_bytes): forget finished jobs \
+                     (`tidepool job forget`)",
+                    q.stored_bytes
+                ),
+            ));
+        }
+        if let Some(p) = publisher {
+            if q.publisher_queued_tasks > 0 && pub_queued + more as u64 > q.publisher_queued_tasks {
+                return Err(refusal(
+                    ErrorCode::Busy,
+                    format!(
+                        "jobs of publisher {p}'s bundles have {pub_queued} tasks waiting and this \
+                         sends {more} more; this pool's quota is {} \
+                         (quotas.publisher_queued_tasks)",
+                        q.publisher_queued_tasks
+                    ),
+                ));
+            }
+            if q.publisher_stored_bytes > 0 && pub_bytes + more_bytes > q.publisher_stored_bytes {
+                return Err(refusal(
+                    ErrorCode::Busy,
+                    format!(
+                        "jobs of publisher {p}'s bundles hold {pub_bytes} bytes and this sends \
+                         {more_bytes} more; this pool's quota is {} \
+                         (quotas.publisher_stored_bytes)",
+                        q.publisher_stored_bytes
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -420,7 +486,13 @@ impl<S: Store> Coordinator<S> {
 
     /// Queue tasks just stored for `job` (those the cache answered are
     /// done) and count them; a sealed job with nothing left is finished.
-    fn queue_inserted(&mut self, job: JobId, bundle: Digest, tasks: &[InsertedTask]) {
+    fn queue_inserted(
+        &mut self,
+        job: JobId,
+        bundle: Digest,
+        tasks: &[InsertedTask],
+        input_bytes: u64,
+    ) {
         for t in tasks.iter().filter(|t| !t.cached) {
             let meta = self.job_meta(job, bundle);
             self.queues.push_back(
@@ -439,6 +511,7 @@ impl<S: Store> Coordinator<S> {
             return;
         };
         c.tasks += n;
+        c.bytes += input_bytes;
         c.queued += n - cached;
         c.done += cached;
         c.cached += cached;

@@ -153,6 +153,18 @@ impl<S: Store> Coordinator<S> {
                 }
             }
         }
+        // Each publisher's room under its running-tasks quota.
+        let publisher_of = |digest: &Digest| bundles.get(digest).map(|b| b.signed.signer);
+        let mut publisher_running: HashMap<PublicKey, usize> = HashMap::new();
+        if quotas.publisher_running_tasks > 0 {
+            for (b, c) in self.jobs.values() {
+                if c.leased > 0 {
+                    if let Some(p) = publisher_of(b) {
+                        *publisher_running.entry(p).or_default() += c.leased as usize;
+                    }
+                }
+            }
+        }
         let rest = self.queues.take(
             want - picked.len(),
             |share| share.as_ref().map_or(1.0, |k| quotas.weight(k)),
@@ -168,6 +180,13 @@ impl<S: Store> Coordinator<S> {
                     .is_some_and(|b| b.missing.is_empty() && can_run(caps, &b.manifest))
             },
             |q, digest| q.failed_on != Some(*key) || !others_can_run(digest),
+            |digest| match quotas.publisher_running_tasks {
+                0 => None,
+                quota => publisher_of(digest).map(|p| {
+                    let running = publisher_running.get(&p).copied().unwrap_or(0);
+                    (p, (quota as usize).saturating_sub(running))
+                }),
+            },
         );
         picked.extend(rest);
         if picked.is_empty() {

@@ -471,6 +471,11 @@ impl<S: Store> Coordinator<S> {
             .map(|k| now_unix.saturating_sub(k.as_secs()));
         let purged = self.store.purge(cutoff, now_unix, 1000)?;
         self.purged.extend(purged.jobs.iter().copied());
+        for job in &purged.jobs {
+            if let Some((_, c)) = self.jobs.get_mut(job) {
+                c.bytes = 0;
+            }
+        }
         if !purged.jobs.is_empty() {
             self.events.push_back(PoolEvent::Collected {
                 jobs: purged.jobs.len(),

@@ -251,7 +251,9 @@ impl Queues {
     /// order (see the module docs), skipping tasks that `may_take` refuses
     /// (they keep their places; at most [`SCAN_PAST`] are looked past per
     /// job). `weight` gives a client's share (> 0); `room` how many more
-    /// of its tasks a client may have running (its quota).
+    /// of its tasks a client may have running (its quota); `group` a
+    /// bundle's group (its publisher) and how many more tasks of that
+    /// group may run (`None`: no limit).
     pub(super) fn take(
         &mut self,
         want: usize,
@@ -259,8 +261,11 @@ impl Queues {
         room: impl Fn(&Share) -> usize,
         runs: impl Fn(&Digest) -> bool,
         may_take: impl Fn(&Queued, &Digest) -> bool,
+        group: impl Fn(&Digest) -> Option<(PublicKey, usize)>,
     ) -> Vec<(Queued, Digest)> {
         let mut taken = Vec::new();
+        // Tasks given per group (a bundle's publisher) in this call.
+        let mut grouped: HashMap<PublicKey, usize> = HashMap::new();
         // The jobs this node may serve, oldest first.
         let mut live: Vec<(JobId, JobMeta)> = self
             .jobs
@@ -297,6 +302,14 @@ impl Queues {
                 break;
             };
             let (job, meta) = live[at];
+            let limit = group(&meta.bundle);
+            if let Some((g, room)) = &limit {
+                if grouped.get(g).copied().unwrap_or(0) >= *room {
+                    // Its group is full: none of its jobs this time.
+                    live.retain(|(_, m)| group(&m.bundle).map(|x| x.0) != Some(*g));
+                    continue;
+                }
+            }
             let passed = skipped.entry(job).or_default();
             let mut got = None;
             if let Some(queue) = self.jobs.get_mut(&job) {
@@ -315,6 +328,9 @@ impl Queues {
                 Some(q) => {
                     taken.push((q, meta.bundle));
                     *granted.entry(owner).or_default() += 1;
+                    if let Some((g, _)) = limit {
+                        *grouped.entry(g).or_default() += 1;
+                    }
                     self.len -= 1;
                     if let Some(c) = self.clients.get_mut(&owner) {
                         c.served += 1.0 / weight(&owner).max(f64::MIN_POSITIVE);
@@ -405,7 +421,14 @@ mod tests {
     }
 
     fn take(qs: &mut Queues, want: usize) -> Vec<u64> {
-        tasks(&qs.take(want, |_| 1.0, |_| usize::MAX, |_| true, |_, _| true))
+        tasks(&qs.take(
+            want,
+            |_| 1.0,
+            |_| usize::MAX,
+            |_| true,
+            |_, _| true,
+            |_| None,
+        ))
     }
 
     #[test]
@@ -421,7 +444,14 @@ mod tests {
         qs.push_back(meta(client(1), 0), q(1, 11));
         qs.push_front(meta(client(1), 0), q(1, 9));
         let b = Digest::of(b"b");
-        let got = qs.take(9, |_| 1.0, |_| usize::MAX, |d| *d == b, |_, _| true);
+        let got = qs.take(
+            9,
+            |_| 1.0,
+            |_| usize::MAX,
+            |d| *d == b,
+            |_, _| true,
+            |_| None,
+        );
         assert_eq!(tasks(&got), vec![9, 10, 11, 20]);
         assert_eq!(qs.len(), 1);
         assert_eq!(take(&mut qs, 9), vec![30]);
@@ -483,7 +513,7 @@ mod tests {
         for t in 0..300 {
             qs.push_back(meta(b, 0), q(2, 10_000 + t));
         }
-        let got = qs.take(200, weight, |_| usize::MAX, |_| true, |_, _| true);
+        let got = qs.take(200, weight, |_| usize::MAX, |_| true, |_, _| true, |_| None);
         let of_a = got.iter().filter(|(q, _)| q.job == JobId(1)).count();
         assert!((148..=152).contains(&of_a), "3:1 shares, got {of_a} of 200");
         // b's queue empties; a is served alone for a long while.
@@ -493,16 +523,45 @@ mod tests {
             |s| if *s == a { 0 } else { usize::MAX },
             |_| true,
             |_, _| true,
+            |_| None,
         );
         assert_eq!(qs.queued_of(&b), 0);
-        let _ = qs.take(900, weight, |_| usize::MAX, |_| true, |_, _| true);
+        let _ = qs.take(900, weight, |_| usize::MAX, |_| true, |_, _| true, |_| None);
         // b comes back: 1 in 4 again, not a burst for the time it was away.
         for t in 0..50 {
             qs.push_back(meta(b, 0), q(3, 20_000 + t));
         }
-        let got = qs.take(40, weight, |_| usize::MAX, |_| true, |_, _| true);
+        let got = qs.take(40, weight, |_| usize::MAX, |_| true, |_, _| true, |_| None);
         let of_b = got.iter().filter(|(q, _)| q.job == JobId(3)).count();
         assert!((8..=12).contains(&of_b), "1 in 4 for b, got {of_b} of 40");
+    }
+
+    #[test]
+    fn a_full_group_holds_its_jobs_back_and_others_are_served() {
+        let mut qs = Queues::default();
+        let (b1, b2) = (Digest::of(b"one"), Digest::of(b"two"));
+        let publisher =
+            tidepool_proto::SecretKey::from_seed(tidepool_proto::KeyRole::Publisher, &[9; 32])
+                .public();
+        let m = |job: u64, bundle: Digest| JobMeta {
+            bundle,
+            ..meta(client(job as u8), 0)
+        };
+        for t in 0..10 {
+            qs.push_back(m(1, b1), q(1, t));
+            qs.push_back(m(2, b2), q(2, 100 + t));
+        }
+        // b1's publisher may have 3 more running; b2 is not limited.
+        let got = qs.take(
+            10,
+            |_| 1.0,
+            |_| usize::MAX,
+            |_| true,
+            |_, _| true,
+            |d| (*d == b1).then_some((publisher, 3)),
+        );
+        let of_b1 = got.iter().filter(|(_, d)| *d == b1).count();
+        assert_eq!((of_b1, got.len()), (3, 10), "{:?}", tasks(&got));
     }
 
     #[test]
@@ -522,6 +581,7 @@ mod tests {
             |s| if *s == client(1) { 2 } else { usize::MAX },
             |_| true,
             |_, _| true,
+            |_| None,
         );
         assert_eq!(tasks(&got), vec![1, 2]);
         assert_eq!(qs.len(), 7);
@@ -555,7 +615,14 @@ mod tests {
             qs.push_back(meta(client(1), 0), q(1, t));
         }
         let some = |qs: &mut Queues, want: usize, ok: &dyn Fn(u64) -> bool| {
-            tasks(&qs.take(want, |_| 1.0, |_| usize::MAX, |_| true, |x, _| ok(x.task.0)))
+            tasks(&qs.take(
+                want,
+                |_| 1.0,
+                |_| usize::MAX,
+                |_| true,
+                |x, _| ok(x.task.0),
+                |_| None,
+            ))
         };
         // Odd tasks refused: the even ones are taken, the odd ones stay in order.
         assert_eq!(some(&mut qs, 3, &|t| t % 2 == 0), vec![0, 2, 4]);

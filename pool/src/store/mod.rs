@@ -346,6 +346,9 @@ pub struct JobCounts {
     pub dead: u32,
     /// Done without compute: answered from the result cache.
     pub cached: u32,
+    /// Bytes of its inputs and outputs the pool holds (0 once retention
+    /// removed them): what the `stored_bytes` quotas count.
+    pub bytes: u64,
 }
 
 /// A stored job: its id, each task with whether the result cache answered

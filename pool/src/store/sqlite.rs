@@ -491,12 +491,15 @@ impl Store for SqliteStore {
         };
         let mut c = JobCounts::default();
         let mut st = self.conn.prepare_cached(
-            "SELECT state, COUNT(*), COUNT(cached_from) FROM tasks WHERE job = ?1 GROUP BY state",
+            "SELECT state, COUNT(*), COUNT(cached_from),
+                    COALESCE(SUM(length(input)), 0) + COALESCE(SUM(length(outcome)), 0)
+             FROM tasks WHERE job = ?1 GROUP BY state",
         )?;
         let mut rows = st.query([job.0 as i64])?;
         while let Some(r) = rows.next()? {
             let n: u32 = r.get(1)?;
             c.cached += r.get::<_, u32>(2)?;
+            c.bytes += r.get::<_, i64>(3)?.max(0) as u64;
             c.tasks += n;
             match r.get::<_, i64>(0)? {
                 0 => c.queued = n,
@@ -509,21 +512,33 @@ impl Store for SqliteStore {
     }
 
     fn jobs(&mut self) -> Result<Vec<JobRow>, StoreError> {
-        type Row = (i64, Option<String>, bool, i8, bool);
+        type Row = (i64, Option<String>, bool, i8, bool, bool);
         let ids: Vec<Row> = {
             let mut st = self.conn.prepare(
-                "SELECT id, owner, sealed, priority, purged_at IS NOT NULL FROM jobs ORDER BY id",
+                "SELECT id, owner, sealed, priority, purged_at IS NOT NULL, forgotten
+                 FROM jobs ORDER BY id",
             )?;
             let v = st
                 .query_map([], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
             v
         };
         let mut out = Vec::new();
-        for (id, owner, sealed, priority, purged) in ids {
-            if let Some((bundle, counts)) = self.job(JobId(id as u64))? {
+        for (id, owner, sealed, priority, purged, forgotten) in ids {
+            if let Some((bundle, mut counts)) = self.job(JobId(id as u64))? {
+                if forgotten {
+                    // Removed at the next collection: counts toward no quota.
+                    counts.bytes = 0;
+                }
                 out.push(JobRow {
                     job: JobId(id as u64),
                     bundle,
