@@ -65,7 +65,8 @@
 //! [retention]                      # how long the pool keeps what it computed
 //! keep_days = 30                   # a finished job's inputs and outputs are removed this long after
 //!                                  # its last result (at once once its client says `job forget`);
-//!                                  # receipts stay for the ledger; 0 = keep for ever
+//!                                  # receipts stay for the ledger; an unsealed job that took no
+//!                                  # input this long is ended and removed; 0 = keep for ever
 //! gc_every_secs = 3600             # how often the pool removes them (also `tidepool pool gc`)
 //!
 //! [limits]                         # what one peer may make the pool hold

@@ -1733,3 +1733,45 @@ fn publisher_quotas_bound_the_jobs_on_its_bundles() {
         .expect("lease again");
     assert!(more.is_empty(), "still 2 running: {more:?}");
 }
+
+/// An unsealed job that took no input for `retention.keep` is abandoned:
+/// the collection ends it (its waiting tasks dead-lettered, its leases
+/// gone) and removes its inputs; one appended to since is kept open.
+#[test]
+fn unsealed_jobs_left_for_the_retention_time_are_ended_and_collected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world();
+    let mut cfg = w.cfg.clone();
+    cfg.retention.keep = Some(Duration::from_secs(30 * 86_400));
+    let mut c = open(&dir.path().join("pool.db"), &cfg);
+    let (bundle, _) = publish(&mut c, &w);
+    let me = submitter();
+    let t0 = Instant::now();
+    let day = 86_400;
+    c.set_clock(t0, NOW_UNIX);
+    let (left, _, _) = c
+        .handle_open_job(NOW_UNIX, &me, &bundle, "left", 0)
+        .expect("open");
+    c.handle_append_inputs(NOW_UNIX, &me, left, 0, &inputs(3))
+        .expect("a chunk");
+    let (busy, _, _) = c
+        .handle_open_job(NOW_UNIX, &me, &bundle, "busy", 0)
+        .expect("open");
+    c.handle_append_inputs(NOW_UNIX + 20 * day, &me, busy, 0, &inputs(2))
+        .expect("a chunk 20 days later");
+    // Within retention: nothing ended.
+    let p = c.handle_gc(t0 + Duration::from_secs(29 * day)).expect("gc");
+    assert!(p.jobs.is_empty(), "{p:?}");
+    assert_eq!(c.queued(), 5);
+    let p = c.handle_gc(t0 + Duration::from_secs(31 * day)).expect("gc");
+    assert_eq!(p.jobs, vec![left], "the abandoned job is collected");
+    let s = c.job_status(left).expect("status");
+    assert!(s.finished() && s.purged && s.dead == 3, "{s:?}");
+    assert_eq!(c.queued(), 2, "the busy job's tasks still wait");
+    let err = c
+        .handle_append_inputs(NOW_UNIX + 31 * day, &me, left, 3, &inputs(1))
+        .expect_err("an ended job takes no input");
+    assert!(err.message.contains("sealed"), "{}", err.message);
+    c.handle_append_inputs(NOW_UNIX + 31 * day, &me, busy, 2, &inputs(1))
+        .expect("the busy job still takes input");
+}

@@ -320,8 +320,18 @@ impl<S: Store> Coordinator<S> {
         if counts.queued == 0 && counts.leased == 0 && !was_open {
             return Ok((0, 0));
         }
-        self.store
-            .cancel_job(job, &format!("cancelled by {}", owner.short()))?;
+        Ok(self.end_job(job, &format!("cancelled by {}", owner.short()))?)
+    }
+
+    /// Seal `job` and dead-letter what of it is waiting or running (with
+    /// `reason`), at once: its leases end in the pool and nodes learn it at
+    /// their next renewal. Returns (waiting, running) ended.
+    pub(super) fn end_job(
+        &mut self,
+        job: JobId,
+        reason: &str,
+    ) -> Result<(u32, u32), crate::store::StoreError> {
+        self.store.cancel_job(job, reason)?;
         self.open.remove(&job);
         let waiting = self.queues.remove_job(job);
         let leased = self.leases.of_job(job);

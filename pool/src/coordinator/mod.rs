@@ -469,6 +469,16 @@ impl<S: Store> Coordinator<S> {
             .retention
             .keep
             .map(|k| now_unix.saturating_sub(k.as_secs()));
+        // An unsealed job that took no input for as long as results are
+        // kept was abandoned by its client: ended, then collected below.
+        if let Some(cutoff) = cutoff {
+            for job in self.store.abandoned_jobs(cutoff, 1000)? {
+                self.end_job(
+                    job,
+                    "abandoned: no input and no seal for retention.keep_days",
+                )?;
+            }
+        }
         let purged = self.store.purge(cutoff, now_unix, 1000)?;
         self.purged.extend(purged.jobs.iter().copied());
         for job in &purged.jobs {

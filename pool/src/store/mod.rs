@@ -554,6 +554,10 @@ pub trait Store: Send {
     /// Cancel a job: sealed, and every task not done or dead dead-lettered
     /// with `reason`, in one transaction.
     fn cancel_job(&mut self, job: JobId, reason: &str) -> Result<(), StoreError>;
+    /// Unsealed user jobs that took no input since `cutoff_unix` (at most
+    /// `max_jobs`, oldest first): abandoned by their clients.
+    fn abandoned_jobs(&mut self, cutoff_unix: u64, max_jobs: u32)
+        -> Result<Vec<JobId>, StoreError>;
     fn insert_job(
         &mut self,
         bundle: &Digest,

@@ -114,6 +114,9 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("jobs", "forgotten", "INTEGER NOT NULL DEFAULT 0"),
     // When retention removed its inputs and outputs (NULL: not yet).
     ("jobs", "purged_at", "INTEGER"),
+    // When its last chunk of inputs arrived (NULL: none since it was
+    // created): an unsealed job untouched for `keep_days` is abandoned.
+    ("jobs", "touched_at", "INTEGER"),
 ];
 
 /// Bring a database file to the current schema.

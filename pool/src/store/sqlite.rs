@@ -254,8 +254,29 @@ impl Store for SqliteStore {
     ) -> Result<Vec<InsertedTask>, StoreError> {
         let tx = self.conn.transaction()?;
         let ids = insert_tasks(&tx, job, bundle, from, inputs, now_unix)?;
+        tx.prepare_cached("UPDATE jobs SET touched_at = ?2 WHERE id = ?1")?
+            .execute(params![job.0 as i64, now_unix as i64])?;
         tx.commit()?;
         Ok(ids)
+    }
+
+    fn abandoned_jobs(
+        &mut self,
+        cutoff_unix: u64,
+        max_jobs: u32,
+    ) -> Result<Vec<JobId>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT id FROM jobs WHERE kind = 0 AND sealed = 0
+               AND COALESCE(touched_at, created_at) < ?1
+             ORDER BY id LIMIT ?2",
+        )?;
+        let v = st
+            .query_map(params![cutoff_unix as i64, max_jobs], |r| {
+                r.get::<_, i64>(0)
+            })?
+            .map(|r| r.map(|id| JobId(id as u64)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(v)
     }
 
     fn input_digests(
