@@ -64,13 +64,7 @@ fn usage(pid: u32) -> (Duration, u64) {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     let cpu = Duration::from_millis((ticks(11) + ticks(12)) * 10);
-    let rss_mib = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb / 1024);
-    (cpu, rss_mib)
+    (cpu, tidepool_bench::proc_status_mib(Some(pid), "VmRSS"))
 }
 
 /// What one run measured.
@@ -204,14 +198,7 @@ fn main() -> anyhow::Result<()> {
     }
     let full = std::env::args().any(|a| a == "--bench");
     let env = |k: &str| std::env::var(k).ok();
-    let sizes: Vec<usize> = match env("CONNS_NODES") {
-        Some(v) => v
-            .split(',')
-            .map(|s| s.trim().parse().context("CONNS_NODES"))
-            .collect::<anyhow::Result<_>>()?,
-        None if full => vec![10, 1000],
-        None => vec![10, 60],
-    };
+    let sizes = tidepool_bench::sizes_from_env("CONNS_NODES", &[10, 1000], &[10, 60])?;
     let window = Duration::from_secs(match env("CONNS_SECS") {
         Some(v) => v.parse().context("CONNS_SECS")?,
         None if full => 60,

@@ -170,9 +170,15 @@ fn celery(n: usize, workers: u8) -> anyhow::Result<Option<f64>> {
     let _ = worker.wait();
     let _ = redis.kill();
     let _ = redis.wait();
+    baseline_rate("celery client", n, &out).map(Some)
+}
+
+/// Tasks per second from a baseline script's output (`"N seconds"` on
+/// stdout), or its failure with its stderr.
+fn baseline_rate(what: &str, n: usize, out: &std::process::Output) -> anyhow::Result<f64> {
     anyhow::ensure!(
         out.status.success(),
-        "celery client failed: {}",
+        "{what} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8_lossy(&out.stdout);
@@ -181,7 +187,7 @@ fn celery(n: usize, workers: u8) -> anyhow::Result<Option<f64>> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(f64::NAN);
-    Ok(Some(n as f64 / secs))
+    Ok(n as f64 / secs)
 }
 
 /// Ray baseline (`bench/ray/run.py`: a local Ray with 4 CPUs, no-op tasks):
@@ -196,18 +202,7 @@ fn ray(n: usize) -> anyhow::Result<Option<f64>> {
         .arg(script)
         .arg(n.to_string())
         .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "ray baseline failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let secs: f64 = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(f64::NAN);
-    Ok(Some(n as f64 / secs))
+    baseline_rate("ray baseline", n, &out).map(Some)
 }
 
 fn main() -> anyhow::Result<()> {

@@ -191,16 +191,6 @@ fn run(nodes: usize, tasks: usize) -> anyhow::Result<Run> {
     })
 }
 
-/// Peak resident memory of this process so far, MiB.
-fn peak_rss_mib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb / 1024)
-}
-
 fn main() -> anyhow::Result<()> {
     let full = std::env::args().any(|a| a == "--bench");
     let env = |k: &str| std::env::var(k).ok();
@@ -209,14 +199,7 @@ fn main() -> anyhow::Result<()> {
         None if full => 1_000_000,
         None => 2_000,
     };
-    let sizes: Vec<usize> = match env("SCALE_NODES") {
-        Some(v) => v
-            .split(',')
-            .map(|s| s.trim().parse().context("SCALE_NODES"))
-            .collect::<anyhow::Result<_>>()?,
-        None if full => vec![4, 100_000],
-        None => vec![4, 500],
-    };
+    let sizes = tidepool_bench::sizes_from_env("SCALE_NODES", &[4, 100_000], &[4, 500])?;
     println!("| nodes | tasks | decisions/s (coordinator thread) | µs per task finished | opening results, µs per result (off-thread) | submit | hellos | simulated s | wall | peak RSS |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for n in sizes {
@@ -233,7 +216,7 @@ fn main() -> anyhow::Result<()> {
             r.hellos.as_secs_f64(),
             r.sim_secs,
             r.wall.as_secs_f64(),
-            peak_rss_mib(),
+            tidepool_bench::proc_status_mib(None, "VmHWM"),
         );
     }
     Ok(())

@@ -119,3 +119,35 @@ pub fn measure_ratio(
     ratios.sort_by(f64::total_cmp);
     (Stats { samples: sa }, Stats { samples: sb }, ratios)
 }
+
+/// Sizes to run from the comma-separated list in `var`, else `full` (with
+/// `--bench`) or `smoke` (under `cargo test`).
+pub fn sizes_from_env(var: &str, full: &[usize], smoke: &[usize]) -> anyhow::Result<Vec<usize>> {
+    match std::env::var(var) {
+        Ok(v) => v
+            .split(',')
+            .map(|s| {
+                s.trim()
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("{var}: {s:?}: {e}"))
+            })
+            .collect(),
+        Err(_) if std::env::args().any(|a| a == "--bench") => Ok(full.to_vec()),
+        Err(_) => Ok(smoke.to_vec()),
+    }
+}
+
+/// A field of `/proc/<pid>/status` in kB, as MiB (`VmRSS`, `VmHWM`; 0 when
+/// unreadable). `pid`: `None` for this process.
+pub fn proc_status_mib(pid: Option<u32>, field: &str) -> u64 {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/status"),
+        None => "/proc/self/status".to_owned(),
+    };
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb / 1024)
+}

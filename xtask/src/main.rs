@@ -365,45 +365,39 @@ fn bench_setup() -> Result<PathBuf> {
             bail!("could not create target/bench-venv with celery[redis]");
         }
     }
-    let has_ort = Command::new(&python)
-        .args(["-c", "import onnxruntime, numpy, tokenizers"])
-        .stderr(std::process::Stdio::null())
-        .status()?
-        .success();
-    if !has_ort {
-        say("installing onnxruntime 1.31.1, numpy and tokenizers (benchmark baseline) from PyPI into target/bench-venv");
-        let ok = Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "onnxruntime==1.31.1",
-                "numpy",
-                "tokenizers==0.22.2",
-            ])
-            .status()?
-            .success();
-        if !ok {
-            bail!("could not install onnxruntime into target/bench-venv");
-        }
-    }
-    let has_ray = Command::new(&python)
-        .args(["-c", "import ray"])
-        .stderr(std::process::Stdio::null())
-        .status()?
-        .success();
-    if !has_ray {
-        say("installing Ray 2.60.0 (benchmark baseline) from PyPI into target/bench-venv");
-        let ok = Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "ray==2.60.0"])
-            .status()?
-            .success();
-        if !ok {
-            bail!("could not install ray into target/bench-venv");
-        }
-    }
+    pip_install_unless(
+        &python,
+        "import onnxruntime, numpy, tokenizers",
+        &["onnxruntime==1.31.1", "numpy", "tokenizers==0.22.2"],
+        "onnxruntime 1.31.1, numpy and tokenizers",
+    )?;
+    pip_install_unless(&python, "import ray", &["ray==2.60.0"], "Ray 2.60.0")?;
     Ok(python)
+}
+
+/// Install `packages` from PyPI into the venv of `python` unless `check`
+/// (Python code) already runs there; `what` names them for the user.
+fn pip_install_unless(python: &Path, check: &str, packages: &[&str], what: &str) -> Result<()> {
+    let has = Command::new(python)
+        .args(["-c", check])
+        .stderr(std::process::Stdio::null())
+        .status()?
+        .success();
+    if has {
+        return Ok(());
+    }
+    say(&format!(
+        "installing {what} (benchmark baseline) from PyPI into target/bench-venv"
+    ));
+    let ok = Command::new(python)
+        .args(["-m", "pip", "install", "--quiet"])
+        .args(packages)
+        .status()?
+        .success();
+    if !ok {
+        bail!("could not install {what} into target/bench-venv");
+    }
+    Ok(())
 }
 
 fn fetch_models() -> Result<Vec<PathBuf>> {
