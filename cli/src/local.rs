@@ -80,6 +80,7 @@ impl Network {
             data_dir: dir.join("pool"),
             pool: policy,
             durability: Durability::Process,
+            http: None,
         })
         .await
         .context("cannot start the embedded pool")?;

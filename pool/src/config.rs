@@ -419,6 +419,91 @@ pub struct PoolFile {
     /// Retention.
     #[serde(default)]
     pub retention: RetentionFile,
+    /// The read-only HTTP listener (status page, `/metrics`, health); off
+    /// when absent.
+    #[serde(default)]
+    pub http: Option<HttpFile>,
+}
+
+/// The `[http]` table: where the status page, `/metrics`, `/healthz` and
+/// `/readyz` are served. Off unless the table is present.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpFile {
+    /// TCP address; loopback unless you mean it (the page and `/metrics`
+    /// need the token, but the listener speaks plain HTTP).
+    #[serde(default = "default_http_listen")]
+    pub listen: SocketAddr,
+    /// File holding the bearer token (one line). Absent: a random token is
+    /// made on first start in `<data_dir>/http-token` (mode 0600) and kept.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Connections served at once (default 32; more wait unaccepted).
+    #[serde(default = "default_http_connections")]
+    pub max_connections: usize,
+}
+
+fn default_http_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+
+fn default_http_connections() -> usize {
+    32
+}
+
+impl HttpFile {
+    /// The token: read from `token_file`, or made once in `data_dir`.
+    pub fn token(&self, data_dir: &Path) -> Result<String, ConfigError> {
+        let path = self
+            .token_file
+            .clone()
+            .unwrap_or_else(|| data_dir.join("http-token"));
+        match std::fs::read_to_string(&path) {
+            Ok(t) => {
+                let t = t.trim().to_owned();
+                if t.len() < 16 {
+                    return Err(ConfigError::Invalid {
+                        path,
+                        why: "the HTTP token must be at least 16 characters ([http] token_file)"
+                            .into(),
+                    });
+                }
+                Ok(t)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.token_file.is_none() => {
+                use ring::rand::SecureRandom;
+                let mut raw = [0u8; 24];
+                ring::rand::SystemRandom::new()
+                    .fill(&mut raw)
+                    .map_err(|_| ConfigError::Invalid {
+                        path: path.clone(),
+                        why: "the system random source failed".into(),
+                    })?;
+                let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+                let io = |source| ConfigError::Io {
+                    path: path.clone(),
+                    source,
+                };
+                std::fs::create_dir_all(data_dir).map_err(io)?;
+                write_private(&path, token.as_bytes()).map_err(io)?;
+                Ok(token)
+            }
+            Err(source) => Err(ConfigError::Io { path, source }),
+        }
+    }
+}
+
+/// Write a file only its owner may read.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(0o600);
+    }
+    o.open(path)?.write_all(bytes)
 }
 
 /// The `[retention]` table (see [`Retention`]).
@@ -776,6 +861,9 @@ impl PoolFile {
         let base = path.parent().unwrap_or(Path::new("."));
         f.key = base.join(&f.key);
         f.data_dir = base.join(&f.data_dir);
+        if let Some(t) = f.http.as_mut().and_then(|h| h.token_file.as_mut()) {
+            *t = base.join(&*t);
+        }
         f.validate().map_err(|e| ConfigError::Invalid {
             path: path.to_owned(),
             why: e.why,

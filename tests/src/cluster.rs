@@ -77,8 +77,56 @@ pub async fn start_pool(
         data_dir: dir.to_owned(),
         pool: cfg,
         durability: Durability::Process,
+        http: None,
     })
     .await?)
+}
+
+/// Start a pool in `dir` with its HTTP listener on a free loopback port
+/// (status page, `/metrics`, health), behind `token`.
+pub async fn start_pool_with_http(
+    dir: &Path,
+    keys: &Keys,
+    cfg: PoolConfig,
+    token: &str,
+) -> Result<RunningPool> {
+    Ok(serve(ServeConfig {
+        listen: "127.0.0.1:0".parse()?,
+        key: keys.pool.clone(),
+        data_dir: dir.to_owned(),
+        pool: cfg,
+        durability: Durability::Process,
+        http: Some(tidepool_pool::server::http::HttpConfig {
+            listen: "127.0.0.1:0".parse()?,
+            token: token.to_owned(),
+            max_connections: 8,
+        }),
+    })
+    .await?)
+}
+
+/// One HTTP/1.1 GET on a fresh connection: status code and body.
+pub async fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await?;
+    let text = String::from_utf8(raw)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("no end of head in {text:?}"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no status in {head:?}"))?;
+    Ok((code, body.to_owned()))
 }
 
 /// A node running in this process, stopped by [`TestNode::drain`] or killed

@@ -69,6 +69,11 @@ fn main() -> Result<()> {
         "lint" => lint(),
         "test" => {
             setup()?;
+            // The status page is tested in a real browser (Debian's).
+            apt_install(
+                "the browser for the status page's test",
+                &[("chromium", "/usr/bin/chromium")],
+            )?;
             test(rest)
         }
         "demo" => {

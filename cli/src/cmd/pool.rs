@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tidepool_pool::config::PoolFile;
+use tidepool_pool::server::http::HttpConfig;
 use tidepool_pool::server::{serve, ServeConfig};
 use tidepool_proto::PublicKey;
 
@@ -87,17 +88,30 @@ fn serve_main(a: ServeArgs) -> anyhow::Result<ExitCode> {
     f.lease_ttl_secs = a.lease_ttl_secs.unwrap_or(f.lease_ttl_secs);
     f.heartbeat_ms = a.heartbeat_ms.unwrap_or(f.heartbeat_ms);
     f.validate()?;
+    let http = match &f.http {
+        Some(h) => Some(HttpConfig {
+            listen: h.listen,
+            token: h.token(&f.data_dir)?,
+            max_connections: h.max_connections,
+        }),
+        None => None,
+    };
     let cfg = ServeConfig {
         listen: f.listen,
         key: read_key(&f.key)?,
         data_dir: f.data_dir.clone(),
         pool: f.policy(),
         durability: f.durability()?,
+        http,
     };
     runtime()?.block_on(async {
         let pool = serve(cfg).await?;
         // One line on stdout for scripts: address and key.
         println!("listening {} {}", pool.addr, pool.key);
+        if let Some(addr) = pool.http_addr {
+            // On stderr: the first line on stdout stays the one scripts read.
+            eprintln!("status page: http://{addr}/?token=<the token in [http] token_file, or <data_dir>/http-token>");
+        }
         use std::io::Write;
         std::io::stdout().flush()?;
         stop_signal().await;

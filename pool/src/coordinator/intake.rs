@@ -29,8 +29,8 @@ fn bounded(reason: &str) -> &str {
 }
 
 /// An accepted result's outcome, signed receipt and transcript, serialised
-/// for the store, and the engines its receipt names.
-type StoredResult = (Vec<u8>, Vec<u8>, Vec<u8>, Vec<String>);
+/// for the store, the engines its receipt names, and its output's length.
+type StoredResult = (Vec<u8>, Vec<u8>, Vec<u8>, Vec<String>, u64);
 
 /// What checking a result against its lease found.
 #[derive(Debug)]
@@ -156,6 +156,8 @@ impl<S: Store> Coordinator<S> {
         let mut verdicts: Vec<(LeaseId, Option<Verdict>)> = Vec::with_capacity(results.len());
         let mut batch = Vec::new();
         let mut batch_idx = Vec::new();
+        // Each accepted output's length (for telemetry), beside `batch`.
+        let mut output_lens = Vec::new();
         for r in results {
             if r.key != *key {
                 return Err(refusal(
@@ -173,12 +175,14 @@ impl<S: Store> Coordinator<S> {
                 } else {
                     Verdict::Stale
                 };
+                self.telemetry.counters.results_stale += 1;
                 verdicts.push((wire, Some(v)));
                 continue;
             };
             match self.check_result(&lease, r) {
-                Ok(Checked::Accept((outcome, receipt, transcript, engines))) => {
+                Ok(Checked::Accept((outcome, receipt, transcript, engines, output_len))) => {
                     batch_idx.push(verdicts.len());
+                    output_lens.push(output_len);
                     verdicts.push((wire, None));
                     batch.push(Acceptance {
                         task: id.task,
@@ -195,34 +199,45 @@ impl<S: Store> Coordinator<S> {
                     // to another node, and it counts toward the node's
                     // circuit breaker.
                     self.release(
+                        now,
                         id.task,
                         &format!("node {}: {}", key.short(), bounded(&reason)),
                         Some(*key),
                     )?;
                     self.node_finished(now, key, true);
+                    self.telemetry.counters.results_failed += 1;
                     verdicts.push((wire, Some(Verdict::Accepted)));
                 }
                 Err(why) => {
                     self.release(
+                        now,
                         id.task,
                         &format!("node {}: refused result: {why}", key.short()),
                         Some(*key),
                     )?;
                     self.node_finished(now, key, true);
+                    self.telemetry.counters.results_refused += 1;
                     verdicts.push((wire, Some(Verdict::Refused(why))));
                 }
             }
         }
         if !batch.is_empty() {
             let stored = self.store.accept(&batch, self.unix(now))?;
-            for ((i, a), ok) in batch_idx.into_iter().zip(&batch).zip(stored) {
+            for (((i, a), ok), output_len) in batch_idx
+                .into_iter()
+                .zip(&batch)
+                .zip(stored)
+                .zip(output_lens)
+            {
                 verdicts[i].1 = Some(if ok {
                     Verdict::Accepted
                 } else {
+                    self.telemetry.counters.results_stale += 1;
                     Verdict::Stale
                 });
                 if ok {
                     if let Some(lease) = self.leases.remove(a.task) {
+                        self.telemetry.accepted(now, lease.granted, output_len);
                         self.nodes.drop_lease(key, a.task);
                         self.node_finished(now, key, false);
                         self.count(lease.job, TaskState::Leased, TaskState::Done);
@@ -328,7 +343,13 @@ impl<S: Store> Coordinator<S> {
             .collect();
         engines.sort();
         engines.dedup();
-        Ok(Checked::Accept((outcome, receipt, transcript, engines)))
+        Ok(Checked::Accept((
+            outcome,
+            receipt,
+            transcript,
+            engines,
+            measured.output_len,
+        )))
     }
 }
 

@@ -503,6 +503,7 @@ impl<S: Store> Coordinator<S> {
         tasks: &[InsertedTask],
         input_bytes: u64,
     ) {
+        let since = self.latest;
         for t in tasks.iter().filter(|t| !t.cached) {
             let meta = self.job_meta(job, bundle);
             self.queues.push_back(
@@ -512,11 +513,14 @@ impl<S: Store> Coordinator<S> {
                     job,
                     attempts: 0,
                     failed_on: None,
+                    since,
                 },
             );
         }
         let n = u32::try_from(tasks.len()).unwrap_or(u32::MAX);
         let cached = u32::try_from(tasks.iter().filter(|t| t.cached).count()).unwrap_or(u32::MAX);
+        self.telemetry.counters.submitted += u64::from(n);
+        self.telemetry.counters.cache_hits += u64::from(cached);
         let Some((_, c)) = self.jobs.get_mut(&job) else {
             return;
         };

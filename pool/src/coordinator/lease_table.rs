@@ -32,6 +32,8 @@ pub(super) struct Lease {
     pub(super) expires: Instant,
     /// Last renewal (or grant).
     pub(super) renewed: Instant,
+    /// When it was granted (the task-latency histogram measures from here).
+    pub(super) granted: Instant,
     /// When it ends whatever the node says: the bundle's `timeout_ms` for
     /// each task ahead of it on the node's slots, plus the pool's grace.
     /// Renewals never move it.
@@ -154,6 +156,7 @@ mod tests {
             origin: TaskId(1),
             expires,
             renewed: expires,
+            granted: expires,
             deadline: expires + Duration::from_secs(3600),
         }
     }

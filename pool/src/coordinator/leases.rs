@@ -248,8 +248,10 @@ impl<S: Store> Coordinator<S> {
                 input_len: input.len() as u64,
                 expires: (now + self.cfg.lease_ttl).min(deadline),
                 renewed: now,
+                granted: now,
                 deadline,
             };
+            self.telemetry.granted(now, q.since);
             self.leases.insert(q.task, lease);
             self.nodes.hold(key, q.task);
             grants.push(TaskGrant {
@@ -338,6 +340,7 @@ impl<S: Store> Coordinator<S> {
     /// next while another node can run it.
     pub(super) fn release(
         &mut self,
+        now: Instant,
         task: TaskId,
         reason: &str,
         failed_on: Option<PublicKey>,
@@ -375,11 +378,13 @@ impl<S: Store> Coordinator<S> {
                     job: lease.job,
                     attempts: lease.attempt,
                     failed_on,
+                    since: now,
                 });
             }
             return Ok(());
         }
         if dead {
+            self.telemetry.counters.dead_lettered += 1;
             self.events.push_back(PoolEvent::DeadLettered {
                 task,
                 reason: reason.to_owned(),
@@ -395,6 +400,7 @@ impl<S: Store> Coordinator<S> {
                     job: lease.job,
                     attempts: lease.attempt,
                     failed_on,
+                    since: now,
                 },
             );
         }

@@ -52,6 +52,7 @@ mod nodes;
 mod queues;
 mod requests;
 mod status;
+pub mod telemetry;
 mod verification;
 
 pub use crate::config::{Admission, PoolConfig};
@@ -240,6 +241,12 @@ pub struct Coordinator<S: Store> {
     /// [`set_signer`](Self::set_signer) (unset: ledger requests are
     /// refused). Lives as long as the coordinator.
     signer: Option<tidepool_proto::SecretKey>,
+    /// The latest `now` any input brought (never goes back): the time of
+    /// work queued by calls that carry only Unix time (submissions).
+    latest: Instant,
+    /// Counters and histograms since start, for `/metrics` and the status
+    /// page (sub-state, `telemetry.rs`).
+    telemetry: telemetry::Telemetry,
 }
 
 impl<S: Store> Coordinator<S> {
@@ -255,6 +262,7 @@ impl<S: Store> Coordinator<S> {
             bundles: stored,
             pending,
         } = store.recover()?;
+        let born = Instant::now();
         let mut me = Self {
             nodes: Nodes::new(cfg.leasing.clone()),
             store,
@@ -284,6 +292,10 @@ impl<S: Store> Coordinator<S> {
             vstats: VerificationStats::default(),
             clock: None,
             signer: None,
+            // The only reading of the clock inside the coordinator: where
+            // its measurements start (every decision still takes `now`).
+            latest: born,
+            telemetry: telemetry::Telemetry::new(born),
         };
         me.secret = match me.cfg.verify.secret {
             Some(s) => s,
@@ -369,6 +381,7 @@ impl<S: Store> Coordinator<S> {
                 job,
                 attempts: attempt,
                 failed_on: None,
+                since: me.latest,
             };
             match check_of {
                 Some(target) => {
@@ -398,6 +411,7 @@ impl<S: Store> Coordinator<S> {
     /// any time.
     pub fn set_clock(&mut self, now: Instant, unix_secs: u64) {
         self.clock = Some((now, unix_secs));
+        self.latest = self.latest.max(now);
     }
 
     /// Sign ledger pages with `key` (the pool's own key).
@@ -497,6 +511,7 @@ impl<S: Store> Coordinator<S> {
 
     /// Expire the leases due by `now`; collect when retention is due.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), StoreError> {
+        self.latest = self.latest.max(now);
         let every = self.cfg.retention.every;
         let due = *self.next_gc.get_or_insert(now + every);
         if now >= due {
@@ -519,7 +534,8 @@ impl<S: Store> Coordinator<S> {
                     held.as_millis()
                 )
             };
-            self.release(task, &reason, Some(lease.node))?;
+            self.telemetry.counters.leases_expired += 1;
+            self.release(now, task, &reason, Some(lease.node))?;
             self.store.node_seen(&lease.node, 0, 1, self.unix(now))?;
             self.events.push_back(PoolEvent::Requeued {
                 lease: self.lease_wire(LeaseId {

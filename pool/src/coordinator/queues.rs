@@ -16,6 +16,7 @@
 //! kept, and `len` is the sum of the job queues' lengths.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Instant;
 use tidepool_proto::wire::{JobId, TaskId};
 use tidepool_proto::{Digest, PublicKey};
 
@@ -36,6 +37,9 @@ pub(super) struct Queued {
     /// The node its last attempt failed on: it is retried elsewhere while
     /// another node can run it. `None` for fresh tasks (and after a restart).
     pub(super) failed_on: Option<PublicKey>,
+    /// When it was queued (again): the lease-wait histogram measures from
+    /// here. Tasks restored at start count from the start.
+    pub(super) since: Instant,
 }
 
 /// Who a job's tasks are charged to: its client, or `None` for the pool's
@@ -83,6 +87,9 @@ enum Entry {
         next: u64,
         /// One past the last.
         end: u64,
+        /// When they were queued (tasks queued at another time start
+        /// another entry).
+        since: Instant,
     },
     /// One task as it was queued.
     One(Queued),
@@ -96,8 +103,8 @@ impl TaskList {
     fn push_back(&mut self, q: Queued) {
         self.len += 1;
         if Self::is_fresh(&q) {
-            if let Some(Entry::Fresh { end, .. }) = self.entries.back_mut() {
-                if *end == q.task.0 {
+            if let Some(Entry::Fresh { end, since, .. }) = self.entries.back_mut() {
+                if *end == q.task.0 && *since == q.since {
                     *end += 1;
                     return;
                 }
@@ -105,6 +112,7 @@ impl TaskList {
             self.entries.push_back(Entry::Fresh {
                 next: q.task.0,
                 end: q.task.0 + 1,
+                since: q.since,
             });
         } else {
             self.entries.push_back(Entry::One(q));
@@ -119,8 +127,8 @@ impl TaskList {
     /// The first task (of `job`: fresh entries do not store it).
     fn pop_front(&mut self, job: JobId) -> Option<Queued> {
         let q = match self.entries.front_mut()? {
-            Entry::Fresh { next, end } => {
-                let task = *next;
+            Entry::Fresh { next, end, since } => {
+                let (task, since) = (*next, *since);
                 *next += 1;
                 if *next == *end {
                     self.entries.pop_front();
@@ -130,6 +138,7 @@ impl TaskList {
                     job,
                     attempts: 0,
                     failed_on: None,
+                    since,
                 }
             }
             Entry::One(_) => match self.entries.pop_front() {
@@ -395,12 +404,17 @@ mod tests {
     use super::*;
     use tidepool_proto::{KeyRole, SecretKey};
 
+    /// One time for every task the tests queue (fresh ranges merge only
+    /// for tasks queued at the same time).
+    static T0: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
     fn q(job: u64, task: u64) -> Queued {
         Queued {
             task: TaskId(task),
             job: JobId(job),
             attempts: 0,
             failed_on: None,
+            since: *T0,
         }
     }
 

@@ -41,6 +41,7 @@ impl<S: Store> Coordinator<S> {
         incoming: Incoming,
         have_blob: &dyn Fn(&Digest) -> bool,
     ) -> Answer {
+        self.latest = self.latest.max(now);
         let req = match incoming {
             Incoming::Results(opened) => {
                 return self

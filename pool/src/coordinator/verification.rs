@@ -353,6 +353,7 @@ impl<S: Store> Coordinator<S> {
             job,
             attempts: 0,
             failed_on: None,
+            since: self.latest,
         };
         if decider {
             self.queues.push_check_front(q);
@@ -624,7 +625,12 @@ impl<S: Store> Coordinator<S> {
                 .map(|n| n.leases.iter().copied().collect())
                 .unwrap_or_default();
             for t in held {
-                self.release(t, &format!("node {} was banned", node.short()), Some(*node))?;
+                self.release(
+                    now,
+                    t,
+                    &format!("node {} was banned", node.short()),
+                    Some(*node),
+                )?;
             }
         }
         let recent = self
@@ -731,6 +737,7 @@ impl<S: Store> Coordinator<S> {
             job,
             attempts: 0,
             failed_on: None,
+            since: self.latest,
         };
         picked.insert(at, (q, bundle));
     }

@@ -17,6 +17,8 @@
 
 mod budgets;
 mod held;
+pub mod http;
+mod metrics;
 
 use crate::coordinator::{Answer, Coordinator, Incoming, PoolConfig, PoolEvent};
 use crate::store::{Durability, SqliteStore, StoreError};
@@ -50,6 +52,9 @@ pub struct ServeConfig {
     pub pool: PoolConfig,
     /// Commit durability.
     pub durability: Durability,
+    /// The read-only HTTP listener (status page, `/metrics`, health), if
+    /// any.
+    pub http: Option<http::HttpConfig>,
 }
 
 /// Errors starting the pool.
@@ -64,6 +69,14 @@ pub enum ServeError {
     /// The endpoint could not be set up.
     #[error(transparent)]
     Net(#[from] tidepool_net::NetError),
+    /// The HTTP listener could not bind.
+    #[error("cannot listen for HTTP on {listen} ([http] listen): {source}")]
+    Http {
+        /// The address.
+        listen: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// The data directory could not be created.
     #[error("cannot create pool directory {path}: {source}")]
     Dir {
@@ -87,6 +100,14 @@ enum Cmd {
     UploadSize(PublicKey, Digest, oneshot::Sender<Option<u64>>),
     /// A blob is complete and verified on disk.
     BlobStored(Digest),
+    /// Answer at once (health probes: the coordinator is alive).
+    Ping(oneshot::Sender<()>),
+    /// One observation for the HTTP listener.
+    Observe(
+        oneshot::Sender<
+            Result<crate::coordinator::telemetry::Observed, tidepool_proto::session::Refusal>,
+        >,
+    ),
     Stop,
 }
 
@@ -151,6 +172,8 @@ fn serve_cmd(c: &mut Coordinator<SqliteStore>, blobs: &BlobDir, cmd: Cmd) -> boo
         Cmd::NodeGone(k) => c.handle_node_gone(now, &k),
         Cmd::UploadSize(k, d, r) => drop(r.send(c.upload_size(&k, &d))),
         Cmd::BlobStored(d) => c.handle_blob_stored(&d),
+        Cmd::Ping(r) => drop(r.send(())),
+        Cmd::Observe(r) => drop(r.send(c.observe(now))),
         Cmd::Stop => return false,
     }
     true
@@ -219,6 +242,10 @@ pub struct RunningPool {
     events: broadcast::Sender<PoolEvent>,
     /// The accept loop (ends when the endpoint closes).
     accept: Option<tokio::task::JoinHandle<()>>,
+    /// The HTTP listener's address, if it listens.
+    pub http_addr: Option<SocketAddr>,
+    /// The HTTP listener's accept loop (aborted on shutdown).
+    http: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningPool {
@@ -227,8 +254,19 @@ impl RunningPool {
         self.events.subscribe()
     }
 
+    /// Stop the coordinator thread only, leaving the listeners up: what a
+    /// pool whose coordinator died looks like from outside (tests of the
+    /// health routes).
+    #[doc(hidden)]
+    pub fn stop_coordinator(&self) {
+        let _ = self.tx.send(Cmd::Stop);
+    }
+
     /// Stop accepting, close connections, stop the coordinator.
     pub async fn shutdown(mut self) {
+        if let Some(h) = self.http.take() {
+            h.abort();
+        }
         self.endpoint.close(0u32.into(), b"pool shutting down");
         let _ = self.tx.send(Cmd::Stop);
         if let Some(t) = self.thread.take() {
@@ -290,6 +328,17 @@ pub async fn serve(cfg: ServeConfig) -> Result<RunningPool, ServeError> {
         budgets: Budgets::new(limits),
         refusals: Refusals::default(),
     });
+    let (http_addr, http) = match cfg.http {
+        Some(h) => {
+            let listen = h.listen;
+            let (addr, task) = http::start(h, shared.clone())
+                .await
+                .map_err(|source| ServeError::Http { listen, source })?;
+            info!(%addr, "status page and /metrics listening");
+            (Some(addr), Some(task))
+        }
+        None => (None, None),
+    };
     let ep = endpoint.clone();
     let accept = tokio::spawn(async move {
         while let Some(incoming) = ep.accept().await {
@@ -325,6 +374,8 @@ pub async fn serve(cfg: ServeConfig) -> Result<RunningPool, ServeError> {
         thread: Some(thread),
         events,
         accept: Some(accept),
+        http_addr,
+        http,
     })
 }
 

@@ -1,0 +1,273 @@
+//! The pool's read-only HTTP listener (issue #19): the status page,
+//! `/api/status` (its JSON), `/metrics` (Prometheus), `/healthz` and
+//! `/readyz`.
+//!
+//! Off unless `[http] listen` is set. It never changes the pool: every
+//! route is a GET that reads one observation of the coordinator. What a
+//! stranger who reaches the port can do is bounded here: connections at
+//! once (`max_connections`), time to send the request head, bytes of it,
+//! and how often the coordinator is asked (one observation serves every
+//! request for [`OBSERVATION_AGE`]). Everything but the health routes
+//! needs the token (`Authorization: Bearer TOKEN`, or `?token=TOKEN` for a
+//! browser's first load); the health routes say only "ok" or why not.
+
+use super::{metrics, Cmd, Shared};
+use crate::coordinator::telemetry::Observed;
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, Semaphore};
+use tracing::{debug, warn};
+
+/// How long one observation of the coordinator serves requests.
+pub const OBSERVATION_AGE: Duration = Duration::from_secs(1);
+/// How long the coordinator has to answer a health probe.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a client has to send a request head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head buffered.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// The listener's settings (`[http]` in `pool.toml`).
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// TCP address (loopback by default: put a TLS proxy in front to
+    /// reach it from elsewhere).
+    pub listen: SocketAddr,
+    /// The bearer token every route but the health ones needs.
+    pub token: String,
+    /// Connections served at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+}
+
+/// What the listener's connections share. Lives as long as the pool.
+struct Http {
+    /// The pool's shared state (the coordinator's queue, refusals).
+    shared: Arc<Shared>,
+    /// The token.
+    token: String,
+    /// The last observation and when it was made; one request at a time
+    /// refreshes it, the others wait for that one.
+    last: tokio::sync::Mutex<Option<(Instant, Arc<Observed>)>>,
+    /// The status page.
+    page: &'static str,
+}
+
+/// Start listening; returns the bound address and the accept task.
+pub(super) async fn start(
+    cfg: HttpConfig,
+    shared: Arc<Shared>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+    let addr = listener.local_addr()?;
+    let http = Arc::new(Http {
+        shared,
+        token: cfg.token,
+        last: tokio::sync::Mutex::new(None),
+        page: include_str!("page.html"),
+    });
+    let permits = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
+    let task = tokio::spawn(async move {
+        loop {
+            // A permit first: past the limit, connections wait unaccepted.
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let (stream, peer) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!("http accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let http = http.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let service = hyper::service::service_fn(move |req| {
+                    let http = http.clone();
+                    async move { Ok::<_, std::convert::Infallible>(http.route(req).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEAD_TIMEOUT)
+                    .max_buf_size(MAX_HEAD_BYTES)
+                    .serve_connection(io, service);
+                if let Err(e) = conn.await {
+                    debug!(%peer, "http connection: {e}");
+                }
+            });
+        }
+    });
+    Ok((addr, task))
+}
+
+type Answer = Response<Full<Bytes>>;
+
+fn answer(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Answer {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    if let Ok(v) = content_type.parse() {
+        h.insert(hyper::header::CONTENT_TYPE, v);
+    }
+    // Nothing here may be cached or framed by another site.
+    h.insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-store"),
+    );
+    h.insert(
+        hyper::header::X_FRAME_OPTIONS,
+        hyper::header::HeaderValue::from_static("DENY"),
+    );
+    h.insert(
+        hyper::header::CONTENT_SECURITY_POLICY,
+        hyper::header::HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:",
+        ),
+    );
+    r
+}
+
+impl Http {
+    async fn route(&self, req: Request<Incoming>) -> Answer {
+        if req.method() != Method::GET {
+            return answer(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
+        }
+        match req.uri().path() {
+            "/healthz" => self.health().await,
+            "/readyz" => self.health().await,
+            path => {
+                if !self.authorized(&req) {
+                    return answer(
+                        StatusCode::UNAUTHORIZED,
+                        "text/plain",
+                        "this pool's status needs its token: `Authorization: Bearer TOKEN` or ?token=TOKEN ([http] token_file in pool.toml)\n",
+                    );
+                }
+                match path {
+                    "/" => answer(StatusCode::OK, "text/html; charset=utf-8", self.page),
+                    "/metrics" => match self.observe().await {
+                        Ok(o) => answer(StatusCode::OK, metrics::CONTENT_TYPE, metrics::render(&o)),
+                        Err(why) => answer(StatusCode::SERVICE_UNAVAILABLE, "text/plain", why),
+                    },
+                    "/api/status" => match self.observe().await {
+                        Ok(o) => answer(StatusCode::OK, "application/json", status_json(&o)),
+                        Err(why) => answer(StatusCode::SERVICE_UNAVAILABLE, "text/plain", why),
+                    },
+                    _ => answer(StatusCode::NOT_FOUND, "text/plain", "no such page\n"),
+                }
+            }
+        }
+    }
+
+    /// The token from the header or the query, compared in constant time.
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let from_header = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let from_query = req
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
+        // Digests compared with no early exit: the time taken says nothing
+        // of how much of the token was right.
+        use sha2::Digest as _;
+        let want = sha2::Sha256::digest(self.token.as_bytes());
+        from_header.into_iter().chain(from_query).any(|t| {
+            let got = sha2::Sha256::digest(t.as_bytes());
+            got.iter()
+                .zip(want.iter())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+        })
+    }
+
+    /// `ok` while the coordinator answers within [`HEALTH_TIMEOUT`].
+    async fn health(&self) -> Answer {
+        let (tx, rx) = oneshot::channel();
+        if self.shared.tx.send(Cmd::Ping(tx)).is_err() {
+            return answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "coordinator stopped\n",
+            );
+        }
+        match tokio::time::timeout(HEALTH_TIMEOUT, rx).await {
+            Ok(Ok(())) => answer(StatusCode::OK, "text/plain", "ok\n"),
+            Ok(Err(_)) => answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "coordinator stopped\n",
+            ),
+            Err(_) => answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!(
+                    "coordinator did not answer in {} s\n",
+                    HEALTH_TIMEOUT.as_secs()
+                ),
+            ),
+        }
+    }
+
+    /// The latest observation, at most [`OBSERVATION_AGE`] old.
+    async fn observe(&self) -> Result<Arc<Observed>, String> {
+        let mut last = self.last.lock().await;
+        if let Some((at, o)) = &*last {
+            if at.elapsed() < OBSERVATION_AGE {
+                return Ok(o.clone());
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .tx
+            .send(Cmd::Observe(tx))
+            .map_err(|_| "coordinator stopped\n".to_string())?;
+        let mut o = match tokio::time::timeout(HEALTH_TIMEOUT, rx).await {
+            Ok(Ok(Ok(o))) => o,
+            Ok(Ok(Err(r))) => return Err(format!("{}\n", r.message)),
+            Ok(Err(_)) => return Err("coordinator stopped\n".into()),
+            Err(_) => return Err("coordinator busy; try again\n".into()),
+        };
+        o.summary.refusals = self.shared.refusals.counts();
+        let o = Arc::new(o);
+        *last = Some((Instant::now(), o.clone()));
+        Ok(o)
+    }
+}
+
+/// `/api/status`: the summary, the counters and the throughput ring.
+fn status_json(o: &Observed) -> String {
+    let c = &o.telemetry.counters;
+    serde_json::json!({
+        "summary": o.summary,
+        "uptime_secs": o.uptime.as_secs(),
+        "counters": {
+            "submitted": c.submitted,
+            "cache_hits": c.cache_hits,
+            "leases_granted": c.leases_granted,
+            "leases_expired": c.leases_expired,
+            "results_accepted": c.results_accepted,
+            "results_failed": c.results_failed,
+            "results_refused": c.results_refused,
+            "results_stale": c.results_stale,
+            "dead_lettered": c.dead_lettered,
+        },
+        "throughput": {
+            "slot_secs": crate::coordinator::telemetry::THROUGHPUT_SLOT.as_secs(),
+            "per_sec": o.throughput,
+        },
+        "task_latency": {
+            "count": o.telemetry.task_seconds.count(),
+            "sum_secs": o.telemetry.task_seconds.sum,
+        },
+    })
+    .to_string()
+}
