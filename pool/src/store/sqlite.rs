@@ -1109,7 +1109,7 @@ impl Store for SqliteStore {
             "SELECT t.id, t.job FROM tasks t JOIN jobs j ON j.id = t.job
              WHERE t.node = ?1 AND t.state = 2 AND t.verified IN (0, 2) AND t.cached_from IS NULL AND j.kind = 0
                AND j.purged_at IS NULL
-             ORDER BY t.id DESC LIMIT ?2",
+             ORDER BY t.done_at DESC, t.id DESC LIMIT ?2",
         )?;
         let v = st
             .query_map(params![node.to_string(), limit], task_and_job)?
@@ -1122,7 +1122,7 @@ impl Store for SqliteStore {
         checker: &PublicKey,
         limit: u32,
     ) -> Result<Vec<(TaskId, JobId)>, StoreError> {
-        // The checker's finished check rows (index tasks_node_done), then
+        // The checker's finished check rows (index tasks_node_checks), then
         // their targets.
         let mut st = self.conn.prepare_cached(
             "SELECT t.id, t.job FROM tasks c
