@@ -8,18 +8,43 @@ mod cmd;
 mod local;
 mod runner;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use std::process::ExitCode;
+
+/// Exit code of a usage error (an unknown flag, a missing argument): the
+/// BSD `EX_USAGE`, apart from every code a verb returns.
+const EXIT_USAGE: u8 = 64;
 
 #[derive(Parser)]
 #[command(
     name = "tidepool",
     version,
-    about = "A WebAssembly-sandboxed runtime for batch AI inference on edge machines"
+    about = "A WebAssembly-sandboxed runtime for batch AI inference on edge machines",
+    after_help = "Exit codes:\n  0   success\n  1   error (bad input, a file or model missing, the pool refused or unreachable)\n  2   `run`: the task was stopped (a limit or a trap); `replay`: the result did not reproduce\n  3   `run`: the job returned an error\n  64  usage error (unknown flag or verb, missing argument)"
 )]
 struct Cli {
+    /// Log lines as text (default) or JSON objects, one per line (also
+    /// TIDEPOOL_LOG_FORMAT); TIDEPOOL_LOG sets the filter.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "TIDEPOOL_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How log lines are written to stderr.
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// For people.
+    Text,
+    /// One JSON object per line (tracing-subscriber's format), for log
+    /// collectors.
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -53,20 +78,39 @@ enum Command {
     /// Check settlement statements offline.
     #[command(subcommand)]
     Ledger(cmd::ledger::Command),
+    /// Print a shell completion script (e.g. `tidepool completions bash > /etc/bash_completion.d/tidepool`).
+    Completions(cmd::completions::CompletionsArgs),
+    /// Write man pages generated from this CLI (`cargo xtask man`).
+    #[command(hide = true)]
+    Man(cmd::completions::ManArgs),
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TIDEPOOL_LOG")
-                // llama.cpp warns about model quirks at every load; not the user's concern.
-                // wasmtime-wasi-nn logs every wasi-nn error a guest causes, unbounded;
-                // the host logs the reasons itself, a bounded number per task.
-                .unwrap_or_else(|_| "warn,llama-cpp-2=error,wasmtime_wasi_nn=off".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // --help and --version print and succeed; anything else is a
+            // usage error with a code of its own.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEPOOL_LOG")
+        // llama.cpp warns about model quirks at every load; not the user's concern.
+        // wasmtime-wasi-nn logs every wasi-nn error a guest causes, unbounded;
+        // the host logs the reasons itself, a bounded number per task.
+        .unwrap_or_else(|_| "warn,llama-cpp-2=error,wasmtime_wasi_nn=off".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let result = match cli.command {
         Command::Run(a) => cmd::run::main(a),
         Command::Models(c) => cmd::models::main(c),
@@ -79,6 +123,8 @@ fn main() -> ExitCode {
         Command::Pipeline(c) => cmd::pipeline::main(c),
         Command::Ledger(c) => cmd::ledger::main(c),
         Command::Replay(a) => cmd::replay::main(a),
+        Command::Completions(a) => cmd::completions::completions::<Cli>(a),
+        Command::Man(a) => cmd::completions::man::<Cli>(a),
     };
     match result {
         Ok(code) => code,

@@ -177,3 +177,91 @@ fn task_failures_and_job_errors_have_their_own_exit_codes() {
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(stderr(&o).contains("invalid-input"), "{}", stderr(&o));
 }
+
+#[test]
+fn usage_errors_have_an_exit_code_of_their_own_and_help_lists_the_codes() {
+    for args in [&["--bogus"][..], &["run"], &["pool", "frobnicate"]] {
+        let o = tidepool(args);
+        assert_eq!(o.status.code(), Some(64), "{args:?}: {}", stderr(&o));
+    }
+    let o = tidepool(&["--help"]);
+    assert_eq!(o.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&o.stdout);
+    for line in [
+        "Exit codes:",
+        "  2   `run`: the task was stopped",
+        "  64  usage error",
+    ] {
+        assert!(help.contains(line), "{line:?} missing from --help:\n{help}");
+    }
+}
+
+#[test]
+fn completions_and_man_pages_come_from_the_cli_definition() {
+    for shell in ["bash", "zsh", "fish"] {
+        let o = tidepool(&["completions", shell]);
+        assert!(o.status.success(), "{shell}: {}", stderr(&o));
+        let script = String::from_utf8_lossy(&o.stdout);
+        // Verbs and a nested verb's flag are in every script.
+        for word in ["keygen", "pipeline", "heartbeat-ms"] {
+            assert!(script.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = tidepool(&["man", "--out", &dir.path().to_string_lossy()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let page = std::fs::read_to_string(dir.path().join("tidepool-pool-serve.1"))
+        .expect("a page for `pool serve`");
+    assert!(page.contains(".TH tidepool-pool-serve"), "{page}");
+    assert!(page.contains("heartbeat\\-ms"), "{page}");
+    assert!(std::fs::read_to_string(dir.path().join("tidepool.1"))
+        .expect("the main page")
+        .contains("Exit codes"));
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, b"hello").expect("write");
+    let component = jobs_dir().join("echo.wasm");
+    let run = |format: &str| {
+        Command::new(env!("CARGO_BIN_EXE_tidepool"))
+            .args(["--log-format", format, "run"])
+            .arg(&component)
+            .arg("--input")
+            .arg(&input)
+            .env("TIDEPOOL_LOG", "debug")
+            .output()
+            .expect("run tidepool")
+    };
+    let o = run("json");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!o.stdout.is_empty(), "no output");
+    let err = stderr(&o);
+    // Log lines are JSON; the verb's own summary line (`ok: 5 bytes, ...`)
+    // is not a log line and stays text.
+    let (logs, other): (Vec<&str>, Vec<&str>) = err
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .partition(|l| l.starts_with('{'));
+    assert!(logs.len() > 3, "too few log lines to judge: {err}");
+    assert!(
+        other.iter().all(|l| l.starts_with("ok: ")),
+        "lines that are neither JSON logs nor the summary: {other:?}"
+    );
+    for line in logs {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v.get("level").is_some() && v.get("fields").is_some(),
+            "{line}"
+        );
+    }
+    // Text logs are not JSON.
+    let o = run("text");
+    assert!(o.status.success());
+    assert!(!stderr(&o).trim_start().starts_with('{'), "{}", stderr(&o));
+    let o = tidepool(&["--log-format", "bogus", "models", "list"]);
+    assert_eq!(o.status.code(), Some(64));
+}

