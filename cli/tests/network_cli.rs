@@ -796,3 +796,150 @@ fn a_big_batch_is_submitted_and_read_back_through_kills() {
         let _ = node.wait_with_output();
     }
 }
+
+/// Datagrams sent to `sock` within `wait`, joined.
+fn received(sock: &std::os::unix::net::UnixDatagram, wait: std::time::Duration) -> String {
+    sock.set_read_timeout(Some(wait)).expect("timeout");
+    let mut buf = [0u8; 512];
+    match sock.recv(&mut buf) {
+        Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+        Err(_) => String::new(),
+    }
+}
+
+#[test]
+fn pool_and_node_tell_systemd_when_they_are_ready_and_when_they_stop() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let publisher = stdout(&tidepool(
+        dir,
+        &["keygen", "--role", "publisher", "-o", "publisher.key"],
+    ));
+    let pool_pub = stdout(&tidepool(
+        dir,
+        &["keygen", "--role", "pool", "-o", "pool.key"],
+    ));
+    tidepool(dir, &["keygen", "--role", "node", "-o", "node.key"]);
+    // What systemd listens on for a Type=notify unit.
+    let sock_path = dir.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("bind");
+    let with_socket = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tidepool"))
+            .current_dir(dir)
+            .args(args)
+            .env("NOTIFY_SOCKET", &sock_path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tidepool")
+    };
+    let mut pool = with_socket(&[
+        "pool",
+        "serve",
+        "--key",
+        "pool.key",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        "pool-data",
+        "--publisher",
+        &publisher,
+    ]);
+    let mut line = String::new();
+    BufReader::new(pool.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("listening line");
+    let addr = line.split_whitespace().nth(1).expect("address").to_owned();
+    let secs = std::time::Duration::from_secs(20);
+    assert_eq!(received(&sock, secs), "READY=1", "pool: {line}");
+    let node = with_socket(&[
+        "node",
+        "run",
+        "--pool",
+        &addr,
+        "--pool-key",
+        &pool_pub,
+        "--key",
+        "node.key",
+        "--publisher",
+        &publisher,
+        "--data-dir",
+        "node-data",
+    ]);
+    assert_eq!(received(&sock, secs), "READY=1", "node");
+    sigterm(&node);
+    assert!(
+        received(&sock, secs).starts_with("STOPPING=1"),
+        "node stopping"
+    );
+    let out = node.wait_with_output().expect("node exits");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sigterm(&pool);
+    assert_eq!(received(&sock, secs), "STOPPING=1", "pool stopping");
+    let out = pool.wait_with_output().expect("pool exits");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_systemd_units_verify_with_systemd() {
+    // The shipped units, pointed at this build's binary, as systemd itself
+    // reads them (directives, sandboxing options, the command's path).
+    let units = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for name in ["tidepool-pool.service", "tidepool-node.service"] {
+        let text = std::fs::read_to_string(units.join(name)).expect("unit file");
+        assert!(text.contains("Type=notify"), "{name}");
+        let text = text.replace("/usr/local/bin/tidepool", env!("CARGO_BIN_EXE_tidepool"));
+        std::fs::write(tmp.path().join(name), text).expect("write");
+    }
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(tmp.path().join("tidepool-pool.service"))
+        .arg(tmp.path().join("tidepool-node.service"))
+        .output()
+        .expect("systemd-analyze (Debian's systemd) must be installed");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(!said.contains("tidepool-"), "systemd complains: {said}");
+}
+
+#[test]
+fn the_deploy_guides_config_files_parse() {
+    // docs/deploy.md's pool.toml and node.toml, with real keys in place of
+    // the placeholders, read as `pool serve` and `node run` read them.
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/deploy.md"),
+    )
+    .expect("docs/deploy.md");
+    let key = tidepool_proto::SecretKey::from_seed(tidepool_proto::KeyRole::Publisher, &[9; 32])
+        .public()
+        .to_string();
+    let blocks: Vec<String> = doc
+        .split("<<'TOML'\n")
+        .skip(1)
+        .map(|rest| {
+            rest.split("\nTOML")
+                .next()
+                .unwrap_or("")
+                .replace("ed25519:...", &key)
+        })
+        .collect();
+    assert_eq!(blocks.len(), 2, "a pool.toml and a node.toml");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pool = tmp.path().join("pool.toml");
+    std::fs::write(&pool, &blocks[0]).expect("write");
+    let f = tidepool_pool::config::PoolFile::read(&pool).expect("the guide's pool.toml");
+    assert!(f.http.is_some() && f.publishers.contains(&key.parse().expect("key")));
+    let node = tmp.path().join("node.toml");
+    std::fs::write(&node, &blocks[1]).expect("write");
+    let f = tidepool_node::config::NodeFile::read(&node).expect("the guide's node.toml");
+    assert_eq!(f.slots, Some(2));
+}

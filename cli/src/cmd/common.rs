@@ -141,6 +141,25 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
+/// [`stop_signal`] with its handlers installed now rather than when first
+/// polled: a service that says it is ready must already handle SIGTERM.
+/// Call it inside the runtime.
+pub fn armed_stop_signal() -> impl std::future::Future<Output = ()> {
+    #[cfg(unix)]
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    async move {
+        #[cfg(unix)]
+        if let Some(mut term) = term {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
 pub async fn stop_signal() {
     #[cfg(unix)]
     {
@@ -161,4 +180,33 @@ pub async fn stop_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// Tell systemd (a `Type=notify` unit) how the service stands: `READY=1`
+/// once it serves, `STOPPING=1` when it starts to stop. Does nothing
+/// outside systemd (no `NOTIFY_SOCKET`); a failure to tell is only logged.
+pub fn notify_systemd(state: &str) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::net::{SocketAddr, UnixDatagram};
+        let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+            return;
+        };
+        let path = path.to_string_lossy().into_owned();
+        // '@' names a socket in the abstract namespace.
+        let addr = match path.strip_prefix('@') {
+            Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+            None => SocketAddr::from_pathname(&path),
+        };
+        let sent = addr.and_then(|a| {
+            let s = UnixDatagram::unbound()?;
+            s.send_to_addr(state.as_bytes(), &a)
+        });
+        if let Err(e) = sent {
+            eprintln!("tidepool: cannot notify systemd at {path}: {e}");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = state;
 }

@@ -1,7 +1,7 @@
 //! `tidepool node run`: run a node until SIGTERM, then drain;
 //! `tidepool node statement`: what the node earned, signed by the pool.
 
-use super::common::{read_key, runtime, stop_signal};
+use super::common::{armed_stop_signal, notify_systemd, read_key, runtime};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -100,7 +100,18 @@ pub fn main(c: Command) -> anyhow::Result<ExitCode> {
         cfg.pool,
         cfg.slots
     );
-    let report = runtime()?.block_on(run(cfg, stop_signal()))?;
+    let report = runtime()?.block_on(async {
+        let signal = armed_stop_signal();
+        let stop = async {
+            signal.await;
+            notify_systemd("STOPPING=1\nSTATUS=draining: finishing held tasks");
+        };
+        let node = run(cfg, stop);
+        // Ready as soon as the node runs (it connects and reconnects by
+        // itself; a pool that is down is not the node's failure).
+        notify_systemd("READY=1");
+        node.await
+    })?;
     eprintln!(
         "drained: {} completed, {} failed, {} accepted, {} rejected, {} connection(s)",
         report.completed, report.failed, report.accepted, report.rejected, report.connections

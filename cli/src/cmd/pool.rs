@@ -1,6 +1,6 @@
 //! `tidepool pool serve|status|canary|ledger`.
 
-use super::common::{read_key, runtime, stop_signal, PoolArgs};
+use super::common::{armed_stop_signal, notify_systemd, read_key, runtime, PoolArgs};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -114,7 +114,10 @@ fn serve_main(a: ServeArgs) -> anyhow::Result<ExitCode> {
         }
         use std::io::Write;
         std::io::stdout().flush()?;
-        stop_signal().await;
+        let signal = armed_stop_signal();
+        notify_systemd("READY=1");
+        signal.await;
+        notify_systemd("STOPPING=1");
         eprintln!("stopping");
         pool.shutdown().await;
         anyhow::Ok(())
