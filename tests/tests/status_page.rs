@@ -377,3 +377,50 @@ async fn the_status_page_shows_the_pools_real_figures_in_a_browser() -> Result<(
     pool.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn silent_and_lingering_http_clients_are_let_go_and_bounded() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir()?;
+    let keys = Keys::new(65);
+    // start_pool_with_http allows 8 connections at once.
+    let pool = start_pool_with_http(dir.path(), &keys, test_pool_config(&keys), TOKEN).await?;
+    let http = pool.http_addr.context("no http listener")?;
+    // A client that asks for keep-alive gets one answer, then the end.
+    let mut s = tokio::net::TcpStream::connect(http).await?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+        .await?;
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all))
+        .await
+        .context("a keep-alive connection was kept")??;
+    ensure!(String::from_utf8_lossy(&all).starts_with("HTTP/1.1 200"));
+    // Eight clients that connect and say nothing fill the listener ...
+    let mut silent = Vec::new();
+    for _ in 0..8 {
+        silent.push(tokio::net::TcpStream::connect(http).await?);
+    }
+    let probe = tokio::spawn(async move { http_get(http, "/healthz", None).await });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(
+        !probe.is_finished(),
+        "a ninth connection was served past the limit"
+    );
+    // ... until the head timeout lets them go; then the next is served.
+    for mut s in silent {
+        let mut buf = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf))
+            .await
+            .context("a silent connection was kept open")??;
+        ensure!(
+            n == 0 || String::from_utf8_lossy(&buf).contains("408"),
+            "{buf:?}"
+        );
+    }
+    let (code, body) = tokio::time::timeout(Duration::from_secs(30), probe)
+        .await
+        .context("the waiting client was never served")???;
+    ensure!(code == 200, "{code} {body}");
+    pool.shutdown().await;
+    Ok(())
+}

@@ -92,8 +92,12 @@ pub(super) async fn start(
                     let http = http.clone();
                     async move { Ok::<_, std::convert::Infallible>(http.route(req).await) }
                 });
+                // One request per connection: an idle keep-alive
+                // connection would hold a permit for as long as its
+                // client liked.
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
+                    .keep_alive(false)
                     .header_read_timeout(HEAD_TIMEOUT)
                     .max_buf_size(MAX_HEAD_BYTES)
                     .serve_connection(io, service);
@@ -123,6 +127,11 @@ fn answer(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Ans
     h.insert(
         hyper::header::X_FRAME_OPTIONS,
         hyper::header::HeaderValue::from_static("DENY"),
+    );
+    // The page's address may carry the token: never send it elsewhere.
+    h.insert(
+        hyper::header::REFERRER_POLICY,
+        hyper::header::HeaderValue::from_static("no-referrer"),
     );
     h.insert(
         hyper::header::CONTENT_SECURITY_POLICY,
