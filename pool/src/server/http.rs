@@ -252,11 +252,24 @@ impl Http {
     }
 }
 
-/// `/api/status`: the summary, the counters and the throughput ring.
+/// Jobs `/api/status` lists: unfinished ones first, then the newest
+/// finished ones, at most this many in all (the rest are counted).
+pub const STATUS_JOBS: usize = 200;
+
+/// `/api/status`: the summary (its job list bounded), the counters and the
+/// throughput ring.
 fn status_json(o: &Observed) -> String {
     let c = &o.telemetry.counters;
+    let mut summary = o.summary.clone();
+    let jobs_total = summary.jobs.len();
+    // Unfinished first, newest first within each.
+    summary
+        .jobs
+        .sort_by_key(|j| (j.finished(), std::cmp::Reverse(j.job)));
+    summary.jobs.truncate(STATUS_JOBS);
     serde_json::json!({
-        "summary": o.summary,
+        "summary": summary,
+        "jobs_total": jobs_total,
         "uptime_secs": o.uptime.as_secs(),
         "counters": {
             "submitted": c.submitted,
@@ -279,4 +292,62 @@ fn status_json(o: &Observed) -> String {
         },
     })
     .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidepool_proto::wire::{JobId, JobSummary, PoolSummary};
+
+    fn job(id: u64, finished: bool) -> JobSummary {
+        JobSummary {
+            job: JobId(id),
+            bundle: tidepool_proto::Digest([0; 32]),
+            bundle_name: "echo 1.0.0".into(),
+            tasks: 10,
+            done: if finished { 10 } else { 3 },
+            dead: 0,
+            running: 0,
+            cached: 0,
+            waiting: None,
+            open: false,
+            purged: false,
+        }
+    }
+
+    #[test]
+    fn the_status_json_lists_unfinished_jobs_first_and_at_most_its_bound() {
+        let now = Instant::now();
+        let jobs: Vec<JobSummary> = (0..(STATUS_JOBS as u64 + 50))
+            .map(|i| job(i, i % 2 == 0))
+            .collect();
+        let o = Observed {
+            summary: PoolSummary {
+                nodes: Vec::new(),
+                queued: 0,
+                leased: 0,
+                done: 0,
+                dead: 0,
+                jobs,
+                verification: Default::default(),
+                checks_waiting: Vec::new(),
+                refusals: Default::default(),
+            },
+            telemetry: crate::coordinator::telemetry::Telemetry::new(now),
+            throughput: vec![1.0],
+            uptime: Duration::from_secs(5),
+        };
+        let v: serde_json::Value = serde_json::from_str(&status_json(&o)).expect("json");
+        let listed = v["summary"]["jobs"].as_array().expect("jobs");
+        assert_eq!(listed.len(), STATUS_JOBS);
+        assert_eq!(v["jobs_total"], STATUS_JOBS as u64 + 50);
+        // All 125 unfinished (odd ids) come first, the newest first.
+        assert_eq!(listed[0]["job"], STATUS_JOBS as u64 + 49);
+        assert!(listed[..125]
+            .iter()
+            .all(|j| j["job"].as_u64().unwrap_or(0) % 2 == 1));
+        assert!(listed[125..]
+            .iter()
+            .all(|j| j["job"].as_u64().unwrap_or(1) % 2 == 0));
+    }
 }
