@@ -113,10 +113,9 @@ fn serve_pool(dir: &Path, publisher: &str, extra: &[&str]) -> (Child, String) {
     (pool, line)
 }
 
-#[test]
-fn publish_submit_and_read_results_with_the_cli() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path();
+/// `publisher.key`, `pool.key` and `node.key` in `dir`, made with the CLI;
+/// returns the publisher's and the pool's public keys.
+fn keygen_all(dir: &Path) -> (String, String) {
     let publisher = stdout(&tidepool(
         dir,
         &["keygen", "--role", "publisher", "-o", "publisher.key"],
@@ -126,6 +125,14 @@ fn publish_submit_and_read_results_with_the_cli() {
         &["keygen", "--role", "pool", "-o", "pool.key"],
     ));
     tidepool(dir, &["keygen", "--role", "node", "-o", "node.key"]);
+    (publisher, pool_pub)
+}
+
+#[test]
+fn publish_submit_and_read_results_with_the_cli() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let (publisher, pool_pub) = keygen_all(dir);
     assert!(publisher.starts_with("ed25519:") && pool_pub.starts_with("ed25519:"));
 
     write_embed_manifest(dir);
@@ -811,15 +818,7 @@ fn received(sock: &std::os::unix::net::UnixDatagram, wait: std::time::Duration) 
 fn pool_and_node_tell_systemd_when_they_are_ready_and_when_they_stop() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    let publisher = stdout(&tidepool(
-        dir,
-        &["keygen", "--role", "publisher", "-o", "publisher.key"],
-    ));
-    let pool_pub = stdout(&tidepool(
-        dir,
-        &["keygen", "--role", "pool", "-o", "pool.key"],
-    ));
-    tidepool(dir, &["keygen", "--role", "node", "-o", "node.key"]);
+    let (publisher, pool_pub) = keygen_all(dir);
     // What systemd listens on for a Type=notify unit.
     let sock_path = dir.join("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("bind");

@@ -170,31 +170,24 @@ pub fn render(o: &Observed) -> String {
         family(&mut out, name, help, "gauge");
         let _ = writeln!(out, "tidepool_{name} {value}");
     }
-    family(
-        &mut out,
-        "node_running_tasks",
-        "Tasks leased to each connected node.",
-        "gauge",
-    );
-    for n in s.nodes.iter().filter(|n| n.connected) {
-        let _ = writeln!(
-            out,
-            "tidepool_node_running_tasks{{node=\"{}\"}} {}",
-            n.key, n.running
-        );
-    }
-    family(
-        &mut out,
-        "node_reputation",
-        "Each connected node's reputation (0-10000, higher is checked more).",
-        "gauge",
-    );
-    for n in s.nodes.iter().filter(|n| n.connected) {
-        let _ = writeln!(
-            out,
-            "tidepool_node_reputation{{node=\"{}\"}} {}",
-            n.key, n.reputation
-        );
+    type PerNode = fn(&tidepool_proto::wire::NodeStatus) -> u32;
+    let per_node: [(&str, &str, PerNode); 2] = [
+        (
+            "node_running_tasks",
+            "Tasks leased to each connected node.",
+            |n| n.running,
+        ),
+        (
+            "node_reputation",
+            "Each connected node's reputation (0-10000, higher is checked more).",
+            |n| n.reputation,
+        ),
+    ];
+    for (name, help, value) in per_node {
+        family(&mut out, name, help, "gauge");
+        for n in s.nodes.iter().filter(|n| n.connected) {
+            let _ = writeln!(out, "tidepool_{name}{{node=\"{}\"}} {}", n.key, value(n));
+        }
     }
     let t = &o.telemetry;
     histogram(
