@@ -27,9 +27,15 @@ fn stdout(o: &Output) -> String {
 }
 
 fn spawn(dir: &Path, args: &[&str]) -> Child {
+    spawn_with_env(dir, args, &[])
+}
+
+/// [`spawn`] with extra environment variables.
+fn spawn_with_env(dir: &Path, args: &[&str], env: &[(&str, &Path)]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_tidepool"))
         .current_dir(dir)
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -92,6 +98,16 @@ fn write_embed_manifest(dir: &Path) {
 /// `tidepool pool serve` on a free loopback port with `pool.key` in `dir`;
 /// returns the process and its `listening ADDR KEY` line.
 fn serve_pool(dir: &Path, publisher: &str, extra: &[&str]) -> (Child, String) {
+    serve_pool_with_env(dir, publisher, extra, &[])
+}
+
+/// [`serve_pool`] with extra environment variables.
+fn serve_pool_with_env(
+    dir: &Path,
+    publisher: &str,
+    extra: &[&str],
+    env: &[(&str, &Path)],
+) -> (Child, String) {
     let mut args = vec![
         "pool",
         "serve",
@@ -105,7 +121,7 @@ fn serve_pool(dir: &Path, publisher: &str, extra: &[&str]) -> (Child, String) {
         publisher,
     ];
     args.extend_from_slice(extra);
-    let mut pool = spawn(dir, &args);
+    let mut pool = spawn_with_env(dir, &args, env);
     let mut line = String::new();
     BufReader::new(pool.stdout.take().expect("stdout"))
         .read_line(&mut line)
@@ -822,49 +838,29 @@ fn pool_and_node_tell_systemd_when_they_are_ready_and_when_they_stop() {
     // What systemd listens on for a Type=notify unit.
     let sock_path = dir.join("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("bind");
-    let with_socket = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_tidepool"))
-            .current_dir(dir)
-            .args(args)
-            .env("NOTIFY_SOCKET", &sock_path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn tidepool")
-    };
-    let mut pool = with_socket(&[
-        "pool",
-        "serve",
-        "--key",
-        "pool.key",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        "pool-data",
-        "--publisher",
-        &publisher,
-    ]);
-    let mut line = String::new();
-    BufReader::new(pool.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("listening line");
+    let env = [("NOTIFY_SOCKET", sock_path.as_path())];
+    let (pool, line) = serve_pool_with_env(dir, &publisher, &[], &env);
     let addr = line.split_whitespace().nth(1).expect("address").to_owned();
     let secs = std::time::Duration::from_secs(20);
     assert_eq!(received(&sock, secs), "READY=1", "pool: {line}");
-    let node = with_socket(&[
-        "node",
-        "run",
-        "--pool",
-        &addr,
-        "--pool-key",
-        &pool_pub,
-        "--key",
-        "node.key",
-        "--publisher",
-        &publisher,
-        "--data-dir",
-        "node-data",
-    ]);
+    let node = spawn_with_env(
+        dir,
+        &[
+            "node",
+            "run",
+            "--pool",
+            &addr,
+            "--pool-key",
+            &pool_pub,
+            "--key",
+            "node.key",
+            "--publisher",
+            &publisher,
+            "--data-dir",
+            "node-data",
+        ],
+        &env,
+    );
     assert_eq!(received(&sock, secs), "READY=1", "node");
     sigterm(&node);
     assert!(
