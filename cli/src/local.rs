@@ -105,6 +105,8 @@ impl Network {
                     llm_threads,
                     gpu: None,
                     nn: tidepool_host::NnLimits::default(),
+                    budgets: tidepool_node::caches::Budgets::default(),
+                    metrics: None,
                     tamper: None,
                 };
                 let (tx, rx) = oneshot::channel::<()>();

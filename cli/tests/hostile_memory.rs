@@ -82,7 +82,8 @@ async fn hello_bombs_and_half_sent_frames_leave_the_pool_within_its_budgets() ->
     std::fs::write(
         dir.path().join("pool.toml"),
         format!(
-            "listen = \"127.0.0.1:{port}\"\npublishers = [\"{}\"]\n\n[limits]\n\
+            "listen = \"127.0.0.1:{port}\"\nkey = \"pool.key\"\ndata_dir = \"pool-data\"\n\
+             publishers = [\"{}\"]\n\n[limits]\n\
              buffered_bytes_per_connection = {}\nbuffered_bytes_total = {}\n",
             publisher.public(),
             17 * MIB,

@@ -241,6 +241,33 @@ pub fn home_dir() -> PathBuf {
     base.join(".cache").join("tidepool")
 }
 
+/// The user's directory of a kind: `$VAR` if set to an absolute path
+/// (the XDG base directory rule), else `$HOME/<fallback>`.
+fn xdg(var: &str, fallback: &str) -> PathBuf {
+    if let Some(v) = std::env::var_os(var).map(PathBuf::from) {
+        if v.is_absolute() {
+            return v.join("tidepool");
+        }
+    }
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join(fallback)
+        .join("tidepool")
+}
+
+/// Where keys and configuration live by default:
+/// `$XDG_CONFIG_HOME/tidepool`, else `~/.config/tidepool`.
+pub fn config_dir() -> PathBuf {
+    xdg("XDG_CONFIG_HOME", ".config")
+}
+
+/// Where pool and node data live by default: `$XDG_DATA_HOME/tidepool`,
+/// else `~/.local/share/tidepool`.
+pub fn data_dir() -> PathBuf {
+    xdg("XDG_DATA_HOME", ".local/share")
+}
+
 /// The directory verified model files live in: `<home>/models`.
 pub fn models_dir() -> PathBuf {
     home_dir().join("models")

@@ -8,6 +8,7 @@
 pub mod blobs;
 pub mod endpoint;
 pub mod frames;
+pub mod http;
 pub mod tls;
 
 pub use blobs::{BlobDir, BlobError};

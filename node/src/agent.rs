@@ -2,7 +2,9 @@
 //! back-off, draining) around `NodeSession`, and the runner of one task.
 
 use crate::bundles::{PrepareError, Prepared};
+use crate::caches::{CacheBook, CacheKind, Eviction};
 use crate::config::{hardware_class, NodeConfig, Tamper};
+use crate::state::{Link, NodeState};
 use crate::{NodeError, NodeReport};
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -33,10 +35,21 @@ pub(crate) struct Ctx {
     pub(crate) nn: tidepool_host::NnLimits,
     /// Slots (sizes each sandbox's instance pool).
     pub(crate) slots: u32,
-    /// Blob cache.
+    /// The data directory (caches, `versions.json`, `status.json`).
+    pub(crate) data_dir: PathBuf,
+    /// Fetched components.
     pub(crate) blobs: BlobDir,
+    /// Fetched models.
+    pub(crate) models: BlobDir,
     /// Compiled component cache.
     pub(crate) compiled: PathBuf,
+    /// The caches' files, budgets and pins (`caches`); every removal is
+    /// decided under this lock.
+    pub(crate) caches: std::sync::Mutex<CacheBook>,
+    /// What `status.json` reports; written by the connection loop.
+    pub(crate) state: std::sync::Mutex<NodeState>,
+    /// Figures only `/metrics` shows.
+    pub(crate) telemetry: crate::metrics::Telemetry,
     /// Highest versions seen, persisted at `versions_path`.
     pub(crate) versions: std::sync::Mutex<VersionBook>,
     /// Where `versions` is saved.
@@ -65,7 +78,9 @@ impl Ctx {
         g: TaskGrant,
         cancel: Arc<std::sync::atomic::AtomicBool>,
     ) -> (TaskResult, Option<Vec<u8>>) {
-        let failed = |reason: String| {
+        let started = Instant::now();
+        let failed = |kind: &str, reason: String| {
+            self.count(|t| t.fail(kind));
             (
                 TaskResult {
                     transcript: Default::default(),
@@ -77,11 +92,13 @@ impl Ctx {
             )
         };
         if let Err(why) = g.check() {
-            return failed(why);
+            return failed("bad_grant", why);
         }
+        // From here until the task's end its bundle's files stay on disk.
+        let _pin = Pin::new(&self, g.bundle);
         let p = match self.prepare(&conn, g.bundle).await {
             Ok(p) => p,
-            Err(why) => return failed(why.to_string()),
+            Err(why) => return failed(why.kind(), why.to_string()),
         };
         let lease = g.lease;
         let input = g.input.0;
@@ -91,7 +108,7 @@ impl Ctx {
         let input_copy = self.tamper.as_ref().map(|_| input.clone());
         let p2 = p.clone();
         let Ok(permit) = self.permits.clone().acquire_owned().await else {
-            return failed("node is stopping".into());
+            return failed("stopping", "node is stopping".into());
         };
         let ran = tokio::task::spawn_blocking(move || {
             let _permit = permit;
@@ -110,9 +127,20 @@ impl Ctx {
         .await;
         let mut out = match ran {
             Ok(Ok(out)) => out,
-            Ok(Err(e)) => return failed(e.to_string()),
-            Err(e) => return failed(format!("task panicked: {e}")),
+            Ok(Err(e)) => return failed(crate::metrics::failure_kind(&e), e.to_string()),
+            Err(e) => return failed("panic", format!("task panicked: {e}")),
         };
+        let now = crate::unix_now();
+        let engine_us = out.receipt.metering.compute_us;
+        self.count(|t| {
+            t.completed += 1;
+            t.engine_us += engine_us;
+        });
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ran(&p.digest, now);
+        self.telemetry.task_done(started.elapsed(), engine_us);
         if let (Some(t), Some(input), Ok(bytes)) = (&self.tamper, &input_copy, &mut out.result) {
             let changed = t.tamper(lease, input, std::mem::take(bytes));
             out.receipt.output = Digest::of(&changed);
@@ -147,6 +175,109 @@ impl Ctx {
             },
             Some(body),
         )
+    }
+}
+
+/// A task of a bundle in flight: its files stay on disk until this is
+/// dropped (at the task's end), then the caches are brought within their
+/// budgets again.
+struct Pin {
+    /// The agent's state.
+    ctx: Arc<Ctx>,
+    /// The bundle pinned.
+    bundle: Digest,
+}
+
+impl Pin {
+    fn new(ctx: &Arc<Ctx>, bundle: Digest) -> Self {
+        ctx.caches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pin(bundle);
+        Self {
+            ctx: ctx.clone(),
+            bundle,
+        }
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let evictions = {
+            let mut book = self.ctx.caches.lock().unwrap_or_else(|p| p.into_inner());
+            book.unpin(&self.bundle);
+            if book.pinned_bundle(&self.bundle) {
+                return;
+            }
+            book.evict_all()
+        };
+        for e in &evictions {
+            self.ctx.deleted(e);
+        }
+    }
+}
+
+/// How often the loop writes `status.json` while something changed.
+const STATE_EVERY: Duration = Duration::from_secs(1);
+
+impl Ctx {
+    /// The connection changed: say so in `status.json` now.
+    fn note_link(&self, link: Link, error: Option<String>) {
+        {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.link(link, crate::unix_now());
+            if error.is_some() || link == Link::Connected {
+                state.last_error = error;
+            }
+        }
+        self.telemetry
+            .set_connected(matches!(link, Link::Connected | Link::Draining));
+        self.save_state(true);
+    }
+
+    /// Write `status.json` if `force`, or if [`STATE_EVERY`] passed since
+    /// the last write. A failure is logged, never fatal.
+    fn save_state(&self, force: bool) {
+        if !force && !self.telemetry.state_due(STATE_EVERY) {
+            return;
+        }
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        state.updated_at = crate::unix_now();
+        if let Err(e) = crate::state::write(&self.data_dir, &state) {
+            warn!(dir = %self.data_dir.display(), "cannot write the node's status: {e}");
+        }
+    }
+
+    /// Count in both of the state's tallies.
+    pub(crate) fn count(&self, f: impl Fn(&mut crate::state::Tally)) {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .count(f);
+    }
+
+    /// Delete what the book evicted (under its lock or not: the book has
+    /// already forgotten the files, so nothing picks them again).
+    pub(crate) fn deleted(&self, e: &Eviction) {
+        if e.remove.is_empty() {
+            return;
+        }
+        let freed = crate::caches::delete(&self.data_dir, e);
+        let kind = e.remove[0].0.kind;
+        info!(cache = %kind, files = e.remove.len(), freed, "evicted least recently used files");
+    }
+
+    /// Make room for `incoming` bytes in `kind`.
+    pub(crate) fn make_room(&self, kind: CacheKind, incoming: u64) {
+        let e = self
+            .caches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .evict(kind, incoming);
+        self.deleted(&e);
+        if e.short > 0 {
+            warn!(cache = %kind, over = e.short, "cache over its budget while the bundles in flight use its files; evicted when they finish");
+        }
     }
 }
 
@@ -198,7 +329,37 @@ pub async fn run(
             .map_err(|e| NodeError::Config(format!("{}: {e}", versions_path.display())))?,
         Err(_) => VersionBook::default(),
     };
-    let blobs = BlobDir::open(cfg.data_dir.join("blobs"))?;
+    // One process per data directory: two would evict each other's files.
+    let _lock = crate::state::lock(&cfg.data_dir).map_err(|e| NodeError::Config(e.to_string()))?;
+    let blobs = BlobDir::open(CacheKind::Blobs.dir(&cfg.data_dir))?;
+    let models = BlobDir::open(CacheKind::Models.dir(&cfg.data_dir))?;
+    let mut book = CacheBook::new(cfg.budgets);
+    crate::caches::scan(&mut book, &cfg.data_dir)
+        .map_err(|e| NodeError::Config(format!("{}: {e}", cfg.data_dir.display())))?;
+    // Whatever a smaller budget or an earlier crash left over goes now.
+    for e in book.evict_all() {
+        if !e.remove.is_empty() {
+            let freed = crate::caches::delete(&cfg.data_dir, &e);
+            info!(cache = %e.remove[0].0.kind, files = e.remove.len(), freed, "evicted at start (over budget)");
+        }
+    }
+    // Lifetime totals carry on from the last run's report.
+    let total = crate::state::read(&cfg.data_dir)
+        .ok()
+        .flatten()
+        .map(|s| (s.total, s.bundles))
+        .unwrap_or_default();
+    let state = NodeState {
+        node: cfg.key.public().to_string(),
+        pool: cfg.pool.to_string(),
+        pool_key: cfg.pool_key.to_string(),
+        pid: std::process::id(),
+        started_at: crate::unix_now(),
+        link_since: crate::unix_now(),
+        total: total.0,
+        bundles: total.1,
+        ..NodeState::default()
+    };
     let (engines, fell_back) = tidepool_host::engines(&cfg.onnx, cfg.llm_threads)?;
     if let Some(why) = fell_back {
         warn!("{why}");
@@ -227,8 +388,13 @@ pub async fn run(
         memory_mib: cfg.memory_mib,
         nn: cfg.nn,
         slots: cfg.slots,
+        data_dir: cfg.data_dir.clone(),
         blobs,
-        compiled: cfg.data_dir.join("compiled"),
+        models,
+        compiled: CacheKind::Compiled.dir(&cfg.data_dir),
+        caches: std::sync::Mutex::new(book),
+        state: std::sync::Mutex::new(state),
+        telemetry: crate::metrics::Telemetry::default(),
         versions: std::sync::Mutex::new(versions),
         versions_path,
         prepared: Mutex::new(HashMap::new()),
@@ -237,6 +403,16 @@ pub async fn run(
         engines: engines.clone(),
         gpu_engines: gpu.as_ref().map(|g| g.engines.clone()),
     });
+    let metrics = match &cfg.metrics {
+        None => None,
+        Some(m) => {
+            let (addr, task) = crate::metrics::start(m, ctx.clone())
+                .await
+                .map_err(|e| NodeError::Config(format!("[metrics] listen {}: {e}", m.listen)))?;
+            info!(%addr, "metrics listener");
+            Some(task)
+        }
+    };
     let endpoint = tidepool_net::client(&cfg.key, cfg.pool_key)?;
     // Hold as many leases again as there are slots, waiting, so a slot
     // never idles during a round trip to the pool.
@@ -283,6 +459,7 @@ pub async fn run(
             Ok(c) => c,
             Err(e) => {
                 warn!("{e}; retrying in {} ms", backoff.as_millis());
+                ctx.note_link(Link::Connecting, Some(e.to_string()));
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = &mut drain, if !draining => { draining = true; session.handle_drain(Instant::now()); }
@@ -304,9 +481,9 @@ pub async fn run(
         let heartbeat = match call::<_, Response>(&conn, &hello).await {
             Ok(Response::Welcome { heartbeat_ms, .. }) => Duration::from_millis(heartbeat_ms),
             Ok(Response::Error { message, .. }) => {
-                return Err(NodeError::Config(format!(
-                    "the pool refused this node: {message}"
-                )));
+                let why = format!("the pool refused this node: {message}");
+                ctx.note_link(Link::Stopped, Some(why.clone()));
+                return Err(NodeError::Config(why));
             }
             Ok(other) => {
                 warn!("unexpected answer to hello: {other:?}");
@@ -315,6 +492,7 @@ pub async fn run(
             }
             Err(e) => {
                 warn!("hello failed: {e}");
+                ctx.note_link(Link::Connecting, Some(format!("hello failed: {e}")));
                 tokio::time::sleep(backoff).await;
                 continue;
             }
@@ -323,6 +501,18 @@ pub async fn run(
         generation += 1;
         report.connections += 1;
         info!(pool = %cfg.pool, "connected");
+        ctx.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .connections += 1;
+        ctx.note_link(
+            if draining {
+                Link::Draining
+            } else {
+                Link::Connected
+            },
+            None,
+        );
         session.handle_welcome(Instant::now(), heartbeat);
         loop {
             let now = Instant::now();
@@ -368,9 +558,11 @@ pub async fn run(
                 conn.close(0u32.into(), b"drained");
                 break 'connect;
             }
+            ctx.save_state(false);
             let wake = session
                 .poll_timeout()
-                .unwrap_or(now + Duration::from_secs(1));
+                .unwrap_or(now + Duration::from_secs(1))
+                .min(now + STATE_EVERY);
             tokio::select! {
                 _ = tokio::time::sleep_until(wake.into()) => {}
                 Some((r, body)) = done_rx.recv() => {
@@ -385,16 +577,21 @@ pub async fn run(
                     if g != generation { continue; }
                     let now = Instant::now();
                     match (kind, r) {
-                        (Pending::Lease, Ok(Response::Leases { grants, lost, retry_ms })) => {
+                        (Pending::Lease, Ok(Response::Leases { grants, lost, retry_ms, standing })) => {
+                            if let Some(st) = standing {
+                                let mut state = ctx.state.lock().unwrap_or_else(|p| p.into_inner());
+                                state.standing = Some(st);
+                                state.standing_at = crate::unix_now();
+                            }
                             session.handle_leases(now, grants, lost, Duration::from_millis(retry_ms));
                         }
                         (Pending::Results, Ok(Response::Verdicts(v))) => {
                             for (lease, verdict) in v {
                                 bodies.remove(&lease);
                                 match verdict {
-                                    Verdict::Accepted | Verdict::Duplicate => report.accepted += 1,
-                                    Verdict::Stale => { report.rejected += 1; debug!(%lease, "stale result") }
-                                    Verdict::Refused(why) => { report.rejected += 1; warn!(%lease, "result refused: {why}") }
+                                    Verdict::Accepted | Verdict::Duplicate => { report.accepted += 1; ctx.count(|t| t.accepted += 1) }
+                                    Verdict::Stale => { report.rejected += 1; ctx.count(|t| t.rejected += 1); debug!(%lease, "stale result") }
+                                    Verdict::Refused(why) => { report.rejected += 1; ctx.count(|t| t.rejected += 1); warn!(%lease, "result refused: {why}") }
                                 }
                             }
                             session.handle_verdicts(now);
@@ -409,6 +606,7 @@ pub async fn run(
                         }
                         (_, Err(e)) => {
                             warn!("request failed: {e}; reconnecting");
+                            ctx.note_link(Link::Connecting, Some(format!("request failed: {e}")));
                             session.handle_disconnect();
                             conn.close(0u32.into(), b"reconnecting");
                             continue 'connect;
@@ -417,11 +615,13 @@ pub async fn run(
                 }
                 _ = &mut drain, if !draining => {
                     info!("draining: finishing held tasks");
+                    ctx.note_link(Link::Draining, None);
                     draining = true;
                     session.handle_drain(Instant::now());
                 }
                 _ = conn.closed() => {
                     warn!("connection to the pool lost; reconnecting");
+                    ctx.note_link(Link::Connecting, Some("connection to the pool lost".into()));
                     session.handle_disconnect();
                     continue 'connect;
                 }
@@ -429,5 +629,9 @@ pub async fn run(
         }
     }
     endpoint.wait_idle().await;
+    ctx.note_link(Link::Stopped, None);
+    if let Some(task) = metrics {
+        task.abort();
+    }
     Ok(report)
 }

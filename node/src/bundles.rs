@@ -4,6 +4,7 @@
 //! not fetched again for every task.
 
 use crate::agent::Ctx;
+use crate::caches::{CacheKind, FileKey};
 use std::sync::Arc;
 use std::time::Duration;
 use tidepool_host::registry::RegistryBuilder;
@@ -41,6 +42,21 @@ pub(crate) enum PrepareError {
     #[error("{0}")]
     Local(String),
 }
+
+impl PrepareError {
+    /// The failure kind counted in `status.json` and `/metrics`.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            PrepareError::Transport(_) => "bundle_fetch",
+            PrepareError::Refused(_) => "bundle_refused",
+            PrepareError::Local(_) => "bundle_local",
+        }
+    }
+}
+
+/// Refusals remembered at most; past it they are forgotten (and a refused
+/// bundle is fetched and refused again on its next task).
+const MAX_REMEMBERED_REFUSALS: usize = 1024;
 
 /// The sandbox a node runs a bundle's tasks in: the manifest's models
 /// (each file found by `model_file`) on `engines`, the manifest's limits
@@ -88,7 +104,29 @@ impl Ctx {
         bundle: Digest,
     ) -> Result<Arc<Prepared>, PrepareError> {
         let mut map = self.prepared.lock().await;
+        // A bundle some of whose files were evicted is loaded again: its
+        // sandbox goes now (with its models in memory).
+        for gone in self
+            .caches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take_evicted()
+        {
+            map.remove(&gone);
+        }
+        if map.values().filter(|r| r.is_err()).count() > MAX_REMEMBERED_REFUSALS {
+            map.retain(|_, r| r.is_ok());
+        }
         if let Some(p) = map.get(&bundle) {
+            if p.is_ok() {
+                let now = crate::unix_now();
+                let stale = self
+                    .caches
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .touch(&bundle, now);
+                crate::caches::touch_files(&self.data_dir, &stale, now);
+            }
             return p.clone();
         }
         let result = self.prepare_uncached(conn, bundle).await;
@@ -142,15 +180,28 @@ impl Ctx {
             }
             manifest
         };
-        let mut named = vec![("component".to_owned(), manifest.component)];
+        let mut named = vec![("component".to_owned(), CacheKind::Blobs, manifest.component)];
         named.extend(
             manifest
                 .models
                 .iter()
-                .map(|(n, m)| (format!("model {n}"), m.blob)),
+                .map(|(n, m)| (format!("model {n}"), CacheKind::Models, m.blob)),
         );
-        for (what, blob) in &named {
-            self.fetch_blob(conn, what, blob).await?;
+        self.room_for(bundle, &manifest.name, &named)?;
+        for (what, kind, blob) in &named {
+            let dir = match kind {
+                CacheKind::Models => &self.models,
+                _ => &self.blobs,
+            };
+            self.fetch_blob(conn, dir, what, blob).await?;
+            self.caches
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(
+                    FileKey::blob(*kind, &blob.sha256),
+                    blob.size,
+                    crate::unix_now(),
+                );
         }
         let component = std::fs::read(self.blobs.path(&manifest.component.sha256))
             .map_err(|e| Local(format!("read component: {e}")))?;
@@ -158,22 +209,109 @@ impl Ctx {
             .map_err(|e| Refused(e.to_string()))?;
         let ctx = self.clone();
         let m = manifest.clone();
-        tokio::task::spawn_blocking(move || ctx.load(m, bundle, &component))
+        let prepared = tokio::task::spawn_blocking(move || ctx.load(m, bundle, &component))
             .await
             .map_err(|e| Local(format!("loading bundle panicked: {e}")))?
-            .map_err(Local)
+            .map_err(Local)?;
+        self.compiled_for(bundle, &manifest.component.sha256);
+        self.telemetry.loaded(manifest.models.len());
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admitted(bundle, &manifest, crate::unix_now());
+        Ok(prepared)
+    }
+
+    /// Count the compiled code of `component` (written by the sandbox when
+    /// it compiled it) as a file of `bundle`, and keep the compiled cache
+    /// within its budget.
+    fn compiled_for(&self, bundle: Digest, component: &Digest) {
+        let prefix = format!("{}-", component.hex());
+        let now = crate::unix_now();
+        let files: Vec<(FileKey, u64)> = std::fs::read_dir(&self.compiled)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let size = e.metadata().ok()?.len();
+                (name.starts_with(&prefix) && name.ends_with(".cwasm")).then_some((
+                    FileKey {
+                        kind: CacheKind::Compiled,
+                        name,
+                    },
+                    size,
+                ))
+            })
+            .collect();
+        {
+            let mut book = self.caches.lock().unwrap_or_else(|p| p.into_inner());
+            for (k, size) in &files {
+                book.insert(k.clone(), *size, now);
+            }
+            book.uses(bundle, files.into_iter().map(|(k, _)| k));
+        }
+        self.make_room(CacheKind::Compiled, 0);
+    }
+
+    /// Register the files `bundle` runs from, refuse it if its files of one
+    /// kind are more than that cache's budget, and make room for what is
+    /// not held yet.
+    fn room_for(
+        &self,
+        bundle: Digest,
+        name: &str,
+        named: &[(String, CacheKind, tidepool_proto::manifest::BlobRef)],
+    ) -> Result<(), PrepareError> {
+        let mut need: std::collections::BTreeMap<CacheKind, (u64, u64)> = Default::default();
+        let mut seen = std::collections::HashSet::new();
+        for (_, kind, blob) in named {
+            if !seen.insert((*kind, blob.sha256)) {
+                continue;
+            }
+            let dir = match kind {
+                CacheKind::Models => &self.models,
+                _ => &self.blobs,
+            };
+            let e = need.entry(*kind).or_default();
+            e.0 += blob.size;
+            e.1 += blob.size.saturating_sub(dir.held(&blob.sha256));
+        }
+        let budgets = {
+            let mut book = self.caches.lock().unwrap_or_else(|p| p.into_inner());
+            book.uses(
+                bundle,
+                named
+                    .iter()
+                    .map(|(_, kind, blob)| FileKey::blob(*kind, &blob.sha256)),
+            );
+            book.budgets()
+        };
+        for (&kind, &(total, incoming)) in &need {
+            if total > budgets.of(kind) {
+                return Err(PrepareError::Local(format!(
+                    "bundle {name} needs {} MiB in the {kind} cache, more than its budget ([caches] {} = {})",
+                    total.div_ceil(1 << 20),
+                    kind.setting(),
+                    budgets.of(kind) >> 20
+                )));
+            }
+            self.make_room(kind, incoming);
+        }
+        Ok(())
     }
 
     async fn fetch_blob(
         &self,
         conn: &quinn::Connection,
+        blobs: &tidepool_net::BlobDir,
         what: &str,
         blob: &tidepool_proto::manifest::BlobRef,
     ) -> Result<(), PrepareError> {
         use PrepareError::{Local, Refused, Transport};
         let d = blob.sha256;
-        while !self.blobs.has(&d) {
-            let offset = self.blobs.held(&d);
+        while !blobs.has(&d) {
+            let offset = blobs.held(&d);
             let (mut send, mut recv) = conn
                 .open_bi()
                 .await
@@ -196,7 +334,7 @@ impl Ctx {
                                 blob.size
                             )));
                         }
-                        match self.blobs.append(&d, blob.size, offset, &data.0) {
+                        match blobs.append(&d, blob.size, offset, &data.0) {
                             Ok(true) => break,
                             Ok(false) => {}
                             Err(tidepool_net::BlobError::Mismatch { expected, actual }) => {
@@ -257,7 +395,7 @@ impl Ctx {
         let sandbox = bundle_sandbox(
             &manifest,
             engines,
-            &|m| self.blobs.path(&m.sha256),
+            &|m| self.models.path(&m.sha256),
             self.memory_mib,
             self.slots,
             Some(self.compiled.clone()),

@@ -46,10 +46,26 @@ pub struct NodeConfig {
     pub gpu: Option<tidepool_host::gpu::GpuChoice>,
     /// What one task may hold and spend in wasi-nn (`[sandbox]`).
     pub nn: tidepool_host::NnLimits,
+    /// Bytes each disk cache may hold (`[caches]`).
+    pub budgets: crate::caches::Budgets,
+    /// The optional metrics listener (`[metrics]`).
+    pub metrics: Option<MetricsConfig>,
     /// Changes outputs before they are signed. Only for adversarial tests
     /// of the pool's verification (a node that lies); the `tidepool` binary
     /// never sets it.
     pub tamper: Option<Arc<dyn Tamper>>,
+}
+
+/// The node's metrics listener (`[metrics]` in `node.toml`): `/metrics`
+/// behind a token, `/healthz` and `/readyz` without.
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    /// TCP address (loopback by default).
+    pub listen: SocketAddr,
+    /// The bearer token `/metrics` needs.
+    pub token: String,
+    /// Connections served at once.
+    pub max_connections: usize,
 }
 
 /// An output filter for adversarial tests: the node signs what it returns.
@@ -87,8 +103,10 @@ pub fn hardware_class() -> String {
 /// ```toml
 /// pool = "127.0.0.1:7070"       # the pool's UDP address (required in practice)
 /// pool_key = "ed25519:..."      # the pool's public key (required)
-/// key = "node.key"              # this node's key (tidepool keygen --role node)
-/// data_dir = "node-data"        # blobs/, compiled/, versions.json
+/// key = "node.key"              # this node's key (default: ~/.config/tidepool/node.key,
+///                               #   i.e. $XDG_CONFIG_HOME/tidepool; tidepool keygen --role node)
+/// data_dir = "node-data"        # blobs/, models/, compiled/, versions.json, status.json
+///                               #   (default: ~/.local/share/tidepool/node, i.e. $XDG_DATA_HOME/tidepool/node)
 /// slots = 2                     # tasks at once (default: available cores)
 /// queue = 2                     # leases held waiting beyond slots (default: = slots)
 /// memory_mib = 1024             # memory per task
@@ -107,6 +125,17 @@ pub fn hardware_class() -> String {
 /// max_compute_mib = 4096        # estimated working memory of one compute (every
 ///                               #   intermediate tensor of the model for the given shapes)
 /// max_resources = 16384         # live resources of every kind (tensors, graphs, streams)
+///
+/// [caches]                      # disk budgets; least recently used files go first,
+///                               #   never a file of a bundle with a task in flight
+/// blobs_mib = 1024              # fetched components (data_dir/blobs)
+/// models_mib = 20480            # fetched models (data_dir/models)
+/// compiled_mib = 2048           # compiled components (data_dir/compiled)
+///
+/// [metrics]                     # optional: Prometheus /metrics, /healthz, /readyz
+/// listen = "127.0.0.1:9465"     # off unless set
+/// token_file = "..."            # default: data_dir/metrics-token (made once, 0600)
+/// max_connections = 8           # connections served at once
 ///
 /// [gpu]                         # optional: serve GPU-tier jobs (docs/gpu-nodes.md)
 /// enabled = true
@@ -162,9 +191,83 @@ pub struct NodeFile {
     /// Per-task budgets outside linear memory (`[sandbox]`).
     #[serde(default)]
     pub sandbox: SandboxFile,
+    /// Disk budgets (`[caches]`).
+    #[serde(default)]
+    pub caches: CachesFile,
+    /// The metrics listener (`[metrics]`).
+    #[serde(default)]
+    pub metrics: MetricsFile,
     /// The GPU (`[gpu]`), if any.
     #[serde(default)]
     pub gpu: GpuFile,
+}
+
+/// `[caches]` in `node.toml`: MiB each disk cache may hold.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CachesFile {
+    /// Fetched components.
+    pub blobs_mib: u64,
+    /// Fetched models.
+    pub models_mib: u64,
+    /// Compiled components.
+    pub compiled_mib: u64,
+}
+
+impl Default for CachesFile {
+    fn default() -> Self {
+        let d = crate::caches::Budgets::default();
+        Self {
+            blobs_mib: d.blobs >> 20,
+            models_mib: d.models >> 20,
+            compiled_mib: d.compiled >> 20,
+        }
+    }
+}
+
+impl CachesFile {
+    /// The budgets, checked (at least 1 MiB each; at most 1 PiB).
+    pub fn budgets(&self) -> Result<crate::caches::Budgets, NodeError> {
+        for (what, v) in [
+            ("blobs_mib", self.blobs_mib),
+            ("models_mib", self.models_mib),
+            ("compiled_mib", self.compiled_mib),
+        ] {
+            if !(1..=1 << 30).contains(&v) {
+                return Err(NodeError::Config(format!(
+                    "[caches] {what} = {v} is outside 1..={}",
+                    1u64 << 30
+                )));
+            }
+        }
+        Ok(crate::caches::Budgets {
+            blobs: self.blobs_mib << 20,
+            models: self.models_mib << 20,
+            compiled: self.compiled_mib << 20,
+        })
+    }
+}
+
+/// `[metrics]` in `node.toml`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsFile {
+    /// Where to listen (off unless set).
+    pub listen: Option<SocketAddr>,
+    /// The token's file (default: `data_dir/metrics-token`, made once).
+    pub token_file: Option<PathBuf>,
+    /// Connections served at once.
+    pub max_connections: usize,
+}
+
+impl Default for MetricsFile {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            token_file: None,
+            max_connections: 8,
+        }
+    }
 }
 
 /// `[sandbox]` in `node.toml`: what one task may hold and spend in wasi-nn.
@@ -263,10 +366,10 @@ fn node_default_onnx() -> String {
 }
 
 fn node_default_key() -> PathBuf {
-    "node.key".into()
+    tidepool_host::models::config_dir().join("node.key")
 }
 fn node_default_data() -> PathBuf {
-    "node-data".into()
+    tidepool_host::models::data_dir().join("node")
 }
 fn node_default_memory() -> u32 {
     1024
@@ -293,6 +396,7 @@ impl NodeFile {
         f.data_dir = base.join(&f.data_dir);
         f.onnxruntime_lib = f.onnxruntime_lib.map(|p| base.join(p));
         f.gpu.onnxruntime_lib = f.gpu.onnxruntime_lib.map(|p| base.join(p));
+        f.metrics.token_file = f.metrics.token_file.map(|p| base.join(p));
         Ok(f)
     }
 
@@ -355,6 +459,27 @@ impl NodeFile {
             }
             (_, p) => p,
         };
+        let metrics = match self.metrics.listen {
+            None => None,
+            Some(listen) => {
+                if !(1..=1024).contains(&self.metrics.max_connections) {
+                    return Err(NodeError::Config(format!(
+                        "[metrics] max_connections = {} is outside 1..=1024",
+                        self.metrics.max_connections
+                    )));
+                }
+                let token = tidepool_net::http::token(
+                    self.metrics.token_file.as_deref(),
+                    &self.data_dir.join("metrics-token"),
+                )
+                .map_err(|e| NodeError::Config(format!("[metrics] token_file: {e}")))?;
+                Some(MetricsConfig {
+                    listen,
+                    token,
+                    max_connections: self.metrics.max_connections,
+                })
+            }
+        };
         Ok(NodeConfig {
             pool,
             pool_key,
@@ -385,6 +510,8 @@ impl NodeFile {
             llm_threads: self.llm_threads,
             gpu,
             nn: self.sandbox.limits()?,
+            budgets: self.caches.budgets()?,
+            metrics,
             tamper: None,
         })
     }
@@ -417,10 +544,23 @@ mod tests {
         .expect("write");
         let f = NodeFile::read(&path).expect("read");
         assert_eq!(
-            f.data_dir,
-            dir.path().join("node-data"),
-            "relative to the file"
+            (f.key.clone(), f.data_dir.clone()),
+            (
+                tidepool_host::models::config_dir().join("node.key"),
+                tidepool_host::models::data_dir().join("node")
+            ),
+            "per-user defaults"
         );
+        std::fs::write(
+            &path,
+            format!(
+                "pool = \"127.0.0.1:7070\"\npool_key = \"{}\"\nslots = 3\nqueue = 0\ndata_dir = \"here\"\n",
+                key.public()
+            ),
+        )
+        .expect("write");
+        let f = NodeFile::read(&path).expect("read");
+        assert_eq!(f.data_dir, dir.path().join("here"), "relative to the file");
         let cfg = f.into_config(key.clone()).expect("config");
         assert_eq!((cfg.slots, cfg.queue), (3, Some(0)));
 

@@ -21,15 +21,24 @@
 //!   hashes to the digest in the manifest. Nothing from a refused bundle is
 //!   compiled or instantiated.
 //! - `agent` (private): the connection loop and the per-task runner.
+//! - [`caches`]: the disk caches (`blobs/`, `models/`, `compiled/`) kept
+//!   within their budgets, least recently used first, never a file of a
+//!   bundle with a task in flight.
+//! - [`state`]: `status.json` (what `tidepool node status` shows) and the
+//!   data directory's lock; `tidepool node gc`.
+//! - `metrics` (private): the optional `[metrics]` listener.
 
 mod agent;
 mod bundles;
 pub use bundles::bundle_sandbox;
+pub mod caches;
 pub mod config;
+mod metrics;
 pub mod replay;
+pub mod state;
 
 pub use agent::run;
-pub use config::{hardware_class, GpuFile, NodeConfig, NodeFile, Tamper};
+pub use config::{hardware_class, GpuFile, MetricsConfig, NodeConfig, NodeFile, Tamper};
 
 /// What a node did, reported when it stops.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

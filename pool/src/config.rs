@@ -6,8 +6,10 @@
 //!
 //! ```toml
 //! listen = "0.0.0.0:7070"          # UDP address for QUIC
-//! key = "pool.key"                 # the pool's key (tidepool keygen --role pool)
-//! data_dir = "pool-data"           # pool.db and blobs/ (relative to this file)
+//! key = "pool.key"                 # the pool's key (default: ~/.config/tidepool/pool.key,
+//!                                  #   i.e. $XDG_CONFIG_HOME/tidepool; tidepool keygen --role pool)
+//! data_dir = "pool-data"           # pool.db and blobs/ (default: ~/.local/share/tidepool/pool,
+//!                                  #   i.e. $XDG_DATA_HOME/tidepool/pool; relative paths: to this file)
 //! publishers = []                  # keys whose bundles are accepted
 //! clients = []                     # keys that may submit besides publishers
 //! admins = []                      # the pool owner's keys: see every job, canaries and challenges anywhere, export the ledger
@@ -454,56 +456,14 @@ fn default_http_connections() -> usize {
 impl HttpFile {
     /// The token: read from `token_file`, or made once in `data_dir`.
     pub fn token(&self, data_dir: &Path) -> Result<String, ConfigError> {
-        let path = self
-            .token_file
-            .clone()
-            .unwrap_or_else(|| data_dir.join("http-token"));
-        match std::fs::read_to_string(&path) {
-            Ok(t) => {
-                let t = t.trim().to_owned();
-                if t.len() < 16 {
-                    return Err(ConfigError::Invalid {
-                        path,
-                        why: "the HTTP token must be at least 16 characters ([http] token_file)"
-                            .into(),
-                    });
-                }
-                Ok(t)
+        let made = data_dir.join("http-token");
+        tidepool_net::http::token(self.token_file.as_deref(), &made).map_err(|e| {
+            ConfigError::Invalid {
+                path: self.token_file.clone().unwrap_or(made),
+                why: format!("[http] token_file: {e}"),
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.token_file.is_none() => {
-                use ring::rand::SecureRandom;
-                let mut raw = [0u8; 24];
-                ring::rand::SystemRandom::new()
-                    .fill(&mut raw)
-                    .map_err(|_| ConfigError::Invalid {
-                        path: path.clone(),
-                        why: "the system random source failed".into(),
-                    })?;
-                let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-                let io = |source| ConfigError::Io {
-                    path: path.clone(),
-                    source,
-                };
-                std::fs::create_dir_all(data_dir).map_err(io)?;
-                write_private(&path, token.as_bytes()).map_err(io)?;
-                Ok(token)
-            }
-            Err(source) => Err(ConfigError::Io { path, source }),
-        }
+        })
     }
-}
-
-/// Write a file only its owner may read.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        o.mode(0o600);
-    }
-    o.open(path)?.write_all(bytes)
 }
 
 /// The `[retention]` table (see [`Retention`]).
@@ -772,10 +732,10 @@ fn default_listen() -> SocketAddr {
     ([0, 0, 0, 0], 7070).into()
 }
 fn default_key() -> PathBuf {
-    "pool.key".into()
+    tidepool_models::config_dir().join("pool.key")
 }
 fn default_data() -> PathBuf {
-    "pool-data".into()
+    tidepool_models::data_dir().join("pool")
 }
 fn default_ttl() -> u64 {
     15

@@ -805,6 +805,25 @@ pub struct NodeStatus {
     pub gpu: Option<Gpu>,
 }
 
+/// A node's standing with its pool, as the pool tells the node itself with
+/// every answer to `Lease` (a handful of numbers: it costs the pool one
+/// lookup).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct NodeStanding {
+    /// Reputation in [0, 10000]; higher is checked more.
+    pub reputation: u32,
+    /// Share of its results re-executed: max(1, reputation) / 10000.
+    pub sampling: f64,
+    /// Results confirmed by re-execution or canaries.
+    pub confirmed: u64,
+    /// Times caught with a wrong result.
+    pub strikes: u32,
+    /// Unix time until which it gets no tasks (0: not quarantined).
+    pub quarantined_until: u64,
+    /// Refused for good after too many strikes.
+    pub banned: bool,
+}
+
 /// The whole pool.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PoolSummary {
@@ -899,6 +918,11 @@ pub enum Response {
         lost: Vec<LeaseId>,
         /// When no task was granted: wait this long before asking again, ms.
         retry_ms: u64,
+        /// The asking node's standing as the pool holds it now (what
+        /// `tidepool node status` shows its owner). `None` from pools
+        /// before it.
+        #[serde(default)]
+        standing: Option<NodeStanding>,
     },
     /// Answer to `Results`, one verdict per result in order.
     Verdicts(Vec<(LeaseId, Verdict)>),

@@ -175,6 +175,8 @@ pub fn node_config(dir: &Path, keys: &Keys, i: u8, pool: SocketAddr) -> NodeConf
         llm_threads: 1,
         gpu: None,
         nn: tidepool_host::NnLimits::default(),
+        budgets: tidepool_node::caches::Budgets::default(),
+        metrics: None,
         tamper: None,
     }
 }
@@ -222,16 +224,40 @@ pub fn minilm_bundle(
     memory_mib: u32,
     extra: &str,
 ) -> Result<BundleFile> {
+    let entry = tidepool_host::models::catalog_entry("minilm-l3")?;
+    let model = model_path("minilm-l3");
+    minilm_bundle_from(
+        dir,
+        keys,
+        (job, job),
+        version,
+        memory_mib,
+        (&model, entry.sha256),
+        extra,
+    )
+}
+
+/// [`minilm_bundle`] with the model file `model` (its path and sha256 in
+/// hex) in place of the catalogue's, and `(name, job)`: the bundle's name
+/// and the guest it runs.
+pub fn minilm_bundle_from(
+    dir: &Path,
+    keys: &Keys,
+    (name, job): (&str, &str),
+    version: &str,
+    memory_mib: u32,
+    model: (&Path, &str),
+    extra: &str,
+) -> Result<BundleFile> {
     std::fs::create_dir_all(dir)?;
     let manifest = dir.join("tidepool.toml");
-    let entry = tidepool_host::models::catalog_entry("minilm-l3")?;
     std::fs::write(
         &manifest,
         format!(
-            "name = \"{job}\"\nversion = \"{version}\"\ncomponent = \"{}\"\n\n[models.minilm-l3]\nencoding = \"onnx\"\nsource = \"{}\"\nsha256 = \"{}\"\n\n[limits]\nmemory_mib = {memory_mib}\ntimeout_ms = 20000\n\n{extra}",
+            "name = \"{name}\"\nversion = \"{version}\"\ncomponent = \"{}\"\n\n[models.minilm-l3]\nencoding = \"onnx\"\nsource = \"{}\"\nsha256 = \"{}\"\n\n[limits]\nmemory_mib = {memory_mib}\ntimeout_ms = 20000\n\n{extra}",
             jobs_dir().join(format!("{job}.wasm")).display(),
-            model_path("minilm-l3").display(),
-            entry.sha256,
+            model.0.display(),
+            model.1,
         ),
     )?;
     let mut b = tidepool_client::bundle::pack(&manifest, keys.publisher.public())?;

@@ -114,6 +114,7 @@ impl<S: Store> Coordinator<S> {
                             grants,
                             lost,
                             retry_ms,
+                            standing: Some(self.told_standing(peer)),
                         }
                     })
             }

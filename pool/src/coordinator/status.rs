@@ -10,9 +10,11 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 use tidepool_proto::session::Refusal;
 use tidepool_proto::wire::{
-    ErrorCode, JobId, JobSummary, NodeStatus, PoolSummary, TaskRecord, TaskState, VerificationStats,
+    ErrorCode, JobId, JobSummary, NodeStanding, NodeStatus, PoolSummary, TaskRecord, TaskState,
+    VerificationStats,
 };
 use tidepool_proto::Digest;
+use tidepool_proto::PublicKey;
 
 /// Most output bytes in one page of job results (a record larger than
 /// this comes alone): pages stay well inside the 16 MiB frame.
@@ -236,6 +238,19 @@ impl<S: Store> Coordinator<S> {
                 challenge: r.challenge,
             })
             .collect())
+    }
+
+    /// A node's standing as it is told it (`Response::Leases`).
+    pub(crate) fn told_standing(&self, key: &PublicKey) -> NodeStanding {
+        let st = self.standing_of(key);
+        NodeStanding {
+            reputation: st.reputation,
+            sampling: st.sampling_rate(),
+            confirmed: st.confirmed,
+            strikes: st.strikes,
+            quarantined_until: st.quarantined_until,
+            banned: st.banned,
+        }
     }
 
     /// Nodes, queue depth, jobs.

@@ -13,23 +13,18 @@
 
 use super::{metrics, Cmd, Shared};
 use crate::coordinator::telemetry::Observed;
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::StatusCode;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{oneshot, Semaphore};
-use tracing::{debug, warn};
+use tidepool_net::http::{answer, Answer, Routes};
+use tokio::sync::oneshot;
 
 /// How long one observation of the coordinator serves requests.
 pub const OBSERVATION_AGE: Duration = Duration::from_secs(1);
 /// How long the coordinator has to answer a health probe.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a client has to send a request head.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest request head buffered.
-pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+pub use tidepool_net::http::{HEAD_TIMEOUT, MAX_HEAD_BYTES};
 
 /// The listener's settings (`[http]` in `pool.toml`).
 #[derive(Debug, Clone)]
@@ -47,8 +42,6 @@ pub struct HttpConfig {
 struct Http {
     /// The pool's shared state (the coordinator's queue, refusals).
     shared: Arc<Shared>,
-    /// The token.
-    token: String,
     /// The last observation and when it was made; one request at a time
     /// refreshes it, the others wait for that one.
     last: tokio::sync::Mutex<Option<(Instant, Arc<Observed>)>>,
@@ -61,97 +54,21 @@ pub(super) async fn start(
     cfg: HttpConfig,
     shared: Arc<Shared>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
-    let addr = listener.local_addr()?;
     let http = Arc::new(Http {
         shared,
-        token: cfg.token,
         last: tokio::sync::Mutex::new(None),
         page: include_str!("page.html"),
     });
-    let permits = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
-    let task = tokio::spawn(async move {
-        loop {
-            // A permit first: past the limit, connections wait unaccepted.
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                return;
-            };
-            let (stream, peer) = match listener.accept().await {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!("http accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let http = http.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let service = hyper::service::service_fn(move |req| {
-                    let http = http.clone();
-                    async move { Ok::<_, std::convert::Infallible>(http.route(req).await) }
-                });
-                // One request per connection: an idle keep-alive
-                // connection would hold a permit for as long as its
-                // client liked.
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .keep_alive(false)
-                    .header_read_timeout(HEAD_TIMEOUT)
-                    .max_buf_size(MAX_HEAD_BYTES)
-                    .serve_connection(io, service);
-                if let Err(e) = conn.await {
-                    debug!(%peer, "http connection: {e}");
-                }
-            });
-        }
-    });
-    Ok((addr, task))
+    tidepool_net::http::serve(cfg.listen, cfg.token, cfg.max_connections, http).await
 }
 
-type Answer = Response<Full<Bytes>>;
-
-fn answer(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Answer {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    if let Ok(v) = content_type.parse() {
-        h.insert(hyper::header::CONTENT_TYPE, v);
-    }
-    // Nothing here may be cached or framed by another site.
-    h.insert(
-        hyper::header::CACHE_CONTROL,
-        hyper::header::HeaderValue::from_static("no-store"),
-    );
-    h.insert(
-        hyper::header::X_FRAME_OPTIONS,
-        hyper::header::HeaderValue::from_static("DENY"),
-    );
-    // The page's address may carry the token: never send it elsewhere.
-    h.insert(
-        hyper::header::REFERRER_POLICY,
-        hyper::header::HeaderValue::from_static("no-referrer"),
-    );
-    h.insert(
-        hyper::header::CONTENT_SECURITY_POLICY,
-        hyper::header::HeaderValue::from_static(
-            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:",
-        ),
-    );
-    r
-}
-
-impl Http {
-    async fn route(&self, req: Request<Incoming>) -> Answer {
-        if req.method() != Method::GET {
-            return answer(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
-        }
-        match req.uri().path() {
+impl Routes for Http {
+    async fn route(&self, path: &str, authorized: bool) -> Answer {
+        match path {
             "/healthz" => self.health().await,
             "/readyz" => self.health().await,
             path => {
-                if !self.authorized(&req) {
+                if !authorized {
                     return answer(
                         StatusCode::UNAUTHORIZED,
                         "text/plain",
@@ -173,31 +90,9 @@ impl Http {
             }
         }
     }
+}
 
-    /// The token from the header or the query, compared in constant time.
-    fn authorized(&self, req: &Request<Incoming>) -> bool {
-        let from_header = req
-            .headers()
-            .get(hyper::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let from_query = req
-            .uri()
-            .query()
-            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
-        // Digests compared with no early exit: the time taken says nothing
-        // of how much of the token was right.
-        use sha2::Digest as _;
-        let want = sha2::Sha256::digest(self.token.as_bytes());
-        from_header.into_iter().chain(from_query).any(|t| {
-            let got = sha2::Sha256::digest(t.as_bytes());
-            got.iter()
-                .zip(want.iter())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-        })
-    }
-
+impl Http {
     /// `ok` while the coordinator answers within [`HEALTH_TIMEOUT`].
     async fn health(&self) -> Answer {
         let (tx, rx) = oneshot::channel();

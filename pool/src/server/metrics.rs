@@ -9,9 +9,9 @@
 
 use crate::coordinator::telemetry::{Histogram, Observed};
 use std::fmt::Write;
+use tidepool_net::http::prometheus::{escape, family};
 
-/// The content type Prometheus expects for this format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub use tidepool_net::http::prometheus::CONTENT_TYPE;
 
 /// Render `o` (with the network layer's refusals merged into its summary).
 pub fn render(o: &Observed) -> String {
@@ -211,38 +211,6 @@ pub fn render(o: &Observed) -> String {
     out
 }
 
-fn family(out: &mut String, name: &str, help: &str, kind: &str) {
-    let _ = writeln!(out, "# HELP tidepool_{name} {help}");
-    let _ = writeln!(out, "# TYPE tidepool_{name} {kind}");
-}
-
 fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
-    family(out, name, help, "histogram");
-    let mut cumulative = 0u64;
-    for (bound, n) in h.bounds.iter().zip(&h.counts) {
-        cumulative += n;
-        let _ = writeln!(out, "tidepool_{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-    }
-    let count = h.count();
-    let _ = writeln!(out, "tidepool_{name}_bucket{{le=\"+Inf\"}} {count}");
-    let _ = writeln!(out, "tidepool_{name}_sum {}", h.sum);
-    let _ = writeln!(out, "tidepool_{name}_count {count}");
-}
-
-/// A label value as the format wants it: backslash, quote and newline
-/// escaped.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
-    }
+    tidepool_net::http::prometheus::histogram(out, name, help, h.bounds, &h.counts, h.sum);
 }

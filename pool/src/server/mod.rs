@@ -661,12 +661,14 @@ async fn serve_stream(
                             grants,
                             lost,
                             retry_ms,
+                            standing,
                         } => {
                             shared.held.granted(&peer, &grants, &lost);
                             Response::Leases {
                                 grants,
                                 lost,
                                 retry_ms,
+                                standing,
                             }
                         }
                         Response::Pool(mut s) => {

@@ -1,21 +1,11 @@
-//! `tidepool node run`: run a node until SIGTERM, then drain;
-//! `tidepool node statement`: what the node earned, signed by the pool.
+//! `tidepool node run`: run a node until SIGTERM, then drain.
 
-use super::common::{armed_stop_signal, notify_systemd, read_key, runtime};
+use crate::cmd::common::{armed_stop_signal, notify_systemd, read_key, runtime};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tidepool_node::{run, NodeFile};
 use tidepool_proto::PublicKey;
-
-#[derive(clap::Subcommand)]
-pub enum Command {
-    /// Connect to a pool and run its tasks (SIGTERM drains: finish, return, exit).
-    Run(RunArgs),
-    /// This node's results in a period and what they earned, signed by the
-    /// pool (read with the node's key; takes no work).
-    Statement(super::ledger::StatementArgs),
-}
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -66,11 +56,7 @@ pub struct RunArgs {
     gpu_fallback: bool,
 }
 
-pub fn main(c: Command) -> anyhow::Result<ExitCode> {
-    let a = match c {
-        Command::Run(a) => a,
-        Command::Statement(a) => return super::ledger::statement(a),
-    };
+pub fn main(a: RunArgs) -> anyhow::Result<ExitCode> {
     let mut f = match &a.config {
         Some(p) => NodeFile::read(p)?,
         None => NodeFile::default(),
