@@ -8,12 +8,18 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use tidepool_tests::{fortunes, jobs_dir};
 
+/// `tidepool` in `dir`, with the per-user directories inside it (so no
+/// test reads or writes the real ones).
+fn command(dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tidepool"));
+    c.current_dir(dir)
+        .env("XDG_CONFIG_HOME", dir.join("xdg-config"))
+        .env("XDG_DATA_HOME", dir.join("xdg-data"));
+    c
+}
+
 fn tidepool(dir: &Path, args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_tidepool"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run tidepool");
+    let out = command(dir).args(args).output().expect("run tidepool");
     assert!(
         out.status.success(),
         "tidepool {args:?}: {}",
@@ -32,8 +38,7 @@ fn spawn(dir: &Path, args: &[&str]) -> Child {
 
 /// [`spawn`] with extra environment variables.
 fn spawn_with_env(dir: &Path, args: &[&str], env: &[(&str, &Path)]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_tidepool"))
-        .current_dir(dir)
+    command(dir)
         .args(args)
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
@@ -937,4 +942,226 @@ fn the_deploy_guides_config_files_parse() {
     std::fs::write(&node, &blocks[1]).expect("write");
     let f = tidepool_node::config::NodeFile::read(&node).expect("the guide's node.toml");
     assert_eq!(f.slots, Some(2));
+    assert_eq!(f.caches.budgets().expect("budgets").models, 8192 << 20);
+    assert!(f.metrics.listen.is_some());
+}
+
+/// A node owner's day with the defaults: keys made where `keygen` puts
+/// them and data where the node keeps it (the XDG directories), `node
+/// status` while the node runs and after it stopped, `node gc` refused
+/// while it runs and collecting once it stopped.
+#[test]
+fn a_node_owner_sees_the_node_and_collects_its_caches_at_the_default_paths() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let publisher = stdout(&tidepool(
+        dir,
+        &["keygen", "--role", "publisher", "-o", "publisher.key"],
+    ));
+    let pool_pub = stdout(&tidepool(dir, &["keygen", "--role", "pool"]));
+    let node_pub = stdout(&tidepool(dir, &["keygen", "--role", "node"]));
+    let config = dir.join("xdg-config/tidepool");
+    for k in ["pool.key", "node.key"] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(config.join(k))
+                .expect("key at the default path")
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{k}");
+    }
+
+    write_embed_manifest(dir);
+    let bundle = stdout(&tidepool(
+        dir,
+        &["bundle", "pack", "--key", "publisher.key", "--sign"],
+    ));
+    // The pool with its key and data at the defaults.
+    let mut pool = spawn(
+        dir,
+        &[
+            "pool",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--publisher",
+            &publisher,
+        ],
+    );
+    let mut line = String::new();
+    BufReader::new(pool.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("listening line");
+    let addr = line.split_whitespace().nth(1).expect("address").to_owned();
+    assert_eq!(
+        line.split_whitespace().nth(2),
+        Some(pool_pub.as_str()),
+        "{line}"
+    );
+    assert!(dir.join("xdg-data/tidepool/pool/pool.db").is_file());
+    let with_pool = |args: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        v.extend(
+            [
+                "--pool",
+                &addr,
+                "--pool-key",
+                &pool_pub,
+                "--key",
+                "publisher.key",
+            ]
+            .map(String::from),
+        );
+        v
+    };
+    let run = |args: Vec<String>| {
+        stdout(&tidepool(
+            dir,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        ))
+    };
+    run(with_pool(&["bundle", "publish", &bundle]));
+    let node = spawn(
+        dir,
+        &[
+            "node",
+            "run",
+            "--pool",
+            &addr,
+            "--pool-key",
+            &pool_pub,
+            "--publisher",
+            &publisher,
+            "--slots",
+            "1",
+        ],
+    );
+    let texts = fortunes(4).expect("fortunes");
+    let jsonl: String = texts
+        .iter()
+        .map(|t| format!("{}\n", serde_json::json!({ "texts": [t] })))
+        .collect();
+    std::fs::write(dir.join("in.jsonl"), &jsonl).expect("inputs");
+    let summary: serde_json::Value = serde_json::from_str(&run(with_pool(&[
+        "job", "submit", &bundle, "--inputs", "in.jsonl", "--json",
+    ])))
+    .expect("json");
+    assert_eq!(summary["done"].as_u64(), Some(4), "{summary}");
+
+    // While it runs. The report is written within a second of a change.
+    let status = || -> serde_json::Value {
+        serde_json::from_str(&stdout(&tidepool(dir, &["node", "status", "--json"]))).expect("json")
+    };
+    let start = std::time::Instant::now();
+    let s = loop {
+        let s = status();
+        if s["state"]["since_start"]["accepted"].as_u64() == Some(4)
+            || start.elapsed().as_secs() > 20
+        {
+            break s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(s["running"], true, "{s}");
+    assert_eq!(s["state"]["node"], node_pub.as_str(), "{s}");
+    assert_eq!(s["state"]["link"], "connected", "{s}");
+    assert_eq!(
+        s["state"]["since_start"]["completed"].as_u64(),
+        Some(4),
+        "{s}"
+    );
+    assert_eq!(
+        s["state"]["since_start"]["accepted"].as_u64(),
+        Some(4),
+        "{s}"
+    );
+    assert_eq!(
+        s["state"]["standing"]["reputation"].as_u64(),
+        Some(10_000),
+        "{s}"
+    );
+    assert_eq!(s["state"]["bundles"][0]["name"], "embed", "{s}");
+    let model_bytes = std::fs::metadata(tidepool_tests::model_path("minilm-l3"))
+        .expect("model")
+        .len();
+    assert_eq!(s["caches"][1]["cache"], "models", "{s}");
+    assert_eq!(s["caches"][1]["bytes"].as_u64(), Some(model_bytes), "{s}");
+    assert_eq!(s["caches"][1]["files"].as_u64(), Some(1), "{s}");
+    assert!(
+        s["caches"][2]["files"].as_u64() >= Some(1),
+        "compiled code: {s}"
+    );
+    let table = stdout(&tidepool(dir, &["node", "status"]));
+    for want in [
+        "running (pid",
+        "connected since",
+        "reputation 10000",
+        "4 completed",
+        "embed 1.0.0",
+        "models",
+    ] {
+        assert!(table.contains(want), "{want:?} in:\n{table}");
+    }
+    // gc is refused while the node runs: it keeps its caches itself.
+    let out = command(dir)
+        .args(["node", "gc", "--all"])
+        .output()
+        .expect("gc");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("a node is running"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    sigterm(&node);
+    let out = node.wait_with_output().expect("node exits");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = status();
+    assert_eq!(
+        (s["running"].as_bool(), s["state"]["link"].as_str()),
+        (Some(false), Some("stopped")),
+        "{s}"
+    );
+    assert!(stdout(&tidepool(dir, &["node", "status"])).contains("not running"));
+
+    // Stopped: a dry run removes nothing; a budget of 1 MiB for models
+    // removes the model; --all empties the rest.
+    let gc = |args: &[&str]| -> serde_json::Value {
+        let mut v = vec!["node", "gc", "--json"];
+        v.extend_from_slice(args);
+        serde_json::from_str(&stdout(&tidepool(dir, &v))).expect("json")
+    };
+    let models = dir.join("xdg-data/tidepool/node/models");
+    let r = gc(&["--models-mib", "1", "--dry-run"]);
+    assert_eq!(r["removed"]["models"].as_u64(), Some(1), "{r}");
+    assert_eq!(r["freed"].as_u64(), Some(model_bytes), "{r}");
+    assert_eq!(
+        std::fs::read_dir(&models).expect("models").count(),
+        1,
+        "dry run removed nothing"
+    );
+    let r = gc(&["--models-mib", "1"]);
+    assert_eq!(r["removed"]["models"].as_u64(), Some(1), "{r}");
+    assert_eq!(std::fs::read_dir(&models).expect("models").count(), 0);
+    assert!(
+        r["removed"].get("compiled").is_none(),
+        "within its budget: {r}"
+    );
+    let r = gc(&["--all"]);
+    assert!(r["removed"]["compiled"].as_u64() >= Some(1), "{r}");
+    let s = status();
+    for c in s["caches"].as_array().expect("caches") {
+        assert_eq!(c["bytes"].as_u64(), Some(0), "{s}");
+    }
+    sigterm(&pool);
+    let out = pool.wait_with_output().expect("pool exits");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
