@@ -10,8 +10,9 @@ use tidepool_client::pipeline::{read_feed, PipelineManifest};
 #[derive(clap::Args)]
 pub struct Args {
     /// Directory for the pool's database, the nodes, the keys and the
-    /// report (default: a new one under the temporary directory). Running
-    /// the demo again in the same directory reuses the pool's result cache.
+    /// report, kept afterwards; running the demo again in the same
+    /// directory reuses the pool's result cache. Default: a new one under
+    /// the temporary directory, of which only the report is kept.
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Items: fortune files (items between lines of "%"), `*.jsonl` feeds
@@ -44,6 +45,7 @@ pub fn main(a: Args) -> anyhow::Result<ExitCode> {
         items.sort_by_cached_key(|i| tidepool_client::pipeline::feed::sort_key(&i.text));
         items.truncate(a.items);
     }
+    let fresh = a.dir.is_none();
     let dir = a.dir.unwrap_or_else(crate::local::fresh_dir);
     let keys = crate::local::Keys::in_dir(&dir.join("keys"), a.nodes)?;
     if !a.json {
@@ -79,6 +81,15 @@ pub fn main(a: Args) -> anyhow::Result<ExitCode> {
         net.stop().await?;
         out
     })?;
+    if fresh {
+        // A directory of its own is never used again: keep the report, not
+        // the pool's and nodes' copies of the models (about 1 GB).
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if entry.file_name() != "report" {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
     if a.json {
         println!("{}", crate::runner::figures_json(&outcome));
     } else {

@@ -509,6 +509,22 @@ impl<S: Store> Coordinator<S> {
         Ok(purged)
     }
 
+    /// Start a batch of requests whose changes the store commits together
+    /// ([`Store::begin_batch`]). The caller holds every answer until
+    /// [`commit_batch`](Self::commit_batch) returns: nothing is said to a
+    /// peer before it is stored.
+    pub fn begin_batch(&mut self) -> Result<(), StoreError> {
+        self.store.begin_batch()
+    }
+
+    /// Commit the batch. If this fails the store holds none of the batch
+    /// while this coordinator's memory holds all of it: the caller must
+    /// stop the coordinator (a restart recovers from the store) and send
+    /// none of the held answers.
+    pub fn commit_batch(&mut self) -> Result<(), StoreError> {
+        self.store.commit_batch()
+    }
+
     /// Expire the leases due by `now`; collect when retention is due.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), StoreError> {
         self.latest = self.latest.max(now);

@@ -34,7 +34,7 @@ use tidepool_proto::wire::{message_name, Bytes, ErrorCode, Request, Response, BL
 use tidepool_proto::{Digest, PublicKey, SecretKey};
 use tokio::sync::Semaphore;
 use tokio::sync::{broadcast, oneshot};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// How long a stream may take to deliver its request frame.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -111,30 +111,64 @@ enum Cmd {
     Stop,
 }
 
-/// Most commands served before lease expiries are looked at again.
+/// Most commands served before lease expiries are looked at again (and
+/// committed in one transaction).
 const DRAIN_AT_MOST: usize = 1024;
+
+/// An answer held until the batch it belongs to is committed.
+type Held = Box<dyn FnOnce() + Send>;
 
 /// The coordinator thread: serve commands, expire leases on time. Commands
 /// that already arrived are served before expiries are judged, each with
 /// its arrival time, so a renewal waiting behind other work still counts
-/// from when it came.
+/// from when it came. The commands served in one turn are one store
+/// transaction (group commit): their answers are sent after it commits,
+/// and if it cannot commit the coordinator stops without sending them (its
+/// memory is ahead of the store; a restart recovers from the store, and
+/// peers send again what was not answered).
 fn actor(
     mut c: Coordinator<SqliteStore>,
     blobs: BlobDir,
     rx: mpsc::Receiver<Cmd>,
     events: broadcast::Sender<PoolEvent>,
 ) {
+    let mut next: Option<Cmd> = None;
+    let mut held: Vec<Held> = Vec::new();
     loop {
+        if let Err(e) = c.begin_batch() {
+            error!("the store cannot begin a transaction: {e}; the coordinator stops");
+            return;
+        }
+        let mut stop = false;
         for _ in 0..DRAIN_AT_MOST {
-            match rx.try_recv() {
-                Ok(cmd) => {
-                    if !serve_cmd(&mut c, &blobs, cmd) {
-                        return;
+            let cmd = match next.take() {
+                Some(cmd) => cmd,
+                None => match rx.try_recv() {
+                    Ok(cmd) => cmd,
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        stop = true;
+                        break;
                     }
-                }
-                Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => return,
+                },
+            };
+            if !serve_cmd(&mut c, &blobs, cmd, &mut held) {
+                stop = true;
+                break;
             }
+        }
+        if let Err(e) = c.commit_batch() {
+            error!(
+                answers = held.len(),
+                "the store cannot commit: {e}; the coordinator stops without answering"
+            );
+            return;
+        }
+        for answer in held.drain(..) {
+            answer();
+        }
+        if stop {
+            return;
         }
         let now = Instant::now();
         if let Err(e) = c.handle_timeout(now) {
@@ -148,30 +182,39 @@ fn actor(
             t.saturating_duration_since(now)
         });
         match rx.recv_timeout(wait) {
-            Ok(cmd) => {
-                if !serve_cmd(&mut c, &blobs, cmd) {
-                    return;
-                }
-            }
+            Ok(cmd) => next = Some(cmd),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         }
     }
 }
 
-/// Serve one command; `false` to stop.
-fn serve_cmd(c: &mut Coordinator<SqliteStore>, blobs: &BlobDir, cmd: Cmd) -> bool {
+/// Serve one command, its answer held in `held` until the batch commits;
+/// `false` to stop.
+fn serve_cmd(
+    c: &mut Coordinator<SqliteStore>,
+    blobs: &BlobDir,
+    cmd: Cmd,
+    held: &mut Vec<Held>,
+) -> bool {
     let now = Instant::now();
     // A dropped reply channel means the connection went away: nothing to do.
+    fn hold<T: Send + 'static>(held: &mut Vec<Held>, r: oneshot::Sender<T>, v: T) {
+        held.push(Box::new(move || drop(r.send(v))));
+    }
     match cmd {
         Cmd::Request(k, incoming, arrived, r) => {
-            drop(r.send(
-                c.handle_request(arrived, crate::unix_now(), &k, incoming, &|d| blobs.has(d)),
-            ))
+            let answer =
+                c.handle_request(arrived, crate::unix_now(), &k, incoming, &|d| blobs.has(d));
+            hold(held, r, answer);
         }
         Cmd::NodeGone(k) => c.handle_node_gone(now, &k),
-        Cmd::UploadSize(k, d, r) => drop(r.send(c.upload_size(&k, &d))),
+        Cmd::UploadSize(k, d, r) => {
+            let size = c.upload_size(&k, &d);
+            hold(held, r, size);
+        }
         Cmd::BlobStored(d) => c.handle_blob_stored(&d),
+        // Health says the coordinator turns: no need to wait for a commit.
         Cmd::Ping(r) => drop(r.send(())),
         Cmd::Observe(r) => drop(r.send(c.observe(now))),
         Cmd::Stop => return false,

@@ -487,6 +487,18 @@ pub struct CanaryRow {
 
 /// What the coordinator needs from a database.
 pub trait Store: Send {
+    /// Start a batch: what the following calls change is committed
+    /// together by [`commit_batch`](Store::commit_batch) (one transaction
+    /// for many requests). Each call's own changes still stand or fall
+    /// together. Stores without batches commit each call (the default).
+    fn begin_batch(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Commit the batch begun by [`begin_batch`](Store::begin_batch). If it
+    /// fails, nothing of the batch is stored.
+    fn commit_batch(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Turn every leased task back to queued (its lease died with the
     /// previous process) and return the bundles, the tasks to queue, and the
     /// next free job id.

@@ -1,5 +1,7 @@
 //! [`Store`] on an SQLite file (WAL): every method that changes state is
-//! one transaction, committed before it returns.
+//! one savepoint — its own transaction, committed before it returns, or,
+//! inside a batch (`begin_batch` … `commit_batch`), part of the batch's one
+//! transaction, rolled back alone if it fails.
 
 use super::*;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -81,8 +83,22 @@ fn challenge_col(text: Option<String>) -> Result<Option<ChallengeState>, StoreEr
 }
 
 impl Store for SqliteStore {
+    fn begin_batch(&mut self) -> Result<(), StoreError> {
+        if self.conn.is_autocommit() {
+            self.conn.execute_batch("BEGIN")?;
+        }
+        Ok(())
+    }
+
+    fn commit_batch(&mut self) -> Result<(), StoreError> {
+        if !self.conn.is_autocommit() {
+            self.conn.execute_batch("COMMIT")?;
+        }
+        Ok(())
+    }
+
     fn recover(&mut self) -> Result<Recovered, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         tx.execute("UPDATE tasks SET state = 0 WHERE state = 1", [])?;
         let mut bundles = Vec::new();
         {
@@ -146,7 +162,7 @@ impl Store for SqliteStore {
         // Keys are scoped to their owner: one client's key never names
         // another's job (nor a hidden job's `tidepool/...` key).
         let key = format!("{owner}/{key}");
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let existing: Option<i64> = tx
             .query_row("SELECT id FROM jobs WHERE key = ?1", [&key], |r| r.get(0))
             .optional()?;
@@ -195,7 +211,7 @@ impl Store for SqliteStore {
         now_unix: u64,
     ) -> Result<Option<OpenedJob>, StoreError> {
         let key = format!("{owner}/{key}");
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         type Row = (i64, String, bool, i8);
         let existing: Option<Row> = tx
             .query_row(
@@ -252,7 +268,7 @@ impl Store for SqliteStore {
         inputs: &[Vec<u8>],
         now_unix: u64,
     ) -> Result<Vec<InsertedTask>, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let ids = insert_tasks(&tx, job, bundle, from, inputs, now_unix)?;
         tx.prepare_cached("UPDATE jobs SET touched_at = ?2 WHERE id = ?1")?
             .execute(params![job.0 as i64, now_unix as i64])?;
@@ -315,7 +331,7 @@ impl Store for SqliteStore {
         now_unix: u64,
         max_jobs: u32,
     ) -> Result<Purged, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let jobs: Vec<i64> = {
             let mut st = tx.prepare_cached(
                 "SELECT j.id FROM jobs j
@@ -357,7 +373,7 @@ impl Store for SqliteStore {
     }
 
     fn cancel_job(&mut self, job: JobId, reason: &str) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         tx.execute("UPDATE jobs SET sealed = 1 WHERE id = ?1", [job.0 as i64])?;
         tx.execute(
             "UPDATE tasks SET state = 3, node = NULL, reasons = json_insert(reasons, '$[#]', ?2)
@@ -380,7 +396,7 @@ impl Store for SqliteStore {
         grants: &[GrantRow],
         max_bytes: u64,
     ) -> Result<Vec<GrantedInput>, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let mut inputs = Vec::with_capacity(grants.len());
         {
             let mut up = tx.prepare_cached(
@@ -422,7 +438,7 @@ impl Store for SqliteStore {
         reason: &str,
         dead: bool,
     ) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let reasons: Option<String> = tx
             .query_row(
                 "SELECT reasons FROM tasks WHERE id = ?1 AND attempt = ?2",
@@ -444,7 +460,7 @@ impl Store for SqliteStore {
     }
 
     fn accept(&mut self, results: &[Acceptance], now_unix: u64) -> Result<Vec<bool>, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let mut stored = Vec::with_capacity(results.len());
         {
             let mut st = tx.prepare_cached(
@@ -654,7 +670,7 @@ impl Store for SqliteStore {
                 JobKind::Canary => "canary",
             }
         );
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let id: Option<i64> = tx
             .query_row("SELECT id FROM jobs WHERE key = ?1", [&key], |r| r.get(0))
             .optional()?;
@@ -693,7 +709,7 @@ impl Store for SqliteStore {
         target: TaskId,
         mark: Verified,
     ) -> Result<TaskId, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let id = {
             let mut ins = tx.prepare_cached(
                 "INSERT INTO tasks (job, idx, input, input_digest, check_of)
@@ -813,7 +829,7 @@ impl Store for SqliteStore {
         decided_by: &[TaskId],
         now_unix: u64,
     ) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let decided: Vec<u64> = decided_by.iter().map(|t| t.0).collect();
         // A list of numbers always serialises.
         let decided = serde_json::to_string(&decided).unwrap_or_default();
@@ -1197,7 +1213,7 @@ impl Store for SqliteStore {
         bundle: &Digest,
         items: &[NewCanary],
     ) -> Result<Vec<CanaryId>, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let mut ids = Vec::with_capacity(items.len());
         {
             let mut st = tx.prepare_cached(
@@ -1315,7 +1331,7 @@ fn engines_text(engines: &[String]) -> Option<String> {
 /// result cache): its task is stored done, with the earlier task as
 /// provenance. Returns each task and whether it was cached.
 fn insert_tasks(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &rusqlite::Connection,
     job: JobId,
     bundle: &Digest,
     from: u32,
