@@ -17,7 +17,7 @@ pub mod sandbox;
 
 pub use backend::budget::NnLimits;
 pub use backend::tract::TractEngine;
-pub use registry::{ModelRegistry, RegistryBuilder, RegistryError};
+pub use registry::{ModelRegistry, RegistryBuilder, RegistryError, SharedModels};
 pub use sandbox::{
     JobComponent, JobFailure, LoadError, Sandbox, SandboxConfig, TaskError, TaskOutput, TaskSpec,
 };

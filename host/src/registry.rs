@@ -9,9 +9,10 @@
 
 use crate::backend::{ModelGraph, NnEngine, TaskEnv, TaskGraph};
 use crate::models::{self, ModelError};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use wasmtime_wasi_nn::{Graph, GraphRegistry};
 
 /// Why a model could not be registered.
@@ -96,6 +97,53 @@ pub fn valid_name(name: &str) -> bool {
         && !name.contains("..")
 }
 
+/// The models loaded on a host, shared by every registry built with it: a
+/// model file (by digest) loaded by one engine (by its description) is
+/// held once, however many bundles name it, for as long as one of their
+/// registries lives. A node keeps one for its lifetime.
+#[derive(Default)]
+pub struct SharedModels {
+    /// (file digest, engine) → the loaded model while some registry holds
+    /// it; a dead entry is replaced at the next load of that file.
+    loaded: Mutex<HashMap<(tidepool_proto::Digest, String), Weak<dyn ModelGraph>>>,
+    /// Models loaded from files (not found here) since the host started.
+    loads: AtomicU64,
+}
+
+impl std::fmt::Debug for SharedModels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedModels")
+            .field("held", &self.held())
+            .field("loads", &self.loads())
+            .finish()
+    }
+}
+
+impl SharedModels {
+    /// Models held now (some registry uses them).
+    pub fn held(&self) -> usize {
+        let map = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().filter(|w| w.strong_count() > 0).count()
+    }
+
+    /// Models loaded from their files since the host started.
+    pub fn loads(&self) -> u64 {
+        self.loads.load(Ordering::Relaxed)
+    }
+
+    fn get(&self, key: &(tidepool_proto::Digest, String)) -> Option<Arc<dyn ModelGraph>> {
+        let map = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(key).and_then(Weak::upgrade)
+    }
+
+    fn put(&self, key: (tidepool_proto::Digest, String), graph: &Arc<dyn ModelGraph>) {
+        self.loads.fetch_add(1, Ordering::Relaxed);
+        let mut map = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, w| w.strong_count() > 0);
+        map.insert(key, Arc::downgrade(graph));
+    }
+}
+
 /// Collects models for a [`ModelRegistry`].
 #[derive(Debug)]
 pub struct RegistryBuilder {
@@ -103,6 +151,8 @@ pub struct RegistryBuilder {
     engines: Vec<Arc<dyn NnEngine>>,
     /// Models registered so far.
     models: BTreeMap<String, RegisteredModel>,
+    /// The host's loaded models, if it shares them between registries.
+    shared: Option<Arc<SharedModels>>,
 }
 
 impl RegistryBuilder {
@@ -111,7 +161,15 @@ impl RegistryBuilder {
         Self {
             engines,
             models: BTreeMap::new(),
+            shared: None,
         }
+    }
+
+    /// Take models already loaded in `shared` from there (one copy per
+    /// host), and leave the ones this loads there for the next registry.
+    pub fn shared(mut self, shared: Arc<SharedModels>) -> Self {
+        self.shared = Some(shared);
+        self
     }
 
     /// Verify `path` against `sha256`, load it with the engine for `encoding`
@@ -143,16 +201,27 @@ impl RegistryBuilder {
                     .collect::<Vec<_>>()
                     .join(", "),
             })?;
-        models::verify_file(path, sha256)?;
-        // verify_file accepted it, so it is 64 hex characters.
         let digest = tidepool_proto::Digest::parse(sha256)
             .map_err(|e| RegistryError::BadDigest(e.to_string()))?;
-        let graph = engine.load(path).map_err(|source| RegistryError::Load {
-            name: name.to_owned(),
-            path: path.to_owned(),
-            engine: engine.describe(),
-            source,
-        })?;
+        let key = (digest, engine.describe());
+        // A model held already was verified and loaded from a file with
+        // this digest: its bytes are in memory, whatever the file is now.
+        let graph = match self.shared.as_ref().and_then(|s| s.get(&key)) {
+            Some(g) => g,
+            None => {
+                models::verify_file(path, sha256)?;
+                let graph = engine.load(path).map_err(|source| RegistryError::Load {
+                    name: name.to_owned(),
+                    path: path.to_owned(),
+                    engine: engine.describe(),
+                    source,
+                })?;
+                if let Some(s) = &self.shared {
+                    s.put(key, &graph);
+                }
+                graph
+            }
+        };
         self.models.insert(
             name.to_owned(),
             RegisteredModel {
@@ -270,6 +339,41 @@ impl GraphRegistry for TaskRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_model_named_by_several_registries_is_loaded_once_while_one_holds_it() {
+        let path = crate::models::models_dir().join("minilm-l3.onnx");
+        let Ok(entry) = crate::models::catalog_entry("minilm-l3") else {
+            panic!("catalogue has minilm-l3");
+        };
+        assert!(
+            path.is_file(),
+            "run `cargo xtask test` (it fetches the models) first: {path:?}"
+        );
+        let engines: Vec<Arc<dyn NnEngine>> = vec![Arc::new(crate::TractEngine)];
+        let shared = Arc::new(SharedModels::default());
+        let build = |name: &str| {
+            let mut b = RegistryBuilder::new(engines.clone()).shared(shared.clone());
+            b.add(name, "onnx", &path, entry.sha256).expect("add");
+            b.build()
+        };
+        let one = build("a");
+        let two = build("b");
+        let (ga, gb) = (
+            &one.get("a").expect("a").graph,
+            &two.get("b").expect("b").graph,
+        );
+        assert!(Arc::ptr_eq(ga, gb), "one copy for both");
+        assert_eq!((shared.loads(), shared.held()), (1, 1));
+        drop((one, two));
+        assert_eq!(shared.held(), 0, "let go with the last registry");
+        let _three = build("c");
+        assert_eq!((shared.loads(), shared.held()), (2, 1), "loaded again");
+        // Without sharing, each registry has its own.
+        let mut b = RegistryBuilder::new(engines.clone());
+        b.add("d", "onnx", &path, entry.sha256).expect("add");
+        assert_eq!(shared.loads(), 2);
+    }
 
     #[test]
     fn names_are_plain_identifiers() {

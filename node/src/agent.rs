@@ -48,6 +48,9 @@ pub(crate) struct Ctx {
     pub(crate) caches: std::sync::Mutex<CacheBook>,
     /// What `status.json` reports; written by the connection loop.
     pub(crate) state: std::sync::Mutex<NodeState>,
+    /// The models loaded on this node, one copy each whatever the number
+    /// of bundles that name them (lives as long as the agent).
+    pub(crate) shared_models: Arc<tidepool_host::SharedModels>,
     /// Figures only `/metrics` shows.
     pub(crate) telemetry: crate::metrics::Telemetry,
     /// Highest versions seen, persisted at `versions_path`.
@@ -395,6 +398,7 @@ pub async fn run(
         caches: std::sync::Mutex::new(book),
         state: std::sync::Mutex::new(state),
         telemetry: crate::metrics::Telemetry::default(),
+        shared_models: Arc::default(),
         versions: std::sync::Mutex::new(versions),
         versions_path,
         prepared: Mutex::new(HashMap::new()),

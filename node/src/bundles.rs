@@ -61,8 +61,9 @@ const MAX_REMEMBERED_REFUSALS: usize = 1024;
 /// The sandbox a node runs a bundle's tasks in: the manifest's models
 /// (each file found by `model_file`) on `engines`, the manifest's limits
 /// with memory capped at `memory_mib`, `slots` tasks at once, virtual
-/// clocks and seeded randomness. Shared by the agent and `tidepool replay`,
-/// so a replay runs a task exactly as a node does.
+/// clocks and seeded randomness; models already loaded in `shared` are
+/// taken from there (a node holds one copy of each). Shared by the agent
+/// and `tidepool replay`, so a replay runs a task exactly as a node does.
 pub fn bundle_sandbox(
     manifest: &LockedManifest,
     engines: Vec<Arc<dyn tidepool_host::backend::NnEngine>>,
@@ -71,8 +72,12 @@ pub fn bundle_sandbox(
     slots: u32,
     cache_dir: Option<std::path::PathBuf>,
     nn: tidepool_host::NnLimits,
+    shared: Option<Arc<tidepool_host::SharedModels>>,
 ) -> Result<Sandbox, String> {
     let mut reg = RegistryBuilder::new(engines);
+    if let Some(s) = shared {
+        reg = reg.shared(s);
+    }
     for (name, m) in &manifest.models {
         reg.add(
             name,
@@ -214,7 +219,7 @@ impl Ctx {
             .map_err(|e| Local(format!("loading bundle panicked: {e}")))?
             .map_err(Local)?;
         self.compiled_for(bundle, &manifest.component.sha256);
-        self.telemetry.loaded(manifest.models.len());
+        self.telemetry.loaded();
         self.state
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -400,6 +405,7 @@ impl Ctx {
             self.slots,
             Some(self.compiled.clone()),
             self.nn,
+            Some(self.shared_models.clone()),
         )?;
         let job = sandbox
             .load(component)

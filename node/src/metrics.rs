@@ -31,8 +31,6 @@ pub const LOOP_STALL: Duration = Duration::from_secs(10);
 pub(crate) struct Telemetry {
     /// Bundles loaded into a sandbox (again after an eviction too).
     bundle_loads: AtomicU64,
-    /// Models loaded with them.
-    model_loads: AtomicU64,
     /// Connected to the pool now.
     connected: AtomicBool,
     /// Wall time of each task run (from grant to its result), counts per
@@ -48,7 +46,6 @@ impl Default for Telemetry {
     fn default() -> Self {
         Self {
             bundle_loads: AtomicU64::new(0),
-            model_loads: AtomicU64::new(0),
             connected: AtomicBool::new(false),
             task_seconds: Mutex::new((vec![0; TASK_SECONDS.len() + 1], 0.0)),
             start: Instant::now(),
@@ -58,10 +55,9 @@ impl Default for Telemetry {
 }
 
 impl Telemetry {
-    /// A bundle and its `models` were loaded.
-    pub(crate) fn loaded(&self, models: usize) {
+    /// A bundle was loaded.
+    pub(crate) fn loaded(&self) {
         self.bundle_loads.fetch_add(1, Ordering::Relaxed);
-        self.model_loads.fetch_add(models as u64, Ordering::Relaxed);
     }
 
     /// A task ran for `took`.
@@ -252,9 +248,16 @@ fn render(ctx: &Ctx) -> String {
     single(
         &mut out,
         "node_model_loads_total",
-        "Models loaded with those bundles.",
+        "Models loaded from their files (a model another bundle holds already is not loaded again).",
         "counter",
-        t.model_loads.load(Ordering::Relaxed),
+        ctx.shared_models.loads(),
+    );
+    single(
+        &mut out,
+        "node_models_held",
+        "Models in memory now, one copy each whatever the number of bundles that name them.",
+        "gauge",
+        ctx.shared_models.held(),
     );
     family(
         &mut out,

@@ -159,6 +159,7 @@ pub fn replay(
         1,
         None,
         tidepool_host::NnLimits::default(),
+        None,
     )
     .map_err(ReplayError::Run)?;
     let job = sandbox

@@ -225,3 +225,46 @@ fn value(body: &str, name: &str) -> Option<f64> {
     body.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
+
+/// Issue #20: three bundles that name the same model, run on one node,
+/// hold it once: loaded from its file once, one copy in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_bundles_naming_one_model_load_it_once_on_a_node() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys = Keys::new(143);
+    let pool = start_test_pool(dir.path(), &keys).await?;
+    let client = PoolClient::connect(pool.addr, &keys.publisher, keys.pool.public()).await?;
+    let mut cfg = node_config(dir.path(), &keys, 1, pool.addr);
+    let token = "node-metrics-token-for-the-test";
+    let metrics_addr: std::net::SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?
+    };
+    cfg.metrics = Some(tidepool_node::MetricsConfig {
+        listen: metrics_addr,
+        token: token.into(),
+        max_connections: 4,
+    });
+    let node = start_node(cfg);
+    let (model, sha) = model_variant(dir.path(), 7)?;
+    for n in 0..3u8 {
+        let b = minilm_bundle_from(
+            &dir.path().join(format!("shared-{n}")),
+            &keys,
+            (&format!("embed-shared-{n}"), "embed"),
+            "1.0.0",
+            256,
+            (&model, &sha),
+            "",
+        )?;
+        let digest = client.publish(&b, |_| {}).await?;
+        finish(&client, embed_job(&client, digest, &format!("text {n}")).await?).await?;
+    }
+    let (code, body) = http_get(metrics_addr, "/metrics", Some(token)).await?;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(value(&body, "tidepool_node_bundle_loads_total"), Some(3.0), "{body}");
+    assert_eq!(value(&body, "tidepool_node_model_loads_total"), Some(1.0), "{body}");
+    assert_eq!(value(&body, "tidepool_node_models_held"), Some(1.0), "{body}");
+    node.drain().await?;
+    Ok(())
+}
