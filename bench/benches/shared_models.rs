@@ -82,7 +82,10 @@ fn main() -> anyhow::Result<()> {
         );
         // A shared model costs what one bundle costs, within a few MiB of
         // registry bookkeeping; each own copy costs it again.
-        anyhow::ensure!(shared <= one + 8, "{model}: shared {shared} MiB vs one {one} MiB");
+        anyhow::ensure!(
+            shared <= one + 8,
+            "{model}: shared {shared} MiB vs one {one} MiB"
+        );
     }
     Ok(())
 }

@@ -258,13 +258,29 @@ async fn three_bundles_naming_one_model_load_it_once_on_a_node() -> Result<()> {
             "",
         )?;
         let digest = client.publish(&b, |_| {}).await?;
-        finish(&client, embed_job(&client, digest, &format!("text {n}")).await?).await?;
+        finish(
+            &client,
+            embed_job(&client, digest, &format!("text {n}")).await?,
+        )
+        .await?;
     }
     let (code, body) = http_get(metrics_addr, "/metrics", Some(token)).await?;
     assert_eq!(code, 200, "{body}");
-    assert_eq!(value(&body, "tidepool_node_bundle_loads_total"), Some(3.0), "{body}");
-    assert_eq!(value(&body, "tidepool_node_model_loads_total"), Some(1.0), "{body}");
-    assert_eq!(value(&body, "tidepool_node_models_held"), Some(1.0), "{body}");
+    assert_eq!(
+        value(&body, "tidepool_node_bundle_loads_total"),
+        Some(3.0),
+        "{body}"
+    );
+    assert_eq!(
+        value(&body, "tidepool_node_model_loads_total"),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        value(&body, "tidepool_node_models_held"),
+        Some(1.0),
+        "{body}"
+    );
     node.drain().await?;
     Ok(())
 }
