@@ -58,22 +58,42 @@ impl PrepareError {
 /// bundle is fetched and refused again on its next task).
 const MAX_REMEMBERED_REFUSALS: usize = 1024;
 
+/// What a node's sandboxes share whatever the bundle: the node's settings
+/// and its loaded models.
+#[derive(Debug, Clone, Default)]
+pub struct NodeSandboxes {
+    /// Memory per task, MiB (a bundle asking for more gets this).
+    pub memory_mib: u32,
+    /// Tasks at once.
+    pub slots: u32,
+    /// The compiled-code cache (`None`: compile every time).
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// What a task may hold and spend in wasi-nn.
+    pub nn: tidepool_host::NnLimits,
+    /// Models loaded already, one copy each (`None`: each sandbox loads
+    /// its own).
+    pub shared: Option<Arc<tidepool_host::SharedModels>>,
+}
+
 /// The sandbox a node runs a bundle's tasks in: the manifest's models
 /// (each file found by `model_file`) on `engines`, the manifest's limits
-/// with memory capped at `memory_mib`, `slots` tasks at once, virtual
-/// clocks and seeded randomness; models already loaded in `shared` are
+/// with memory capped at the node's, its slots, virtual clocks and seeded
+/// randomness; models already loaded in the node's shared models are
 /// taken from there (a node holds one copy of each). Shared by the agent
 /// and `tidepool replay`, so a replay runs a task exactly as a node does.
 pub fn bundle_sandbox(
     manifest: &LockedManifest,
     engines: Vec<Arc<dyn tidepool_host::backend::NnEngine>>,
     model_file: &dyn Fn(&tidepool_proto::manifest::BlobRef) -> std::path::PathBuf,
-    memory_mib: u32,
-    slots: u32,
-    cache_dir: Option<std::path::PathBuf>,
-    nn: tidepool_host::NnLimits,
-    shared: Option<Arc<tidepool_host::SharedModels>>,
+    node: &NodeSandboxes,
 ) -> Result<Sandbox, String> {
+    let NodeSandboxes {
+        memory_mib,
+        slots,
+        cache_dir,
+        nn,
+        shared,
+    } = node.clone();
     let mut reg = RegistryBuilder::new(engines);
     if let Some(s) = shared {
         reg = reg.shared(s);
@@ -401,11 +421,13 @@ impl Ctx {
             &manifest,
             engines,
             &|m| self.models.path(&m.sha256),
-            self.memory_mib,
-            self.slots,
-            Some(self.compiled.clone()),
-            self.nn,
-            Some(self.shared_models.clone()),
+            &NodeSandboxes {
+                memory_mib: self.memory_mib,
+                slots: self.slots,
+                cache_dir: Some(self.compiled.clone()),
+                nn: self.nn,
+                shared: Some(self.shared_models.clone()),
+            },
         )?;
         let job = sandbox
             .load(component)

@@ -30,7 +30,7 @@
 
 mod agent;
 mod bundles;
-pub use bundles::bundle_sandbox;
+pub use bundles::{bundle_sandbox, NodeSandboxes};
 pub mod caches;
 pub mod config;
 mod metrics;

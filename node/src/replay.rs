@@ -155,11 +155,11 @@ pub fn replay(
         &manifest,
         engines,
         &|b| files.get(&b.sha256).cloned().unwrap_or_default(),
-        cfg.memory_mib,
-        1,
-        None,
-        tidepool_host::NnLimits::default(),
-        None,
+        &crate::bundles::NodeSandboxes {
+            memory_mib: cfg.memory_mib,
+            slots: 1,
+            ..Default::default()
+        },
     )
     .map_err(ReplayError::Run)?;
     let job = sandbox
