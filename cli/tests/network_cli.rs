@@ -958,6 +958,25 @@ fn a_node_owner_sees_the_node_and_collects_its_caches_at_the_default_paths() {
         dir,
         &["keygen", "--role", "publisher", "-o", "publisher.key"],
     ));
+    // Before any node key exists: where it was looked for, and how to make one.
+    let out = command(dir)
+        .args([
+            "node",
+            "run",
+            "--pool",
+            "127.0.0.1:9",
+            "--pool-key",
+            &publisher,
+        ])
+        .args(["--publisher", &publisher])
+        .output()
+        .expect("node run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no key file at") && err.contains("xdg-config/tidepool/node.key"),
+        "{err}"
+    );
     let pool_pub = stdout(&tidepool(dir, &["keygen", "--role", "pool"]));
     let node_pub = stdout(&tidepool(dir, &["keygen", "--role", "node"]));
     let config = dir.join("xdg-config/tidepool");

@@ -14,10 +14,18 @@ pub fn read_key(path: &Path) -> anyhow::Result<SecretKey> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path)
-            .with_context(|| format!("cannot read key file {}", path.display()))?
-            .permissions()
-            .mode();
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+                "no key file at {} (make one with `tidepool keygen --role ROLE -o {}`, or pass --key)",
+                path.display(),
+                path.display()
+            ),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot read key file {}", path.display()))
+            }
+        };
+        let mode = meta.permissions().mode();
         anyhow::ensure!(
             mode & 0o077 == 0,
             "key file {} may be read by other users (mode {:03o}); run `chmod 600 {}`",
