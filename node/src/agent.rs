@@ -143,7 +143,7 @@ impl Ctx {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .ran(&p.digest, now);
-        self.telemetry.task_done(started.elapsed(), engine_us);
+        self.telemetry.task_done(started.elapsed());
         if let (Some(t), Some(input), Ok(bytes)) = (&self.tamper, &input_copy, &mut out.result) {
             let changed = t.tamper(lease, input, std::mem::take(bytes));
             out.receipt.output = Digest::of(&changed);

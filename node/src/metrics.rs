@@ -61,7 +61,7 @@ impl Telemetry {
     }
 
     /// A task ran for `took`.
-    pub(crate) fn task_done(&self, took: Duration, _engine_us: u64) {
+    pub(crate) fn task_done(&self, took: Duration) {
         let secs = took.as_secs_f64();
         let i = TASK_SECONDS
             .iter()
@@ -168,6 +168,14 @@ impl Routes for NodeRoutes {
     }
 }
 
+/// A family with one sample per cache: name, help, type, the value.
+type PerCache<'a> = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'a dyn Fn(CacheKind) -> u64,
+);
+
 /// `/metrics`: the agent's figures since it started.
 fn render(ctx: &Ctx) -> String {
     let state = ctx.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -259,57 +267,37 @@ fn render(ctx: &Ctx) -> String {
         "gauge",
         ctx.shared_models.held(),
     );
-    family(
-        &mut out,
-        "node_cache_bytes",
-        "Bytes in each disk cache.",
-        "gauge",
-    );
-    for k in CacheKind::ALL {
-        let _ = writeln!(
-            out,
-            "tidepool_node_cache_bytes{{cache=\"{k}\"}} {}",
-            book.used(k)
-        );
-    }
-    family(
-        &mut out,
-        "node_cache_budget_bytes",
-        "Each disk cache's budget ([caches]).",
-        "gauge",
-    );
-    for k in CacheKind::ALL {
-        let _ = writeln!(
-            out,
-            "tidepool_node_cache_budget_bytes{{cache=\"{k}\"}} {}",
-            book.budgets().of(k)
-        );
-    }
-    family(
-        &mut out,
-        "node_cache_files",
-        "Files in each disk cache.",
-        "gauge",
-    );
-    for k in CacheKind::ALL {
-        let _ = writeln!(
-            out,
-            "tidepool_node_cache_files{{cache=\"{k}\"}} {}",
-            book.count(k)
-        );
-    }
-    family(
-        &mut out,
-        "node_cache_evictions_total",
-        "Files removed from each cache to keep it within its budget.",
-        "counter",
-    );
-    for k in CacheKind::ALL {
-        let _ = writeln!(
-            out,
-            "tidepool_node_cache_evictions_total{{cache=\"{k}\"}} {}",
-            book.evictions(k)
-        );
+    let caches: [PerCache<'_>; 4] = [
+        (
+            "node_cache_bytes",
+            "Bytes in each disk cache.",
+            "gauge",
+            &|k| book.used(k),
+        ),
+        (
+            "node_cache_budget_bytes",
+            "Each disk cache's budget ([caches]).",
+            "gauge",
+            &|k| book.budgets().of(k),
+        ),
+        (
+            "node_cache_files",
+            "Files in each disk cache.",
+            "gauge",
+            &|k| book.count(k) as u64,
+        ),
+        (
+            "node_cache_evictions_total",
+            "Files removed from each cache to keep it within its budget.",
+            "counter",
+            &|k| book.evictions(k),
+        ),
+    ];
+    for (name, help, kind, value) in caches {
+        family(&mut out, name, help, kind);
+        for k in CacheKind::ALL {
+            let _ = writeln!(out, "tidepool_{name}{{cache=\"{k}\"}} {}", value(k));
+        }
     }
     single(
         &mut out,

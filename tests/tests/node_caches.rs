@@ -68,6 +68,20 @@ async fn finish(client: &PoolClient, job: JobId) -> Result<()> {
     Ok(())
 }
 
+/// The token of the test nodes' metrics listener.
+const TOKEN: &str = "node-metrics-token-for-the-test";
+
+/// Turn on `cfg`'s metrics listener on a free loopback port; its address.
+fn with_metrics(cfg: &mut tidepool_node::NodeConfig) -> Result<std::net::SocketAddr> {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    cfg.metrics = Some(tidepool_node::MetricsConfig {
+        listen: addr,
+        token: TOKEN.into(),
+        max_connections: 4,
+    });
+    Ok(addr)
+}
+
 /// Wait until `cond` holds (polled every 50 ms) or fail after `secs`.
 async fn until(secs: u64, what: &str, mut cond: impl AsyncFnMut() -> bool) -> Result<()> {
     let start = std::time::Instant::now();
@@ -96,16 +110,7 @@ async fn a_node_under_a_small_model_budget_evicts_the_least_recently_used_but_ne
         models: model_size * 5 / 2,
         ..Budgets::default()
     };
-    let token = "node-metrics-token-for-the-test";
-    let metrics_addr: std::net::SocketAddr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        l.local_addr()?
-    };
-    cfg.metrics = Some(tidepool_node::MetricsConfig {
-        listen: metrics_addr,
-        token: token.into(),
-        max_connections: 4,
-    });
+    let metrics_addr = with_metrics(&mut cfg)?;
     let data_dir = cfg.data_dir.clone();
     let models_dir = data_dir.join("models");
     let held = |sha: &str| models_dir.join(sha).is_file();
@@ -155,7 +160,6 @@ async fn a_node_under_a_small_model_budget_evicts_the_least_recently_used_but_ne
     until(30, "the node to stop the cancelled task", async || {
         node_metric(
             metrics_addr,
-            token,
             "tidepool_node_task_failures_total{kind=\"cancelled\"}",
         )
         .await
@@ -171,7 +175,7 @@ async fn a_node_under_a_small_model_budget_evicts_the_least_recently_used_but_ne
     assert!(used <= model_size * 5 / 2, "{used} bytes over the budget");
 
     // 5. What the node says about it.
-    let (code, body) = http_get(metrics_addr, "/metrics", Some(token)).await?;
+    let (code, body) = http_get(metrics_addr, "/metrics", Some(TOKEN)).await?;
     assert_eq!(code, 200, "{body}");
     let metric =
         |name: &str| value(&body, name).with_context(|| format!("no {name} in /metrics:\n{body}"));
@@ -215,8 +219,8 @@ async fn a_node_under_a_small_model_budget_evicts_the_least_recently_used_but_ne
 
 /// One metric's value from the node's `/metrics` (`None` if unreachable
 /// or absent).
-async fn node_metric(addr: std::net::SocketAddr, token: &str, name: &str) -> Option<f64> {
-    let (_, body) = http_get(addr, "/metrics", Some(token)).await.ok()?;
+async fn node_metric(addr: std::net::SocketAddr, name: &str) -> Option<f64> {
+    let (_, body) = http_get(addr, "/metrics", Some(TOKEN)).await.ok()?;
     value(&body, name)
 }
 
@@ -235,16 +239,7 @@ async fn three_bundles_naming_one_model_load_it_once_on_a_node() -> Result<()> {
     let pool = start_test_pool(dir.path(), &keys).await?;
     let client = PoolClient::connect(pool.addr, &keys.publisher, keys.pool.public()).await?;
     let mut cfg = node_config(dir.path(), &keys, 1, pool.addr);
-    let token = "node-metrics-token-for-the-test";
-    let metrics_addr: std::net::SocketAddr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        l.local_addr()?
-    };
-    cfg.metrics = Some(tidepool_node::MetricsConfig {
-        listen: metrics_addr,
-        token: token.into(),
-        max_connections: 4,
-    });
+    let metrics_addr = with_metrics(&mut cfg)?;
     let node = start_node(cfg);
     let (model, sha) = model_variant(dir.path(), 7)?;
     for n in 0..3u8 {
@@ -264,7 +259,7 @@ async fn three_bundles_naming_one_model_load_it_once_on_a_node() -> Result<()> {
         )
         .await?;
     }
-    let (code, body) = http_get(metrics_addr, "/metrics", Some(token)).await?;
+    let (code, body) = http_get(metrics_addr, "/metrics", Some(TOKEN)).await?;
     assert_eq!(code, 200, "{body}");
     assert_eq!(
         value(&body, "tidepool_node_bundle_loads_total"),

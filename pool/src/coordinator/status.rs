@@ -5,7 +5,6 @@ use super::fit::cannot_run;
 use super::refusal;
 use super::Coordinator;
 use crate::store::{JobCounts, NodeCounters, Store};
-use crate::verify::Standing;
 use std::collections::BTreeMap;
 use std::time::Instant;
 use tidepool_proto::session::Refusal;
@@ -273,11 +272,7 @@ impl<S: Store> Coordinator<S> {
                 ),
                 None => (false, 0.0, 0, 0),
             };
-            let st = self
-                .standing
-                .get(&key)
-                .copied()
-                .unwrap_or_else(|| Standing::new(&self.cfg.verify));
+            let st = self.standing_of(&key);
             nodes.push(NodeStatus {
                 key,
                 connected,
