@@ -16,17 +16,12 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
-use tidepool_bench::{measure_pair, measure_ratio};
+use tidepool_bench::{measure_pair, measure_ratio, summarize_prompts};
 use tidepool_proto::llm::AcceptPolicy;
 use tidepool_tests::llm::{input, run, summarize_sandbox};
 use tidepool_tests::{fortunes, model_path};
 
 const THREADS: u32 = 1;
-
-// The summarize job's prompts (jobs/summarize/src/lib.rs), rebuilt here so
-// the native run does the same work; the token counts are checked equal.
-const SUMMARY_SHOTS: &str = "Write a one-sentence summary of each text.\n\nText: The early bird gets the worm, but the second mouse gets the cheese.\nSummary: Being first is not always an advantage.\n\nText: Never trust a computer you can't throw out a window.\nSummary: Machines deserve only as much trust as we can control.\n\n";
-const TOPIC_SHOTS: &str = "Text: A penny saved is a penny earned.\nTopic: money\n\nText: Never trust a computer you can't throw out a window.\nTopic: technology\n\nText: The early bird gets the worm, but the second mouse gets the cheese.\nTopic: animals\n\n";
 
 /// Generate greedily with llama.cpp directly (same settings as the node's
 /// engine); returns (prompt tokens, generated tokens).
@@ -103,10 +98,6 @@ fn text_tensor(name: &str, data: &[u8]) -> wasmtime_wasi_nn::backend::NamedTenso
     }
 }
 
-fn one_line(t: &str) -> String {
-    t.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
 /// Read bandwidth of `threads` threads, each summing its own 256 MiB
 /// buffer (far larger than the caches); best of three.
 fn read_bandwidth(threads: usize) -> f64 {
@@ -154,21 +145,11 @@ fn main() -> anyhow::Result<()> {
         let mut p = 0;
         let mut g = 0;
         for t in &texts {
-            let line = one_line(t);
-            let (a, b) = native(
-                backend,
-                &model,
-                &format!("{SUMMARY_SHOTS}Text: {line}\nSummary:"),
-                48,
-            );
-            let (c, d) = native(
-                backend,
-                &model,
-                &format!("{TOPIC_SHOTS}Text: {line}\nTopic:"),
-                8,
-            );
-            p += a + c;
-            g += b + d;
+            for (prompt, max) in summarize_prompts(t) {
+                let (a, b) = native(backend, &model, &prompt, max);
+                p += a;
+                g += b;
+            }
         }
         (p, g)
     };
@@ -200,11 +181,7 @@ fn main() -> anyhow::Result<()> {
     let graph = tidepool_host::backend::NnEngine::load(&engine, &model_path("gemma3-270m"))?;
     let direct_pass = || {
         for t in &texts {
-            let line = one_line(t);
-            for (prompt, max) in [
-                (format!("{SUMMARY_SHOTS}Text: {line}\nSummary:"), 48),
-                (format!("{TOPIC_SHOTS}Text: {line}\nTopic:"), 8),
-            ] {
+            for (prompt, max) in summarize_prompts(t) {
                 let env = tidepool_host::backend::TaskEnv {
                     budget: tidepool_host::backend::TaskBudget {
                         deadline: Instant::now() + Duration::from_secs(600),

@@ -22,7 +22,8 @@ use tidepool_host::{OnnxEngine, RegistryBuilder, Sandbox};
 use tidepool_tests::{fortunes, guest, model_path, run, test_config};
 
 fn sandbox(choice: &OnnxEngine) -> Sandbox {
-    let (engines, _) = tidepool_host::engines(choice, 1).expect("engines");
+    let (engines, _) =
+        tidepool_host::engines(choice, tidepool_host::LlmSettings::alone(1)).expect("engines");
     let entry = tidepool_host::models::catalog_entry("minilm-l3").expect("catalogue");
     let mut reg = RegistryBuilder::new(engines);
     reg.add("minilm-l3", "onnx", &model_path("minilm-l3"), entry.sha256)
@@ -171,6 +172,7 @@ fn main() -> anyhow::Result<()> {
             let reused = tidepool_host::TaskSpec {
                 replay: None,
                 accept: Default::default(),
+                shared_batches: false,
                 id: "b",
                 params: &Default::default(),
                 input: &input,

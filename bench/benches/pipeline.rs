@@ -83,6 +83,7 @@ fn in_process(items: &[Item]) -> anyhow::Result<(Duration, [Duration; 3], usize)
             let out = sb.run(
                 job,
                 TaskSpec {
+                    shared_batches: false,
                     id,
                     params: &params,
                     input,

@@ -38,6 +38,7 @@ fn main() {
         assert!(out.result.expect("ok").is_empty());
     });
     let task = TaskSpec {
+        shared_batches: false,
         replay: None,
         accept: Default::default(),
         id: "t",

@@ -151,3 +151,16 @@ pub fn proc_status_mib(pid: Option<u32>, field: &str) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb / 1024)
 }
+
+/// The summarize job's two prompts for a text (jobs/summarize/src/lib.rs),
+/// rebuilt so native llama.cpp baselines do the same work: (summary prompt,
+/// its token bound), (topic prompt, its token bound). Both stop at a newline.
+pub fn summarize_prompts(text: &str) -> [(String, usize); 2] {
+    const SUMMARY_SHOTS: &str = "Write a one-sentence summary of each text.\n\nText: The early bird gets the worm, but the second mouse gets the cheese.\nSummary: Being first is not always an advantage.\n\nText: Never trust a computer you can't throw out a window.\nSummary: Machines deserve only as much trust as we can control.\n\n";
+    const TOPIC_SHOTS: &str = "Text: A penny saved is a penny earned.\nTopic: money\n\nText: Never trust a computer you can't throw out a window.\nTopic: technology\n\nText: The early bird gets the worm, but the second mouse gets the cheese.\nTopic: animals\n\n";
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    [
+        (format!("{SUMMARY_SHOTS}Text: {line}\nSummary:"), 48),
+        (format!("{TOPIC_SHOTS}Text: {line}\nTopic:"), 8),
+    ]
+}

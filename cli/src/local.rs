@@ -70,10 +70,28 @@ pub struct Network {
 
 impl Network {
     /// Start the pool in `dir/pool` and `nodes` nodes (`dir/node-N`), each
-    /// with one task slot and `llm_threads` threads for text generation.
-    pub async fn start(dir: &Path, keys: &Keys, llm_threads: u32) -> anyhow::Result<Self> {
+    /// with `slots` task slots and these text generation settings. The
+    /// nodes are the pool owner's own: listed as trusted, so their results
+    /// are sampled at the floor from the start instead of all re-executed —
+    /// unless `check_all`, which re-executes every result on the other node
+    /// (the nodes never earn standing).
+    pub async fn start(
+        dir: &Path,
+        keys: &Keys,
+        slots: u32,
+        llm: tidepool_host::LlmSettings,
+        check_all: bool,
+    ) -> anyhow::Result<Self> {
         let mut policy = PoolConfig::default();
         policy.publishers.insert(keys.publisher.public());
+        if check_all {
+            policy.verify.step = 0;
+        } else {
+            policy
+                .verify
+                .trusted
+                .extend(keys.nodes.iter().map(SecretKey::public));
+        }
         let pool = serve(ServeConfig {
             listen: "127.0.0.1:0".parse()?,
             key: keys.pool.clone(),
@@ -94,7 +112,7 @@ impl Network {
                     pool_key: keys.pool.public(),
                     key: k.clone(),
                     data_dir: dir.join(format!("node-{i}")),
-                    slots: 1,
+                    slots,
                     queue: None,
                     memory_mib: 1024,
                     publishers: BTreeSet::from([keys.publisher.public()]),
@@ -102,7 +120,8 @@ impl Network {
                     operator: None,
                     hardware: None,
                     onnx: tidepool_host::OnnxEngine::Tract,
-                    llm_threads,
+                    llm_threads: llm.threads,
+                    llm_batch: llm.batch,
                     gpu: None,
                     nn: tidepool_host::NnLimits::default(),
                     budgets: tidepool_node::caches::Budgets::default(),

@@ -85,6 +85,18 @@ fn demo_runs_the_pipeline_and_a_second_run_is_all_cache_hits() {
         first["figures"]["computed"], 6,
         "3 embeds, 1 dedupe, 2 summaries: {first}"
     );
+    // Two nodes, each saying what it generated; the rate over the run.
+    let nodes = first["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 2, "{first}");
+    let tokens: u64 = nodes
+        .iter()
+        .map(|n| n["generated_tokens"].as_u64().expect("tokens"))
+        .sum();
+    assert!(tokens >= 4, "two summaries and two topics: {first}");
+    assert!(
+        first["items_per_second"].as_f64().expect("rate") > 0.0,
+        "{first}"
+    );
     let md = std::fs::read_to_string(first["markdown"].as_str().expect("path")).expect("report.md");
     assert!(
         md.contains("## Rejected items") && md.contains("`line-4`"),

@@ -27,24 +27,51 @@ use std::sync::Arc;
 /// Threads a `ggml` (llama.cpp) task context uses unless configured.
 pub const DEFAULT_LLM_THREADS: u32 = 1;
 
+/// Most generations one shared llama.cpp context decodes together.
+pub const MAX_LLM_BATCH: u32 = 64;
+
+/// How a node runs text generation (node settings `llm_threads`,
+/// `llm_batch`; part of its deterministic settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LlmSettings {
+    /// Threads of every llama.cpp context.
+    pub threads: u32,
+    /// Generations of `llm`-tier tasks decoded together in one shared
+    /// context per model (1: each generation has a context of its own).
+    pub batch: u32,
+}
+
+impl LlmSettings {
+    /// Every generation in a context of its own with `threads` threads.
+    pub fn alone(threads: u32) -> Self {
+        Self { threads, batch: 1 }
+    }
+}
+
+impl Default for LlmSettings {
+    fn default() -> Self {
+        Self::alone(DEFAULT_LLM_THREADS)
+    }
+}
+
 /// The engines this build has, one per encoding: tract for `onnx`, and
 /// llama.cpp for `ggml` (with [`DEFAULT_LLM_THREADS`]) when built with the
 /// `llama` feature.
 pub fn default_engines() -> Vec<Arc<dyn backend::NnEngine>> {
     let mut e: Engines = vec![Arc::new(TractEngine)];
-    add_llama(&mut e, DEFAULT_LLM_THREADS);
+    add_llama(&mut e, LlmSettings::default());
     e
 }
 
-/// Add the llama.cpp engine with `threads` threads per task (if built).
-fn add_llama(engines: &mut Engines, threads: u32) {
+/// Add the llama.cpp engine with these settings (if built).
+fn add_llama(engines: &mut Engines, llm: LlmSettings) {
     #[cfg(feature = "llama")]
-    match backend::llama::LlamaEngine::new(threads) {
-        Ok(l) => engines.push(Arc::new(l)),
+    match backend::llama::LlamaEngine::new(llm.threads) {
+        Ok(l) => engines.push(Arc::new(l.with_batch(llm.batch))),
         Err(e) => tracing::warn!("llama.cpp unavailable: {e}; ggml models cannot run"),
     }
     #[cfg(not(feature = "llama"))]
-    let _ = (engines, threads);
+    let _ = (engines, llm);
 }
 
 /// Which engine runs `onnx` models on a node (wasmtime-wasi-nn keeps one
@@ -86,11 +113,11 @@ pub type Engines = Vec<Arc<dyn backend::NnEngine>>;
 /// an error that says what and where, or, with `fallback`, tract and the
 /// reason (to be logged).
 ///
-/// `llm_threads` is the thread count of every llama.cpp task context (part
-/// of the node's deterministic settings).
+/// `llm` says how llama.cpp contexts are made (part of the node's
+/// deterministic settings).
 pub fn engines(
     choice: &OnnxEngine,
-    llm_threads: u32,
+    llm: LlmSettings,
 ) -> Result<(Engines, Option<String>), EngineError> {
     let tract = || -> Engines { vec![Arc::new(TractEngine)] };
     let (mut e, why) = match choice {
@@ -104,7 +131,7 @@ pub fn engines(
             Err(why) => return Err(why),
         },
     };
-    add_llama(&mut e, llm_threads);
+    add_llama(&mut e, llm);
     Ok((e, why))
 }
 

@@ -102,17 +102,17 @@ pub fn registry_from_args(
     args: &[ModelArg],
     models_dir: &Path,
 ) -> Result<ModelRegistry, LocalModelError> {
-    registry_with(args, models_dir, crate::DEFAULT_LLM_THREADS)
+    registry_with(args, models_dir, crate::LlmSettings::default())
 }
 
-/// [`registry_from_args`] with llama.cpp contexts of `llm_threads` threads.
+/// [`registry_from_args`] with these llama.cpp settings.
 pub fn registry_with(
     args: &[ModelArg],
     models_dir: &Path,
-    llm_threads: u32,
+    llm: crate::LlmSettings,
 ) -> Result<ModelRegistry, LocalModelError> {
     let (engines, _) =
-        crate::engines(&crate::OnnxEngine::Tract, llm_threads).map_err(LocalModelError::Engine)?;
+        crate::engines(&crate::OnnxEngine::Tract, llm).map_err(LocalModelError::Engine)?;
     let mut b = RegistryBuilder::new(engines);
     for a in args {
         let (entry, path) = match (&a.path, models::catalog_entry(&a.name)) {

@@ -191,6 +191,10 @@ pub struct TaskSpec<'a> {
     pub replay: Option<&'a [tidepool_proto::llm::Generation]>,
     /// How close a replayed token must be (the manifest's `llm` policy).
     pub accept: tidepool_proto::llm::AcceptPolicy,
+    /// Whether its text generations may share a batch with other tasks'
+    /// (`llm`-tier jobs only: their check tolerates the last-bit differences
+    /// batching causes; ADR 0020).
+    pub shared_batches: bool,
 }
 
 impl<'a> TaskSpec<'a> {
@@ -202,6 +206,7 @@ impl<'a> TaskSpec<'a> {
             input,
             replay: None,
             accept: tidepool_proto::llm::AcceptPolicy::default(),
+            shared_batches: false,
         }
     }
 }
@@ -532,10 +537,10 @@ impl Sandbox {
                 .wall_clock(VirtualWallClock::default())
                 .monotonic_clock(VirtualMonotonicClock::default());
         }
-        let llm = Arc::new(LlmTask::replaying(
-            task.replay.map(<[_]>::to_vec),
-            task.accept,
-        ));
+        let llm = Arc::new(
+            LlmTask::replaying(task.replay.map(<[_]>::to_vec), task.accept)
+                .sharing_batches(task.shared_batches),
+        );
         let nn_usage = Arc::new(NnUsage::new(self.config.nn));
         let env = TaskEnv {
             budget,

@@ -120,6 +120,10 @@ impl Ctx {
                 TaskSpec {
                     replay: replay.as_deref(),
                     accept: p2.manifest.determinism.accept_policy(),
+                    shared_batches: matches!(
+                        p2.manifest.determinism,
+                        tidepool_proto::manifest::Determinism::Llm { .. }
+                    ),
                     id: &id,
                     params: &p2.manifest.params,
                     input: &input,
@@ -135,9 +139,11 @@ impl Ctx {
         };
         let now = crate::unix_now();
         let engine_us = out.receipt.metering.compute_us;
+        let tokens = out.receipt.metering.tokens_out;
         self.count(|t| {
             t.completed += 1;
             t.engine_us += engine_us;
+            t.generated_tokens += tokens;
         });
         self.state
             .lock()
@@ -363,7 +369,13 @@ pub async fn run(
         bundles: total.1,
         ..NodeState::default()
     };
-    let (engines, fell_back) = tidepool_host::engines(&cfg.onnx, cfg.llm_threads)?;
+    let (engines, fell_back) = tidepool_host::engines(
+        &cfg.onnx,
+        tidepool_host::LlmSettings {
+            threads: cfg.llm_threads,
+            batch: cfg.llm_batch,
+        },
+    )?;
     if let Some(why) = fell_back {
         warn!("{why}");
     }
@@ -637,5 +649,11 @@ pub async fn run(
     if let Some(task) = metrics {
         task.abort();
     }
+    report.generated_tokens = ctx
+        .state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .since_start
+        .generated_tokens;
     Ok(report)
 }

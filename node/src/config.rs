@@ -42,6 +42,10 @@ pub struct NodeConfig {
     /// Threads of each llama.cpp (`ggml`) task context: fixed per node, part
     /// of its deterministic settings.
     pub llm_threads: u32,
+    /// Generations of `llm`-tier tasks decoded together in one shared
+    /// llama.cpp context per model (1: each has a context of its own;
+    /// ADR 0020).
+    pub llm_batch: u32,
     /// The GPU to serve GPU-tier jobs on (`None`: a CPU-only node).
     pub gpu: Option<tidepool_host::gpu::GpuChoice>,
     /// What one task may hold and spend in wasi-nn (`[sandbox]`).
@@ -117,7 +121,11 @@ pub fn hardware_class() -> String {
 /// onnx_engine = "tract"         # or "onnxruntime" (faster; results differ from tract in the last bits)
 /// onnxruntime_lib = "..."       # default: the catalogue's onnxruntime-lib in the models directory
 /// onnxruntime_fallback = false  # true: run tract if ONNX Runtime cannot be used; false: refuse to start
-/// llm_threads = 1               # threads per llama.cpp task (fixed; default 1)
+/// llm_threads = 1               # threads per llama.cpp context (fixed; default 1)
+/// llm_batch = 1                 # generations of llm-tier tasks decoded together in one
+///                               #   shared context per model (1..=64; 1 = each task alone).
+///                               #   With batching, set llm_threads to the cores text
+///                               #   generation may use: the shared context uses them all
 ///
 /// [sandbox]                     # what one task may hold and spend outside its memory
 /// max_tensor_mib = 256          # live wasi-nn tensors (made by the job, or returned to it)
@@ -188,6 +196,9 @@ pub struct NodeFile {
     /// Threads per llama.cpp task context.
     #[serde(default = "node_default_llm_threads")]
     pub llm_threads: u32,
+    /// Generations decoded together per model (`llm`-tier tasks).
+    #[serde(default = "node_default_llm_batch")]
+    pub llm_batch: u32,
     /// Per-task budgets outside linear memory (`[sandbox]`).
     #[serde(default)]
     pub sandbox: SandboxFile,
@@ -361,6 +372,10 @@ fn node_default_llm_threads() -> u32 {
     tidepool_host::DEFAULT_LLM_THREADS
 }
 
+fn node_default_llm_batch() -> u32 {
+    1
+}
+
 fn node_default_onnx() -> String {
     "tract".into()
 }
@@ -421,6 +436,13 @@ impl NodeFile {
             return Err(NodeError::Config(format!(
                 "llm_threads = {} is outside 1..=256",
                 self.llm_threads
+            )));
+        }
+        if self.llm_batch == 0 || self.llm_batch > tidepool_host::MAX_LLM_BATCH {
+            return Err(NodeError::Config(format!(
+                "llm_batch = {} is outside 1..={}",
+                self.llm_batch,
+                tidepool_host::MAX_LLM_BATCH
             )));
         }
         if self.memory_mib < 16 {
@@ -508,6 +530,7 @@ impl NodeFile {
                 }
             },
             llm_threads: self.llm_threads,
+            llm_batch: self.llm_batch,
             gpu,
             nn: self.sandbox.limits()?,
             budgets: self.caches.budgets()?,
@@ -593,6 +616,16 @@ mod tests {
         }
         let err = with("onnx_engine = \"tensorrt\"\n").expect_err("unknown engine");
         assert!(err.to_string().contains("\"tensorrt\" is not"), "{err}");
+
+        // Text generation: alone by default; a batch of 1..=64.
+        let c = with("").expect("config");
+        assert_eq!((c.llm_threads, c.llm_batch), (1, 1));
+        let c = with("llm_threads = 2\nllm_batch = 8\n").expect("config");
+        assert_eq!((c.llm_threads, c.llm_batch), (2, 8));
+        for bad in ["llm_batch = 0\n", "llm_batch = 65\n"] {
+            let err = with(bad).expect_err("batch out of range").to_string();
+            assert!(err.contains("llm_batch") && err.contains("1..=64"), "{err}");
+        }
 
         // [sandbox]: documented defaults, settings in MiB, nonsense refused.
         assert_eq!(

@@ -53,6 +53,8 @@ pub struct NodeReport {
     pub rejected: u64,
     /// Connections made.
     pub connections: u64,
+    /// Tokens its text generations produced (or accepted, replaying).
+    pub generated_tokens: u64,
 }
 
 /// Errors that stop a node.

@@ -235,6 +235,13 @@ fn render(ctx: &Ctx) -> String {
         "counter",
         s.engine_us as f64 / 1e6,
     );
+    single(
+        &mut out,
+        "node_generated_tokens_total",
+        "Tokens text generation produced (or accepted, replaying a claim).",
+        "counter",
+        s.generated_tokens as f64,
+    );
     {
         let h = t.task_seconds.lock().unwrap_or_else(|p| p.into_inner());
         histogram(

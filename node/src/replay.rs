@@ -149,8 +149,11 @@ pub fn replay(
         })?;
         files.insert(m.blob.sha256, path);
     }
-    let (engines, _) = tidepool_host::engines(&cfg.onnx, cfg.llm_threads)
-        .map_err(|e| ReplayError::Run(e.to_string()))?;
+    let (engines, _) = tidepool_host::engines(
+        &cfg.onnx,
+        tidepool_host::LlmSettings::alone(cfg.llm_threads),
+    )
+    .map_err(|e| ReplayError::Run(e.to_string()))?;
     let sandbox: Sandbox = crate::bundles::bundle_sandbox(
         &manifest,
         engines,
@@ -175,6 +178,8 @@ pub fn replay(
                 input: &r.input.0,
                 replay: llm.then_some(r.transcript.as_slice()),
                 accept: manifest.determinism.accept_policy(),
+                // A replay on the owner's machine runs alone.
+                shared_batches: false,
             },
         )
         .map_err(|e| ReplayError::Run(format!("the task did not end with a result: {e}")))?;

@@ -54,6 +54,8 @@ pub struct Tally {
     pub rejected: u64,
     /// Microseconds engines spent in `compute` calls.
     pub engine_us: u64,
+    /// Tokens text generation produced (or accepted, replaying a claim).
+    pub generated_tokens: u64,
     /// Failed tasks by kind (`deadline`, `memory`, `bundle_refused`...).
     pub failures: BTreeMap<String, u64>,
 }

@@ -173,6 +173,7 @@ pub fn node_config(dir: &Path, keys: &Keys, i: u8, pool: SocketAddr) -> NodeConf
         hardware: None,
         onnx: tidepool_host::OnnxEngine::Tract,
         llm_threads: 1,
+        llm_batch: 1,
         gpu: None,
         nn: tidepool_host::NnLimits::default(),
         budgets: tidepool_node::caches::Budgets::default(),

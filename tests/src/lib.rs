@@ -110,6 +110,7 @@ pub fn run(
         TaskSpec {
             replay: None,
             accept: Default::default(),
+            shared_batches: false,
             id,
             params: &BTreeMap::new(),
             input,

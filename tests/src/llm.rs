@@ -15,6 +15,15 @@ pub const MODEL: &str = "gemma3-270m";
 /// catalogue's verified file), `threads` per generation, and the summarize
 /// job loaded.
 pub fn summarize_sandbox(file: Option<(&Path, &str)>, threads: u32) -> (Sandbox, JobComponent) {
+    summarize_sandbox_with(file, tidepool_host::LlmSettings::alone(threads))
+}
+
+/// [`summarize_sandbox`] with these llama.cpp settings (batching among
+/// them), and room for 16 tasks at once.
+pub fn summarize_sandbox_with(
+    file: Option<(&Path, &str)>,
+    llm: tidepool_host::LlmSettings,
+) -> (Sandbox, JobComponent) {
     let arg = match file {
         Some((p, sha)) => ModelArg {
             name: MODEL.into(),
@@ -30,12 +39,13 @@ pub fn summarize_sandbox(file: Option<(&Path, &str)>, threads: u32) -> (Sandbox,
             }
         }
     };
-    let reg = registry_with(&[arg], &tidepool_host::models::models_dir(), threads)
+    let reg = registry_with(&[arg], &tidepool_host::models::models_dir(), llm)
         .expect("gemma3-270m must be fetched: run `cargo xtask fetch-models`");
     let sb = Sandbox::new(
         SandboxConfig {
             timeout: std::time::Duration::from_secs(300),
             cache_dir: None,
+            max_concurrent: 16,
             ..SandboxConfig::default()
         },
         reg,
@@ -69,6 +79,9 @@ pub fn run(
             input,
             replay: claim,
             accept,
+            // The summarize job is `llm`-tier: its generations may share a
+            // batch wherever the engine batches.
+            shared_batches: true,
         },
     )
     .expect("the task runs")
@@ -156,6 +169,41 @@ pub fn lie(lie: Lie, honest: &[Generation], donor: &[Generation], seed: u64) -> 
                 prompt: g.prompt,
                 tokens,
             }
+        })
+        .collect()
+}
+
+/// One task for [`run_all`]: id, input, claim to replay, policy.
+pub type Job<'a> = (String, Vec<u8>, Option<&'a [Generation]>, AcceptPolicy);
+
+/// Run every task on `workers` threads at once (so a batching engine
+/// decodes their generations together); outputs in the tasks' order.
+pub fn run_all(
+    sb: &Sandbox,
+    job: &JobComponent,
+    tasks: &[Job<'_>],
+    workers: usize,
+) -> Vec<TaskOutput> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let outs: Vec<std::sync::Mutex<Option<TaskOutput>>> =
+        tasks.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..workers.max(1) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((id, input, claim, policy)) = tasks.get(i) else {
+                    return;
+                };
+                let out = run(sb, job, id, input, *claim, *policy);
+                *outs[i].lock().expect("output slot") = Some(out);
+            });
+        }
+    });
+    outs.into_iter()
+        .map(|o| {
+            o.into_inner()
+                .expect("output slot")
+                .expect("every task ran")
         })
         .collect()
 }

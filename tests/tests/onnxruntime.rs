@@ -30,7 +30,7 @@ fn ort_engines() -> Vec<Arc<dyn NnEngine>> {
             library: ort_library(),
             fallback: false,
         },
-        1,
+        tidepool_host::LlmSettings::alone(1),
     )
     .expect("ONNX Runtime loads");
     assert!(fell_back.is_none());
@@ -85,7 +85,7 @@ fn a_missing_library_is_refused_or_replaced_by_tract_as_configured() {
         library: "/nonexistent/libonnxruntime.so.1.31.1".into(),
         fallback: false,
     };
-    let err = tidepool_host::engines(&missing, 1)
+    let err = tidepool_host::engines(&missing, tidepool_host::LlmSettings::alone(1))
         .expect_err("missing library")
         .to_string();
     assert!(
@@ -97,7 +97,7 @@ fn a_missing_library_is_refused_or_replaced_by_tract_as_configured() {
             library: "/nonexistent/libonnxruntime.so.1.31.1".into(),
             fallback: true,
         },
-        1,
+        tidepool_host::LlmSettings::alone(1),
     )
     .expect("fallback");
     assert_eq!(engines[0].describe(), "tract-onnx 0.23.9 (cpu)");

@@ -13,7 +13,7 @@ fn a_file_that_is_not_onnxruntime_is_refused_with_the_reason() {
             library: fake.clone(),
             fallback: false,
         },
-        1,
+        tidepool_host::LlmSettings::alone(1),
     )
     .expect_err("not a library")
     .to_string();

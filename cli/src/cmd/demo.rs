@@ -30,9 +30,19 @@ pub struct Args {
     /// Local nodes.
     #[arg(long, default_value_t = 2)]
     nodes: usize,
-    /// Threads per text generation on each node.
+    /// Task slots on each node.
+    #[arg(long, default_value_t = 4)]
+    slots: u32,
+    /// Threads of each node's text generation context.
     #[arg(long, default_value_t = tidepool_host::DEFAULT_LLM_THREADS)]
     llm_threads: u32,
+    /// Generations each node decodes together (1 = each alone).
+    #[arg(long, default_value_t = 4)]
+    llm_batch: u32,
+    /// Re-execute every result on the other node to check it (the nodes
+    /// are otherwise the pool owner's own, trusted from the start).
+    #[arg(long)]
+    check_all: bool,
     /// Print the figures as JSON.
     #[arg(long)]
     json: bool,
@@ -57,7 +67,12 @@ pub fn main(a: Args) -> anyhow::Result<ExitCode> {
         );
     }
     let outcome = crate::cmd::common::runtime()?.block_on(async {
-        let net = crate::local::Network::start(&dir, &keys, a.llm_threads).await?;
+        let llm = tidepool_host::LlmSettings {
+            threads: a.llm_threads.clamp(1, 256),
+            batch: a.llm_batch.clamp(1, tidepool_host::MAX_LLM_BATCH),
+        };
+        let net = crate::local::Network::start(&dir, &keys, a.slots.clamp(1, 64), llm, a.check_all)
+            .await?;
         let client = tidepool_client::PoolClient::connect(
             net.pool.addr,
             &keys.publisher,
@@ -78,9 +93,10 @@ pub fn main(a: Args) -> anyhow::Result<ExitCode> {
         )
         .await;
         client.close().await;
-        net.stop().await?;
-        out
+        let nodes = net.stop().await?;
+        out.map(|o| (o, nodes))
     })?;
+    let (outcome, nodes) = outcome;
     if fresh {
         // A directory of its own is never used again: keep the report, not
         // the pool's and nodes' copies of the models (about 1 GB).
@@ -90,10 +106,35 @@ pub fn main(a: Args) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    let seconds = outcome.figures.seconds.max(1e-9);
     if a.json {
-        println!("{}", crate::runner::figures_json(&outcome));
+        let mut v = crate::runner::figures_json(&outcome);
+        v["items_per_second"] = serde_json::json!(outcome.report.items as f64 / seconds);
+        v["nodes"] = nodes
+            .iter()
+            .map(|n| {
+                serde_json::json!({
+                    "completed": n.completed,
+                    "generated_tokens": n.generated_tokens,
+                    "tokens_per_second": n.generated_tokens as f64 / seconds,
+                })
+            })
+            .collect();
+        println!("{v}");
     } else {
         crate::runner::print_figures(&outcome);
+        println!(
+            "{:.2} items/s through the whole pipeline",
+            outcome.report.items as f64 / seconds
+        );
+        for (i, n) in nodes.iter().enumerate() {
+            println!(
+                "  node {i}: {} tasks, {} tokens generated ({:.1} tokens/s)",
+                n.completed,
+                n.generated_tokens,
+                n.generated_tokens as f64 / seconds
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -71,7 +71,7 @@ pub fn main(a: Args) -> anyhow::Result<ExitCode> {
     let registry = registry_with(
         &a.models,
         &tidepool_host::models::models_dir(),
-        a.llm_threads.clamp(1, 256),
+        tidepool_host::LlmSettings::alone(a.llm_threads.clamp(1, 256)),
     )?;
     let config = SandboxConfig {
         timeout: Duration::from_secs_f64(a.timeout),
@@ -89,6 +89,7 @@ pub fn main(a: Args) -> anyhow::Result<ExitCode> {
     let out = match sandbox.run(
         &job,
         TaskSpec {
+            shared_batches: false,
             replay: None,
             accept: Default::default(),
             id: &a.task_id,

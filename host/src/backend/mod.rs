@@ -89,6 +89,10 @@ pub struct LlmTask {
     replay: Option<Transcript>,
     /// How close a replayed token must be to this node's choice.
     pub policy: AcceptPolicy,
+    /// Whether the task's generations may be decoded in one batch with other
+    /// tasks' (only for a tier whose check tolerates last-bit differences:
+    /// `llm`; ADR 0020). Fixed for the task.
+    pub shared_batches: bool,
     /// What happened so far: generations made, replay reports.
     state: Mutex<LlmState>,
 }
@@ -137,8 +141,16 @@ impl LlmTask {
         Self {
             replay: claim,
             policy,
+            shared_batches: false,
             state: Mutex::default(),
         }
+    }
+
+    /// Let (or stop) this task's generations share batches with other tasks'.
+    #[must_use]
+    pub fn sharing_batches(mut self, shared: bool) -> Self {
+        self.shared_batches = shared;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LlmState> {

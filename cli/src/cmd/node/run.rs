@@ -45,9 +45,13 @@ pub struct RunArgs {
     /// Run tract when ONNX Runtime cannot be used, instead of refusing to start.
     #[arg(long)]
     onnxruntime_fallback: bool,
-    /// Threads per llama.cpp (text generation) task (overrides the file).
+    /// Threads per llama.cpp (text generation) context (overrides the file).
     #[arg(long)]
     llm_threads: Option<u32>,
+    /// Generations of llm-tier tasks decoded together per model, 1..=64
+    /// (1 = each alone; overrides the file).
+    #[arg(long)]
+    llm_batch: Option<u32>,
     /// Serve GPU-tier jobs on this CUDA device (turns on the file's [gpu]).
     #[arg(long)]
     gpu: Option<u32>,
@@ -73,6 +77,7 @@ pub fn main(a: RunArgs) -> anyhow::Result<ExitCode> {
     f.onnxruntime_lib = a.onnxruntime_lib.or(f.onnxruntime_lib);
     f.onnxruntime_fallback |= a.onnxruntime_fallback;
     f.llm_threads = a.llm_threads.unwrap_or(f.llm_threads);
+    f.llm_batch = a.llm_batch.unwrap_or(f.llm_batch);
     if let Some(device) = a.gpu {
         f.gpu.enabled = true;
         f.gpu.device = device;

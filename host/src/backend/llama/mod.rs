@@ -11,33 +11,37 @@
 //!   cut before the first stop string) and `info` (`u8`, JSON: prompt and
 //!   generated token counts, why generation stopped).
 //!
-//! The model is loaded once per node and shared by tasks; every `compute`
-//! makes its own context (KV cache), freed when it returns. Deterministic
-//! settings: a fixed thread count (the node's), a fixed context length and
-//! batch size, greedy decoding or sampling seeded from the options, flash
-//! attention off. The same build on the same machine gives the same text.
+//! The model is loaded once per node and shared by tasks. A generation runs
+//! either in a context of its own, made for the call and freed when it
+//! returns (bit-for-bit the same on the same build and machine), or — for
+//! tasks of the `llm` tier when the node batches (`llm_batch` > 1) — in the
+//! model's shared context beside other tasks' generations, which decodes
+//! them in one batch per step ([`driver`], ADR 0020). Deterministic
+//! settings: a fixed thread count (the node's), a fixed context length per
+//! sequence and batch size, greedy decoding or sampling seeded from the
+//! options, flash attention left to llama.cpp's CPU default.
 //!
 //! Each generation is recorded in the task's [`TaskEnv::llm`] transcript
 //! (the receipt commits to it). When the task replays another node's
 //! transcript (a check of an `llm`-tier result), `compute` does not generate:
-//! it runs one batched pass over prompt + claimed tokens and accepts each
+//! it evaluates prompt + claimed tokens in batched passes and accepts each
 //! claimed token the local model ranks within the job's policy; at the first
 //! it does not (or if the claim stops where this model would not), it
-//! generates the rest itself (ADR 0008).
+//! generates the rest itself (ADR 0008, [`sequence`]).
 //!
 //! It never loads models from guest bytes and never touches the network.
 
-use super::{guarded, ModelGraph, NnEngine, ReplayReport, TaskEnv};
-use llama_cpp_2::context::params::LlamaContextParams;
-use llama_cpp_2::context::LlamaContext;
+mod driver;
+mod sequence;
+
+use super::{guarded, ModelGraph, NnEngine, TaskEnv};
+use driver::Batcher;
 use llama_cpp_2::llama_backend::LlamaBackend;
-use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
-use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
+use sequence::Request;
 use serde::{Deserialize, Serialize};
-use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 use tidepool_proto::llm::Generation;
@@ -46,8 +50,10 @@ use wasmtime_wasi_nn::wit::{GraphEncoding, TensorType};
 
 /// The llama-cpp-2 release this engine is built on (receipts name it).
 pub const CRATE_VERSION: &str = "0.1.160";
-/// Context length of every task context (prompt + generated tokens).
+/// Context length of every generation (prompt + generated tokens).
 pub const N_CTX: u32 = 2048;
+/// Most generations a shared context decodes together (`llm_batch`).
+pub const MAX_BATCH: u32 = crate::MAX_LLM_BATCH;
 /// Tokens evaluated per `decode` call.
 pub const N_BATCH: u32 = 512;
 /// Longest accepted prompt, in bytes (before tokenizing).
@@ -160,8 +166,11 @@ pub struct GenerateInfo {
 /// The llama.cpp engine for `ggml`.
 #[derive(Debug, Clone)]
 pub struct LlamaEngine {
-    /// Threads per task context (fixed: part of the deterministic settings).
+    /// Threads per context (fixed: part of the deterministic settings).
     threads: u32,
+    /// Generations of `llm`-tier tasks decoded together in a model's shared
+    /// context; 1: every generation has a context of its own.
+    batch: u32,
     /// The GPU every layer is offloaded to, or none (CPU only, even in a
     /// build with `cuda`). Fixed at start.
     gpu: Option<LlamaGpu>,
@@ -203,8 +212,17 @@ impl LlamaEngine {
         backend()?;
         Ok(Self {
             threads: threads.max(1),
+            batch: 1,
             gpu: None,
         })
+    }
+
+    /// Decode the generations of up to `batch` `llm`-tier tasks together in
+    /// one shared context per model (1 = off; at most [`MAX_BATCH`]).
+    #[must_use]
+    pub fn with_batch(mut self, batch: u32) -> Self {
+        self.batch = batch.clamp(1, MAX_BATCH);
+        self
     }
 
     /// An engine that offloads every layer to the `ordinal`-th GPU llama.cpp
@@ -221,6 +239,7 @@ impl LlamaEngine {
         };
         Ok(Self {
             threads: threads.max(1),
+            batch: 1,
             gpu: Some(gpu),
         })
     }
@@ -240,8 +259,13 @@ impl NnEngine for LlamaEngine {
             Some(g) => format!("{} {}", g.name, g.description),
             None => "cpu".to_owned(),
         };
+        let batch = if self.batch > 1 {
+            format!(", llm-tier batches of {}", self.batch)
+        } else {
+            String::new()
+        };
         format!(
-            "llama.cpp (llama-cpp-2 {CRATE_VERSION}, {device}, {} threads)",
+            "llama.cpp (llama-cpp-2 {CRATE_VERSION}, {device}, {} threads{batch})",
             self.threads
         )
     }
@@ -261,39 +285,69 @@ impl NnEngine for LlamaEngine {
         Ok(Arc::new(LlamaGraph {
             model: Arc::new(model),
             threads: self.threads,
+            batch: self.batch,
             new_context: Arc::new(Mutex::new(())),
+            batcher: OnceLock::new(),
         }))
     }
 }
 
 /// A loaded GGUF model, shared by every task on the node.
 struct LlamaGraph {
-    /// The weights (live as long as the node's registry).
+    /// The weights (live as long as the node's registry holds the model).
     model: Arc<LlamaModel>,
     /// Threads per context.
     threads: u32,
+    /// Sequences in the shared context (1: none is made).
+    batch: u32,
     /// Contexts are created one at a time: llama.cpp may write to the model
     /// while creating one (see `LlamaModel::new_context`).
     new_context: Arc<Mutex<()>>,
+    /// The shared context's thread, started by the first `llm`-tier
+    /// generation (or why it could not start); ends when the model is
+    /// dropped and no task holds it.
+    batcher: OnceLock<Result<Batcher, String>>,
 }
 
 impl ModelGraph for LlamaGraph {
     fn context(&self, env: &TaskEnv) -> Result<Box<dyn BackendExecutionContext>, BackendError> {
+        let shared = if self.batch > 1 && env.llm.shared_batches {
+            let b = self.batcher.get_or_init(|| {
+                Batcher::start(
+                    self.model.clone(),
+                    self.new_context.clone(),
+                    self.batch,
+                    self.threads,
+                )
+                .map_err(|e| format!("cannot start the shared llama.cpp context's thread: {e}"))
+            });
+            Some(b.clone().map_err(err)?)
+        } else {
+            None
+        };
         Ok(Box::new(LlamaTask {
             model: self.model.clone(),
             threads: self.threads,
             new_context: self.new_context.clone(),
+            shared,
             env: env.clone(),
         }))
     }
 }
 
-/// One task's execution context (the KV cache itself lives only inside
-/// `compute`).
+/// One task's execution context (the KV cache itself lives in the call's
+/// own context or in the shared one, never here).
 struct LlamaTask {
+    /// The weights.
     model: Arc<LlamaModel>,
+    /// Threads of the call's own context.
     threads: u32,
+    /// Held while creating a context.
     new_context: Arc<Mutex<()>>,
+    /// The model's shared context, for a task whose generations may share a
+    /// batch; `None`: each generation gets a context of its own.
+    shared: Option<Batcher>,
+    /// The task's budget and transcript.
     env: TaskEnv,
 }
 
@@ -360,153 +414,21 @@ impl BackendExecutionContext for LlamaTask {
                 ))
             })?;
         options.validate().map_err(err)?;
-        let run = Run {
-            model: &self.model,
-            threads: self.threads,
-            new_context: &self.new_context,
-            env: &self.env,
-        };
-        let (text, info) = guarded("generate", || run.generate(prompt, &options))?;
+        let (text, info) = guarded("generate", || self.generate(prompt, options))?;
         let info = serde_json::to_vec(&info).map_err(|e| err(e.to_string()))?;
         Ok(Some(vec![bytes_out("text", text), bytes_out("info", info)]))
     }
 }
 
-/// One generation call.
-struct Run<'a> {
-    model: &'a LlamaModel,
-    threads: u32,
-    new_context: &'a Mutex<()>,
-    env: &'a TaskEnv,
-}
-
-/// Where a generation stands while tokens are appended.
-struct Progress<'o> {
-    options: &'o GenerateOptions,
-    /// Tokens generated (or accepted from a replay) so far.
-    tokens: Vec<LlamaToken>,
-    /// Their text so far.
-    text: Vec<u8>,
-    /// Set once generation has ended.
-    finish: Option<Finish>,
-    /// Length of `text` to return (cut before a stop string).
-    keep: usize,
-}
-
-impl<'o> Progress<'o> {
-    fn new(options: &'o GenerateOptions) -> Self {
-        Self {
-            options,
-            tokens: Vec::new(),
-            text: Vec::new(),
-            finish: None,
-            keep: 0,
-        }
-    }
-
-    /// Append one token; sets `finish` when generation must end after it.
-    fn push(&mut self, model: &LlamaModel, token: LlamaToken) {
-        self.tokens.push(token);
-        if model.vocab().is_eog(token) {
-            self.finish = Some(Finish::Eog);
-            self.keep = self.text.len();
-            return;
-        }
-        let before = self.text.len();
-        self.text
-            .extend_from_slice(&model.vocab().token_to_piece(token, false, None));
-        // A stop string may straddle tokens: search from just before this piece.
-        let from = before.saturating_sub(MAX_STOP_BYTES);
-        let hit = self
-            .options
-            .stop
-            .iter()
-            .filter_map(|s| find(&self.text[from..], s.as_bytes()).map(|i| from + i))
-            .min();
-        if let Some(at) = hit {
-            self.finish = Some(Finish::Stop);
-            self.keep = at;
-            return;
-        }
-        self.keep = self.text.len();
-        if self.tokens.len() >= self.options.max_tokens as usize {
-            self.finish = Some(Finish::Length);
-        }
-    }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-impl Run<'_> {
-    fn context(&self) -> Result<LlamaContext<'_>, BackendError> {
-        let params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(N_CTX))
-            .with_n_batch(N_BATCH)
-            .with_n_ubatch(N_BATCH)
-            .with_n_seq_max(1)
-            .with_n_threads(self.threads as i32)
-            .with_n_threads_batch(self.threads as i32)
-            .with_no_perf(true);
-        let backend = backend().map_err(|e| err(e.to_string()))?;
-        // A poisoned lock guards nothing but ordering; keep going.
-        let _one_at_a_time = self.new_context.lock().unwrap_or_else(|p| p.into_inner());
-        self.model
-            .new_context(backend, params)
-            .map_err(|e| err(format!("cannot create a llama.cpp context: {e}")))
-    }
-
-    /// Evaluate `tokens` at positions `start..`, asking for logits at the
-    /// positions `want` says; calls `seen(position, logits)` for each.
-    fn eval(
-        &self,
-        ctx: &mut LlamaContext<'_>,
-        tokens: &[LlamaToken],
-        start: usize,
-        want: &dyn Fn(usize) -> bool,
-        seen: &mut dyn FnMut(usize, &[f32]) -> bool,
-    ) -> Result<bool, BackendError> {
-        let mut batch = LlamaBatch::new(N_BATCH as usize, 1);
-        for (c, chunk) in tokens.chunks(N_BATCH as usize).enumerate() {
-            self.env.budget.check("the next batch")?;
-            batch.clear();
-            let base = start + c * N_BATCH as usize;
-            for (i, &t) in chunk.iter().enumerate() {
-                batch
-                    .add(t, (base + i) as i32, &[0], want(base + i))
-                    .map_err(|e| err(format!("batch: {e}")))?;
-            }
-            ctx.decode(&mut batch)
-                .map_err(|e| err(format!("llama.cpp decode failed: {e}")))?;
-            for i in 0..chunk.len() {
-                if want(base + i) && !seen(base + i, ctx.get_logits_ith(i as i32)) {
-                    return Ok(false);
-                }
-            }
-        }
-        Ok(true)
-    }
-
-    fn sampler(&self, options: &GenerateOptions) -> LlamaSampler {
-        if options.temperature == 0.0 {
-            LlamaSampler::greedy()
-        } else {
-            LlamaSampler::chain_simple([
-                LlamaSampler::top_k(options.top_k.unwrap_or(40) as i32),
-                LlamaSampler::temp(options.temperature),
-                LlamaSampler::dist(options.seed),
-            ])
-        }
-    }
-
+impl LlamaTask {
+    /// Tokenize, check the context, find the claim to replay, generate
+    /// (alone or in the shared batch) and record the generation.
     fn generate(
         &self,
         prompt: &str,
-        options: &GenerateOptions,
+        options: GenerateOptions,
     ) -> Result<(Vec<u8>, GenerateInfo), BackendError> {
-        let vocab = self.model.vocab();
-        let prompt_tokens = vocab.tokenize(prompt.as_bytes(), true, true);
+        let prompt_tokens = self.model.vocab().tokenize(prompt.as_bytes(), true, true);
         if prompt_tokens.is_empty() {
             return Err(err("the prompt is empty".into()));
         }
@@ -520,156 +442,37 @@ impl Run<'_> {
         }
         let ids: Vec<u32> = prompt_tokens.iter().map(|t| t.0 as u32).collect();
         let prompt_digest = Generation::prompt_digest(&ids);
-        let replay = self.env.llm.next_replay(prompt_digest);
-        let mut ctx = self.context()?;
+        let claim = self.env.llm.next_replay(prompt_digest).map(|c| {
+            c.iter()
+                .take(options.max_tokens as usize)
+                .map(|&t| LlamaToken(t as i32))
+                .collect()
+        });
         let p = prompt_tokens.len();
-        let mut progress = Progress::new(options);
-        let mut sampler = self.sampler(options);
-        let greedy = options.temperature == 0.0;
-        // The next token to append, once chosen.
-        let mut next: Option<LlamaToken> = None;
-        match replay {
-            Some(claimed) => {
-                let policy = self.env.llm.policy;
-                let claimed: Vec<LlamaToken> = claimed
-                    .iter()
-                    .take(options.max_tokens as usize)
-                    .map(|&t| LlamaToken(t as i32))
-                    .collect();
-                let n_vocab = self.model.n_vocab() as u32;
-                let mut all = prompt_tokens.clone();
-                all.extend(claimed.iter().copied());
-                let mut report = ReplayReport::default();
-                let mut accepted = 0usize;
-                // The row that predicts the first token this model must choose itself.
-                let mut pending: Option<Vec<f32>> = None;
-                // Logits at position q predict the token at q + 1.
-                let want = |q: usize| q + 1 >= p;
-                let mut seen = |q: usize, logits: &[f32]| {
-                    let j = q + 1 - p;
-                    if progress.finish.is_some() {
-                        return false;
-                    }
-                    if j >= claimed.len() {
-                        pending = Some(logits.to_vec());
-                        return false;
-                    }
-                    let t = claimed[j];
-                    let (ok, gap) = if (t.0 as u32) < n_vocab {
-                        policy.accepts(logits, t.0 as usize)
-                    } else {
-                        (false, f32::INFINITY)
-                    };
-                    report.checked += 1;
-                    if gap.is_finite() {
-                        report.max_gap = report.max_gap.max(gap);
-                    }
-                    if !ok {
-                        report.rejected_at = Some(j as u32);
-                        pending = Some(logits.to_vec());
-                        return false;
-                    }
-                    progress.push(self.model, t);
-                    accepted = j + 1;
-                    true
-                };
-                // `seen` stops the pass at the first rejected token, at the
-                // claim's end, or where this model's generation ends.
-                self.eval(&mut ctx, &all, 0, &want, &mut seen)?;
-                if policy.is_force() && progress.finish.is_none() {
-                    // Forced: the claim ends where it says.
-                    progress.finish = Some(Finish::Length);
-                    progress.keep = progress.text.len();
-                }
-                if progress.finish.is_some() {
-                    // Claimed tokens past the end are not part of a true output.
-                    report.extra_tokens = (claimed.len() - accepted) as u32;
-                } else if report.rejected_at.is_none() {
-                    // Every claimed token accepted, yet generation had not ended.
-                    report.truncated = true;
-                }
-                self.env.llm.report(report);
-                // Keep only the prompt and the accepted prefix in the KV cache.
-                ctx.clear_kv_cache_seq(Some(0), Some((p + accepted) as u32), None)
-                    .map_err(|e| err(format!("kv cache: {e}")))?;
-                sampler.accept_many(progress.tokens.iter());
-                if let Some(row) = pending {
-                    next = Some(pick(&mut sampler, greedy, &row));
-                }
-            }
-            None => {
-                self.eval(&mut ctx, &prompt_tokens, 0, &|q| q + 1 == p, &mut |_, l| {
-                    next = Some(pick(&mut sampler, greedy, l));
-                    true
-                })?;
-            }
+        let request = Request {
+            prompt: prompt_tokens,
+            options,
+            claim,
+            policy: self.env.llm.policy,
+            deadline: self.env.budget.deadline,
+        };
+        let outcome = match &self.shared {
+            Some(batcher) => batcher.generate(request)?,
+            None => driver::generate_alone(&self.model, &self.new_context, self.threads, request)?,
+        };
+        if let Some(report) = outcome.report {
+            self.env.llm.report(report);
         }
-        // Generate until the end, one token at a time.
-        while progress.finish.is_none() {
-            let t = next
-                .take()
-                .ok_or_else(|| err("no logits to choose the next token from".into()))?;
-            progress.push(self.model, t);
-            if progress.finish.is_some() {
-                break;
-            }
-            self.env.budget.check("the next token")?;
-            let pos = p + progress.tokens.len() - 1;
-            self.eval(&mut ctx, &[t], pos, &|_| true, &mut |_, l| {
-                next = Some(pick(&mut sampler, greedy, l));
-                true
-            })?;
-        }
-        drop(ctx);
-        let finish = progress.finish.unwrap_or(Finish::Length);
         self.env.llm.record(Generation {
             prompt: prompt_digest,
-            tokens: progress.tokens.iter().map(|t| t.0 as u32).collect(),
+            tokens: outcome.tokens.iter().map(|t| t.0 as u32).collect(),
         });
-        self.env
-            .nn
-            .generated(p as u64, progress.tokens.len() as u64);
+        self.env.nn.generated(p as u64, outcome.tokens.len() as u64);
         let info = GenerateInfo {
             prompt_tokens: p as u32,
-            generated_tokens: progress.tokens.len() as u32,
-            finish,
+            generated_tokens: outcome.tokens.len() as u32,
+            finish: outcome.finish,
         };
-        let mut text = progress.text;
-        text.truncate(progress.keep);
-        Ok((text, info))
+        Ok((outcome.text, info))
     }
-}
-
-/// Choose the next token from a row of logits: the best one (greedy), or
-/// by the task's seeded sampler chain.
-fn pick(sampler: &mut LlamaSampler, greedy: bool, logits: &[f32]) -> LlamaToken {
-    if greedy {
-        return LlamaToken(argmax(logits) as i32);
-    }
-    let mut data = llama_cpp_2::token::data_array::LlamaTokenDataArray::from_iter(
-        logits.iter().enumerate().map(|(i, &l)| {
-            llama_cpp_2::token::data::LlamaTokenData::new(LlamaToken(i as i32), l, 0.0)
-        }),
-        false,
-    );
-    data.apply_sampler(sampler);
-    let t = data
-        .selected_token()
-        .unwrap_or_else(|| LlamaToken(argmax(logits) as i32));
-    sampler.accept(t);
-    t
-}
-
-fn argmax(logits: &[f32]) -> usize {
-    logits
-        .iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-            if v > bv {
-                (i, v)
-            } else {
-                (bi, bv)
-            }
-        })
-        .0
 }
