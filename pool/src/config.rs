@@ -31,7 +31,8 @@
 //! quarantine_secs = 600            # a node caught with a wrong result gets no tasks this long
 //! ban_after_strikes = 3            # ... and is refused for good at this many strikes
 //! lookback = 256                   # a caught node's latest unverified results re-checked
-//! trusted = []                     # pool-owned node keys: a strike needs one of them to decide
+//! trusted = []                     # pool-owned node keys: start at reputation 0 (0.01% of their
+//!                                  # results re-executed) and a strike needs one of them to decide
 //! decide_after = 100               # confirmed results (and no strike) before an untrusted node
 //!                                  # may decide a disagreement; without a trusted node in the
 //!                                  # agreeing pair the result is `disputed`, nobody is struck

@@ -92,10 +92,18 @@ pub struct Standing {
 }
 
 impl Standing {
-    /// A node seen for the first time.
-    pub fn new(policy: &VerifyPolicy) -> Self {
+    /// A node seen for the first time: at the policy's initial reputation,
+    /// or at 0 (the floor, 0.01 % of results re-executed) for a node the
+    /// pool owner listed as trusted — its own fleet is not re-executed
+    /// while it builds standing. A strike still puts it back to full.
+    pub fn new(policy: &VerifyPolicy, key: &PublicKey) -> Self {
+        let start = if policy.trusted.contains(key) {
+            0
+        } else {
+            policy.initial_reputation.min(FULL)
+        };
         Self {
-            reputation: policy.initial_reputation.min(FULL),
+            reputation: start,
             strikes: 0,
             confirmed: 0,
             quarantined_until: 0,
@@ -263,9 +271,20 @@ mod tests {
 
     #[test]
     fn standing_follows_the_policy() {
-        let p = VerifyPolicy::default();
-        let mut s = Standing::new(&p);
+        let mut p = VerifyPolicy::default();
+        let stranger =
+            tidepool_proto::SecretKey::from_seed(tidepool_proto::KeyRole::Node, &[1; 32]).public();
+        let own =
+            tidepool_proto::SecretKey::from_seed(tidepool_proto::KeyRole::Node, &[2; 32]).public();
+        p.trusted.insert(own);
+        let mut s = Standing::new(&p, &stranger);
         assert_eq!(s.sampling_rate(), 1.0);
+        // The pool owner's own node starts at the floor; a strike still
+        // puts it back to every result checked.
+        let mut t = Standing::new(&p, &own);
+        assert_eq!(t.sampling_rate(), 0.0001);
+        t.strike(&p, 1000);
+        assert_eq!(t.sampling_rate(), 1.0);
         for _ in 0..200 {
             s.confirm(&p);
         }

@@ -431,7 +431,7 @@ impl<S: Store> Coordinator<S> {
         let st = self
             .standing
             .entry(*key)
-            .or_insert_with(|| crate::verify::Standing::new(&self.cfg.verify));
+            .or_insert_with(|| crate::verify::Standing::new(&self.cfg.verify, key));
         st.quarantined_until = st
             .quarantined_until
             .max(now_unix + p.breaker_quarantine.as_secs());

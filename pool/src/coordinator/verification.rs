@@ -70,7 +70,7 @@ impl<S: Store> Coordinator<S> {
         self.standing
             .get(key)
             .copied()
-            .unwrap_or_else(|| Standing::new(&self.cfg.verify))
+            .unwrap_or_else(|| Standing::new(&self.cfg.verify, key))
     }
 
     /// Change a node's standing and save it.
