@@ -402,6 +402,48 @@ fn honest_nodes_are_checked_until_trusted_and_never_flagged() {
     );
 }
 
+/// The pool owner's own nodes (`trusted`) are sampled at the floor from
+/// their first result; a stranger beside them is checked every time at
+/// first, as before.
+#[test]
+fn trusted_own_nodes_are_not_re_executed_while_a_stranger_is() {
+    let mut sim = Sim::new(
+        VerifyPolicy {
+            secret: Some(secret(7)),
+            trusted: trust(&[0, 1]),
+            ..VerifyPolicy::default()
+        },
+        &[Kind::Honest, Kind::Honest, Kind::Honest],
+        1,
+    );
+    let ins = inputs("own", 300);
+    let job = sim.submit("j", &ins);
+    sim.settle();
+    let status = sim.c.pool_status(sim.now).expect("status");
+    let stranger = SecretKey::from_seed(KeyRole::Node, &[12; 32]).public();
+    let verified = sim
+        .records(job)
+        .iter()
+        .filter(|r| r.verification == "verified")
+        .count();
+    for n in &status.nodes {
+        if n.key == stranger {
+            assert!(
+                n.reputation > 0,
+                "the stranger earns standing: {}",
+                n.reputation
+            );
+        } else {
+            assert_eq!(n.reputation, 0, "{} starts at the floor", n.key);
+            assert_eq!(n.sampling, 0.0001);
+        }
+    }
+    // Only the stranger's results (about a third) are re-executed, nearly
+    // all of them; of the own nodes' ~200, almost surely none.
+    assert!(verified >= 50 && verified <= 140, "{verified} verified");
+    assert!(sim.caught().is_empty());
+}
+
 #[test]
 fn a_check_never_runs_on_the_node_that_produced_the_result() {
     let mut sim = Sim::new(

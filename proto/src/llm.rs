@@ -64,10 +64,12 @@ pub struct AcceptPolicy {
 }
 
 impl AcceptPolicy {
-    /// The default for greedy decoding: the best token, or within 0.5 of it.
+    /// The default for greedy decoding: the best token, or within 1.0 of
+    /// it (honest gaps measured up to 0.34 between thread counts and 0.57
+    /// between a batched and an unbatched evaluation, ADR 0020).
     pub const GREEDY: AcceptPolicy = AcceptPolicy {
         top_k: 1,
-        margin: 0.5,
+        margin: 1.0,
     };
 
     /// Accept every claimed token and end where the claim ends: replaying
@@ -136,9 +138,9 @@ mod tests {
     #[test]
     fn greedy_accepts_the_best_and_near_ties_only() {
         let p = AcceptPolicy::GREEDY;
-        let logits = [1.0, 5.0, 4.8, 2.0];
+        let logits = [1.0, 5.0, 4.2, 2.0];
         assert!(p.accepts(&logits, 1).0);
-        assert!(p.accepts(&logits, 2).0, "within 0.5 of the best");
+        assert!(p.accepts(&logits, 2).0, "within 1.0 of the best");
         assert!(!p.accepts(&logits, 3).0);
         assert!(!p.accepts(&logits, 0).0);
         assert!(!p.accepts(&logits, 9).0, "out of the vocabulary");

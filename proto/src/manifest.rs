@@ -146,7 +146,7 @@ pub enum Determinism {
         /// Rank a claimed token must reach (1 = greedy decoding; default 1).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         top_k: Option<u32>,
-        /// Slack in logits, a decimal string (default "0.5").
+        /// Slack in logits, a decimal string (default "1.0"; ADR 0020).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         margin: Option<String>,
     },
