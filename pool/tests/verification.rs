@@ -440,7 +440,7 @@ fn trusted_own_nodes_are_not_re_executed_while_a_stranger_is() {
     }
     // Only the stranger's results (about a third) are re-executed, nearly
     // all of them; of the own nodes' ~200, almost surely none.
-    assert!(verified >= 50 && verified <= 140, "{verified} verified");
+    assert!((50..=140).contains(&verified), "{verified} verified");
     assert!(sim.caught().is_empty());
 }
 
