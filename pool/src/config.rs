@@ -31,8 +31,9 @@
 //! quarantine_secs = 600            # a node caught with a wrong result gets no tasks this long
 //! ban_after_strikes = 3            # ... and is refused for good at this many strikes
 //! lookback = 256                   # a caught node's latest unverified results re-checked
-//! trusted = []                     # pool-owned node keys: start at reputation 0 (0.01% of their
-//!                                  # results re-executed) and a strike needs one of them to decide
+//! trusted = []                     # pool-owned node keys: a strike needs one of them to decide
+//! trusted_reputation = 0           # where trusted nodes start: 0 = 0.01% of their results
+//!                                  # re-executed from the first; 10000 = checked like anyone's
 //! decide_after = 100               # confirmed results (and no strike) before an untrusted node
 //!                                  # may decide a disagreement; without a trusted node in the
 //!                                  # agreeing pair the result is `disputed`, nobody is struck
@@ -687,6 +688,9 @@ pub struct VerificationFile {
     /// Pool-owned nodes.
     #[serde(default)]
     pub trusted: BTreeSet<PublicKey>,
+    /// Where trusted nodes start (0: at the floor).
+    #[serde(default)]
+    pub trusted_reputation: u32,
     /// Confirmed results before an untrusted node may decide.
     #[serde(default = "default_decide_after")]
     pub decide_after: u64,
@@ -966,6 +970,15 @@ impl PoolFile {
                 ),
             ));
         }
+        if v.trusted_reputation > crate::verify::FULL {
+            return Err(bad(
+                "verification.trusted_reputation",
+                format!(
+                    "verification.trusted_reputation ({}) must be at most 10000",
+                    v.trusted_reputation
+                ),
+            ));
+        }
         if !(0.0..=1.0).contains(&v.decoy_rate) {
             return Err(bad(
                 "verification.decoy_rate",
@@ -1034,6 +1047,7 @@ impl PoolFile {
                 ban_after: self.verification.ban_after_strikes,
                 lookback: self.verification.lookback,
                 trusted: self.verification.trusted.clone(),
+                trusted_reputation: self.verification.trusted_reputation,
                 decide_after: self.verification.decide_after,
                 canary_rate: self.verification.canary_rate,
                 decoy_rate: self.verification.decoy_rate,

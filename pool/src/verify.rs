@@ -36,6 +36,10 @@ pub struct VerifyPolicy {
     /// a decision whose agreeing executions include one of them (or a
     /// canary's known answer): keys anyone can make never convict alone.
     pub trusted: BTreeSet<PublicKey>,
+    /// Reputation a trusted node starts at (`0`: its results are sampled at
+    /// the floor from its first — the pool owner's own fleet is not
+    /// re-executed while it builds standing; `10000`: checked like anyone's).
+    pub trusted_reputation: u32,
     /// Confirmed results (with no strike) before an untrusted node may
     /// decide a disagreement at all; below it a node may check, never
     /// decide.
@@ -68,6 +72,7 @@ impl Default for VerifyPolicy {
             ban_after: 3,
             lookback: 256,
             trusted: BTreeSet::new(),
+            trusted_reputation: 0,
             decide_after: 100,
             canary_rate: 0.01,
             decoy_rate: 0.05,
@@ -93,15 +98,16 @@ pub struct Standing {
 
 impl Standing {
     /// A node seen for the first time: at the policy's initial reputation,
-    /// or at 0 (the floor, 0.01 % of results re-executed) for a node the
-    /// pool owner listed as trusted — its own fleet is not re-executed
-    /// while it builds standing. A strike still puts it back to full.
+    /// or for a node the pool owner listed as trusted at
+    /// `trusted_reputation` (by default 0, the floor: 0.01 % of results
+    /// re-executed). A strike still puts it back to full.
     pub fn new(policy: &VerifyPolicy, key: &PublicKey) -> Self {
         let start = if policy.trusted.contains(key) {
-            0
+            policy.trusted_reputation
         } else {
-            policy.initial_reputation.min(FULL)
-        };
+            policy.initial_reputation
+        }
+        .min(FULL);
         Self {
             reputation: start,
             strikes: 0,

@@ -12,6 +12,7 @@
 use anyhow::Result;
 use tidepool_host::LlmSettings;
 use tidepool_proto::llm::{AcceptPolicy, Generation};
+
 use tidepool_tests::llm::{self, Job, Lie, FORCE};
 
 /// A node that batches eight generations on two threads.
@@ -199,8 +200,19 @@ fn generate(
     prompt: &str,
     options: &str,
 ) -> std::result::Result<Vec<u8>, String> {
-    use std::sync::Arc;
-    use tidepool_host::backend::{LlmTask, TaskBudget, TaskEnv};
+    let llm = tidepool_host::backend::LlmTask::new().sharing_batches(shared);
+    generate_as(graph, std::sync::Arc::new(llm), deadline, prompt, options)
+}
+
+/// [`generate`] for a task with this generation record (and claim).
+fn generate_as(
+    graph: &dyn tidepool_host::backend::ModelGraph,
+    llm: std::sync::Arc<tidepool_host::backend::LlmTask>,
+    deadline: std::time::Instant,
+    prompt: &str,
+    options: &str,
+) -> std::result::Result<Vec<u8>, String> {
+    use tidepool_host::backend::{TaskBudget, TaskEnv};
     let tensor = |name: &str, data: &[u8]| wasmtime_wasi_nn::backend::NamedTensor {
         name: name.into(),
         tensor: wasmtime_wasi_nn::Tensor {
@@ -211,7 +223,7 @@ fn generate(
     };
     let env = TaskEnv {
         budget: TaskBudget { deadline },
-        llm: Arc::new(LlmTask::new().sharing_batches(shared)),
+        llm,
         nn: Default::default(),
     };
     // The whole chain: wasi-nn's own text says only "accessing backend".
@@ -299,5 +311,31 @@ fn only_llm_tier_tasks_share_a_batch_and_a_late_one_leaves_it() -> Result<()> {
     assert!(late.contains("deadline"), "{late}");
     let short = short.map_err(anyhow::Error::msg)?;
     assert!(!short.is_empty(), "the other generation finishes");
+
+    // A hostile producer's claim with a token outside the vocabulary,
+    // replayed in the shared batch beside an honest generation: the bad
+    // token is refused where it stands (never evaluated, which would fail
+    // the whole batch), and the other generation is untouched.
+    let honest = std::sync::Arc::new(tidepool_host::backend::LlmTask::new());
+    generate_as(&*alone, honest.clone(), far, &prompts[1], options).map_err(anyhow::Error::msg)?;
+    let mut claim = honest.transcript();
+    assert!(claim[0].tokens.len() > 3, "{claim:?}");
+    claim[0].tokens[3] = u32::MAX - 7;
+    let checker = std::sync::Arc::new(
+        tidepool_host::backend::LlmTask::replaying(Some(claim), AcceptPolicy::GREEDY)
+            .sharing_batches(true),
+    );
+    let (replayed, beside) = std::thread::scope(|s| {
+        let r = s.spawn(|| generate_as(&*batching, checker.clone(), far, &prompts[1], options));
+        let b = s.spawn(|| generate(&*batching, true, far, &prompts[2], options));
+        (r.join().expect("thread"), b.join().expect("thread"))
+    });
+    replayed.map_err(anyhow::Error::msg)?;
+    let reports = checker.reports();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].rejected_at, Some(3), "{reports:?}");
+    // It ends with its text, not with the batch's failure (its text may
+    // differ from `expected[2]` in a near tie: it was batched).
+    beside.map_err(|e| anyhow::anyhow!("the generation beside the bad claim failed: {e}"))?;
     Ok(())
 }

@@ -150,6 +150,8 @@ async fn mixed_engines_confirm_under_tolerance_and_check_within_an_engine_under_
             step: 0,
             canary_rate: 0.0,
             trusted: [keys.node(0).public(), keys.node(1).public()].into(),
+            // Their results checked too: every result is verified.
+            trusted_reputation: tidepool_pool::verify::FULL,
             ..VerifyPolicy::default()
         };
         let pool = start_pool(&dir.path().join("pool"), &keys, cfg, "127.0.0.1:0".parse()?).await?;

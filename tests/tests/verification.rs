@@ -57,6 +57,7 @@ async fn lying_nodes_are_caught_and_every_wrong_result_replaced() -> Result<()> 
     // measured in pool/tests/verification.rs).
     cfg.verify.step = 0;
     cfg.verify.trusted = [keys.node(0).public(), keys.node(1).public()].into();
+    cfg.verify.trusted_reputation = tidepool_pool::verify::FULL;
     // The publisher is the pool's owner here: it exports the ledger.
     cfg.admins.insert(keys.publisher.public());
     let pool = start_pool(&dir.path().join("pool"), &keys, cfg, "127.0.0.1:0".parse()?).await?;

@@ -142,7 +142,15 @@ impl Sequence {
     pub(super) fn new(request: Request, n_vocab: u32) -> Self {
         let mut stream = request.prompt.clone();
         if let Some(c) = &request.claim {
-            stream.extend(c.iter().copied());
+            // The claim comes from another node: a token outside the
+            // vocabulary is never evaluated (llama.cpp would fail the whole
+            // batch, every task's generation in it); the row before it
+            // refuses it like any other wrong token.
+            let valid = c
+                .iter()
+                .position(|t| t.0 < 0 || t.0 as u32 >= n_vocab)
+                .unwrap_or(c.len());
+            stream.extend(c[..valid].iter().copied());
         }
         let sampler = if request.options.temperature == 0.0 {
             LlamaSampler::greedy()
