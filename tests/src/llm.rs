@@ -207,3 +207,17 @@ pub fn run_all(
         })
         .collect()
 }
+
+/// Tasks a replay test runs: `TIDEPOOL_LLM_RUNS`, or `default`.
+pub fn runs(default: usize) -> usize {
+    std::env::var("TIDEPOOL_LLM_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// `TIDEPOOL_LLM_LIES=0` replays honest claims only (for measuring the
+/// false-reject rate over a few hundred tasks at a fifth of the cost).
+pub fn lies() -> bool {
+    std::env::var("TIDEPOOL_LLM_LIES").map_or(true, |v| v != "0")
+}

@@ -219,32 +219,19 @@ struct Tally {
     recovered: usize,
 }
 
-fn runs() -> usize {
-    std::env::var("TIDEPOOL_LLM_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3)
-}
-
-/// `TIDEPOOL_LLM_LIES=0` replays honest claims only (for measuring the
-/// false-reject rate over a few hundred tasks at a fifth of the cost).
-fn lies() -> bool {
-    std::env::var("TIDEPOOL_LLM_LIES").map_or(true, |v| v != "0")
-}
-
 /// Honest transcripts replayed on another sandbox (2 threads instead of
 /// 1: a different split of the work) are accepted with the same output;
 /// random, truncated and edited transcripts and a different model's are
 /// flagged, and the check's output exposes every harmful one.
 #[test]
 fn replay_accepts_honest_results_and_catches_lies() -> Result<()> {
-    check_replays(runs())
+    check_replays(llm::runs(3))
 }
 
 #[test]
 #[ignore = "slow: 8 summaries, each replayed honestly and as 4 lies (run by `cargo xtask test`; TIDEPOOL_LLM_RUNS=300 for larger samples)"]
 fn replay_rates_over_many_texts() -> Result<()> {
-    check_replays(runs().max(8))
+    check_replays(llm::runs(3).max(8))
 }
 
 /// `TIDEPOOL_LLM_SKIP=N` starts after the first N texts of the corpus, so
@@ -300,7 +287,7 @@ fn check_replays(n: usize) -> Result<()> {
         );
         assert_eq!(check.transcript, made.transcript);
 
-        if !lies() {
+        if !llm::lies() {
             transcripts.push(made.transcript);
             continue;
         }
@@ -372,7 +359,7 @@ fn check_replays(n: usize) -> Result<()> {
             );
         }
     }
-    if !lies() {
+    if !llm::lies() {
         return Ok(());
     }
     let random = &tallies[0].1;

@@ -21,24 +21,13 @@ const BATCHED: LlmSettings = LlmSettings {
     batch: 8,
 };
 
-fn runs() -> usize {
-    std::env::var("TIDEPOOL_LLM_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(8)
-}
-
-fn lies() -> bool {
-    std::env::var("TIDEPOOL_LLM_LIES").map_or(true, |v| v != "0")
-}
-
 fn output(o: &tidepool_host::TaskOutput) -> Vec<u8> {
     o.result.clone().expect("the job returns an output")
 }
 
 #[test]
 fn batched_generations_are_accepted_by_replay_and_lies_are_still_caught() -> Result<()> {
-    let n = runs();
+    let n = llm::runs(8);
     let texts = tidepool_tests::corpus(n)?;
     let policy = AcceptPolicy::GREEDY;
     let (producer, pjob) = llm::summarize_sandbox_with(None, BATCHED);
@@ -99,7 +88,7 @@ fn batched_generations_are_accepted_by_replay_and_lies_are_still_caught() -> Res
         n < 8 || differ < n,
         "batching must not change most generations"
     );
-    if !lies() {
+    if !llm::lies() {
         return Ok(());
     }
 
