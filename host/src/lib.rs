@@ -14,6 +14,7 @@ pub mod local;
 pub use tidepool_models as models;
 pub mod registry;
 pub mod sandbox;
+pub mod task_threads;
 
 pub use backend::budget::NnLimits;
 pub use backend::tract::TractEngine;

@@ -22,6 +22,7 @@ use crate::backend::{LlmTask, RefuseGuestBytes, TaskBudget, TaskEnv};
 use crate::cache::ComponentCache;
 use crate::determinism::{SeededRng, VirtualMonotonicClock, VirtualWallClock};
 use crate::registry::ModelRegistry;
+use crate::task_threads::Lost;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -107,6 +108,14 @@ pub enum LoadError {
     /// The engine or the cache failed.
     #[error("cannot prepare component: {0:#}")]
     Engine(anyhow::Error),
+    /// The bytes given are not the component the caller named.
+    #[error("component bytes have digest {actual}, not the {expected} they were given as")]
+    DigestMismatch {
+        /// The digest the caller named.
+        expected: Digest,
+        /// The digest of the bytes.
+        actual: Digest,
+    },
 }
 
 /// Why a task ended without a result from the job.
@@ -348,26 +357,74 @@ impl wasmtime::ResourceLimiter for TaskLimiter {
 
 /// The sandbox (see the module docs).
 pub struct Sandbox {
-    /// The engine every component is compiled for.
+    /// The engine every component is compiled for (also in `tasks`).
     engine: Engine,
     /// Host functions, shared by all components.
     linker: Linker<TaskState>,
-    /// The host's verified, loaded models.
-    models: ModelRegistry,
-    /// Limits and modes.
-    config: SandboxConfig,
+    /// What running a task needs; shared with the thread each task runs on
+    /// (a task let go at its deadline holds it until it ends).
+    tasks: Arc<Tasks>,
     /// Compiled components on disk.
     cache: Option<ComponentCache>,
     /// Tells the epoch thread to stop when the sandbox is dropped.
     stop_ticker: Arc<AtomicBool>,
+}
+
+/// What running a task needs, apart from its component (lives as long as
+/// the sandbox, or as the last task let go at its deadline).
+struct Tasks {
+    /// The engine tasks' stores belong to.
+    engine: Engine,
+    /// The host's verified, loaded models.
+    models: ModelRegistry,
+    /// Limits and modes.
+    config: SandboxConfig,
     /// Runtime identification for receipts.
     runtime: String,
 }
 
+/// A task's spec, owned, to travel to the thread it runs on.
+struct OwnedTask {
+    id: String,
+    params: BTreeMap<String, String>,
+    input: Vec<u8>,
+    replay: Option<Vec<tidepool_proto::llm::Generation>>,
+    accept: tidepool_proto::llm::AcceptPolicy,
+    shared_batches: bool,
+}
+
+impl OwnedTask {
+    fn of(task: &TaskSpec<'_>) -> Self {
+        Self {
+            id: task.id.to_owned(),
+            params: task.params.clone(),
+            input: task.input.to_vec(),
+            replay: task.replay.map(<[_]>::to_vec),
+            accept: task.accept,
+            shared_batches: task.shared_batches,
+        }
+    }
+    fn spec(&self) -> TaskSpec<'_> {
+        TaskSpec {
+            id: &self.id,
+            params: &self.params,
+            input: &self.input,
+            replay: self.replay.as_deref(),
+            accept: self.accept,
+            shared_batches: self.shared_batches,
+        }
+    }
+}
+
+/// How long past a task's deadline its caller waits for the task to answer
+/// itself (guest code traps within an epoch tick of the deadline) before
+/// letting it go.
+const ANSWER_GRACE: Duration = Duration::from_millis(25);
+
 impl std::fmt::Debug for Sandbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sandbox")
-            .field("config", &self.config)
+            .field("config", &self.tasks.config)
             .finish()
     }
 }
@@ -444,13 +501,16 @@ impl Sandbox {
         }
         let runtime = format!("tidepool {}, wasmtime 48.0.8", env!("CARGO_PKG_VERSION"));
         Ok(Self {
+            tasks: Arc::new(Tasks {
+                engine: engine.clone(),
+                models,
+                config,
+                runtime,
+            }),
             engine,
             linker,
-            models,
-            config,
             cache,
             stop_ticker,
-            runtime,
         })
     }
 
@@ -461,24 +521,58 @@ impl Sandbox {
 
     /// The sandbox's limits.
     pub fn config(&self) -> &SandboxConfig {
-        &self.config
+        &self.tasks.config
     }
 
     /// The host's models.
     pub fn models(&self) -> &ModelRegistry {
-        &self.models
+        &self.tasks.models
     }
 
     /// Compile (or fetch from the cache), type-check and pre-instantiate.
     pub fn load(&self, bytes: &[u8]) -> Result<JobComponent, LoadError> {
         let digest = Digest::of(bytes);
-        if let Some(c) = self.cache.as_ref().and_then(|c| c.get(&digest)) {
-            return Ok(JobComponent {
-                digest,
-                pre: self.prepare(&c)?,
-                from_cache: true,
+        match self.cached(digest)? {
+            Some(job) => Ok(job),
+            None => self.compile_and_cache(digest, bytes),
+        }
+    }
+
+    /// [`load`](Self::load) for a component whose digest the caller already
+    /// knows (a node: from the signed manifest, with the file checked
+    /// against it). A cache hit needs neither the bytes nor their hash (for
+    /// the embed job, the hash alone is more than half of a cold start from
+    /// the cache); on a miss, `bytes` are hashed first and refused with
+    /// [`LoadError::DigestMismatch`] unless they are what `digest` names, so
+    /// the cache never holds code under another component's digest.
+    pub fn load_known(&self, digest: Digest, bytes: &[u8]) -> Result<JobComponent, LoadError> {
+        if let Some(job) = self.cached(digest)? {
+            return Ok(job);
+        }
+        let actual = Digest::of(bytes);
+        if actual != digest {
+            return Err(LoadError::DigestMismatch {
+                expected: digest,
+                actual,
             });
         }
+        self.compile_and_cache(digest, bytes)
+    }
+
+    /// The cached compiled code of `digest`, prepared; `None` on a miss.
+    fn cached(&self, digest: Digest) -> Result<Option<JobComponent>, LoadError> {
+        let Some(c) = self.cache.as_ref().and_then(|c| c.get(&digest)) else {
+            return Ok(None);
+        };
+        Ok(Some(JobComponent {
+            digest,
+            pre: self.prepare(&c)?,
+            from_cache: true,
+        }))
+    }
+
+    /// Compile `bytes` (whose digest is `digest`) and store the result.
+    fn compile_and_cache(&self, digest: Digest, bytes: &[u8]) -> Result<JobComponent, LoadError> {
         let (job, component) = self.compile(bytes, digest)?;
         if let Some(cache) = &self.cache {
             if let Err(e) = cache.put(&digest, &component) {
@@ -521,6 +615,59 @@ impl Sandbox {
         bindings::JobCorePre::new(pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))
     }
 
+    /// Run one task in a fresh instance.
+    pub fn run(&self, job: &JobComponent, task: TaskSpec<'_>) -> Result<TaskOutput, TaskError> {
+        self.run_cancellable(job, task, None)
+    }
+
+    /// [`run`](Self::run), stopped with [`TaskError::Cancelled`] within an
+    /// epoch tick ([`EPOCH_TICK`]) of `cancel` being set while guest code
+    /// runs (a wasi-nn compute in progress finishes first, as at the
+    /// deadline).
+    ///
+    /// The task runs on a task thread ([`crate::task_threads`]); this call
+    /// returns by the deadline (and [`ANSWER_GRACE`]) even when the task is
+    /// inside an engine call then, which finishes on its own.
+    pub fn run_cancellable(
+        &self,
+        job: &JobComponent,
+        task: TaskSpec<'_>,
+        cancel: Option<Arc<AtomicBool>>,
+    ) -> Result<TaskOutput, TaskError> {
+        let start = Instant::now();
+        let owned = OwnedTask::of(&task);
+        let tasks = self.tasks.clone();
+        let job = job.clone();
+        let flag = cancel.clone();
+        let limit = self.tasks.config.timeout;
+        let answered = crate::task_threads::run_until(start + limit + ANSWER_GRACE, move || {
+            tasks.run_here(&job, owned.spec(), flag, start)
+        });
+        match answered {
+            Ok(out) => out,
+            Err(Lost::LetGo) if cancel.is_some_and(|f| f.load(Ordering::Relaxed)) => {
+                Err(TaskError::Cancelled)
+            }
+            Err(Lost::LetGo) => Err(TaskError::Deadline { limit }),
+            Err(Lost::Failed(why)) => Err(TaskError::Host(anyhow::anyhow!(why))),
+        }
+    }
+
+    /// Benchmark baseline: instantiate once, then call `run` `calls` times on
+    /// that same instance (what a runtime without per-task isolation does).
+    /// Returns the outputs; never used for real tasks.
+    #[doc(hidden)]
+    pub fn call_reused_instance(
+        &self,
+        job: &JobComponent,
+        task: TaskSpec<'_>,
+        calls: usize,
+    ) -> anyhow::Result<Vec<Vec<u8>>> {
+        self.tasks.call_reused_instance(job, task, calls)
+    }
+}
+
+impl Tasks {
     fn new_store(&self, task: &TaskSpec<'_>, budget: TaskBudget) -> NewStore {
         let stdio = MemoryOutputPipe::new(self.config.max_stdio_bytes);
         let mut b = WasiCtxBuilder::new();
@@ -583,22 +730,14 @@ impl Sandbox {
         (store, stdio, used, llm)
     }
 
-    /// Run one task in a fresh instance.
-    pub fn run(&self, job: &JobComponent, task: TaskSpec<'_>) -> Result<TaskOutput, TaskError> {
-        self.run_cancellable(job, task, None)
-    }
-
-    /// [`run`](Self::run), stopped with [`TaskError::Cancelled`] within an
-    /// epoch tick ([`EPOCH_TICK`]) of `cancel` being set while guest code
-    /// runs (a wasi-nn compute in progress finishes first, as at the
-    /// deadline).
-    pub fn run_cancellable(
+    /// Run one task here, on this thread, from `start`.
+    fn run_here(
         &self,
         job: &JobComponent,
         task: TaskSpec<'_>,
         cancel: Option<Arc<AtomicBool>>,
+        start: Instant,
     ) -> Result<TaskOutput, TaskError> {
-        let start = Instant::now();
         let budget = TaskBudget {
             deadline: start + self.config.timeout,
         };
@@ -724,11 +863,8 @@ impl Sandbox {
         })
     }
 
-    /// Benchmark baseline: instantiate once, then call `run` `calls` times on
-    /// that same instance (what a runtime without per-task isolation does).
-    /// Returns the outputs; never used for real tasks.
-    #[doc(hidden)]
-    pub fn call_reused_instance(
+    /// See [`Sandbox::call_reused_instance`].
+    fn call_reused_instance(
         &self,
         job: &JobComponent,
         task: TaskSpec<'_>,

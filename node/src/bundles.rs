@@ -429,8 +429,10 @@ impl Ctx {
                 shared: Some(self.shared_models.clone()),
             },
         )?;
+        // The file was checked against the manifest's digest just before:
+        // a cached compile is used without hashing it again.
         let job = sandbox
-            .load(component)
+            .load_known(manifest.component.sha256, component)
             .map_err(|e| format!("component: {e}"))?;
         Ok(Arc::new(Prepared {
             manifest,

@@ -32,12 +32,76 @@ fn second_sandbox_loads_from_cache_and_corrupt_entries_are_recompiled() {
         out2.result.as_ref().expect("ok")
     );
 
-    std::fs::write(entries[0].path(), b"garbage").expect("corrupt");
-    let sb3 = sandbox(config);
+    // A damaged entry is replaced the way every cache file is written
+    // (whole, then renamed: nothing shrinks a file another sandbox maps).
+    let tmp = dir.path().join("damaged.tmp");
+    std::fs::write(&tmp, b"garbage").expect("corrupt");
+    std::fs::rename(&tmp, entries[0].path()).expect("replace");
+    let sb3 = sandbox(config.clone());
     let j3 = sb3.load(&guest("embed")).expect("recompiles");
     assert!(!j3.from_cache());
     let out3 = run(&sb3, &j3, "c", input).expect("run");
-    assert_eq!(out1.result.expect("ok"), out3.result.expect("ok"));
+    assert_eq!(out1.result.as_ref().expect("ok"), &out3.result.expect("ok"));
+    // The component mapped from the file that was replaced still runs.
+    let again = run(&sb2, &j2, "c", input).expect("run after the file was replaced");
+    assert_eq!(
+        out1.result.as_ref().expect("ok"),
+        &again.result.expect("ok")
+    );
+
+    // Evicted under a running sandbox (unlinked, as the node's cache
+    // eviction does): the loaded component keeps running; the next load
+    // compiles again.
+    std::fs::remove_file(entries[0].path()).expect("evict");
+    let again = run(&sb3, &j3, "c", input).expect("run after eviction");
+    assert_eq!(
+        out1.result.as_ref().expect("ok"),
+        &again.result.expect("ok")
+    );
+    assert!(!sandbox(config)
+        .load(&guest("embed"))
+        .expect("compiles")
+        .from_cache());
+}
+
+/// A node names the component by the digest its signed manifest gives: a
+/// cache hit is used without hashing the bytes, and bytes that are not what
+/// the digest names are refused before anything is compiled or cached.
+#[test]
+fn a_component_loaded_by_its_digest_comes_from_the_cache_and_wrong_bytes_are_refused() {
+    use tidepool_host::LoadError;
+    use tidepool_proto::Digest;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = SandboxConfig {
+        cache_dir: Some(dir.path().to_owned()),
+        ..test_config()
+    };
+    let echo = guest("echo");
+    let spin = guest("spin");
+    let sb = sandbox(config.clone());
+
+    // Bytes of another component under echo's digest: refused, nothing cached.
+    let err = sb
+        .load_known(Digest::of(&echo), &spin)
+        .expect_err("spin's bytes are not echo");
+    assert!(
+        matches!(err, LoadError::DigestMismatch { expected, actual }
+            if expected == Digest::of(&echo) && actual == Digest::of(&spin)),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&Digest::of(&echo).hex()), "{err}");
+    assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0);
+
+    // The right bytes: compiled once, then found by digest alone.
+    let first = sb.load_known(Digest::of(&echo), &echo).expect("compile");
+    assert!(!first.from_cache());
+    let sb = sandbox(config);
+    let hit = sb.load_known(Digest::of(&echo), &spin).expect("cached");
+    assert!(hit.from_cache(), "a hit does not read the bytes");
+    assert_eq!(hit.digest(), Digest::of(&echo));
+    let out = run(&sb, &hit, "k", b"echoed").expect("run");
+    assert_eq!(out.result.expect("ok"), b"echoed");
+    assert_eq!(out.receipt.component, Digest::of(&echo));
 }
 
 /// The cache holds native code the node will run: a cache directory of

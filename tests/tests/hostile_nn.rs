@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 use std::time::Duration;
 use tidepool_host::backend::budget::{abandoned_computes, NnLimits};
 use tidepool_host::backend::shapes::{ShapeBudget, ShapeRefusal};
+use tidepool_host::task_threads::{task_threads, MAX_IDLE};
 use tidepool_host::{Sandbox, SandboxConfig, TaskError};
 use tidepool_tests::*;
 
@@ -214,4 +215,61 @@ fn a_compute_past_the_deadline_is_let_go() {
     assert_eq!(abandoned_computes(), 0);
     let sb = sandbox(test_config());
     assert_healthy(&sb);
+}
+
+/// Tasks run on kept threads (one hand-over per task, warm caches): a
+/// hundred tasks one after another, the let-go kind included, do not start
+/// a hundred threads, and the threads kept idle stay within their cap.
+#[test]
+fn tasks_run_on_kept_threads_and_let_go_ones_come_back() {
+    let _serial = serial();
+    let sb = sandbox(test_config());
+    let echo = sb.load(&guest("echo")).expect("load echo");
+    run(&sb, &echo, "first", b"x").expect("run");
+    let before = task_threads();
+    for i in 0..100 {
+        let out = run(&sb, &echo, &format!("t{i}"), b"x").expect("run");
+        assert_eq!(out.result.expect("ok"), b"x");
+    }
+    assert!(
+        task_threads() <= before + 1,
+        "{} threads after 100 tasks, {before} before",
+        task_threads()
+    );
+
+    // Three tasks let go inside a long compute: each holds its thread
+    // until the compute ends, then the thread is idle again (or ends past
+    // the idle cap).
+    let slow = sandbox(SandboxConfig {
+        timeout: Duration::from_millis(50),
+        nn: NnLimits {
+            max_compute_bytes: 64 << 30,
+            ..NnLimits::default()
+        },
+        ..test_config()
+    });
+    for i in 0..3 {
+        let err = abuse(
+            &slow,
+            &format!("slow{i}"),
+            json!({"shape": {"model": MODEL, "dims": [16, 512], "inputs": ["input_ids", "attention_mask"]}}),
+        )
+        .expect_err("over time");
+        assert!(matches!(err, TaskError::Deadline { .. }), "{err:?}");
+    }
+    let waited = std::time::Instant::now();
+    while abandoned_computes() > 0 && waited.elapsed() < Duration::from_secs(300) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(abandoned_computes(), 0);
+    assert!(
+        task_threads() <= MAX_IDLE.max(before + 3),
+        "{}",
+        task_threads()
+    );
+    let after = task_threads();
+    for i in 0..20 {
+        run(&sb, &echo, &format!("u{i}"), b"x").expect("run");
+    }
+    assert_eq!(task_threads(), after, "the kept threads serve later tasks");
 }

@@ -14,8 +14,9 @@
 //! - **working memory per compute**: the model's estimate for the given
 //!   shapes ([`super::shapes::ShapeBudget`]), refused before the engine runs;
 //! - **time**: a compute still running at the task's deadline is abandoned:
-//!   the task ends with `Deadline` at once and the engine's thread is let go
-//!   to finish on its own ([`abandoned_computes`] counts those still running).
+//!   the task ends with `Deadline` at once and its thread is let go to
+//!   finish the compute on its own ([`abandoned_computes`] counts those
+//!   still running; see [`crate::task_threads`]).
 //!
 //! Resources of every kind (tensors, graphs, contexts, errors, streams) are
 //! also bounded in number by the task's resource table (`max_resources`).
@@ -26,8 +27,7 @@
 //! Never decides what a task is for or where its result goes.
 
 use super::{engine_err, ModelGraph, TaskEnv};
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use wasmtime_wasi_nn::backend::{BackendError, BackendExecutionContext, NamedTensor};
 
@@ -244,79 +244,16 @@ fn tensors_bytes(ts: &[NamedTensor]) -> u64 {
     ts.iter().map(|t| t.tensor.data.len() as u64).sum()
 }
 
-/// Engine computes let go at a task's deadline that are still running.
-static ABANDONED_RUNNING: AtomicUsize = AtomicUsize::new(0);
-
-/// How many abandoned computes are still running in this process (each holds
-/// a thread and its engine's memory until it finishes).
-pub fn abandoned_computes() -> usize {
-    ABANDONED_RUNNING.load(Ordering::Relaxed)
-}
-
-/// One compute on a context's thread: running, finished, or let go by its task.
-const RUNNING: u8 = 0;
-const FINISHED: u8 = 1;
-const ABANDONED: u8 = 2;
-
-/// What a context's thread is asked: the inputs, and the compute's state
-/// (shared, so either side learns whether the other gave up first).
-type Job = (Option<Vec<NamedTensor>>, Arc<AtomicU8>);
-/// What it answers.
-type Done = Result<Option<Vec<NamedTensor>>, BackendError>;
-
-/// Where the engine's context is.
-enum Engine {
-    /// Not computed on yet (no thread started).
-    Idle(Box<dyn BackendExecutionContext>),
-    /// On its own thread, which lives until the context is dropped.
-    Thread {
-        /// Computes to run, in order.
-        jobs: mpsc::Sender<Job>,
-        /// Their results, in order (in a mutex only because contexts must
-        /// be `Sync`; one compute at a time uses it).
-        done: Mutex<mpsc::Receiver<Done>>,
-    },
-    /// A compute was let go at the deadline (its thread ends after it).
-    LetGo,
-}
-
-/// Start the thread an engine context computes on. It ends when the
-/// context is dropped (its job channel closes), or after a compute its task
-/// let go.
-fn start(mut inner: Box<dyn BackendExecutionContext>) -> std::io::Result<Engine> {
-    let (jobs, job_rx) = mpsc::channel::<Job>();
-    let (done_tx, done) = mpsc::channel::<Done>();
-    std::thread::Builder::new()
-        .name("tidepool-compute".into())
-        .spawn(move || {
-            while let Ok((inputs, state)) = job_rx.recv() {
-                let r = inner.compute(inputs);
-                if state
-                    .compare_exchange(RUNNING, FINISHED, Ordering::AcqRel, Ordering::Acquire)
-                    .is_err()
-                {
-                    // The task let this compute go at its deadline; nobody waits.
-                    ABANDONED_RUNNING.fetch_sub(1, Ordering::Relaxed);
-                    return;
-                }
-                if done_tx.send(r).is_err() {
-                    return;
-                }
-            }
-        })?;
-    Ok(Engine::Thread {
-        jobs,
-        done: Mutex::new(done),
-    })
-}
+pub use crate::task_threads::abandoned_computes;
 
 /// Every execution context a task opens, around the engine's own: checks
 /// shapes and budgets before the engine runs, counts what it returns, and
 /// lets a compute go at the deadline. Lives as long as the guest's context
 /// resource.
 pub(crate) struct BudgetedContext {
-    /// The engine's context, or the thread it lives on.
-    engine: Engine,
+    /// The engine's context; `None` once the engine panicked in it (its
+    /// state is unknown: it is not used again).
+    engine: Option<Box<dyn BackendExecutionContext>>,
     /// The model (for its declared shapes); shared, outlives the task.
     model: Arc<dyn ModelGraph>,
     /// The task's deadline, accounting and generation record.
@@ -334,7 +271,7 @@ impl BudgetedContext {
             .map_err(|h| engine_err(h.to_string()))?;
         match model.context(env) {
             Ok(inner) => Ok(Box::new(Self {
-                engine: Engine::Idle(inner),
+                engine: Some(inner),
                 model,
                 env: env.clone(),
             })),
@@ -390,30 +327,23 @@ impl BudgetedContext {
             }
         }
         self.env.budget.check("compute")?;
-        if let Engine::Idle(_) = self.engine {
-            let Engine::Idle(inner) = std::mem::replace(&mut self.engine, Engine::LetGo) else {
-                unreachable!("matched Idle just above")
-            };
-            self.engine = start(inner)
-                .map_err(|e| engine_err(format!("cannot start a compute thread: {e}")))?;
-        }
+        let Some(engine) = self.engine.as_mut() else {
+            return Err(engine_err(
+                "this execution context is gone: the engine panicked in it".into(),
+            ));
+        };
+        // On the task's own thread: the sandbox lets the whole task go if it
+        // is still here at the deadline (crate::task_threads).
         let started = Instant::now();
-        let outcome = match &self.engine {
-            Engine::Thread { jobs, done } => {
-                run_on_thread(jobs, done, inputs, self.env.budget.deadline)
-            }
-            _ => Err(engine_err(
-                "this execution context was let go at the task's deadline".into(),
-            )),
-        };
-        let result = match outcome {
-            Ok(r) => r,
-            Err(e) => {
-                // The thread is gone or busy past the deadline: never use it again.
-                self.engine = Engine::LetGo;
-                return Err(e);
-            }
-        };
+        let result =
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.compute(inputs)))
+            {
+                Ok(r) => r,
+                Err(_) => {
+                    self.engine = None;
+                    return Err(engine_err("the engine panicked during compute".into()));
+                }
+            };
         let took = started.elapsed();
         let outputs = result?;
         let bytes_out = outputs.as_deref().map_or(0, tensors_bytes);
@@ -422,44 +352,5 @@ impl BudgetedContext {
             return Err(engine_err(hit.to_string()));
         }
         Ok(outputs)
-    }
-}
-
-/// Run one compute on a context's thread and wait for it until `deadline`.
-/// `Err`: the thread is gone, or the compute was let go at the deadline
-/// (the context must not be used again); `Ok`: the engine's own result.
-fn run_on_thread(
-    jobs: &mpsc::Sender<Job>,
-    done: &Mutex<mpsc::Receiver<Done>>,
-    inputs: Option<Vec<NamedTensor>>,
-    deadline: Instant,
-) -> Result<Done, BackendError> {
-    // Poisoning needs a panic while receiving, which does not happen.
-    let done = done.lock().unwrap_or_else(|p| p.into_inner());
-    let state = Arc::new(AtomicU8::new(RUNNING));
-    if jobs.send((inputs, state.clone())).is_err() {
-        return Err(engine_err("the compute thread has ended".into()));
-    }
-    let gone = || engine_err("the compute thread ended without a result".into());
-    match done.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        Ok(r) => Ok(r),
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            if state
-                .compare_exchange(RUNNING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                let running = ABANDONED_RUNNING.fetch_add(1, Ordering::Relaxed) + 1;
-                tracing::warn!(
-                    still_running = running,
-                    "a compute ran past its task's deadline; the task ends and the engine's thread is let go"
-                );
-                return Err(engine_err(
-                    "compute abandoned: the task's deadline passed while it ran".into(),
-                ));
-            }
-            // It finished just as the deadline passed: take the result.
-            done.recv().map_err(|_| gone())
-        }
-        Err(mpsc::RecvTimeoutError::Disconnected) => Err(gone()),
     }
 }
