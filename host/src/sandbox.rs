@@ -634,6 +634,22 @@ impl Sandbox {
         task: TaskSpec<'_>,
         cancel: Option<Arc<AtomicBool>>,
     ) -> Result<TaskOutput, TaskError> {
+        self.run_holding(job, task, cancel, ())
+    }
+
+    /// [`run_cancellable`](Self::run_cancellable), holding `hold` until the
+    /// task's thread is done with the task: at once for a task that
+    /// answers, later for one let go inside an engine call at its deadline.
+    /// A node holds its slot's permit so: a guest whose engine call runs on
+    /// past the deadline keeps its slot busy until the call returns, and the
+    /// node never has more tasks computing than it has slots.
+    pub fn run_holding(
+        &self,
+        job: &JobComponent,
+        task: TaskSpec<'_>,
+        cancel: Option<Arc<AtomicBool>>,
+        hold: impl Send + 'static,
+    ) -> Result<TaskOutput, TaskError> {
         let start = Instant::now();
         let owned = OwnedTask::of(&task);
         let tasks = self.tasks.clone();
@@ -641,7 +657,9 @@ impl Sandbox {
         let flag = cancel.clone();
         let limit = self.tasks.config.timeout;
         let answered = crate::task_threads::run_until(start + limit + ANSWER_GRACE, move || {
-            tasks.run_here(&job, owned.spec(), flag, start)
+            let out = tasks.run_here(&job, owned.spec(), flag, start);
+            drop(hold);
+            out
         });
         match answered {
             Ok(out) => out,

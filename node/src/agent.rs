@@ -114,8 +114,9 @@ impl Ctx {
             return failed("stopping", "node is stopping".into());
         };
         let ran = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            p2.sandbox.run_cancellable(
+            // The slot stays taken until the task's thread is done with it,
+            // past the answer if the task was let go inside an engine call.
+            p2.sandbox.run_holding(
                 &p2.job,
                 TaskSpec {
                     replay: replay.as_deref(),
@@ -129,6 +130,7 @@ impl Ctx {
                     input: &input,
                 },
                 Some(cancel),
+                permit,
             )
         })
         .await;

@@ -257,13 +257,38 @@ fn tasks_run_on_kept_threads_and_let_go_ones_come_back() {
         .expect_err("over time");
         assert!(matches!(err, TaskError::Deadline { .. }), "{err:?}");
     }
+    // What a node holds for the task (its slot) stays held until the
+    // engine call of a let-go task returns, not only until the answer.
+    let slot = std::sync::Arc::new(());
+    let abuse_job = slow.load(&guest("nn-abuse")).expect("load nn-abuse");
+    let params = Default::default();
+    let input = json!({"shape": {"model": MODEL, "dims": [16, 512], "inputs": ["input_ids", "attention_mask"]}}).to_string();
+    let err = slow
+        .run_holding(
+            &abuse_job,
+            tidepool_host::TaskSpec::new("held", &params, input.as_bytes()),
+            None,
+            slot.clone(),
+        )
+        .expect_err("over time");
+    assert!(matches!(err, TaskError::Deadline { .. }), "{err:?}");
+    assert_eq!(
+        std::sync::Arc::strong_count(&slot),
+        2,
+        "the slot is still held while the engine computes"
+    );
     let waited = std::time::Instant::now();
     while abandoned_computes() > 0 && waited.elapsed() < Duration::from_secs(300) {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(abandoned_computes(), 0);
+    assert_eq!(
+        std::sync::Arc::strong_count(&slot),
+        1,
+        "released at the end"
+    );
     assert!(
-        task_threads() <= MAX_IDLE.max(before + 3),
+        task_threads() <= MAX_IDLE.max(before + 4),
         "{}",
         task_threads()
     );
