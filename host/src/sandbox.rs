@@ -366,8 +366,6 @@ pub struct Sandbox {
     tasks: Arc<Tasks>,
     /// Compiled components on disk.
     cache: Option<ComponentCache>,
-    /// Tells the epoch thread to stop when the sandbox is dropped.
-    stop_ticker: Arc<AtomicBool>,
 }
 
 /// What running a task needs, apart from its component (lives as long as
@@ -429,12 +427,6 @@ impl std::fmt::Debug for Sandbox {
     }
 }
 
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        self.stop_ticker.store(true, Ordering::Relaxed);
-    }
-}
-
 /// The engine configuration every node uses for jobs. Exposed so that
 /// benchmarks and tests measure exactly what nodes run.
 pub fn engine_config(config: &SandboxConfig) -> Config {
@@ -483,19 +475,17 @@ impl Sandbox {
                 .map_err(|e| tracing::warn!("{e}; compiling without a cache"))
                 .ok()
         });
-        let stop_ticker = Arc::new(AtomicBool::new(false));
         {
+            // Ticks as long as the engine lives: past the sandbox, while a
+            // task let go at its deadline still runs (its wasm must trap).
             let engine = engine.weak();
-            let stop = stop_ticker.clone();
             std::thread::Builder::new()
                 .name("tidepool-epoch".into())
-                .spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(EPOCH_TICK);
-                        match engine.upgrade() {
-                            Some(e) => e.increment_epoch(),
-                            None => break,
-                        }
+                .spawn(move || loop {
+                    std::thread::sleep(EPOCH_TICK);
+                    match engine.upgrade() {
+                        Some(e) => e.increment_epoch(),
+                        None => break,
                     }
                 })?;
         }
@@ -510,7 +500,6 @@ impl Sandbox {
             engine,
             linker,
             cache,
-            stop_ticker,
         })
     }
 
@@ -656,7 +645,10 @@ impl Sandbox {
         let job = job.clone();
         let flag = cancel.clone();
         let limit = self.tasks.config.timeout;
+        // The task's log lines belong to its caller's span, as if run here.
+        let span = tracing::Span::current();
         let answered = crate::task_threads::run_until(start + limit + ANSWER_GRACE, move || {
+            let _in_span = span.enter();
             let out = tasks.run_here(&job, owned.spec(), flag, start);
             drop(hold);
             out

@@ -297,4 +297,20 @@ fn tasks_run_on_kept_threads_and_let_go_ones_come_back() {
         run(&sb, &echo, &format!("u{i}"), b"x").expect("run");
     }
     assert_eq!(task_threads(), after, "the kept threads serve later tasks");
+
+    // A sandbox's epoch thread ticks while its engine lives (a let-go task
+    // may still need its wasm to trap), and ends with it.
+    drop((sb, echo, slow, abuse_job));
+    let epoch_threads = || {
+        std::fs::read_dir("/proc/self/task")
+            .expect("/proc/self/task")
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|c| c.trim() == "tidepool-epoch")
+            .count()
+    };
+    let waited = std::time::Instant::now();
+    while epoch_threads() > 0 && waited.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(epoch_threads(), 0, "every sandbox's epoch thread ended");
 }
