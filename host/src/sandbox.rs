@@ -357,8 +357,6 @@ impl wasmtime::ResourceLimiter for TaskLimiter {
 
 /// The sandbox (see the module docs).
 pub struct Sandbox {
-    /// The engine every component is compiled for (also in `tasks`).
-    engine: Engine,
     /// Host functions, shared by all components.
     linker: Linker<TaskState>,
     /// What running a task needs; shared with the thread each task runs on
@@ -371,7 +369,8 @@ pub struct Sandbox {
 /// What running a task needs, apart from its component (lives as long as
 /// the sandbox, or as the last task let go at its deadline).
 struct Tasks {
-    /// The engine tasks' stores belong to.
+    /// The engine every component is compiled for and tasks' stores
+    /// belong to.
     engine: Engine,
     /// The host's verified, loaded models.
     models: ModelRegistry,
@@ -492,12 +491,11 @@ impl Sandbox {
         let runtime = format!("tidepool {}, wasmtime 48.0.8", env!("CARGO_PKG_VERSION"));
         Ok(Self {
             tasks: Arc::new(Tasks {
-                engine: engine.clone(),
+                engine,
                 models,
                 config,
                 runtime,
             }),
-            engine,
             linker,
             cache,
         })
@@ -505,7 +503,7 @@ impl Sandbox {
 
     /// The engine (for benchmarks and tools that need to compile the same way).
     pub fn engine(&self) -> &Engine {
-        &self.engine
+        &self.tasks.engine
     }
 
     /// The sandbox's limits.
@@ -583,7 +581,7 @@ impl Sandbox {
         digest: Digest,
     ) -> Result<(JobComponent, Component), LoadError> {
         check_is_component(bytes)?;
-        let c = Component::new(&self.engine, bytes)
+        let c = Component::new(&self.tasks.engine, bytes)
             .map_err(|e| LoadError::NotAComponent(format!("{e:#}")))?;
         let pre = self.prepare(&c)?;
         Ok((

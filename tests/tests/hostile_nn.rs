@@ -34,6 +34,23 @@ fn abuse(sb: &Sandbox, id: &str, input: Value) -> Result<Value, TaskError> {
     Ok(serde_json::from_slice(&out.result.expect("the fixture returns JSON")).expect("JSON"))
 }
 
+/// A sandbox whose tasks have `timeout_ms` and may ask for any working memory.
+fn slow_sandbox(timeout_ms: u64) -> Sandbox {
+    sandbox(SandboxConfig {
+        timeout: Duration::from_millis(timeout_ms),
+        nn: NnLimits {
+            max_compute_bytes: 64 << 30,
+            ..NnLimits::default()
+        },
+        ..test_config()
+    })
+}
+
+/// A large batch within that memory: tract needs a good part of a second.
+fn slow_shape() -> Value {
+    json!({"shape": {"model": MODEL, "dims": [16, 512], "inputs": ["input_ids", "attention_mask"]}})
+}
+
 fn with_nn(nn: NnLimits) -> SandboxConfig {
     SandboxConfig {
         nn,
@@ -187,20 +204,8 @@ fn a_compute_past_the_deadline_is_let_go() {
     let _serial = serial();
     // A large batch within the memory budget: tract needs a good part of a second
     // for it, the task has 100 ms.
-    let sb = sandbox(SandboxConfig {
-        timeout: Duration::from_millis(100),
-        nn: NnLimits {
-            max_compute_bytes: 64 << 30,
-            ..NnLimits::default()
-        },
-        ..test_config()
-    });
-    let err = abuse(
-        &sb,
-        "slow",
-        json!({"shape": {"model": MODEL, "dims": [16, 512], "inputs": ["input_ids", "attention_mask"]}}),
-    )
-    .expect_err("over time");
+    let sb = slow_sandbox(100);
+    let err = abuse(&sb, "slow", slow_shape()).expect_err("over time");
     assert!(matches!(err, TaskError::Deadline { .. }), "{err:?}");
     // The task ended while the engine was still computing: its thread was let go.
     assert!(
@@ -240,21 +245,9 @@ fn tasks_run_on_kept_threads_and_let_go_ones_come_back() {
     // Three tasks let go inside a long compute: each holds its thread
     // until the compute ends, then the thread is idle again (or ends past
     // the idle cap).
-    let slow = sandbox(SandboxConfig {
-        timeout: Duration::from_millis(50),
-        nn: NnLimits {
-            max_compute_bytes: 64 << 30,
-            ..NnLimits::default()
-        },
-        ..test_config()
-    });
+    let slow = slow_sandbox(50);
     for i in 0..3 {
-        let err = abuse(
-            &slow,
-            &format!("slow{i}"),
-            json!({"shape": {"model": MODEL, "dims": [16, 512], "inputs": ["input_ids", "attention_mask"]}}),
-        )
-        .expect_err("over time");
+        let err = abuse(&slow, &format!("slow{i}"), slow_shape()).expect_err("over time");
         assert!(matches!(err, TaskError::Deadline { .. }), "{err:?}");
     }
     // What a node holds for the task (its slot) stays held until the
@@ -262,7 +255,7 @@ fn tasks_run_on_kept_threads_and_let_go_ones_come_back() {
     let slot = std::sync::Arc::new(());
     let abuse_job = slow.load(&guest("nn-abuse")).expect("load nn-abuse");
     let params = Default::default();
-    let input = json!({"shape": {"model": MODEL, "dims": [16, 512], "inputs": ["input_ids", "attention_mask"]}}).to_string();
+    let input = slow_shape().to_string();
     let err = slow
         .run_holding(
             &abuse_job,
